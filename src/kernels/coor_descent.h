@@ -1,0 +1,91 @@
+// Coordinate descent (soft top-k) kernels over raw row-major buffers.
+//
+// Torch-free: this header and its CPU implementation compile with a plain C++17
+// compiler; the CUDA twin (coor_descent_cuda.cu) compiles with nvcc alone.
+//
+// Algorithm, per row of scores s over its unmasked entries U (n = |U|):
+//   a_0 = 0, b_0 = -s, eps_1 = max(eps_init, eps), eps_{t+1} = max(eps_t * decay, eps)
+//   for t = 1..T:  L_t = logsumexp_U((s + b_{t-1}) / eps_t)
+//                  a_t = eps_t (log k - L_t)
+//                  b_t = -relu(s + a_t)
+//   y = exp((s + a_T + b_T) / eps_{T+1}),   0 on masked entries.
+// Since s + b_t = min(s, -a_t), every b_t is a function of the scalar a_t, so
+// the whole state of a row is one number per iteration: the forward keeps the
+// iterates a_t (all of them, or those at checkpoint-segment starts) and the
+// backward recomputes what it needs exactly, without any vector state.
+#pragma once
+
+#include <cstdint>
+
+namespace colt5 {
+namespace kernels {
+
+template <typename acc_t>
+struct CoorDescentParams {
+  int64_t rows = 0;
+  int64_t cols = 0;
+  const acc_t* s = nullptr;        // rows x cols, contiguous
+  const uint8_t* mask = nullptr;   // rows x cols (1 = keep) or nullptr for none
+  const acc_t* k = nullptr;        // rows values of k (> 0)
+  int64_t n_iters = 20;
+  double eps = 0.1;
+  double eps_init = 0.1;           // already max(eps_init, eps)
+  double eps_decay = 1.0;
+  // Number of checkpoint segments: 0 keeps every iterate a_t (rows x n_iters);
+  // c >= 1 keeps only the first iterate of each of c segments (rows x c) and
+  // the backward recomputes each segment from its start.
+  int64_t checkpoint_segments = 0;
+
+  // Forward outputs.
+  acc_t* y = nullptr;              // rows x cols
+  acc_t* saved = nullptr;          // rows x saved_per_row(): kept iterates
+  acc_t* row_stats = nullptr;      // rows x 2: max of unmasked s, unmasked count
+};
+
+// Number of scalars kept per row by the forward for the backward.
+inline int64_t saved_per_row(int64_t n_iters, int64_t checkpoint_segments) {
+  return checkpoint_segments == 0 ? n_iters : checkpoint_segments;
+}
+
+// The epsilon used by iteration t (1-based) and, for t = n_iters + 1, the
+// final one used for the output.
+double eps_at(double eps_init, double eps, double eps_decay, int64_t t);
+
+template <typename acc_t>
+struct CoorDescentBackwardParams {
+  CoorDescentParams<acc_t> fwd;    // the forward's inputs and saved state
+  const acc_t* grad_y = nullptr;   // rows x cols
+  acc_t* grad_s = nullptr;         // rows x cols (written)
+  acc_t* grad_k = nullptr;         // rows (written) or nullptr when not needed
+};
+
+// CPU kernels: process rows [row_begin, row_end). Callers spread row ranges
+// over threads.
+template <typename acc_t>
+void coor_descent_forward_cpu(const CoorDescentParams<acc_t>& p, int64_t row_begin, int64_t row_end);
+
+template <typename acc_t>
+void coor_descent_backward_cpu(const CoorDescentBackwardParams<acc_t>& p, int64_t row_begin,
+                               int64_t row_end);
+
+// Hard top-k with a total order: larger score first, then larger tiebreak,
+// then smaller position. Masked entries (mask 0) come after every unmasked one
+// (in the same order among themselves). Writes k indices per row, in order.
+template <typename acc_t>
+void topk_tiebreak_cpu(const acc_t* scores, const acc_t* tiebreak, const uint8_t* mask, int64_t rows,
+                       int64_t cols, int64_t k, int64_t* indices, int64_t row_begin, int64_t row_end);
+
+#ifdef COLT5_WITH_CUDA
+// CUDA kernels on the given stream (cudaStream_t passed as void*). Buffers are
+// device pointers; the same layout and semantics as the CPU kernels.
+template <typename acc_t>
+void coor_descent_forward_cuda(const CoorDescentParams<acc_t>& p, void* stream);
+template <typename acc_t>
+void coor_descent_backward_cuda(const CoorDescentBackwardParams<acc_t>& p, void* stream);
+template <typename acc_t>
+void topk_tiebreak_cuda(const acc_t* scores, const acc_t* tiebreak, const uint8_t* mask, int64_t rows,
+                        int64_t cols, int64_t k, int64_t* indices, void* stream);
+#endif
+
+}  // namespace kernels
+}  // namespace colt5

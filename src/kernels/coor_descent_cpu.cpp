@@ -1,0 +1,324 @@
+// CPU coordinate descent: one pass over the row per iteration, forward and
+// backward, with a branch-free float exponential the compiler vectorizes.
+#include "kernels/coor_descent.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(COLT5_NO_CLONES)
+// An AVX2/FMA clone next to the baseline one, chosen at load time.
+#define COLT5_VECTOR_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define COLT5_VECTOR_CLONES
+#endif
+
+namespace colt5 {
+namespace kernels {
+
+double eps_at(double eps_init, double eps, double eps_decay, int64_t t) {
+  double e = std::max(eps_init, eps);
+  for (int64_t i = 1; i < t; ++i) e = std::max(e * eps_decay, eps);
+  return e;
+}
+
+namespace {
+
+// exp(x) for x <= 0 in float, relative error about 2e-7, 0 below -87.
+inline float exp_nonpos(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float t = x * 1.44269504088896341f;
+  // Round to nearest through the float mantissa (valid for |t| < 2^22).
+  const float n = (t + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  std::memcpy(&bits, &p, sizeof bits);
+  bits += e - (127 << 23);
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+
+inline double exp_nonpos(double x) { return std::exp(x); }
+
+template <typename T>
+struct RowView {
+  const T* s;
+  const uint8_t* m;  // nullptr: all kept
+  int64_t n;
+  bool keep(int64_t i) const { return m == nullptr || m[i] != 0; }
+};
+
+// Max of the unmasked scores and their count.
+template <typename T>
+void row_stats(const RowView<T>& r, T& smax, int64_t& count) {
+  T mx = -std::numeric_limits<T>::infinity();
+  int64_t c = 0;
+  if (r.m == nullptr) {
+    for (int64_t i = 0; i < r.n; ++i) mx = std::max(mx, r.s[i]);
+    c = r.n;
+  } else {
+    for (int64_t i = 0; i < r.n; ++i)
+      if (r.m[i]) {
+        mx = std::max(mx, r.s[i]);
+        ++c;
+      }
+  }
+  smax = mx;
+  count = c;
+}
+
+// sum over unmasked i of exp((min(s_i, cap) - top) * inv_eps), top = min(smax, cap).
+template <typename T>
+COLT5_VECTOR_CLONES T sum_exp_capped(const T* s, const uint8_t* m, int64_t n, T cap, T top, T inv_eps) {
+  T acc = 0;
+  if (m == nullptr) {
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < n; ++i) {
+      const T z = (std::min(s[i], cap) - top) * inv_eps;
+      acc += exp_nonpos(z);
+    }
+  } else {
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < n; ++i) {
+      const T z = (std::min(s[i], cap) - top) * inv_eps;
+      const T e = exp_nonpos(z);
+      acc += m[i] ? e : T(0);
+    }
+  }
+  return acc;
+}
+
+// One coordinate-descent iteration from a_{t-1} (a_prev) at eps_t; returns a_t.
+// The first iteration (b_0 = -s) sees z = 0 everywhere: L_1 = log n.
+template <typename T>
+T iterate(const RowView<T>& r, T smax, int64_t count, T logk, T a_prev, bool first, T eps_t) {
+  if (first) return eps_t * (logk - std::log(static_cast<T>(count)));
+  const T cap = -a_prev;
+  const T top = std::min(smax, cap);
+  const T inv_eps = T(1) / eps_t;
+  const T sum = sum_exp_capped(r.s, r.m, r.n, cap, top, inv_eps);
+  const T lse = top * inv_eps + std::log(sum);
+  return eps_t * (logk - lse);
+}
+
+// y_i = exp(min(s_i + a, 0) / eps_final), 0 where masked.
+template <typename T>
+COLT5_VECTOR_CLONES void write_output(const T* s, const uint8_t* m, int64_t n, T a, T inv_eps, T* y) {
+  if (m == nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) y[i] = exp_nonpos(std::min(s[i] + a, T(0)) * inv_eps);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const T e = exp_nonpos(std::min(s[i] + a, T(0)) * inv_eps);
+      y[i] = m[i] ? e : T(0);
+    }
+  }
+}
+
+// Backward of the output and of the last b_T = -relu(s + a_T):
+//   du = gy * y / eps_f;  ds = du - [s + a_T > 0] du;  returns sum(ds) (= da_T).
+template <typename T>
+COLT5_VECTOR_CLONES T backward_last(const T* s, const uint8_t* m, int64_t n, const T* y, const T* gy, T a,
+                                    T inv_eps_f, T* ds) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) {
+    const T du = gy[i] * y[i] * inv_eps_f;
+    const T v = (s[i] + a > T(0)) ? T(0) : du;
+    const T keep = (m == nullptr || m[i]) ? v : T(0);
+    ds[i] = keep;
+    acc += keep;
+  }
+  return acc;
+}
+
+// Backward through iteration t+1's softmax and iteration t's relu:
+//   p_i = exp(min(s_i, -a_t) / eps_{t+1} - L_{t+1}),  g_i = -c p_i  (= grad of b_t)
+//   ds_i += g_i - [s_i + a_t > 0] g_i;  returns sum of -[s_i + a_t > 0] g_i  (= da_t).
+template <typename T>
+COLT5_VECTOR_CLONES T backward_step(const T* s, const uint8_t* m, int64_t n, T a_t, T inv_eps_next, T lse_next,
+                                    T c, T* ds) {
+  T acc = 0;
+  const T cap = -a_t;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) {
+    const T p = exp_nonpos(std::min(s[i], cap) * inv_eps_next - lse_next);
+    const T g = -c * p;
+    const bool active = s[i] + a_t > T(0);
+    const T dv = active ? -g : T(0);
+    const bool keep = m == nullptr || m[i];
+    ds[i] += keep ? g + dv : T(0);
+    acc += keep ? dv : T(0);
+  }
+  return acc;
+}
+
+template <typename T>
+RowView<T> row_view(const CoorDescentParams<T>& p, int64_t row) {
+  return RowView<T>{p.s + row * p.cols, p.mask ? p.mask + row * p.cols : nullptr, p.cols};
+}
+
+// Runs iterations [t0, t1] (1-based, inclusive) from a_{t0-1} and writes a_t
+// into out[t - t0]. Returns the last iterate.
+template <typename T>
+T run_iterations(const CoorDescentParams<T>& p, const RowView<T>& r, T smax, int64_t count, T logk, T a_prev,
+                 int64_t t0, int64_t t1, T* out) {
+  double e = eps_at(p.eps_init, p.eps, p.eps_decay, t0);
+  T a = a_prev;
+  for (int64_t t = t0; t <= t1; ++t) {
+    a = iterate(r, smax, count, logk, a, t == 1, static_cast<T>(e));
+    if (out) out[t - t0] = a;
+    e = std::max(e * p.eps_decay, p.eps);
+  }
+  return a;
+}
+
+// Segment bounds: segment j of c covers iterations [start(j), start(j+1) - 1],
+// the first (T mod c) segments one longer.
+inline int64_t segment_start(int64_t n_iters, int64_t c, int64_t j) {
+  const int64_t base = n_iters / c, extra = n_iters % c;
+  return 1 + j * base + std::min(j, extra);
+}
+
+}  // namespace
+
+template <typename T>
+void coor_descent_forward_cpu(const CoorDescentParams<T>& p, int64_t row_begin, int64_t row_end) {
+  const int64_t per_row = saved_per_row(p.n_iters, p.checkpoint_segments);
+  const T inv_eps_f = static_cast<T>(1.0 / eps_at(p.eps_init, p.eps, p.eps_decay, p.n_iters + 1));
+  std::vector<T> scratch;
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const RowView<T> r = row_view(p, row);
+    T* y = p.y + row * p.cols;
+    T* saved = p.saved ? p.saved + row * per_row : nullptr;
+    T smax;
+    int64_t count;
+    row_stats(r, smax, count);
+    if (p.row_stats) {
+      p.row_stats[2 * row] = smax;
+      p.row_stats[2 * row + 1] = static_cast<T>(count);
+    }
+    if (count == 0) {
+      std::fill(y, y + p.cols, T(0));
+      if (saved) std::fill(saved, saved + per_row, T(0));
+      continue;
+    }
+    const T logk = std::log(p.k[row]);
+    T a;
+    if (p.checkpoint_segments == 0) {
+      if (!saved) {
+        scratch.resize(static_cast<size_t>(p.n_iters));
+        saved = scratch.data();
+      }
+      a = run_iterations(p, r, smax, count, logk, T(0), 1, p.n_iters, saved);
+    } else {
+      a = T(0);
+      for (int64_t j = 0; j < p.checkpoint_segments; ++j) {
+        const int64_t t0 = segment_start(p.n_iters, p.checkpoint_segments, j);
+        const int64_t t1 = segment_start(p.n_iters, p.checkpoint_segments, j + 1) - 1;
+        if (saved) saved[j] = a;  // the iterate the segment starts from
+        a = run_iterations(p, r, smax, count, logk, a, t0, t1, static_cast<T*>(nullptr));
+      }
+    }
+    write_output(r.s, r.m, r.n, a, inv_eps_f, y);
+  }
+}
+
+template <typename T>
+void coor_descent_backward_cpu(const CoorDescentBackwardParams<T>& bp, int64_t row_begin, int64_t row_end) {
+  const CoorDescentParams<T>& p = bp.fwd;
+  const int64_t T_ = p.n_iters;
+  const int64_t per_row = saved_per_row(p.n_iters, p.checkpoint_segments);
+  std::vector<double> eps(static_cast<size_t>(T_ + 2));
+  for (int64_t t = 1; t <= T_ + 1; ++t) eps[t] = eps_at(p.eps_init, p.eps, p.eps_decay, t);
+  std::vector<T> iterates(static_cast<size_t>(T_ + 1));  // iterates[t] = a_t
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const RowView<T> r = row_view(p, row);
+    T* ds = bp.grad_s + row * p.cols;
+    const T smax = p.row_stats[2 * row];
+    const int64_t count = static_cast<int64_t>(p.row_stats[2 * row + 1]);
+    if (count == 0) {
+      std::fill(ds, ds + p.cols, T(0));
+      if (bp.grad_k) bp.grad_k[row] = 0;
+      continue;
+    }
+    const T logk = std::log(p.k[row]);
+    const T* saved = p.saved + row * per_row;
+    // Recover every iterate a_1..a_T.
+    iterates[0] = 0;
+    if (p.checkpoint_segments == 0) {
+      std::copy(saved, saved + T_, iterates.begin() + 1);
+    } else {
+      for (int64_t j = 0; j < p.checkpoint_segments; ++j) {
+        const int64_t t0 = segment_start(T_, p.checkpoint_segments, j);
+        const int64_t t1 = segment_start(T_, p.checkpoint_segments, j + 1) - 1;
+        run_iterations(p, r, smax, count, logk, saved[j], t0, t1, iterates.data() + t0);
+      }
+    }
+    const T* y = p.y + row * p.cols;
+    const T* gy = bp.grad_y + row * p.cols;
+    // da_T = sum(du) - sum(h du): the output reads a_T directly and through b_T.
+    T da = backward_last(r.s, r.m, r.n, y, gy, iterates[T_], static_cast<T>(1.0 / eps[T_ + 1]), ds);
+    double dlogk = static_cast<double>(da) * eps[T_];
+    T c = da;
+    for (int64_t t = T_ - 1; t >= 1; --t) {
+      const T a_t = iterates[t];
+      const T inv_eps_next = static_cast<T>(1.0 / eps[t + 1]);
+      // L_{t+1} = logsumexp(min(s, -a_t) / eps_{t+1}), from a_{t+1} = eps (logk - L).
+      const T lse_next = logk - iterates[t + 1] * inv_eps_next;
+      da = backward_step(r.s, r.m, r.n, a_t, inv_eps_next, lse_next, c, ds);
+      dlogk += static_cast<double>(da) * eps[t];
+      c = da;
+    }
+    // Iteration 1's softmax is uniform and b_0 = -s: their contributions cancel.
+    if (bp.grad_k) bp.grad_k[row] = static_cast<T>(dlogk / static_cast<double>(p.k[row]));
+  }
+}
+
+template <typename T>
+void topk_tiebreak_cpu(const T* scores, const T* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols,
+                       int64_t k, int64_t* indices, int64_t row_begin, int64_t row_end) {
+  (void)rows;
+  std::vector<int64_t> order(static_cast<size_t>(cols));
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const T* sc = scores + row * cols;
+    const T* tb = tiebreak ? tiebreak + row * cols : nullptr;
+    const uint8_t* m = mask ? mask + row * cols : nullptr;
+    std::iota(order.begin(), order.end(), int64_t(0));
+    auto before = [&](int64_t i, int64_t j) {
+      const bool ki = m == nullptr || m[i], kj = m == nullptr || m[j];
+      if (ki != kj) return ki;
+      if (sc[i] != sc[j]) return sc[i] > sc[j];
+      if (tb && tb[i] != tb[j]) return tb[i] > tb[j];
+      return i < j;
+    };
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), before);
+    std::copy(order.begin(), order.begin() + k, indices + row * k);
+  }
+}
+
+template void coor_descent_forward_cpu<float>(const CoorDescentParams<float>&, int64_t, int64_t);
+template void coor_descent_forward_cpu<double>(const CoorDescentParams<double>&, int64_t, int64_t);
+template void coor_descent_backward_cpu<float>(const CoorDescentBackwardParams<float>&, int64_t, int64_t);
+template void coor_descent_backward_cpu<double>(const CoorDescentBackwardParams<double>&, int64_t, int64_t);
+template void topk_tiebreak_cpu<float>(const float*, const float*, const uint8_t*, int64_t, int64_t, int64_t,
+                                       int64_t*, int64_t, int64_t);
+template void topk_tiebreak_cpu<double>(const double*, const double*, const uint8_t*, int64_t, int64_t, int64_t,
+                                        int64_t*, int64_t, int64_t);
+
+}  // namespace kernels
+}  // namespace colt5
