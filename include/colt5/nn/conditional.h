@@ -4,7 +4,6 @@
 
 #include <torch/nn/cloneable.h>
 #include <torch/nn/module.h>
-#include <torch/nn/modules/container/sequential.h>
 #include <torch/nn/pimpl.h>
 #include <torch/arg.h>
 #include <torch/types.h>
@@ -66,8 +65,8 @@ class ConditionalRoutedFeedForwardImpl : public torch::nn::Cloneable<Conditional
 
   ConditionalRoutedFeedForwardOptions options;
   CoordinateDescentRouter router{nullptr};
-  torch::nn::Sequential light_ff{nullptr};
-  torch::nn::Sequential heavy_ff{nullptr};
+  FeedForward light_ff{nullptr};
+  FeedForward heavy_ff{nullptr};
 };
 TORCH_MODULE(ConditionalRoutedFeedForward);
 
