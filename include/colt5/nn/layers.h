@@ -1,0 +1,106 @@
+// Small building blocks shared by the routed modules: RMSNorm, the two-layer
+// feedforward, and rotary position embeddings.
+#pragma once
+
+#include <torch/nn.h>
+
+#include <cstdint>
+
+namespace colt5 {
+namespace nn {
+
+// ---------------------------------------------------------------- RMSNorm
+
+struct RMSNormOptions {
+  /* implicit */ RMSNormOptions(int64_t dim) : dim_(dim) {}
+  TORCH_ARG(int64_t, dim);
+};
+
+// l2-normalizes the last dimension (norm clamped at 1e-12, as F.normalize),
+// then scales by sqrt(dim) and the learned gain `gamma`.
+class RMSNormImpl : public torch::nn::Cloneable<RMSNormImpl> {
+ public:
+  explicit RMSNormImpl(int64_t dim) : RMSNormImpl(RMSNormOptions(dim)) {}
+  explicit RMSNormImpl(const RMSNormOptions& options);
+
+  void reset() override;
+  void pretty_print(std::ostream& stream) const override;
+
+  // x: (..., dim) -> same shape.
+  torch::Tensor forward(const torch::Tensor& x);
+
+  RMSNormOptions options;
+  torch::Tensor gamma;
+};
+TORCH_MODULE(RMSNorm);
+
+// ---------------------------------------------------------------- FeedForward
+
+struct FeedForwardOptions {
+  /* implicit */ FeedForwardOptions(int64_t dim) : dim_(dim) {}
+  TORCH_ARG(int64_t, dim);
+  // Hidden size is int(dim * mult), truncated as Python's int() does.
+  TORCH_ARG(double, mult) = 4.0;
+};
+
+// RMSNorm -> Linear(dim, hidden) -> GELU (exact erf form) -> Linear(hidden, dim).
+// The children are named "0", "1", "2", "3" so the parameter names are those
+// of the reference's nn.Sequential: 0.gamma, 1.weight, 1.bias, 3.weight, 3.bias.
+class FeedForwardImpl : public torch::nn::Cloneable<FeedForwardImpl> {
+ public:
+  explicit FeedForwardImpl(int64_t dim, double mult = 4.0) : FeedForwardImpl(FeedForwardOptions(dim).mult(mult)) {}
+  explicit FeedForwardImpl(const FeedForwardOptions& options);
+
+  void reset() override;
+  void pretty_print(std::ostream& stream) const override;
+
+  int64_t hidden_dim() const;
+
+  // x: (..., dim) -> same shape.
+  torch::Tensor forward(const torch::Tensor& x);
+
+  FeedForwardOptions options;
+  RMSNorm norm{nullptr};
+  torch::nn::Linear proj_in{nullptr};
+  torch::nn::GELU act{nullptr};
+  torch::nn::Linear proj_out{nullptr};
+};
+TORCH_MODULE(FeedForward);
+
+// ---------------------------------------------------------------- rotary embedding
+
+struct RotaryEmbeddingOptions {
+  /* implicit */ RotaryEmbeddingOptions(int64_t dim) : dim_(dim) {}
+  // Head dimension the frequencies are for (even, > 0).
+  TORCH_ARG(int64_t, dim);
+  TORCH_ARG(double, theta) = 10000.0;
+};
+
+// Buffer `inv_freq` = 1 / theta^(2i / dim), i < dim / 2, computed in float32
+// (the reference's values); converting the module converts the buffer.
+class RotaryEmbeddingImpl : public torch::nn::Cloneable<RotaryEmbeddingImpl> {
+ public:
+  explicit RotaryEmbeddingImpl(int64_t dim, double theta = 10000.0)
+      : RotaryEmbeddingImpl(RotaryEmbeddingOptions(dim).theta(theta)) {}
+  explicit RotaryEmbeddingImpl(const RotaryEmbeddingOptions& options);
+
+  void reset() override;
+  void pretty_print(std::ostream& stream) const override;
+
+  // Frequencies of positions 0..seq_len-1: (seq_len, dim), dtype and device of inv_freq.
+  torch::Tensor forward(int64_t seq_len);
+
+  RotaryEmbeddingOptions options;
+  torch::Tensor inv_freq;
+};
+TORCH_MODULE(RotaryEmbedding);
+
+// (x1, x2) halves of the last dimension -> (-x2, x1).
+torch::Tensor rotate_half(const torch::Tensor& x);
+
+// t * cos(pos) + rotate_half(t) * sin(pos); pos broadcasts against t. Computed
+// in the promoted dtype of pos and t, returned in t's dtype.
+torch::Tensor apply_rotary_pos_emb(const torch::Tensor& pos, const torch::Tensor& t);
+
+}  // namespace nn
+}  // namespace colt5

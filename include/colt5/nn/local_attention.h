@@ -1,0 +1,130 @@
+// Windowed local attention, as local-attention 1.10.0's LocalAttention and
+// LocalMHA (the light attention branch of CoLT5).
+#pragma once
+
+#include <c10/util/Optional.h>
+#include <torch/nn.h>
+
+#include <cstdint>
+#include <utility>
+
+namespace colt5 {
+namespace nn {
+
+// ---------------------------------------------------------------- sinusoidal (rotary) embedding
+
+struct SinusoidalEmbeddingsOptions {
+  /* implicit */ SinusoidalEmbeddingsOptions(int64_t dim) : dim_(dim) {}
+  TORCH_ARG(int64_t, dim);
+  // xpos length scale base; required with use_xpos.
+  TORCH_ARG(c10::optional<double>, scale_base) = c10::nullopt;
+  TORCH_ARG(bool, use_xpos) = false;
+  TORCH_ARG(double, theta) = 10000.0;
+};
+
+// Buffer `inv_freq` (float32 values). The xpos per-frequency scale is derived
+// from dim on the fly, as the reference does not save it.
+class SinusoidalEmbeddingsImpl : public torch::nn::Cloneable<SinusoidalEmbeddingsImpl> {
+ public:
+  explicit SinusoidalEmbeddingsImpl(const SinusoidalEmbeddingsOptions& options);
+
+  void reset() override;
+
+  // For a sequence of seq_len positions: (freqs (seq_len, dim), xpos scale
+  // (seq_len, dim)); the scale is undefined without xpos.
+  std::pair<torch::Tensor, torch::Tensor> forward(int64_t seq_len);
+
+  SinusoidalEmbeddingsOptions options;
+  torch::Tensor inv_freq;
+};
+TORCH_MODULE(SinusoidalEmbeddings);
+
+// ---------------------------------------------------------------- LocalAttention
+
+struct LocalAttentionOptions {
+  /* implicit */ LocalAttentionOptions(int64_t window_size) : window_size_(window_size) {}
+  TORCH_ARG(int64_t, window_size);
+  TORCH_ARG(bool, causal) = false;
+  TORCH_ARG(int64_t, look_backward) = 1;
+  // nullopt: 0 when causal, else 1.
+  TORCH_ARG(c10::optional<int64_t>, look_forward) = c10::nullopt;
+  // Head dimension; needed for the rotary embedding.
+  TORCH_ARG(c10::optional<int64_t>, dim) = c10::nullopt;
+  // Pad the sequence with zeros to a multiple of window_size (padded keys are
+  // not masked unless a key padding mask is given, as in the reference).
+  TORCH_ARG(bool, autopad) = false;
+  TORCH_ARG(bool, exact_windowsize) = false;
+  // Query scale; nullopt: dim_head^-0.5.
+  TORCH_ARG(c10::optional<double>, scale) = c10::nullopt;
+  TORCH_ARG(bool, use_rotary_pos_emb) = true;
+  TORCH_ARG(bool, use_xpos) = false;
+  // nullopt: window_size / 2.
+  TORCH_ARG(c10::optional<int64_t>, xpos_scale_base) = c10::nullopt;
+};
+
+// Child `rel_pos` (buffer rel_pos.inv_freq) when use_rotary_pos_emb and dim is given.
+class LocalAttentionImpl : public torch::nn::Cloneable<LocalAttentionImpl> {
+ public:
+  explicit LocalAttentionImpl(const LocalAttentionOptions& options);
+
+  void reset() override;
+  void pretty_print(std::ostream& stream) const override;
+
+  int64_t look_forward() const;
+
+  // q, k, v: (..., n, d) with the same leading shape; n a multiple of
+  // window_size unless autopad. mask: bool (b, n) key padding mask, true =
+  // keep; b must divide the product of the leading dimensions (heads are
+  // folded after batch). Returns (..., n, d).
+  torch::Tensor forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                        const torch::Tensor& mask = {});
+
+  LocalAttentionOptions options;
+  SinusoidalEmbeddings rel_pos{nullptr};
+};
+TORCH_MODULE(LocalAttention);
+
+// ---------------------------------------------------------------- LocalMHA
+
+struct LocalMHAOptions {
+  LocalMHAOptions(int64_t dim, int64_t window_size) : dim_(dim), window_size_(window_size) {}
+  TORCH_ARG(int64_t, dim);
+  TORCH_ARG(int64_t, window_size);
+  TORCH_ARG(int64_t, dim_head) = 64;
+  TORCH_ARG(int64_t, heads) = 8;
+  TORCH_ARG(bool, causal) = false;
+  // LayerNorm (norm.weight, norm.bias) before the projection.
+  TORCH_ARG(bool, prenorm) = false;
+  TORCH_ARG(int64_t, look_backward) = 1;
+  // nullopt: 0 when causal, else 1.
+  TORCH_ARG(c10::optional<int64_t>, look_forward) = c10::nullopt;
+  TORCH_ARG(bool, exact_windowsize) = true;
+  TORCH_ARG(bool, use_rotary_pos_emb) = true;
+  TORCH_ARG(bool, use_xpos) = false;
+  TORCH_ARG(c10::optional<int64_t>, xpos_scale_base) = c10::nullopt;
+};
+
+// Parameters: norm.weight, norm.bias (prenorm), to_qkv.weight, to_out.weight,
+// and buffer attn_fn.rel_pos.inv_freq with use_rotary_pos_emb. Sequences of
+// any length (padded internally to a multiple of the window).
+class LocalMHAImpl : public torch::nn::Cloneable<LocalMHAImpl> {
+ public:
+  LocalMHAImpl(int64_t dim, int64_t window_size) : LocalMHAImpl(LocalMHAOptions(dim, window_size)) {}
+  explicit LocalMHAImpl(const LocalMHAOptions& options);
+
+  void reset() override;
+  void pretty_print(std::ostream& stream) const override;
+
+  // x: (b, n, dim); mask: optional bool (b, n), true = keep. Returns (b, n, dim).
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask = {});
+
+  LocalMHAOptions options;
+  torch::nn::LayerNorm norm{nullptr};
+  torch::nn::Linear to_qkv{nullptr};
+  LocalAttention attn_fn{nullptr};
+  torch::nn::Linear to_out{nullptr};
+};
+TORCH_MODULE(LocalMHA);
+
+}  // namespace nn
+}  // namespace colt5
