@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Configures and builds one variant in build/<variant>:
+#   main    LibTorch of the installed PyTorch (CUDA kernels compiled when it has CUDA)
+#   cpu     the same LibTorch, CUDA kernels off (faster to build)
+#   deb113  Debian's libtorch-dev 1.13 (CPU)
+# Extra arguments are passed to ninja (targets).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+variant=${1:-main}
+shift || true
+PYTHON=${PYTHON:-python3}
+case "$variant" in
+  main | cpu)
+    prefix=$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)' 2>/dev/null)
+    cuda=AUTO
+    [ "$variant" = cpu ] && cuda=OFF
+    args=(-DCMAKE_PREFIX_PATH="$prefix" -DCOLT5_CUDA=$cuda) ;;
+  deb113)
+    args=(-DCMAKE_PREFIX_PATH=/usr/lib/x86_64-linux-gnu/cmake -DCOLT5_CUDA=OFF) ;;
+  *) echo "build.sh: unknown variant '$variant' (main, cpu or deb113)" >&2; exit 2 ;;
+esac
+dir=build/$variant
+if [ ! -f "$dir/build.ninja" ]; then
+  cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release "${args[@]}" >"$dir.configure.log" 2>&1 \
+    || { cat "$dir.configure.log"; exit 1; }
+fi
+ninja -C "$dir" "$@"
