@@ -19,6 +19,7 @@ case "$variant" in
     args=(-DCMAKE_PREFIX_PATH=/usr/lib/x86_64-linux-gnu/cmake -DCOLT5_CUDA=OFF) ;;
   *) echo "build.sh: unknown variant '$variant' (main, cpu or deb113)" >&2; exit 2 ;;
 esac
+mkdir -p build
 dir=build/$variant
 if [ ! -f "$dir/build.ninja" ]; then
   cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release "${args[@]}" >"$dir.configure.log" 2>&1 \
