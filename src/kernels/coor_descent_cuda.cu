@@ -1,0 +1,800 @@
+// CUDA coordinate descent (soft top-k), forward and backward, and the hard
+// top-k with the deterministic tie-break.
+//
+// A row is handled by a "row group" of threads that caches its scores in
+// registers across all iterations; every iteration is one sum reduction over
+// the group (the shift `top` is known before the pass, so there is no max
+// pass). Three shapes of group, chosen by the row length:
+//   - a warp per row (short rows), several rows per block;
+//   - one block per row, or a thread-block cluster of up to 16 blocks per row
+//     whose block sums meet through distributed shared memory (medium and
+//     long rows);
+//   - several blocks per row with a grid-wide reduction through global memory
+//     and an atomic-counter barrier, in a cooperative launch (rows too long
+//     for a cluster, e.g. 2^20 entries).
+// Every thread of a row group ends each reduction with the bit-identical sum
+// (fixed-order partial sums, then a butterfly whose steps are commutative),
+// so all blocks of a row follow the same iterates. Masked entries are cached
+// as -inf: min(-inf, cap) stays -inf and its exponential is exactly 0.
+// Entries beyond the register cache (rows longer than the group's capacity)
+// are streamed from global memory on each pass.
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+
+#include <cub/device/device_segmented_sort.cuh>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#include "kernels/coor_descent.h"
+#include "kernels/coor_descent_cuda_common.cuh"
+
+namespace colt5 {
+namespace kernels {
+namespace cd_cuda {
+
+namespace cg = cooperative_groups;
+
+// ---------------------------------------------------------------- groups
+
+// The reduction of a row group: returns the group-wide value in every thread.
+struct WarpGroup {
+  int lane;
+  template <class Op, typename T>
+  __device__ __forceinline__ T reduce(T x) {
+    return warp_reduce<Op>(x);
+  }
+  __device__ __forceinline__ void sync() { __syncwarp(); }
+};
+
+enum Mode { kBlock = 0, kCluster = 1, kGrid = 2 };
+
+template <typename T, int MODE>
+struct BlockGroup {
+  T* red;            // shared [2][32]: per-warp partials, double-buffered
+  T* cl;             // shared [2]: this block's sum, read by the cluster
+  int par = 0, cpar = 0;
+  int lane, warp, nwarps;
+  int nblk, rank;    // blocks per row and this block's rank among them
+  T* partials = nullptr;        // grid: [2][nblk] of this row
+  unsigned* counter = nullptr;  // grid: arrivals of this row
+  unsigned target = 0;
+
+  template <class Op>
+  __device__ __forceinline__ T reduce(T x) {
+    x = warp_reduce<Op>(x);
+    if (lane == 0) red[par * 32 + warp] = x;
+    __syncthreads();
+    T b = lane < nwarps ? red[par * 32 + lane] : Op::template id<T>();
+    par ^= 1;
+    b = warp_reduce<Op>(b);
+    if (MODE == kBlock) return b;
+    if (MODE == kCluster) {
+      cg::cluster_group cluster = cg::this_cluster();
+      if (threadIdx.x == 0) cl[cpar] = b;
+      cluster.sync();
+      T y = Op::template id<T>();
+      if (lane < nblk) y = *cluster.map_shared_rank(&cl[cpar], lane);
+      cpar ^= 1;
+      return warp_reduce<Op>(y);
+    }
+    // Grid: publish the block sum, arrive, wait for the row's other blocks.
+    T* slot = partials + cpar * nblk;
+    if (threadIdx.x == 0) {
+      slot[rank] = b;
+      __threadfence();
+      atomicAdd(counter, 1u);
+      target += static_cast<unsigned>(nblk);
+      while (ld_acquire_gpu(counter) < target) {
+      }
+      __threadfence();
+    }
+    __syncthreads();
+    T y = Op::template id<T>();
+    for (int i = lane; i < nblk; i += 32) y = Op::apply(y, __ldcg(slot + i));
+    cpar ^= 1;
+    return warp_reduce<Op>(y);
+  }
+  __device__ __forceinline__ void sync() { __syncthreads(); }
+};
+
+// The part of a row one thread owns: indices beg + j*stride + lane < end.
+struct Seg {
+  int64_t beg, end;
+  int stride, lane;
+  __device__ __forceinline__ int64_t at(int j) const { return beg + static_cast<int64_t>(j) * stride + lane; }
+};
+
+// eps_t for t = 1..n+1 into eps[1..n+1], the same double arithmetic as eps_at.
+__device__ __forceinline__ void fill_eps(double* eps, int64_t n_iters, double eps_init, double e_min, double decay,
+                                         int tid, int nthreads) {
+  if (tid == 0) {
+    double e = fmax(eps_init, e_min);
+    eps[0] = e;
+    for (int64_t t = 1; t <= n_iters + 1; ++t) {
+      eps[t] = e;
+      e = fmax(e * decay, e_min);
+    }
+  }
+}
+
+__host__ __device__ __forceinline__ int64_t segment_start(int64_t n_iters, int64_t c, int64_t j) {
+  const int64_t base = n_iters / c, extra = n_iters % c;
+  return 1 + j * base + (j < extra ? j : extra);
+}
+
+// Loads the thread's cached scores (masked and out-of-range: -inf); returns
+// the local max and unmasked count.
+template <typename T, int VPT>
+__device__ __forceinline__ void load_row(const T* s, const uint8_t* m, const Seg& sg, T (&v)[VPT], T& mx, T& cnt) {
+  mx = neg_inf<T>();
+  cnt = T(0);
+#pragma unroll
+  for (int j = 0; j < VPT; ++j) {
+    const int64_t i = sg.at(j);
+    T x = neg_inf<T>();
+    if (i < sg.end && (m == nullptr || m[i])) {
+      x = s[i];
+      cnt += T(1);
+    }
+    v[j] = x;
+    mx = x > mx ? x : mx;
+  }
+  for (int64_t i = sg.at(VPT); i < sg.end; i += sg.stride) {
+    if (m == nullptr || m[i]) {
+      const T x = s[i];
+      cnt += T(1);
+      mx = x > mx ? x : mx;
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T load_one(const T* s, const uint8_t* m, int64_t i) {
+  return (m == nullptr || m[i]) ? s[i] : neg_inf<T>();
+}
+
+// sum over the thread's entries of ex((min(x, cap) - top) * sc).
+template <typename T, int VPT>
+__device__ __forceinline__ T local_sum_exp(const T (&v)[VPT], const T* s, const uint8_t* m, const Seg& sg, T cap,
+                                           T top, T sc) {
+  T acc0 = T(0), acc1 = T(0);
+#pragma unroll
+  for (int j = 0; j < VPT; j += 2) {
+    acc0 += Fm<T>::ex((fmin_(v[j], cap) - top) * sc);
+    if (j + 1 < VPT) acc1 += Fm<T>::ex((fmin_(v[j + 1], cap) - top) * sc);
+  }
+  for (int64_t i = sg.at(VPT); i < sg.end; i += sg.stride)
+    acc0 += Fm<T>::ex((fmin_(load_one(s, m, i), cap) - top) * sc);
+  return acc0 + acc1;
+}
+
+// One iteration t >= 2 from a_{t-1}: returns a_t (identical in every thread).
+template <typename T, int VPT, class G>
+__device__ __forceinline__ T iterate(G& g, const T (&v)[VPT], const T* s, const uint8_t* m, const Seg& sg, T smax,
+                                     double logk, T a_prev, double eps_t) {
+  const T cap = -a_prev;
+  const T top = fmin_(smax, cap);
+  const double inv = 1.0 / eps_t;
+  const T sc = static_cast<T>(inv * Fm<T>::kScale);
+  const T local = local_sum_exp<T, VPT>(v, s, m, sg, cap, top, sc);
+  const T sum = g.template reduce<SumOp>(local);
+  const double lse = static_cast<double>(top) * inv + log(static_cast<double>(sum));
+  return static_cast<T>(eps_t * (logk - lse));
+}
+
+template <typename T>
+__device__ __forceinline__ T first_iterate(double logk, T count, double eps_1) {
+  return static_cast<T>(eps_1 * (logk - log(static_cast<double>(count))));
+}
+
+// ---------------------------------------------------------------- forward
+
+template <typename T, int VPT, class G>
+__device__ void forward_row(const CoorDescentParams<T>& p, int64_t row, const Seg& sg, G& g, bool leader,
+                            const double* eps) {
+  const int64_t cols = p.cols;
+  const T* s = p.s + row * cols;
+  const uint8_t* m = p.mask ? p.mask + row * cols : nullptr;
+  T* y = p.y + row * cols;
+  const int64_t per_row = p.checkpoint_segments == 0 ? p.n_iters : p.checkpoint_segments;
+  T* saved = p.saved ? p.saved + row * per_row : nullptr;
+
+  T v[VPT];
+  T mx, cnt;
+  load_row<T, VPT>(s, m, sg, v, mx, cnt);
+  const T smax = g.template reduce<MaxOp>(mx);
+  const T count = g.template reduce<SumOp>(cnt);
+  if (leader && p.row_stats) {
+    p.row_stats[2 * row] = smax;
+    p.row_stats[2 * row + 1] = count;
+  }
+  if (count == T(0)) {
+    for (int64_t i = sg.at(0); i < sg.end; i += sg.stride) y[i] = T(0);
+    if (leader && saved)
+      for (int64_t j = 0; j < per_row; ++j) saved[j] = T(0);
+    return;
+  }
+  const double logk = log(static_cast<double>(p.k[row]));
+  const int64_t T_ = p.n_iters, C = p.checkpoint_segments;
+  int64_t next_j = 0;
+  int64_t next_start = C > 0 ? segment_start(T_, C, 0) : -1;
+  T a = T(0);
+  for (int64_t t = 1; t <= T_; ++t) {
+    if (t == next_start) {
+      if (leader && saved) saved[next_j] = a;
+      ++next_j;
+      next_start = next_j < C ? segment_start(T_, C, next_j) : -1;
+    }
+    a = t == 1 ? first_iterate(logk, count, eps[1]) : iterate<T, VPT>(g, v, s, m, sg, smax, logk, a, eps[t]);
+    if (C == 0 && leader && saved) saved[t - 1] = a;
+  }
+  const T sc = static_cast<T>(Fm<T>::kScale / eps[T_ + 1]);
+#pragma unroll
+  for (int j = 0; j < VPT; ++j) {
+    const int64_t i = sg.at(j);
+    if (i < sg.end) y[i] = Fm<T>::ex(fmin_(v[j] + a, T(0)) * sc);
+  }
+  for (int64_t i = sg.at(VPT); i < sg.end; i += sg.stride)
+    y[i] = Fm<T>::ex(fmin_(load_one(s, m, i) + a, T(0)) * sc);
+}
+
+// ---------------------------------------------------------------- backward
+
+template <typename T, int VPT, class G>
+__device__ void backward_row(const CoorDescentBackwardParams<T>& bp, int64_t row, const Seg& sg, G& g,
+                             bool block_leader, bool row_leader, const double* eps, T* its) {
+  const CoorDescentParams<T>& p = bp.fwd;
+  const int64_t cols = p.cols;
+  const T* s = p.s + row * cols;
+  const uint8_t* m = p.mask ? p.mask + row * cols : nullptr;
+  const T* gy = bp.grad_y + row * cols;
+  T* ds_out = bp.grad_s + row * cols;
+  const int64_t T_ = p.n_iters, C = p.checkpoint_segments;
+  const int64_t per_row = C == 0 ? T_ : C;
+  const T* saved = p.saved + row * per_row;
+  const T smax = p.row_stats[2 * row];
+  const T count = p.row_stats[2 * row + 1];
+
+  if (count == T(0)) {
+    for (int64_t i = sg.at(0); i < sg.end; i += sg.stride) ds_out[i] = T(0);
+    if (row_leader && bp.grad_k) bp.grad_k[row] = T(0);
+    return;
+  }
+  T v[VPT];
+#pragma unroll
+  for (int j = 0; j < VPT; ++j) {
+    const int64_t i = sg.at(j);
+    v[j] = i < sg.end ? load_one(s, m, i) : neg_inf<T>();
+  }
+  const double logk = log(static_cast<double>(p.k[row]));
+  // Every iterate a_0..a_T into its[] (the group's shared copy).
+  if (C == 0) {
+    if (block_leader) {
+      its[0] = T(0);
+      for (int64_t t = 1; t <= T_; ++t) its[t] = saved[t - 1];
+    }
+  } else {
+    if (block_leader) its[0] = T(0);
+    for (int64_t j = 0; j < C; ++j) {
+      const int64_t t0 = segment_start(T_, C, j), t1 = segment_start(T_, C, j + 1) - 1;
+      T a = saved[j];
+      for (int64_t t = t0; t <= t1; ++t) {
+        a = t == 1 ? first_iterate(logk, count, eps[1]) : iterate<T, VPT>(g, v, s, m, sg, smax, logk, a, eps[t]);
+        if (block_leader) its[t] = a;
+      }
+    }
+  }
+  g.sync();
+
+  // Output and the last iteration's relu.
+  T ds[VPT];
+  const T aT = its[T_];
+  const double inv_f = 1.0 / eps[T_ + 1];
+  const T sc_f = static_cast<T>(inv_f * Fm<T>::kScale);
+  const T invf = static_cast<T>(inv_f);
+  T acc = T(0);
+#pragma unroll
+  for (int j = 0; j < VPT; ++j) {
+    const int64_t i = sg.at(j);
+    T d = T(0);
+    if (i < sg.end && v[j] > neg_inf<T>()) {
+      const T yv = Fm<T>::ex(fmin_(v[j] + aT, T(0)) * sc_f);
+      const T du = gy[i] * yv * invf;
+      d = (v[j] + aT > T(0)) ? T(0) : du;
+    }
+    ds[j] = d;
+    acc += d;
+  }
+  for (int64_t i = sg.at(VPT); i < sg.end; i += sg.stride) {
+    const T x = load_one(s, m, i);
+    T d = T(0);
+    if (x > neg_inf<T>()) {
+      const T yv = Fm<T>::ex(fmin_(x + aT, T(0)) * sc_f);
+      d = (x + aT > T(0)) ? T(0) : gy[i] * yv * invf;
+    }
+    ds_out[i] = d;
+    acc += d;
+  }
+  T da = g.template reduce<SumOp>(acc);
+  double dlogk = static_cast<double>(da) * eps[T_];
+  T c = da;
+  for (int64_t t = T_ - 1; t >= 1; --t) {
+    const T a_t = its[t];
+    const double inv_n = 1.0 / eps[t + 1];
+    const double lse_n = logk - static_cast<double>(its[t + 1]) * inv_n;
+    const T cap = -a_t;
+    const T top = fmin_(smax, cap);
+    // p_i = exp(min(s_i, cap)/eps - lse) = ex((min(s_i, cap) - top) * sc) * w
+    const double w = exp(static_cast<double>(top) * inv_n - lse_n);
+    const T sc = static_cast<T>(inv_n * Fm<T>::kScale);
+    const T cw = static_cast<T>(-static_cast<double>(c) * w);
+    T acc0 = T(0), acc1 = T(0);
+#pragma unroll
+    for (int j = 0; j < VPT; ++j) {
+      const T gv = cw * Fm<T>::ex((fmin_(v[j], cap) - top) * sc);
+      const bool active = v[j] + a_t > T(0);
+      ds[j] += active ? T(0) : gv;
+      if (j & 1)
+        acc1 += active ? -gv : T(0);
+      else
+        acc0 += active ? -gv : T(0);
+    }
+    for (int64_t i = sg.at(VPT); i < sg.end; i += sg.stride) {
+      const T x = load_one(s, m, i);
+      const T gv = cw * Fm<T>::ex((fmin_(x, cap) - top) * sc);
+      const bool active = x + a_t > T(0);
+      ds_out[i] += active ? T(0) : gv;
+      acc0 += active ? -gv : T(0);
+    }
+    da = g.template reduce<SumOp>(acc0 + acc1);
+    dlogk += static_cast<double>(da) * eps[t];
+    c = da;
+  }
+#pragma unroll
+  for (int j = 0; j < VPT; ++j) {
+    const int64_t i = sg.at(j);
+    if (i < sg.end) ds_out[i] = ds[j];
+  }
+  if (row_leader && bp.grad_k) bp.grad_k[row] = static_cast<T>(dlogk / static_cast<double>(p.k[row]));
+}
+
+// ---------------------------------------------------------------- kernels
+
+struct GridWork {
+  int nblk;          // blocks per row
+  int64_t ngroups;   // row groups in the grid (grid mode: rows are strided)
+  void* partials;    // grid mode: rows x 2 x nblk of T
+  unsigned* counters;
+};
+
+constexpr int kWarpBlock = 256;  // threads of a warp-per-row block
+
+// Dynamic shared memory: eps[n_iters + 2] doubles, then its[] per group.
+__host__ __device__ inline size_t its_offset(int64_t n_iters) {
+  return static_cast<size_t>(n_iters + 2) * sizeof(double);
+}
+
+template <typename T, int VPT>
+__global__ void __launch_bounds__(kWarpBlock) forward_warp_kernel(CoorDescentParams<T> p, GridWork) {
+  extern __shared__ double dyn[];
+  double* eps = dyn;
+  fill_eps(eps, p.n_iters, p.eps_init, p.eps, p.eps_decay, threadIdx.x, blockDim.x);
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kWarpBlock / 32) + (threadIdx.x >> 5);
+  if (row >= p.rows) return;
+  WarpGroup g{lane};
+  const Seg sg{0, p.cols, 32, lane};
+  forward_row<T, VPT>(p, row, sg, g, lane == 0, eps);
+}
+
+template <typename T, int VPT>
+__global__ void __launch_bounds__(kWarpBlock) backward_warp_kernel(CoorDescentBackwardParams<T> bp, GridWork) {
+  extern __shared__ double dyn[];
+  double* eps = dyn;
+  const int64_t T_ = bp.fwd.n_iters;
+  fill_eps(eps, T_, bp.fwd.eps_init, bp.fwd.eps, bp.fwd.eps_decay, threadIdx.x, blockDim.x);
+  __syncthreads();
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  T* its = reinterpret_cast<T*>(reinterpret_cast<char*>(dyn) + its_offset(T_)) + w * (T_ + 1);
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kWarpBlock / 32) + w;
+  if (row >= bp.fwd.rows) return;
+  WarpGroup g{lane};
+  const Seg sg{0, bp.fwd.cols, 32, lane};
+  backward_row<T, VPT>(bp, row, sg, g, lane == 0, lane == 0, eps, its);
+}
+
+template <typename T, int MODE>
+__device__ __forceinline__ BlockGroup<T, MODE> make_group(T* red, T* cl, int nblk, int rank) {
+  BlockGroup<T, MODE> g;
+  g.red = red;
+  g.cl = cl;
+  g.lane = threadIdx.x & 31;
+  g.warp = threadIdx.x >> 5;
+  g.nwarps = (blockDim.x + 31) >> 5;
+  g.nblk = nblk;
+  g.rank = rank;
+  return g;
+}
+
+template <typename T>
+__device__ __forceinline__ Seg block_seg(int64_t cols, int nblk, int rank) {
+  int64_t seg = (cols + nblk - 1) / nblk;
+  seg = (seg + 31) / 32 * 32;
+  const int64_t beg = std::min<int64_t>(cols, seg * rank);
+  const int64_t end = std::min<int64_t>(cols, beg + seg);
+  return Seg{beg, end, static_cast<int>(blockDim.x), static_cast<int>(threadIdx.x)};
+}
+
+template <typename T, int NT, int VPT, int MODE>
+__global__ void __launch_bounds__(NT) forward_block_kernel(CoorDescentParams<T> p, GridWork gw) {
+  extern __shared__ double dyn[];
+  __shared__ T red[64];
+  __shared__ T cl[2];
+  double* eps = dyn;
+  fill_eps(eps, p.n_iters, p.eps_init, p.eps, p.eps_decay, threadIdx.x, blockDim.x);
+  __syncthreads();
+  const int nblk = gw.nblk;
+  const int rank = MODE == kBlock ? 0 : static_cast<int>(blockIdx.x % nblk);
+  const int64_t group = MODE == kBlock ? blockIdx.x : blockIdx.x / nblk;
+  auto g = make_group<T, MODE>(red, cl, nblk, rank);
+  const Seg sg = block_seg<T>(p.cols, nblk, rank);
+  const bool leader = rank == 0 && threadIdx.x == 0;
+  if (MODE == kGrid) {
+    for (int64_t row = group; row < p.rows; row += gw.ngroups) {
+      g.partials = static_cast<T*>(gw.partials) + row * 2 * nblk;
+      g.counter = gw.counters + row;
+      g.target = 0;
+      forward_row<T, VPT>(p, row, sg, g, leader, eps);
+    }
+  } else {
+    forward_row<T, VPT>(p, group, sg, g, leader, eps);
+    // Peers may still read this block's shared memory.
+    if (MODE == kCluster) cg::this_cluster().sync();
+  }
+}
+
+template <typename T, int NT, int VPT, int MODE>
+__global__ void __launch_bounds__(NT) backward_block_kernel(CoorDescentBackwardParams<T> bp, GridWork gw) {
+  extern __shared__ double dyn[];
+  __shared__ T red[64];
+  __shared__ T cl[2];
+  double* eps = dyn;
+  const int64_t T_ = bp.fwd.n_iters;
+  fill_eps(eps, T_, bp.fwd.eps_init, bp.fwd.eps, bp.fwd.eps_decay, threadIdx.x, blockDim.x);
+  __syncthreads();
+  T* its = reinterpret_cast<T*>(reinterpret_cast<char*>(dyn) + its_offset(T_));
+  const int nblk = gw.nblk;
+  const int rank = MODE == kBlock ? 0 : static_cast<int>(blockIdx.x % nblk);
+  const int64_t group = MODE == kBlock ? blockIdx.x : blockIdx.x / nblk;
+  auto g = make_group<T, MODE>(red, cl, nblk, rank);
+  const Seg sg = block_seg<T>(bp.fwd.cols, nblk, rank);
+  // Each block keeps its own copy of the iterates (identical in all blocks).
+  const bool block_leader = threadIdx.x == 0;
+  if (MODE == kGrid) {
+    for (int64_t row = group; row < bp.fwd.rows; row += gw.ngroups) {
+      g.partials = static_cast<T*>(gw.partials) + row * 2 * nblk;
+      g.counter = gw.counters + row;
+      g.target = 0;
+      backward_row<T, VPT>(bp, row, sg, g, block_leader, block_leader && rank == 0, eps, its);
+      __syncthreads();  // its[] is rewritten by the next row
+    }
+  } else {
+    backward_row<T, VPT>(bp, group, sg, g, block_leader, block_leader && rank == 0, eps, its);
+    if (MODE == kCluster) cg::this_cluster().sync();
+  }
+}
+
+}  // namespace cd_cuda
+}  // namespace kernels
+}  // namespace colt5
+
+// ================================================================ host side
+
+namespace colt5 {
+namespace kernels {
+namespace cd_cuda {
+namespace {
+
+void check(cudaError_t e, const char* what, int line) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("colt5 CUDA coor_descent: ") + what + " (line " + std::to_string(line) +
+                             "): " + cudaGetErrorString(e));
+}
+#define CD_CHECK(x) check((x), #x, __LINE__)
+
+int num_sms() {
+  int dev = 0;
+  CD_CHECK(cudaGetDevice(&dev));
+  int v = 0;
+  CD_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
+  return v;
+}
+
+template <typename T>
+struct Cfg {
+  static constexpr int kNT = 512;                       // threads of a block-per-row block
+  static constexpr int kVPT = sizeof(T) == 4 ? 16 : 8;  // cached entries per thread
+  static constexpr int kWVPT = sizeof(T) == 4 ? 16 : 8; // cached entries per lane (warp per row)
+};
+
+template <typename Arg>
+struct KernelSet {
+  void (*warp)(Arg, GridWork);
+  void (*block)(Arg, GridWork);
+  void (*cluster)(Arg, GridWork);
+  void (*grid)(Arg, GridWork);
+};
+
+template <typename Arg>
+void allow_smem(void (*fn)(Arg, GridWork), size_t smem) {
+  if (smem > 48 * 1024)
+    CD_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+}
+
+// Chooses the row distribution and launches one of the kernels.
+template <typename T, typename Arg>
+void launch_rows(const KernelSet<Arg>& ks, const Arg& arg, int64_t rows, int64_t cols, int64_t n_iters,
+                 bool with_its, cudaStream_t st) {
+  if (rows == 0) return;
+  constexpr int NT = Cfg<T>::kNT, VPT = Cfg<T>::kVPT, WVPT = Cfg<T>::kWVPT;
+  const int sms = num_sms();
+  const size_t eps_bytes = its_offset(n_iters);
+  const size_t its_bytes = with_its ? static_cast<size_t>(n_iters + 1) * sizeof(T) : 0;
+  GridWork gw{1, 1, nullptr, nullptr};
+  if (cols <= 32 * WVPT) {
+    const size_t smem = eps_bytes + its_bytes * (kWarpBlock / 32);
+    allow_smem(ks.warp, smem);
+    const int64_t blocks = (rows + kWarpBlock / 32 - 1) / (kWarpBlock / 32);
+    ks.warp<<<static_cast<unsigned>(blocks), kWarpBlock, smem, st>>>(arg, gw);
+    CD_CHECK(cudaGetLastError());
+    return;
+  }
+  const size_t smem = eps_bytes + its_bytes;
+  const int64_t cap = static_cast<int64_t>(NT) * VPT;
+  const int64_t cmin = (cols + cap - 1) / cap;
+  if (cmin <= 16) {
+    int64_t C = cmin;
+    while (C * 2 <= 8 && rows * C * 2 <= sms && cols / (C * 2) >= 2048) C *= 2;
+    if (C == 1) {
+      allow_smem(ks.block, smem);
+      ks.block<<<static_cast<unsigned>(rows), NT, smem, st>>>(arg, gw);
+      CD_CHECK(cudaGetLastError());
+      return;
+    }
+    allow_smem(ks.cluster, smem);
+    if (C > 8) CD_CHECK(cudaFuncSetAttribute(ks.cluster, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(rows * C));
+    cfg.blockDim = dim3(NT);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = st;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(C);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    int nclusters = 0;
+    const cudaError_t occ = cudaOccupancyMaxActiveClusters(&nclusters, ks.cluster, &cfg);
+    if (occ == cudaSuccess && nclusters >= 1) {
+      gw.nblk = static_cast<int>(C);
+      CD_CHECK(cudaLaunchKernelEx(&cfg, ks.cluster, arg, gw));
+      return;
+    }
+    (void)cudaGetLastError();  // no cluster of this size fits: use the grid kernel
+  }
+  // Several blocks per row, all resident (cooperative launch), rows strided.
+  allow_smem(ks.grid, smem);
+  int per_sm = 0;
+  CD_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ks.grid, NT, smem));
+  const int64_t capacity = static_cast<int64_t>(std::max(per_sm, 1)) * sms;
+  gw.nblk = static_cast<int>(std::min<int64_t>(cmin, capacity));
+  gw.ngroups = std::max<int64_t>(1, std::min<int64_t>(rows, capacity / gw.nblk));
+  const size_t part_bytes = static_cast<size_t>(rows) * 2 * gw.nblk * sizeof(T);
+  const size_t cnt_bytes = static_cast<size_t>(rows) * sizeof(unsigned);
+  char* ws = nullptr;
+  CD_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&ws), part_bytes + cnt_bytes + 16, st));
+  gw.partials = ws;
+  gw.counters = reinterpret_cast<unsigned*>(ws + (part_bytes + 15) / 16 * 16);
+  CD_CHECK(cudaMemsetAsync(gw.counters, 0, cnt_bytes, st));
+  Arg a = arg;
+  void* args[] = {&a, &gw};
+  const cudaError_t e = cudaLaunchCooperativeKernel(reinterpret_cast<void*>(ks.grid),
+                                                    dim3(static_cast<unsigned>(gw.ngroups * gw.nblk)), dim3(NT), args,
+                                                    smem, st);
+  (void)cudaFreeAsync(ws, st);
+  CD_CHECK(e);
+}
+
+template <typename T>
+KernelSet<CoorDescentParams<T>> forward_kernels() {
+  constexpr int NT = Cfg<T>::kNT, VPT = Cfg<T>::kVPT, WVPT = Cfg<T>::kWVPT;
+  return {forward_warp_kernel<T, WVPT>, forward_block_kernel<T, NT, VPT, kBlock>,
+          forward_block_kernel<T, NT, VPT, kCluster>, forward_block_kernel<T, NT, VPT, kGrid>};
+}
+
+template <typename T>
+KernelSet<CoorDescentBackwardParams<T>> backward_kernels() {
+  constexpr int NT = Cfg<T>::kNT, VPT = Cfg<T>::kVPT, WVPT = Cfg<T>::kWVPT;
+  return {backward_warp_kernel<T, WVPT>, backward_block_kernel<T, NT, VPT, kBlock>,
+          backward_block_kernel<T, NT, VPT, kCluster>, backward_block_kernel<T, NT, VPT, kGrid>};
+}
+
+// ---------------------------------------------------------------- top-k
+
+// Keys whose ascending order is the descending order of x (+0 and -0 equal).
+template <typename T>
+struct KeyOf;
+template <>
+struct KeyOf<float> {
+  using U = uint32_t;
+  static __device__ __forceinline__ U desc(float x) {
+    if (x == 0.0f) x = 0.0f;
+    const U b = __float_as_uint(x);
+    const U ord = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    return ~ord;
+  }
+};
+template <>
+struct KeyOf<double> {
+  using U = unsigned long long;
+  static __device__ __forceinline__ U desc(double x) {
+    if (x == 0.0) x = 0.0;
+    const U b = static_cast<U>(__double_as_longlong(x));
+    const U sign = 0x8000000000000000ull;
+    const U ord = (b & sign) ? ~b : (b | sign);
+    return ~ord;
+  }
+};
+
+__global__ void topk_init(int32_t* vals, int64_t* offs, int64_t n, int64_t rows, int64_t cols) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    vals[i] = static_cast<int32_t>(i % cols);
+    if (i <= rows) offs[i] = i * cols;
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0 && n <= rows) {
+    for (int64_t r = n; r <= rows; ++r) offs[r] = r * cols;
+  }
+}
+
+template <typename T>
+__global__ void topk_keys(const T* src, const int32_t* vals, typename KeyOf<T>::U* keys, int64_t n, int64_t cols) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = i / cols;
+    keys[i] = KeyOf<T>::desc(src[row * cols + vals[i]]);
+  }
+}
+
+__global__ void topk_mask_keys(const uint8_t* mask, const int32_t* vals, uint8_t* keys, int64_t n, int64_t cols) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = i / cols;
+    keys[i] = mask[row * cols + vals[i]] ? uint8_t(0) : uint8_t(1);
+  }
+}
+
+__global__ void topk_out(const int32_t* vals, int64_t* out, int64_t rows, int64_t cols, int64_t k) {
+  const int64_t n = rows * k;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / k, j = i % k;
+    out[i] = vals[r * cols + j];
+  }
+}
+
+unsigned grid_for(int64_t n) { return static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 65535 * 4)); }
+
+// Sorts each row's positions by (mask, score, tiebreak, position) through
+// stable segmented sorts on one key at a time, least significant first.
+template <typename T>
+void topk_chunk(const T* scores, const T* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols, int64_t k,
+                int64_t* indices, cudaStream_t st) {
+  using U = typename KeyOf<T>::U;
+  const int64_t n = rows * cols;
+  size_t temp_bytes = 0, b = 0;
+  CD_CHECK(cub::DeviceSegmentedSort::StableSortPairs(nullptr, b, static_cast<const U*>(nullptr),
+                                                     static_cast<U*>(nullptr), static_cast<const int32_t*>(nullptr),
+                                                     static_cast<int32_t*>(nullptr), n, rows,
+                                                     static_cast<const int64_t*>(nullptr),
+                                                     static_cast<const int64_t*>(nullptr), st));
+  temp_bytes = std::max(temp_bytes, b);
+  if (mask) {
+    CD_CHECK(cub::DeviceSegmentedSort::StableSortPairs(
+        nullptr, b, static_cast<const uint8_t*>(nullptr), static_cast<uint8_t*>(nullptr),
+        static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), n, rows,
+        static_cast<const int64_t*>(nullptr), static_cast<const int64_t*>(nullptr), st));
+    temp_bytes = std::max(temp_bytes, b);
+  }
+  auto align = [](size_t x) { return (x + 255) / 256 * 256; };
+  const size_t keys_bytes = align(static_cast<size_t>(n) * sizeof(U));
+  const size_t vals_bytes = align(static_cast<size_t>(n) * sizeof(int32_t));
+  const size_t offs_bytes = align(static_cast<size_t>(rows + 1) * sizeof(int64_t));
+  char* ws = nullptr;
+  CD_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&ws), 2 * keys_bytes + 2 * vals_bytes + offs_bytes + temp_bytes,
+                           st));
+  U* keys_in = reinterpret_cast<U*>(ws);
+  U* keys_out = reinterpret_cast<U*>(ws + keys_bytes);
+  int32_t* vals_a = reinterpret_cast<int32_t*>(ws + 2 * keys_bytes);
+  int32_t* vals_b = reinterpret_cast<int32_t*>(ws + 2 * keys_bytes + vals_bytes);
+  int64_t* offs = reinterpret_cast<int64_t*>(ws + 2 * keys_bytes + 2 * vals_bytes);
+  void* temp = ws + 2 * keys_bytes + 2 * vals_bytes + offs_bytes;
+  cudaError_t err = cudaSuccess;
+  auto step = [&](cudaError_t e) {
+    if (err == cudaSuccess) err = e;
+  };
+  topk_init<<<grid_for(std::max(n, rows + 1)), 256, 0, st>>>(vals_a, offs, n, rows, cols);
+  step(cudaGetLastError());
+  auto sort_by = [&](const T* src) {
+    topk_keys<T><<<grid_for(n), 256, 0, st>>>(src, vals_a, keys_in, n, cols);
+    step(cudaGetLastError());
+    size_t tb = temp_bytes;
+    step(cub::DeviceSegmentedSort::StableSortPairs(temp, tb, keys_in, keys_out, vals_a, vals_b, n, rows, offs,
+                                                   offs + 1, st));
+    std::swap(vals_a, vals_b);
+  };
+  if (tiebreak) sort_by(tiebreak);
+  sort_by(scores);
+  if (mask) {
+    uint8_t* mk_in = reinterpret_cast<uint8_t*>(keys_in);
+    uint8_t* mk_out = reinterpret_cast<uint8_t*>(keys_out);
+    topk_mask_keys<<<grid_for(n), 256, 0, st>>>(mask, vals_a, mk_in, n, cols);
+    step(cudaGetLastError());
+    size_t tb = temp_bytes;
+    step(cub::DeviceSegmentedSort::StableSortPairs(temp, tb, mk_in, mk_out, vals_a, vals_b, n, rows, offs, offs + 1,
+                                                   st));
+    std::swap(vals_a, vals_b);
+  }
+  topk_out<<<grid_for(rows * k), 256, 0, st>>>(vals_a, indices, rows, cols, k);
+  step(cudaGetLastError());
+  (void)cudaFreeAsync(ws, st);
+  CD_CHECK(err);
+}
+
+}  // namespace
+}  // namespace cd_cuda
+
+template <typename T>
+void coor_descent_forward_cuda(const CoorDescentParams<T>& p, void* stream) {
+  cd_cuda::launch_rows<T>(cd_cuda::forward_kernels<T>(), p, p.rows, p.cols, p.n_iters, false,
+                          static_cast<cudaStream_t>(stream));
+}
+
+template <typename T>
+void coor_descent_backward_cuda(const CoorDescentBackwardParams<T>& p, void* stream) {
+  cd_cuda::launch_rows<T>(cd_cuda::backward_kernels<T>(), p, p.fwd.rows, p.fwd.cols, p.fwd.n_iters, true,
+                          static_cast<cudaStream_t>(stream));
+}
+
+template <typename T>
+void topk_tiebreak_cuda(const T* scores, const T* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols,
+                        int64_t k, int64_t* indices, void* stream) {
+  if (rows == 0 || k == 0) return;
+  const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 26) / cols);
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    const int64_t nr = std::min(chunk, rows - r0);
+    cd_cuda::topk_chunk<T>(scores + r0 * cols, tiebreak ? tiebreak + r0 * cols : nullptr,
+                           mask ? mask + r0 * cols : nullptr, nr, cols, k, indices + r0 * k, st);
+  }
+}
+
+template void coor_descent_forward_cuda<float>(const CoorDescentParams<float>&, void*);
+template void coor_descent_forward_cuda<double>(const CoorDescentParams<double>&, void*);
+template void coor_descent_backward_cuda<float>(const CoorDescentBackwardParams<float>&, void*);
+template void coor_descent_backward_cuda<double>(const CoorDescentBackwardParams<double>&, void*);
+template void topk_tiebreak_cuda<float>(const float*, const float*, const uint8_t*, int64_t, int64_t, int64_t,
+                                        int64_t*, void*);
+template void topk_tiebreak_cuda<double>(const double*, const double*, const uint8_t*, int64_t, int64_t, int64_t,
+                                         int64_t*, void*);
+
+}  // namespace kernels
+}  // namespace colt5
