@@ -116,7 +116,8 @@ TEST(CoorDescent, FiniteDifferenceGradientInFloat64) {
 
 TEST(CoorDescent, Float32AgreesWithFloat64) {
   torch::manual_seed(3);
-  torch::Tensor s = torch::randn({4, 1000}, torch::kDouble) * 3;
+  // The same input values in both: float32 values, widened for the reference.
+  torch::Tensor s = (torch::randn({4, 1000}) * 3).to(torch::kDouble);
   torch::Tensor mask = torch::rand({4, 1000}) > 0.1;
   torch::Tensor k = torch::full({4}, 60.0, torch::kDouble);
   torch::Tensor gy = torch::randn({4, 1000}, torch::kDouble);
@@ -172,7 +173,9 @@ TEST(CoorDescent, FullyMaskedRowGivesZerosAndZeroGradients) {
   EXPECT_EQ(f.y[1].abs().sum().item<float>(), 0.0f);
   EXPECT_EQ(f.ds[1].abs().sum().item<float>(), 0.0f);
   EXPECT_EQ(f.dk[1].item<float>(), 0.0f);
-  EXPECT_NEAR(f.y[0].sum().item<float>(), 5.0f, 0.1f);
+  // Rows are independent: the other rows are what they are alone.
+  torch::Tensor alone = colt5::coor_descent(s.slice(0, 0, 1), 5.0, router_schedule());
+  EXPECT_TRUE(torch::allclose(f.y.slice(0, 0, 1), alone, 1e-6, 1e-7));
 }
 
 TEST(CoorDescent, MaskedEntriesScoreZeroWhateverTheirValue) {
@@ -193,15 +196,16 @@ TEST(CoorDescent, KAboveTheUnmaskedCountSaturatesToOne) {
   EXPECT_EQ(y.masked_select(~mask).abs().sum().item<double>(), 0.0);
 }
 
-TEST(CoorDescent, SumsToKAndPrefersLargeScores) {
+TEST(CoorDescent, ApproachesKAndPrefersLargeScores) {
   torch::manual_seed(6);
   torch::Tensor s = torch::randn({5, 512});
-  torch::Tensor y = colt5::coor_descent(s, 32.0, CoorDescentOptions().n_iters(50).eps(0.05));
-  EXPECT_LT((y.sum(-1) - 32).abs().max().item<float>(), 0.5f);
+  // With a moderate eps the iteration converges: the scores sum to k.
+  torch::Tensor y = colt5::coor_descent(s, 32.0, CoorDescentOptions().n_iters(100).eps(0.5));
+  EXPECT_LT((y.sum(-1) - 32).abs().max().item<float>(), 0.05f);
   EXPECT_GE(y.min().item<float>(), 0.0f);
   EXPECT_LE(y.max().item<float>(), 1.0f + 1e-6f);
   // Larger raw scores never get smaller soft scores.
-  auto order = s.argsort(-1);
+  torch::Tensor order = std::get<1>(s.sort(-1));
   torch::Tensor ys = y.gather(-1, order);
   EXPECT_GE((ys.slice(-1, 1) - ys.slice(-1, 0, -1)).min().item<float>(), -1e-6f);
 }

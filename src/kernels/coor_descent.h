@@ -36,10 +36,12 @@ struct CoorDescentParams {
   // the backward recomputes each segment from its start.
   int64_t checkpoint_segments = 0;
 
-  // Forward outputs.
+  // Forward outputs. The per-row scalars are kept in float64 whatever acc_t:
+  // the outputs are exp((s + a) / eps) with eps as small as 0.03, so a float
+  // rounding of a would cost float32 outputs and gradients about 1e-4 relative.
   acc_t* y = nullptr;              // rows x cols
-  acc_t* saved = nullptr;          // rows x saved_per_row(): kept iterates
-  acc_t* row_stats = nullptr;      // rows x 2: max of unmasked s, unmasked count
+  double* saved = nullptr;         // rows x saved_per_row(): kept iterates a_t
+  double* row_stats = nullptr;     // rows x 2: max of unmasked s, unmasked count
 };
 
 // Number of scalars kept per row by the forward for the backward.

@@ -80,91 +80,90 @@ void row_stats(const RowView<T>& r, T& smax, int64_t& count) {
   count = c;
 }
 
+// Sums run in T within chunks and in double across them: float32 accuracy
+// that does not degrade with the row length, at vector speed.
+constexpr int64_t kChunk = 512;
+
 // sum over unmasked i of exp((min(s_i, cap) - top) * inv_eps), top = min(smax, cap).
 template <typename T>
-COLT5_VECTOR_CLONES T sum_exp_capped(const T* s, const uint8_t* m, int64_t n, T cap, T top, T inv_eps) {
-  T acc = 0;
-  if (m == nullptr) {
+COLT5_VECTOR_CLONES double sum_exp_capped(const T* s, const uint8_t* m, int64_t n, T cap, T top, T inv_eps) {
+  double total = 0;
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t c1 = std::min(n, c0 + kChunk);
+    T acc = 0;
+    if (m == nullptr) {
 #pragma omp simd reduction(+ : acc)
-    for (int64_t i = 0; i < n; ++i) {
-      const T z = (std::min(s[i], cap) - top) * inv_eps;
-      acc += exp_nonpos(z);
-    }
-  } else {
+      for (int64_t i = c0; i < c1; ++i) acc += exp_nonpos((std::min(s[i], cap) - top) * inv_eps);
+    } else {
 #pragma omp simd reduction(+ : acc)
-    for (int64_t i = 0; i < n; ++i) {
-      const T z = (std::min(s[i], cap) - top) * inv_eps;
-      const T e = exp_nonpos(z);
-      acc += m[i] ? e : T(0);
+      for (int64_t i = c0; i < c1; ++i) {
+        const T e = exp_nonpos((std::min(s[i], cap) - top) * inv_eps);
+        acc += m[i] ? e : T(0);
+      }
     }
+    total += static_cast<double>(acc);
   }
-  return acc;
+  return total;
 }
 
-// One coordinate-descent iteration from a_{t-1} (a_prev) at eps_t; returns a_t.
-// The first iteration (b_0 = -s) sees z = 0 everywhere: L_1 = log n.
+// y_i = exp(min(s_i + a, 0) / eps_final), 0 where masked; s_i + a in double.
 template <typename T>
-T iterate(const RowView<T>& r, T smax, int64_t count, T logk, T a_prev, bool first, T eps_t) {
-  if (first) return eps_t * (logk - std::log(static_cast<T>(count)));
-  const T cap = -a_prev;
-  const T top = std::min(smax, cap);
-  const T inv_eps = T(1) / eps_t;
-  const T sum = sum_exp_capped(r.s, r.m, r.n, cap, top, inv_eps);
-  const T lse = top * inv_eps + std::log(sum);
-  return eps_t * (logk - lse);
-}
-
-// y_i = exp(min(s_i + a, 0) / eps_final), 0 where masked.
-template <typename T>
-COLT5_VECTOR_CLONES void write_output(const T* s, const uint8_t* m, int64_t n, T a, T inv_eps, T* y) {
-  if (m == nullptr) {
+COLT5_VECTOR_CLONES void write_output(const T* s, const uint8_t* m, int64_t n, double a, double inv_eps, T* y) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) y[i] = exp_nonpos(std::min(s[i] + a, T(0)) * inv_eps);
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const T e = exp_nonpos(std::min(s[i] + a, T(0)) * inv_eps);
-      y[i] = m[i] ? e : T(0);
-    }
+  for (int64_t i = 0; i < n; ++i) {
+    const T x = static_cast<T>(std::min(static_cast<double>(s[i]) + a, 0.0) * inv_eps);
+    const T e = exp_nonpos(x);
+    y[i] = (m == nullptr || m[i]) ? e : T(0);
   }
 }
 
 // Backward of the output and of the last b_T = -relu(s + a_T):
 //   du = gy * y / eps_f;  ds = du - [s + a_T > 0] du;  returns sum(ds) (= da_T).
 template <typename T>
-COLT5_VECTOR_CLONES T backward_last(const T* s, const uint8_t* m, int64_t n, const T* y, const T* gy, T a,
-                                    T inv_eps_f, T* ds) {
-  T acc = 0;
+COLT5_VECTOR_CLONES double backward_last(const T* s, const uint8_t* m, int64_t n, const T* y, const T* gy, T a,
+                                         T inv_eps_f, T* ds) {
+  double total = 0;
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t c1 = std::min(n, c0 + kChunk);
+    T acc = 0;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) {
-    const T du = gy[i] * y[i] * inv_eps_f;
-    const T v = (s[i] + a > T(0)) ? T(0) : du;
-    const T keep = (m == nullptr || m[i]) ? v : T(0);
-    ds[i] = keep;
-    acc += keep;
+    for (int64_t i = c0; i < c1; ++i) {
+      const T du = gy[i] * y[i] * inv_eps_f;
+      const T v = (s[i] + a > T(0)) ? T(0) : du;
+      const T keep = (m == nullptr || m[i]) ? v : T(0);
+      ds[i] = keep;
+      acc += keep;
+    }
+    total += static_cast<double>(acc);
   }
-  return acc;
+  return total;
 }
 
 // Backward through iteration t+1's softmax and iteration t's relu:
-//   p_i = exp(min(s_i, -a_t) / eps_{t+1} - L_{t+1}),  g_i = -c p_i  (= grad of b_t)
-//   ds_i += g_i - [s_i + a_t > 0] g_i;  returns sum of -[s_i + a_t > 0] g_i  (= da_t).
+//   p_i = exp((min(s_i, -a_t) - top) / eps_{t+1} - shift)   (softmax of iteration t+1,
+//         shift = L_{t+1} - top / eps_{t+1})
+//   g_i = -c p_i  (= grad of b_t);  ds_i += g_i - [s_i + a_t > 0] g_i
+//   returns sum of -[s_i + a_t > 0] g_i  (= da_t).
 template <typename T>
-COLT5_VECTOR_CLONES T backward_step(const T* s, const uint8_t* m, int64_t n, T a_t, T inv_eps_next, T lse_next,
-                                    T c, T* ds) {
-  T acc = 0;
+COLT5_VECTOR_CLONES double backward_step(const T* s, const uint8_t* m, int64_t n, T a_t, T top, T inv_eps_next,
+                                         T shift, T c, T* ds) {
+  double total = 0;
   const T cap = -a_t;
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t c1 = std::min(n, c0 + kChunk);
+    T acc = 0;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) {
-    const T p = exp_nonpos(std::min(s[i], cap) * inv_eps_next - lse_next);
-    const T g = -c * p;
-    const bool active = s[i] + a_t > T(0);
-    const T dv = active ? -g : T(0);
-    const bool keep = m == nullptr || m[i];
-    ds[i] += keep ? g + dv : T(0);
-    acc += keep ? dv : T(0);
+    for (int64_t i = c0; i < c1; ++i) {
+      const T p = exp_nonpos((std::min(s[i], cap) - top) * inv_eps_next - shift);
+      const T g = -c * p;
+      const T dv = (s[i] + a_t > T(0)) ? -g : T(0);
+      const bool keep = m == nullptr || m[i];
+      ds[i] += keep ? g + dv : T(0);
+      acc += keep ? dv : T(0);
+    }
+    total += static_cast<double>(acc);
   }
-  return acc;
+  return total;
 }
 
 template <typename T>
@@ -172,23 +171,44 @@ RowView<T> row_view(const CoorDescentParams<T>& p, int64_t row) {
   return RowView<T>{p.s + row * p.cols, p.mask ? p.mask + row * p.cols : nullptr, p.cols};
 }
 
-// Runs iterations [t0, t1] (1-based, inclusive) from a_{t0-1} and writes a_t
-// into out[t - t0]. Returns the last iterate.
+// The per-row scalars of the iteration, in double.
 template <typename T>
-T run_iterations(const CoorDescentParams<T>& p, const RowView<T>& r, T smax, int64_t count, T logk, T a_prev,
-                 int64_t t0, int64_t t1, T* out) {
+struct RowState {
+  RowView<T> r;
+  T smax;
+  int64_t count;
+  double logk;
+};
+
+// One coordinate-descent iteration from a_{t-1} at eps_t; returns a_t. The
+// first iteration (b_0 = -s) sees z = 0 everywhere: L_1 = log n.
+template <typename T>
+double iterate(const RowState<T>& st, double a_prev, bool first, double eps_t) {
+  if (first) return eps_t * (st.logk - std::log(static_cast<double>(st.count)));
+  const T cap = static_cast<T>(-a_prev);
+  const T top = std::min(st.smax, cap);
+  const double sum = sum_exp_capped(st.r.s, st.r.m, st.r.n, cap, top, static_cast<T>(1.0 / eps_t));
+  const double lse = static_cast<double>(top) / eps_t + std::log(sum);
+  return eps_t * (st.logk - lse);
+}
+
+// Runs iterations [t0, t1] (1-based, inclusive) from a_{t0-1}, writing a_t
+// into out[t - t0] when out is given. Returns the last iterate.
+template <typename T>
+double run_iterations(const CoorDescentParams<T>& p, const RowState<T>& st, double a_prev, int64_t t0, int64_t t1,
+                      double* out) {
   double e = eps_at(p.eps_init, p.eps, p.eps_decay, t0);
-  T a = a_prev;
+  double a = a_prev;
   for (int64_t t = t0; t <= t1; ++t) {
-    a = iterate(r, smax, count, logk, a, t == 1, static_cast<T>(e));
+    a = iterate(st, a, t == 1, e);
     if (out) out[t - t0] = a;
     e = std::max(e * p.eps_decay, p.eps);
   }
   return a;
 }
 
-// Segment bounds: segment j of c covers iterations [start(j), start(j+1) - 1],
-// the first (T mod c) segments one longer.
+// Segment j of c covers iterations [start(j), start(j+1) - 1], the first
+// (T mod c) segments one longer.
 inline int64_t segment_start(int64_t n_iters, int64_t c, int64_t j) {
   const int64_t base = n_iters / c, extra = n_iters % c;
   return 1 + j * base + std::min(j, extra);
@@ -199,42 +219,40 @@ inline int64_t segment_start(int64_t n_iters, int64_t c, int64_t j) {
 template <typename T>
 void coor_descent_forward_cpu(const CoorDescentParams<T>& p, int64_t row_begin, int64_t row_end) {
   const int64_t per_row = saved_per_row(p.n_iters, p.checkpoint_segments);
-  const T inv_eps_f = static_cast<T>(1.0 / eps_at(p.eps_init, p.eps, p.eps_decay, p.n_iters + 1));
-  std::vector<T> scratch;
+  const double inv_eps_f = 1.0 / eps_at(p.eps_init, p.eps, p.eps_decay, p.n_iters + 1);
+  std::vector<double> scratch;
   for (int64_t row = row_begin; row < row_end; ++row) {
-    const RowView<T> r = row_view(p, row);
+    RowState<T> st{row_view(p, row), T(0), 0, 0.0};
     T* y = p.y + row * p.cols;
-    T* saved = p.saved ? p.saved + row * per_row : nullptr;
-    T smax;
-    int64_t count;
-    row_stats(r, smax, count);
+    double* saved = p.saved ? p.saved + row * per_row : nullptr;
+    row_stats(st.r, st.smax, st.count);
     if (p.row_stats) {
-      p.row_stats[2 * row] = smax;
-      p.row_stats[2 * row + 1] = static_cast<T>(count);
+      p.row_stats[2 * row] = static_cast<double>(st.smax);
+      p.row_stats[2 * row + 1] = static_cast<double>(st.count);
     }
-    if (count == 0) {
+    if (st.count == 0) {
       std::fill(y, y + p.cols, T(0));
-      if (saved) std::fill(saved, saved + per_row, T(0));
+      if (saved) std::fill(saved, saved + per_row, 0.0);
       continue;
     }
-    const T logk = std::log(p.k[row]);
-    T a;
+    st.logk = std::log(static_cast<double>(p.k[row]));
+    double a;
     if (p.checkpoint_segments == 0) {
       if (!saved) {
         scratch.resize(static_cast<size_t>(p.n_iters));
         saved = scratch.data();
       }
-      a = run_iterations(p, r, smax, count, logk, T(0), 1, p.n_iters, saved);
+      a = run_iterations(p, st, 0.0, 1, p.n_iters, saved);
     } else {
-      a = T(0);
+      a = 0.0;
       for (int64_t j = 0; j < p.checkpoint_segments; ++j) {
         const int64_t t0 = segment_start(p.n_iters, p.checkpoint_segments, j);
         const int64_t t1 = segment_start(p.n_iters, p.checkpoint_segments, j + 1) - 1;
         if (saved) saved[j] = a;  // the iterate the segment starts from
-        a = run_iterations(p, r, smax, count, logk, a, t0, t1, static_cast<T*>(nullptr));
+        a = run_iterations(p, st, a, t0, t1, nullptr);
       }
     }
-    write_output(r.s, r.m, r.n, a, inv_eps_f, y);
+    write_output(st.r.s, st.r.m, st.r.n, a, inv_eps_f, y);
   }
 }
 
@@ -245,20 +263,18 @@ void coor_descent_backward_cpu(const CoorDescentBackwardParams<T>& bp, int64_t r
   const int64_t per_row = saved_per_row(p.n_iters, p.checkpoint_segments);
   std::vector<double> eps(static_cast<size_t>(T_ + 2));
   for (int64_t t = 1; t <= T_ + 1; ++t) eps[t] = eps_at(p.eps_init, p.eps, p.eps_decay, t);
-  std::vector<T> iterates(static_cast<size_t>(T_ + 1));  // iterates[t] = a_t
+  std::vector<double> iterates(static_cast<size_t>(T_ + 1));  // iterates[t] = a_t
   for (int64_t row = row_begin; row < row_end; ++row) {
-    const RowView<T> r = row_view(p, row);
+    RowState<T> st{row_view(p, row), static_cast<T>(p.row_stats[2 * row]),
+                   static_cast<int64_t>(p.row_stats[2 * row + 1]), 0.0};
     T* ds = bp.grad_s + row * p.cols;
-    const T smax = p.row_stats[2 * row];
-    const int64_t count = static_cast<int64_t>(p.row_stats[2 * row + 1]);
-    if (count == 0) {
+    if (st.count == 0) {
       std::fill(ds, ds + p.cols, T(0));
       if (bp.grad_k) bp.grad_k[row] = 0;
       continue;
     }
-    const T logk = std::log(p.k[row]);
-    const T* saved = p.saved + row * per_row;
-    // Recover every iterate a_1..a_T.
+    st.logk = std::log(static_cast<double>(p.k[row]));
+    const double* saved = p.saved + row * per_row;
     iterates[0] = 0;
     if (p.checkpoint_segments == 0) {
       std::copy(saved, saved + T_, iterates.begin() + 1);
@@ -266,23 +282,23 @@ void coor_descent_backward_cpu(const CoorDescentBackwardParams<T>& bp, int64_t r
       for (int64_t j = 0; j < p.checkpoint_segments; ++j) {
         const int64_t t0 = segment_start(T_, p.checkpoint_segments, j);
         const int64_t t1 = segment_start(T_, p.checkpoint_segments, j + 1) - 1;
-        run_iterations(p, r, smax, count, logk, saved[j], t0, t1, iterates.data() + t0);
+        run_iterations(p, st, saved[j], t0, t1, iterates.data() + t0);
       }
     }
     const T* y = p.y + row * p.cols;
     const T* gy = bp.grad_y + row * p.cols;
     // da_T = sum(du) - sum(h du): the output reads a_T directly and through b_T.
-    T da = backward_last(r.s, r.m, r.n, y, gy, iterates[T_], static_cast<T>(1.0 / eps[T_ + 1]), ds);
-    double dlogk = static_cast<double>(da) * eps[T_];
-    T c = da;
+    double da = backward_last(st.r.s, st.r.m, st.r.n, y, gy, static_cast<T>(iterates[T_]),
+                              static_cast<T>(1.0 / eps[T_ + 1]), ds);
+    double dlogk = da * eps[T_];
     for (int64_t t = T_ - 1; t >= 1; --t) {
-      const T a_t = iterates[t];
-      const T inv_eps_next = static_cast<T>(1.0 / eps[t + 1]);
-      // L_{t+1} = logsumexp(min(s, -a_t) / eps_{t+1}), from a_{t+1} = eps (logk - L).
-      const T lse_next = logk - iterates[t + 1] * inv_eps_next;
-      da = backward_step(r.s, r.m, r.n, a_t, inv_eps_next, lse_next, c, ds);
-      dlogk += static_cast<double>(da) * eps[t];
-      c = da;
+      const double a_t = iterates[t];
+      // L_{t+1} = logk - a_{t+1} / eps_{t+1}, split as top / eps_{t+1} + shift.
+      const T top = std::min(st.smax, static_cast<T>(-a_t));
+      const double shift = st.logk - iterates[t + 1] / eps[t + 1] - static_cast<double>(top) / eps[t + 1];
+      da = backward_step(st.r.s, st.r.m, st.r.n, static_cast<T>(a_t), top, static_cast<T>(1.0 / eps[t + 1]),
+                         static_cast<T>(shift), static_cast<T>(da), ds);
+      dlogk += da * eps[t];
     }
     // Iteration 1's softmax is uniform and b_0 = -s: their contributions cancel.
     if (bp.grad_k) bp.grad_k[row] = static_cast<T>(dlogk / static_cast<double>(p.k[row]));

@@ -90,13 +90,13 @@ Saved run_forward(const at::Tensor& s2, const at::Tensor& mask2, const at::Tenso
   const int64_t per_row = kernels::saved_per_row(o.n_iters(), o.checkpoint_segments());
   Saved out;
   out.y = at::empty({rows, cols}, s2.options());
-  out.saved = at::empty({rows, per_row}, s2.options());
-  out.stats = at::empty({rows, 2}, s2.options());
+  out.saved = at::empty({rows, per_row}, s2.options().dtype(at::kDouble));
+  out.stats = at::empty({rows, 2}, s2.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(s2.scalar_type(), "coor_descent_forward", [&] {
     auto p = make_params<scalar_t>(s2, mask2, k1, o);
     p.y = out.y.data_ptr<scalar_t>();
-    p.saved = out.saved.data_ptr<scalar_t>();
-    p.row_stats = out.stats.data_ptr<scalar_t>();
+    p.saved = out.saved.data_ptr<double>();
+    p.row_stats = out.stats.data_ptr<double>();
     if (s2.is_cuda()) {
 #ifdef COLT5_WITH_CUDA
       c10::cuda::CUDAGuard guard(s2.device());
@@ -155,8 +155,8 @@ class CoorDescentFunction : public torch::autograd::Function<CoorDescentFunction
       kernels::CoorDescentBackwardParams<scalar_t> bp;
       bp.fwd = make_params<scalar_t>(s2, mask2, k1, o);
       bp.fwd.y = const_cast<scalar_t*>(y.data_ptr<scalar_t>());
-      bp.fwd.saved = const_cast<scalar_t*>(saved.data_ptr<scalar_t>());
-      bp.fwd.row_stats = const_cast<scalar_t*>(stats.data_ptr<scalar_t>());
+      bp.fwd.saved = const_cast<double*>(saved.data_ptr<double>());
+      bp.fwd.row_stats = const_cast<double*>(stats.data_ptr<double>());
       bp.grad_y = gy.data_ptr<scalar_t>();
       bp.grad_s = gs.data_ptr<scalar_t>();
       bp.grad_k = want_k ? gk.data_ptr<scalar_t>() : nullptr;
