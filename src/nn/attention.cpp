@@ -1,0 +1,245 @@
+#include "colt5/nn/attention.h"
+
+#include <cmath>
+#include <limits>
+
+#include "nn/compat.h"
+
+namespace colt5 {
+namespace nn {
+namespace {
+
+double most_negative(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return -std::numeric_limits<double>::max();
+    case at::kFloat: return -std::numeric_limits<float>::max();
+    case at::kHalf: return -static_cast<double>(std::numeric_limits<c10::Half>::max());
+    case at::kBFloat16: return -static_cast<double>(std::numeric_limits<c10::BFloat16>::max());
+    default: TORCH_CHECK(false, "attention: unsupported dtype ", t);
+  }
+}
+
+void check_floating(const torch::Tensor& t, const char* who, const char* name) {
+  TORCH_CHECK(t.defined(), who, ": ", name, " is undefined");
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), who, ": ", name, " must be a floating point tensor, got ",
+              t.scalar_type());
+}
+
+}  // namespace
+
+bool fused_attention_available() { return COLT5_HAS_SDPA != 0; }
+
+torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& mask,
+                     bool use_fused) {
+  check_floating(q, "attend", "q");
+  check_floating(k, "attend", "k");
+  check_floating(v, "attend", "v");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "attend: q, k, v must be 4-D (batch, heads, length, dim_head), got ", q.sizes(), ", ", k.sizes(), ", ",
+              v.sizes());
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && k.sizes() == v.sizes() && q.size(3) == k.size(3),
+              "attend: k and v must be (", q.size(0), ", ", q.size(1), ", j, ", q.size(3), ") to match q ", q.sizes(),
+              ", got k ", k.sizes(), " and v ", v.sizes());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
+              "attend: q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  if (mask.defined()) {
+    TORCH_CHECK(mask.scalar_type() == at::kBool, "attend: mask must be bool, got ", mask.scalar_type());
+    TORCH_CHECK(mask.dim() <= 4, "attend: mask must have at most 4 dimensions, got ", mask.sizes());
+    const std::vector<int64_t> full = {q.size(0), q.size(1), q.size(2), k.size(2)};
+    const int64_t off = 4 - mask.dim();
+    for (int64_t i = 0; i < mask.dim(); ++i)
+      TORCH_CHECK(mask.size(i) == 1 || mask.size(i) == full[off + i], "attend: mask of shape ", mask.sizes(),
+                  " does not broadcast to (batch, heads, i, j) = ", c10::IntArrayRef(full));
+  }
+
+#if COLT5_HAS_SDPA
+  if (use_fused && q.scalar_type() != at::kDouble) {
+    c10::optional<at::Tensor> m;
+    if (mask.defined()) m = mask;
+    return at::scaled_dot_product_attention(q, k, v, m);
+  }
+#endif
+
+  // d ** -0.5 as the reference computes it (pow, not 1 / sqrt).
+  const double scale = std::pow(static_cast<double>(q.size(-1)), -0.5);
+  auto sim = torch::matmul(q, k.transpose(-1, -2)) * scale;
+  if (mask.defined()) sim = sim.masked_fill(mask.logical_not(), most_negative(sim.scalar_type()));
+  auto attn = sim.softmax(-1);
+  return torch::matmul(attn, v);
+}
+
+// ---------------------------------------------------------------- Attention
+
+AttentionImpl::AttentionImpl(const AttentionOptions& options_) : options(options_) { reset(); }
+
+void AttentionImpl::reset() {
+  TORCH_CHECK(options.dim() > 0, "Attention: dim must be positive, got ", options.dim());
+  TORCH_CHECK(options.dim_head() > 0, "Attention: dim_head must be positive, got ", options.dim_head());
+  TORCH_CHECK(options.heads() > 0, "Attention: heads must be positive, got ", options.heads());
+  const int64_t hidden = options.dim_head() * options.heads();
+  norm = register_module("norm", RMSNorm(options.dim()));
+  null_kv = register_parameter("null_kv", torch::randn({2, options.heads(), options.dim_head()}));
+  to_q = register_module("to_q", torch::nn::Linear(torch::nn::LinearOptions(options.dim(), hidden).bias(false)));
+  to_kv = register_module("to_kv", torch::nn::Linear(torch::nn::LinearOptions(options.dim(), hidden * 2).bias(false)));
+  to_out = register_module("to_out", torch::nn::Linear(torch::nn::LinearOptions(hidden, options.dim()).bias(false)));
+}
+
+void AttentionImpl::pretty_print(std::ostream& stream) const {
+  stream << "colt5::nn::Attention(dim=" << options.dim() << ", dim_head=" << options.dim_head()
+         << ", heads=" << options.heads() << ", multiply_keys_by_score=" << options.multiply_keys_by_score() << ")";
+}
+
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& context_in,
+                                     const torch::Tensor& mask_in, const torch::Tensor& scores_kv_in,
+                                     const torch::Tensor& scores_q,
+                                     const std::pair<torch::Tensor, torch::Tensor>& rotary_emb) {
+  const char* who = "Attention";
+  check_floating(x, who, "x");
+  const int64_t dim = options.dim(), h = options.heads(), dh = options.dim_head();
+  TORCH_CHECK(x.dim() == 3 && x.size(2) == dim, "Attention: x must be (batch, seq, ", dim, "), got ", x.sizes());
+  const int64_t batch = x.size(0), n = x.size(1);
+
+  auto xn = norm->forward(x);
+
+  torch::Tensor context;
+  if (context_in.defined()) {
+    check_floating(context_in, who, "context");
+    TORCH_CHECK((context_in.dim() == 3 || context_in.dim() == 4) && context_in.size(0) == batch &&
+                    context_in.size(-1) == dim,
+                "Attention: context must be (", batch, ", m, ", dim, ") or (", batch, ", routes, m, ", dim,
+                "), got ", context_in.sizes());
+    TORCH_CHECK(context_in.device() == x.device(), "Attention: context is on ", context_in.device(),
+                " but x is on ", x.device());
+    context = norm->forward(context_in);
+  } else {
+    context = xn;
+  }
+  if (context.dim() == 3) context = context.unsqueeze(1);
+  const int64_t routes = context.size(1), m = context.size(2);
+  TORCH_CHECK(routes >= 1, "Attention: context has no key/value routes (shape ", context.sizes(), ")");
+  TORCH_CHECK(h % routes == 0, "Attention: the number of heads (", h,
+              ") must be divisible by the number of key/value routes (", routes, ")");
+  const int64_t heads_per_route = h / routes;
+
+  torch::Tensor scores_kv;
+  if (scores_kv_in.defined()) {
+    check_floating(scores_kv_in, who, "normalized_scores_kv");
+    auto s = scores_kv_in.dim() == 2 ? scores_kv_in.unsqueeze(1) : scores_kv_in;
+    TORCH_CHECK(s.dim() == 3 && s.size(0) == batch && s.size(1) == routes && s.size(2) == m,
+                "Attention: normalized_scores_kv must be (", batch, ", ", m, ") or (", batch, ", ", routes, ", ", m,
+                ") to match the context, got ", scores_kv_in.sizes());
+    // Scores may be float32 for a reduced-precision module; the products stay in the module's dtype.
+    scores_kv = s.reshape({batch, routes, 1, m, 1}).to(context.scalar_type());
+  }
+
+  // queries
+  auto q = to_q->forward(xn).view({batch, n, h, dh}).transpose(1, 2);
+  if (scores_q.defined()) {
+    check_floating(scores_q, who, "normalized_scores_q");
+    TORCH_CHECK(scores_q.dim() == 2 && scores_q.size(0) == batch && scores_q.size(1) == n,
+                "Attention: normalized_scores_q must be (", batch, ", ", n, "), got ", scores_q.sizes());
+    q = q * scores_q.reshape({batch, 1, n, 1}).to(q.scalar_type());
+  }
+
+  // keys / values: the projection's heads are split across the routes; each
+  // (route, head) owns 2 * dim_head consecutive rows, keys first.
+  auto kv_weight = to_kv->weight.reshape({routes, heads_per_route, 2 * dh, dim});
+  auto kv = torch::einsum("rhdi,brni->brhnd", {kv_weight, context});
+  auto kv_halves = kv.chunk(2, -1);
+  auto k = kv_halves[0], v = kv_halves[1];
+
+  if (scores_kv.defined()) {
+    v = v * scores_kv;
+    if (options.multiply_keys_by_score()) k = k * scores_kv;
+  }
+
+  const auto& rq = rotary_emb.first;
+  const auto& rk = rotary_emb.second;
+  TORCH_CHECK(rq.defined() == rk.defined(),
+              "Attention: rotary_emb needs both the query and the key frequencies, or neither");
+  if (rq.defined()) {
+    TORCH_CHECK((rq.dim() == 2 && rq.size(0) == n && rq.size(1) == dh) ||
+                    (rq.dim() == 4 && rq.size(0) == batch && rq.size(1) == 1 && rq.size(2) == n && rq.size(3) == dh),
+                "Attention: query rotary frequencies must be (", n, ", ", dh, ") or (", batch, ", 1, ", n, ", ", dh,
+                "), got ", rq.sizes());
+    TORCH_CHECK((rk.dim() == 2 && rk.size(0) == m && rk.size(1) == dh) ||
+                    (rk.dim() == 4 && rk.size(0) == batch && rk.size(1) == 1 && rk.size(2) == m && rk.size(3) == dh) ||
+                    (rk.dim() == 5 && rk.size(0) == batch && rk.size(1) == routes && rk.size(2) == 1 &&
+                     rk.size(3) == m && rk.size(4) == dh),
+                "Attention: key rotary frequencies must be (", m, ", ", dh, "), (", batch, ", 1, ", m, ", ", dh,
+                ") or (", batch, ", ", routes, ", 1, ", m, ", ", dh, "), got ", rk.sizes());
+    q = apply_rotary_pos_emb(rq, q);
+    // (b, 1, m, d): the same positions for every route.
+    auto rk5 = rk.dim() == 4 ? rk.unsqueeze(1) : rk;
+    k = apply_rotary_pos_emb(rk5, k);
+  }
+
+  k = k.reshape({batch, h, m, dh});
+  v = v.reshape({batch, h, m, dh});
+
+  auto nk = null_kv[0].unsqueeze(0).unsqueeze(2).expand({batch, h, 1, dh});
+  auto nv = null_kv[1].unsqueeze(0).unsqueeze(2).expand({batch, h, 1, dh});
+  k = torch::cat({nk.to(k.scalar_type()), k}, -2);
+  v = torch::cat({nv.to(v.scalar_type()), v}, -2);
+
+  torch::Tensor mask;
+  if (mask_in.defined()) {
+    TORCH_CHECK(mask_in.scalar_type() == at::kBool, "Attention: mask must be a bool tensor, got ",
+                mask_in.scalar_type());
+    TORCH_CHECK(mask_in.device() == x.device(), "Attention: mask is on ", mask_in.device(), " but x is on ",
+                x.device());
+    if (mask_in.dim() == 3) {
+      TORCH_CHECK(mask_in.size(0) == batch && mask_in.size(1) == routes && mask_in.size(2) == m,
+                  "Attention: a 3-D mask must be (batch, routes, m) = (", batch, ", ", routes, ", ", m, "), got ",
+                  mask_in.sizes());
+      mask = mask_in.unsqueeze(2).expand({batch, routes, heads_per_route, m}).reshape({batch, h, 1, m});
+    } else {
+      TORCH_CHECK(mask_in.dim() == 2 && mask_in.size(0) == batch && mask_in.size(1) == m,
+                  "Attention: mask must be (batch, m) = (", batch, ", ", m, ") or (batch, routes, m), got ",
+                  mask_in.sizes());
+      mask = mask_in.view({batch, 1, 1, m});
+    }
+    mask = torch::constant_pad_nd(mask, {1, 0}, 1);
+  }
+
+  auto out = attend(q, k, v, mask, options.use_flash());
+  out = out.transpose(1, 2).reshape({batch, n, h * dh});
+  return to_out->forward(out.to(x.scalar_type()));
+}
+
+// ---------------------------------------------------------------- SelfAttention
+
+SelfAttentionImpl::SelfAttentionImpl(const SelfAttentionOptions& options_) : options(options_) { reset(); }
+
+void SelfAttentionImpl::reset() {
+  TORCH_CHECK(options.dim() > 0, "SelfAttention: dim must be positive, got ", options.dim());
+  TORCH_CHECK(options.dim_head() > 0, "SelfAttention: dim_head must be positive, got ", options.dim_head());
+  TORCH_CHECK(options.heads() > 0, "SelfAttention: heads must be positive, got ", options.heads());
+  const int64_t hidden = options.dim_head() * options.heads();
+  norm = nullptr;
+  if (options.prenorm()) norm = register_module("norm", RMSNorm(options.dim()));
+  to_qkv = register_module("to_qkv",
+                           torch::nn::Linear(torch::nn::LinearOptions(options.dim(), hidden * 3).bias(false)));
+  to_out = register_module("to_out", torch::nn::Linear(torch::nn::LinearOptions(hidden, options.dim()).bias(false)));
+}
+
+void SelfAttentionImpl::pretty_print(std::ostream& stream) const {
+  stream << "colt5::nn::SelfAttention(dim=" << options.dim() << ", dim_head=" << options.dim_head()
+         << ", heads=" << options.heads() << ", prenorm=" << options.prenorm() << ")";
+}
+
+torch::Tensor SelfAttentionImpl::forward(const torch::Tensor& x_in) {
+  check_floating(x_in, "SelfAttention", "x");
+  TORCH_CHECK(x_in.dim() == 3 && x_in.size(2) == options.dim(), "SelfAttention: x must be (batch, seq, ",
+              options.dim(), "), got ", x_in.sizes());
+  const int64_t b = x_in.size(0), n = x_in.size(1), h = options.heads(), dh = options.dim_head();
+  auto x = norm ? norm->forward(x_in) : x_in;
+  auto qkv = to_qkv->forward(x).chunk(3, -1);
+  auto split = [&](const torch::Tensor& t) { return t.reshape({b, n, h, dh}).transpose(1, 2); };
+  auto out = attend(split(qkv[0]), split(qkv[1]), split(qkv[2]), {}, options.use_flash());
+  return to_out->forward(out.transpose(1, 2).reshape({b, n, h * dh}));
+}
+
+}  // namespace nn
+}  // namespace colt5

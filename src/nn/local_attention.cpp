@@ -1,0 +1,257 @@
+#include "colt5/nn/local_attention.h"
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "colt5/nn/layers.h"
+
+namespace colt5 {
+namespace nn {
+namespace {
+
+double most_negative(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return -std::numeric_limits<double>::max();
+    case at::kFloat: return -std::numeric_limits<float>::max();
+    case at::kHalf: return -static_cast<double>(std::numeric_limits<c10::Half>::max());
+    case at::kBFloat16: return -static_cast<double>(std::numeric_limits<c10::BFloat16>::max());
+    default: TORCH_CHECK(false, "LocalAttention: unsupported dtype ", t);
+  }
+}
+
+// x: (B, windows, ...). Each window is joined (along dim 2) with its
+// `backward` predecessors and `forward` successors; windows beyond the ends
+// are filled with pad_value.
+torch::Tensor look_around(const torch::Tensor& x, int64_t backward, int64_t forward, double pad_value) {
+  const int64_t windows = x.size(1);
+  std::vector<int64_t> pad(2 * (x.dim() - 1), 0);
+  pad[pad.size() - 2] = backward;
+  pad[pad.size() - 1] = forward;
+  auto padded = torch::constant_pad_nd(x, pad, pad_value);
+  std::vector<torch::Tensor> parts;
+  parts.reserve(backward + forward + 1);
+  for (int64_t i = 0; i < backward + forward + 1; ++i) parts.push_back(padded.narrow(1, i, windows));
+  return torch::cat(parts, 2);
+}
+
+// Zero-pads dimension `dim` of t up to a multiple of `multiple`.
+torch::Tensor pad_to_multiple(const torch::Tensor& t, int64_t multiple, int64_t dim, double value) {
+  const int64_t len = t.size(dim);
+  const int64_t rem = (multiple - len % multiple) % multiple;
+  if (rem == 0) return t;
+  const int64_t d = dim < 0 ? dim + t.dim() : dim;
+  std::vector<int64_t> pad(2 * (t.dim() - d), 0);
+  pad[pad.size() - 1] = rem;
+  return torch::constant_pad_nd(t, pad, value);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- SinusoidalEmbeddings
+
+SinusoidalEmbeddingsImpl::SinusoidalEmbeddingsImpl(const SinusoidalEmbeddingsOptions& options_)
+    : options(options_) {
+  reset();
+}
+
+void SinusoidalEmbeddingsImpl::reset() {
+  const int64_t dim = options.dim();
+  TORCH_CHECK(dim > 0 && dim % 2 == 0, "SinusoidalEmbeddings: dim must be positive and even, got ", dim);
+  TORCH_CHECK(!options.use_xpos() || (options.scale_base() && *options.scale_base() > 0),
+              "SinusoidalEmbeddings: use_xpos needs a positive scale_base");
+  auto exponent = torch::arange(0, dim, 2, torch::kFloat) / static_cast<double>(dim);
+  inv_freq = register_buffer("inv_freq", 1.0 / torch::pow(options.theta(), exponent));
+}
+
+std::pair<torch::Tensor, torch::Tensor> SinusoidalEmbeddingsImpl::forward(int64_t seq_len) {
+  TORCH_CHECK(seq_len >= 0, "SinusoidalEmbeddings: seq_len must be non-negative, got ", seq_len);
+  auto t = torch::arange(seq_len, inv_freq.options());
+  auto freqs = torch::outer(t, inv_freq);
+  freqs = torch::cat({freqs, freqs}, -1);
+  if (!options.use_xpos()) return {freqs, torch::Tensor()};
+  const int64_t dim = options.dim();
+  // Computed in float32 as the reference's (non-saved) buffer, then converted.
+  auto base = ((torch::arange(0, dim, 2, torch::kLong) + 0.4 * static_cast<double>(dim)) /
+               (1.4 * static_cast<double>(dim)))
+                  .to(inv_freq.device(), inv_freq.scalar_type());
+  auto power = (t - static_cast<double>(seq_len / 2)) / *options.scale_base();
+  auto scale = torch::pow(base, power.unsqueeze(-1));
+  return {freqs, torch::cat({scale, scale}, -1)};
+}
+
+// ---------------------------------------------------------------- LocalAttention
+
+LocalAttentionImpl::LocalAttentionImpl(const LocalAttentionOptions& options_) : options(options_) { reset(); }
+
+int64_t LocalAttentionImpl::look_forward() const {
+  return options.look_forward().value_or(options.causal() ? 0 : 1);
+}
+
+void LocalAttentionImpl::reset() {
+  TORCH_CHECK(options.window_size() > 0, "LocalAttention: window_size must be positive, got ",
+              options.window_size());
+  TORCH_CHECK(options.look_backward() >= 0, "LocalAttention: look_backward must be non-negative, got ",
+              options.look_backward());
+  TORCH_CHECK(look_forward() >= 0, "LocalAttention: look_forward must be non-negative, got ", look_forward());
+  TORCH_CHECK(!(options.causal() && look_forward() > 0), "LocalAttention: a causal attention cannot look forward (",
+              "look_forward = ", look_forward(), ")");
+  rel_pos = nullptr;
+  if (options.use_rotary_pos_emb() && options.dim()) {
+    const int64_t scale_base = options.xpos_scale_base().value_or(options.window_size() / 2);
+    rel_pos = register_module("rel_pos", SinusoidalEmbeddings(SinusoidalEmbeddingsOptions(*options.dim())
+                                                                   .use_xpos(options.use_xpos())
+                                                                   .scale_base(static_cast<double>(scale_base))));
+  }
+}
+
+void LocalAttentionImpl::pretty_print(std::ostream& stream) const {
+  stream << "colt5::nn::LocalAttention(window_size=" << options.window_size() << ", causal=" << options.causal()
+         << ", look_backward=" << options.look_backward() << ", look_forward=" << look_forward()
+         << ", exact_windowsize=" << options.exact_windowsize() << ")";
+}
+
+torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch::Tensor& k_in,
+                                          const torch::Tensor& v_in, const torch::Tensor& mask_in) {
+  TORCH_CHECK(q_in.defined() && k_in.defined() && v_in.defined(), "LocalAttention: q, k and v must be defined");
+  TORCH_CHECK(at::isFloatingType(q_in.scalar_type()), "LocalAttention: q must be floating point, got ",
+              q_in.scalar_type());
+  TORCH_CHECK(q_in.dim() >= 2, "LocalAttention: q must be (..., seq, dim_head), got ", q_in.sizes());
+  TORCH_CHECK(q_in.sizes() == k_in.sizes() && q_in.sizes() == v_in.sizes(),
+              "LocalAttention: q, k and v must have the same shape, got ", q_in.sizes(), ", ", k_in.sizes(), ", ",
+              v_in.sizes());
+  TORCH_CHECK(q_in.scalar_type() == k_in.scalar_type() && q_in.scalar_type() == v_in.scalar_type(),
+              "LocalAttention: q, k and v must share a dtype");
+  const int64_t ws = options.window_size(), back = options.look_backward(), fwd = look_forward();
+  const int64_t orig_n = q_in.size(-2), d = q_in.size(-1);
+  TORCH_CHECK(orig_n >= 1, "LocalAttention: the sequence is empty");
+  TORCH_CHECK(options.autopad() || orig_n % ws == 0, "LocalAttention: sequence length ", orig_n,
+              " must be divisible by the window size ", ws, " (or turn on autopad)");
+
+  auto q = q_in.reshape({-1, orig_n, d});
+  auto k = k_in.reshape({-1, orig_n, d});
+  auto v = v_in.reshape({-1, orig_n, d});
+  if (options.autopad()) {
+    q = pad_to_multiple(q, ws, -2, 0);
+    k = pad_to_multiple(k, ws, -2, 0);
+    v = pad_to_multiple(v, ws, -2, 0);
+  }
+  const int64_t B = q.size(0), n = q.size(1), windows = n / ws;
+  const double scale = options.scale().value_or(std::pow(static_cast<double>(d), -0.5));
+
+  auto positions = torch::arange(n, q.options().dtype(torch::kLong)).view({1, windows, ws});
+
+  auto bq = q.view({B, windows, ws, d}) * scale;
+  auto bk = look_around(k.view({B, windows, ws, d}), back, fwd, -1);
+  auto bv = look_around(v.view({B, windows, ws, d}), back, fwd, -1);
+
+  if (rel_pos) {
+    auto emb = rel_pos->forward(bk.size(-2));
+    const auto& freqs = emb.first;
+    auto q_freqs = freqs.narrow(0, freqs.size(0) - ws, ws);
+    if (emb.second.defined()) {
+      const auto& xscale = emb.second;
+      auto inv_scale = xscale.pow(-1);
+      auto q_scale = xscale.narrow(0, xscale.size(0) - ws, ws);
+      bq = bq * q_freqs.cos() * q_scale + rotate_half(bq) * q_freqs.sin() * q_scale;
+      bk = bk * freqs.cos() * inv_scale + rotate_half(bk) * freqs.sin() * inv_scale;
+    } else {
+      bq = bq * q_freqs.cos() + rotate_half(bq) * q_freqs.sin();
+      bk = bk * freqs.cos() + rotate_half(bk) * freqs.sin();
+    }
+  }
+
+  auto bq_t = positions.unsqueeze(-1);                       // (1, w, i, 1)
+  auto bq_k = look_around(positions, back, fwd, -1).unsqueeze(-2);  // (1, w, 1, j)
+  auto pad_mask = bq_k.eq(-1);
+
+  auto sim = torch::matmul(bq, bk.transpose(-1, -2));
+  const double mask_value = most_negative(sim.scalar_type());
+
+  if (options.causal()) {
+    auto causal_mask = bq_t.lt(bq_k);
+    if (options.exact_windowsize()) causal_mask = causal_mask.logical_or(bq_t.gt(bq_k + ws * back));
+    sim = sim.masked_fill(causal_mask, mask_value);
+  }
+
+  if (!options.causal() && options.exact_windowsize()) {
+    auto window_mask = (bq_k - ws * fwd).gt(bq_t).logical_or(bq_t.gt(bq_k + ws * back)).logical_or(pad_mask);
+    sim = sim.masked_fill(window_mask, mask_value);
+  } else {
+    sim = sim.masked_fill(pad_mask, mask_value);
+  }
+
+  if (mask_in.defined()) {
+    TORCH_CHECK(mask_in.scalar_type() == at::kBool, "LocalAttention: mask must be a bool tensor, got ",
+                mask_in.scalar_type());
+    TORCH_CHECK(mask_in.dim() == 2 && mask_in.size(1) == orig_n, "LocalAttention: mask must be (batch, ", orig_n,
+                "), got ", mask_in.sizes());
+    TORCH_CHECK(mask_in.size(0) > 0 && B % mask_in.size(0) == 0, "LocalAttention: mask batch ", mask_in.size(0),
+                " must divide the ", B, " folded batch-head rows");
+    TORCH_CHECK(mask_in.device() == q.device(), "LocalAttention: mask is on ", mask_in.device(), " but q is on ",
+                q.device());
+    const int64_t h = B / mask_in.size(0);
+    auto mask = options.autopad() ? pad_to_multiple(mask_in, ws, -1, 0) : mask_in;
+    mask = look_around(mask.view({mask_in.size(0), windows, ws}), back, fwd, 0).unsqueeze(-2);
+    mask = mask.repeat_interleave(h, 0);
+    sim = sim.masked_fill(mask.logical_not(), mask_value);
+  }
+
+  auto attn = sim.softmax(-1);
+  auto out = torch::matmul(attn, bv).reshape({B, n, d});
+  if (n != orig_n) out = out.narrow(1, 0, orig_n);
+  return out.reshape(q_in.sizes());
+}
+
+// ---------------------------------------------------------------- LocalMHA
+
+LocalMHAImpl::LocalMHAImpl(const LocalMHAOptions& options_) : options(options_) { reset(); }
+
+void LocalMHAImpl::reset() {
+  TORCH_CHECK(options.dim() > 0, "LocalMHA: dim must be positive, got ", options.dim());
+  TORCH_CHECK(options.dim_head() > 0, "LocalMHA: dim_head must be positive, got ", options.dim_head());
+  TORCH_CHECK(options.heads() > 0, "LocalMHA: heads must be positive, got ", options.heads());
+  const int64_t inner = options.dim_head() * options.heads();
+  norm = nullptr;
+  if (options.prenorm()) norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({options.dim()})));
+  to_qkv = register_module("to_qkv", torch::nn::Linear(torch::nn::LinearOptions(options.dim(), inner * 3).bias(false)));
+  attn_fn = register_module("attn_fn", LocalAttention(LocalAttentionOptions(options.window_size())
+                                                          .dim(options.dim_head())
+                                                          .causal(options.causal())
+                                                          .look_backward(options.look_backward())
+                                                          .look_forward(options.look_forward())
+                                                          .autopad(true)
+                                                          .exact_windowsize(options.exact_windowsize())
+                                                          .use_rotary_pos_emb(options.use_rotary_pos_emb())
+                                                          .use_xpos(options.use_xpos())
+                                                          .xpos_scale_base(options.xpos_scale_base())));
+  to_out = register_module("to_out", torch::nn::Linear(torch::nn::LinearOptions(inner, options.dim()).bias(false)));
+}
+
+void LocalMHAImpl::pretty_print(std::ostream& stream) const {
+  stream << "colt5::nn::LocalMHA(dim=" << options.dim() << ", window_size=" << options.window_size()
+         << ", dim_head=" << options.dim_head() << ", heads=" << options.heads() << ", causal=" << options.causal()
+         << ", prenorm=" << options.prenorm() << ")";
+}
+
+torch::Tensor LocalMHAImpl::forward(const torch::Tensor& x_in, const torch::Tensor& mask) {
+  TORCH_CHECK(x_in.defined(), "LocalMHA: x is undefined");
+  TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), "LocalMHA: x must be floating point, got ", x_in.scalar_type());
+  TORCH_CHECK(x_in.dim() == 3 && x_in.size(2) == options.dim(), "LocalMHA: x must be (batch, seq, ", options.dim(),
+              "), got ", x_in.sizes());
+  const int64_t b = x_in.size(0), n = x_in.size(1), h = options.heads(), dh = options.dim_head();
+  TORCH_CHECK(n >= 1, "LocalMHA: x has an empty sequence");
+  if (mask.defined()) {
+    TORCH_CHECK(mask.scalar_type() == at::kBool, "LocalMHA: mask must be a bool tensor, got ", mask.scalar_type());
+    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == b && mask.size(1) == n, "LocalMHA: mask must be (", b, ", ", n,
+                ") to match x, got ", mask.sizes());
+  }
+  auto x = norm ? norm->forward(x_in) : x_in;
+  auto qkv = to_qkv->forward(x).chunk(3, -1);
+  auto split = [&](const torch::Tensor& t) { return t.reshape({b, n, h, dh}).transpose(1, 2); };
+  auto out = attn_fn->forward(split(qkv[0]), split(qkv[1]), split(qkv[2]), mask);
+  return to_out->forward(out.transpose(1, 2).reshape({b, n, h * dh}));
+}
+
+}  // namespace nn
+}  // namespace colt5
