@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One command for a GPU machine with PyTorch, nvcc, CMake and ninja but no
+# package registry (run scripts/vendor.sh beforehand where the header-only
+# dependencies and GoogleTest are not installed, and bring third_party/vendor):
+# configures a CUDA build outside the tree, builds with all cores, runs the CUDA
+# tests (ctest -L cuda), the CPU tests when COLT5_GPU_CPU_TESTS=1, and the CUDA
+# benchmark, then prints a short table. Logs go to $OUT when it is set.
+#   COLT5_GPU_BUILD   build folder (default /tmp/colt5-build)
+#   COLT5_GPU_CPU_TESTS=1  also build and run the CPU tests
+#   COLT5_GPU_BENCH=0      skip the benchmark
+set -uo pipefail
+cd "$(dirname "$0")/.."
+build=${COLT5_GPU_BUILD:-/tmp/colt5-build}
+logs=${OUT:-$build/logs}
+mkdir -p "$build" "$logs"
+PYTHON=${PYTHON:-python3}
+export CUDACXX=${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
+t0=$(date +%s)
+stamp() { echo "[$(($(date +%s) - t0)) s] $*"; }
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv 2>&1 | tee "$logs/gpu.txt"
+prefix=$("$PYTHON" -c 'import torch;print(torch.utils.cmake_prefix_path)') || { echo "gpu.sh: no PyTorch"; exit 1; }
+stamp "configure ($build)"
+if ! cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$prefix" -DCOLT5_CUDA=ON \
+    -DCOLT5_BUILD_APPS=OFF >"$logs/configure.log" 2>&1; then
+  tail -40 "$logs/configure.log"; exit 1
+fi
+targets=(colt5_cuda_tests bench_coor_descent_cuda)
+[ "${COLT5_GPU_CPU_TESTS:-0}" = 1 ] && targets+=(colt5_tests)
+stamp "build ${targets[*]} with $(nproc) jobs"
+if ! ninja -C "$build" -j"$(nproc)" "${targets[@]}" >"$logs/build.log" 2>&1; then
+  grep -E "error|Error" -A3 "$logs/build.log" | head -60; exit 1
+fi
+stamp "ctest -L cuda"
+ctest --test-dir "$build" -L cuda --output-on-failure >"$logs/ctest_cuda.log" 2>&1
+cuda_rc=$?
+cpu_rc=-
+if [ "${COLT5_GPU_CPU_TESTS:-0}" = 1 ]; then
+  stamp "ctest -L cpu"
+  timeout 600 ctest --test-dir "$build" -L cpu -j"$(nproc)" --output-on-failure >"$logs/ctest_cpu.log" 2>&1
+  cpu_rc=$?
+fi
+bench_rc=-
+if [ "${COLT5_GPU_BENCH:-1}" = 1 ]; then
+  stamp "bench_coor_descent_cuda"
+  "$build/bench_coor_descent_cuda" >"$logs/bench.txt" 2>&1
+  bench_rc=$?
+fi
+stamp "done"
+{
+  echo "== CUDA tests (rc $cuda_rc)"
+  grep -E "tests passed|Failed|\*\*\*|Expected|Which is|rel_err|seed=|Value of|Actual" "$logs/ctest_cuda.log" | head -60
+  [ "$cpu_rc" != - ] && { echo "== CPU tests (rc $cpu_rc)"; grep -E "tests passed|\(Failed\)|\*\*\*" "$logs/ctest_cpu.log" | head -20; }
+  [ "$bench_rc" != - ] && { echo "== benchmark (rc $bench_rc)"; sed -n '/^device:/,$p' "$logs/bench.txt"; tail -3 "$logs/bench.txt" | grep -v "^(fused" ; }
+} | tee "$logs/summary.txt"
+[ "$cuda_rc" = 0 ] && [ "$cpu_rc" != 1 ] && [ "$bench_rc" != 1 ]

@@ -1,0 +1,255 @@
+// CUDA coordinate descent and top-k against the CPU float64 path, through the
+// public API, on fresh random inputs (the seed is printed on failure).
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "colt5/coor_descent.h"
+
+namespace {
+
+using colt5::CoorDescentOptions;
+
+uint64_t fresh_seed() {
+  static std::random_device rd;
+  return (static_cast<uint64_t>(rd()) << 32) ^ rd();
+}
+
+torch::Device cuda() { return torch::Device(torch::kCUDA, 0); }
+
+// ||a - b|| / ||b|| in float64 on the CPU (0 when both are 0).
+double rel_err(const torch::Tensor& a, const torch::Tensor& b) {
+  torch::Tensor x = a.detach().to(torch::kCPU, torch::kDouble), y = b.detach().to(torch::kCPU, torch::kDouble);
+  const double den = y.norm().item<double>();
+  const double num = (x - y).norm().item<double>();
+  if (den == 0) return num;
+  return num / den;
+}
+
+CoorDescentOptions router_options(int64_t iters = 20, int64_t segments = 0) {
+  return CoorDescentOptions().n_iters(iters).eps(0.03).eps_init(4.0).eps_decay(0.7).checkpoint_segments(segments);
+}
+
+struct Case {
+  int64_t rows, cols;
+  double k_ratio;        // k = max(1, k_ratio * cols), per row jittered
+  double keep = 1.0;     // mask keep probability; 1: no mask
+  bool masked_row = false;  // one fully masked row
+  int64_t iters = 20;
+  int64_t segments = 0;
+  std::string name() const {
+    return std::to_string(rows) + "x" + std::to_string(cols) + " k/n=" + std::to_string(k_ratio) +
+           " keep=" + std::to_string(keep) + (masked_row ? " +masked row" : "") + " iters=" +
+           std::to_string(iters) + " segments=" + std::to_string(segments);
+  }
+};
+
+struct Result {
+  torch::Tensor y, gs, gk;
+};
+
+Result run(const torch::Tensor& s, const torch::Tensor& k, const torch::Tensor& mask, const torch::Tensor& gy,
+           const CoorDescentOptions& o) {
+  torch::Tensor sv = s.detach().clone().requires_grad_(true);
+  torch::Tensor kv = k.detach().clone().requires_grad_(true);
+  torch::Tensor y = colt5::coor_descent(sv, kv, o, mask);
+  (y.to(gy.scalar_type()) * gy).sum().backward();
+  return {y.detach(), sv.grad(), kv.grad()};
+}
+
+void check_case(const Case& c) {
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(c.name() + " seed=" + std::to_string(seed));
+  torch::manual_seed(seed);
+  auto f64 = torch::TensorOptions().dtype(torch::kDouble);
+  torch::Tensor s = torch::randn({c.rows, c.cols}, f64);
+  const double k0 = std::max(1.0, std::floor(c.k_ratio * c.cols));
+  torch::Tensor k = (k0 * (1.0 + 0.1 * torch::rand({c.rows}, f64))).clamp_max(static_cast<double>(c.cols));
+  k = torch::maximum(k, torch::full_like(k, 0.5));
+  torch::Tensor mask;
+  if (c.keep < 1.0 || c.masked_row) {
+    mask = torch::rand({c.rows, c.cols}, f64) < c.keep;
+    mask.select(1, 0).fill_(true);  // at least one entry per row
+    if (c.masked_row) mask[c.rows / 2].fill_(false);
+  }
+  torch::Tensor gy = torch::randn({c.rows, c.cols}, f64);
+  const CoorDescentOptions o = router_options(c.iters, c.segments);
+
+  // Reference: CPU float64.
+  Result ref = run(s, k, mask, gy, o);
+  // CUDA float32.
+  torch::Tensor mask_d = mask.defined() ? mask.to(cuda()) : torch::Tensor();
+  Result got = run(s.to(cuda(), torch::kFloat), k.to(cuda(), torch::kFloat), mask_d, gy.to(cuda(), torch::kFloat), o);
+  ASSERT_EQ(got.y.scalar_type(), torch::kFloat);
+  ASSERT_TRUE(got.y.is_cuda());
+  ASSERT_TRUE(torch::isfinite(got.y).all().item<bool>());
+  ASSERT_TRUE(torch::isfinite(got.gs).all().item<bool>());
+  ASSERT_TRUE(torch::isfinite(got.gk).all().item<bool>());
+  EXPECT_LE(rel_err(got.y, ref.y), 1e-5);
+  EXPECT_LE(rel_err(got.gs, ref.gs), 1e-4);
+  // Per-row k gradients.
+  torch::Tensor gk = got.gk.to(torch::kCPU, torch::kDouble), gk_ref = ref.gk;
+  const double scale = gk_ref.abs().mean().item<double>() + 1e-12;
+  for (int64_t r = 0; r < c.rows; ++r) {
+    const double a = gk[r].item<double>(), b = gk_ref[r].item<double>();
+    EXPECT_LE(std::abs(a - b), 1e-4 * (std::abs(b) + 1e-3 * scale)) << "row " << r;
+  }
+  if (mask.defined()) {
+    torch::Tensor m = mask_d.logical_not();
+    EXPECT_EQ(got.y.masked_select(m).abs().max().item<float>(), 0.0f);
+    EXPECT_EQ(got.gs.masked_select(m).abs().max().item<float>(), 0.0f);
+  }
+  if (c.masked_row) {
+    EXPECT_EQ(got.gk[c.rows / 2].item<float>(), 0.0f);
+    EXPECT_EQ(got.y[c.rows / 2].abs().sum().item<float>(), 0.0f);
+  }
+  // Double on CUDA matches the CPU float64 path to rounding.
+  Result gd = run(s.to(cuda()), k.to(cuda()), mask_d, gy.to(cuda()), o);
+  EXPECT_LE(rel_err(gd.y, ref.y), 1e-10);
+  EXPECT_LE(rel_err(gd.gs, ref.gs), 1e-9);
+  EXPECT_LE(rel_err(gd.gk, ref.gk), 1e-9);
+}
+
+TEST(CoorDescentCuda, DeviceIsThere) { ASSERT_TRUE(torch::cuda::is_available()); }
+
+// Warp-per-row rows.
+TEST(CoorDescentCuda, ShortRows) {
+  check_case({5, 1, 1.0});
+  check_case({9, 7, 0.3});
+  check_case({33, 100, 0.125});
+  check_case({40, 512, 0.1, 0.6, true});
+}
+
+// One block per row, and clusters of 2.
+TEST(CoorDescentCuda, MediumRows) {
+  check_case({200, 4096, 0.125});
+  check_case({64, 4096, 0.125});
+  check_case({64, 4096, 0.125, 0.7, true});
+  check_case({3, 1000, 0.2});
+}
+
+// Clusters of 8 and of 7 (any size), 16 or the grid kernel.
+TEST(CoorDescentCuda, LongRows) {
+  check_case({16, 32768, 0.125});
+  check_case({3, 50000, 0.1, 0.8});
+  check_case({4, 131072, 0.125});
+}
+
+// The grid-wide kernel: one row of 2^20, and more rows than resident groups.
+TEST(CoorDescentCuda, VeryLongRows) {
+  check_case({1, 1 << 20, 0.125});
+  check_case({5, 300000, 0.05, 0.9, true});
+}
+
+TEST(CoorDescentCuda, KCloseToN) {
+  check_case({7, 100, 0.99});
+  check_case({4, 4096, 0.999});
+  check_case({2, 40000, 0.995});
+}
+
+TEST(CoorDescentCuda, CheckpointSegments) {
+  for (int64_t seg : {0, 4}) {
+    check_case({9, 300, 0.125, 1.0, false, 20, seg});
+    check_case({16, 32768, 0.125, 0.9, true, 20, seg});
+    check_case({1, 1 << 20, 0.125, 1.0, false, 20, seg});
+  }
+  check_case({16, 32768, 0.125, 1.0, false, 50, 4});
+  check_case({16, 32768, 0.125, 1.0, false, 7, 7});
+}
+
+TEST(CoorDescentCuda, FullyMaskedRowsGiveZeros) {
+  torch::manual_seed(fresh_seed());
+  for (int64_t cols : {5, 2000, 70000, 400000}) {
+    SCOPED_TRACE(cols);
+    torch::Tensor s = torch::randn({3, cols}, torch::TensorOptions().device(cuda())).requires_grad_(true);
+    torch::Tensor mask = torch::zeros({3, cols}, torch::TensorOptions().dtype(torch::kBool).device(cuda()));
+    mask[1].fill_(true);
+    torch::Tensor y = colt5::coor_descent(s, 3.0, router_options(), mask);
+    (y * torch::randn_like(y)).sum().backward();
+    ASSERT_TRUE(torch::isfinite(y).all().item<bool>());
+    ASSERT_TRUE(torch::isfinite(s.grad()).all().item<bool>());
+    EXPECT_EQ(y[0].abs().max().item<float>(), 0.0f);
+    EXPECT_EQ(y[2].abs().max().item<float>(), 0.0f);
+    EXPECT_EQ(s.grad()[0].abs().max().item<float>(), 0.0f);
+    EXPECT_EQ(s.grad()[2].abs().max().item<float>(), 0.0f);
+    EXPECT_NEAR(y[1].sum().item<float>(), 3.0, 0.1);
+  }
+}
+
+TEST(CoorDescentCuda, Bf16Inputs) {
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(seed);
+  torch::manual_seed(seed);
+  for (int64_t cols : {100, 32768}) {
+    torch::Tensor s = torch::randn({4, cols}).to(torch::kBFloat16);
+    torch::Tensor gy = torch::randn({4, cols}).to(torch::kBFloat16);
+    const double k = cols / 8.0;
+    torch::Tensor sr = s.to(torch::kDouble).requires_grad_(true);
+    torch::Tensor yr = colt5::coor_descent(sr, k, router_options());
+    (yr * gy.to(torch::kDouble)).sum().backward();
+    torch::Tensor sd = s.to(cuda()).requires_grad_(true);
+    torch::Tensor yd = colt5::coor_descent(sd, k, router_options());
+    ASSERT_EQ(yd.scalar_type(), torch::kBFloat16);
+    (yd * gy.to(cuda())).sum().backward();
+    ASSERT_EQ(sd.grad().scalar_type(), torch::kBFloat16);
+    EXPECT_LE(rel_err(yd, yr), 8e-3);
+    EXPECT_LE(rel_err(sd.grad(), sr.grad()), 2e-2);
+  }
+}
+
+// Top-k indices equal the CPU's exactly, with many exact ties.
+void check_topk(const torch::Tensor& scores, int64_t k, const torch::Tensor& tiebreak, const torch::Tensor& mask) {
+  torch::Tensor ref = colt5::topk_indices(scores.cpu(), k, tiebreak.defined() ? tiebreak.cpu() : torch::Tensor(),
+                                          mask.defined() ? mask.cpu() : torch::Tensor());
+  torch::Tensor got = colt5::topk_indices(scores.to(cuda()), k,
+                                          tiebreak.defined() ? tiebreak.to(cuda()) : torch::Tensor(),
+                                          mask.defined() ? mask.to(cuda()) : torch::Tensor());
+  ASSERT_TRUE(got.is_cuda());
+  ASSERT_EQ(got.sizes(), ref.sizes());
+  EXPECT_TRUE(torch::equal(got.cpu(), ref)) << "first difference at "
+                                            << (got.cpu() != ref).nonzero().slice(0, 0, 1);
+}
+
+TEST(CoorDescentCuda, TopkSaturatedTies) {
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(seed);
+  torch::manual_seed(seed);
+  for (int64_t cols : {7, 100, 4096, 32768, 1 << 20}) {
+    SCOPED_TRACE(cols);
+    const int64_t rows = cols >= (1 << 20) ? 1 : 4;
+    torch::Tensor s = torch::randn({rows, cols}, torch::TensorOptions().device(cuda()));
+    // k close to n: most entries saturate to exactly 1.0.
+    const double kk = std::max(1.0, 0.9 * cols);
+    torch::Tensor y = colt5::coor_descent(s, kk, router_options());
+    const int64_t n_ones = (y == 1.0f).sum().item<int64_t>();
+    if (cols >= 100) EXPECT_GT(n_ones, cols / 4);  // the tie case is really exercised
+    const int64_t k = std::max<int64_t>(1, cols * 3 / 4);
+    check_topk(y, k, s, {});
+    check_topk(y, k, {}, {});
+    check_topk(y, cols, s, {});
+    torch::Tensor mask = torch::rand({rows, cols}, torch::TensorOptions().device(cuda())) < 0.7;
+    check_topk(y, k, s, mask);
+    check_topk(y.to(torch::kDouble), std::max<int64_t>(1, cols / 3), s.to(torch::kDouble), mask);
+    // Ties in the tiebreak too: position decides.
+    torch::Tensor coarse = torch::round(s * 2);
+    check_topk(torch::round(y * 4), k, coarse, mask);
+    check_topk(torch::round(y * 4).to(torch::kBFloat16), k, coarse.to(torch::kBFloat16), {});
+  }
+}
+
+TEST(CoorDescentCuda, TopkSignedZerosAndManyRows) {
+  torch::manual_seed(fresh_seed());
+  torch::Tensor sc = torch::randint(-2, 3, {300, 50}).to(torch::kFloat) * 0.0f;  // +0 and -0 mixed
+  sc = torch::where(torch::rand({300, 50}) < 0.5, sc, -sc);
+  sc.index_put_({torch::indexing::Slice(), 3}, 1.0f);
+  torch::Tensor tb = torch::randint(0, 3, {300, 50}).to(torch::kFloat);
+  check_topk(sc, 10, tb, {});
+  check_topk(sc, 50, {}, torch::rand({300, 50}) < 0.5);
+}
+
+}  // namespace
