@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Builds the safetensors parser fuzzer (libFuzzer, ASan, UBSan; no torch) and
+# runs it over a seed corpus of small valid files plus tests/golden.
+#   scripts/fuzz.sh                 one million inputs
+#   scripts/fuzz.sh -max_total_time=600 -jobs=2   (arguments go to libFuzzer)
+# Environment: CXX (default clang++), FUZZ_DIR (default build-fuzz/),
+# NLOHMANN_JSON_INCLUDE (directory holding nlohmann/json.hpp).
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+out=${FUZZ_DIR:-$root/build-fuzz}
+cxx=${CXX:-clang++}
+mkdir -p "$out/seeds" "$out/corpus"
+
+includes=(-I"$root/src")
+json_dir=${NLOHMANN_JSON_INCLUDE:-}
+if [[ -z "$json_dir" ]]; then
+  for d in "$root/third_party/vendor/nlohmann_json/include" "$root/third_party/vendor/include" /usr/local/include /usr/include; do
+    if [[ -f "$d/nlohmann/json.hpp" ]]; then json_dir=$d; break; fi
+  done
+fi
+[[ -n "$json_dir" && -f "$json_dir/nlohmann/json.hpp" ]] || { echo "nlohmann/json.hpp not found; set NLOHMANN_JSON_INCLUDE" >&2; exit 1; }
+# -I/usr/include would reorder the system headers; it is searched anyway.
+[[ "$json_dir" != /usr/include ]] && includes+=(-isystem "$json_dir")
+
+echo "building $out/safetensors_fuzz"
+"$cxx" -std=c++17 -O1 -g -fno-omit-frame-pointer \
+  -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+  "${includes[@]}" \
+  "$root/fuzz/safetensors_fuzz.cpp" "$root/src/io/safetensors_format.cpp" \
+  -o "$out/safetensors_fuzz"
+
+# Seeds: small valid files covering every dtype, empty and 0-d tensors, metadata.
+python3 - "$out/seeds" "$root/tests/golden" <<'PY'
+import json, struct, sys, os
+out = sys.argv[1]
+def write(name, tensors, metadata=None):
+    header, buf = {}, b""
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    for tname, dtype, shape, data in tensors:
+        header[tname] = {"dtype": dtype, "shape": shape, "data_offsets": [len(buf), len(buf) + len(data)]}
+        buf += data
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(os.path.join(out, name), "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + buf)
+write("empty.safetensors", [])
+write("meta.safetensors", [], {"format": "pt", "note": "x"})
+write("dtypes.safetensors", [
+    ("f64", "F64", [2], struct.pack("<2d", 1.0, -2.5)),
+    ("f32", "F32", [2, 1], struct.pack("<2f", 0.5, 3.0)),
+    ("f16", "F16", [1], b"\x00\x3c"),
+    ("bf16", "BF16", [1], b"\x80\x3f"),
+    ("i64", "I64", [], struct.pack("<q", -7)),
+    ("i32", "I32", [3], struct.pack("<3i", 1, 2, 3)),
+    ("i8", "I8", [2], b"\xff\x01"),
+    ("u8", "U8", [2, 2], b"\x01\x02\x03\x04"),
+    ("bool", "BOOL", [3], b"\x01\x00\x01"),
+    ("none", "F32", [0, 5], b""),
+], {"k": "v"})
+# The golden files' headers (names, dtypes, metadata) with one element per
+# tensor, so that seeds stay small; the full files are copied as well.
+import glob
+sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
+for path in sorted(glob.glob(os.path.join(sys.argv[2], "*.safetensors"))):
+    with open(path, "rb") as f:
+        raw = f.read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    write("small_" + os.path.basename(path),
+          [(k, v["dtype"], [1] * min(len(v["shape"]), 1), b"\0" * sizes[v["dtype"]]) for k, v in header.items()], meta)
+PY
+cp "$root"/tests/golden/*.safetensors "$out/seeds/" 2>/dev/null || true
+
+args=("$@")
+have_runs=0
+have_len=0
+for a in "${args[@]+"${args[@]}"}"; do
+  case "$a" in -runs=*|-max_total_time=*) have_runs=1 ;; -max_len=*) have_len=1 ;; esac
+done
+[[ $have_runs == 1 ]] || args=(-runs=1000000 "${args[@]+"${args[@]}"}")
+# Headers are a few kB; longer inputs (the full golden seeds) only slow mutation down.
+[[ $have_len == 1 ]] || args=(-max_len=8192 "${args[@]}")
+
+cd "$out"
+exec ./safetensors_fuzz "${args[@]}" corpus seeds
