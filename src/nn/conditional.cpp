@@ -1,0 +1,421 @@
+#include "colt5/nn/conditional.h"
+
+#include <torch/torch.h>
+
+#include <string>
+
+namespace colt5 {
+namespace nn {
+
+namespace {
+
+void check_tokens(const char* module, const char* name, const torch::Tensor& x, int64_t dim) {
+  TORCH_CHECK(x.defined(), module, ": ", name, " is undefined");
+  TORCH_CHECK(x.dim() == 3, module, ": ", name, " must be [batch, seq, dim], got ", x.dim(), " dimensions ",
+              x.sizes());
+  TORCH_CHECK(x.is_floating_point(), module, ": ", name, " must be floating point, got ", x.scalar_type());
+  TORCH_CHECK(x.size(2) == dim, module, ": ", name, " has width ", x.size(2), " but the module's dim is ", dim);
+}
+
+void check_mask(const char* module, const char* name, const torch::Tensor& mask, const torch::Tensor& x,
+                const char* x_name) {
+  if (!mask.defined()) return;
+  TORCH_CHECK(mask.scalar_type() == torch::kBool, module, ": ", name, " must be bool, got ", mask.scalar_type());
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == x.size(0) && mask.size(1) == x.size(1), module, ": ", name,
+              " must be [batch, seq] = [", x.size(0), ", ", x.size(1), "] to match ", x_name, ", got ", mask.sizes());
+  TORCH_CHECK(mask.device() == x.device(), module, ": ", name, " is on ", mask.device(), " but ", x_name, " is on ",
+              x.device());
+}
+
+// The module's parameters must share x's dtype and device.
+void check_matches_module(const char* module, const torch::Tensor& x, const torch::Tensor& param) {
+  TORCH_CHECK(param.scalar_type() == x.scalar_type(), module, ": input is ", x.scalar_type(),
+              " but the module's parameters are ", param.scalar_type(), " (convert one of them)");
+  TORCH_CHECK(param.device() == x.device(), module, ": input is on ", x.device(), " but the module is on ",
+              param.device());
+}
+
+int64_t token_count(const char* module, const char* name, c10::optional<int64_t> override_value, int64_t value) {
+  const int64_t k = override_value.value_or(value);
+  TORCH_CHECK(k >= 1, module, ": ", name, " must be at least 1, got ", k);
+  return k;
+}
+
+// Output for every query: the null query token (or zeros) with the routed
+// queries' outputs written at their positions.
+torch::Tensor scatter_queries(const CoordinateDescentRouter& router, const torch::Tensor& null_q_token,
+                              const torch::Tensor& like, const torch::Tensor& routed_out,
+                              const torch::Tensor& indices) {
+  torch::Tensor base = null_q_token.defined() ? null_q_token.view({1, 1, -1}).expand_as(like) : torch::zeros_like(like);
+  return router->route_back(base, routed_out, indices);
+}
+
+// Rotary frequencies at the given positions: [b, k] -> [b, 1, k, d]; [b, r, k] -> [b, r, 1, k, d].
+torch::Tensor rotary_at(const torch::Tensor& freqs, const torch::Tensor& indices) {
+  auto shape = indices.sizes().vec();
+  shape.push_back(freqs.size(-1));
+  return freqs.index_select(0, indices.reshape({-1})).view(shape).unsqueeze(-3);
+}
+
+}  // namespace
+
+CoordinateDescentRouterOptions router_options(int64_t dim, bool straight_through, const RouterKwargs& kwargs,
+                                              int64_t num_routing_tokens) {
+  return CoordinateDescentRouterOptions(dim)
+      .straight_through(straight_through)
+      .n_iters(kwargs.n_iters())
+      .fetch_k_ratio(kwargs.fetch_k_ratio())
+      .eps(kwargs.eps())
+      .eps_decay(kwargs.eps_decay())
+      .eps_init(kwargs.eps_init())
+      .num_routing_tokens(num_routing_tokens)
+      .use_triton(kwargs.use_triton())
+      .cosine_sim_routing(kwargs.cosine_sim_routing())
+      .cosine_sim_scale(kwargs.cosine_sim_scale())
+      .route_block_size(kwargs.route_block_size())
+      .checkpoint_segments(kwargs.checkpoint_segments());
+}
+
+// ================================================================ feedforward
+
+ConditionalRoutedFeedForwardImpl::ConditionalRoutedFeedForwardImpl(const ConditionalRoutedFeedForwardOptions& o)
+    : options(o) {
+  reset();
+}
+
+void ConditionalRoutedFeedForwardImpl::reset() {
+  const auto& o = options;
+  const char* m = "ConditionalRoutedFeedForward";
+  TORCH_CHECK(o.dim() > 0, m, ": dim must be positive, got ", o.dim());
+  TORCH_CHECK(o.num_heavy_tokens() >= 1, m, ": num_heavy_tokens must be at least 1, got ", o.num_heavy_tokens());
+  TORCH_CHECK(static_cast<int64_t>(o.dim() * o.light_ff_mult()) >= 1, m, ": light_ff_mult ", o.light_ff_mult(),
+              " gives an empty hidden layer");
+  TORCH_CHECK(static_cast<int64_t>(o.dim() * o.heavy_ff_mult()) >= 1, m, ": heavy_ff_mult ", o.heavy_ff_mult(),
+              " gives an empty hidden layer");
+  router = register_module("router", CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(),
+                                                                            o.router_kwargs())));
+  light_ff = register_module("light_ff", FeedForward(FeedForwardOptions(o.dim()).mult(o.light_ff_mult())));
+  heavy_ff = register_module("heavy_ff", FeedForward(FeedForwardOptions(o.dim()).mult(o.heavy_ff_mult())));
+}
+
+torch::Tensor ConditionalRoutedFeedForwardImpl::forward(const torch::Tensor& x, const torch::Tensor& mask,
+                                                        c10::optional<int64_t> num_heavy_tokens) {
+  const char* m = "ConditionalRoutedFeedForward";
+  check_tokens(m, "x", x, options.dim());
+  check_mask(m, "mask", mask, x, "x");
+  check_matches_module(m, x, light_ff->proj_in->weight);
+  const int64_t k = token_count(m, "num_heavy_tokens", num_heavy_tokens, options.num_heavy_tokens());
+
+  torch::Tensor light_out = light_ff(x);
+  RouterOutput r = router(x, k, mask);
+  torch::Tensor routed_out = heavy_ff(r.routed_tokens) * r.scores.unsqueeze(-1);
+  if (!r.indices.defined()) return light_out + routed_out;
+  // light_out plus the heavy outputs at the routed positions (indices of a row are distinct).
+  auto idx = r.indices.unsqueeze(-1).expand_as(routed_out);
+  return light_out.scatter_add(1, idx, routed_out);
+}
+
+
+// ================================================================== attention
+
+ConditionalRoutedAttentionImpl::ConditionalRoutedAttentionImpl(const ConditionalRoutedAttentionOptions& o)
+    : options(o) {
+  reset();
+}
+
+void ConditionalRoutedAttentionImpl::reset() {
+  const auto& o = options;
+  const char* m = "ConditionalRoutedAttention";
+  TORCH_CHECK(o.dim() > 0, m, ": dim must be positive, got ", o.dim());
+  TORCH_CHECK(o.num_heavy_tokens_q() >= 1, m, ": num_heavy_tokens_q must be at least 1, got ", o.num_heavy_tokens_q());
+  TORCH_CHECK(o.num_heavy_tokens_kv() >= 1, m, ": num_heavy_tokens_kv must be at least 1, got ",
+              o.num_heavy_tokens_kv());
+  TORCH_CHECK(o.num_routed_kv() >= 1, m, ": num_routed_kv must be at least 1, got ", o.num_routed_kv());
+  TORCH_CHECK(o.heavy_heads() >= 1 && o.heavy_heads() % o.num_routed_kv() == 0, m, ": heavy_heads (", o.heavy_heads(),
+              ") must be divisible by num_routed_kv (", o.num_routed_kv(), ")");
+  TORCH_CHECK(!o.rotary_emb() || o.heavy_dim_head() % 2 == 0, m, ": rotary_emb needs an even heavy_dim_head, got ",
+              o.heavy_dim_head());
+  if (o.has_light_attn()) {
+    TORCH_CHECK(o.light_window_size() >= 2, m, ": light_window_size must be at least 2, got ", o.light_window_size());
+    light_attn = register_module("light_attn", LocalMHA(LocalMHAOptions(o.dim(), o.light_window_size() / 2)
+                                                            .dim_head(o.light_dim_head())
+                                                            .heads(o.light_heads())
+                                                            .prenorm(true)
+                                                            .causal(false)
+                                                            .use_rotary_pos_emb(false)
+                                                            .look_backward(1)
+                                                            .look_forward(1)
+                                                            .exact_windowsize(true)));
+  }
+  if (o.use_null_q_tokens()) null_q_token = register_parameter("null_q_token", torch::randn({o.dim()}));
+  q_router = register_module(
+      "q_router", CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(), o.router_kwargs())));
+  kv_router = register_module("kv_router", CoordinateDescentRouter(router_options(
+                                               o.dim(), o.router_straight_through(), o.router_kwargs(), o.num_routed_kv())));
+  heavy_attn = register_module("heavy_attn", Attention(AttentionOptions(o.dim())
+                                                           .dim_head(o.heavy_dim_head())
+                                                           .heads(o.heavy_heads())
+                                                           .multiply_keys_by_score(o.multiply_keys_by_score())
+                                                           .use_flash(true)));
+  if (o.rotary_emb()) rotary_emb = register_module("rotary_emb", RotaryEmbedding(o.heavy_dim_head()));
+}
+
+torch::Tensor ConditionalRoutedAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& mask,
+                                                      c10::optional<int64_t> num_heavy_tokens_q,
+                                                      c10::optional<int64_t> num_heavy_tokens_kv) {
+  const char* m = "ConditionalRoutedAttention";
+  check_tokens(m, "x", x, options.dim());
+  check_mask(m, "mask", mask, x, "x");
+  check_matches_module(m, x, heavy_attn->to_q->weight);
+  const int64_t kq = token_count(m, "num_heavy_tokens_q", num_heavy_tokens_q, options.num_heavy_tokens_q());
+  const int64_t kkv = token_count(m, "num_heavy_tokens_kv", num_heavy_tokens_kv, options.num_heavy_tokens_kv());
+
+  torch::Tensor light_out;
+  if (light_attn) light_out = light_attn(x, mask);
+
+  RouterOutput q = q_router(x, kq, mask);
+  RouterOutput kv = kv_router(x, kkv, mask);
+
+  std::pair<torch::Tensor, torch::Tensor> rotary;
+  if (rotary_emb) {
+    torch::Tensor freqs = rotary_emb(x.size(1));
+    rotary.first = q.indices.defined() ? rotary_at(freqs, q.indices) : freqs;
+    rotary.second = kv.indices.defined() ? rotary_at(freqs, kv.indices) : freqs;
+  }
+
+  torch::Tensor routed_out =
+      heavy_attn(q.routed_tokens, kv.routed_tokens, kv.routed_mask, kv.scores,
+                 options.multiply_queries_by_score() ? q.scores : torch::Tensor(), rotary);
+  routed_out = routed_out * q.scores.unsqueeze(-1);
+
+  torch::Tensor heavy_out =
+      q.indices.defined() ? scatter_queries(q_router, null_q_token, x, routed_out, q.indices) : routed_out;
+  return light_out.defined() ? light_out + heavy_out : heavy_out;
+}
+
+// ====================================================================== block
+
+ConditionalRoutedTransformerBlockImpl::ConditionalRoutedTransformerBlockImpl(
+    const ConditionalRoutedTransformerBlockOptions& o)
+    : options(o) {
+  reset();
+}
+
+void ConditionalRoutedTransformerBlockImpl::reset() {
+  const auto& o = options;
+  conditional_ff = register_module(
+      "conditional_ff", ConditionalRoutedFeedForward(ConditionalRoutedFeedForwardOptions(o.dim(), o.num_heavy_ff_tokens())
+                                                         .light_ff_mult(o.light_ff_mult())
+                                                         .heavy_ff_mult(o.heavy_ff_mult())
+                                                         .router_straight_through(o.router_straight_through())
+                                                         .router_kwargs(o.router_kwargs())
+                                                         .use_triton(o.use_triton())));
+  conditional_attn = register_module(
+      "conditional_attn",
+      ConditionalRoutedAttention(
+          ConditionalRoutedAttentionOptions(o.dim(), o.num_heavy_attn_tokens_q(), o.num_heavy_attn_tokens_kv())
+              .num_routed_kv(o.num_routed_kv())
+              .light_dim_head(o.light_dim_head())
+              .light_heads(o.light_heads())
+              .light_window_size(o.light_window_size())
+              .heavy_dim_head(o.heavy_dim_head())
+              .heavy_heads(o.heavy_heads())
+              .router_straight_through(o.router_straight_through())
+              .router_kwargs(o.router_kwargs())
+              .multiply_keys_by_score(o.multiply_keys_by_score())
+              .multiply_queries_by_score(o.multiply_queries_by_score())
+              .use_triton(o.use_triton())
+              .use_null_q_tokens(o.use_null_q_tokens())
+              .use_flash_attn(o.use_flash_attn())));
+}
+
+torch::Tensor ConditionalRoutedTransformerBlockImpl::forward(const torch::Tensor& x, const torch::Tensor& mask,
+                                                             c10::optional<int64_t> num_heavy_attn_tokens_q,
+                                                             c10::optional<int64_t> num_heavy_attn_tokens_kv,
+                                                             c10::optional<int64_t> num_heavy_ff_tokens) {
+  torch::Tensor h = conditional_attn(x, mask, num_heavy_attn_tokens_q, num_heavy_attn_tokens_kv) + x;
+  return conditional_ff(h, mask, num_heavy_ff_tokens) + h;
+}
+
+// =================================================== autoregressive attention
+
+ConditionalRoutedAutoregressiveAttentionImpl::ConditionalRoutedAutoregressiveAttentionImpl(
+    const ConditionalRoutedAutoregressiveAttentionOptions& o)
+    : options(o) {
+  reset();
+}
+
+void ConditionalRoutedAutoregressiveAttentionImpl::reset() {
+  const auto& o = options;
+  const char* m = "ConditionalRoutedAutoregressiveAttention";
+  TORCH_CHECK(o.dim() > 0, m, ": dim must be positive, got ", o.dim());
+  TORCH_CHECK(o.num_heavy_tokens_q() >= 1, m, ": num_heavy_tokens_q must be at least 1, got ", o.num_heavy_tokens_q());
+  TORCH_CHECK(o.num_heavy_tokens_kv() >= 1, m, ": num_heavy_tokens_kv must be at least 1, got ",
+              o.num_heavy_tokens_kv());
+  TORCH_CHECK(o.num_routed_kv() >= 1, m, ": num_routed_kv must be at least 1, got ", o.num_routed_kv());
+  TORCH_CHECK(o.heavy_heads() >= 1 && o.heavy_heads() % o.num_routed_kv() == 0, m, ": heavy_heads (", o.heavy_heads(),
+              ") must be divisible by num_routed_kv (", o.num_routed_kv(), ")");
+  TORCH_CHECK(o.light_window_size() >= 1, m, ": light_window_size must be positive, got ", o.light_window_size());
+  TORCH_CHECK(!o.heavy_window_size() || *o.heavy_window_size() >= 1, m, ": heavy_window_size must be positive, got ",
+              o.heavy_window_size() ? *o.heavy_window_size() : 0);
+  TORCH_CHECK(!o.rotary_emb() || o.heavy_dim_head() % 2 == 0, m, ": rotary_emb needs an even heavy_dim_head, got ",
+              o.heavy_dim_head());
+  light_attn = register_module("light_attn", LocalMHA(LocalMHAOptions(o.dim(), o.light_window_size())
+                                                          .dim_head(o.light_dim_head())
+                                                          .heads(o.light_heads())
+                                                          .prenorm(true)
+                                                          .causal(true)
+                                                          .exact_windowsize(false)
+                                                          .use_rotary_pos_emb(false)));
+  if (o.use_null_q_tokens()) null_q_token = register_parameter("null_q_token", torch::randn({o.dim()}));
+  q_router = register_module(
+      "q_router", CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(), o.router_kwargs())));
+  kv_router = register_module("kv_router", CoordinateDescentRouter(router_options(
+                                               o.dim(), o.router_straight_through(), o.router_kwargs(), o.num_routed_kv())));
+  heavy_attn = register_module("heavy_attn", Attention(AttentionOptions(o.dim())
+                                                           .dim_head(o.heavy_dim_head())
+                                                           .heads(o.heavy_heads())
+                                                           .multiply_keys_by_score(o.multiply_keys_by_score())
+                                                           .use_flash(true)));
+  if (o.rotary_emb()) rotary_emb = register_module("rotary_emb", RotaryEmbedding(o.heavy_dim_head()));
+}
+
+torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward(const torch::Tensor& x,
+                                                                    c10::optional<int64_t> num_heavy_tokens_q,
+                                                                    c10::optional<int64_t> num_heavy_tokens_kv,
+                                                                    bool random_route) {
+  const char* m = "ConditionalRoutedAutoregressiveAttention";
+  check_tokens(m, "x", x, options.dim());
+  check_matches_module(m, x, heavy_attn->to_q->weight);
+  const int64_t kq = token_count(m, "num_heavy_tokens_q", num_heavy_tokens_q, options.num_heavy_tokens_q());
+  const int64_t kkv = token_count(m, "num_heavy_tokens_kv", num_heavy_tokens_kv, options.num_heavy_tokens_kv());
+
+  torch::Tensor light_out = light_attn(x);
+
+  const int64_t b = x.size(0), seq = x.size(1), d = x.size(2);
+  const int64_t w = options.heavy_window_size().value_or(options.light_window_size());
+  const int64_t windows = (seq + w - 1) / w;
+  // Window 0 has no earlier window to attend to: it gets the light branch only.
+  if (windows <= 1) return light_out;
+  const int64_t padded = windows * w;
+  const int64_t rows = b * (windows - 1);
+
+  torch::Tensor xp = padded == seq ? x : torch::constant_pad_nd(x, {0, 0, 0, padded - seq}, 0.0);
+  auto bool_opts = torch::TensorOptions().dtype(torch::kBool).device(x.device());
+
+  // Queries: windows 1.. of each row, one batch row per window.
+  torch::Tensor q = xp.view({b, windows, w, d}).narrow(1, 1, windows - 1).reshape({rows, w, d});
+  torch::Tensor q_mask = (torch::arange(padded, torch::TensorOptions().dtype(torch::kLong).device(x.device())) < seq)
+                             .view({1, windows, w})
+                             .expand({b, windows, w})
+                             .narrow(1, 1, windows - 1)
+                             .reshape({rows, w});
+
+  // Keys/values: the whole padded sequence for each window, masked to the windows before it.
+  torch::Tensor kv = xp.unsqueeze(1).expand({b, windows - 1, padded, d}).reshape({rows, padded, d});
+  torch::Tensor kv_mask = torch::ones({windows, windows}, bool_opts)
+                              .tril(-1)
+                              .narrow(0, 1, windows - 1)
+                              .repeat_interleave(w, 1)
+                              .unsqueeze(0)
+                              .expand({b, windows - 1, padded})
+                              .reshape({rows, padded});
+
+  RouterOutput rq = q_router(q, kq, q_mask, random_route);
+  RouterOutput rkv = kv_router(kv, kkv, kv_mask, random_route);
+
+  std::pair<torch::Tensor, torch::Tensor> rotary;
+  if (rotary_emb) {
+    torch::Tensor freqs = rotary_emb(padded);
+    const int64_t dh = freqs.size(-1);
+    torch::Tensor windowed =
+        freqs.view({windows, w, dh}).narrow(0, 1, windows - 1).unsqueeze(0).expand({b, windows - 1, w, dh}).reshape(
+            {rows, w, dh});
+    torch::Tensor q_freqs = rq.indices.defined()
+                                ? windowed.gather(1, rq.indices.unsqueeze(-1).expand({rows, rq.indices.size(1), dh}))
+                                : windowed;
+    rotary.first = q_freqs.unsqueeze(1);
+    rotary.second = rkv.indices.defined() ? rotary_at(freqs, rkv.indices) : freqs;
+  }
+
+  torch::Tensor routed_out =
+      heavy_attn(rq.routed_tokens, rkv.routed_tokens, rkv.routed_mask, rkv.scores,
+                 options.multiply_queries_by_score() ? rq.scores : torch::Tensor(), rotary);
+
+  torch::Tensor heavy_out = routed_out;
+  if (rq.indices.defined()) {
+    routed_out = routed_out * rq.scores.unsqueeze(-1);
+    heavy_out = scatter_queries(q_router, null_q_token, q, routed_out, rq.indices);
+  }
+
+  heavy_out = heavy_out.reshape({b, (windows - 1) * w, d}).narrow(1, 0, seq - w);
+  heavy_out = torch::constant_pad_nd(heavy_out, {0, 0, w, 0}, 0.0);
+  return light_out + heavy_out;
+}
+
+// ============================================================ cross attention
+
+ConditionalRoutedCrossAttentionImpl::ConditionalRoutedCrossAttentionImpl(const ConditionalRoutedCrossAttentionOptions& o)
+    : options(o) {
+  reset();
+}
+
+void ConditionalRoutedCrossAttentionImpl::reset() {
+  const auto& o = options;
+  const char* m = "ConditionalRoutedCrossAttention";
+  TORCH_CHECK(o.dim() > 0, m, ": dim must be positive, got ", o.dim());
+  TORCH_CHECK(o.num_tokens_q() >= 1, m, ": num_tokens_q must be at least 1, got ", o.num_tokens_q());
+  TORCH_CHECK(o.num_tokens_kv() >= 1, m, ": num_tokens_kv must be at least 1, got ", o.num_tokens_kv());
+  TORCH_CHECK(o.kv_routing_tokens() >= 1, m, ": kv_routing_tokens must be at least 1, got ", o.kv_routing_tokens());
+  TORCH_CHECK(o.heads() >= 1 && o.heads() % o.kv_routing_tokens() == 0, m, ": heads (", o.heads(),
+              ") must be divisible by kv_routing_tokens (", o.kv_routing_tokens(), ")");
+  TORCH_CHECK(!o.router_kwargs().route_block_size(), m,
+              ": route_block_size is a module option; do not also set it in router_kwargs");
+  if (o.use_null_q_tokens()) null_q_token = register_parameter("null_q_token", torch::randn({o.dim()}));
+  q_router = register_module(
+      "q_router", CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(), o.router_kwargs())));
+  auto kv_opts = router_options(o.dim(), o.router_straight_through(), o.router_kwargs(), o.kv_routing_tokens());
+  kv_opts.route_block_size(o.route_block_size());
+  kv_router = register_module("kv_router", CoordinateDescentRouter(kv_opts));
+  heavy_attn = register_module("heavy_attn", Attention(AttentionOptions(o.dim())
+                                                           .dim_head(o.dim_head())
+                                                           .heads(o.heads())
+                                                           .multiply_keys_by_score(o.multiply_keys_by_score())
+                                                           .use_flash(true)));
+}
+
+torch::Tensor ConditionalRoutedCrossAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& context,
+                                                           const torch::Tensor& mask, const torch::Tensor& context_mask,
+                                                           c10::optional<int64_t> num_tokens_q,
+                                                           c10::optional<int64_t> num_tokens_kv) {
+  const char* m = "ConditionalRoutedCrossAttention";
+  check_tokens(m, "x", x, options.dim());
+  check_tokens(m, "context", context, options.dim());
+  TORCH_CHECK(context.size(0) == x.size(0), m, ": context has batch ", context.size(0), " but x has batch ", x.size(0));
+  TORCH_CHECK(context.scalar_type() == x.scalar_type(), m, ": x is ", x.scalar_type(), " but context is ",
+              context.scalar_type());
+  TORCH_CHECK(context.device() == x.device(), m, ": x is on ", x.device(), " but context is on ", context.device());
+  check_mask(m, "mask", mask, x, "x");
+  check_mask(m, "context_mask", context_mask, context, "context");
+  check_matches_module(m, x, heavy_attn->to_q->weight);
+  const int64_t kq = token_count(m, "num_tokens_q", num_tokens_q, options.num_tokens_q());
+  const int64_t kkv = token_count(m, "num_tokens_kv", num_tokens_kv, options.num_tokens_kv());
+
+  RouterOutput q = q_router(x, kq, mask);
+
+  torch::Tensor tokens_kv = context, mask_kv = context_mask, scores_kv;
+  if (context.size(1) > kkv) {
+    RouterOutput kv = kv_router(context, kkv, context_mask);
+    tokens_kv = kv.routed_tokens;
+    mask_kv = kv.routed_mask;
+    scores_kv = kv.scores;
+  }
+
+  torch::Tensor routed_out = heavy_attn(q.routed_tokens, tokens_kv, mask_kv, scores_kv);
+  if (!q.indices.defined()) return routed_out;  // queries were not routed
+  routed_out = routed_out * q.scores.unsqueeze(-1);
+  return scatter_queries(q_router, null_q_token, x, routed_out, q.indices);
+}
+
+}  // namespace nn
+}  // namespace colt5

@@ -1,0 +1,212 @@
+#include "colt5/nn/router.h"
+
+#include <torch/torch.h>
+
+#include <cmath>
+#include <limits>
+
+#include "colt5/coor_descent.h"
+
+namespace colt5 {
+namespace nn {
+
+namespace {
+
+torch::Tensor l2norm(const torch::Tensor& t) {
+  return torch::nn::functional::normalize(t, torch::nn::functional::NormalizeFuncOptions().dim(-1));
+}
+
+// rows[b, i, d] = x[b, indices[b, i...], d] for indices of shape [b, ...].
+torch::Tensor gather_rows(const torch::Tensor& x, const torch::Tensor& indices) {
+  const int64_t b = x.size(0), n = x.size(1);
+  auto offsets = torch::arange(b, indices.options()).mul_(n);
+  std::vector<int64_t> view(indices.dim(), 1);
+  view[0] = b;
+  auto flat = (indices + offsets.view(view)).reshape({-1});
+  std::vector<int64_t> out_shape = indices.sizes().vec();
+  if (x.dim() == 3) {
+    out_shape.push_back(x.size(2));
+    return x.reshape({b * n, x.size(2)}).index_select(0, flat).view(out_shape);
+  }
+  return x.reshape({b * n}).index_select(0, flat).view(out_shape);
+}
+
+}  // namespace
+
+CoordinateDescentRouterImpl::CoordinateDescentRouterImpl(const CoordinateDescentRouterOptions& options_)
+    : options(options_) {
+  reset();
+}
+
+void CoordinateDescentRouterImpl::reset() {
+  const auto& o = options;
+  TORCH_CHECK(o.dim() > 0, "CoordinateDescentRouter: dim must be positive, got ", o.dim());
+  TORCH_CHECK(o.n_iters() >= 1, "CoordinateDescentRouter: n_iters must be at least 1, got ", o.n_iters());
+  TORCH_CHECK(o.fetch_k_ratio() >= 1.0, "CoordinateDescentRouter: fetch_k_ratio must be >= 1, got ",
+              o.fetch_k_ratio());
+  TORCH_CHECK(o.eps() > 0, "CoordinateDescentRouter: eps must be positive, got ", o.eps());
+  TORCH_CHECK(o.eps_decay() > 0 && o.eps_decay() <= 1, "CoordinateDescentRouter: eps_decay must be in (0, 1], got ",
+              o.eps_decay());
+  TORCH_CHECK(!o.eps_init() || *o.eps_init() > 0, "CoordinateDescentRouter: eps_init must be positive, got ",
+              o.eps_init() ? *o.eps_init() : 0.0);
+  TORCH_CHECK(o.num_routing_tokens() >= 1, "CoordinateDescentRouter: num_routing_tokens must be at least 1, got ",
+              o.num_routing_tokens());
+  TORCH_CHECK(!o.route_block_size() || *o.route_block_size() >= 1,
+              "CoordinateDescentRouter: route_block_size must be positive, got ",
+              o.route_block_size() ? *o.route_block_size() : 0);
+  TORCH_CHECK(o.checkpoint_segments() >= 0, "CoordinateDescentRouter: checkpoint_segments must be >= 0, got ",
+              o.checkpoint_segments());
+  if (!o.learned_routing_tokens()) {
+    routing_token = register_parameter("routing_token", torch::randn({o.num_routing_tokens(), o.dim()}));
+  } else {
+    routing_token = torch::Tensor();
+  }
+}
+
+RouterOutput CoordinateDescentRouterImpl::forward(const torch::Tensor& x, int64_t num_tokens, const torch::Tensor& mask,
+                                                  bool random_route, const torch::Tensor& routing_tokens,
+                                                  bool keep_one_route_dim) {
+  const auto& o = options;
+  TORCH_CHECK(x.defined() && x.dim() == 3, "CoordinateDescentRouter: x must be [batch, seq, dim], got ",
+              x.defined() ? x.sizes() : c10::IntArrayRef{});
+  TORCH_CHECK(x.is_floating_point(), "CoordinateDescentRouter: x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK(x.size(2) == o.dim(), "CoordinateDescentRouter: x has width ", x.size(2), " but the router's dim is ",
+              o.dim());
+  TORCH_CHECK(num_tokens >= 1, "CoordinateDescentRouter: num_tokens must be at least 1, got ", num_tokens);
+  if (mask.defined()) {
+    TORCH_CHECK(mask.scalar_type() == torch::kBool, "CoordinateDescentRouter: mask must be bool, got ",
+                mask.scalar_type());
+    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == x.size(0) && mask.size(1) == x.size(1),
+                "CoordinateDescentRouter: mask must be [batch, seq] = [", x.size(0), ", ", x.size(1), "], got ",
+                mask.sizes());
+    TORCH_CHECK(mask.device() == x.device(), "CoordinateDescentRouter: mask is on ", mask.device(), " but x is on ",
+                x.device());
+  }
+  const int64_t r = o.num_routing_tokens();
+  torch::Tensor tokens;  // [r, d] or [b, r, d]
+  if (o.learned_routing_tokens()) {
+    TORCH_CHECK(routing_tokens.defined(),
+                "CoordinateDescentRouter: routing_tokens are required with learned_routing_tokens");
+    tokens = routing_tokens.dim() == 2 ? routing_tokens.unsqueeze(1) : routing_tokens;
+    TORCH_CHECK(tokens.dim() == 3 && tokens.size(0) == x.size(0) && tokens.size(1) == r && tokens.size(2) == o.dim(),
+                "CoordinateDescentRouter: routing_tokens must be [batch, dim] or [batch, num_routing_tokens, dim] = [",
+                x.size(0), ", ", r, ", ", o.dim(), "], got ", routing_tokens.sizes());
+  } else {
+    TORCH_CHECK(!routing_tokens.defined(),
+                "CoordinateDescentRouter: routing_tokens given but the router has its own (learned_routing_tokens is "
+                "false)");
+    tokens = routing_token;
+  }
+  TORCH_CHECK(tokens.scalar_type() == x.scalar_type(), "CoordinateDescentRouter: x is ", x.scalar_type(),
+              " but the routing tokens are ", tokens.scalar_type());
+  TORCH_CHECK(tokens.device() == x.device(), "CoordinateDescentRouter: x is on ", x.device(),
+              " but the routing tokens are on ", tokens.device());
+
+  const int64_t b = x.size(0), n = x.size(1), d = x.size(2);
+  const bool has_route_dim = keep_one_route_dim || r != 1;
+
+  RouterOutput out;
+  if (n <= num_tokens) {
+    if (has_route_dim) {
+      out.scores = torch::ones({b, r, n}, x.options());
+      out.routed_tokens = x.unsqueeze(1).expand({b, r, n, d});
+      if (mask.defined()) out.routed_mask = mask.unsqueeze(1).expand({b, r, n});
+    } else {
+      out.scores = torch::ones({b, n}, x.options());
+      out.routed_tokens = x;
+      out.routed_mask = mask;
+    }
+    return out;
+  }
+
+  // Optionally route an even share from each whole block of the sequence.
+  torch::Tensor xs = x, ms = mask, toks = tokens;
+  int64_t num_blocks = 1, len = n, k = num_tokens;
+  if (o.route_block_size()) {
+    const int64_t w = *o.route_block_size();
+    num_blocks = n / w;
+    TORCH_CHECK(num_blocks >= 1, "CoordinateDescentRouter: the sequence (", n,
+                ") is shorter than route_block_size (", w, ")");
+    k = (num_tokens + num_blocks - 1) / num_blocks;
+    TORCH_CHECK(k <= w, "CoordinateDescentRouter: routing ", num_tokens, " tokens from ", num_blocks,
+                " blocks needs ", k, " per block, more than route_block_size (", w, ")");
+    xs = x.narrow(1, 0, num_blocks * w).reshape({b * num_blocks, w, d});
+    if (mask.defined()) ms = mask.narrow(1, 0, num_blocks * w).reshape({b * num_blocks, w});
+    if (toks.dim() == 3) toks = toks.repeat_interleave(num_blocks, 0);
+    len = w;
+  }
+  const int64_t rows = xs.size(0);  // b * num_blocks
+
+  // s: [rows, r, len]
+  torch::Tensor xn = o.cosine_sim_routing() ? l2norm(xs) : xs;
+  torch::Tensor tn = o.cosine_sim_routing() ? l2norm(toks) : toks;
+  torch::Tensor s = toks.dim() == 2 ? torch::matmul(xn, tn.t()).transpose(1, 2)
+                                    : torch::matmul(tn, xn.transpose(1, 2));
+  if (o.cosine_sim_routing()) s = s * o.cosine_sim_scale();
+  s = s.reshape({rows * r, len});
+  torch::Tensor mflat;
+  if (ms.defined()) mflat = ms.unsqueeze(1).expand({rows, r, len}).reshape({rows * r, len});
+
+  const double effective_k = std::min(static_cast<double>(k) * o.fetch_k_ratio(), static_cast<double>(len));
+  auto cd = CoorDescentOptions()
+                .n_iters(o.n_iters())
+                .eps(o.eps())
+                .eps_init(o.eps_init())
+                .eps_decay(o.eps_decay())
+                .checkpoint_segments(o.checkpoint_segments());
+  torch::Tensor scores = coor_descent(s, effective_k, cd, mflat);
+
+  if (random_route) {
+    scores = torch::randn_like(scores);
+    if (mflat.defined()) scores = scores.masked_fill(~mflat, -std::numeric_limits<double>::max());
+  }
+
+  // Saturated scores tie; the raw routing score breaks the tie (then position).
+  torch::Tensor indices = topk_indices(scores.detach(), k, s.detach(), mflat);
+  torch::Tensor selected = scores.gather(-1, indices);
+  if (o.straight_through()) {
+    selected = selected + (1.0 - selected).detach();
+    if (mflat.defined()) selected = selected.masked_fill(~mflat.gather(-1, indices), 0.0);
+  }
+
+  // [rows * r, k] -> [b, (r,) num_blocks * k], with whole-sequence indices.
+  indices = indices.view({b, num_blocks, r, k});
+  selected = selected.view({b, num_blocks, r, k});
+  if (num_blocks > 1 || o.route_block_size()) {
+    auto offsets = torch::arange(num_blocks, indices.options()).mul_(*o.route_block_size());
+    indices = indices + offsets.view({1, num_blocks, 1, 1});
+  }
+  indices = indices.permute({0, 2, 1, 3}).reshape({b, r, num_blocks * k});
+  selected = selected.permute({0, 2, 1, 3}).reshape({b, r, num_blocks * k});
+  if (!has_route_dim) {
+    indices = indices.squeeze(1);
+    selected = selected.squeeze(1);
+  }
+
+  // Gather from the whole sequence of each batch row.
+  out.indices = indices;
+  out.scores = selected.to(x.scalar_type());
+  out.routed_tokens = gather_rows(x, indices);
+  if (mask.defined()) out.routed_mask = gather_rows(mask, indices);
+  return out;
+}
+
+torch::Tensor CoordinateDescentRouterImpl::route_back(const torch::Tensor& src, const torch::Tensor& routed_tokens,
+                                                      const torch::Tensor& indices) const {
+  TORCH_CHECK(src.defined() && src.dim() == 3, "route_back: src must be [batch, seq, dim]");
+  TORCH_CHECK(indices.defined() && indices.dim() == 2 && indices.size(0) == src.size(0) &&
+                  indices.scalar_type() == torch::kLong,
+              "route_back: indices must be int64 [batch, k] with batch ", src.size(0), ", got ",
+              indices.defined() ? indices.sizes() : c10::IntArrayRef{});
+  TORCH_CHECK(routed_tokens.defined() && routed_tokens.dim() == 3 && routed_tokens.size(0) == src.size(0) &&
+                  routed_tokens.size(1) == indices.size(1) && routed_tokens.size(2) == src.size(2),
+              "route_back: routed_tokens must be [batch, k, dim] = [", src.size(0), ", ", indices.size(1), ", ",
+              src.size(2), "], got ", routed_tokens.defined() ? routed_tokens.sizes() : c10::IntArrayRef{});
+  TORCH_CHECK(routed_tokens.scalar_type() == src.scalar_type(), "route_back: routed_tokens are ",
+              routed_tokens.scalar_type(), " but src is ", src.scalar_type());
+  auto idx = indices.unsqueeze(-1).expand({indices.size(0), indices.size(1), src.size(2)});
+  return src.scatter(1, idx, routed_tokens);
+}
+
+}  // namespace nn
+}  // namespace colt5

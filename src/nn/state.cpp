@@ -1,0 +1,500 @@
+#include "colt5/nn/state.h"
+
+#include <torch/torch.h>
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <functional>
+#include <set>
+#include <sstream>
+
+#include "colt5/nn/conditional.h"
+#include "colt5/nn/router.h"
+#include "colt5/safetensors.h"
+
+namespace colt5 {
+namespace nn {
+
+using json = nlohmann::json;
+
+// ================================================================= state dict
+
+std::vector<std::pair<std::string, torch::Tensor>> state_dict(const torch::nn::Module& module) {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (const auto& p : module.named_parameters(/*recurse=*/true)) out.emplace_back(p.key(), p.value());
+  for (const auto& b : module.named_buffers(/*recurse=*/true)) out.emplace_back(b.key(), b.value());
+  return out;
+}
+
+namespace {
+
+std::string join(const std::vector<std::string>& names) {
+  std::string s;
+  for (size_t i = 0; i < names.size(); ++i) s += (i ? ", " : "") + names[i];
+  return s;
+}
+
+}  // namespace
+
+void load_state_dict(torch::nn::Module& module, const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+                     bool strict) {
+  std::map<std::string, torch::Tensor> given;
+  for (const auto& [name, t] : tensors) {
+    TORCH_CHECK(t.defined(), "load_state_dict: tensor '", name, "' is undefined");
+    TORCH_CHECK(given.emplace(name, t).second, "load_state_dict: tensor '", name, "' is given twice");
+  }
+  auto own = state_dict(module);
+  std::vector<std::string> missing, mismatched;
+  std::set<std::string> own_names;
+  for (const auto& [name, t] : own) {
+    own_names.insert(name);
+    auto it = given.find(name);
+    if (it == given.end()) {
+      missing.push_back(name);
+    } else if (it->second.sizes() != t.sizes()) {
+      std::ostringstream os;
+      os << name << " (module " << t.sizes() << ", given " << it->second.sizes() << ")";
+      mismatched.push_back(os.str());
+    }
+  }
+  std::vector<std::string> unexpected;
+  for (const auto& [name, t] : given)
+    if (!own_names.count(name)) unexpected.push_back(name);
+  TORCH_CHECK(missing.empty(), "load_state_dict: missing keys: ", join(missing));
+  TORCH_CHECK(!strict || unexpected.empty(), "load_state_dict: unexpected keys: ", join(unexpected));
+  TORCH_CHECK(mismatched.empty(), "load_state_dict: shape mismatch: ", join(mismatched));
+  torch::NoGradGuard no_grad;
+  for (auto& [name, t] : own) t.copy_(given.at(name));
+}
+
+void save_state(const torch::nn::Module& module, const std::string& path,
+                const std::map<std::string, std::string>& metadata) {
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  for (const auto& [name, t] : state_dict(module)) tensors.emplace_back(name, t.detach());
+  save_safetensors(path, tensors, metadata);
+}
+
+void load_state(torch::nn::Module& module, const std::string& path, bool strict) {
+  SafetensorsData data = load_safetensors(path);
+  try {
+    load_state_dict(module, data.tensors, strict);
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, path, ": ", e.what_without_backtrace());
+  }
+}
+
+// ================================================================ JSON config
+
+namespace {
+
+// Reads keywords from a JSON object and remembers which were used, so unused
+// (unknown) ones can be reported.
+class Keywords {
+ public:
+  Keywords(std::string what, const json& obj) : what_(std::move(what)), obj_(obj) {
+    TORCH_CHECK(obj_.is_object(), what_, ": expected a JSON object, got ", obj_.dump());
+  }
+
+  bool has(const std::string& key) {
+    used_.insert(key);
+    return obj_.contains(key);
+  }
+  bool is_null(const std::string& key) { return has(key) && obj_.at(key).is_null(); }
+
+  int64_t integer(const std::string& key) {
+    TORCH_CHECK(has(key), what_, ": required keyword '", key, "' is missing");
+    return as_integer(key);
+  }
+  template <typename Set>
+  void integer(const std::string& key, Set&& set) {
+    if (has(key)) set(as_integer(key));
+  }
+  template <typename Set>
+  void optional_integer(const std::string& key, Set&& set) {
+    if (!has(key)) return;
+    if (obj_.at(key).is_null()) {
+      set(c10::optional<int64_t>());
+    } else {
+      set(c10::optional<int64_t>(as_integer(key)));
+    }
+  }
+  template <typename Set>
+  void number(const std::string& key, Set&& set) {
+    if (has(key)) set(as_number(key));
+  }
+  template <typename Set>
+  void optional_number(const std::string& key, Set&& set) {
+    if (!has(key)) return;
+    if (obj_.at(key).is_null()) {
+      set(c10::optional<double>());
+    } else {
+      set(c10::optional<double>(as_number(key)));
+    }
+  }
+  template <typename Set>
+  void boolean(const std::string& key, Set&& set) {
+    if (!has(key)) return;
+    const json& v = obj_.at(key);
+    TORCH_CHECK(v.is_boolean(), what_, ": keyword '", key, "' must be true or false, got ", v.dump());
+    set(v.get<bool>());
+  }
+  const json& object(const std::string& key) {
+    used_.insert(key);
+    return obj_.at(key);
+  }
+
+  // Throws naming every keyword that was never asked for.
+  void finish() const {
+    std::vector<std::string> unknown;
+    for (auto it = obj_.begin(); it != obj_.end(); ++it)
+      if (!used_.count(it.key())) unknown.push_back("'" + it.key() + "'");
+    TORCH_CHECK(unknown.empty(), what_, ": unknown keyword", unknown.size() > 1 ? "s " : " ", join(unknown));
+  }
+
+  const std::string& what() const { return what_; }
+
+ private:
+  int64_t as_integer(const std::string& key) const {
+    const json& v = obj_.at(key);
+    if (v.is_number_integer()) return v.get<int64_t>();
+    // Python configs may hold integral floats (e.g. 4.0).
+    if (v.is_number_float() && v.get<double>() == static_cast<double>(static_cast<int64_t>(v.get<double>())))
+      return static_cast<int64_t>(v.get<double>());
+    TORCH_CHECK(false, what_, ": keyword '", key, "' must be an integer, got ", v.dump());
+    return 0;
+  }
+  double as_number(const std::string& key) const {
+    const json& v = obj_.at(key);
+    TORCH_CHECK(v.is_number(), what_, ": keyword '", key, "' must be a number, got ", v.dump());
+    return v.get<double>();
+  }
+
+  std::string what_;
+  const json& obj_;
+  std::set<std::string> used_;
+};
+
+RouterKwargs parse_router_kwargs(Keywords& parent) {
+  RouterKwargs r;
+  if (!parent.has("router_kwargs") || parent.is_null("router_kwargs")) return r;
+  Keywords k(parent.what() + " router_kwargs", parent.object("router_kwargs"));
+  k.integer("n_iters", [&](int64_t v) { r.n_iters(v); });
+  k.number("fetch_k_ratio", [&](double v) { r.fetch_k_ratio(v); });
+  k.number("eps", [&](double v) { r.eps(v); });
+  k.number("eps_decay", [&](double v) { r.eps_decay(v); });
+  k.optional_number("eps_init", [&](c10::optional<double> v) { r.eps_init(v); });
+  k.boolean("use_triton", [&](bool v) { r.use_triton(v); });
+  k.boolean("cosine_sim_routing", [&](bool v) { r.cosine_sim_routing(v); });
+  k.number("cosine_sim_scale", [&](double v) { r.cosine_sim_scale(v); });
+  k.optional_integer("route_block_size", [&](c10::optional<int64_t> v) { r.route_block_size(v); });
+  auto segments = [&](c10::optional<int64_t> v) { r.checkpoint_segments(v.value_or(0)); };
+  k.optional_integer("checkpoint_segments", segments);
+  k.optional_integer("triton_checkpoint_segments", segments);
+  k.finish();
+  return r;
+}
+
+// The call arguments of one kind: tensor names in positional order, the
+// tensors that may only be given by keyword, and the other keywords.
+struct Signature {
+  std::vector<std::string> positional;
+  std::set<std::string> tensor_keywords;
+  std::set<std::string> keywords;
+};
+
+struct CallArgs {
+  std::map<std::string, torch::Tensor> tensors;
+  json kwargs;
+
+  torch::Tensor tensor(const std::string& name) const {
+    auto it = tensors.find(name);
+    return it == tensors.end() ? torch::Tensor() : it->second;
+  }
+  c10::optional<int64_t> count(const std::string& name) const {
+    if (!kwargs.contains(name) || kwargs.at(name).is_null()) return c10::nullopt;
+    const json& v = kwargs.at(name);
+    TORCH_CHECK(v.is_number_integer(), "keyword '", name, "' must be an integer, got ", v.dump());
+    return v.get<int64_t>();
+  }
+  bool flag(const std::string& name, bool fallback = false) const {
+    if (!kwargs.contains(name) || kwargs.at(name).is_null()) return fallback;
+    const json& v = kwargs.at(name);
+    TORCH_CHECK(v.is_boolean(), "keyword '", name, "' must be true or false, got ", v.dump());
+    return v.get<bool>();
+  }
+};
+
+}  // namespace
+
+struct AnyModule::Impl {
+  std::string kind;
+  std::shared_ptr<torch::nn::Module> module;
+  Signature signature;
+  std::function<ModuleOutputs(const CallArgs&)> call;
+};
+
+AnyModule::AnyModule(std::shared_ptr<const Impl> impl) : impl_(std::move(impl)) {
+  TORCH_CHECK(impl_ != nullptr, "AnyModule: empty");
+}
+
+const std::string& AnyModule::kind() const { return impl_->kind; }
+std::shared_ptr<torch::nn::Module> AnyModule::module() const { return impl_->module; }
+
+ModuleOutputs AnyModule::call(const std::vector<torch::Tensor>& args,
+                              const std::map<std::string, torch::Tensor>& tensor_kwargs,
+                              const std::string& kwargs_json) const {
+  const Signature& sig = impl_->signature;
+  const std::string& kind = impl_->kind;
+  TORCH_CHECK(args.size() <= sig.positional.size(), kind, ": takes at most ", sig.positional.size(),
+              " positional tensors, got ", args.size());
+  CallArgs ca;
+  for (size_t i = 0; i < args.size(); ++i) ca.tensors[sig.positional[i]] = args[i];
+  for (const auto& [name, t] : tensor_kwargs) {
+    const bool known = sig.tensor_keywords.count(name) ||
+                       std::find(sig.positional.begin(), sig.positional.end(), name) != sig.positional.end();
+    TORCH_CHECK(known, kind, ": unknown tensor argument '", name, "'");
+    TORCH_CHECK(ca.tensors.emplace(name, t).second, kind, ": argument '", name, "' given twice");
+  }
+  json kw;
+  try {
+    kw = json::parse(kwargs_json.empty() ? std::string("{}") : kwargs_json);
+  } catch (const json::exception& e) {
+    TORCH_CHECK(false, kind, ": keyword arguments are not valid JSON: ", e.what());
+  }
+  TORCH_CHECK(kw.is_object(), kind, ": keyword arguments must be a JSON object, got ", kw.dump());
+  for (auto it = kw.begin(); it != kw.end(); ++it) {
+    TORCH_CHECK(sig.keywords.count(it.key()), kind, ": unknown keyword argument '", it.key(), "'");
+  }
+  ca.kwargs = std::move(kw);
+  TORCH_CHECK(!sig.positional.empty() && ca.tensor(sig.positional[0]).defined(), kind, ": argument '",
+              sig.positional.empty() ? std::string("x") : sig.positional[0], "' is required");
+  return impl_->call(ca);
+}
+
+std::vector<std::string> module_kinds() {
+  return {"CoordinateDescentRouter",
+          "ConditionalRoutedFeedForward",
+          "ConditionalRoutedAttention",
+          "ConditionalRoutedTransformerBlock",
+          "ConditionalRoutedAutoregressiveAttention",
+          "ConditionalRoutedCrossAttention"};
+}
+
+namespace {
+
+ModuleOutputs single(torch::Tensor out) {
+  ModuleOutputs o;
+  o.outputs["out"] = std::move(out);
+  return o;
+}
+
+std::shared_ptr<AnyModule::Impl> build_router(Keywords& k) {
+  CoordinateDescentRouterOptions o(k.integer("dim"));
+  k.boolean("straight_through", [&](bool v) { o.straight_through(v); });
+  k.integer("n_iters", [&](int64_t v) { o.n_iters(v); });
+  k.number("fetch_k_ratio", [&](double v) { o.fetch_k_ratio(v); });
+  k.number("eps", [&](double v) { o.eps(v); });
+  k.number("eps_decay", [&](double v) { o.eps_decay(v); });
+  k.optional_number("eps_init", [&](c10::optional<double> v) { o.eps_init(v); });
+  k.integer("num_routing_tokens", [&](int64_t v) { o.num_routing_tokens(v); });
+  k.boolean("learned_routing_tokens", [&](bool v) { o.learned_routing_tokens(v); });
+  k.boolean("use_triton", [&](bool v) { o.use_triton(v); });
+  k.boolean("cosine_sim_routing", [&](bool v) { o.cosine_sim_routing(v); });
+  k.number("cosine_sim_scale", [&](double v) { o.cosine_sim_scale(v); });
+  k.optional_integer("route_block_size", [&](c10::optional<int64_t> v) { o.route_block_size(v); });
+  auto segments = [&](c10::optional<int64_t> v) { o.checkpoint_segments(v.value_or(0)); };
+  k.optional_integer("checkpoint_segments", segments);
+  k.optional_integer("triton_checkpoint_segments", segments);
+  // Call defaults.
+  c10::optional<int64_t> num_tokens;
+  bool keep_one_route_dim = false;
+  k.integer("num_tokens", [&](int64_t v) { num_tokens = v; });
+  k.boolean("keep_one_route_dim", [&](bool v) { keep_one_route_dim = v; });
+
+  CoordinateDescentRouter router(o);
+  auto impl = std::make_shared<AnyModule::Impl>();
+  impl->module = router.ptr();
+  impl->signature = {{"x"}, {"mask", "routing_tokens"}, {"num_tokens", "random_route", "keep_one_route_dim"}};
+  impl->call = [router, num_tokens, keep_one_route_dim](const CallArgs& a) mutable {
+    c10::optional<int64_t> n = a.count("num_tokens");
+    if (!n) n = num_tokens;
+    TORCH_CHECK(n.has_value(), "CoordinateDescentRouter: num_tokens is required (in the call or the config)");
+    RouterOutput r = router->forward(a.tensor("x"), *n, a.tensor("mask"), a.flag("random_route"),
+                                     a.tensor("routing_tokens"), a.flag("keep_one_route_dim", keep_one_route_dim));
+    ModuleOutputs o;
+    o.outputs["out"] = r.routed_tokens * r.scores.unsqueeze(-1);
+    o.outputs["routed_tokens"] = r.routed_tokens;
+    o.aux["scores"] = r.scores;
+    if (r.indices.defined()) o.aux["indices"] = r.indices;
+    if (r.routed_mask.defined()) o.aux["routed_mask"] = r.routed_mask;
+    return o;
+  };
+  return impl;
+}
+
+std::shared_ptr<AnyModule::Impl> build_ff(Keywords& k) {
+  ConditionalRoutedFeedForwardOptions o(k.integer("dim"), k.integer("num_heavy_tokens"));
+  k.number("light_ff_mult", [&](double v) { o.light_ff_mult(v); });
+  k.number("heavy_ff_mult", [&](double v) { o.heavy_ff_mult(v); });
+  k.boolean("router_straight_through", [&](bool v) { o.router_straight_through(v); });
+  o.router_kwargs(parse_router_kwargs(k));
+  k.boolean("use_triton", [&](bool v) { o.use_triton(v); });
+  ConditionalRoutedFeedForward m(o);
+  auto impl = std::make_shared<AnyModule::Impl>();
+  impl->module = m.ptr();
+  impl->signature = {{"x", "mask"}, {}, {"num_heavy_tokens"}};
+  impl->call = [m](const CallArgs& a) mutable {
+    return single(m->forward(a.tensor("x"), a.tensor("mask"), a.count("num_heavy_tokens")));
+  };
+  return impl;
+}
+
+std::shared_ptr<AnyModule::Impl> build_attn(Keywords& k) {
+  ConditionalRoutedAttentionOptions o(k.integer("dim"), k.integer("num_heavy_tokens_q"),
+                                      k.integer("num_heavy_tokens_kv"));
+  k.integer("num_routed_kv", [&](int64_t v) { o.num_routed_kv(v); });
+  k.boolean("has_light_attn", [&](bool v) { o.has_light_attn(v); });
+  k.integer("light_dim_head", [&](int64_t v) { o.light_dim_head(v); });
+  k.integer("light_heads", [&](int64_t v) { o.light_heads(v); });
+  k.integer("light_window_size", [&](int64_t v) { o.light_window_size(v); });
+  k.integer("heavy_dim_head", [&](int64_t v) { o.heavy_dim_head(v); });
+  k.integer("heavy_heads", [&](int64_t v) { o.heavy_heads(v); });
+  k.boolean("router_straight_through", [&](bool v) { o.router_straight_through(v); });
+  o.router_kwargs(parse_router_kwargs(k));
+  k.boolean("multiply_keys_by_score", [&](bool v) { o.multiply_keys_by_score(v); });
+  k.boolean("multiply_queries_by_score", [&](bool v) { o.multiply_queries_by_score(v); });
+  k.boolean("use_triton", [&](bool v) { o.use_triton(v); });
+  k.boolean("use_null_q_tokens", [&](bool v) { o.use_null_q_tokens(v); });
+  k.boolean("use_flash_attn", [&](bool v) { o.use_flash_attn(v); });
+  k.boolean("rotary_emb", [&](bool v) { o.rotary_emb(v); });
+  ConditionalRoutedAttention m(o);
+  auto impl = std::make_shared<AnyModule::Impl>();
+  impl->module = m.ptr();
+  impl->signature = {{"x"}, {"mask"}, {"num_heavy_tokens_q", "num_heavy_tokens_kv"}};
+  impl->call = [m](const CallArgs& a) mutable {
+    return single(m->forward(a.tensor("x"), a.tensor("mask"), a.count("num_heavy_tokens_q"),
+                             a.count("num_heavy_tokens_kv")));
+  };
+  return impl;
+}
+
+std::shared_ptr<AnyModule::Impl> build_block(Keywords& k) {
+  const int64_t dim = k.integer("dim");
+  const int64_t q = k.integer("num_heavy_attn_tokens_q");
+  const int64_t kv = k.integer("num_heavy_attn_tokens_kv");
+  ConditionalRoutedTransformerBlockOptions o(dim, q, kv, k.integer("num_heavy_ff_tokens"));
+  k.integer("num_routed_kv", [&](int64_t v) { o.num_routed_kv(v); });
+  k.integer("light_dim_head", [&](int64_t v) { o.light_dim_head(v); });
+  k.integer("light_heads", [&](int64_t v) { o.light_heads(v); });
+  k.integer("light_window_size", [&](int64_t v) { o.light_window_size(v); });
+  k.integer("heavy_dim_head", [&](int64_t v) { o.heavy_dim_head(v); });
+  k.integer("heavy_heads", [&](int64_t v) { o.heavy_heads(v); });
+  k.number("light_ff_mult", [&](double v) { o.light_ff_mult(v); });
+  k.number("heavy_ff_mult", [&](double v) { o.heavy_ff_mult(v); });
+  k.boolean("router_straight_through", [&](bool v) { o.router_straight_through(v); });
+  o.router_kwargs(parse_router_kwargs(k));
+  k.boolean("multiply_keys_by_score", [&](bool v) { o.multiply_keys_by_score(v); });
+  k.boolean("multiply_queries_by_score", [&](bool v) { o.multiply_queries_by_score(v); });
+  k.boolean("use_triton", [&](bool v) { o.use_triton(v); });
+  k.boolean("use_null_q_tokens", [&](bool v) { o.use_null_q_tokens(v); });
+  k.boolean("use_flash_attn", [&](bool v) { o.use_flash_attn(v); });
+  ConditionalRoutedTransformerBlock m(o);
+  auto impl = std::make_shared<AnyModule::Impl>();
+  impl->module = m.ptr();
+  impl->signature = {
+      {"x", "mask"}, {}, {"num_heavy_attn_tokens_q", "num_heavy_attn_tokens_kv", "num_heavy_ff_tokens"}};
+  impl->call = [m](const CallArgs& a) mutable {
+    return single(m->forward(a.tensor("x"), a.tensor("mask"), a.count("num_heavy_attn_tokens_q"),
+                             a.count("num_heavy_attn_tokens_kv"), a.count("num_heavy_ff_tokens")));
+  };
+  return impl;
+}
+
+std::shared_ptr<AnyModule::Impl> build_ar(Keywords& k) {
+  ConditionalRoutedAutoregressiveAttentionOptions o(k.integer("dim"), k.integer("num_heavy_tokens_q"),
+                                                    k.integer("num_heavy_tokens_kv"));
+  k.integer("num_routed_kv", [&](int64_t v) { o.num_routed_kv(v); });
+  k.integer("light_dim_head", [&](int64_t v) { o.light_dim_head(v); });
+  k.integer("light_heads", [&](int64_t v) { o.light_heads(v); });
+  k.integer("light_window_size", [&](int64_t v) { o.light_window_size(v); });
+  k.optional_integer("heavy_window_size", [&](c10::optional<int64_t> v) { o.heavy_window_size(v); });
+  k.integer("heavy_dim_head", [&](int64_t v) { o.heavy_dim_head(v); });
+  k.integer("heavy_heads", [&](int64_t v) { o.heavy_heads(v); });
+  k.boolean("router_straight_through", [&](bool v) { o.router_straight_through(v); });
+  o.router_kwargs(parse_router_kwargs(k));
+  k.boolean("multiply_keys_by_score", [&](bool v) { o.multiply_keys_by_score(v); });
+  k.boolean("multiply_queries_by_score", [&](bool v) { o.multiply_queries_by_score(v); });
+  k.boolean("use_triton", [&](bool v) { o.use_triton(v); });
+  k.boolean("use_null_q_tokens", [&](bool v) { o.use_null_q_tokens(v); });
+  k.boolean("use_flash_attn", [&](bool v) { o.use_flash_attn(v); });
+  k.boolean("rotary_emb", [&](bool v) { o.rotary_emb(v); });
+  ConditionalRoutedAutoregressiveAttention m(o);
+  auto impl = std::make_shared<AnyModule::Impl>();
+  impl->module = m.ptr();
+  impl->signature = {{"x"}, {}, {"num_heavy_tokens_q", "num_heavy_tokens_kv", "random_route"}};
+  impl->call = [m](const CallArgs& a) mutable {
+    return single(m->forward(a.tensor("x"), a.count("num_heavy_tokens_q"), a.count("num_heavy_tokens_kv"),
+                             a.flag("random_route")));
+  };
+  return impl;
+}
+
+std::shared_ptr<AnyModule::Impl> build_cross(Keywords& k) {
+  ConditionalRoutedCrossAttentionOptions o(k.integer("dim"), k.integer("num_tokens_q"), k.integer("num_tokens_kv"));
+  k.integer("num_sets_kv", [&](int64_t v) { o.num_sets_kv(v); });
+  k.integer("dim_head", [&](int64_t v) { o.dim_head(v); });
+  k.integer("heads", [&](int64_t v) { o.heads(v); });
+  k.boolean("router_straight_through", [&](bool v) { o.router_straight_through(v); });
+  o.router_kwargs(parse_router_kwargs(k));
+  k.integer("kv_routing_tokens", [&](int64_t v) { o.kv_routing_tokens(v); });
+  k.boolean("multiply_keys_by_score", [&](bool v) { o.multiply_keys_by_score(v); });
+  k.boolean("use_triton", [&](bool v) { o.use_triton(v); });
+  k.boolean("use_null_q_tokens", [&](bool v) { o.use_null_q_tokens(v); });
+  k.boolean("use_flash_attn", [&](bool v) { o.use_flash_attn(v); });
+  k.optional_integer("route_block_size", [&](c10::optional<int64_t> v) { o.route_block_size(v); });
+  ConditionalRoutedCrossAttention m(o);
+  auto impl = std::make_shared<AnyModule::Impl>();
+  impl->module = m.ptr();
+  impl->signature = {{"x", "context"}, {"mask", "context_mask"}, {"num_tokens_q", "num_tokens_kv"}};
+  impl->call = [m](const CallArgs& a) mutable {
+    TORCH_CHECK(a.tensor("context").defined(), "ConditionalRoutedCrossAttention: argument 'context' is required");
+    return single(m->forward(a.tensor("x"), a.tensor("context"), a.tensor("mask"), a.tensor("context_mask"),
+                             a.count("num_tokens_q"), a.count("num_tokens_kv")));
+  };
+  return impl;
+}
+
+}  // namespace
+
+AnyModule build_module(const std::string& kind, const std::string& config_json) {
+  json config;
+  try {
+    config = json::parse(config_json);
+  } catch (const json::exception& e) {
+    TORCH_CHECK(false, kind, " config is not valid JSON: ", e.what());
+  }
+  Keywords k(kind + " config", config);
+  std::shared_ptr<AnyModule::Impl> impl;
+  if (kind == "CoordinateDescentRouter") {
+    impl = build_router(k);
+  } else if (kind == "ConditionalRoutedFeedForward") {
+    impl = build_ff(k);
+  } else if (kind == "ConditionalRoutedAttention") {
+    impl = build_attn(k);
+  } else if (kind == "ConditionalRoutedTransformerBlock") {
+    impl = build_block(k);
+  } else if (kind == "ConditionalRoutedAutoregressiveAttention") {
+    impl = build_ar(k);
+  } else if (kind == "ConditionalRoutedCrossAttention") {
+    impl = build_cross(k);
+  } else {
+    TORCH_CHECK(false, "build_module: unknown module kind '", kind, "' (known: ", join(module_kinds()), ")");
+  }
+  k.finish();
+  impl->kind = kind;
+  return AnyModule(std::move(impl));
+}
+
+}  // namespace nn
+}  // namespace colt5
