@@ -14,6 +14,9 @@ build=${COLT5_GPU_BUILD:-/tmp/colt5-build}
 logs=${OUT:-$build/logs}
 mkdir -p "$build" "$logs"
 PYTHON=${PYTHON:-python3}
+# LibTorch adds -gencode flags for its own architecture list (compute_50 and up,
+# which nvcc 13 rejects) unless told otherwise: build for Hopper only.
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export CUDACXX=${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
 t0=$(date +%s)
 stamp() { echo "[$(($(date +%s) - t0)) s] $*"; }

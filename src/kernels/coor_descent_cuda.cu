@@ -53,8 +53,9 @@ struct WarpGroup {
 
 enum Mode { kBlock = 0, kCluster = 1, kGrid = 2 };
 
-template <typename T, int MODE>
+template <int MODE>
 struct BlockGroup {
+  using T = double;
   T* red;            // shared [2][32]: per-warp partials, double-buffered
   T* cl;             // shared [2]: this block's sum, read by the cluster
   int par = 0, cpar = 0;
@@ -175,21 +176,26 @@ __device__ __forceinline__ T local_sum_exp(const T (&v)[VPT], const T* s, const 
 
 // One iteration t >= 2 from a_{t-1}: returns a_t (identical in every thread).
 template <typename T, int VPT, class G>
-__device__ __forceinline__ T iterate(G& g, const T (&v)[VPT], const T* s, const uint8_t* m, const Seg& sg, T smax,
-                                     double logk, T a_prev, double eps_t) {
-  const T cap = -a_prev;
+__device__ __forceinline__ double iterate(G& g, const T (&v)[VPT], const T* s, const uint8_t* m, const Seg& sg,
+                                          T smax, double logk, double a_prev, double eps_t) {
+  const T cap = static_cast<T>(-a_prev);
   const T top = fmin_(smax, cap);
   const double inv = 1.0 / eps_t;
   const T sc = static_cast<T>(inv * Fm<T>::kScale);
   const T local = local_sum_exp<T, VPT>(v, s, m, sg, cap, top, sc);
-  const T sum = g.template reduce<SumOp>(local);
-  const double lse = static_cast<double>(top) * inv + log(static_cast<double>(sum));
-  return static_cast<T>(eps_t * (logk - lse));
+  const double sum = g.template reduce<SumOp>(static_cast<double>(local));
+  const double lse = static_cast<double>(top) * inv + log(sum);
+  return eps_t * (logk - lse);
 }
 
+__device__ __forceinline__ double first_iterate(double logk, double count, double eps_1) {
+  return eps_1 * (logk - log(count));
+}
+
+// The output exponent: min(s + a, 0) / eps in double, then in T (as the CPU).
 template <typename T>
-__device__ __forceinline__ T first_iterate(double logk, T count, double eps_1) {
-  return static_cast<T>(eps_1 * (logk - log(static_cast<double>(count))));
+__device__ __forceinline__ T out_exp(T x, double a, double sc_f) {
+  return Fm<T>::ex(static_cast<T>(fmin(static_cast<double>(x) + a, 0.0) * sc_f));
 }
 
 // ---------------------------------------------------------------- forward
@@ -202,28 +208,28 @@ __device__ void forward_row(const CoorDescentParams<T>& p, int64_t row, const Se
   const uint8_t* m = p.mask ? p.mask + row * cols : nullptr;
   T* y = p.y + row * cols;
   const int64_t per_row = p.checkpoint_segments == 0 ? p.n_iters : p.checkpoint_segments;
-  T* saved = p.saved ? p.saved + row * per_row : nullptr;
+  double* saved = p.saved ? p.saved + row * per_row : nullptr;
 
   T v[VPT];
   T mx, cnt;
   load_row<T, VPT>(s, m, sg, v, mx, cnt);
-  const T smax = g.template reduce<MaxOp>(mx);
-  const T count = g.template reduce<SumOp>(cnt);
+  const T smax = static_cast<T>(g.template reduce<MaxOp>(static_cast<double>(mx)));
+  const double count = g.template reduce<SumOp>(static_cast<double>(cnt));
   if (leader && p.row_stats) {
-    p.row_stats[2 * row] = smax;
+    p.row_stats[2 * row] = static_cast<double>(smax);
     p.row_stats[2 * row + 1] = count;
   }
-  if (count == T(0)) {
+  if (count == 0.0) {
     for (int64_t i = sg.at(0); i < sg.end; i += sg.stride) y[i] = T(0);
     if (leader && saved)
-      for (int64_t j = 0; j < per_row; ++j) saved[j] = T(0);
+      for (int64_t j = 0; j < per_row; ++j) saved[j] = 0.0;
     return;
   }
   const double logk = log(static_cast<double>(p.k[row]));
   const int64_t T_ = p.n_iters, C = p.checkpoint_segments;
   int64_t next_j = 0;
   int64_t next_start = C > 0 ? segment_start(T_, C, 0) : -1;
-  T a = T(0);
+  double a = 0.0;
   for (int64_t t = 1; t <= T_; ++t) {
     if (t == next_start) {
       if (leader && saved) saved[next_j] = a;
@@ -233,21 +239,20 @@ __device__ void forward_row(const CoorDescentParams<T>& p, int64_t row, const Se
     a = t == 1 ? first_iterate(logk, count, eps[1]) : iterate<T, VPT>(g, v, s, m, sg, smax, logk, a, eps[t]);
     if (C == 0 && leader && saved) saved[t - 1] = a;
   }
-  const T sc = static_cast<T>(Fm<T>::kScale / eps[T_ + 1]);
+  const double sc = Fm<T>::kScale / eps[T_ + 1];
 #pragma unroll
   for (int j = 0; j < VPT; ++j) {
     const int64_t i = sg.at(j);
-    if (i < sg.end) y[i] = Fm<T>::ex(fmin_(v[j] + a, T(0)) * sc);
+    if (i < sg.end) y[i] = out_exp(v[j], a, sc);
   }
-  for (int64_t i = sg.at(VPT); i < sg.end; i += sg.stride)
-    y[i] = Fm<T>::ex(fmin_(load_one(s, m, i) + a, T(0)) * sc);
+  for (int64_t i = sg.at(VPT); i < sg.end; i += sg.stride) y[i] = out_exp(load_one(s, m, i), a, sc);
 }
 
 // ---------------------------------------------------------------- backward
 
 template <typename T, int VPT, class G>
 __device__ void backward_row(const CoorDescentBackwardParams<T>& bp, int64_t row, const Seg& sg, G& g,
-                             bool block_leader, bool row_leader, const double* eps, T* its) {
+                             bool block_leader, bool row_leader, const double* eps, double* its) {
   const CoorDescentParams<T>& p = bp.fwd;
   const int64_t cols = p.cols;
   const T* s = p.s + row * cols;
@@ -256,11 +261,11 @@ __device__ void backward_row(const CoorDescentBackwardParams<T>& bp, int64_t row
   T* ds_out = bp.grad_s + row * cols;
   const int64_t T_ = p.n_iters, C = p.checkpoint_segments;
   const int64_t per_row = C == 0 ? T_ : C;
-  const T* saved = p.saved + row * per_row;
-  const T smax = p.row_stats[2 * row];
-  const T count = p.row_stats[2 * row + 1];
+  const double* saved = p.saved + row * per_row;
+  const T smax = static_cast<T>(p.row_stats[2 * row]);
+  const double count = p.row_stats[2 * row + 1];
 
-  if (count == T(0)) {
+  if (count == 0.0) {
     for (int64_t i = sg.at(0); i < sg.end; i += sg.stride) ds_out[i] = T(0);
     if (row_leader && bp.grad_k) bp.grad_k[row] = T(0);
     return;
@@ -275,14 +280,14 @@ __device__ void backward_row(const CoorDescentBackwardParams<T>& bp, int64_t row
   // Every iterate a_0..a_T into its[] (the group's shared copy).
   if (C == 0) {
     if (block_leader) {
-      its[0] = T(0);
+      its[0] = 0.0;
       for (int64_t t = 1; t <= T_; ++t) its[t] = saved[t - 1];
     }
   } else {
-    if (block_leader) its[0] = T(0);
+    if (block_leader) its[0] = 0.0;
     for (int64_t j = 0; j < C; ++j) {
       const int64_t t0 = segment_start(T_, C, j), t1 = segment_start(T_, C, j + 1) - 1;
-      T a = saved[j];
+      double a = saved[j];
       for (int64_t t = t0; t <= t1; ++t) {
         a = t == 1 ? first_iterate(logk, count, eps[1]) : iterate<T, VPT>(g, v, s, m, sg, smax, logk, a, eps[t]);
         if (block_leader) its[t] = a;
@@ -293,9 +298,10 @@ __device__ void backward_row(const CoorDescentBackwardParams<T>& bp, int64_t row
 
   // Output and the last iteration's relu.
   T ds[VPT];
-  const T aT = its[T_];
+  const double aT = its[T_];
+  const T aTt = static_cast<T>(aT);
   const double inv_f = 1.0 / eps[T_ + 1];
-  const T sc_f = static_cast<T>(inv_f * Fm<T>::kScale);
+  const double sc_f = inv_f * Fm<T>::kScale;
   const T invf = static_cast<T>(inv_f);
   T acc = T(0);
 #pragma unroll
@@ -303,9 +309,9 @@ __device__ void backward_row(const CoorDescentBackwardParams<T>& bp, int64_t row
     const int64_t i = sg.at(j);
     T d = T(0);
     if (i < sg.end && v[j] > neg_inf<T>()) {
-      const T yv = Fm<T>::ex(fmin_(v[j] + aT, T(0)) * sc_f);
+      const T yv = out_exp(v[j], aT, sc_f);
       const T du = gy[i] * yv * invf;
-      d = (v[j] + aT > T(0)) ? T(0) : du;
+      d = (v[j] + aTt > T(0)) ? T(0) : du;
     }
     ds[j] = d;
     acc += d;
@@ -314,25 +320,25 @@ __device__ void backward_row(const CoorDescentBackwardParams<T>& bp, int64_t row
     const T x = load_one(s, m, i);
     T d = T(0);
     if (x > neg_inf<T>()) {
-      const T yv = Fm<T>::ex(fmin_(x + aT, T(0)) * sc_f);
-      d = (x + aT > T(0)) ? T(0) : gy[i] * yv * invf;
+      const T yv = out_exp(x, aT, sc_f);
+      d = (x + aTt > T(0)) ? T(0) : gy[i] * yv * invf;
     }
     ds_out[i] = d;
     acc += d;
   }
-  T da = g.template reduce<SumOp>(acc);
-  double dlogk = static_cast<double>(da) * eps[T_];
-  T c = da;
+  double da = g.template reduce<SumOp>(static_cast<double>(acc));
+  double dlogk = da * eps[T_];
+  double c = da;
   for (int64_t t = T_ - 1; t >= 1; --t) {
-    const T a_t = its[t];
+    const T a_t = static_cast<T>(its[t]);
     const double inv_n = 1.0 / eps[t + 1];
-    const double lse_n = logk - static_cast<double>(its[t + 1]) * inv_n;
+    const double lse_n = logk - its[t + 1] * inv_n;
     const T cap = -a_t;
     const T top = fmin_(smax, cap);
     // p_i = exp(min(s_i, cap)/eps - lse) = ex((min(s_i, cap) - top) * sc) * w
     const double w = exp(static_cast<double>(top) * inv_n - lse_n);
     const T sc = static_cast<T>(inv_n * Fm<T>::kScale);
-    const T cw = static_cast<T>(-static_cast<double>(c) * w);
+    const T cw = static_cast<T>(-c * w);
     T acc0 = T(0), acc1 = T(0);
 #pragma unroll
     for (int j = 0; j < VPT; ++j) {
@@ -351,8 +357,8 @@ __device__ void backward_row(const CoorDescentBackwardParams<T>& bp, int64_t row
       ds_out[i] += active ? T(0) : gv;
       acc0 += active ? -gv : T(0);
     }
-    da = g.template reduce<SumOp>(acc0 + acc1);
-    dlogk += static_cast<double>(da) * eps[t];
+    da = g.template reduce<SumOp>(static_cast<double>(acc0 + acc1));
+    dlogk += da * eps[t];
     c = da;
   }
 #pragma unroll
@@ -368,7 +374,7 @@ __device__ void backward_row(const CoorDescentBackwardParams<T>& bp, int64_t row
 struct GridWork {
   int nblk;          // blocks per row
   int64_t ngroups;   // row groups in the grid (grid mode: rows are strided)
-  void* partials;    // grid mode: rows x 2 x nblk of T
+  void* partials;    // grid mode: rows x 2 x nblk doubles
   unsigned* counters;
 };
 
@@ -401,7 +407,7 @@ __global__ void __launch_bounds__(kWarpBlock) backward_warp_kernel(CoorDescentBa
   fill_eps(eps, T_, bp.fwd.eps_init, bp.fwd.eps, bp.fwd.eps_decay, threadIdx.x, blockDim.x);
   __syncthreads();
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  T* its = reinterpret_cast<T*>(reinterpret_cast<char*>(dyn) + its_offset(T_)) + w * (T_ + 1);
+  double* its = dyn + (T_ + 2) + w * (T_ + 1);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (kWarpBlock / 32) + w;
   if (row >= bp.fwd.rows) return;
   WarpGroup g{lane};
@@ -409,9 +415,9 @@ __global__ void __launch_bounds__(kWarpBlock) backward_warp_kernel(CoorDescentBa
   backward_row<T, VPT>(bp, row, sg, g, lane == 0, lane == 0, eps, its);
 }
 
-template <typename T, int MODE>
-__device__ __forceinline__ BlockGroup<T, MODE> make_group(T* red, T* cl, int nblk, int rank) {
-  BlockGroup<T, MODE> g;
+template <int MODE>
+__device__ __forceinline__ BlockGroup<MODE> make_group(double* red, double* cl, int nblk, int rank) {
+  BlockGroup<MODE> g;
   g.red = red;
   g.cl = cl;
   g.lane = threadIdx.x & 31;
@@ -434,20 +440,20 @@ __device__ __forceinline__ Seg block_seg(int64_t cols, int nblk, int rank) {
 template <typename T, int NT, int VPT, int MODE>
 __global__ void __launch_bounds__(NT) forward_block_kernel(CoorDescentParams<T> p, GridWork gw) {
   extern __shared__ double dyn[];
-  __shared__ T red[64];
-  __shared__ T cl[2];
+  __shared__ double red[64];
+  __shared__ double cl[2];
   double* eps = dyn;
   fill_eps(eps, p.n_iters, p.eps_init, p.eps, p.eps_decay, threadIdx.x, blockDim.x);
   __syncthreads();
   const int nblk = gw.nblk;
   const int rank = MODE == kBlock ? 0 : static_cast<int>(blockIdx.x % nblk);
   const int64_t group = MODE == kBlock ? blockIdx.x : blockIdx.x / nblk;
-  auto g = make_group<T, MODE>(red, cl, nblk, rank);
+  auto g = make_group<MODE>(red, cl, nblk, rank);
   const Seg sg = block_seg<T>(p.cols, nblk, rank);
   const bool leader = rank == 0 && threadIdx.x == 0;
   if (MODE == kGrid) {
     for (int64_t row = group; row < p.rows; row += gw.ngroups) {
-      g.partials = static_cast<T*>(gw.partials) + row * 2 * nblk;
+      g.partials = static_cast<double*>(gw.partials) + row * 2 * nblk;
       g.counter = gw.counters + row;
       g.target = 0;
       forward_row<T, VPT>(p, row, sg, g, leader, eps);
@@ -462,23 +468,23 @@ __global__ void __launch_bounds__(NT) forward_block_kernel(CoorDescentParams<T> 
 template <typename T, int NT, int VPT, int MODE>
 __global__ void __launch_bounds__(NT) backward_block_kernel(CoorDescentBackwardParams<T> bp, GridWork gw) {
   extern __shared__ double dyn[];
-  __shared__ T red[64];
-  __shared__ T cl[2];
+  __shared__ double red[64];
+  __shared__ double cl[2];
   double* eps = dyn;
   const int64_t T_ = bp.fwd.n_iters;
   fill_eps(eps, T_, bp.fwd.eps_init, bp.fwd.eps, bp.fwd.eps_decay, threadIdx.x, blockDim.x);
   __syncthreads();
-  T* its = reinterpret_cast<T*>(reinterpret_cast<char*>(dyn) + its_offset(T_));
+  double* its = dyn + (T_ + 2);
   const int nblk = gw.nblk;
   const int rank = MODE == kBlock ? 0 : static_cast<int>(blockIdx.x % nblk);
   const int64_t group = MODE == kBlock ? blockIdx.x : blockIdx.x / nblk;
-  auto g = make_group<T, MODE>(red, cl, nblk, rank);
+  auto g = make_group<MODE>(red, cl, nblk, rank);
   const Seg sg = block_seg<T>(bp.fwd.cols, nblk, rank);
   // Each block keeps its own copy of the iterates (identical in all blocks).
   const bool block_leader = threadIdx.x == 0;
   if (MODE == kGrid) {
     for (int64_t row = group; row < bp.fwd.rows; row += gw.ngroups) {
-      g.partials = static_cast<T*>(gw.partials) + row * 2 * nblk;
+      g.partials = static_cast<double*>(gw.partials) + row * 2 * nblk;
       g.counter = gw.counters + row;
       g.target = 0;
       backward_row<T, VPT>(bp, row, sg, g, block_leader, block_leader && rank == 0, eps, its);
@@ -545,7 +551,7 @@ void launch_rows(const KernelSet<Arg>& ks, const Arg& arg, int64_t rows, int64_t
   constexpr int NT = Cfg<T>::kNT, VPT = Cfg<T>::kVPT, WVPT = Cfg<T>::kWVPT;
   const int sms = num_sms();
   const size_t eps_bytes = its_offset(n_iters);
-  const size_t its_bytes = with_its ? static_cast<size_t>(n_iters + 1) * sizeof(T) : 0;
+  const size_t its_bytes = with_its ? static_cast<size_t>(n_iters + 1) * sizeof(double) : 0;
   GridWork gw{1, 1, nullptr, nullptr};
   if (cols <= 32 * WVPT) {
     const size_t smem = eps_bytes + its_bytes * (kWarpBlock / 32);
@@ -597,7 +603,7 @@ void launch_rows(const KernelSet<Arg>& ks, const Arg& arg, int64_t rows, int64_t
   const int64_t capacity = static_cast<int64_t>(std::max(per_sm, 1)) * sms;
   gw.nblk = static_cast<int>(std::min<int64_t>(cmin, capacity));
   gw.ngroups = std::max<int64_t>(1, std::min<int64_t>(rows, capacity / gw.nblk));
-  const size_t part_bytes = static_cast<size_t>(rows) * 2 * gw.nblk * sizeof(T);
+  const size_t part_bytes = static_cast<size_t>(rows) * 2 * gw.nblk * sizeof(double);
   const size_t cnt_bytes = static_cast<size_t>(rows) * sizeof(unsigned);
   char* ws = nullptr;
   CD_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&ws), part_bytes + cnt_bytes + 16, st));
