@@ -1,0 +1,148 @@
+// Conditionally routed attention over image feature maps, and the Simple ViT
+// built from it.
+#pragma once
+
+#include <torch/expanding_array.h>
+#include <torch/nn.h>
+
+#include <cstdint>
+
+#include "colt5/nn/attention.h"
+#include "colt5/nn/conditional.h"
+#include "colt5/nn/router.h"
+
+namespace colt5 {
+namespace nn {
+
+// ---------------------------------------------------------------- image attention
+
+struct ConditionalRoutedImageAttentionOptions {
+  ConditionalRoutedImageAttentionOptions(int64_t dim, int64_t num_heavy_tokens_q, int64_t num_heavy_tokens_kv)
+      : dim_(dim), num_heavy_tokens_q_(num_heavy_tokens_q), num_heavy_tokens_kv_(num_heavy_tokens_kv) {}
+  TORCH_ARG(int64_t, dim);
+  // Queries and key/values routed from the whole feature map.
+  TORCH_ARG(int64_t, num_heavy_tokens_q);
+  TORCH_ARG(int64_t, num_heavy_tokens_kv);
+  TORCH_ARG(int64_t, num_routed_kv) = 1;
+  TORCH_ARG(int64_t, light_dim_head) = 64;
+  TORCH_ARG(int64_t, light_heads) = 8;
+  // Height and width of the square windows of the light self attention; must
+  // divide the feature map's height and width.
+  TORCH_ARG(int64_t, light_window_size) = 128;
+  TORCH_ARG(int64_t, heavy_dim_head) = 64;
+  TORCH_ARG(int64_t, heavy_heads) = 8;
+  TORCH_ARG(bool, router_straight_through) = true;
+  TORCH_ARG(RouterKwargs, router_kwargs) = {};
+  TORCH_ARG(bool, multiply_keys_by_score) = false;
+  TORCH_ARG(bool, multiply_queries_by_score) = false;
+  TORCH_ARG(bool, use_triton) = false;
+  TORCH_ARG(bool, use_null_q_tokens) = true;
+  TORCH_ARG(bool, use_flash_attn) = false;
+  // Inputs (b, dim, h, w) instead of (b, h, w, dim); the output has the input's layout.
+  TORCH_ARG(bool, channel_first) = false;
+};
+
+// Light branch: SelfAttention (RMSNorm prenorm) inside each w x w window.
+// Heavy branch: queries and key/values routed over all h * w tokens of the
+// map (the reference routes inside each light window, which fails whenever a
+// window holds no more tokens than num_heavy_tokens). Parameter names as the
+// reference: light_attn.*, null_q_token, q_router.routing_token,
+// kv_router.routing_token, heavy_attn.*.
+class ConditionalRoutedImageAttentionImpl : public torch::nn::Cloneable<ConditionalRoutedImageAttentionImpl> {
+ public:
+  explicit ConditionalRoutedImageAttentionImpl(const ConditionalRoutedImageAttentionOptions& options);
+  void reset() override;
+  void pretty_print(std::ostream& stream) const override;
+
+  // x: (b, h, w, dim), or (b, dim, h, w) with channel_first.
+  // mask: bool (b, h, w) or (b, h * w), true = a real position; masked
+  // positions are neither routed as keys/values nor (when possible) as queries.
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask = {},
+                        c10::optional<int64_t> num_heavy_tokens_q = c10::nullopt,
+                        c10::optional<int64_t> num_heavy_tokens_kv = c10::nullopt);
+
+  ConditionalRoutedImageAttentionOptions options;
+  SelfAttention light_attn{nullptr};
+  torch::Tensor null_q_token;  // (dim); undefined without use_null_q_tokens
+  CoordinateDescentRouter q_router{nullptr};
+  CoordinateDescentRouter kv_router{nullptr};
+  Attention heavy_attn{nullptr};
+};
+TORCH_MODULE(ConditionalRoutedImageAttention);
+
+// ---------------------------------------------------------------- ViT
+
+// 2-D sine-cosine position embedding of a (b, h, w, dim) patch grid: (h, w, dim)
+// in the dtype and on the device of patches. dim must be a multiple of 4 and
+// at least 8.
+torch::Tensor posemb_sincos_2d(const torch::Tensor& patches, double temperature = 10000.0);
+
+struct ConditionalRoutedViTOptions {
+  ConditionalRoutedViTOptions(torch::ExpandingArray<2> image_size, torch::ExpandingArray<2> patch_size,
+                              int64_t num_classes, int64_t dim, int64_t depth)
+      : image_size_(image_size), patch_size_(patch_size), num_classes_(num_classes), dim_(dim), depth_(depth) {}
+  TORCH_ARG(torch::ExpandingArray<2>, image_size);
+  TORCH_ARG(torch::ExpandingArray<2>, patch_size);
+  TORCH_ARG(int64_t, num_classes);
+  TORCH_ARG(int64_t, dim);
+  TORCH_ARG(int64_t, depth);
+  // Required, as in the reference (which has no defaults for them): 0 means
+  // "not set" and is rejected.
+  TORCH_ARG(int64_t, attn_num_heavy_tokens_q) = 0;
+  TORCH_ARG(int64_t, attn_num_heavy_tokens_kv) = 0;
+  TORCH_ARG(int64_t, attn_heavy_dim_head) = 0;
+  TORCH_ARG(int64_t, attn_heavy_heads) = 0;
+  TORCH_ARG(int64_t, attn_light_dim_head) = 0;
+  TORCH_ARG(int64_t, attn_light_heads) = 0;
+  TORCH_ARG(int64_t, attn_light_window_size) = 0;
+  TORCH_ARG(int64_t, ff_num_heavy_tokens) = 0;
+  TORCH_ARG(double, ff_heavy_mult) = 0;
+  TORCH_ARG(double, ff_light_mult) = 0;
+  TORCH_ARG(int64_t, channels) = 3;
+  TORCH_ARG(bool, router_straight_through) = true;
+  // Every field but eps applies; the routers' eps is default_coor_descent_eps
+  // (the reference's router_kwargs = {'eps': default_coor_descent_eps, **router_kwargs}).
+  TORCH_ARG(RouterKwargs, router_kwargs) = {};
+  TORCH_ARG(bool, router_use_triton) = false;
+  TORCH_ARG(bool, flash_attn) = true;
+  TORCH_ARG(int64_t, attn_num_routed_kv) = 1;
+  TORCH_ARG(double, default_coor_descent_eps) = 1.0;
+};
+
+// The ViT's stack of layers: `layers`, a list of [image attention, routed
+// feedforward] pairs. x: (b, h, w, dim) -> same shape.
+class ConditionalRoutedViTTransformerImpl : public torch::nn::Cloneable<ConditionalRoutedViTTransformerImpl> {
+ public:
+  explicit ConditionalRoutedViTTransformerImpl(const ConditionalRoutedViTOptions& options);
+  void reset() override;
+
+  torch::Tensor forward(const torch::Tensor& x);
+
+  ConditionalRoutedViTOptions options;
+  torch::nn::ModuleList layers{nullptr};
+};
+TORCH_MODULE(ConditionalRoutedViTTransformer);
+
+// Patch embedding (LayerNorm, Linear, LayerNorm) plus 2-D sin-cos positions;
+// per layer x = image_attn(x) + x, x = routed_ff(x) + x; mean pool, LayerNorm,
+// Linear head. Parameter names as the reference: to_patch_embedding.{1,2,3}.*,
+// transformer.layers.<i>.0.* (image attention), transformer.layers.<i>.1.*
+// (routed feedforward), linear_head.{1,2}.*.
+class ConditionalRoutedViTImpl : public torch::nn::Cloneable<ConditionalRoutedViTImpl> {
+ public:
+  explicit ConditionalRoutedViTImpl(const ConditionalRoutedViTOptions& options);
+  void reset() override;
+  void pretty_print(std::ostream& stream) const override;
+
+  // img: (b, channels, image_h, image_w) -> logits (b, num_classes).
+  torch::Tensor forward(const torch::Tensor& img);
+
+  ConditionalRoutedViTOptions options;
+  torch::nn::Sequential to_patch_embedding{nullptr};
+  ConditionalRoutedViTTransformer transformer{nullptr};
+  torch::nn::Sequential linear_head{nullptr};
+};
+TORCH_MODULE(ConditionalRoutedViT);
+
+}  // namespace nn
+}  // namespace colt5
