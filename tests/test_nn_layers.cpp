@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "colt5/nn/attention.h"
+#include "colt5/nn/image.h"
 #include "colt5/nn/layers.h"
 #include "colt5/nn/local_attention.h"
 
@@ -497,6 +498,158 @@ TEST(NnLayers, LocalMHABadInputsNameTheProblem) {
   LocalAttention core(LocalAttentionOptions(4));
   auto t = torch::randn({1, 6, 4});
   expect_error([&] { core(t, t, t); }, "divisible by the window size");
+}
+
+// ---------------------------------------------------------------- image attention
+
+ConditionalRoutedImageAttentionOptions small_image_attn(int64_t dim, int64_t heavy_q, int64_t heavy_kv, int64_t window) {
+  return ConditionalRoutedImageAttentionOptions(dim, heavy_q, heavy_kv)
+      .light_dim_head(8)
+      .light_heads(2)
+      .light_window_size(window)
+      .heavy_dim_head(8)
+      .heavy_heads(2)
+      .router_kwargs(RouterKwargs().eps(1.0));
+}
+
+TEST(NnLayers, ImageAttentionReadmeShapeReduced) {
+  torch::manual_seed(10);
+  // The README's example at reduced size: channels first, 64 heavy tokens of 1024.
+  ConditionalRoutedImageAttention attn(small_image_attn(32, 64, 64, 8).channel_first(true));
+  auto fmap = torch::randn({1, 32, 32, 32});
+  torch::Tensor out;
+  {
+    torch::NoGradGuard no_grad;
+    out = attn(fmap);
+  }
+  EXPECT_EQ(out.sizes(), (std::vector<int64_t>{1, 32, 32, 32}));
+  EXPECT_TRUE(torch::isfinite(out).all().item<bool>());
+  // Heavy tokens outnumbering a window's 16 tokens: routing is over the whole map.
+  ConditionalRoutedImageAttention small_windows(small_image_attn(32, 64, 64, 4).channel_first(true));
+  torch::NoGradGuard no_grad;
+  EXPECT_EQ(small_windows(fmap).sizes(), (std::vector<int64_t>{1, 32, 32, 32}));
+  // Channels last gives the same numbers, laid out the other way.
+  attn->options.channel_first(false);
+  auto out_last = attn(fmap.permute({0, 2, 3, 1}).contiguous());
+  EXPECT_EQ(out_last.sizes(), (std::vector<int64_t>{1, 32, 32, 32}));
+  EXPECT_LT(rel_err(out_last.permute({0, 3, 1, 2}), out), 1e-5);
+}
+
+TEST(NnLayers, ImageAttentionParameterNames) {
+  ConditionalRoutedImageAttention attn(small_image_attn(16, 4, 4, 2));
+  EXPECT_EQ(param_names(*attn),
+            (std::set<std::string>{"light_attn.norm.gamma", "light_attn.to_qkv.weight", "light_attn.to_out.weight",
+                                   "null_q_token", "q_router.routing_token", "kv_router.routing_token",
+                                   "heavy_attn.norm.gamma", "heavy_attn.null_kv", "heavy_attn.to_q.weight",
+                                   "heavy_attn.to_kv.weight", "heavy_attn.to_out.weight"}));
+}
+
+TEST(NnLayers, ImageAttentionIsWindowedLightPlusWholeMapHeavy) {
+  torch::manual_seed(11);
+  // Enough heavy tokens for every position: no routing, so the heavy branch is
+  // dense attention over the whole map and the sum can be written directly.
+  const int64_t b = 2, H = 4, W = 6, d = 16, ws = 2;
+  ConditionalRoutedImageAttention attn(small_image_attn(d, H * W, H * W, ws));
+  attn->to(torch::kDouble);
+  randomize(*attn);
+  auto x = torch::randn({b, H, W, d}, torch::kDouble);
+  auto got = attn(x);
+  auto want = torch::zeros({b, H, W, d}, torch::kDouble);
+  for (int64_t i = 0; i < H; i += ws)
+    for (int64_t j = 0; j < W; j += ws) {
+      auto win = x.slice(1, i, i + ws).slice(2, j, j + ws).reshape({b, ws * ws, d});
+      want.slice(1, i, i + ws).slice(2, j, j + ws) = attn->light_attn(win).reshape({b, ws, ws, d});
+    }
+  auto tokens = x.reshape({b, H * W, d});
+  want += attn->heavy_attn->forward(tokens, tokens, {}, torch::ones({b, H * W}, torch::kDouble)).reshape({b, H, W, d});
+  EXPECT_LT(rel_err(got, want), 1e-12);
+
+  // With routing: masks as (b, h, w) or (b, h * w) agree, output finite.
+  auto routed = ConditionalRoutedImageAttention(small_image_attn(d, 6, 8, ws));
+  routed->to(torch::kDouble);
+  auto mask = torch::rand({b, H, W}) > 0.3;
+  auto a = routed(x, mask);
+  auto c = routed(x, mask.reshape({b, H * W}));
+  EXPECT_TRUE(torch::equal(a, c));
+  EXPECT_TRUE(torch::isfinite(a).all().item<bool>());
+}
+
+TEST(NnLayers, ImageAttentionBadInputsNameTheProblem) {
+  ConditionalRoutedImageAttention attn(small_image_attn(16, 4, 4, 4));
+  expect_error([&] { attn(torch::randn({1, 16, 16})); }, "4-D feature map");
+  expect_error([&] { attn(torch::randn({1, 8, 6, 16})); }, "multiples of light_window_size 4");
+  expect_error([&] { attn(torch::randn({1, 8, 8, 12})); }, "channels");
+  expect_error([&] { attn(torch::randn({1, 8, 8, 16}), torch::ones({1, 8, 7}, torch::kBool)); }, "mask must be");
+  expect_error([] { ConditionalRoutedImageAttention(small_image_attn(16, 4, 4, 4).num_routed_kv(3)); },
+               "divisible by num_routed_kv");
+}
+
+// ---------------------------------------------------------------- ViT
+
+ConditionalRoutedViTOptions small_vit() {
+  return ConditionalRoutedViTOptions(64, 16, 10, 32, 2)
+      .attn_num_heavy_tokens_q(8)
+      .attn_num_heavy_tokens_kv(8)
+      .attn_heavy_dim_head(8)
+      .attn_heavy_heads(2)
+      .attn_light_dim_head(8)
+      .attn_light_heads(2)
+      .attn_light_window_size(2)
+      .ff_num_heavy_tokens(8)
+      .ff_heavy_mult(4)
+      .ff_light_mult(2);
+}
+
+TEST(NnLayers, PosembSincos2dFormula) {
+  auto pe = posemb_sincos_2d(torch::zeros({1, 3, 5, 16}, torch::kDouble));
+  ASSERT_EQ(pe.sizes(), (std::vector<int64_t>{3, 5, 16}));
+  EXPECT_EQ(pe.scalar_type(), torch::kDouble);
+  for (int64_t k = 0; k < 4; ++k) {
+    const double omega = 1.0 / std::pow(10000.0, k / 3.0);
+    EXPECT_NEAR(pe[2][4][k].item<double>(), std::sin(4 * omega), 1e-6);
+    EXPECT_NEAR(pe[2][4][4 + k].item<double>(), std::cos(4 * omega), 1e-6);
+    EXPECT_NEAR(pe[2][4][8 + k].item<double>(), std::sin(2 * omega), 1e-6);
+    EXPECT_NEAR(pe[2][4][12 + k].item<double>(), std::cos(2 * omega), 1e-6);
+  }
+  expect_error([] { posemb_sincos_2d(torch::zeros({1, 2, 2, 6})); }, "multiple of 4");
+}
+
+TEST(NnLayers, ViTShapeNamesAndGradientsReachEveryParameter) {
+  torch::manual_seed(12);
+  // A large coordinate-descent eps keeps the selected scores below saturation,
+  // where they (and so the routing tokens) have a non-zero gradient.
+  ConditionalRoutedViT vit(small_vit().default_coor_descent_eps(20.0));
+  auto names = param_names(*vit);
+  for (const char* key :
+       {"to_patch_embedding.1.weight", "to_patch_embedding.1.bias", "to_patch_embedding.2.weight",
+        "to_patch_embedding.2.bias", "to_patch_embedding.3.weight", "to_patch_embedding.3.bias",
+        "transformer.layers.0.0.null_q_token", "transformer.layers.0.0.light_attn.to_qkv.weight",
+        "transformer.layers.0.0.heavy_attn.to_kv.weight", "transformer.layers.1.0.kv_router.routing_token",
+        "transformer.layers.0.1.router.routing_token", "transformer.layers.1.1.light_ff.1.bias",
+        "transformer.layers.1.1.heavy_ff.3.weight", "linear_head.1.weight", "linear_head.1.bias",
+        "linear_head.2.weight", "linear_head.2.bias"})
+    EXPECT_EQ(names.count(key), 1u) << key;
+  EXPECT_EQ(vit->transformer->layers->size(), 2u);
+
+  auto img = torch::randn({2, 3, 64, 64});
+  auto logits = vit(img);
+  ASSERT_EQ(logits.sizes(), (std::vector<int64_t>{2, 10}));
+  EXPECT_TRUE(torch::isfinite(logits).all().item<bool>());
+  (logits * torch::randn_like(logits)).sum().backward();
+  for (const auto& p : vit->named_parameters()) {
+    ASSERT_TRUE(p.value().grad().defined()) << p.key();
+    EXPECT_TRUE(torch::isfinite(p.value().grad()).all().item<bool>()) << p.key();
+    EXPECT_GT(p.value().grad().abs().max().item<double>(), 0.0) << p.key();
+  }
+}
+
+TEST(NnLayers, ViTBadInputsNameTheProblem) {
+  ConditionalRoutedViT vit(small_vit());
+  expect_error([&] { vit(torch::randn({1, 1, 64, 64})); }, "img must be (batch, 3, height, width)");
+  expect_error([&] { vit(torch::randn({1, 3, 60, 64})); }, "divisible by the patch size");
+  expect_error([] { ConditionalRoutedViT(ConditionalRoutedViTOptions(64, 16, 10, 32, 1)); },
+               "attn_num_heavy_tokens_q must be set");
+  expect_error([] { ConditionalRoutedViT(small_vit().image_size(60)); }, "divisible by the patch size");
 }
 
 }  // namespace
