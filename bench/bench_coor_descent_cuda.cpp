@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <functional>
 #include <string>
+#include <utility>
 #include <stdexcept>
 #include <vector>
 
@@ -206,6 +207,37 @@ int main(int argc, char** argv) {
     table.push_back({name, kern, api, plain, w});
     std::printf("  %-28s kernel %8.4f ms  api %8.4f ms  plain %8.3f ms\n", name, kern, api, plain);
     std::fflush(stdout);
+  }
+  // Variants: the cap on the cluster size (1: one block per row).
+  std::printf("\nforward kernel ms by cluster-size cap (COLT5_CD_MAX_CLUSTER):\n%-20s", "rows x cols");
+  const int caps[] = {1, 2, 4, 8, 16};
+  for (int c : caps) std::printf(" %9d", c);
+  std::printf("\n");
+  for (auto shape : {std::pair<int64_t, int64_t>{16, 32768}, {64, 4096}, {8, 16384}, {4, 131072}}) {
+    torch::Tensor s = torch::randn({shape.first, shape.second}, dev);
+    torch::Tensor kr = torch::full({shape.first}, 9.0 / 8.0 * shape.second / 16.0, dev);
+    torch::Tensor y = torch::empty_like(s);
+    torch::Tensor saved = torch::empty({shape.first, 20}, dev.dtype(torch::kDouble));
+    torch::Tensor stats = torch::empty({shape.first, 2}, dev.dtype(torch::kDouble));
+    colt5::kernels::CoorDescentParams<float> p;
+    p.rows = shape.first;
+    p.cols = shape.second;
+    p.s = s.data_ptr<float>();
+    p.k = kr.data_ptr<float>();
+    p.n_iters = 20;
+    p.eps = 0.03;
+    p.eps_init = 4.0;
+    p.eps_decay = 0.7;
+    p.y = y.data_ptr<float>();
+    p.saved = saved.data_ptr<double>();
+    p.row_stats = stats.data_ptr<double>();
+    std::printf("%5lldx%-14lld", static_cast<long long>(shape.first), static_cast<long long>(shape.second));
+    for (int c : caps) {
+      setenv("COLT5_CD_MAX_CLUSTER", std::to_string(c).c_str(), 1);
+      std::printf(" %9.4f", kernel_ms([&](cudaStream_t s_) { colt5::kernels::coor_descent_forward_cuda<float>(p, s_); }, st));
+    }
+    unsetenv("COLT5_CD_MAX_CLUSTER");
+    std::printf("\n");
   }
   BC(cudaStreamDestroy(st));
   std::printf("\ndevice: %s\n", prop.name);

@@ -26,7 +26,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <mutex>
+#include <vector>
 #include <stdexcept>
 #include <string>
 
@@ -543,6 +546,48 @@ void allow_smem(void (*fn)(Arg, GridWork), size_t smem) {
     CD_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
 }
 
+// How many clusters of C blocks of the kernel fit on the device at once
+// (0: none), cached per kernel, size and shared memory.
+template <typename Arg>
+int active_clusters(void (*fn)(Arg, GridWork), int C, int nt, size_t smem) {
+  struct Entry {
+    const void* fn;
+    int dev, C;
+    size_t smem;
+    int n;
+  };
+  static std::mutex mu;
+  static std::vector<Entry> cache;
+  int dev = 0;
+  CD_CHECK(cudaGetDevice(&dev));
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (const Entry& e : cache)
+      if (e.fn == reinterpret_cast<const void*>(fn) && e.dev == dev && e.C == C && e.smem == smem) return e.n;
+  }
+  allow_smem(fn, smem);
+  if (C > 8) CD_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(C));
+  cfg.blockDim = dim3(nt);
+  cfg.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(C);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, fn, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();
+    n = 0;
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  cache.push_back({reinterpret_cast<const void*>(fn), dev, C, smem, n});
+  return n;
+}
+
 // Chooses the row distribution and launches one of the kernels.
 template <typename T, typename Arg>
 void launch_rows(const KernelSet<Arg>& ks, const Arg& arg, int64_t rows, int64_t cols, int64_t n_iters,
@@ -565,31 +610,32 @@ void launch_rows(const KernelSet<Arg>& ks, const Arg& arg, int64_t rows, int64_t
   const int64_t cap = static_cast<int64_t>(NT) * VPT;
   const int64_t cmin = (cols + cap - 1) / cap;
   if (cmin <= 16) {
+    // Larger clusters shorten each pass; take the largest (up to the cap,
+    // COLT5_CD_MAX_CLUSTER, default 8) that still runs all rows in one wave.
+    int64_t cap_c = 8;
+    if (const char* env = std::getenv("COLT5_CD_MAX_CLUSTER")) cap_c = std::max(1, std::min(16, std::atoi(env)));
     int64_t C = cmin;
-    while (C * 2 <= 8 && rows * C * 2 <= sms && cols / (C * 2) >= 2048) C *= 2;
+    for (int64_t c2 = cmin * 2; c2 <= cap_c && cols / c2 >= 2048 && rows * c2 <= sms; c2 *= 2)
+      if (active_clusters(ks.cluster, static_cast<int>(c2), NT, smem) >= rows) C = c2;
     if (C == 1) {
       allow_smem(ks.block, smem);
       ks.block<<<static_cast<unsigned>(rows), NT, smem, st>>>(arg, gw);
       CD_CHECK(cudaGetLastError());
       return;
     }
-    allow_smem(ks.cluster, smem);
-    if (C > 8) CD_CHECK(cudaFuncSetAttribute(ks.cluster, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>(rows * C));
-    cfg.blockDim = dim3(NT);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = st;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = static_cast<unsigned>(C);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    int nclusters = 0;
-    const cudaError_t occ = cudaOccupancyMaxActiveClusters(&nclusters, ks.cluster, &cfg);
-    if (occ == cudaSuccess && nclusters >= 1) {
+    if (active_clusters(ks.cluster, static_cast<int>(C), NT, smem) >= 1) {
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = dim3(static_cast<unsigned>(rows * C));
+      cfg.blockDim = dim3(NT);
+      cfg.dynamicSmemBytes = smem;
+      cfg.stream = st;
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeClusterDimension;
+      attr[0].val.clusterDim.x = static_cast<unsigned>(C);
+      attr[0].val.clusterDim.y = 1;
+      attr[0].val.clusterDim.z = 1;
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
       gw.nblk = static_cast<int>(C);
       CD_CHECK(cudaLaunchKernelEx(&cfg, ks.cluster, arg, gw));
       return;

@@ -25,9 +25,9 @@ torch::Device cuda() { return torch::Device(torch::kCUDA, 0); }
 // ||a - b|| / ||b|| in float64 on the CPU (0 when both are 0).
 double rel_err(const torch::Tensor& a, const torch::Tensor& b) {
   torch::Tensor x = a.detach().to(torch::kCPU, torch::kDouble), y = b.detach().to(torch::kCPU, torch::kDouble);
-  const double den = y.norm().item<double>();
+  // A floor on the denominator for references that are zero up to rounding.
+  const double den = std::max(y.norm().item<double>(), 1e-6);
   const double num = (x - y).norm().item<double>();
-  if (den == 0) return num;
   return num / den;
 }
 
@@ -92,12 +92,13 @@ void check_case(const Case& c) {
   ASSERT_TRUE(torch::isfinite(got.gk).all().item<bool>());
   EXPECT_LE(rel_err(got.y, ref.y), 1e-5);
   EXPECT_LE(rel_err(got.gs, ref.gs), 1e-4);
-  // Per-row k gradients.
+  // Per-row k gradients, relative to the row's own value or, where that is
+  // small (it is a sum over iterations that can cancel), to the rows' mean.
   torch::Tensor gk = got.gk.to(torch::kCPU, torch::kDouble), gk_ref = ref.gk;
   const double scale = gk_ref.abs().mean().item<double>() + 1e-12;
   for (int64_t r = 0; r < c.rows; ++r) {
     const double a = gk[r].item<double>(), b = gk_ref[r].item<double>();
-    EXPECT_LE(std::abs(a - b), 1e-4 * (std::abs(b) + 1e-3 * scale)) << "row " << r;
+    EXPECT_LE(std::abs(a - b), 1e-4 * std::max(std::abs(b), scale)) << "row " << r << " mean |gk| " << scale;
   }
   if (mask.defined()) {
     torch::Tensor m = mask_d.logical_not();
@@ -170,14 +171,20 @@ TEST(CoorDescentCuda, FullyMaskedRowsGiveZeros) {
     torch::Tensor mask = torch::zeros({3, cols}, torch::TensorOptions().dtype(torch::kBool).device(cuda()));
     mask[1].fill_(true);
     torch::Tensor y = colt5::coor_descent(s, 3.0, router_options(), mask);
-    (y * torch::randn_like(y)).sum().backward();
+    torch::Tensor gy = torch::randn_like(y);
+    (y * gy).sum().backward();
+    torch::Tensor s_ref = s.detach().to(torch::kCPU, torch::kDouble).requires_grad_(true);
+    torch::Tensor y_ref = colt5::coor_descent(s_ref, 3.0, router_options(), mask.cpu());
+    (y_ref * gy.to(torch::kCPU, torch::kDouble)).sum().backward();
     ASSERT_TRUE(torch::isfinite(y).all().item<bool>());
     ASSERT_TRUE(torch::isfinite(s.grad()).all().item<bool>());
     EXPECT_EQ(y[0].abs().max().item<float>(), 0.0f);
     EXPECT_EQ(y[2].abs().max().item<float>(), 0.0f);
     EXPECT_EQ(s.grad()[0].abs().max().item<float>(), 0.0f);
     EXPECT_EQ(s.grad()[2].abs().max().item<float>(), 0.0f);
-    EXPECT_NEAR(y[1].sum().item<float>(), 3.0, 0.1);
+    EXPECT_LE(rel_err(y[1], y_ref[1]), 1e-5);
+    EXPECT_LE(rel_err(s.grad()[1], s_ref.grad()[1]), 1e-4);
+    EXPECT_EQ(y_ref[0].abs().max().item<double>(), 0.0);
   }
 }
 
