@@ -4,17 +4,24 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(COLT5_NO_CLONES)
-// An AVX2/FMA clone next to the baseline one, chosen at load time.
-#define COLT5_VECTOR_CLONES __attribute__((target_clones("arch=haswell", "default")))
+// An AVX2 clone next to the baseline one, chosen by CPU features at load time.
+#define COLT5_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define COLT5_VECTOR_CLONES
 #endif
+// Inlined into each clone, so the loops vectorize for the clone's target.
+#if defined(__GNUC__)
+#define COLT5_ALWAYS_INLINE __attribute__((always_inline))
+#else
+#define COLT5_ALWAYS_INLINE
+#endif
+#define COLT5_INLINE inline COLT5_ALWAYS_INLINE
 
 namespace colt5 {
 namespace kernels {
@@ -27,31 +34,40 @@ double eps_at(double eps_init, double eps, double eps_decay, int64_t t) {
 
 namespace {
 
-// exp(x) for x <= 0 in float, relative error about 2e-7, 0 below -87.
-inline float exp_nonpos(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float t = x * 1.44269504088896341f;
+// Vectors of 8 floats (GCC vector extensions): one AVX register in the AVX2
+// clone, two SSE registers in the baseline one.
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef uint8_t u8x8 __attribute__((vector_size(8)));
+
+inline int32_t to_int(float x) { return static_cast<int32_t>(x); }
+inline i32x8 to_int(f32x8 x) { return __builtin_convertvector(x, i32x8); }
+
+// exp(x) for x <= 0 in float (a float or a vector of them), relative error
+// about 2e-7; x is clamped at -87 (exp(-87) = 1.6e-38, negligible against the 1
+// of the largest entry).
+template <typename V>
+COLT5_INLINE V exp_nonpos(V x) {
+  x = x < -87.0f ? V{} - 87.0f : x;
+  const V t = x * 1.44269504088896341f;
   // Round to nearest through the float mantissa (valid for |t| < 2^22).
-  const float n = (t + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693359375f;
+  const V n = (t + 12582912.0f) - 12582912.0f;
+  V r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  V p = V{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  int32_t bits;
-  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  std::memcpy(&bits, &p, sizeof bits);
-  bits += e - (127 << 23);
-  float out;
-  std::memcpy(&out, &bits, sizeof out);
-  return out;
+  using I = decltype(to_int(n));
+  const I bits = __builtin_bit_cast(I, p) + to_int(n) * (1 << 23);
+  return __builtin_bit_cast(V, bits);
 }
 
-inline double exp_nonpos(double x) { return std::exp(x); }
+template <>
+COLT5_INLINE double exp_nonpos(double x) { return std::exp(x); }
 
 template <typename T>
 struct RowView {
@@ -80,63 +96,121 @@ void row_stats(const RowView<T>& r, T& smax, int64_t& count) {
   count = c;
 }
 
-// Sums run in T within chunks and in double across them: float32 accuracy
-// that does not degrade with the row length, at vector speed.
-constexpr int64_t kChunk = 512;
-
-// sum over unmasked i of exp((min(s_i, cap) - top) * inv_eps), top = min(smax, cap).
+// Packs: the element type of the vector loops. A loop body is written once,
+// generic over its pack; the wide pack runs the bulk, the scalar one the tail.
 template <typename T>
-COLT5_VECTOR_CLONES double sum_exp_capped(const T* s, const uint8_t* m, int64_t n, T cap, T top, T inv_eps) {
-  double total = 0;
-  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-    const int64_t c1 = std::min(n, c0 + kChunk);
-    T acc = 0;
-    if (m == nullptr) {
-#pragma omp simd reduction(+ : acc)
-      for (int64_t i = c0; i < c1; ++i) acc += exp_nonpos((std::min(s[i], cap) - top) * inv_eps);
-    } else {
-#pragma omp simd reduction(+ : acc)
-      for (int64_t i = c0; i < c1; ++i) {
-        const T e = exp_nonpos((std::min(s[i], cap) - top) * inv_eps);
-        acc += m[i] ? e : T(0);
-      }
-    }
-    total += static_cast<double>(acc);
+struct ScalarPack {
+  using V = T;
+  using M = bool;
+  static constexpr int W = 1;
+  static V load(const T* p) { return *p; }
+  static void store(T* p, V v) { *p = v; }
+  static M mask(const uint8_t* m) { return *m != 0; }
+  static M all() { return true; }
+  static double total(V v) { return static_cast<double>(v); }
+};
+
+struct FloatPack {
+  using V = f32x8;
+  using M = i32x8;
+  static constexpr int W = 8;
+  static V load(const float* p) {
+    V v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
   }
+  static void store(float* p, V v) { __builtin_memcpy(p, &v, sizeof v); }
+  static M mask(const uint8_t* m) {
+    u8x8 b;
+    __builtin_memcpy(&b, m, sizeof b);
+    return __builtin_convertvector(b, i32x8) != 0;
+  }
+  static M all() { return M{} == 0; }
+  static double total(V v) {
+    float s = 0;
+    for (int j = 0; j < W; ++j) s += v[j];
+    return s;
+  }
+};
+
+template <typename T>
+struct Wide {
+  using type = ScalarPack<T>;
+};
+template <>
+struct Wide<float> {
+  using type = FloatPack;
+};
+
+template <typename V>
+COLT5_INLINE V vmin(V a, V b) {
+  return a < b ? a : b;
+}
+
+template <typename P, typename kMasked>
+COLT5_INLINE typename P::M mask_at(const uint8_t* m, int64_t i) {
+  if constexpr (kMasked::value) return P::mask(m + i); else return P::all();
+}
+
+// sum over i in [0, n) of body(Pack, i) (a pack of values starting at i):
+// sums run in T within chunks of 512 (two accumulators) and in double across
+// them, so float32 accuracy does not degrade with the row length.
+template <typename T, typename F>
+COLT5_INLINE double pack_sum(int64_t n, F&& body) {
+  using P = typename Wide<T>::type;
+  using S = ScalarPack<T>;
+  constexpr int64_t kChunk = 512;  // a multiple of 2 * P::W
+  const int64_t bulk = n - n % (2 * P::W);
+  double total = 0;
+  int64_t i = 0;
+  while (i < bulk) {
+    const int64_t end = std::min(bulk, i + kChunk);
+    typename P::V acc0{}, acc1{};
+    for (; i < end; i += 2 * P::W) {
+      acc0 += body(P{}, i);
+      acc1 += body(P{}, i + P::W);
+    }
+    total += P::total(acc0 + acc1);
+  }
+  for (; i < n; ++i) total += S::total(body(S{}, i));
   return total;
 }
 
+// sum over unmasked i of exp((min(s_i, cap) - top) * inv_eps), top = min(smax, cap).
+template <typename T, typename kMasked>
+COLT5_VECTOR_CLONES double sum_exp_capped(const T* s, const uint8_t* m, int64_t n, T cap, T top, T inv_eps) {
+  return pack_sum<T>(n, [&](auto pk, int64_t i) COLT5_ALWAYS_INLINE {
+    using P = decltype(pk);
+    using V = typename P::V;
+    const V e = exp_nonpos((vmin(P::load(s + i), V{} + cap) - top) * inv_eps);
+    return mask_at<P, kMasked>(m, i) ? e : V{};
+  });
+}
+
 // y_i = exp(min(s_i + a, 0) / eps_final), 0 where masked; s_i + a in double.
-template <typename T>
+template <typename T, typename kMasked>
 COLT5_VECTOR_CLONES void write_output(const T* s, const uint8_t* m, int64_t n, double a, double inv_eps, T* y) {
-#pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const T x = static_cast<T>(std::min(static_cast<double>(s[i]) + a, 0.0) * inv_eps);
     const T e = exp_nonpos(x);
-    y[i] = (m == nullptr || m[i]) ? e : T(0);
+    y[i] = (!kMasked::value || m[i]) ? e : T(0);
   }
 }
 
 // Backward of the output and of the last b_T = -relu(s + a_T):
 //   du = gy * y / eps_f;  ds = du - [s + a_T > 0] du;  returns sum(ds) (= da_T).
-template <typename T>
+template <typename T, typename kMasked>
 COLT5_VECTOR_CLONES double backward_last(const T* s, const uint8_t* m, int64_t n, const T* y, const T* gy, T a,
                                          T inv_eps_f, T* ds) {
-  double total = 0;
-  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-    const int64_t c1 = std::min(n, c0 + kChunk);
-    T acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = c0; i < c1; ++i) {
-      const T du = gy[i] * y[i] * inv_eps_f;
-      const T v = (s[i] + a > T(0)) ? T(0) : du;
-      const T keep = (m == nullptr || m[i]) ? v : T(0);
-      ds[i] = keep;
-      acc += keep;
-    }
-    total += static_cast<double>(acc);
-  }
-  return total;
+  return pack_sum<T>(n, [&](auto pk, int64_t i) COLT5_ALWAYS_INLINE {
+    using P = decltype(pk);
+    using V = typename P::V;
+    const V du = P::load(gy + i) * P::load(y + i) * inv_eps_f;
+    const V v = (P::load(s + i) + a > T(0)) ? V{} : du;
+    const V kept = mask_at<P, kMasked>(m, i) ? v : V{};
+    P::store(ds + i, kept);
+    return kept;
+  });
 }
 
 // Backward through iteration t+1's softmax and iteration t's relu:
@@ -144,27 +218,25 @@ COLT5_VECTOR_CLONES double backward_last(const T* s, const uint8_t* m, int64_t n
 //         shift = L_{t+1} - top / eps_{t+1})
 //   g_i = -c p_i  (= grad of b_t);  ds_i += g_i - [s_i + a_t > 0] g_i
 //   returns sum of -[s_i + a_t > 0] g_i  (= da_t).
-template <typename T>
+template <typename T, typename kMasked>
 COLT5_VECTOR_CLONES double backward_step(const T* s, const uint8_t* m, int64_t n, T a_t, T top, T inv_eps_next,
                                          T shift, T c, T* ds) {
-  double total = 0;
   const T cap = -a_t;
-  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-    const int64_t c1 = std::min(n, c0 + kChunk);
-    T acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = c0; i < c1; ++i) {
-      const T p = exp_nonpos((std::min(s[i], cap) - top) * inv_eps_next - shift);
-      const T g = -c * p;
-      const T dv = (s[i] + a_t > T(0)) ? -g : T(0);
-      const bool keep = m == nullptr || m[i];
-      ds[i] += keep ? g + dv : T(0);
-      acc += keep ? dv : T(0);
-    }
-    total += static_cast<double>(acc);
-  }
-  return total;
+  return pack_sum<T>(n, [&](auto pk, int64_t i) COLT5_ALWAYS_INLINE {
+    using P = decltype(pk);
+    using V = typename P::V;
+    const V sv = P::load(s + i);
+    const V p = exp_nonpos((vmin(sv, V{} + cap) - top) * inv_eps_next - shift);
+    const V g = mask_at<P, kMasked>(m, i) ? p * -c : V{};
+    const V dv = (sv + a_t > T(0)) ? -g : V{};
+    P::store(ds + i, P::load(ds + i) + g + dv);
+    return dv;
+  });
 }
+
+// Calls the masked or unmasked form of a vector loop.
+#define COLT5_MASKED_CALL(m, fn, ...) \
+  ((m) ? fn<T, std::true_type>(__VA_ARGS__) : fn<T, std::false_type>(__VA_ARGS__))
 
 template <typename T>
 RowView<T> row_view(const CoorDescentParams<T>& p, int64_t row) {
@@ -187,7 +259,8 @@ double iterate(const RowState<T>& st, double a_prev, bool first, double eps_t) {
   if (first) return eps_t * (st.logk - std::log(static_cast<double>(st.count)));
   const T cap = static_cast<T>(-a_prev);
   const T top = std::min(st.smax, cap);
-  const double sum = sum_exp_capped(st.r.s, st.r.m, st.r.n, cap, top, static_cast<T>(1.0 / eps_t));
+  const double sum =
+      COLT5_MASKED_CALL(st.r.m, sum_exp_capped, st.r.s, st.r.m, st.r.n, cap, top, static_cast<T>(1.0 / eps_t));
   const double lse = static_cast<double>(top) / eps_t + std::log(sum);
   return eps_t * (st.logk - lse);
 }
@@ -252,7 +325,7 @@ void coor_descent_forward_cpu(const CoorDescentParams<T>& p, int64_t row_begin, 
         a = run_iterations(p, st, a, t0, t1, nullptr);
       }
     }
-    write_output(st.r.s, st.r.m, st.r.n, a, inv_eps_f, y);
+    COLT5_MASKED_CALL(st.r.m, write_output, st.r.s, st.r.m, st.r.n, a, inv_eps_f, y);
   }
 }
 
@@ -288,16 +361,16 @@ void coor_descent_backward_cpu(const CoorDescentBackwardParams<T>& bp, int64_t r
     const T* y = p.y + row * p.cols;
     const T* gy = bp.grad_y + row * p.cols;
     // da_T = sum(du) - sum(h du): the output reads a_T directly and through b_T.
-    double da = backward_last(st.r.s, st.r.m, st.r.n, y, gy, static_cast<T>(iterates[T_]),
-                              static_cast<T>(1.0 / eps[T_ + 1]), ds);
+    double da = COLT5_MASKED_CALL(st.r.m, backward_last, st.r.s, st.r.m, st.r.n, y, gy,
+                                  static_cast<T>(iterates[T_]), static_cast<T>(1.0 / eps[T_ + 1]), ds);
     double dlogk = da * eps[T_];
     for (int64_t t = T_ - 1; t >= 1; --t) {
       const double a_t = iterates[t];
       // L_{t+1} = logk - a_{t+1} / eps_{t+1}, split as top / eps_{t+1} + shift.
       const T top = std::min(st.smax, static_cast<T>(-a_t));
       const double shift = st.logk - iterates[t + 1] / eps[t + 1] - static_cast<double>(top) / eps[t + 1];
-      da = backward_step(st.r.s, st.r.m, st.r.n, static_cast<T>(a_t), top, static_cast<T>(1.0 / eps[t + 1]),
-                         static_cast<T>(shift), static_cast<T>(da), ds);
+      da = COLT5_MASKED_CALL(st.r.m, backward_step, st.r.s, st.r.m, st.r.n, static_cast<T>(a_t), top,
+                             static_cast<T>(1.0 / eps[t + 1]), static_cast<T>(shift), static_cast<T>(da), ds);
       dlogk += da * eps[t];
     }
     // Iteration 1's softmax is uniform and b_0 = -s: their contributions cancel.
