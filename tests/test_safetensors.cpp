@@ -458,6 +458,7 @@ TEST(SafetensorsMalformed, DuplicateNames) {
                   "duplicate tensor name 'a'");
   expect_rejected(make_file(R"({"a":{"dtype":"U8","dtype":"I8","shape":[1],"data_offsets":[0,1]}})", "x"),
                   "duplicate key \"dtype\"");
+  expect_rejected(make_file(R"({"__metadata__":{"a":"1"},"__metadata__":{"a":"2"}})"), "duplicate key \"__metadata__\"");
 }
 
 TEST(SafetensorsMalformed, MetadataNotStrings) {

@@ -166,7 +166,7 @@ Header parse_header_json(const char* json, size_t length, uint64_t data_size) {
       case Json::parse_event_t::key: {
         const auto& key = parsed.get_ref<const std::string&>();
         if (!keys.back().insert(key).second) {
-          if (keys.size() == 1) fail("duplicate tensor name '", key, "' in the header");
+          if (keys.size() == 1 && key != "__metadata__") fail("duplicate tensor name '", key, "' in the header");
           fail("duplicate key \"", key, "\" in the header");
         }
         break;
