@@ -143,6 +143,8 @@ RouterOutput CoordinateDescentRouterImpl::forward(const torch::Tensor& x, int64_
   torch::Tensor s = toks.dim() == 2 ? torch::matmul(xn, tn.t()).transpose(1, 2)
                                     : torch::matmul(tn, xn.transpose(1, 2));
   if (o.cosine_sim_routing()) s = s * o.cosine_sim_scale();
+  // Routing math (coordinate descent, the top-k and its tie-break) in float32 at least.
+  if (s.scalar_type() == torch::kHalf || s.scalar_type() == torch::kBFloat16) s = s.to(torch::kFloat32);
   s = s.reshape({rows * r, len});
   torch::Tensor mflat;
   if (ms.defined()) mflat = ms.unsqueeze(1).expand({rows, r, len}).reshape({rows * r, len});
