@@ -46,7 +46,7 @@ void ConditionalRoutedImageAttentionImpl::reset() {
                                                                .dim_head(o.light_dim_head())
                                                                .heads(o.light_heads())
                                                                .prenorm(true)
-                                                               .use_flash(false)));
+                                                               .use_flash(true)));
   null_q_token = torch::Tensor();
   if (o.use_null_q_tokens()) null_q_token = register_parameter("null_q_token", torch::randn({o.dim()}));
   q_router = register_module("q_router",
