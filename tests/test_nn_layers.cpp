@@ -440,7 +440,8 @@ TEST(NnLayers, LocalMHAMatchesNaiveFloat64) {
 TEST(NnLayers, LocalMHACausalOutputsIgnoreTheFuture) {
   torch::manual_seed(7);
   for (bool exact : {false, true}) {
-    LocalMHA mha(autoregressive_light(16, 4).exact_windowsize(exact).use_rotary_pos_emb(true));
+    // Rotary on, with xpos scaling for the exact-window variant.
+    LocalMHA mha(autoregressive_light(16, 4).exact_windowsize(exact).use_rotary_pos_emb(true).use_xpos(exact));
     auto x = torch::randn({1, 13, 16});
     auto y = mha(x);
     for (int64_t t : {12, 7, 4, 1}) {
