@@ -1,5 +1,11 @@
 # LibTorch: from CMAKE_PREFIX_PATH (Debian's libtorch-dev is found by default;
 # for a PyTorch install pass -DCMAKE_PREFIX_PATH=$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)')).
+# A CUDA LibTorch adds nvcc flags for its own architecture list (down to
+# compute_50, which nvcc 13 rejects) unless given one: our kernels target
+# Hopper with PTX for newer GPUs (COLT5_CUDA_ARCHS).
+if(NOT DEFINED TORCH_CUDA_ARCH_LIST AND NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST})
+  set(TORCH_CUDA_ARCH_LIST "9.0")
+endif()
 find_package(Torch REQUIRED)
 # TorchConfig finds some libraries (c10, ...) with default search paths first,
 # so a second LibTorch installed system-wide (Debian's) can shadow the one
