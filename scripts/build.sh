@@ -20,6 +20,10 @@ case "$variant" in
   *) echo "build.sh: unknown variant '$variant' (main, cpu or deb113)" >&2; exit 2 ;;
 esac
 mkdir -p build
+# nvcc from the CUDA toolkit's usual place when it is not on PATH.
+if ! command -v nvcc >/dev/null && [ -z "${CUDACXX:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDACXX=/usr/local/cuda/bin/nvcc
+fi
 dir=build/$variant
 if [ ! -f "$dir/build.ninja" ]; then
   cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release "${args[@]}" >"$dir.configure.log" 2>&1 \

@@ -11,5 +11,16 @@ for variant in ${COLT5_TEST_VARIANTS:-main deb113}; do
   bash scripts/build.sh "$variant" -j"$jobs"
   echo "== test $variant"
   (cd "build/$variant" && ctest -L cpu --output-on-failure -j"$jobs" --timeout 1200)
+  if [ "$variant" = main ]; then
+    echo "== install and build a find_package(colt5) consumer"
+    rm -rf build/main-install build/consumer
+    cmake --install build/main --prefix build/main-install >/dev/null
+    prefix=$("${PYTHON:-python3}" -c 'import torch; print(torch.utils.cmake_prefix_path)' 2>/dev/null)
+    cmake -S examples/consumer -B build/consumer -G Ninja -DCMAKE_BUILD_TYPE=Release \
+      -DCMAKE_PREFIX_PATH="$PWD/build/main-install;$prefix" >build/consumer.configure.log 2>&1 \
+      || { cat build/consumer.configure.log; exit 1; }
+    ninja -C build/consumer
+    build/consumer/consumer
+  fi
 done
 echo "== all tests passed"
