@@ -170,6 +170,7 @@ inline void validate(const TrainConfig& t, const ModelConfig& m) {
                 " pair(s) must sit more than two light windows before the query; use at least --seq-len " +
                 str(2 * m.light_window_size + 2 + 2 * t.task_pairs + 1));
   } else {
+    require(m.vocab_size == 256, "a byte-level text model needs vocabulary 256, got " + str(m.vocab_size));
     require(t.train_frac > 0 && t.valid_frac > 0 && t.train_frac + t.valid_frac < 1,
             "--split fractions must be positive and leave room for a test split");
   }

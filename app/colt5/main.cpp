@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <iostream>
 #include <limits>
@@ -225,6 +226,14 @@ int run_bench(ModelConfig m, int64_t batch, int64_t seq_len, int iters, int warm
 }  // namespace
 
 int main(int argc, char** argv) {
+  // LibTorch's OpenMP threads spin while waiting for work by default. On a
+  // machine whose cores are also busy with other processes, spinning threads
+  // take the cores from each other and training runs several times slower.
+  // The wait policy is read once when the OpenMP runtime loads, so it is set
+  // here and the program starts itself again; OMP_WAIT_POLICY=active restores
+  // spinning.
+  if (std::getenv("OMP_WAIT_POLICY") == nullptr && ::setenv("OMP_WAIT_POLICY", "passive", 1) == 0)
+    ::execv("/proc/self/exe", argv);
   CLI::App app{"colt5: CoLT5 conditionally routed attention and feedforward — train, evaluate, sample, benchmark"};
   app.require_subcommand(1);
   int threads = 0;
