@@ -308,6 +308,10 @@ class Trainer {
       load_optimizer(resume_ckpt + "/optimizer.safetensors", *model, opt);
     }
 
+    if (start_step == 0 && is_directory(o_.out_dir) && !list_checkpoints(o_.out_dir).empty())
+      throw UsageError("run directory '" + o_.out_dir + "' already holds checkpoints (newest " +
+                       list_checkpoints(o_.out_dir).back() + "); continue with --resume " + o_.out_dir +
+                       " or choose another --out");
     make_dirs(o_.out_dir);
     const std::string metrics_path = o_.out_dir + "/metrics.csv", plot_path = o_.out_dir + "/loss.svg";
     std::vector<MetricsRow> rows;
