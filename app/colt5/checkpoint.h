@@ -230,7 +230,14 @@ inline std::string save_checkpoint(const std::string& run_dir, int64_t step, tor
                                    nlohmann::json state, int keep = 2) {
   make_dirs(run_dir);
   for (const auto& n : list_dir(run_dir))
-    if (n.rfind(".tmp-ckpt-", 0) == 0) remove_tree(run_dir + "/" + n);
+    if (n.rfind(".tmp-ckpt-", 0) == 0 || n.rfind(".old-ckpt-", 0) == 0) remove_tree(run_dir + "/" + n);
+  // A checkpoint is taken out of sight by a rename before it is deleted, so a
+  // kill during the deletion never leaves a half-deleted ckpt-* behind.
+  auto discard = [&](const std::string& dir) {
+    const std::string name = dir.substr(dir.find_last_of('/') + 1);
+    const std::string gone = run_dir + "/.old-" + name + "-" + std::to_string(::getpid());
+    if (std::rename(dir.c_str(), gone.c_str()) == 0) remove_tree(gone);
+  };
   const std::string final_dir = run_dir + "/" + checkpoint_name(step);
   const std::string tmp = run_dir + "/.tmp-" + checkpoint_name(step) + "-" + std::to_string(::getpid());
   make_dirs(tmp);
@@ -241,12 +248,12 @@ inline std::string save_checkpoint(const std::string& run_dir, int64_t step, tor
   write_file_atomic(tmp + "/state.json", state.dump(2) + "\n");
   write_file_atomic(tmp + "/complete", std::to_string(step) + "\n");
   fsync_path(tmp);
-  if (is_directory(final_dir)) remove_tree(final_dir);
+  if (is_directory(final_dir)) discard(final_dir);
   if (std::rename(tmp.c_str(), final_dir.c_str()) != 0)
     throw std::runtime_error("cannot move checkpoint into '" + final_dir + "': " + std::strerror(errno));
   fsync_path(run_dir);
   auto all = list_checkpoints(run_dir);
-  for (size_t i = 0; i + static_cast<size_t>(keep) < all.size(); ++i) remove_tree(all[i]);
+  for (size_t i = 0; i + static_cast<size_t>(keep) < all.size(); ++i) discard(all[i]);
   return final_dir;
 }
 
