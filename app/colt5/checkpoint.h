@@ -11,6 +11,8 @@
 #include <torch/torch.h>
 #include <ATen/CPUGeneratorImpl.h>
 
+#include "nn/compat.h"
+
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -184,7 +186,7 @@ inline void save_optimizer(const std::string& path, torch::nn::Module& model, to
   std::vector<std::pair<std::string, torch::Tensor>> tensors;
   auto& state = opt.state();
   for (const auto& p : model.named_parameters()) {
-    auto it = state.find(p.value().unsafeGetTensorImpl());
+    auto it = state.find(compat::optimizer_state_key(p.value()));
     if (it == state.end()) continue;
     auto& s = static_cast<torch::optim::AdamWParamState&>(*it->second);
     tensors.emplace_back("exp_avg/" + p.key(), s.exp_avg().to(torch::kCPU));
@@ -214,7 +216,7 @@ inline void load_optimizer(const std::string& path, torch::nn::Module& model, to
     s->step(data.at(st).item<int64_t>());
     s->exp_avg(data.at(m).to(p.value().device(), p.value().scalar_type()).clone());
     s->exp_avg_sq(data.at(v).to(p.value().device(), p.value().scalar_type()).clone());
-    state[p.value().unsafeGetTensorImpl()] = std::move(s);
+    state[compat::optimizer_state_key(p.value())] = std::move(s);
   }
   if (data.contains("rng/cpu")) {
     at::Generator gen = at::detail::getDefaultCPUGenerator();

@@ -203,7 +203,11 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     mask = torch::constant_pad_nd(mask, {1, 0}, 1);
   }
 
-  auto out = attend(q, k, v, mask, options.use_flash());
+  // Under autocast the projections come out in the low precision while the
+  // routing scores and rotary factors are float32: bring q, k, v to one dtype
+  // (autocast then runs the attention in its own).
+  const auto common = at::promote_types(at::promote_types(q.scalar_type(), k.scalar_type()), v.scalar_type());
+  auto out = attend(q.to(common), k.to(common), v.to(common), mask, options.use_flash());
   out = out.transpose(1, 2).reshape({batch, n, h * dh});
   return to_out->forward(out.to(x.scalar_type()));
 }

@@ -47,7 +47,9 @@ torch::Tensor scatter_queries(const CoordinateDescentRouter& router, const torch
                               const torch::Tensor& like, const torch::Tensor& routed_out,
                               const torch::Tensor& indices) {
   torch::Tensor base = null_q_token.defined() ? null_q_token.view({1, 1, -1}).expand_as(like) : torch::zeros_like(like);
-  return router->route_back(base, routed_out, indices);
+  // Under autocast the heavy outputs may be in a lower precision than base.
+  const auto dt = at::promote_types(base.scalar_type(), routed_out.scalar_type());
+  return router->route_back(base.to(dt), routed_out.to(dt), indices);
 }
 
 // Rotary frequencies at the given positions: [b, k] -> [b, 1, k, d]; [b, r, k] -> [b, r, 1, k, d].
@@ -112,7 +114,8 @@ torch::Tensor ConditionalRoutedFeedForwardImpl::forward(const torch::Tensor& x, 
   if (!r.indices.defined()) return light_out + routed_out;
   // light_out plus the heavy outputs at the routed positions (indices of a row are distinct).
   auto idx = r.indices.unsqueeze(-1).expand_as(routed_out);
-  return light_out.scatter_add(1, idx, routed_out);
+  const auto dt = at::promote_types(light_out.scalar_type(), routed_out.scalar_type());  // differ under autocast
+  return light_out.to(dt).scatter_add(1, idx, routed_out.to(dt));
 }
 
 

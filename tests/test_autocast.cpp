@@ -1,0 +1,84 @@
+// Modules under bf16 autocast (on the CPU here; the same code path as CUDA's):
+// the routing math stays float32 and the results stay close to float32 ones.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "colt5/nn/conditional.h"
+#include "nn/compat.h"
+
+namespace {
+
+class CpuAutocast {
+ public:
+  CpuAutocast()
+      : enabled_(colt5::compat::autocast_enabled(at::kCPU)), dtype_(colt5::compat::autocast_dtype(at::kCPU)) {
+    colt5::compat::set_autocast(at::kCPU, true, at::kBFloat16);
+  }
+  ~CpuAutocast() {
+    at::autocast::clear_cache();
+    colt5::compat::set_autocast(at::kCPU, enabled_, dtype_);
+  }
+
+ private:
+  bool enabled_;
+  at::ScalarType dtype_;
+};
+
+double rel_err(const torch::Tensor& a, const torch::Tensor& b) {
+  return (a.to(torch::kDouble) - b.to(torch::kDouble)).abs().max().item<double>() /
+         b.to(torch::kDouble).abs().max().item<double>();
+}
+
+}  // namespace
+
+TEST(Autocast, TransformerBlockUnderBFloat16Autocast) {
+  using namespace colt5::nn;
+  torch::manual_seed(21);
+  ConditionalRoutedTransformerBlock block(ConditionalRoutedTransformerBlockOptions(64, 32, 32, 32)
+                                              .light_dim_head(16)
+                                              .light_heads(2)
+                                              .light_window_size(16)
+                                              .heavy_dim_head(16)
+                                              .heavy_heads(4)
+                                              .num_routed_kv(2)
+                                              .router_kwargs(RouterKwargs().eps(1.0)));
+  torch::Tensor x = torch::randn({2, 200, 64});
+  torch::Tensor mask = torch::rand({2, 200}) > 0.1;
+  torch::Tensor ref = block->forward(x, mask).detach();
+  torch::Tensor xa = x.clone().requires_grad_(true);
+  torch::Tensor out;
+  {
+    CpuAutocast autocast;
+    out = block->forward(xa, mask);
+  }
+  EXPECT_TRUE(torch::isfinite(out).all().item<bool>());
+  EXPECT_LT(rel_err(out.detach(), ref), 0.05);
+  out.to(torch::kFloat).sum().backward();
+  ASSERT_TRUE(xa.grad().defined());
+  EXPECT_TRUE(torch::isfinite(xa.grad()).all().item<bool>());
+}
+
+TEST(Autocast, AutoregressiveAndCrossAttentionUnderBFloat16Autocast) {
+  using namespace colt5::nn;
+  torch::manual_seed(22);
+  ConditionalRoutedAutoregressiveAttention ar(ConditionalRoutedAutoregressiveAttentionOptions(32, 4, 24)
+                                                  .light_dim_head(8)
+                                                  .light_heads(2)
+                                                  .light_window_size(16)
+                                                  .heavy_dim_head(8)
+                                                  .heavy_heads(4)
+                                                  .num_routed_kv(2)
+                                                  .rotary_emb(true));
+  ConditionalRoutedCrossAttention cross(
+      ConditionalRoutedCrossAttentionOptions(32, 16, 32).dim_head(8).heads(4).kv_routing_tokens(2));
+  torch::Tensor x = torch::randn({2, 128, 32}), ctx = torch::randn({2, 300, 32});
+  torch::Tensor ref_ar = ar->forward(x).detach(), ref_cross = cross->forward(x, ctx).detach();
+  torch::Tensor out_ar, out_cross;
+  {
+    CpuAutocast autocast;
+    out_ar = ar->forward(x);
+    out_cross = cross->forward(x, ctx);
+  }
+  EXPECT_LT(rel_err(out_ar.detach(), ref_ar), 0.05);
+  EXPECT_LT(rel_err(out_cross.detach(), ref_cross), 0.05);
+}
