@@ -314,18 +314,18 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward(const torch:
                              .narrow(1, 1, windows - 1)
                              .reshape({rows, w});
 
-  // Keys/values: the whole padded sequence for each window, masked to the windows before it.
-  torch::Tensor kv = xp.unsqueeze(1).expand({b, windows - 1, padded, d}).reshape({rows, padded, d});
+  // Keys/values: for each window, the whole padded sequence masked to the
+  // windows before it — one view of each row per window, routed without
+  // copying the sequence per window.
   torch::Tensor kv_mask = torch::ones({windows, windows}, bool_opts)
                               .tril(-1)
                               .narrow(0, 1, windows - 1)
                               .repeat_interleave(w, 1)
                               .unsqueeze(0)
-                              .expand({b, windows - 1, padded})
-                              .reshape({rows, padded});
+                              .expand({b, windows - 1, padded});
 
   RouterOutput rq = q_router(q, kq, q_mask, random_route);
-  RouterOutput rkv = kv_router(kv, kkv, kv_mask, random_route);
+  RouterOutput rkv = kv_router(xp, kkv, kv_mask, random_route);
 
   std::pair<torch::Tensor, torch::Tensor> rotary;
   if (rotary_emb) {

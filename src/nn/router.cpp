@@ -76,9 +76,11 @@ RouterOutput CoordinateDescentRouterImpl::forward(const torch::Tensor& x, int64_
   if (mask.defined()) {
     TORCH_CHECK(mask.scalar_type() == torch::kBool, "CoordinateDescentRouter: mask must be bool, got ",
                 mask.scalar_type());
-    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == x.size(0) && mask.size(1) == x.size(1),
-                "CoordinateDescentRouter: mask must be [batch, seq] = [", x.size(0), ", ", x.size(1), "], got ",
-                mask.sizes());
+    TORCH_CHECK((mask.dim() == 2 || mask.dim() == 3) && mask.size(0) == x.size(0) && mask.size(-1) == x.size(1),
+                "CoordinateDescentRouter: mask must be [batch, seq] = [", x.size(0), ", ", x.size(1),
+                "] (or [batch, views, seq]), got ", mask.sizes());
+    TORCH_CHECK(mask.dim() == 2 || !o.route_block_size(),
+                "CoordinateDescentRouter: a mask of several views cannot be combined with route_block_size");
     TORCH_CHECK(mask.device() == x.device(), "CoordinateDescentRouter: mask is on ", mask.device(), " but x is on ",
                 x.device());
   }
@@ -104,17 +106,24 @@ RouterOutput CoordinateDescentRouterImpl::forward(const torch::Tensor& x, int64_
 
   const int64_t b = x.size(0), n = x.size(1), d = x.size(2);
   const bool has_route_dim = keep_one_route_dim || r != 1;
+  // A [batch, views, seq] mask routes each row once per view: output row
+  // i * views + v routes row i of x under mask[i, v].
+  const bool viewed = mask.defined() && mask.dim() == 3;
+  const int64_t views = viewed ? mask.size(1) : 1;
+  const int64_t b_out = b * views;
 
   RouterOutput out;
   if (n <= num_tokens) {
+    torch::Tensor xv = !viewed ? x : x.unsqueeze(1).expand({b, views, n, d}).reshape({b_out, n, d});
+    torch::Tensor mv = mask.defined() ? mask.reshape({b_out, n}) : mask;
     if (has_route_dim) {
-      out.scores = torch::ones({b, r, n}, x.options());
-      out.routed_tokens = x.unsqueeze(1).expand({b, r, n, d});
-      if (mask.defined()) out.routed_mask = mask.unsqueeze(1).expand({b, r, n});
+      out.scores = torch::ones({b_out, r, n}, x.options());
+      out.routed_tokens = xv.unsqueeze(1).expand({b_out, r, n, d});
+      if (mv.defined()) out.routed_mask = mv.unsqueeze(1).expand({b_out, r, n});
     } else {
-      out.scores = torch::ones({b, n}, x.options());
-      out.routed_tokens = x;
-      out.routed_mask = mask;
+      out.scores = torch::ones({b_out, n}, x.options());
+      out.routed_tokens = xv;
+      out.routed_mask = mv;
     }
     return out;
   }
@@ -145,9 +154,15 @@ RouterOutput CoordinateDescentRouterImpl::forward(const torch::Tensor& x, int64_
   if (o.cosine_sim_routing()) s = s * o.cosine_sim_scale();
   // Routing math (coordinate descent, the top-k and its tie-break) in float32 at least.
   if (s.scalar_type() == torch::kHalf || s.scalar_type() == torch::kBFloat16) s = s.to(torch::kFloat32);
-  s = s.reshape({rows * r, len});
   torch::Tensor mflat;
-  if (ms.defined()) mflat = ms.unsqueeze(1).expand({rows, r, len}).reshape({rows * r, len});
+  if (viewed) {
+    // The scores of a row are the same in every view; only the mask differs.
+    s = s.unsqueeze(1).expand({rows, views, r, len}).reshape({rows * views * r, len});
+    mflat = ms.unsqueeze(2).expand({rows, views, r, len}).reshape({rows * views * r, len});
+  } else {
+    s = s.reshape({rows * r, len});
+    if (ms.defined()) mflat = ms.reshape({rows, len}).unsqueeze(1).expand({rows, r, len}).reshape({rows * r, len});
+  }
 
   const double effective_k = std::min(static_cast<double>(k) * o.fetch_k_ratio(), static_cast<double>(len));
   auto cd = CoorDescentOptions()
@@ -172,14 +187,14 @@ RouterOutput CoordinateDescentRouterImpl::forward(const torch::Tensor& x, int64_
   }
 
   // [rows * r, k] -> [b, (r,) num_blocks * k], with whole-sequence indices.
-  indices = indices.view({b, num_blocks, r, k});
-  selected = selected.view({b, num_blocks, r, k});
+  indices = indices.view({b_out, num_blocks, r, k});
+  selected = selected.view({b_out, num_blocks, r, k});
   if (num_blocks > 1 || o.route_block_size()) {
     auto offsets = torch::arange(num_blocks, indices.options()).mul_(*o.route_block_size());
     indices = indices + offsets.view({1, num_blocks, 1, 1});
   }
-  indices = indices.permute({0, 2, 1, 3}).reshape({b, r, num_blocks * k});
-  selected = selected.permute({0, 2, 1, 3}).reshape({b, r, num_blocks * k});
+  indices = indices.permute({0, 2, 1, 3}).reshape({b_out, r, num_blocks * k});
+  selected = selected.permute({0, 2, 1, 3}).reshape({b_out, r, num_blocks * k});
   if (!has_route_dim) {
     indices = indices.squeeze(1);
     selected = selected.squeeze(1);
@@ -188,8 +203,15 @@ RouterOutput CoordinateDescentRouterImpl::forward(const torch::Tensor& x, int64_
   // Gather from the whole sequence of each batch row.
   out.indices = indices;
   out.scores = selected.to(x.scalar_type());
-  out.routed_tokens = gather_rows(x, indices);
-  if (mask.defined()) out.routed_mask = gather_rows(mask, indices);
+  if (!viewed) {
+    out.routed_tokens = gather_rows(x, indices);
+    if (mask.defined()) out.routed_mask = gather_rows(mask, indices);
+  } else {
+    std::vector<int64_t> shape = indices.sizes().vec();
+    shape.push_back(d);
+    out.routed_tokens = gather_rows(x, indices.reshape({b, -1})).view(shape);
+    out.routed_mask = gather_rows(mask.reshape({b_out, n}), indices);
+  }
   return out;
 }
 
