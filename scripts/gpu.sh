@@ -28,7 +28,7 @@ if ! cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_P
     -DCOLT5_BUILD_APPS=OFF >"$logs/configure.log" 2>&1; then
   tail -40 "$logs/configure.log"; exit 1
 fi
-targets=(colt5_cuda_tests bench_coor_descent_cuda)
+targets=(colt5_cuda_tests bench_coor_descent_cuda bench_modules_cuda)
 [ "${COLT5_GPU_CPU_TESTS:-0}" = 1 ] && targets+=(colt5_tests)
 stamp "build ${targets[*]} with $(nproc) jobs"
 if ! ninja -C "$build" -j"$(nproc)" "${targets[@]}" >"$logs/build.log" 2>&1; then
@@ -48,12 +48,15 @@ if [ "${COLT5_GPU_BENCH:-1}" = 1 ]; then
   stamp "bench_coor_descent_cuda"
   "$build/bench_coor_descent_cuda" >"$logs/bench.txt" 2>&1
   bench_rc=$?
+  stamp "bench_modules_cuda"
+  "$build/bench_modules_cuda" >"$logs/bench_modules.txt" 2>&1 || bench_rc=1
 fi
 stamp "done"
 {
   echo "== CUDA tests (rc $cuda_rc)"
   grep -E "tests passed|Failed|\*\*\*|Expected|Which is|rel_err|seed=|Value of|Actual" "$logs/ctest_cuda.log" | head -60
   [ "$cpu_rc" != - ] && { echo "== CPU tests (rc $cpu_rc)"; grep -E "tests passed|\(Failed\)|\*\*\*" "$logs/ctest_cpu.log" | head -20; }
-  [ "$bench_rc" != - ] && { echo "== benchmark (rc $bench_rc)"; sed -n '/^device:/,$p' "$logs/bench.txt"; }
+  [ "$bench_rc" != - ] && { echo "== benchmark (rc $bench_rc)"; sed -n '/^device:/,$p' "$logs/bench.txt";
+    echo; cat "$logs/bench_modules.txt"; }
 } | tee "$logs/summary.txt"
 [ "$cuda_rc" = 0 ] && [ "$cpu_rc" != 1 ] && [ "$bench_rc" != 1 ]
