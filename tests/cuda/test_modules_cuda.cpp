@@ -131,3 +131,22 @@ TEST(CudaModules, ImageAttentionAndVitAtTheReadmeSizes) {
   torch::Tensor fmap = torch::randn({1, 32, 256, 256}, torch::TensorOptions(cuda()));
   EXPECT_EQ(attn->forward(fmap).sizes(), fmap.sizes());
 }
+
+TEST(CudaModules, VitAtTheReadmeSize) {
+  torch::manual_seed(17);
+  ConditionalRoutedViT vit(ConditionalRoutedViTOptions(256, 32, 1000, 1024, 6)
+                               .attn_num_heavy_tokens_q(16)
+                               .attn_num_heavy_tokens_kv(16)
+                               .attn_heavy_dim_head(64)
+                               .attn_heavy_heads(8)
+                               .attn_light_window_size(4)
+                               .attn_light_dim_head(32)
+                               .attn_light_heads(4)
+                               .ff_num_heavy_tokens(16)
+                               .ff_heavy_mult(4)
+                               .ff_light_mult(2));
+  vit->to(cuda());
+  torch::Tensor logits = vit->forward(torch::randn({1, 3, 256, 256}, torch::TensorOptions(cuda())));
+  EXPECT_EQ(logits.sizes(), (std::vector<int64_t>{1, 1000}));
+  EXPECT_TRUE(torch::isfinite(logits).all().item<bool>());
+}
