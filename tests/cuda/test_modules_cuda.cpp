@@ -96,7 +96,11 @@ TEST(CudaModules, BFloat16BlockRunsWithFloat32Routing) {
   torch::Tensor xb = x.to(torch::kBFloat16).requires_grad_(true);
   torch::Tensor out = block->forward(xb);
   EXPECT_EQ(out.scalar_type(), torch::kBFloat16);
-  EXPECT_LT(rel_err(out, ref), 0.1);
+  // bf16 rounding flips the routing of a few tokens near the top-k boundary, which
+  // changes those tokens' outputs entirely: compare in norm, and count large deviations.
+  torch::Tensor diff = out.to(torch::kFloat) - ref;
+  EXPECT_LT((diff.norm() / ref.norm()).item<double>(), 0.05);
+  EXPECT_LT((diff.abs() > 0.1 * ref.abs().max()).to(torch::kFloat).mean().item<double>(), 0.01);
   out.to(torch::kFloat).sum().backward();
   EXPECT_TRUE(torch::isfinite(xb.grad().to(torch::kFloat)).all().item<bool>());
 }
