@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "colt5/nn/layers.h"
+#include "nn/compat.h"
 
 namespace colt5 {
 namespace nn {
@@ -165,21 +166,16 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
   auto bq_k = look_around(positions, back, fwd, -1).unsqueeze(-2);  // (1, w, 1, j)
   auto pad_mask = bq_k.eq(-1);
 
-  auto sim = torch::matmul(bq, bk.transpose(-1, -2));
-  const double mask_value = most_negative(sim.scalar_type());
-
+  // Everything a query may not see, as one boolean (1 or B, windows, i or 1, j):
+  // padding slots, the causal or exact-window limits, and padded keys.
+  torch::Tensor hidden = pad_mask;
   if (options.causal()) {
     auto causal_mask = bq_t.lt(bq_k);
     if (options.exact_windowsize()) causal_mask = causal_mask.logical_or(bq_t.gt(bq_k + ws * back));
-    sim = sim.masked_fill(causal_mask, mask_value);
+    hidden = hidden.logical_or(causal_mask);
   }
-
-  if (!options.causal() && options.exact_windowsize()) {
-    auto window_mask = (bq_k - ws * fwd).gt(bq_t).logical_or(bq_t.gt(bq_k + ws * back)).logical_or(pad_mask);
-    sim = sim.masked_fill(window_mask, mask_value);
-  } else {
-    sim = sim.masked_fill(pad_mask, mask_value);
-  }
+  if (!options.causal() && options.exact_windowsize())
+    hidden = hidden.logical_or((bq_k - ws * fwd).gt(bq_t).logical_or(bq_t.gt(bq_k + ws * back)));
 
   if (mask_in.defined()) {
     TORCH_CHECK(mask_in.scalar_type() == at::kBool, "LocalAttention: mask must be a bool tensor, got ",
@@ -194,11 +190,34 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
     auto mask = options.autopad() ? pad_to_multiple(mask_in, ws, -1, 0) : mask_in;
     mask = look_around(mask.view({mask_in.size(0), windows, ws}), back, fwd, 0).unsqueeze(-2);
     mask = mask.repeat_interleave(h, 0);
-    sim = sim.masked_fill(mask.logical_not(), mask_value);
+    hidden = hidden.logical_or(mask.logical_not());
   }
 
-  auto attn = sim.softmax(-1);
-  auto out = torch::matmul(attn, bv).reshape({B, n, d});
+  // Hidden entries take the most negative finite value, as in the reference:
+  // a query that sees nothing averages its whole look-around uniformly.
+  const double mask_value = most_negative(bq.scalar_type());
+  torch::Tensor out;
+#if COLT5_HAS_SDPA
+  if (bq.scalar_type() != torch::kDouble) {
+    // Fused attention with an additive mask (q is already scaled). Its value is
+    // finite in bf16 too, where autocast may cast it: bf16's most negative value
+    // for float32 and bf16, float16's for float16.
+    const double fill = bq.scalar_type() == torch::kHalf ? mask_value : most_negative(torch::kBFloat16);
+    torch::Tensor additive = torch::zeros(hidden.sizes(), bq.options()).masked_fill_(hidden, fill);
+    out = at::scaled_dot_product_attention(bq, bk, bv, additive, 0.0, false, 1.0);
+    if (mask_in.defined()) {
+      // A query that sees nothing: the reference's softmax over equal values is
+      // a uniform average of the look-around, and no gradient reaches q or k.
+      torch::Tensor blind = hidden.all(-1, /*keepdim=*/true);
+      out = torch::where(blind, bv.mean(-2, /*keepdim=*/true), out);
+    }
+    out = out.reshape({B, n, d});
+  }
+#endif
+  if (!out.defined()) {
+    auto sim = torch::matmul(bq, bk.transpose(-1, -2)).masked_fill(hidden, mask_value);
+    out = torch::matmul(sim.softmax(-1), bv).reshape({B, n, d});
+  }
   if (n != orig_n) out = out.narrow(1, 0, orig_n);
   return out.reshape(q_in.sizes());
 }
