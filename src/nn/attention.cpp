@@ -4,20 +4,11 @@
 #include <limits>
 
 #include "nn/compat.h"
+#include "nn/masking.h"
 
 namespace colt5 {
 namespace nn {
 namespace {
-
-double most_negative(at::ScalarType t) {
-  switch (t) {
-    case at::kDouble: return -std::numeric_limits<double>::max();
-    case at::kFloat: return -std::numeric_limits<float>::max();
-    case at::kHalf: return -static_cast<double>(std::numeric_limits<c10::Half>::max());
-    case at::kBFloat16: return -static_cast<double>(std::numeric_limits<c10::BFloat16>::max());
-    default: TORCH_CHECK(false, "attention: unsupported dtype ", t);
-  }
-}
 
 void check_floating(const torch::Tensor& t, const char* who, const char* name) {
   TORCH_CHECK(t.defined(), who, ": ", name, " is undefined");

@@ -6,20 +6,11 @@
 
 #include "colt5/nn/layers.h"
 #include "nn/compat.h"
+#include "nn/masking.h"
 
 namespace colt5 {
 namespace nn {
 namespace {
-
-double most_negative(at::ScalarType t) {
-  switch (t) {
-    case at::kDouble: return -std::numeric_limits<double>::max();
-    case at::kFloat: return -std::numeric_limits<float>::max();
-    case at::kHalf: return -static_cast<double>(std::numeric_limits<c10::Half>::max());
-    case at::kBFloat16: return -static_cast<double>(std::numeric_limits<c10::BFloat16>::max());
-    default: TORCH_CHECK(false, "LocalAttention: unsupported dtype ", t);
-  }
-}
 
 // x: (B, windows, ...). Each window is joined (along dim 2) with its
 // `backward` predecessors and `forward` successors; windows beyond the ends
