@@ -39,6 +39,7 @@ namespace {
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef uint8_t u8x8 __attribute__((vector_size(8)));
+typedef double f64x8 __attribute__((vector_size(64)));
 
 inline int32_t to_int(float x) { return static_cast<int32_t>(x); }
 inline i32x8 to_int(f32x8 x) { return __builtin_convertvector(x, i32x8); }
@@ -77,24 +78,6 @@ struct RowView {
   bool keep(int64_t i) const { return m == nullptr || m[i] != 0; }
 };
 
-// Max of the unmasked scores and their count.
-template <typename T>
-void row_stats(const RowView<T>& r, T& smax, int64_t& count) {
-  T mx = -std::numeric_limits<T>::infinity();
-  int64_t c = 0;
-  if (r.m == nullptr) {
-    for (int64_t i = 0; i < r.n; ++i) mx = std::max(mx, r.s[i]);
-    c = r.n;
-  } else {
-    for (int64_t i = 0; i < r.n; ++i)
-      if (r.m[i]) {
-        mx = std::max(mx, r.s[i]);
-        ++c;
-      }
-  }
-  smax = mx;
-  count = c;
-}
 
 // Packs: the element type of the vector loops. A loop body is written once,
 // generic over its pack; the wide pack runs the bulk, the scalar one the tail.
@@ -108,6 +91,11 @@ struct ScalarPack {
   static M mask(const uint8_t* m) { return *m != 0; }
   static M all() { return true; }
   static double total(V v) { return static_cast<double>(v); }
+  static T hmax(V v) { return v; }
+  // min(s + a, 0) * inv_eps computed in double.
+  static V shifted(V s, double a, double inv_eps) {
+    return static_cast<T>(std::min(static_cast<double>(s) + a, 0.0) * inv_eps);
+  }
 };
 
 struct FloatPack {
@@ -130,6 +118,16 @@ struct FloatPack {
     float s = 0;
     for (int j = 0; j < W; ++j) s += v[j];
     return s;
+  }
+  static float hmax(V v) {
+    float s = v[0];
+    for (int j = 1; j < W; ++j) s = v[j] > s ? v[j] : s;
+    return s;
+  }
+  static V shifted(V s, double a, double inv_eps) {
+    f64x8 d = __builtin_convertvector(s, f64x8) + a;
+    d = d < 0.0 ? d : f64x8{};
+    return __builtin_convertvector(d * inv_eps, f32x8);
   }
 };
 
@@ -187,14 +185,56 @@ COLT5_VECTOR_CLONES double sum_exp_capped(const T* s, const uint8_t* m, int64_t 
   });
 }
 
+// body(Pack, i) for each pack of the row, the tail one by one.
+template <typename T, typename F>
+COLT5_INLINE void pack_for(int64_t n, F&& body) {
+  using P = typename Wide<T>::type;
+  int64_t i = 0;
+  for (; i + P::W <= n; i += P::W) body(P{}, i);
+  for (; i < n; ++i) body(ScalarPack<T>{}, i);
+}
+
 // y_i = exp(min(s_i + a, 0) / eps_final), 0 where masked; s_i + a in double.
 template <typename T, typename kMasked>
 COLT5_VECTOR_CLONES void write_output(const T* s, const uint8_t* m, int64_t n, double a, double inv_eps, T* y) {
-  for (int64_t i = 0; i < n; ++i) {
-    const T x = static_cast<T>(std::min(static_cast<double>(s[i]) + a, 0.0) * inv_eps);
-    const T e = exp_nonpos(x);
-    y[i] = (!kMasked::value || m[i]) ? e : T(0);
+  pack_for<T>(n, [&](auto pk, int64_t i) COLT5_ALWAYS_INLINE {
+    using P = decltype(pk);
+    using V = typename P::V;
+    const V e = exp_nonpos(P::shifted(P::load(s + i), a, inv_eps));
+    P::store(y + i, mask_at<P, kMasked>(m, i) ? e : V{});
+  });
+}
+
+// Max of the unmasked scores, their count, and whether they are all finite.
+template <typename T, typename kMasked>
+COLT5_VECTOR_CLONES void row_stats(const T* s, const uint8_t* m, int64_t n, T& smax, int64_t& count, bool& finite) {
+  using P = typename Wide<T>::type;
+  typename P::V mx = typename P::V{} - std::numeric_limits<T>::infinity();
+  T mx_tail = -std::numeric_limits<T>::infinity();
+  // s * 0 is NaN exactly for infinite and NaN s; the sum carries it.
+  const double poison = pack_sum<T>(n, [&](auto pk, int64_t i) COLT5_ALWAYS_INLINE {
+    using Q = decltype(pk);
+    using V = typename Q::V;
+    const V v = Q::load(s + i);
+    const auto keep = mask_at<Q, kMasked>(m, i);
+    const V neg_inf = V{} - std::numeric_limits<T>::infinity();
+    if constexpr (std::is_same_v<Q, P>) {
+      const V cand = keep ? v : neg_inf;
+      mx = cand > mx ? cand : mx;
+    } else {
+      const T cand = keep ? v : -std::numeric_limits<T>::infinity();
+      mx_tail = cand > mx_tail ? cand : mx_tail;
+    }
+    return keep ? v * T(0) : V{};
+  });
+  smax = std::max(P::hmax(mx), mx_tail);
+  finite = !std::isnan(poison);
+  int64_t c = n;
+  if constexpr (kMasked::value) {
+    c = 0;
+    for (int64_t i = 0; i < n; ++i) c += m[i] != 0;
   }
+  count = c;
 }
 
 // Backward of the output and of the last b_T = -relu(s + a_T):
@@ -298,10 +338,17 @@ void coor_descent_forward_cpu(const CoorDescentParams<T>& p, int64_t row_begin, 
     RowState<T> st{row_view(p, row), T(0), 0, 0.0};
     T* y = p.y + row * p.cols;
     double* saved = p.saved ? p.saved + row * per_row : nullptr;
-    row_stats(st.r, st.smax, st.count);
+    bool finite = true;
+    COLT5_MASKED_CALL(st.r.m, row_stats, st.r.s, st.r.m, st.r.n, st.smax, st.count, finite);
     if (p.row_stats) {
-      p.row_stats[2 * row] = static_cast<double>(st.smax);
+      // A non-finite unmasked score marks the row with a NaN maximum (callers report it).
+      p.row_stats[2 * row] = finite ? static_cast<double>(st.smax) : std::numeric_limits<double>::quiet_NaN();
       p.row_stats[2 * row + 1] = static_cast<double>(st.count);
+    }
+    if (!finite) {
+      std::fill(y, y + p.cols, std::numeric_limits<T>::quiet_NaN());
+      if (saved) std::fill(saved, saved + per_row, 0.0);
+      continue;
     }
     if (st.count == 0) {
       std::fill(y, y + p.cols, T(0));
