@@ -3,8 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-bash scripts/build.sh main -j"$(nproc)" >/dev/null
-if [ -x build/main/colt5 ]; then
-  exec build/main/colt5 train "$@"
-fi
-exec build/main/colt5-demo "$@"
+bash scripts/build.sh main -j"$(nproc)" colt5-cli >/dev/null
+exec build/main/colt5 train "$@"
