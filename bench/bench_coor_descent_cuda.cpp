@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "colt5/coor_descent.h"
+#include "plain_coor_descent.h"
 
 #ifdef COLT5_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
@@ -44,18 +45,6 @@ namespace {
       std::exit(1);                                                                        \
     }                                                                                      \
   } while (0)
-
-torch::Tensor plain_coor_descent(const torch::Tensor& s, double k, const colt5::CoorDescentOptions& o) {
-  const double logk = std::log(k);
-  torch::Tensor a, b = -s;
-  double e = std::max(o.eps_init().value_or(o.eps()), o.eps());
-  for (int64_t i = 0; i < o.n_iters(); ++i) {
-    a = e * (logk - ((s + b) / e).logsumexp(-1, true));
-    b = -torch::relu(s + a);
-    e = std::max(e * o.eps_decay(), o.eps());
-  }
-  return ((s + a + b) / e).exp();
-}
 
 // Median milliseconds of f on the current stream, per call.
 double median_ms(const std::function<void()>& f, int warmup, int reps, cudaStream_t st) {
