@@ -64,11 +64,16 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "bench_block_cpu: %s needs a positive number\n", a.c_str());
       return 2;
     }
-    if (a == "--runs") runs = static_cast<int>(v);
-    else if (a == "--batch") batch = v;
-    else if (a == "--seq") seq = v;
-    else if (a == "--dim") dim = v;
-    else if (a == "--heavy") heavy = v;
+    if (a == "--runs")
+      runs = static_cast<int>(v);
+    else if (a == "--batch")
+      batch = v;
+    else if (a == "--seq")
+      seq = v;
+    else if (a == "--dim")
+      dim = v;
+    else if (a == "--heavy")
+      heavy = v;
     else {
       std::fprintf(stderr, "usage: bench_block_cpu [--runs N] [--batch B] [--seq N] [--dim D] [--heavy K]\n");
       return 2;
@@ -81,9 +86,10 @@ int main(int argc, char** argv) {
   auto& attn = block->conditional_attn;
   auto& ff = block->conditional_ff;
 
-  std::printf("ConditionalRoutedTransformerBlock, CPU float32, %lld x %lld x %lld, %lld heavy tokens, "
-              "%d threads, median of %d runs\n",
-              (long long)batch, (long long)seq, (long long)dim, (long long)heavy, torch::get_num_threads(), runs);
+  std::printf(
+      "ConditionalRoutedTransformerBlock, CPU float32, %lld x %lld x %lld, %lld heavy tokens, "
+      "%d threads, median of %d runs\n",
+      (long long)batch, (long long)seq, (long long)dim, (long long)heavy, torch::get_num_threads(), runs);
 
   // Routed tokens for the heavy parts alone.
   RouterOutput rq, rkv, rff;
@@ -130,8 +136,9 @@ int main(int argc, char** argv) {
               whole.fwd_bwd - sum_bwd);
   std::printf("block / light-only baseline: fwd %.2fx, fwd+bwd %.2fx\n", whole.fwd / light.fwd,
               whole.fwd_bwd / light.fwd_bwd);
-  std::printf("reference (2-core CPU, libtorch 1.13 + OpenBLAS): fwd 0.54 s, fwd+bwd 1.58 s -> "
-              "speed-up fwd %.2fx, fwd+bwd %.2fx\n",
-              0.54 / whole.fwd, 1.58 / whole.fwd_bwd);
+  std::printf(
+      "reference (2-core CPU, libtorch 1.13 + OpenBLAS): fwd 0.54 s, fwd+bwd 1.58 s -> "
+      "speed-up fwd %.2fx, fwd+bwd %.2fx\n",
+      0.54 / whole.fwd, 1.58 / whole.fwd_bwd);
   return 0;
 }

@@ -37,13 +37,13 @@ int main() {
 
 namespace {
 
-#define BC(x)                                                                              \
-  do {                                                                                     \
-    cudaError_t e_ = (x);                                                                  \
-    if (e_ != cudaSuccess) {                                                               \
-      std::fprintf(stderr, "%s failed: %s\n", #x, cudaGetErrorString(e_));                 \
-      std::exit(1);                                                                        \
-    }                                                                                      \
+#define BC(x)                                                              \
+  do {                                                                     \
+    cudaError_t e_ = (x);                                                  \
+    if (e_ != cudaSuccess) {                                               \
+      std::fprintf(stderr, "%s failed: %s\n", #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                        \
+    }                                                                      \
   } while (0)
 
 // Median milliseconds of f on the current stream, per call.
@@ -90,7 +90,12 @@ double kernel_ms(const std::function<void(cudaStream_t)>& f, cudaStream_t st) {
   if (!ok) {
     (void)cudaGetLastError();
     std::printf("  (graph capture refused: timing back-to-back launches)\n");
-    return median_ms([&] { for (int i = 0; i < R; ++i) f(st); }, 3, 40, st) / R;
+    return median_ms(
+               [&] {
+                 for (int i = 0; i < R; ++i) f(st);
+               },
+               3, 40, st) /
+           R;
   }
   const double ms = median_ms([&] { BC(cudaGraphLaunch(ge, st)); }, 3, 40, st);
   BC(cudaGraphExecDestroy(ge));
@@ -118,8 +123,9 @@ int main(int argc, char** argv) {
   BC(cudaGetDeviceProperties(&prop, 0));
   std::printf("coordinate descent on %s (%d SMs, %.0f MB L2), LibTorch %s\n", prop.name, prop.multiProcessorCount,
               prop.l2CacheSize / 1e6, TORCH_VERSION);
-  std::printf("router schedule: eps 0.03, eps_init 4, eps_decay 0.7; k = 9/8 * n/16; float32; median of CUDA-event "
-              "timings\n\n");
+  std::printf(
+      "router schedule: eps 0.03, eps_init 4, eps_decay 0.7; k = 9/8 * n/16; float32; median of CUDA-event "
+      "timings\n\n");
   const std::vector<Work> works = {
       {16, 32768, 20, false, 0.61, 4.45, 0.10}, {16, 32768, 20, true, 2.21, 7.75, 0.40},
       {16, 32768, 50, false, 0.58, -1, -1},     {16, 32768, 50, true, 6.01, -1, 1.0},
@@ -223,7 +229,8 @@ int main(int argc, char** argv) {
     std::printf("%5lldx%-14lld", static_cast<long long>(shape.first), static_cast<long long>(shape.second));
     for (int c : caps) {
       setenv("COLT5_CD_MAX_CLUSTER", std::to_string(c).c_str(), 1);
-      std::printf(" %9.4f", kernel_ms([&](cudaStream_t s_) { colt5::kernels::coor_descent_forward_cuda<float>(p, s_); }, st));
+      std::printf(" %9.4f",
+                  kernel_ms([&](cudaStream_t s_) { colt5::kernels::coor_descent_forward_cuda<float>(p, s_); }, st));
     }
     unsetenv("COLT5_CD_MAX_CLUSTER");
     std::printf("\n");
@@ -242,8 +249,9 @@ int main(int argc, char** argv) {
     std::printf("%-28s %10.4f %10.4f %10.3f %7.0fx %10s %10s %8s\n", r.work.c_str(), r.kernel, r.api, r.plain,
                 r.plain / r.kernel, tri, tgt, met);
   }
-  std::printf("(fused ms: kernels alone, CUDA-graph replay; fused API: colt5::coor_descent with autograd per call; "
-              "ratio: plain / fused ms)\n");
+  std::printf(
+      "(fused ms: kernels alone, CUDA-graph replay; fused API: colt5::coor_descent with autograd per call; "
+      "ratio: plain / fused ms)\n");
   (void)argc;
   (void)argv;
   return 0;

@@ -130,10 +130,8 @@ int main() {
     torch::Tensor q = torch::randn({2, 8, 32768, 64}, o).requires_grad_(true);
     torch::Tensor k = torch::randn({2, 8, 32768, 64}, o).requires_grad_(true);
     torch::Tensor v = torch::randn({2, 8, 32768, 64}, o).requires_grad_(true);
-    row("dense SDPA 2x8x32768x64 (baseline), bf16", "fwd+bwd", time_cuda([&] {
-          at::scaled_dot_product_attention(q, k, v).sum().backward();
-        }),
-        "32.3");
+    row("dense SDPA 2x8x32768x64 (baseline), bf16", "fwd+bwd",
+        time_cuda([&] { at::scaled_dot_product_attention(q, k, v).sum().backward(); }), "32.3");
   }
   {
     ConditionalRoutedAutoregressiveAttention attn(ConditionalRoutedAutoregressiveAttentionOptions(512, 32, 1024)

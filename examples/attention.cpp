@@ -16,10 +16,10 @@ int main(int argc, char** argv) {
   auto mask = torch::ones({2, seq}, torch::TensorOptions().dtype(torch::kBool).device(device));
 
   colt5::nn::ConditionalRoutedAttention attn(colt5::nn::ConditionalRoutedAttentionOptions(dim, heavy, heavy)
-                                                 .light_dim_head(64)       // head dimension of the light branch
+                                                 .light_dim_head(64)  // head dimension of the light branch
                                                  .light_heads(small ? 2 : 8)
-                                                 .light_window_size(128)   // local receptive field of the light branch
-                                                 .heavy_dim_head(64)       // head dimension of the heavy branch
+                                                 .light_window_size(128)  // local receptive field of the light branch
+                                                 .heavy_dim_head(64)      // head dimension of the heavy branch
                                                  .heavy_heads(small ? 2 : 8));
   attn->to(device);
 

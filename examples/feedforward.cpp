@@ -16,8 +16,8 @@ int main(int argc, char** argv) {
   auto mask = torch::ones({2, seq}, torch::TensorOptions().dtype(torch::kBool).device(device));
 
   colt5::nn::ConditionalRoutedFeedForward ff(colt5::nn::ConditionalRoutedFeedForwardOptions(dim, heavy)
-                                                 .light_ff_mult(0.5)   // hidden dimension ratio of the light branch
-                                                 .heavy_ff_mult(4));   // hidden dimension ratio of the heavy branch
+                                                 .light_ff_mult(0.5)  // hidden dimension ratio of the light branch
+                                                 .heavy_ff_mult(4));  // hidden dimension ratio of the heavy branch
   ff->to(device);
 
   torch::NoGradGuard no_grad;

@@ -17,12 +17,12 @@ int main(int argc, char** argv) {
   colt5::nn::ConditionalRoutedImageAttention attn(
       colt5::nn::ConditionalRoutedImageAttentionOptions(/*dim=*/32, /*num_heavy_tokens_q=*/heavy,
                                                         /*num_heavy_tokens_kv=*/heavy)
-          .light_dim_head(64)           // attention head dimension of the light branch
-          .light_heads(small ? 2 : 8)   // attention heads of the light branch
-          .light_window_size(window)    // height and width of the light branch's local windows
-          .channel_first(true)          // feature maps are (batch, channels, height, width)
-          .heavy_dim_head(64)           // attention head dimension of the heavy branch
-          .heavy_heads(small ? 2 : 8)); // attention heads of the heavy branch
+          .light_dim_head(64)            // attention head dimension of the light branch
+          .light_heads(small ? 2 : 8)    // attention heads of the light branch
+          .light_window_size(window)     // height and width of the light branch's local windows
+          .channel_first(true)           // feature maps are (batch, channels, height, width)
+          .heavy_dim_head(64)            // attention head dimension of the heavy branch
+          .heavy_heads(small ? 2 : 8));  // attention heads of the heavy branch
   attn->to(device);
 
   auto fmap = torch::randn({1, 32, side, side}, device);

@@ -38,7 +38,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   require(bytes.size() % 8 == 0, "header not padded to 8 bytes");
   st::Header again;
   try {
-    const uint64_t n = st::parse_header_length(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size() + h.data_size);
+    const uint64_t n =
+        st::parse_header_length(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size() + h.data_size);
     require(n + 8 == bytes.size(), "serialized header length");
     again = st::parse_header_json(bytes.data() + 8, n, h.data_size);
   } catch (const st::FormatError& e) {

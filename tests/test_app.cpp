@@ -98,7 +98,8 @@ TEST(AppText, ValidationLossFallsOnShakespeare) {
   EXPECT_EQ(r.step, 80);
   ASSERT_TRUE(std::isfinite(r.first_valid.loss));
   // Untrained, a byte costs about ln 256 = 5.5 nats; Shakespeare's letter statistics are learned within 80 steps.
-  EXPECT_LT(r.last_valid.loss, r.first_valid.loss - 0.5) << "first " << r.first_valid.loss << " last " << r.last_valid.loss;
+  EXPECT_LT(r.last_valid.loss, r.first_valid.loss - 0.5)
+      << "first " << r.first_valid.loss << " last " << r.last_valid.loss;
   EXPECT_LT(r.last_valid.bpc, 5.0);
   EXPECT_NEAR(r.last_valid.bpc, r.last_valid.loss / std::log(2.0), 1e-9);
   // The run directory has what the program promises.

@@ -10,8 +10,7 @@ namespace {
 
 class CpuAutocast {
  public:
-  CpuAutocast()
-      : enabled_(colt5::compat::autocast_enabled(at::kCPU)), dtype_(colt5::compat::autocast_dtype(at::kCPU)) {
+  CpuAutocast() : enabled_(colt5::compat::autocast_enabled(at::kCPU)), dtype_(colt5::compat::autocast_dtype(at::kCPU)) {
     colt5::compat::set_autocast(at::kCPU, true, at::kBFloat16);
   }
   ~CpuAutocast() {

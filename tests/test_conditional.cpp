@@ -38,8 +38,7 @@ std::string error_of(const std::function<void()>& f) {
 }
 
 std::string temp_path(const std::string& name) {
-  return (std::filesystem::temp_directory_path() / (name + "_" + std::to_string(::getpid()) + ".safetensors"))
-      .string();
+  return (std::filesystem::temp_directory_path() / (name + "_" + std::to_string(::getpid()) + ".safetensors")).string();
 }
 
 ConditionalRoutedAttentionOptions small_attn(int64_t q = 16, int64_t kv = 24) {
@@ -174,7 +173,8 @@ TEST(ConditionalRoutes, SeveralRoutesGatherFromTheirOwnBatchRow) {
 
 TEST(ConditionalRoutes, RouteBlocksWithATailRouteEvenlyFromWholeBlocks) {
   torch::manual_seed(5);
-  CoordinateDescentRouter router(CoordinateDescentRouterOptions(16).num_routing_tokens(2).route_block_size(32).eps(1.0));
+  CoordinateDescentRouter router(
+      CoordinateDescentRouterOptions(16).num_routing_tokens(2).route_block_size(32).eps(1.0));
   auto x = torch::randn({3, 100, 16});  // 3 whole blocks and a tail of 4
   auto mask = bool_ones(3, 100);
   mask[1].slice(0, 90).fill_(false);
@@ -328,13 +328,18 @@ TEST(ConditionalState, BuildFromJsonConfig) {
   EXPECT_TRUE(named.contains("conditional_ff.light_ff.1.bias"));
   EXPECT_TRUE(named.contains("conditional_attn.heavy_attn.to_kv.weight"));
 
-  auto unknown = error_of([] { build_module("ConditionalRoutedFeedForward", R"({"dim": 8, "num_heavy_tokens": 4, "hevy_ff_mult": 2})"); });
+  auto unknown = error_of(
+      [] { build_module("ConditionalRoutedFeedForward", R"({"dim": 8, "num_heavy_tokens": 4, "hevy_ff_mult": 2})"); });
   EXPECT_NE(unknown.find("'hevy_ff_mult'"), std::string::npos) << unknown;
   auto required = error_of([] { build_module("ConditionalRoutedFeedForward", R"({"dim": 8})"); });
   EXPECT_NE(required.find("'num_heavy_tokens' is missing"), std::string::npos) << required;
-  auto wrong_type = error_of([] { build_module("ConditionalRoutedFeedForward", R"({"dim": "8", "num_heavy_tokens": 4})"); });
+  auto wrong_type =
+      error_of([] { build_module("ConditionalRoutedFeedForward", R"({"dim": "8", "num_heavy_tokens": 4})"); });
   EXPECT_NE(wrong_type.find("'dim' must be an integer"), std::string::npos) << wrong_type;
-  auto kwargs = error_of([] { build_module("ConditionalRoutedAttention", R"({"dim": 8, "num_heavy_tokens_q": 4, "num_heavy_tokens_kv": 4, "router_kwargs": {"epz": 1}})"); });
+  auto kwargs = error_of([] {
+    build_module("ConditionalRoutedAttention",
+                 R"({"dim": 8, "num_heavy_tokens_q": 4, "num_heavy_tokens_kv": 4, "router_kwargs": {"epz": 1}})");
+  });
   EXPECT_NE(kwargs.find("router_kwargs: unknown keyword 'epz'"), std::string::npos) << kwargs;
   auto kind = error_of([] { build_module("ConditionalRoutedThing", "{}"); });
   EXPECT_NE(kind.find("unknown module kind 'ConditionalRoutedThing'"), std::string::npos) << kind;
@@ -402,30 +407,57 @@ TEST(ConditionalBadInput, ErrorsNameTheProblem) {
     const char* expect;
   };
   const std::vector<Case> cases = {
-      {"x of rank 2", [&] { attn(torch::randn({40, 32})); }, "x must be [batch, seq, dim]"},
-      {"x too wide", [&] { attn(torch::randn({2, 40, 33})); }, "x has width 33 but the module's dim is 32"},
-      {"integer x", [&] { ff(torch::ones({2, 40, 32}, torch::kLong)); }, "x must be floating point"},
+      {"x of rank 2",
+       [&] {
+         attn(torch::randn({40, 32}));
+       },
+       "x must be [batch, seq, dim]"},
+      {"x too wide",
+       [&] {
+         attn(torch::randn({2, 40, 33}));
+       },
+       "x has width 33 but the module's dim is 32"},
+      {"integer x",
+       [&] {
+         ff(torch::ones({2, 40, 32}, torch::kLong));
+       },
+       "x must be floating point"},
       {"mask of the wrong length", [&] { attn(x, bool_ones(2, 41)); }, "mask must be [batch, seq] = [2, 40]"},
       {"mask of the wrong batch", [&] { ff(x, bool_ones(3, 40)); }, "mask must be [batch, seq] = [2, 40]"},
-      {"float mask", [&] { ff(x, torch::ones({2, 40})); }, "mask must be bool"},
+      {"float mask",
+       [&] {
+         ff(x, torch::ones({2, 40}));
+       },
+       "mask must be bool"},
       {"mask on another device",
-       [&] { ff(x, torch::ones({2, 40}, torch::TensorOptions().dtype(torch::kBool).device(torch::kMeta))); },
+       [&] {
+         ff(x, torch::ones({2, 40}, torch::TensorOptions().dtype(torch::kBool).device(torch::kMeta)));
+       },
        "mask is on meta but x is on cpu"},
       {"float64 x into a float32 module", [&] { attn(x.to(torch::kFloat64)); },
        "input is Double but the module's parameters are Float"},
       {"context of another dtype", [&] { cross(x, x.to(torch::kFloat64)); }, "x is Float but context is Double"},
-      {"context of another batch", [&] { cross(x, torch::randn({3, 40, 32})); }, "context has batch 3 but x has batch 2"},
-      {"context mask of the wrong shape", [&] { cross(x, x, torch::Tensor(), bool_ones(2, 39)); }, "context_mask must be [batch, seq]"},
+      {"context of another batch",
+       [&] {
+         cross(x, torch::randn({3, 40, 32}));
+       },
+       "context has batch 3 but x has batch 2"},
+      {"context mask of the wrong shape", [&] { cross(x, x, torch::Tensor(), bool_ones(2, 39)); },
+       "context_mask must be [batch, seq]"},
       {"zero heavy tokens", [&] { ff(x, torch::Tensor(), 0); }, "num_heavy_tokens must be at least 1, got 0"},
       {"heads not divisible by routes", [&] { ConditionalRoutedAttention(small_attn().num_routed_kv(3)); },
        "heavy_heads (4) must be divisible by num_routed_kv (3)"},
       {"cross heads not divisible by routes",
-       [&] { ConditionalRoutedCrossAttention(ConditionalRoutedCrossAttentionOptions(32, 8, 8).heads(6).kv_routing_tokens(4)); },
+       [&] {
+         ConditionalRoutedCrossAttention(
+             ConditionalRoutedCrossAttentionOptions(32, 8, 8).heads(6).kv_routing_tokens(4));
+       },
        "heads (6) must be divisible by kv_routing_tokens (4)"},
       {"route block size twice",
        [&] {
          ConditionalRoutedCrossAttention(
-             ConditionalRoutedCrossAttentionOptions(32, 8, 8).route_block_size(16).router_kwargs(RouterKwargs().route_block_size(16)));
+             ConditionalRoutedCrossAttentionOptions(32, 8, 8).route_block_size(16).router_kwargs(
+                 RouterKwargs().route_block_size(16)));
        },
        "do not also set it in router_kwargs"},
       {"fetch_k_ratio below 1", [&] { CoordinateDescentRouter(CoordinateDescentRouterOptions(8).fetch_k_ratio(0.5)); },
@@ -442,7 +474,10 @@ TEST(ConditionalBadInput, ErrorsNameTheProblem) {
              x, 8, torch::Tensor(), false, torch::randn({2, 31}));
        },
        "routing_tokens must be [batch, dim]"},
-      {"routing tokens for a router that has its own", [&] { router(x, 8, torch::Tensor(), false, torch::randn({2, 32})); },
+      {"routing tokens for a router that has its own",
+       [&] {
+         router(x, 8, torch::Tensor(), false, torch::randn({2, 32}));
+       },
        "routing_tokens given but the router has its own"},
       {"zero routed tokens", [&] { router(x, 0); }, "num_tokens must be at least 1"},
   };
@@ -454,7 +489,8 @@ TEST(ConditionalBadInput, ErrorsNameTheProblem) {
 
 TEST(ConditionalRoutes, LearnedRoutingTokensPerCall) {
   torch::manual_seed(11);
-  CoordinateDescentRouter router(CoordinateDescentRouterOptions(16).learned_routing_tokens(true).num_routing_tokens(2).eps(1.0));
+  CoordinateDescentRouter router(
+      CoordinateDescentRouterOptions(16).learned_routing_tokens(true).num_routing_tokens(2).eps(1.0));
   EXPECT_EQ(router->named_parameters().size(), 0u);
   auto x = torch::randn({2, 30, 16});
   auto tokens = torch::randn({2, 2, 16}, torch::requires_grad());

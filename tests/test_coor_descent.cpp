@@ -67,8 +67,7 @@ std::string golden_path(const char* name) { return std::string(COLT5_SOURCE_DIR)
 }  // namespace
 
 TEST(CoorDescentGolden, ReferenceCasesAgreeTo1e9) {
-  for (const char* name :
-       {"cd_plain.safetensors", "cd_eps_scaling_mask.safetensors", "cd_row_k.safetensors"}) {
+  for (const char* name : {"cd_plain.safetensors", "cd_eps_scaling_mask.safetensors", "cd_row_k.safetensors"}) {
     SCOPED_TRACE(name);
     auto c = colt5::golden::load_case(golden_path(name));
     auto r = colt5::golden::check_case(c, 1e-9);

@@ -147,8 +147,7 @@ torch::Tensor naive_attention(AttentionImpl& a, const torch::Tensor& x, const to
       }
       if (rot_q.defined()) {
         for (int64_t i = 0; i < n; ++i) q[i] = naive_rotate(q[i].clone(), rot_q[bi][i].item<double>(), inv_freq);
-        for (int64_t j = 0; j < m; ++j)
-          k[j] = naive_rotate(k[j].clone(), rot_k[bi][route][j].item<double>(), inv_freq);
+        for (int64_t j = 0; j < m; ++j) k[j] = naive_rotate(k[j].clone(), rot_k[bi][route][j].item<double>(), inv_freq);
       }
       k = torch::cat({a.null_kv[0][hh].unsqueeze(0), k}, 0);
       v = torch::cat({a.null_kv[1][hh].unsqueeze(0), v}, 0);
@@ -194,8 +193,8 @@ TEST(NnLayers, AttentionMatchesNaiveFloat64TwoRoutes) {
     auto freqs = rot(20);
     auto pos_q = torch::randint(0, 20, {b, n});
     auto pos_k = torch::randint(0, 20, {b, r, m});
-    auto fq = freqs.index({pos_q}).unsqueeze(1);                  // b 1 n d
-    auto fk = freqs.index({pos_k}).unsqueeze(2);                  // b r 1 m d
+    auto fq = freqs.index({pos_q}).unsqueeze(1);  // b 1 n d
+    auto fk = freqs.index({pos_k}).unsqueeze(2);  // b r 1 m d
     auto got = attn->forward(x, ctx, mask, skv, sq, {fq, fk});
     auto want = naive_attention(*attn, x, ctx, mask, skv, sq, pos_q.to(torch::kDouble), pos_k.to(torch::kDouble),
                                 rot->inv_freq);
@@ -351,8 +350,7 @@ torch::Tensor naive_local(const torch::Tensor& q /* n d */, const torch::Tensor&
   return out;
 }
 
-torch::Tensor naive_local_mha(LocalMHAImpl& m, const torch::Tensor& x, const torch::Tensor& mask,
-                              const LocalSpec& s) {
+torch::Tensor naive_local_mha(LocalMHAImpl& m, const torch::Tensor& x, const torch::Tensor& mask, const LocalSpec& s) {
   const int64_t b = x.size(0), n = x.size(1), h = m.options.heads(), dh = m.options.dim_head();
   auto xn = m.norm ? torch::layer_norm(x, {x.size(-1)}, m.norm->weight, m.norm->bias, 1e-5) : x;
   auto qkv = torch::matmul(xn, m.to_qkv->weight.t());
@@ -503,7 +501,8 @@ TEST(NnLayers, LocalMHABadInputsNameTheProblem) {
 
 // ---------------------------------------------------------------- image attention
 
-ConditionalRoutedImageAttentionOptions small_image_attn(int64_t dim, int64_t heavy_q, int64_t heavy_kv, int64_t window) {
+ConditionalRoutedImageAttentionOptions small_image_attn(int64_t dim, int64_t heavy_q, int64_t heavy_kv,
+                                                        int64_t window) {
   return ConditionalRoutedImageAttentionOptions(dim, heavy_q, heavy_kv)
       .light_dim_head(8)
       .light_heads(2)

@@ -19,8 +19,8 @@
 
 using colt5::load_safetensors;
 using colt5::parse_safetensors;
-using colt5::save_safetensors;
 using colt5::SafetensorsData;
+using colt5::save_safetensors;
 
 namespace {
 
@@ -237,8 +237,8 @@ TEST(SafetensorsRoundTrip, ParseMatchesLoad) {
 
 TEST(SafetensorsRoundTrip, FileLayout) {
   TempDir dir;
-  save_safetensors(dir.file("l.safetensors"), {{"a", torch::ones({3}, torch::kFloat)}, {"b", torch::zeros({1}, torch::kByte)}},
-                   {{"k", "v"}});
+  save_safetensors(dir.file("l.safetensors"),
+                   {{"a", torch::ones({3}, torch::kFloat)}, {"b", torch::zeros({1}, torch::kByte)}}, {{"k", "v"}});
   const std::string bytes = read_bytes(dir.file("l.safetensors"));
   ASSERT_GE(bytes.size(), 8u);
   uint64_t n = 0;
@@ -255,7 +255,8 @@ TEST(SafetensorsRoundTrip, FileLayout) {
 }
 
 TEST(SafetensorsRoundTrip, BoolBytesAreNormalised) {
-  const std::string bytes = make_file(R"({"m":{"dtype":"BOOL","shape":[3],"data_offsets":[0,3]}})", std::string("\x00\x07\x01", 3));
+  const std::string bytes =
+      make_file(R"({"m":{"dtype":"BOOL","shape":[3],"data_offsets":[0,3]}})", std::string("\x00\x07\x01", 3));
   const auto data = parse_safetensors(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
   EXPECT_TRUE(torch::equal(data.at("m"), torch::tensor({false, true, true})));
 }
@@ -359,7 +360,8 @@ TEST(SafetensorsMalformed, HeaderNotAnObject) {
 
 TEST(SafetensorsMalformed, MissingFields) {
   expect_rejected(make_file(R"({"t":{"shape":[1],"data_offsets":[0,1]}})", "x"), "tensor 't': missing field \"dtype\"");
-  expect_rejected(make_file(R"({"t":{"dtype":"U8","data_offsets":[0,1]}})", "x"), "tensor 't': missing field \"shape\"");
+  expect_rejected(make_file(R"({"t":{"dtype":"U8","data_offsets":[0,1]}})", "x"),
+                  "tensor 't': missing field \"shape\"");
   expect_rejected(make_file(R"({"t":{"dtype":"U8","shape":[1]}})", "x"), "tensor 't': missing field \"data_offsets\"");
 }
 
@@ -413,9 +415,9 @@ TEST(SafetensorsMalformed, ShapeProductOverflow) {
 TEST(SafetensorsMalformed, OffsetsOutOfRange) {
   expect_rejected(make_file(R"({"t":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}})", "xx"),
                   "go past the end of the byte buffer (2 bytes)");
-  expect_rejected(make_file(R"({"t":{"dtype":"U8","shape":[1],"data_offsets":[18446744073709551615,18446744073709551615]}})",
-                            "x"),
-                  "go past the end of the byte buffer");
+  expect_rejected(
+      make_file(R"({"t":{"dtype":"U8","shape":[1],"data_offsets":[18446744073709551615,18446744073709551615]}})", "x"),
+      "go past the end of the byte buffer");
 }
 
 TEST(SafetensorsMalformed, BeginAfterEnd) {
@@ -458,7 +460,8 @@ TEST(SafetensorsMalformed, DuplicateNames) {
                   "duplicate tensor name 'a'");
   expect_rejected(make_file(R"({"a":{"dtype":"U8","dtype":"I8","shape":[1],"data_offsets":[0,1]}})", "x"),
                   "duplicate key \"dtype\"");
-  expect_rejected(make_file(R"({"__metadata__":{"a":"1"},"__metadata__":{"a":"2"}})"), "duplicate key \"__metadata__\"");
+  expect_rejected(make_file(R"({"__metadata__":{"a":"1"},"__metadata__":{"a":"2"}})"),
+                  "duplicate key \"__metadata__\"");
 }
 
 TEST(SafetensorsMalformed, MetadataNotStrings) {

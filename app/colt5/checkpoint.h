@@ -149,7 +149,8 @@ inline std::string resolve_checkpoint(const std::string& dir) {
   if (is_complete_checkpoint(dir)) return dir;
   auto all = list_checkpoints(dir);
   if (all.empty())
-    throw UsageError("'" + dir + "' holds no complete checkpoint (neither a 'complete' marker nor ckpt-* directories with one)");
+    throw UsageError("'" + dir +
+                     "' holds no complete checkpoint (neither a 'complete' marker nor ckpt-* directories with one)");
   return all.back();
 }
 
@@ -173,7 +174,8 @@ inline void load_model_tensors(torch::nn::Module& model, const std::string& path
     const torch::Tensor& src = data.at(name);
     if (src.sizes() != t.sizes()) {
       std::ostringstream os;
-      os << "'" << path << "': tensor '" << name << "' has shape " << src.sizes() << ", the model expects " << t.sizes();
+      os << "'" << path << "': tensor '" << name << "' has shape " << src.sizes() << ", the model expects "
+         << t.sizes();
       throw UsageError(os.str());
     }
     t.copy_(src);

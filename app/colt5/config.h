@@ -133,14 +133,15 @@ inline void validate(const ModelConfig& m) {
 inline void validate(const TrainConfig& t, const ModelConfig& m) {
   validate(m);
   require(t.seq_len >= 2, "--seq-len must be at least 2, got " + str(t.seq_len));
-  require(t.seq_len <= m.max_seq_len, "--seq-len " + str(t.seq_len) + " exceeds the model's position table (" +
-                                           str(m.max_seq_len) + ")");
-  require(t.seq_len > m.light_window_size, "--seq-len " + str(t.seq_len) + " must be longer than the light window (--window " +
+  require(t.seq_len <= m.max_seq_len,
+          "--seq-len " + str(t.seq_len) + " exceeds the model's position table (" + str(m.max_seq_len) + ")");
+  require(t.seq_len > m.light_window_size, "--seq-len " + str(t.seq_len) +
+                                               " must be longer than the light window (--window " +
                                                str(m.light_window_size) + ")");
   if (!m.light_only)
     require(t.seq_len > m.effective_heavy_window(),
-            "--seq-len " + str(t.seq_len) + " must be longer than the heavy window (" + str(m.effective_heavy_window()) +
-                "): no window would have an earlier window to attend to");
+            "--seq-len " + str(t.seq_len) + " must be longer than the heavy window (" +
+                str(m.effective_heavy_window()) + "): no window would have an earlier window to attend to");
   require(t.batch_size >= 1, "--batch must be positive");
   require(t.grad_accum >= 1, "--grad-accum must be positive");
   require(t.steps >= 1, "--steps must be positive");
@@ -159,8 +160,8 @@ inline void validate(const TrainConfig& t, const ModelConfig& m) {
             "--task-keys, --task-filler must be positive and --task-values at least 2");
     require(t.task_pairs >= 1 && t.task_pairs <= t.task_keys,
             "--task-pairs must be between 1 and --task-keys (" + str(t.task_keys) + ")");
-    require(m.vocab_size == task_vocab(t), "model vocabulary (" + str(m.vocab_size) + ") differs from the task's (" +
-                                                str(task_vocab(t)) + ")");
+    require(m.vocab_size == task_vocab(t),
+            "model vocabulary (" + str(m.vocab_size) + ") differs from the task's (" + str(task_vocab(t)) + ")");
     require(t.task_eval_size >= 1, "--task-eval-size must be positive");
     require(t.lm_weight >= 0, "--lm-weight must be >= 0");
     int64_t region = task_pair_region(t, m);

@@ -58,7 +58,8 @@ ModelFlags add_model_flags(CLI::App* app, ModelConfig& m) {
   add("--light-ff-mult", m.light_ff_mult, "light feedforward hidden size / dim");
   add("--heavy-ff-mult", m.heavy_ff_mult, "heavy feedforward hidden size / dim");
   add("--heavy-ff-tokens", m.num_heavy_ff_tokens, "tokens per heavy window routed to the heavy feedforward");
-  add("--router-cosine", m.cosine_sim_routing, "cosine-similarity routing scores (false: dot product, the reference default)");
+  add("--router-cosine", m.cosine_sim_routing,
+      "cosine-similarity routing scores (false: dot product, the reference default)");
   add("--router-cosine-scale", m.cosine_sim_scale, "scale of the cosine-similarity scores");
   add("--router-eps", m.router_eps, "final coordinate-descent epsilon (reference default 0.03)");
   add("--router-eps-init", m.router_eps_init, "starting epsilon of eps-scaling");
@@ -82,7 +83,8 @@ int run_sample(const std::string& ckpt, const std::string& prompt, double temper
   if (top_k < 0) throw UsageError("--top-k must be >= 0 (0: no limit)");
   LoadedModel lm = load_model(ckpt, device);
   if (is_task(lm.info.train) || lm.info.model.vocab_size != 256)
-    throw UsageError("'" + lm.info.dir + "' is a retrieval-task model; sample needs a byte-level text model (train --data FILE)");
+    throw UsageError("'" + lm.info.dir +
+                     "' is a retrieval-task model; sample needs a byte-level text model (train --data FILE)");
   if (prompt.empty()) throw UsageError("--prompt must not be empty");
   std::vector<int64_t> tokens;
   for (unsigned char c : prompt) tokens.push_back(c);
@@ -97,8 +99,9 @@ int run_sample(const std::string& ckpt, const std::string& prompt, double temper
   const int64_t ctx_len = lm.info.model.max_seq_len;
   for (int64_t i = 0; i < length; ++i) {
     const int64_t start = std::max<int64_t>(0, static_cast<int64_t>(tokens.size()) - ctx_len);
-    torch::Tensor ctx =
-        torch::tensor(std::vector<int64_t>(tokens.begin() + start, tokens.end()), torch::kLong).unsqueeze(0).to(lm.device);
+    torch::Tensor ctx = torch::tensor(std::vector<int64_t>(tokens.begin() + start, tokens.end()), torch::kLong)
+                            .unsqueeze(0)
+                            .to(lm.device);
     torch::Tensor h = lm.model->hidden(ctx);
     torch::Tensor logits = lm.model->logits(h.select(1, h.size(1) - 1))[0].to(torch::kCPU, torch::kDouble);
     int64_t next;
@@ -180,12 +183,13 @@ int run_bench(ModelConfig m, int64_t batch, int64_t seq_len, int iters, int warm
   validate(t, m);
   const torch::Device device = parse_device(device_name);
   const bool cuda = device.is_cuda();
-  std::printf("colt5 bench on %s: batch %lld x %lld tokens, dim %lld, depth %lld, window %lld, heavy q %lld / kv %lld, "
-              "median of %d (after %d warm-up)%s\n",
-              device_description(device).c_str(), static_cast<long long>(batch), static_cast<long long>(seq_len),
-              static_cast<long long>(m.dim), static_cast<long long>(m.depth), static_cast<long long>(m.light_window_size),
-              static_cast<long long>(m.num_heavy_tokens_q), static_cast<long long>(m.num_heavy_tokens_kv), iters, warmup,
-              cuda && amp ? ", bf16 autocast" : "");
+  std::printf(
+      "colt5 bench on %s: batch %lld x %lld tokens, dim %lld, depth %lld, window %lld, heavy q %lld / kv %lld, "
+      "median of %d (after %d warm-up)%s\n",
+      device_description(device).c_str(), static_cast<long long>(batch), static_cast<long long>(seq_len),
+      static_cast<long long>(m.dim), static_cast<long long>(m.depth), static_cast<long long>(m.light_window_size),
+      static_cast<long long>(m.num_heavy_tokens_q), static_cast<long long>(m.num_heavy_tokens_kv), iters, warmup,
+      cuda && amp ? ", bf16 autocast" : "");
   std::printf("%-11s %12s %12s %14s %16s\n", "model", "parameters", "forward ms", "fwd+bwd ms", "train tokens/s");
   double fwd[2], both[2];
   for (int v = 0; v < 2; ++v) {
@@ -237,8 +241,9 @@ int main(int argc, char** argv) {
   CLI::App app{"colt5: CoLT5 conditionally routed attention and feedforward — train, evaluate, sample, benchmark"};
   app.require_subcommand(1);
   int threads = 0;
-  app.add_option("--threads", threads,
-                 "CPU threads for LibTorch (0: its default); on a busy machine 1 can be much faster than spinning threads")
+  app.add_option(
+         "--threads", threads,
+         "CPU threads for LibTorch (0: its default); on a busy machine 1 can be much faster than spinning threads")
       ->check(CLI::NonNegativeNumber);
   app.footer("Run `colt5 SUBCOMMAND --help` for its flags; docs/program.md has examples.");
 
@@ -274,7 +279,8 @@ int main(int argc, char** argv) {
   addt("--log-every", t.log_every, "log line / metrics row every N steps", true);
   addt("--seed", t.seed, "seed of initialization and training batches");
   addt("--device", t.device, "cpu or cuda", true)->check(CLI::IsMember({"cpu", "cuda"}));
-  CLI::Option* no_amp = train->add_flag("--no-amp", "CUDA: train in float32 instead of bf16 autocast")->group("Training");
+  CLI::Option* no_amp =
+      train->add_flag("--no-amp", "CUDA: train in float32 instead of bf16 autocast")->group("Training");
   fixed_on_resume.push_back(no_amp);
   addt("--task-keys", t.task_keys, "task: number of distinct keys");
   addt("--task-values", t.task_values, "task: number of distinct values (chance = 1 / this)");
@@ -294,10 +300,15 @@ int main(int argc, char** argv) {
 
   // ---- eval
   std::string ckpt, eval_split = "valid", eval_device = "cpu", eval_data;
-  auto* eval = app.add_subcommand("eval", "Evaluate a checkpoint: loss and bits per character (text) or accuracy (task).");
+  auto* eval =
+      app.add_subcommand("eval", "Evaluate a checkpoint: loss and bits per character (text) or accuracy (task).");
   eval->add_option("--ckpt", ckpt, "checkpoint directory, or a run directory (its newest checkpoint)")->required();
-  eval->add_option("--split", eval_split, "valid or test")->capture_default_str()->check(CLI::IsMember({"valid", "test"}));
-  eval->add_option("--device", eval_device, "cpu or cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
+  eval->add_option("--split", eval_split, "valid or test")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"valid", "test"}));
+  eval->add_option("--device", eval_device, "cpu or cuda")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   eval->add_option("--data", eval_data, "text file, if it moved since training");
 
   // ---- sample
@@ -306,14 +317,17 @@ int main(int argc, char** argv) {
   int64_t top_k = 40, length = 200;
   uint64_t sample_seed = 0;
   bool no_echo = false;
-  auto* sample = app.add_subcommand("sample", "Stream bytes generated by a byte-level checkpoint, starting from --prompt.");
+  auto* sample =
+      app.add_subcommand("sample", "Stream bytes generated by a byte-level checkpoint, starting from --prompt.");
   sample->add_option("--ckpt", ckpt, "checkpoint directory, or a run directory (its newest checkpoint)")->required();
   sample->add_option("--prompt", prompt, "text to continue")->required();
   sample->add_option("--temperature", temperature, "softmax temperature (0: greedy)")->capture_default_str();
   sample->add_option("--top-k", top_k, "sample among the k likeliest bytes (0: all)")->capture_default_str();
   sample->add_option("--length", length, "bytes to generate")->capture_default_str();
   sample->add_option("--seed", sample_seed, "sampling seed")->capture_default_str();
-  sample->add_option("--device", sample_device, "cpu or cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
+  sample->add_option("--device", sample_device, "cpu or cuda")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   sample->add_flag("--no-echo", no_echo, "do not print the prompt first");
 
   // ---- bench
@@ -330,13 +344,17 @@ int main(int argc, char** argv) {
   bench->add_option("--seq-len", bench_len, "tokens per sequence")->capture_default_str();
   bench->add_option("--iters", bench_iters, "timed iterations (median reported)")->capture_default_str();
   bench->add_option("--warmup-iters", bench_warmup, "untimed iterations first")->capture_default_str();
-  bench->add_option("--device", bench_device, "cpu or cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
+  bench->add_option("--device", bench_device, "cpu or cuda")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   bench->add_flag("--no-amp", bench_no_amp, "CUDA: float32 instead of bf16 autocast");
 
   // ---- golden
   std::string golden_dir;
   auto* golden = app.add_subcommand("golden", "Check the modules against the reference's float64 golden cases in DIR.");
-  golden->add_option("DIR", golden_dir, "directory of *.safetensors golden cases")->required()->check(CLI::ExistingDirectory);
+  golden->add_option("DIR", golden_dir, "directory of *.safetensors golden cases")
+      ->required()
+      ->check(CLI::ExistingDirectory);
 
   try {
     app.parse(argc, argv);
@@ -389,7 +407,8 @@ int main(int argc, char** argv) {
     if (eval->parsed()) return run_eval(ckpt, eval_split, eval_device, eval_data);
     if (sample->parsed())
       return run_sample(ckpt, prompt, temperature, top_k, length, sample_seed, sample_device, !no_echo);
-    if (bench->parsed()) return run_bench(bm, bench_batch, bench_len, bench_iters, bench_warmup, bench_device, !bench_no_amp);
+    if (bench->parsed())
+      return run_bench(bm, bench_batch, bench_len, bench_iters, bench_warmup, bench_device, !bench_no_amp);
     if (golden->parsed()) return colt5::golden::main_for_dir(golden_dir);
   } catch (const UsageError& e) {
     std::fprintf(stderr, "colt5: error: %s\n", e.what());

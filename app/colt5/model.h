@@ -40,21 +40,21 @@ class DecoderBlockImpl : public torch::nn::Module {
                                                                    .prenorm(true)
                                                                    .exact_windowsize(false)
                                                                    .use_rotary_pos_emb(false)));
-      light_ff = register_module("ff", colt5::nn::FeedForward(colt5::nn::FeedForwardOptions(m.dim).mult(m.light_ff_mult)));
+      light_ff =
+          register_module("ff", colt5::nn::FeedForward(colt5::nn::FeedForwardOptions(m.dim).mult(m.light_ff_mult)));
     } else {
-      attn = register_module(
-          "attn", colt5::nn::ConditionalRoutedAutoregressiveAttention(
-                      colt5::nn::ConditionalRoutedAutoregressiveAttentionOptions(m.dim, m.num_heavy_tokens_q,
-                                                                                m.num_heavy_tokens_kv)
-                          .num_routed_kv(m.num_routed_kv)
-                          .light_dim_head(m.light_dim_head)
-                          .light_heads(m.light_heads)
-                          .light_window_size(m.light_window_size)
-                          .heavy_window_size(m.effective_heavy_window())
-                          .heavy_dim_head(m.heavy_dim_head)
-                          .heavy_heads(m.heavy_heads)
-                          .router_kwargs(router_kwargs(m))
-                          .use_flash_attn(true)));
+      attn = register_module("attn", colt5::nn::ConditionalRoutedAutoregressiveAttention(
+                                         colt5::nn::ConditionalRoutedAutoregressiveAttentionOptions(
+                                             m.dim, m.num_heavy_tokens_q, m.num_heavy_tokens_kv)
+                                             .num_routed_kv(m.num_routed_kv)
+                                             .light_dim_head(m.light_dim_head)
+                                             .light_heads(m.light_heads)
+                                             .light_window_size(m.light_window_size)
+                                             .heavy_window_size(m.effective_heavy_window())
+                                             .heavy_dim_head(m.heavy_dim_head)
+                                             .heavy_heads(m.heavy_heads)
+                                             .router_kwargs(router_kwargs(m))
+                                             .use_flash_attn(true)));
       ff = register_module("ff", colt5::nn::ConditionalRoutedFeedForward(
                                      colt5::nn::ConditionalRoutedFeedForwardOptions(m.dim, m.num_heavy_ff_tokens)
                                          .light_ff_mult(m.light_ff_mult)
@@ -84,7 +84,8 @@ class DecoderBlockImpl : public torch::nn::Module {
   torch::Tensor routed_ff(const torch::Tensor& x) {
     const int64_t b = x.size(0), n = x.size(1), d = x.size(2), w = cfg_.effective_heavy_window();
     const int64_t windows = (n + w - 1) / w, padded = windows * w;
-    torch::Tensor xp = padded == n ? x : torch::nn::functional::pad(x, torch::nn::functional::PadFuncOptions({0, 0, 0, padded - n}));
+    torch::Tensor xp =
+        padded == n ? x : torch::nn::functional::pad(x, torch::nn::functional::PadFuncOptions({0, 0, 0, padded - n}));
     torch::Tensor mask;
     if (padded != n) {
       mask = torch::ones({b, padded}, torch::TensorOptions().dtype(torch::kBool).device(x.device()));
@@ -109,7 +110,8 @@ class LanguageModelImpl : public torch::nn::Module {
     layers = register_module("layers", torch::nn::ModuleList());
     for (int64_t i = 0; i < m.depth; ++i) layers->push_back(DecoderBlock(m));
     norm = register_module("norm", colt5::nn::RMSNorm(m.dim));
-    to_logits = register_module("to_logits", torch::nn::Linear(torch::nn::LinearOptions(m.dim, m.vocab_size).bias(false)));
+    to_logits =
+        register_module("to_logits", torch::nn::Linear(torch::nn::LinearOptions(m.dim, m.vocab_size).bias(false)));
     torch::NoGradGuard no_grad;
     token_emb->weight.normal_(0.0, 0.02);
     pos_emb->weight.normal_(0.0, 0.02);

@@ -131,8 +131,9 @@ inline BatchLoss batch_loss(LanguageModel& model, const Batch& batch, bool task,
     out.loss = torch::nn::functional::cross_entropy(last, batch.targets);
     if (lm_weight > 0) {
       torch::Tensor lm = model->logits(h.narrow(1, 0, n - 1)).to(torch::kFloat);
-      out.loss = out.loss + lm_weight * torch::nn::functional::cross_entropy(
-                                            lm.reshape({-1, lm.size(-1)}), batch.tokens.narrow(1, 1, n - 1).reshape({-1}));
+      out.loss =
+          out.loss + lm_weight * torch::nn::functional::cross_entropy(lm.reshape({-1, lm.size(-1)}),
+                                                                      batch.tokens.narrow(1, 1, n - 1).reshape({-1}));
     }
     if (want_correct) out.correct = last.argmax(-1).eq(batch.targets).sum().item<int64_t>();
     out.count = batch.targets.size(0);
@@ -197,9 +198,9 @@ inline const char* kMetricsHeader = "step,lr,train_loss,valid_loss,valid_bpc,val
 inline std::string csv_field(double v) { return std::isfinite(v) ? fmt(v, "%.6g") : ""; }
 
 inline std::string to_csv(const MetricsRow& r) {
-  return std::to_string(r.step) + "," + csv_field(r.lr) + "," + csv_field(r.train_loss) + "," + csv_field(r.valid_loss) +
-         "," + csv_field(r.valid_bpc) + "," + csv_field(r.valid_accuracy) + "," + csv_field(r.tokens_per_s) + "," +
-         csv_field(r.elapsed_s);
+  return std::to_string(r.step) + "," + csv_field(r.lr) + "," + csv_field(r.train_loss) + "," +
+         csv_field(r.valid_loss) + "," + csv_field(r.valid_bpc) + "," + csv_field(r.valid_accuracy) + "," +
+         csv_field(r.tokens_per_s) + "," + csv_field(r.elapsed_s);
 }
 
 inline std::vector<MetricsRow> read_metrics(const std::string& path) {
@@ -247,10 +248,10 @@ inline void write_plot(const std::string& path, const std::vector<MetricsRow>& r
 
 struct TrainOptions {
   std::string out_dir = "colt5-run";
-  std::string resume;               // checkpoint or run directory; empty: start fresh
-  bool interactive = false;         // live progress bar instead of log lines
-  bool quiet = false;               // no output at all (tests)
-  int64_t max_text_bytes = 0;       // > 0: use only the first bytes of --data (tests)
+  std::string resume;          // checkpoint or run directory; empty: start fresh
+  bool interactive = false;    // live progress bar instead of log lines
+  bool quiet = false;          // no output at all (tests)
+  int64_t max_text_bytes = 0;  // > 0: use only the first bytes of --data (tests)
   int keep_checkpoints = 2;
 };
 
@@ -291,14 +292,15 @@ class Trainer {
     std::vector<torch::Tensor> decay, no_decay;
     for (const auto& p : model->named_parameters()) {
       if (!p.value().requires_grad()) continue;
-      const bool is_matrix = p.value().dim() == 2 && p.key().size() > 7 && p.key().rfind(".weight") == p.key().size() - 7;
+      const bool is_matrix =
+          p.value().dim() == 2 && p.key().size() > 7 && p.key().rfind(".weight") == p.key().size() - 7;
       (is_matrix ? decay : no_decay).push_back(p.value());
     }
     auto base = torch::optim::AdamWOptions(t_.lr).betas({t_.beta1, t_.beta2}).weight_decay(t_.weight_decay);
     std::vector<torch::optim::OptimizerParamGroup> groups;
     groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(base));
-    groups.emplace_back(no_decay, std::make_unique<torch::optim::AdamWOptions>(
-                                      torch::optim::AdamWOptions(base).weight_decay(0.0)));
+    groups.emplace_back(
+        no_decay, std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(base).weight_decay(0.0)));
     torch::optim::AdamW opt(groups, base);
 
     if (!resume_ckpt.empty()) {
@@ -331,8 +333,8 @@ class Trainer {
 
     if (!o_.quiet) {
       os << "colt5 train: " << (work.is_task() ? "retrieval task" : "text '" + t_.data + "'") << ", "
-         << (m_.light_only ? "light-only" : "routed") << " model, " << count_parameters(*model) << " parameters, device "
-         << device_description(device) << "\n";
+         << (m_.light_only ? "light-only" : "routed") << " model, " << count_parameters(*model)
+         << " parameters, device " << device_description(device) << "\n";
       if (work.is_task())
         os << "  task: " << t_.seq_len << " tokens, " << t_.task_pairs << " key/value pair(s) in positions [0, "
            << task_pair_region(t_, m_) << "), query at " << t_.seq_len - 1 << "; light window " << m_.light_window_size
@@ -444,8 +446,8 @@ class Trainer {
             std::snprintf(buf, sizeof buf, "eval step %lld: valid loss %.4f  accuracy %.3f (%lld held-out sequences)",
                           static_cast<long long>(step), ev.loss, ev.accuracy, static_cast<long long>(ev.count));
           else
-            std::snprintf(buf, sizeof buf, "eval step %lld: valid loss %.4f  bits/char %.4f", static_cast<long long>(step),
-                          ev.loss, ev.bpc);
+            std::snprintf(buf, sizeof buf, "eval step %lld: valid loss %.4f  bits/char %.4f",
+                          static_cast<long long>(step), ev.loss, ev.bpc);
           os << buf << "\n";
           os.flush();
         }
@@ -474,8 +476,10 @@ class Trainer {
       if (work.is_task())
         os << "valid accuracy " << fmt(result.last_valid.accuracy, "%.3f");
       else
-        os << "valid loss " << fmt(result.last_valid.loss, "%.4f") << ", bits/char " << fmt(result.last_valid.bpc, "%.4f");
-      os << "\n  checkpoint " << result.checkpoint << "\n  metrics " << metrics_path << "\n  plot " << plot_path << "\n";
+        os << "valid loss " << fmt(result.last_valid.loss, "%.4f") << ", bits/char "
+           << fmt(result.last_valid.bpc, "%.4f");
+      os << "\n  checkpoint " << result.checkpoint << "\n  metrics " << metrics_path << "\n  plot " << plot_path
+         << "\n";
     }
     return result;
   }

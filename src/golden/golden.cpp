@@ -57,9 +57,8 @@ void run_coor_descent(const Case& c, Run& run) {
   if (cfg.at("k").is_number()) {
     y = coor_descent(s, cfg["k"].get<double>(), o, mask);
   } else {
-    at::Tensor k = c.data.contains("input.k")
-                       ? c.data.at("input.k")
-                       : torch::tensor(cfg["k"].get<std::vector<double>>(), torch::kDouble);
+    at::Tensor k = c.data.contains("input.k") ? c.data.at("input.k")
+                                              : torch::tensor(cfg["k"].get<std::vector<double>>(), torch::kDouble);
     y = coor_descent(s, k, o, mask);
   }
   run.outputs["scores"] = y.detach();
@@ -184,8 +183,7 @@ int main_for_dir(const std::string& dir, double tolerance) {
     if (r.status == Result::Skip)
       std::printf("%s  %-32s  -         %s\n", tag, name.c_str(), r.detail.c_str());
     else
-      std::printf("%s  %-32s  %.3e%s%s\n", tag, name.c_str(), r.worst, r.detail.empty() ? "" : "  ",
-                  r.detail.c_str());
+      std::printf("%s  %-32s  %.3e%s%s\n", tag, name.c_str(), r.worst, r.detail.empty() ? "" : "  ", r.detail.c_str());
     (r.status == Result::Pass ? passed : r.status == Result::Fail ? failed : skipped)++;
   }
   std::printf("%d passed, %d failed, %d skipped\n", passed, failed, skipped);

@@ -14,10 +14,10 @@ namespace golden {
 
 struct Case {
   std::string name;
-  std::string kind;        // metadata "kind"
-  nlohmann::json config;   // metadata "config"
-  nlohmann::json call;     // metadata "call" ({} when absent)
-  SafetensorsData data;    // every tensor of the file
+  std::string kind;       // metadata "kind"
+  nlohmann::json config;  // metadata "config"
+  nlohmann::json call;    // metadata "call" ({} when absent)
+  SafetensorsData data;   // every tensor of the file
 
   // Tensors whose names start with prefix, keyed by the rest of the name.
   std::map<std::string, at::Tensor> with_prefix(const std::string& prefix) const;
@@ -41,8 +41,8 @@ bool run_module_case(const Case& c, Run& run);
 
 struct Result {
   enum Status { Pass, Fail, Skip } status = Skip;
-  double worst = 0;        // worst relative error over compared tensors
-  std::string detail;      // what failed, or why skipped
+  double worst = 0;    // worst relative error over compared tensors
+  std::string detail;  // what failed, or why skipped
 };
 
 Case load_case(const std::string& path);

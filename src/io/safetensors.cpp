@@ -24,31 +24,59 @@ namespace {
 
 at::ScalarType scalar_type_of(st::Dtype dtype) {
   switch (dtype) {
-    case st::Dtype::F64: return at::kDouble;
-    case st::Dtype::F32: return at::kFloat;
-    case st::Dtype::F16: return at::kHalf;
-    case st::Dtype::BF16: return at::kBFloat16;
-    case st::Dtype::I64: return at::kLong;
-    case st::Dtype::I32: return at::kInt;
-    case st::Dtype::I8: return at::kChar;
-    case st::Dtype::U8: return at::kByte;
-    case st::Dtype::BOOL: return at::kBool;
+    case st::Dtype::F64:
+      return at::kDouble;
+    case st::Dtype::F32:
+      return at::kFloat;
+    case st::Dtype::F16:
+      return at::kHalf;
+    case st::Dtype::BF16:
+      return at::kBFloat16;
+    case st::Dtype::I64:
+      return at::kLong;
+    case st::Dtype::I32:
+      return at::kInt;
+    case st::Dtype::I8:
+      return at::kChar;
+    case st::Dtype::U8:
+      return at::kByte;
+    case st::Dtype::BOOL:
+      return at::kBool;
   }
   TORCH_CHECK(false, "invalid safetensors dtype");
 }
 
 bool dtype_of(at::ScalarType type, st::Dtype& dtype) {
   switch (type) {
-    case at::kDouble: dtype = st::Dtype::F64; return true;
-    case at::kFloat: dtype = st::Dtype::F32; return true;
-    case at::kHalf: dtype = st::Dtype::F16; return true;
-    case at::kBFloat16: dtype = st::Dtype::BF16; return true;
-    case at::kLong: dtype = st::Dtype::I64; return true;
-    case at::kInt: dtype = st::Dtype::I32; return true;
-    case at::kChar: dtype = st::Dtype::I8; return true;
-    case at::kByte: dtype = st::Dtype::U8; return true;
-    case at::kBool: dtype = st::Dtype::BOOL; return true;
-    default: return false;
+    case at::kDouble:
+      dtype = st::Dtype::F64;
+      return true;
+    case at::kFloat:
+      dtype = st::Dtype::F32;
+      return true;
+    case at::kHalf:
+      dtype = st::Dtype::F16;
+      return true;
+    case at::kBFloat16:
+      dtype = st::Dtype::BF16;
+      return true;
+    case at::kLong:
+      dtype = st::Dtype::I64;
+      return true;
+    case at::kInt:
+      dtype = st::Dtype::I32;
+      return true;
+    case at::kChar:
+      dtype = st::Dtype::I8;
+      return true;
+    case at::kByte:
+      dtype = st::Dtype::U8;
+      return true;
+    case at::kBool:
+      dtype = st::Dtype::BOOL;
+      return true;
+    default:
+      return false;
   }
 }
 
@@ -254,8 +282,8 @@ void save_safetensors(const std::string& path, const std::vector<std::pair<std::
     if (infos[i].nbytes() > 0) check(write_all(tmp.fd(), dense[i].data_ptr(), infos[i].nbytes()), "cannot write");
   check(::fsync(tmp.fd()) == 0, "cannot flush");
   check(tmp.close() == 0, "cannot close");
-  TORCH_CHECK(::rename(tmp.path().c_str(), path.c_str()) == 0, where, "cannot rename '", tmp.path(), "' over it: ",
-              std::strerror(errno));
+  TORCH_CHECK(::rename(tmp.path().c_str(), path.c_str()) == 0, where, "cannot rename '", tmp.path(),
+              "' over it: ", std::strerror(errno));
   tmp.commit();
   // Makes the rename itself durable; the data is already safe, so failure here is not an error.
   Fd dir(::open(parent_dir(path).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));

@@ -22,9 +22,9 @@ struct DtypeEntry {
 };
 
 constexpr DtypeEntry kDtypes[] = {
-    {Dtype::F64, "F64", 8}, {Dtype::F32, "F32", 4}, {Dtype::F16, "F16", 2},
+    {Dtype::F64, "F64", 8},   {Dtype::F32, "F32", 4}, {Dtype::F16, "F16", 2},
     {Dtype::BF16, "BF16", 2}, {Dtype::I64, "I64", 8}, {Dtype::I32, "I32", 4},
-    {Dtype::I8, "I8", 1},   {Dtype::U8, "U8", 1},   {Dtype::BOOL, "BOOL", 1},
+    {Dtype::I8, "I8", 1},     {Dtype::U8, "U8", 1},   {Dtype::BOOL, "BOOL", 1},
 };
 
 const DtypeEntry& entry_of(Dtype dtype) {
@@ -85,8 +85,7 @@ TensorInfo parse_tensor(const std::string& name, const Json& entry, uint64_t dat
   const uint64_t any = std::numeric_limits<uint64_t>::max();
   info.begin = as_count(offsets[0], any, name, "data offset begin");
   info.end = as_count(offsets[1], any, name, "data offset end");
-  if (info.begin > info.end)
-    fail("tensor '", name, "': data_offsets begin ", info.begin, " is after end ", info.end);
+  if (info.begin > info.end) fail("tensor '", name, "': data_offsets begin ", info.begin, " is after end ", info.end);
   if (info.end > data_size)
     fail("tensor '", name, "': data_offsets [", info.begin, ", ", info.end, "] go past the end of the byte buffer (",
          data_size, " bytes)");
@@ -200,8 +199,7 @@ Header parse_header_json(const char* json, size_t length, uint64_t data_size) {
   });
   uint64_t pos = 0;
   for (size_t i = 0; i < ts.size(); ++i) {
-    if (ts[i].begin < pos)
-      fail("tensors '", ts[i - 1].name, "' and '", ts[i].name, "' overlap in the byte buffer");
+    if (ts[i].begin < pos) fail("tensors '", ts[i - 1].name, "' and '", ts[i].name, "' overlap in the byte buffer");
     if (ts[i].begin > pos)
       fail("bytes [", pos, ", ", ts[i].begin, ") of the byte buffer belong to no tensor (hole before '", ts[i].name,
            "')");

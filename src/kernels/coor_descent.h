@@ -24,12 +24,12 @@ template <typename acc_t>
 struct CoorDescentParams {
   int64_t rows = 0;
   int64_t cols = 0;
-  const acc_t* s = nullptr;        // rows x cols, contiguous
-  const uint8_t* mask = nullptr;   // rows x cols (1 = keep) or nullptr for none
-  const acc_t* k = nullptr;        // rows values of k (> 0)
+  const acc_t* s = nullptr;       // rows x cols, contiguous
+  const uint8_t* mask = nullptr;  // rows x cols (1 = keep) or nullptr for none
+  const acc_t* k = nullptr;       // rows values of k (> 0)
   int64_t n_iters = 20;
   double eps = 0.1;
-  double eps_init = 0.1;           // already max(eps_init, eps)
+  double eps_init = 0.1;  // already max(eps_init, eps)
   double eps_decay = 1.0;
   // Number of checkpoint segments: 0 keeps every iterate a_t (rows x n_iters);
   // c >= 1 keeps only the first iterate of each of c segments (rows x c) and
@@ -39,9 +39,9 @@ struct CoorDescentParams {
   // Forward outputs. The per-row scalars are kept in float64 whatever acc_t:
   // the outputs are exp((s + a) / eps) with eps as small as 0.03, so a float
   // rounding of a would cost float32 outputs and gradients about 1e-4 relative.
-  acc_t* y = nullptr;              // rows x cols
-  double* saved = nullptr;         // rows x saved_per_row(): kept iterates a_t
-  double* row_stats = nullptr;     // rows x 2: max of unmasked s, unmasked count
+  acc_t* y = nullptr;           // rows x cols
+  double* saved = nullptr;      // rows x saved_per_row(): kept iterates a_t
+  double* row_stats = nullptr;  // rows x 2: max of unmasked s, unmasked count
 };
 
 // Number of scalars kept per row by the forward for the backward.
@@ -55,10 +55,10 @@ double eps_at(double eps_init, double eps, double eps_decay, int64_t t);
 
 template <typename acc_t>
 struct CoorDescentBackwardParams {
-  CoorDescentParams<acc_t> fwd;    // the forward's inputs and saved state
-  const acc_t* grad_y = nullptr;   // rows x cols
-  acc_t* grad_s = nullptr;         // rows x cols (written)
-  acc_t* grad_k = nullptr;         // rows (written) or nullptr when not needed
+  CoorDescentParams<acc_t> fwd;   // the forward's inputs and saved state
+  const acc_t* grad_y = nullptr;  // rows x cols
+  acc_t* grad_s = nullptr;        // rows x cols (written)
+  acc_t* grad_k = nullptr;        // rows (written) or nullptr when not needed
 };
 
 // CPU kernels: process rows [row_begin, row_end). Callers spread row ranges
@@ -67,15 +67,14 @@ template <typename acc_t>
 void coor_descent_forward_cpu(const CoorDescentParams<acc_t>& p, int64_t row_begin, int64_t row_end);
 
 template <typename acc_t>
-void coor_descent_backward_cpu(const CoorDescentBackwardParams<acc_t>& p, int64_t row_begin,
-                               int64_t row_end);
+void coor_descent_backward_cpu(const CoorDescentBackwardParams<acc_t>& p, int64_t row_begin, int64_t row_end);
 
 // Hard top-k with a total order: larger score first, then larger tiebreak,
 // then smaller position. Masked entries (mask 0) come after every unmasked one
 // (in the same order among themselves). Writes k indices per row, in order.
 template <typename acc_t>
-void topk_tiebreak_cpu(const acc_t* scores, const acc_t* tiebreak, const uint8_t* mask, int64_t rows,
-                       int64_t cols, int64_t k, int64_t* indices, int64_t row_begin, int64_t row_end);
+void topk_tiebreak_cpu(const acc_t* scores, const acc_t* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols,
+                       int64_t k, int64_t* indices, int64_t row_begin, int64_t row_end);
 
 #ifdef COLT5_WITH_CUDA
 // CUDA kernels on the given stream (cudaStream_t passed as void*). Buffers are
@@ -85,8 +84,8 @@ void coor_descent_forward_cuda(const CoorDescentParams<acc_t>& p, void* stream);
 template <typename acc_t>
 void coor_descent_backward_cuda(const CoorDescentBackwardParams<acc_t>& p, void* stream);
 template <typename acc_t>
-void topk_tiebreak_cuda(const acc_t* scores, const acc_t* tiebreak, const uint8_t* mask, int64_t rows,
-                        int64_t cols, int64_t k, int64_t* indices, void* stream);
+void topk_tiebreak_cuda(const acc_t* scores, const acc_t* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols,
+                        int64_t k, int64_t* indices, void* stream);
 #endif
 
 }  // namespace kernels

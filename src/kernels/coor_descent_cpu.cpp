@@ -68,7 +68,9 @@ COLT5_INLINE V exp_nonpos(V x) {
 }
 
 template <>
-COLT5_INLINE double exp_nonpos(double x) { return std::exp(x); }
+COLT5_INLINE double exp_nonpos(double x) {
+  return std::exp(x);
+}
 
 template <typename T>
 struct RowView {
@@ -77,7 +79,6 @@ struct RowView {
   int64_t n;
   bool keep(int64_t i) const { return m == nullptr || m[i] != 0; }
 };
-
 
 // Packs: the element type of the vector loops. A loop body is written once,
 // generic over its pack; the wide pack runs the bulk, the scalar one the tail.
@@ -147,7 +148,10 @@ COLT5_INLINE V vmin(V a, V b) {
 
 template <typename P, typename kMasked>
 COLT5_INLINE typename P::M mask_at(const uint8_t* m, int64_t i) {
-  if constexpr (kMasked::value) return P::mask(m + i); else return P::all();
+  if constexpr (kMasked::value)
+    return P::mask(m + i);
+  else
+    return P::all();
 }
 
 // sum over i in [0, n) of body(Pack, i) (a pack of values starting at i):
@@ -259,8 +263,8 @@ COLT5_VECTOR_CLONES double backward_last(const T* s, const uint8_t* m, int64_t n
 //   g_i = -c p_i  (= grad of b_t);  ds_i += g_i - [s_i + a_t > 0] g_i
 //   returns sum of -[s_i + a_t > 0] g_i  (= da_t).
 template <typename T, typename kMasked>
-COLT5_VECTOR_CLONES double backward_step(const T* s, const uint8_t* m, int64_t n, T a_t, T top, T inv_eps_next,
-                                         T shift, T c, T* ds) {
+COLT5_VECTOR_CLONES double backward_step(const T* s, const uint8_t* m, int64_t n, T a_t, T top, T inv_eps_next, T shift,
+                                         T c, T* ds) {
   const T cap = -a_t;
   return pack_sum<T>(n, [&](auto pk, int64_t i) COLT5_ALWAYS_INLINE {
     using P = decltype(pk);
@@ -275,8 +279,7 @@ COLT5_VECTOR_CLONES double backward_step(const T* s, const uint8_t* m, int64_t n
 }
 
 // Calls the masked or unmasked form of a vector loop.
-#define COLT5_MASKED_CALL(m, fn, ...) \
-  ((m) ? fn<T, std::true_type>(__VA_ARGS__) : fn<T, std::false_type>(__VA_ARGS__))
+#define COLT5_MASKED_CALL(m, fn, ...) ((m) ? fn<T, std::true_type>(__VA_ARGS__) : fn<T, std::false_type>(__VA_ARGS__))
 
 template <typename T>
 RowView<T> row_view(const CoorDescentParams<T>& p, int64_t row) {
@@ -408,8 +411,8 @@ void coor_descent_backward_cpu(const CoorDescentBackwardParams<T>& bp, int64_t r
     const T* y = p.y + row * p.cols;
     const T* gy = bp.grad_y + row * p.cols;
     // da_T = sum(du) - sum(h du): the output reads a_T directly and through b_T.
-    double da = COLT5_MASKED_CALL(st.r.m, backward_last, st.r.s, st.r.m, st.r.n, y, gy,
-                                  static_cast<T>(iterates[T_]), static_cast<T>(1.0 / eps[T_ + 1]), ds);
+    double da = COLT5_MASKED_CALL(st.r.m, backward_last, st.r.s, st.r.m, st.r.n, y, gy, static_cast<T>(iterates[T_]),
+                                  static_cast<T>(1.0 / eps[T_ + 1]), ds);
     double dlogk = da * eps[T_];
     for (int64_t t = T_ - 1; t >= 1; --t) {
       const double a_t = iterates[t];
@@ -426,8 +429,8 @@ void coor_descent_backward_cpu(const CoorDescentBackwardParams<T>& bp, int64_t r
 }
 
 template <typename T>
-void topk_tiebreak_cpu(const T* scores, const T* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols,
-                       int64_t k, int64_t* indices, int64_t row_begin, int64_t row_end) {
+void topk_tiebreak_cpu(const T* scores, const T* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols, int64_t k,
+                       int64_t* indices, int64_t row_begin, int64_t row_end) {
   (void)rows;
   std::vector<int64_t> order(static_cast<size_t>(cols));
   for (int64_t row = row_begin; row < row_end; ++row) {
@@ -451,8 +454,8 @@ template void coor_descent_forward_cpu<float>(const CoorDescentParams<float>&, i
 template void coor_descent_forward_cpu<double>(const CoorDescentParams<double>&, int64_t, int64_t);
 template void coor_descent_backward_cpu<float>(const CoorDescentBackwardParams<float>&, int64_t, int64_t);
 template void coor_descent_backward_cpu<double>(const CoorDescentBackwardParams<double>&, int64_t, int64_t);
-template void topk_tiebreak_cpu<float>(const float*, const float*, const uint8_t*, int64_t, int64_t, int64_t,
-                                       int64_t*, int64_t, int64_t);
+template void topk_tiebreak_cpu<float>(const float*, const float*, const uint8_t*, int64_t, int64_t, int64_t, int64_t*,
+                                       int64_t, int64_t);
 template void topk_tiebreak_cpu<double>(const double*, const double*, const uint8_t*, int64_t, int64_t, int64_t,
                                         int64_t*, int64_t, int64_t);
 

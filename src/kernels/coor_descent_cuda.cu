@@ -59,11 +59,11 @@ enum Mode { kBlock = 0, kCluster = 1, kGrid = 2 };
 template <int MODE>
 struct BlockGroup {
   using T = double;
-  T* red;            // shared [2][32]: per-warp partials, double-buffered
-  T* cl;             // shared [2]: this block's sum, read by the cluster
+  T* red;  // shared [2][32]: per-warp partials, double-buffered
+  T* cl;   // shared [2]: this block's sum, read by the cluster
   int par = 0, cpar = 0;
   int lane, warp, nwarps;
-  int nblk, rank;    // blocks per row and this block's rank among them
+  int nblk, rank;               // blocks per row and this block's rank among them
   T* partials = nullptr;        // grid: [2][nblk] of this row
   unsigned* counter = nullptr;  // grid: arrivals of this row
   unsigned target = 0;
@@ -164,8 +164,8 @@ __device__ __forceinline__ T load_one(const T* s, const uint8_t* m, int64_t i) {
 
 // sum over the thread's entries of ex((min(x, cap) - top) * sc).
 template <typename T, int VPT>
-__device__ __forceinline__ T local_sum_exp(const T (&v)[VPT], const T* s, const uint8_t* m, const Seg& sg, T cap,
-                                           T top, T sc) {
+__device__ __forceinline__ T local_sum_exp(const T (&v)[VPT], const T* s, const uint8_t* m, const Seg& sg, T cap, T top,
+                                           T sc) {
   T acc0 = T(0), acc1 = T(0);
 #pragma unroll
   for (int j = 0; j < VPT; j += 2) {
@@ -179,8 +179,8 @@ __device__ __forceinline__ T local_sum_exp(const T (&v)[VPT], const T* s, const 
 
 // One iteration t >= 2 from a_{t-1}: returns a_t (identical in every thread).
 template <typename T, int VPT, class G>
-__device__ __forceinline__ double iterate(G& g, const T (&v)[VPT], const T* s, const uint8_t* m, const Seg& sg,
-                                          T smax, double logk, double a_prev, double eps_t) {
+__device__ __forceinline__ double iterate(G& g, const T (&v)[VPT], const T* s, const uint8_t* m, const Seg& sg, T smax,
+                                          double logk, double a_prev, double eps_t) {
   const T cap = static_cast<T>(-a_prev);
   const T top = fmin_(smax, cap);
   const double inv = 1.0 / eps_t;
@@ -375,9 +375,9 @@ __device__ void backward_row(const CoorDescentBackwardParams<T>& bp, int64_t row
 // ---------------------------------------------------------------- kernels
 
 struct GridWork {
-  int nblk;          // blocks per row
-  int64_t ngroups;   // row groups in the grid (grid mode: rows are strided)
-  void* partials;    // grid mode: rows x 2 x nblk doubles
+  int nblk;         // blocks per row
+  int64_t ngroups;  // row groups in the grid (grid mode: rows are strided)
+  void* partials;   // grid mode: rows x 2 x nblk doubles
   unsigned* counters;
 };
 
@@ -527,9 +527,9 @@ int num_sms() {
 
 template <typename T>
 struct Cfg {
-  static constexpr int kNT = 512;                       // threads of a block-per-row block
-  static constexpr int kVPT = sizeof(T) == 4 ? 16 : 8;  // cached entries per thread
-  static constexpr int kWVPT = sizeof(T) == 4 ? 16 : 8; // cached entries per lane (warp per row)
+  static constexpr int kNT = 512;                        // threads of a block-per-row block
+  static constexpr int kVPT = sizeof(T) == 4 ? 16 : 8;   // cached entries per thread
+  static constexpr int kWVPT = sizeof(T) == 4 ? 16 : 8;  // cached entries per lane (warp per row)
 };
 
 template <typename Arg>
@@ -590,8 +590,8 @@ int active_clusters(void (*fn)(Arg, GridWork), int C, int nt, size_t smem) {
 
 // Chooses the row distribution and launches one of the kernels.
 template <typename T, typename Arg>
-void launch_rows(const KernelSet<Arg>& ks, const Arg& arg, int64_t rows, int64_t cols, int64_t n_iters,
-                 bool with_its, cudaStream_t st) {
+void launch_rows(const KernelSet<Arg>& ks, const Arg& arg, int64_t rows, int64_t cols, int64_t n_iters, bool with_its,
+                 cudaStream_t st) {
   if (rows == 0) return;
   constexpr int NT = Cfg<T>::kNT, VPT = Cfg<T>::kVPT, WVPT = Cfg<T>::kWVPT;
   const int sms = num_sms();
@@ -660,9 +660,8 @@ void launch_rows(const KernelSet<Arg>& ks, const Arg& arg, int64_t rows, int64_t
   CD_CHECK(cudaMemsetAsync(gw.counters, 0, cnt_bytes, st));
   Arg a = arg;
   void* args[] = {&a, &gw};
-  const cudaError_t e = cudaLaunchCooperativeKernel(reinterpret_cast<void*>(ks.grid),
-                                                    dim3(static_cast<unsigned>(gw.ngroups * gw.nblk)), dim3(NT), args,
-                                                    smem, st);
+  const cudaError_t e = cudaLaunchCooperativeKernel(
+      reinterpret_cast<void*>(ks.grid), dim3(static_cast<unsigned>(gw.ngroups * gw.nblk)), dim3(NT), args, smem, st);
   (void)cudaFreeAsync(ws, st);
   CD_CHECK(e);
 }
@@ -755,11 +754,10 @@ void topk_chunk(const T* scores, const T* tiebreak, const uint8_t* mask, int64_t
   using U = typename KeyOf<T>::U;
   const int64_t n = rows * cols;
   size_t temp_bytes = 0, b = 0;
-  CD_CHECK(cub::DeviceSegmentedSort::StableSortPairs(nullptr, b, static_cast<const U*>(nullptr),
-                                                     static_cast<U*>(nullptr), static_cast<const int32_t*>(nullptr),
-                                                     static_cast<int32_t*>(nullptr), n, rows,
-                                                     static_cast<const int64_t*>(nullptr),
-                                                     static_cast<const int64_t*>(nullptr), st));
+  CD_CHECK(cub::DeviceSegmentedSort::StableSortPairs(
+      nullptr, b, static_cast<const U*>(nullptr), static_cast<U*>(nullptr), static_cast<const int32_t*>(nullptr),
+      static_cast<int32_t*>(nullptr), n, rows, static_cast<const int64_t*>(nullptr),
+      static_cast<const int64_t*>(nullptr), st));
   temp_bytes = std::max(temp_bytes, b);
   if (mask) {
     CD_CHECK(cub::DeviceSegmentedSort::StableSortPairs(
@@ -773,8 +771,8 @@ void topk_chunk(const T* scores, const T* tiebreak, const uint8_t* mask, int64_t
   const size_t vals_bytes = align(static_cast<size_t>(n) * sizeof(int32_t));
   const size_t offs_bytes = align(static_cast<size_t>(rows + 1) * sizeof(int64_t));
   char* ws = nullptr;
-  CD_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&ws), 2 * keys_bytes + 2 * vals_bytes + offs_bytes + temp_bytes,
-                           st));
+  CD_CHECK(
+      cudaMallocAsync(reinterpret_cast<void**>(&ws), 2 * keys_bytes + 2 * vals_bytes + offs_bytes + temp_bytes, st));
   U* keys_in = reinterpret_cast<U*>(ws);
   U* keys_out = reinterpret_cast<U*>(ws + keys_bytes);
   int32_t* vals_a = reinterpret_cast<int32_t*>(ws + 2 * keys_bytes);
@@ -791,8 +789,8 @@ void topk_chunk(const T* scores, const T* tiebreak, const uint8_t* mask, int64_t
     topk_keys<T><<<grid_for(n), 256, 0, st>>>(src, vals_a, keys_in, n, cols);
     step(cudaGetLastError());
     size_t tb = temp_bytes;
-    step(cub::DeviceSegmentedSort::StableSortPairs(temp, tb, keys_in, keys_out, vals_a, vals_b, n, rows, offs,
-                                                   offs + 1, st));
+    step(cub::DeviceSegmentedSort::StableSortPairs(temp, tb, keys_in, keys_out, vals_a, vals_b, n, rows, offs, offs + 1,
+                                                   st));
     std::swap(vals_a, vals_b);
   };
   if (tiebreak) sort_by(tiebreak);
@@ -829,8 +827,8 @@ void coor_descent_backward_cuda(const CoorDescentBackwardParams<T>& p, void* str
 }
 
 template <typename T>
-void topk_tiebreak_cuda(const T* scores, const T* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols,
-                        int64_t k, int64_t* indices, void* stream) {
+void topk_tiebreak_cuda(const T* scores, const T* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols, int64_t k,
+                        int64_t* indices, void* stream) {
   if (rows == 0 || k == 0) return;
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 26) / cols);
@@ -845,8 +843,8 @@ template void coor_descent_forward_cuda<float>(const CoorDescentParams<float>&, 
 template void coor_descent_forward_cuda<double>(const CoorDescentParams<double>&, void*);
 template void coor_descent_backward_cuda<float>(const CoorDescentBackwardParams<float>&, void*);
 template void coor_descent_backward_cuda<double>(const CoorDescentBackwardParams<double>&, void*);
-template void topk_tiebreak_cuda<float>(const float*, const float*, const uint8_t*, int64_t, int64_t, int64_t,
-                                        int64_t*, void*);
+template void topk_tiebreak_cuda<float>(const float*, const float*, const uint8_t*, int64_t, int64_t, int64_t, int64_t*,
+                                        void*);
 template void topk_tiebreak_cuda<double>(const double*, const double*, const uint8_t*, int64_t, int64_t, int64_t,
                                          int64_t*, void*);
 

@@ -96,12 +96,12 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   torch::Tensor context;
   if (context_in.defined()) {
     check_floating(context_in, who, "context");
-    TORCH_CHECK((context_in.dim() == 3 || context_in.dim() == 4) && context_in.size(0) == batch &&
-                    context_in.size(-1) == dim,
-                "Attention: context must be (", batch, ", m, ", dim, ") or (", batch, ", routes, m, ", dim,
-                "), got ", context_in.sizes());
-    TORCH_CHECK(context_in.device() == x.device(), "Attention: context is on ", context_in.device(),
-                " but x is on ", x.device());
+    TORCH_CHECK(
+        (context_in.dim() == 3 || context_in.dim() == 4) && context_in.size(0) == batch && context_in.size(-1) == dim,
+        "Attention: context must be (", batch, ", m, ", dim, ") or (", batch, ", routes, m, ", dim, "), got ",
+        context_in.sizes());
+    TORCH_CHECK(context_in.device() == x.device(), "Attention: context is on ", context_in.device(), " but x is on ",
+                x.device());
     context = norm->forward(context_in);
   } else {
     context = xn;
@@ -214,8 +214,8 @@ void SelfAttentionImpl::reset() {
   const int64_t hidden = options.dim_head() * options.heads();
   norm = nullptr;
   if (options.prenorm()) norm = register_module("norm", RMSNorm(options.dim()));
-  to_qkv = register_module("to_qkv",
-                           torch::nn::Linear(torch::nn::LinearOptions(options.dim(), hidden * 3).bias(false)));
+  to_qkv =
+      register_module("to_qkv", torch::nn::Linear(torch::nn::LinearOptions(options.dim(), hidden * 3).bias(false)));
   to_out = register_module("to_out", torch::nn::Linear(torch::nn::LinearOptions(hidden, options.dim()).bias(false)));
 }
 
@@ -226,8 +226,8 @@ void SelfAttentionImpl::pretty_print(std::ostream& stream) const {
 
 torch::Tensor SelfAttentionImpl::forward(const torch::Tensor& x_in) {
   check_floating(x_in, "SelfAttention", "x");
-  TORCH_CHECK(x_in.dim() == 3 && x_in.size(2) == options.dim(), "SelfAttention: x must be (batch, seq, ",
-              options.dim(), "), got ", x_in.sizes());
+  TORCH_CHECK(x_in.dim() == 3 && x_in.size(2) == options.dim(), "SelfAttention: x must be (batch, seq, ", options.dim(),
+              "), got ", x_in.sizes());
   const int64_t b = x_in.size(0), n = x_in.size(1), h = options.heads(), dh = options.dim_head();
   auto x = norm ? norm->forward(x_in) : x_in;
   auto qkv = to_qkv->forward(x).chunk(3, -1);

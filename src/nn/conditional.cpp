@@ -11,8 +11,7 @@ namespace {
 
 void check_tokens(const char* module, const char* name, const torch::Tensor& x, int64_t dim) {
   TORCH_CHECK(x.defined(), module, ": ", name, " is undefined");
-  TORCH_CHECK(x.dim() == 3, module, ": ", name, " must be [batch, seq, dim], got ", x.dim(), " dimensions ",
-              x.sizes());
+  TORCH_CHECK(x.dim() == 3, module, ": ", name, " must be [batch, seq, dim], got ", x.dim(), " dimensions ", x.sizes());
   TORCH_CHECK(x.is_floating_point(), module, ": ", name, " must be floating point, got ", x.scalar_type());
   TORCH_CHECK(x.size(2) == dim, module, ": ", name, " has width ", x.size(2), " but the module's dim is ", dim);
 }
@@ -94,8 +93,8 @@ void ConditionalRoutedFeedForwardImpl::reset() {
               " gives an empty hidden layer");
   TORCH_CHECK(static_cast<int64_t>(o.dim() * o.heavy_ff_mult()) >= 1, m, ": heavy_ff_mult ", o.heavy_ff_mult(),
               " gives an empty hidden layer");
-  router = register_module("router", CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(),
-                                                                            o.router_kwargs())));
+  router = register_module(
+      "router", CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(), o.router_kwargs())));
   light_ff = register_module("light_ff", FeedForward(FeedForwardOptions(o.dim()).mult(o.light_ff_mult())));
   heavy_ff = register_module("heavy_ff", FeedForward(FeedForwardOptions(o.dim()).mult(o.heavy_ff_mult())));
 }
@@ -117,7 +116,6 @@ torch::Tensor ConditionalRoutedFeedForwardImpl::forward(const torch::Tensor& x, 
   const auto dt = at::promote_types(light_out.scalar_type(), routed_out.scalar_type());  // differ under autocast
   return light_out.to(dt).scatter_add(1, idx, routed_out.to(dt));
 }
-
 
 // ================================================================== attention
 
@@ -153,8 +151,9 @@ void ConditionalRoutedAttentionImpl::reset() {
   if (o.use_null_q_tokens()) null_q_token = register_parameter("null_q_token", torch::randn({o.dim()}));
   q_router = register_module(
       "q_router", CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(), o.router_kwargs())));
-  kv_router = register_module("kv_router", CoordinateDescentRouter(router_options(
-                                               o.dim(), o.router_straight_through(), o.router_kwargs(), o.num_routed_kv())));
+  kv_router =
+      register_module("kv_router", CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(),
+                                                                          o.router_kwargs(), o.num_routed_kv())));
   heavy_attn = register_module("heavy_attn", Attention(AttentionOptions(o.dim())
                                                            .dim_head(o.heavy_dim_head())
                                                            .heads(o.heavy_heads())
@@ -186,9 +185,8 @@ torch::Tensor ConditionalRoutedAttentionImpl::forward(const torch::Tensor& x, co
     rotary.second = kv.indices.defined() ? rotary_at(freqs, kv.indices) : freqs;
   }
 
-  torch::Tensor routed_out =
-      heavy_attn(q.routed_tokens, kv.routed_tokens, kv.routed_mask, kv.scores,
-                 options.multiply_queries_by_score() ? q.scores : torch::Tensor(), rotary);
+  torch::Tensor routed_out = heavy_attn(q.routed_tokens, kv.routed_tokens, kv.routed_mask, kv.scores,
+                                        options.multiply_queries_by_score() ? q.scores : torch::Tensor(), rotary);
   routed_out = routed_out * q.scores.unsqueeze(-1);
 
   torch::Tensor heavy_out =
@@ -206,30 +204,31 @@ ConditionalRoutedTransformerBlockImpl::ConditionalRoutedTransformerBlockImpl(
 
 void ConditionalRoutedTransformerBlockImpl::reset() {
   const auto& o = options;
-  conditional_ff = register_module(
-      "conditional_ff", ConditionalRoutedFeedForward(ConditionalRoutedFeedForwardOptions(o.dim(), o.num_heavy_ff_tokens())
-                                                         .light_ff_mult(o.light_ff_mult())
-                                                         .heavy_ff_mult(o.heavy_ff_mult())
-                                                         .router_straight_through(o.router_straight_through())
-                                                         .router_kwargs(o.router_kwargs())
-                                                         .use_triton(o.use_triton())));
-  conditional_attn = register_module(
-      "conditional_attn",
-      ConditionalRoutedAttention(
-          ConditionalRoutedAttentionOptions(o.dim(), o.num_heavy_attn_tokens_q(), o.num_heavy_attn_tokens_kv())
-              .num_routed_kv(o.num_routed_kv())
-              .light_dim_head(o.light_dim_head())
-              .light_heads(o.light_heads())
-              .light_window_size(o.light_window_size())
-              .heavy_dim_head(o.heavy_dim_head())
-              .heavy_heads(o.heavy_heads())
-              .router_straight_through(o.router_straight_through())
-              .router_kwargs(o.router_kwargs())
-              .multiply_keys_by_score(o.multiply_keys_by_score())
-              .multiply_queries_by_score(o.multiply_queries_by_score())
-              .use_triton(o.use_triton())
-              .use_null_q_tokens(o.use_null_q_tokens())
-              .use_flash_attn(o.use_flash_attn())));
+  conditional_ff =
+      register_module("conditional_ff",
+                      ConditionalRoutedFeedForward(ConditionalRoutedFeedForwardOptions(o.dim(), o.num_heavy_ff_tokens())
+                                                       .light_ff_mult(o.light_ff_mult())
+                                                       .heavy_ff_mult(o.heavy_ff_mult())
+                                                       .router_straight_through(o.router_straight_through())
+                                                       .router_kwargs(o.router_kwargs())
+                                                       .use_triton(o.use_triton())));
+  conditional_attn =
+      register_module("conditional_attn",
+                      ConditionalRoutedAttention(ConditionalRoutedAttentionOptions(o.dim(), o.num_heavy_attn_tokens_q(),
+                                                                                   o.num_heavy_attn_tokens_kv())
+                                                     .num_routed_kv(o.num_routed_kv())
+                                                     .light_dim_head(o.light_dim_head())
+                                                     .light_heads(o.light_heads())
+                                                     .light_window_size(o.light_window_size())
+                                                     .heavy_dim_head(o.heavy_dim_head())
+                                                     .heavy_heads(o.heavy_heads())
+                                                     .router_straight_through(o.router_straight_through())
+                                                     .router_kwargs(o.router_kwargs())
+                                                     .multiply_keys_by_score(o.multiply_keys_by_score())
+                                                     .multiply_queries_by_score(o.multiply_queries_by_score())
+                                                     .use_triton(o.use_triton())
+                                                     .use_null_q_tokens(o.use_null_q_tokens())
+                                                     .use_flash_attn(o.use_flash_attn())));
 }
 
 torch::Tensor ConditionalRoutedTransformerBlockImpl::forward(const torch::Tensor& x, const torch::Tensor& mask,
@@ -273,8 +272,9 @@ void ConditionalRoutedAutoregressiveAttentionImpl::reset() {
   if (o.use_null_q_tokens()) null_q_token = register_parameter("null_q_token", torch::randn({o.dim()}));
   q_router = register_module(
       "q_router", CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(), o.router_kwargs())));
-  kv_router = register_module("kv_router", CoordinateDescentRouter(router_options(
-                                               o.dim(), o.router_straight_through(), o.router_kwargs(), o.num_routed_kv())));
+  kv_router =
+      register_module("kv_router", CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(),
+                                                                          o.router_kwargs(), o.num_routed_kv())));
   heavy_attn = register_module("heavy_attn", Attention(AttentionOptions(o.dim())
                                                            .dim_head(o.heavy_dim_head())
                                                            .heads(o.heavy_heads())
@@ -331,9 +331,11 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward(const torch:
   if (rotary_emb) {
     torch::Tensor freqs = rotary_emb(padded);
     const int64_t dh = freqs.size(-1);
-    torch::Tensor windowed =
-        freqs.view({windows, w, dh}).narrow(0, 1, windows - 1).unsqueeze(0).expand({b, windows - 1, w, dh}).reshape(
-            {rows, w, dh});
+    torch::Tensor windowed = freqs.view({windows, w, dh})
+                                 .narrow(0, 1, windows - 1)
+                                 .unsqueeze(0)
+                                 .expand({b, windows - 1, w, dh})
+                                 .reshape({rows, w, dh});
     torch::Tensor q_freqs = rq.indices.defined()
                                 ? windowed.gather(1, rq.indices.unsqueeze(-1).expand({rows, rq.indices.size(1), dh}))
                                 : windowed;
@@ -341,9 +343,8 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward(const torch:
     rotary.second = rkv.indices.defined() ? rotary_at(freqs, rkv.indices) : freqs;
   }
 
-  torch::Tensor routed_out =
-      heavy_attn(rq.routed_tokens, rkv.routed_tokens, rkv.routed_mask, rkv.scores,
-                 options.multiply_queries_by_score() ? rq.scores : torch::Tensor(), rotary);
+  torch::Tensor routed_out = heavy_attn(rq.routed_tokens, rkv.routed_tokens, rkv.routed_mask, rkv.scores,
+                                        options.multiply_queries_by_score() ? rq.scores : torch::Tensor(), rotary);
 
   torch::Tensor heavy_out = routed_out;
   if (rq.indices.defined()) {
@@ -358,7 +359,8 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward(const torch:
 
 // ============================================================ cross attention
 
-ConditionalRoutedCrossAttentionImpl::ConditionalRoutedCrossAttentionImpl(const ConditionalRoutedCrossAttentionOptions& o)
+ConditionalRoutedCrossAttentionImpl::ConditionalRoutedCrossAttentionImpl(
+    const ConditionalRoutedCrossAttentionOptions& o)
     : options(o) {
   reset();
 }

@@ -51,9 +51,8 @@ void ConditionalRoutedImageAttentionImpl::reset() {
   if (o.use_null_q_tokens()) null_q_token = register_parameter("null_q_token", torch::randn({o.dim()}));
   q_router = register_module("q_router",
                              CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(), kwargs)));
-  kv_router = register_module(
-      "kv_router",
-      CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(), kwargs, o.num_routed_kv())));
+  kv_router = register_module("kv_router", CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(),
+                                                                                  kwargs, o.num_routed_kv())));
   heavy_attn = register_module("heavy_attn", Attention(AttentionOptions(o.dim())
                                                            .dim_head(o.heavy_dim_head())
                                                            .heads(o.heavy_heads())
@@ -135,8 +134,8 @@ torch::Tensor posemb_sincos_2d(const torch::Tensor& patches, double temperature)
   TORCH_CHECK(patches.defined() && patches.dim() == 4, "posemb_sincos_2d: patches must be (batch, h, w, dim), got ",
               patches.defined() ? patches.sizes() : c10::IntArrayRef{});
   const int64_t h = patches.size(1), w = patches.size(2), dim = patches.size(3);
-  TORCH_CHECK(dim % 4 == 0 && dim >= 8, "posemb_sincos_2d: the feature dimension must be a multiple of 4 and at least 8, got ",
-              dim);
+  TORCH_CHECK(dim % 4 == 0 && dim >= 8,
+              "posemb_sincos_2d: the feature dimension must be a multiple of 4 and at least 8, got ", dim);
   const auto dev = patches.device();
   const auto f32 = torch::TensorOptions().dtype(torch::kFloat).device(dev);
   // float32 as the reference computes it, converted at the end.
@@ -248,11 +247,11 @@ void ConditionalRoutedViTImpl::reset() {
     const int64_t b = img.size(0), h = img.size(2) / p1, w = img.size(3) / p2;
     return img.reshape({b, c, h, p1, w, p2}).permute({0, 2, 4, 3, 5, 1}).reshape({b, h, w, p1 * p2 * c});
   });
-  to_patch_embedding = register_module(
-      "to_patch_embedding",
-      torch::nn::Sequential(rearrange, torch::nn::LayerNorm(torch::nn::LayerNormOptions({patch_dim})),
-                            torch::nn::Linear(patch_dim, o.dim()),
-                            torch::nn::LayerNorm(torch::nn::LayerNormOptions({o.dim()}))));
+  to_patch_embedding =
+      register_module("to_patch_embedding",
+                      torch::nn::Sequential(rearrange, torch::nn::LayerNorm(torch::nn::LayerNormOptions({patch_dim})),
+                                            torch::nn::Linear(patch_dim, o.dim()),
+                                            torch::nn::LayerNorm(torch::nn::LayerNormOptions({o.dim()}))));
   transformer = register_module("transformer", ConditionalRoutedViTTransformer(o));
   // b h w c -> b c (mean)
   auto pool = torch::nn::Functional([](const torch::Tensor& x) { return x.mean({1, 2}); });
@@ -274,8 +273,8 @@ torch::Tensor ConditionalRoutedViTImpl::forward(const torch::Tensor& img) {
   const auto patch = *options.patch_size();
   TORCH_CHECK(img.dim() == 4 && img.size(1) == options.channels(), m, ": img must be (batch, ", options.channels(),
               ", height, width), got ", img.sizes());
-  TORCH_CHECK(img.size(2) % patch[0] == 0 && img.size(3) % patch[1] == 0, m, ": image height and width (",
-              img.size(2), " x ", img.size(3), ") must be divisible by the patch size ", options.patch_size());
+  TORCH_CHECK(img.size(2) % patch[0] == 0 && img.size(3) % patch[1] == 0, m, ": image height and width (", img.size(2),
+              " x ", img.size(3), ") must be divisible by the patch size ", options.patch_size());
   auto x = to_patch_embedding->forward(img);
   x = x + posemb_sincos_2d(x);
   x = transformer->forward(x);

@@ -55,8 +55,8 @@ void FeedForwardImpl::pretty_print(std::ostream& stream) const {
 
 torch::Tensor FeedForwardImpl::forward(const torch::Tensor& x) {
   TORCH_CHECK(x.defined(), "FeedForward: input x is undefined");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == options.dim(), "FeedForward: input x must end in dimension ",
-              options.dim(), ", got shape ", x.sizes());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == options.dim(), "FeedForward: input x must end in dimension ", options.dim(),
+              ", got shape ", x.sizes());
   return proj_out->forward(torch::gelu(proj_in->forward(norm->forward(x))));
 }
 

@@ -42,8 +42,7 @@ torch::Tensor pad_to_multiple(const torch::Tensor& t, int64_t multiple, int64_t 
 
 // ---------------------------------------------------------------- SinusoidalEmbeddings
 
-SinusoidalEmbeddingsImpl::SinusoidalEmbeddingsImpl(const SinusoidalEmbeddingsOptions& options_)
-    : options(options_) {
+SinusoidalEmbeddingsImpl::SinusoidalEmbeddingsImpl(const SinusoidalEmbeddingsOptions& options_) : options(options_) {
   reset();
 }
 
@@ -64,9 +63,9 @@ std::pair<torch::Tensor, torch::Tensor> SinusoidalEmbeddingsImpl::forward(int64_
   if (!options.use_xpos()) return {freqs, torch::Tensor()};
   const int64_t dim = options.dim();
   // Computed in float32 as the reference's (non-saved) buffer, then converted.
-  auto base = ((torch::arange(0, dim, 2, torch::kLong) + 0.4 * static_cast<double>(dim)) /
-               (1.4 * static_cast<double>(dim)))
-                  .to(inv_freq.device(), inv_freq.scalar_type());
+  auto base =
+      ((torch::arange(0, dim, 2, torch::kLong) + 0.4 * static_cast<double>(dim)) / (1.4 * static_cast<double>(dim)))
+          .to(inv_freq.device(), inv_freq.scalar_type());
   auto power = (t - static_cast<double>(seq_len / 2)) / *options.scale_base();
   auto scale = torch::pow(base, power.unsqueeze(-1));
   return {freqs, torch::cat({scale, scale}, -1)};
@@ -76,13 +75,10 @@ std::pair<torch::Tensor, torch::Tensor> SinusoidalEmbeddingsImpl::forward(int64_
 
 LocalAttentionImpl::LocalAttentionImpl(const LocalAttentionOptions& options_) : options(options_) { reset(); }
 
-int64_t LocalAttentionImpl::look_forward() const {
-  return options.look_forward().value_or(options.causal() ? 0 : 1);
-}
+int64_t LocalAttentionImpl::look_forward() const { return options.look_forward().value_or(options.causal() ? 0 : 1); }
 
 void LocalAttentionImpl::reset() {
-  TORCH_CHECK(options.window_size() > 0, "LocalAttention: window_size must be positive, got ",
-              options.window_size());
+  TORCH_CHECK(options.window_size() > 0, "LocalAttention: window_size must be positive, got ", options.window_size());
   TORCH_CHECK(options.look_backward() >= 0, "LocalAttention: look_backward must be non-negative, got ",
               options.look_backward());
   TORCH_CHECK(look_forward() >= 0, "LocalAttention: look_forward must be non-negative, got ", look_forward());
@@ -92,8 +88,8 @@ void LocalAttentionImpl::reset() {
   if (options.use_rotary_pos_emb() && options.dim()) {
     const int64_t scale_base = options.xpos_scale_base().value_or(options.window_size() / 2);
     rel_pos = register_module("rel_pos", SinusoidalEmbeddings(SinusoidalEmbeddingsOptions(*options.dim())
-                                                                   .use_xpos(options.use_xpos())
-                                                                   .scale_base(static_cast<double>(scale_base))));
+                                                                  .use_xpos(options.use_xpos())
+                                                                  .scale_base(static_cast<double>(scale_base))));
   }
 }
 
@@ -153,7 +149,7 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
     }
   }
 
-  auto bq_t = positions.unsqueeze(-1);                       // (1, w, i, 1)
+  auto bq_t = positions.unsqueeze(-1);                              // (1, w, i, 1)
   auto bq_k = look_around(positions, back, fwd, -1).unsqueeze(-2);  // (1, w, 1, j)
   auto pad_mask = bq_k.eq(-1);
 
@@ -223,7 +219,8 @@ void LocalMHAImpl::reset() {
   TORCH_CHECK(options.heads() > 0, "LocalMHA: heads must be positive, got ", options.heads());
   const int64_t inner = options.dim_head() * options.heads();
   norm = nullptr;
-  if (options.prenorm()) norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({options.dim()})));
+  if (options.prenorm())
+    norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({options.dim()})));
   to_qkv = register_module("to_qkv", torch::nn::Linear(torch::nn::LinearOptions(options.dim(), inner * 3).bias(false)));
   attn_fn = register_module("attn_fn", LocalAttention(LocalAttentionOptions(options.window_size())
                                                           .dim(options.dim_head())

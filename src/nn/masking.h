@@ -13,11 +13,16 @@ namespace nn {
 
 inline double most_negative(at::ScalarType t) {
   switch (t) {
-    case at::kDouble: return -std::numeric_limits<double>::max();
-    case at::kFloat: return -std::numeric_limits<float>::max();
-    case at::kHalf: return -static_cast<double>(std::numeric_limits<c10::Half>::max());
-    case at::kBFloat16: return -static_cast<double>(std::numeric_limits<c10::BFloat16>::max());
-    default: TORCH_CHECK(false, "attention: unsupported dtype ", t);
+    case at::kDouble:
+      return -std::numeric_limits<double>::max();
+    case at::kFloat:
+      return -std::numeric_limits<float>::max();
+    case at::kHalf:
+      return -static_cast<double>(std::numeric_limits<c10::Half>::max());
+    case at::kBFloat16:
+      return -static_cast<double>(std::numeric_limits<c10::BFloat16>::max());
+    default:
+      TORCH_CHECK(false, "attention: unsupported dtype ", t);
   }
 }
 

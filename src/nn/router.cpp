@@ -42,8 +42,7 @@ void CoordinateDescentRouterImpl::reset() {
   const auto& o = options;
   TORCH_CHECK(o.dim() > 0, "CoordinateDescentRouter: dim must be positive, got ", o.dim());
   TORCH_CHECK(o.n_iters() >= 1, "CoordinateDescentRouter: n_iters must be at least 1, got ", o.n_iters());
-  TORCH_CHECK(o.fetch_k_ratio() >= 1.0, "CoordinateDescentRouter: fetch_k_ratio must be >= 1, got ",
-              o.fetch_k_ratio());
+  TORCH_CHECK(o.fetch_k_ratio() >= 1.0, "CoordinateDescentRouter: fetch_k_ratio must be >= 1, got ", o.fetch_k_ratio());
   TORCH_CHECK(o.eps() > 0, "CoordinateDescentRouter: eps must be positive, got ", o.eps());
   TORCH_CHECK(o.eps_decay() > 0 && o.eps_decay() <= 1, "CoordinateDescentRouter: eps_decay must be in (0, 1], got ",
               o.eps_decay());
@@ -134,11 +133,11 @@ RouterOutput CoordinateDescentRouterImpl::forward(const torch::Tensor& x, int64_
   if (o.route_block_size()) {
     const int64_t w = *o.route_block_size();
     num_blocks = n / w;
-    TORCH_CHECK(num_blocks >= 1, "CoordinateDescentRouter: the sequence (", n,
-                ") is shorter than route_block_size (", w, ")");
+    TORCH_CHECK(num_blocks >= 1, "CoordinateDescentRouter: the sequence (", n, ") is shorter than route_block_size (",
+                w, ")");
     k = (num_tokens + num_blocks - 1) / num_blocks;
-    TORCH_CHECK(k <= w, "CoordinateDescentRouter: routing ", num_tokens, " tokens from ", num_blocks,
-                " blocks needs ", k, " per block, more than route_block_size (", w, ")");
+    TORCH_CHECK(k <= w, "CoordinateDescentRouter: routing ", num_tokens, " tokens from ", num_blocks, " blocks needs ",
+                k, " per block, more than route_block_size (", w, ")");
     xs = x.narrow(1, 0, num_blocks * w).reshape({b * num_blocks, w, d});
     if (mask.defined()) ms = mask.narrow(1, 0, num_blocks * w).reshape({b * num_blocks, w});
     if (toks.dim() == 3) toks = toks.repeat_interleave(num_blocks, 0);
@@ -149,8 +148,7 @@ RouterOutput CoordinateDescentRouterImpl::forward(const torch::Tensor& x, int64_
   // s: [rows, r, len]
   torch::Tensor xn = o.cosine_sim_routing() ? l2norm(xs) : xs;
   torch::Tensor tn = o.cosine_sim_routing() ? l2norm(toks) : toks;
-  torch::Tensor s = toks.dim() == 2 ? torch::matmul(xn, tn.t()).transpose(1, 2)
-                                    : torch::matmul(tn, xn.transpose(1, 2));
+  torch::Tensor s = toks.dim() == 2 ? torch::matmul(xn, tn.t()).transpose(1, 2) : torch::matmul(tn, xn.transpose(1, 2));
   if (o.cosine_sim_routing()) s = s * o.cosine_sim_scale();
   // Routing math (coordinate descent, the top-k and its tie-break) in float32 at least.
   if (s.scalar_type() == torch::kHalf || s.scalar_type() == torch::kBFloat16) s = s.to(torch::kFloat32);

@@ -373,8 +373,8 @@ std::shared_ptr<AnyModule::Impl> build_attn(Keywords& k) {
   impl->module = m.ptr();
   impl->signature = {{"x"}, {"mask"}, {"num_heavy_tokens_q", "num_heavy_tokens_kv"}};
   impl->call = [m](const CallArgs& a) mutable {
-    return single(m->forward(a.tensor("x"), a.tensor("mask"), a.count("num_heavy_tokens_q"),
-                             a.count("num_heavy_tokens_kv")));
+    return single(
+        m->forward(a.tensor("x"), a.tensor("mask"), a.count("num_heavy_tokens_q"), a.count("num_heavy_tokens_kv")));
   };
   return impl;
 }
@@ -402,8 +402,7 @@ std::shared_ptr<AnyModule::Impl> build_block(Keywords& k) {
   ConditionalRoutedTransformerBlock m(o);
   auto impl = std::make_shared<AnyModule::Impl>();
   impl->module = m.ptr();
-  impl->signature = {
-      {"x", "mask"}, {}, {"num_heavy_attn_tokens_q", "num_heavy_attn_tokens_kv", "num_heavy_ff_tokens"}};
+  impl->signature = {{"x", "mask"}, {}, {"num_heavy_attn_tokens_q", "num_heavy_attn_tokens_kv", "num_heavy_ff_tokens"}};
   impl->call = [m](const CallArgs& a) mutable {
     return single(m->forward(a.tensor("x"), a.tensor("mask"), a.count("num_heavy_attn_tokens_q"),
                              a.count("num_heavy_attn_tokens_kv"), a.count("num_heavy_ff_tokens")));

@@ -55,7 +55,6 @@ void check_options(const CoorDescentOptions& o) {
               o.checkpoint_segments());
 }
 
-
 template <typename T>
 kernels::CoorDescentParams<T> make_params(const at::Tensor& s2, const at::Tensor& mask2, const at::Tensor& k1,
                                           const CoorDescentOptions& o) {
@@ -117,8 +116,8 @@ struct ConstantMask {
 class CoorDescentFunction : public torch::autograd::Function<CoorDescentFunction> {
  public:
   // s2: rows x cols in the accumulation dtype; k1: rows, same dtype.
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& s2, const at::Tensor& k1,
-                            const ConstantMask& mask, const CoorDescentOptions& o) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& s2, const at::Tensor& k1, const ConstantMask& mask,
+                            const CoorDescentOptions& o) {
     const at::Tensor& mask2 = mask.value;
     Saved f = run_forward(s2, mask2, k1, o);
     ctx->save_for_backward({s2, k1, f.y, f.saved, f.stats});
@@ -205,12 +204,10 @@ at::Tensor coor_descent(const at::Tensor& s, const at::Tensor& k, const CoorDesc
   check_mask(mask, s, "coor_descent: mask");
   check_options(options);
   TORCH_CHECK(k.defined(), "coor_descent: k is undefined");
-  TORCH_CHECK(at::isFloatingType(k.scalar_type()), "coor_descent: k must be a floating tensor, got ",
-              k.scalar_type());
+  TORCH_CHECK(at::isFloatingType(k.scalar_type()), "coor_descent: k must be a floating tensor, got ", k.scalar_type());
   TORCH_CHECK(k.device() == s.device(), "coor_descent: k is on ", k.device(), " but s is on ", s.device());
-  TORCH_CHECK(k.sizes() == s.sizes().slice(0, s.dim() - 1),
-              "coor_descent: k must have one value per row, shape ", s.sizes().slice(0, s.dim() - 1), ", got ",
-              k.sizes());
+  TORCH_CHECK(k.sizes() == s.sizes().slice(0, s.dim() - 1), "coor_descent: k must have one value per row, shape ",
+              s.sizes().slice(0, s.dim() - 1), ", got ", k.sizes());
   TORCH_CHECK(k.numel() == 0 || at::logical_and(at::isfinite(k), k > 0).all().item<bool>(),
               "coor_descent: every k must be a positive number");
   return coor_descent_impl(s, k, options, mask);
@@ -249,8 +246,8 @@ at::Tensor topk_indices(const at::Tensor& scores, int64_t k, const at::Tensor& t
 #endif
     } else {
       at::parallel_for(0, rows, grain_for(cols), [&](int64_t b, int64_t e) {
-        kernels::topk_tiebreak_cpu<scalar_t>(sc.data_ptr<scalar_t>(), tbp, mp, rows, cols, k,
-                                             idx.data_ptr<int64_t>(), b, e);
+        kernels::topk_tiebreak_cpu<scalar_t>(sc.data_ptr<scalar_t>(), tbp, mp, rows, cols, k, idx.data_ptr<int64_t>(),
+                                             b, e);
       });
     }
   });

@@ -37,15 +37,15 @@ CoorDescentOptions router_options(int64_t iters = 20, int64_t segments = 0) {
 
 struct Case {
   int64_t rows, cols;
-  double k_ratio;        // k = max(0.5, k_ratio * cols), per row jittered
-  double keep = 1.0;     // mask keep probability; 1: no mask
+  double k_ratio;           // k = max(0.5, k_ratio * cols), per row jittered
+  double keep = 1.0;        // mask keep probability; 1: no mask
   bool masked_row = false;  // one fully masked row
   int64_t iters = 20;
   int64_t segments = 0;
   std::string name() const {
     return std::to_string(rows) + "x" + std::to_string(cols) + " k/n=" + std::to_string(k_ratio) +
-           " keep=" + std::to_string(keep) + (masked_row ? " +masked row" : "") + " iters=" +
-           std::to_string(iters) + " segments=" + std::to_string(segments);
+           " keep=" + std::to_string(keep) + (masked_row ? " +masked row" : "") + " iters=" + std::to_string(iters) +
+           " segments=" + std::to_string(segments);
   }
 };
 
@@ -233,13 +233,12 @@ TEST(CoorDescentCuda, Bf16Inputs) {
 void check_topk(const torch::Tensor& scores, int64_t k, const torch::Tensor& tiebreak, const torch::Tensor& mask) {
   torch::Tensor ref = colt5::topk_indices(scores.cpu(), k, tiebreak.defined() ? tiebreak.cpu() : torch::Tensor(),
                                           mask.defined() ? mask.cpu() : torch::Tensor());
-  torch::Tensor got = colt5::topk_indices(scores.to(cuda()), k,
-                                          tiebreak.defined() ? tiebreak.to(cuda()) : torch::Tensor(),
-                                          mask.defined() ? mask.to(cuda()) : torch::Tensor());
+  torch::Tensor got =
+      colt5::topk_indices(scores.to(cuda()), k, tiebreak.defined() ? tiebreak.to(cuda()) : torch::Tensor(),
+                          mask.defined() ? mask.to(cuda()) : torch::Tensor());
   ASSERT_TRUE(got.is_cuda());
   ASSERT_EQ(got.sizes(), ref.sizes());
-  EXPECT_TRUE(torch::equal(got.cpu(), ref)) << "first difference at "
-                                            << (got.cpu() != ref).nonzero().slice(0, 0, 1);
+  EXPECT_TRUE(torch::equal(got.cpu(), ref)) << "first difference at " << (got.cpu() != ref).nonzero().slice(0, 0, 1);
 }
 
 TEST(CoorDescentCuda, TopkSaturatedTies) {

@@ -28,10 +28,9 @@ TEST(CudaModules, RouterRoutesTheSameTokensAsTheCpu) {
   for (bool cosine : {false, true}) {
     for (int64_t routes : {1, 2}) {
       SCOPED_TRACE(std::to_string(cosine) + " routes " + std::to_string(routes));
-      CoordinateDescentRouter cpu(CoordinateDescentRouterOptions(64)
-                                      .num_routing_tokens(routes)
-                                      .cosine_sim_routing(cosine)
-                                      .eps(cosine ? 1.0 : 0.03));
+      CoordinateDescentRouter cpu(
+          CoordinateDescentRouterOptions(64).num_routing_tokens(routes).cosine_sim_routing(cosine).eps(cosine ? 1.0
+                                                                                                              : 0.03));
       CoordinateDescentRouter gpu(std::dynamic_pointer_cast<CoordinateDescentRouterImpl>(cpu->clone(cuda())));
       torch::Tensor x = torch::randn({3, 4096, 64});
       torch::Tensor mask = torch::rand({3, 4096}) > 0.1;
@@ -109,9 +108,11 @@ TEST(CudaModules, CrossAttentionOverAMillionTokenMemory) {
   // The seed README's cross-attention example: 1024 queries over 1,048,576 memories, 2 kv routes,
   // route blocks of 131072.
   torch::manual_seed(15);
-  ConditionalRoutedCrossAttention attn(
-      ConditionalRoutedCrossAttentionOptions(512, 512, 1024).dim_head(64).heads(8).kv_routing_tokens(2).route_block_size(
-          131072));
+  ConditionalRoutedCrossAttention attn(ConditionalRoutedCrossAttentionOptions(512, 512, 1024)
+                                           .dim_head(64)
+                                           .heads(8)
+                                           .kv_routing_tokens(2)
+                                           .route_block_size(131072));
   attn->to(cuda());
   auto o = torch::TensorOptions(cuda());
   torch::Tensor tokens = torch::randn({1, 1024, 512}, o);

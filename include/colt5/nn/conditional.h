@@ -111,8 +111,8 @@ class ConditionalRoutedAttentionImpl : public torch::nn::Cloneable<ConditionalRo
                         c10::optional<int64_t> num_heavy_tokens_kv = c10::nullopt);
 
   ConditionalRoutedAttentionOptions options;
-  LocalMHA light_attn{nullptr};        // null without has_light_attn
-  torch::Tensor null_q_token;          // [dim]; undefined without use_null_q_tokens
+  LocalMHA light_attn{nullptr};  // null without has_light_attn
+  torch::Tensor null_q_token;    // [dim]; undefined without use_null_q_tokens
   CoordinateDescentRouter q_router{nullptr};
   CoordinateDescentRouter kv_router{nullptr};
   Attention heavy_attn{nullptr};
@@ -170,8 +170,7 @@ TORCH_MODULE(ConditionalRoutedTransformerBlock);
 // ------------------------------------------------------ autoregressive attention
 
 struct ConditionalRoutedAutoregressiveAttentionOptions {
-  ConditionalRoutedAutoregressiveAttentionOptions(int64_t dim, int64_t num_heavy_tokens_q,
-                                                  int64_t num_heavy_tokens_kv)
+  ConditionalRoutedAutoregressiveAttentionOptions(int64_t dim, int64_t num_heavy_tokens_q, int64_t num_heavy_tokens_kv)
       : dim_(dim), num_heavy_tokens_q_(num_heavy_tokens_q), num_heavy_tokens_kv_(num_heavy_tokens_kv) {}
   TORCH_ARG(int64_t, dim);
   // Queries routed per heavy window.
