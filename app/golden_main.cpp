@@ -3,7 +3,7 @@
 #include <cstdlib>
 #include <string>
 
-#include "golden/golden.h"
+#include "support/golden.h"
 
 static int usage(FILE* f) {
   std::fprintf(f,

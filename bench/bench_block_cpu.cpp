@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "colt5/nn/conditional.h"
+#include "support/support.h"
 
 namespace {
 
@@ -90,6 +91,21 @@ int main(int argc, char** argv) {
       "ConditionalRoutedTransformerBlock, CPU float32, %lld x %lld x %lld, %lld heavy tokens, "
       "%d threads, median of %d runs\n",
       (long long)batch, (long long)seq, (long long)dim, (long long)heavy, torch::get_num_threads(), runs);
+
+  // Validate before timing: the float32 block against a float64 copy of itself (same routed tokens
+  // unless a routing score sits at the boundary, so compared in norm).
+  {
+    torch::NoGradGuard no_grad;
+    auto block64 = std::dynamic_pointer_cast<ConditionalRoutedTransformerBlockImpl>(block->clone());
+    block64->to(torch::kDouble);
+    const torch::Tensor y = block(x, mask), y64 = block64->forward(x.to(torch::kDouble), mask);
+    const double err = colt5::testing::norm_rel_error(y, y64);
+    if (!(y.sizes() == x.sizes() && torch::isfinite(y).all().item<bool>() && err < 1e-3)) {
+      std::fprintf(stderr, "bench_block_cpu: the float32 block disagrees with float64 (relative error %.3g)\n", err);
+      return 1;
+    }
+    std::printf("checked against float64: relative error %.2g\n", err);
+  }
 
   // Routed tokens for the heavy parts alone.
   RouterOutput rq, rkv, rff;

@@ -11,7 +11,8 @@
 #include <vector>
 
 #include "colt5/coor_descent.h"
-#include "plain_coor_descent.h"
+#include "colt5/nn/options.h"
+#include "support/support.h"
 
 namespace {
 
@@ -45,28 +46,45 @@ int main(int argc, char** argv) {
   torch::manual_seed(0);
   std::printf("coordinate descent, CPU: %s, %d threads, LibTorch %s\n", cpu_name().c_str(), at::get_num_threads(),
               TORCH_VERSION);
-  std::printf("router schedule: eps 0.03, eps_init 4, eps_decay 0.7; k = 9/8 * n/16; median of repeated runs\n\n");
+  std::printf(
+      "router schedule: eps %g, eps_init %g, eps_decay %g; k = 9/8 * n/16; each checked against the plain ops, then "
+      "timed (median)\n\n",
+      colt5::nn::router_defaults::eps, colt5::nn::router_defaults::eps_init, colt5::nn::router_defaults::eps_decay);
   std::printf("%-14s %5s %-8s %12s %12s %8s\n", "rows x cols", "iters", "pass", "fused ms", "plain ms", "speedup");
   struct Shape {
     int64_t rows, cols;
   };
   for (Shape sh : {Shape{16, 4096}, Shape{4, 32768}}) {
     for (int64_t iters : {20, 50}) {
-      auto o = colt5::CoorDescentOptions().n_iters(iters).eps(0.03).eps_init(4.0).eps_decay(0.7);
+      auto o = colt5::testing::router_schedule().n_iters(iters);
       const double k = 9.0 / 8.0 * static_cast<double>(sh.cols / 16);
       torch::Tensor s = torch::randn({sh.rows, sh.cols}) * 2;
       torch::Tensor gy = torch::randn({sh.rows, sh.cols});
+      // Validate before timing: the fused kernel against the plain ops, values and gradients.
+      {
+        torch::Tensor xf = s.detach().requires_grad_(true), xp = s.detach().requires_grad_(true);
+        torch::Tensor yf = colt5::coor_descent(xf, k, o), yp = colt5::testing::plain_coor_descent(xp, k, o);
+        yf.backward(gy);
+        yp.backward(gy);
+        const double ey = colt5::testing::max_rel_error(yf, yp),
+                     eg = colt5::testing::max_rel_error(xf.grad(), xp.grad());
+        if (!(ey < 1e-4 && eg < 1e-3)) {
+          std::fprintf(stderr, "bench_coor_descent_cpu: fused and plain disagree (values %.3g, gradients %.3g)\n", ey,
+                       eg);
+          return 1;
+        }
+      }
       for (bool backward : {false, true}) {
         auto run = [&](bool use_fused) {
           torch::Tensor x = backward ? s.detach().requires_grad_(true) : s;
-          torch::Tensor y = use_fused ? colt5::coor_descent(x, k, o) : plain_coor_descent(x, k, o);
+          torch::Tensor y = use_fused ? colt5::coor_descent(x, k, o) : colt5::testing::plain_coor_descent(x, k, o);
           if (backward) y.backward(gy);
         };
-        torch::NoGradGuard* guard = nullptr;
-        if (!backward) guard = new torch::NoGradGuard();
+        c10::optional<torch::NoGradGuard> no_grad;
+        if (!backward) no_grad.emplace();
         const double tf = median_seconds([&] { run(true); }, budget);
         const double tp = median_seconds([&] { run(false); }, budget);
-        delete guard;
+        no_grad.reset();
         char shape[32];
         std::snprintf(shape, sizeof shape, "%lld x %lld", (long long)sh.rows, (long long)sh.cols);
         std::printf("%-14s %5lld %-8s %12.3f %12.3f %7.1fx\n", shape, (long long)iters, backward ? "fwd+bwd" : "fwd",

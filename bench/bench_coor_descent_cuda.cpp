@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "colt5/coor_descent.h"
-#include "plain_coor_descent.h"
+#include "support/support.h"
 
 #ifdef COLT5_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
@@ -188,13 +188,13 @@ int main(int argc, char** argv) {
       plain = median_ms(
           [&] {
             torch::Tensor sv = s.detach().requires_grad_(true);
-            plain_coor_descent(sv, k, o).backward(gy);
+            colt5::testing::plain_coor_descent(sv, k, o).backward(gy);
           },
           3, reps, cur);
     } else {
       torch::NoGradGuard ng;
       api = median_ms([&] { colt5::coor_descent(s, k, o); }, 3, reps, cur);
-      plain = median_ms([&] { plain_coor_descent(s, k, o); }, 3, reps, cur);
+      plain = median_ms([&] { colt5::testing::plain_coor_descent(s, k, o); }, 3, reps, cur);
     }
     char name[96];
     std::snprintf(name, sizeof name, "%lldx%lld %lld it %s", static_cast<long long>(w.rows),

@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "colt5/nn/conditional.h"
-#include "nn/compat.h"
+#include "colt5/compat.h"
 
 #ifdef COLT5_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>

@@ -3,34 +3,33 @@
 // in two sets. `--small` runs reduced sizes on the CPU.
 #include <torch/torch.h>
 
-#include <cstring>
 #include <iostream>
 
+#include "example_args.h"
 #include "colt5/nn/conditional.h"
 
 int main(int argc, char** argv) {
-  const bool small = argc > 1 && std::strcmp(argv[1], "--small") == 0;
-  const torch::Device device = !small && torch::cuda::is_available() ? torch::kCUDA : torch::kCPU;
-  const int64_t seq = small ? 1024 : 8192, dim = small ? 128 : 512, kv = small ? 256 : 1024;
+  const ExampleArgs args(argc, argv);
+  const int64_t seq = args.size(8192, 1024), dim = args.size(512, 128), kv = args.size(1024, 256);
 
-  auto tokens = torch::randn({2, seq, dim}, device);
+  auto tokens = args.tokens(2, seq, dim);
 
   colt5::nn::ConditionalRoutedAutoregressiveAttention attn(
       colt5::nn::ConditionalRoutedAutoregressiveAttentionOptions(dim, /*num_heavy_tokens_q=*/32,
                                                                  /*num_heavy_tokens_kv=*/kv)
           .light_dim_head(64)
-          .light_heads(small ? 2 : 8)
+          .light_heads(args.size(8, 2))
           .light_window_size(128)
           .heavy_window_size(128)
           .heavy_dim_head(64)
-          .heavy_heads(small ? 4 : 8)
+          .heavy_heads(args.size(8, 4))
           .num_routed_kv(2)  // groups of heads attend to different sets of key/values
           .use_triton(true)
           .use_flash_attn(true));
-  attn->to(device);
+  attn->to(args.device);
 
   torch::NoGradGuard no_grad;
   auto attn_out = attn(tokens) + tokens;  // with the residual (prenorm is included)
-  std::cout << "attn_out " << attn_out.sizes() << " on " << device << "\n";
+  std::cout << "attn_out " << attn_out.sizes() << " on " << args.device << "\n";
   return 0;
 }

@@ -4,20 +4,19 @@
 // `--small` runs reduced sizes on the CPU.
 #include <torch/torch.h>
 
-#include <cstring>
 #include <iostream>
 
+#include "example_args.h"
 #include "colt5/nn/conditional.h"
 
 int main(int argc, char** argv) {
-  const bool small = argc > 1 && std::strcmp(argv[1], "--small") == 0;
-  const torch::Device device = !small && torch::cuda::is_available() ? torch::kCUDA : torch::kCPU;
-  const int64_t n = small ? 256 : 1024, memories_len = small ? 16384 : 1048576, dim = small ? 128 : 512;
-  auto bool_opts = torch::TensorOptions().dtype(torch::kBool).device(device);
+  const ExampleArgs args(argc, argv);
+  const int64_t n = args.size(1024, 256), memories_len = args.size(1048576, 16384), dim = args.size(512, 128);
+  auto bool_opts = torch::TensorOptions().dtype(torch::kBool).device(args.device);
 
-  auto tokens = torch::randn({1, n, dim}, device);
+  auto tokens = args.tokens(1, n, dim);
   auto tokens_mask = torch::ones({1, n}, bool_opts);
-  auto memories = torch::randn({1, memories_len, dim}, device);
+  auto memories = args.tokens(1, memories_len, dim);
   auto memories_mask = torch::ones({1, memories_len}, bool_opts);
 
   colt5::nn::ConditionalRoutedCrossAttention cross_attn(
@@ -26,11 +25,11 @@ int main(int argc, char** argv) {
           .heads(8)
           .kv_routing_tokens(2)
           .use_triton(true)
-          .route_block_size(small ? 2048 : 131072));
-  cross_attn->to(device);
+          .route_block_size(args.size(131072, 2048)));
+  cross_attn->to(args.device);
 
   torch::NoGradGuard no_grad;
   auto cross_attn_out = cross_attn(tokens, memories, tokens_mask, memories_mask);
-  std::cout << "cross_attn_out " << cross_attn_out.sizes() << " on " << device << "\n";  // same as tokens
+  std::cout << "cross_attn_out " << cross_attn_out.sizes() << " on " << args.device << "\n";  // same as tokens
   return 0;
 }

@@ -4,7 +4,10 @@
 #include <torch/torch.h>
 
 #include "colt5/nn/conditional.h"
-#include "nn/compat.h"
+#include "colt5/compat.h"
+#include "support/support.h"
+
+using colt5::testing::max_rel_error;
 
 namespace {
 
@@ -22,12 +25,6 @@ class CpuAutocast {
   bool enabled_;
   at::ScalarType dtype_;
 };
-
-double rel_err(const torch::Tensor& a, const torch::Tensor& b) {
-  return (a.to(torch::kDouble) - b.to(torch::kDouble)).abs().max().item<double>() /
-         b.to(torch::kDouble).abs().max().item<double>();
-}
-
 }  // namespace
 
 TEST(Autocast, TransformerBlockUnderBFloat16Autocast) {
@@ -51,7 +48,7 @@ TEST(Autocast, TransformerBlockUnderBFloat16Autocast) {
     out = block->forward(xa, mask);
   }
   EXPECT_TRUE(torch::isfinite(out).all().item<bool>());
-  EXPECT_LT(rel_err(out.detach(), ref), 0.05);
+  EXPECT_LT(max_rel_error(out.detach(), ref), 0.05);
   out.to(torch::kFloat).sum().backward();
   ASSERT_TRUE(xa.grad().defined());
   EXPECT_TRUE(torch::isfinite(xa.grad()).all().item<bool>());
@@ -78,6 +75,6 @@ TEST(Autocast, AutoregressiveAndCrossAttentionUnderBFloat16Autocast) {
     out_ar = ar->forward(x);
     out_cross = cross->forward(x, ctx);
   }
-  EXPECT_LT(rel_err(out_ar.detach(), ref_ar), 0.05);
-  EXPECT_LT(rel_err(out_cross.detach(), ref_cross), 0.05);
+  EXPECT_LT(max_rel_error(out_ar.detach(), ref_ar), 0.05);
+  EXPECT_LT(max_rel_error(out_cross.detach(), ref_cross), 0.05);
 }

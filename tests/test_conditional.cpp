@@ -1,6 +1,8 @@
 // Routed modules: masks, short and odd lengths, routes and blocks, dtypes,
 // tie-breaks, state files, JSON configs and bad input.
 #include <gtest/gtest.h>
+
+#include <sstream>
 #include <torch/torch.h>
 
 #include <filesystem>
@@ -8,10 +10,14 @@
 #include <string>
 #include <unistd.h>
 
-#include "nn/compat.h"
+#include "colt5/compat.h"
 #include "colt5/nn/conditional.h"
 #include "colt5/nn/router.h"
 #include "colt5/nn/state.h"
+#include "support/support.h"
+
+using colt5::testing::error_message;
+using colt5::testing::max_rel_error;
 
 namespace {
 
@@ -20,23 +26,7 @@ using namespace colt5::nn;
 RouterKwargs smooth_router() { return RouterKwargs().eps(1.0).eps_init(4.0).eps_decay(0.7); }
 
 torch::Tensor bool_ones(int64_t b, int64_t n) { return torch::ones({b, n}, torch::kBool); }
-
-double rel_err(const torch::Tensor& got, const torch::Tensor& want) {
-  const double scale = want.abs().max().item<double>();
-  const double diff = (got.to(want.scalar_type()) - want).abs().max().item<double>();
-  return scale > 0 ? diff / scale : diff;
-}
-
 // Runs f and returns its error message ("" when it did not throw).
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const c10::Error& e) {
-    return e.what_without_backtrace();
-  }
-  return "";
-}
-
 std::string temp_path(const std::string& name) {
   return (std::filesystem::temp_directory_path() / (name + "_" + std::to_string(::getpid()) + ".safetensors")).string();
 }
@@ -82,8 +72,8 @@ TEST(ConditionalMask, PaddedPositionsDoNotChangeRealOnesAndFullyPaddedRowIsFinit
     auto a = run(x), b = run(x2);
     EXPECT_TRUE(torch::isfinite(a).all().item<bool>());
     // Real tokens of rows 0 and 1 see only real tokens.
-    EXPECT_LT(rel_err(b[0].slice(0, 0, 40), a[0].slice(0, 0, 40)), 1e-5);
-    EXPECT_LT(rel_err(b[1], a[1]), 1e-5);
+    EXPECT_LT(max_rel_error(b[0].slice(0, 0, 40), a[0].slice(0, 0, 40)), 1e-5);
+    EXPECT_LT(max_rel_error(b[1], a[1]), 1e-5);
   }
 
   auto xg = x.clone().requires_grad_(true);
@@ -114,12 +104,12 @@ TEST(ConditionalShort, NoRoutingWhenSequenceFitsMeansDenseHeavyBranch) {
   auto x = torch::randn({2, 12, 32}, torch::kFloat64);
   ConditionalRoutedFeedForward ff(ConditionalRoutedFeedForwardOptions(32, 12));
   ff->to(torch::kFloat64);
-  EXPECT_LT(rel_err(ff(x), ff->light_ff(x) + ff->heavy_ff(x)), 1e-12);
+  EXPECT_LT(max_rel_error(ff(x), ff->light_ff(x) + ff->heavy_ff(x)), 1e-12);
 
   ConditionalRoutedAttention attn(small_attn(12, 12));
   attn->to(torch::kFloat64);
   auto want = attn->light_attn(x) + attn->heavy_attn(x, x, torch::Tensor(), torch::ones({2, 12}, torch::kFloat64));
-  EXPECT_LT(rel_err(attn(x), want), 1e-12);
+  EXPECT_LT(max_rel_error(attn(x), want), 1e-12);
 
   auto r = attn->q_router(x, 12);
   EXPECT_FALSE(r.indices.defined());
@@ -151,7 +141,7 @@ TEST(ConditionalShort, OddLengthsKeepTheirShape) {
     EXPECT_TRUE(torch::isfinite(out).all().item<bool>());
     // The first window has only the light branch.
     const int64_t w = std::min<int64_t>(n, 16);
-    EXPECT_LT(rel_err(out.slice(1, 0, w), ar->light_attn(x).slice(1, 0, w)), 1e-6);
+    EXPECT_LT(max_rel_error(out.slice(1, 0, w), ar->light_attn(x).slice(1, 0, w)), 1e-6);
   }
 }
 
@@ -228,7 +218,7 @@ TEST(ConditionalDtype, Float32AgreesWithFloat64) {
   block->to(torch::kFloat64);
   auto out64 = block(x.to(torch::kFloat64), mask);
   EXPECT_EQ(out32.scalar_type(), torch::kFloat32);
-  EXPECT_LT(rel_err(out32, out64), 1e-4);
+  EXPECT_LT(max_rel_error(out32, out64), 1e-4);
 }
 
 TEST(ConditionalDtype, ReducedPrecisionBlockRunsAndAgrees) {
@@ -303,12 +293,12 @@ TEST(ConditionalState, LoadErrorsNameTheKeys) {
   save_state(*with_null, path_with);
   save_state(*without_null, path_without);
 
-  auto missing = error_of([&] { load_state(*with_null, path_without); });
+  auto missing = error_message([&] { load_state(*with_null, path_without); });
   EXPECT_NE(missing.find("missing keys: null_q_token"), std::string::npos) << missing;
-  auto unexpected = error_of([&] { load_state(*without_null, path_with); });
+  auto unexpected = error_message([&] { load_state(*without_null, path_with); });
   EXPECT_NE(unexpected.find("unexpected keys: null_q_token"), std::string::npos) << unexpected;
-  EXPECT_EQ(error_of([&] { load_state(*without_null, path_with, /*strict=*/false); }), "");
-  auto shape = error_of([&] { load_state(*wider, path_with); });
+  EXPECT_EQ(error_message([&] { load_state(*without_null, path_with, /*strict=*/false); }), "");
+  auto shape = error_message([&] { load_state(*wider, path_with); });
   EXPECT_NE(shape.find("shape mismatch: null_q_token"), std::string::npos) << shape;
   EXPECT_NE(shape.find(path_with), std::string::npos) << shape;
   std::filesystem::remove(path_with);
@@ -328,22 +318,22 @@ TEST(ConditionalState, BuildFromJsonConfig) {
   EXPECT_TRUE(named.contains("conditional_ff.light_ff.1.bias"));
   EXPECT_TRUE(named.contains("conditional_attn.heavy_attn.to_kv.weight"));
 
-  auto unknown = error_of(
+  auto unknown = error_message(
       [] { build_module("ConditionalRoutedFeedForward", R"({"dim": 8, "num_heavy_tokens": 4, "hevy_ff_mult": 2})"); });
   EXPECT_NE(unknown.find("'hevy_ff_mult'"), std::string::npos) << unknown;
-  auto required = error_of([] { build_module("ConditionalRoutedFeedForward", R"({"dim": 8})"); });
+  auto required = error_message([] { build_module("ConditionalRoutedFeedForward", R"({"dim": 8})"); });
   EXPECT_NE(required.find("'num_heavy_tokens' is missing"), std::string::npos) << required;
   auto wrong_type =
-      error_of([] { build_module("ConditionalRoutedFeedForward", R"({"dim": "8", "num_heavy_tokens": 4})"); });
+      error_message([] { build_module("ConditionalRoutedFeedForward", R"({"dim": "8", "num_heavy_tokens": 4})"); });
   EXPECT_NE(wrong_type.find("'dim' must be an integer"), std::string::npos) << wrong_type;
-  auto kwargs = error_of([] {
+  auto kwargs = error_message([] {
     build_module("ConditionalRoutedAttention",
                  R"({"dim": 8, "num_heavy_tokens_q": 4, "num_heavy_tokens_kv": 4, "router_kwargs": {"epz": 1}})");
   });
   EXPECT_NE(kwargs.find("router_kwargs: unknown keyword 'epz'"), std::string::npos) << kwargs;
-  auto kind = error_of([] { build_module("ConditionalRoutedThing", "{}"); });
+  auto kind = error_message([] { build_module("ConditionalRoutedThing", "{}"); });
   EXPECT_NE(kind.find("unknown module kind 'ConditionalRoutedThing'"), std::string::npos) << kind;
-  auto call_kw = error_of([&] { m.call({torch::randn({2, 40, 32})}, {}, R"({"num_tokens": 3})"); });
+  auto call_kw = error_message([&] { m.call({torch::randn({2, 40, 32})}, {}, R"({"num_tokens": 3})"); });
   EXPECT_NE(call_kw.find("unknown keyword argument 'num_tokens'"), std::string::npos) << call_kw;
 }
 
@@ -411,7 +401,7 @@ TEST(ConditionalBadInput, ErrorsNameTheProblem) {
        [&] {
          attn(torch::randn({40, 32}));
        },
-       "x must be [batch, seq, dim]"},
+       "x must be (b, n, dim)"},
       {"x too wide",
        [&] {
          attn(torch::randn({2, 40, 33}));
@@ -422,8 +412,8 @@ TEST(ConditionalBadInput, ErrorsNameTheProblem) {
          ff(torch::ones({2, 40, 32}, torch::kLong));
        },
        "x must be floating point"},
-      {"mask of the wrong length", [&] { attn(x, bool_ones(2, 41)); }, "mask must be [batch, seq] = [2, 40]"},
-      {"mask of the wrong batch", [&] { ff(x, bool_ones(3, 40)); }, "mask must be [batch, seq] = [2, 40]"},
+      {"mask of the wrong length", [&] { attn(x, bool_ones(2, 41)); }, "mask must be (b, n) = (2, 40)"},
+      {"mask of the wrong batch", [&] { ff(x, bool_ones(3, 40)); }, "mask must be (b, n) = (2, 40)"},
       {"float mask",
        [&] {
          ff(x, torch::ones({2, 40}));
@@ -482,7 +472,7 @@ TEST(ConditionalBadInput, ErrorsNameTheProblem) {
       {"zero routed tokens", [&] { router(x, 0); }, "num_tokens must be at least 1"},
   };
   for (const auto& c : cases) {
-    const std::string msg = error_of(c.run);
+    const std::string msg = error_message(c.run);
     EXPECT_NE(msg.find(c.expect), std::string::npos) << c.what << ": got \"" << msg << "\"";
   }
 }
@@ -498,6 +488,139 @@ TEST(ConditionalRoutes, LearnedRoutingTokensPerCall) {
   EXPECT_EQ(r.indices.sizes(), (std::vector<int64_t>{2, 2, 5}));
   (r.routed_tokens * r.scores.unsqueeze(-1)).sum().backward();
   EXPECT_GT(tokens.grad().abs().sum().item<double>(), 0);
+}
+
+// ------------------------------------------------------------ frontend conventions
+
+TEST(ConditionalOptions, BlockPartsGetEveryOptionOfTheBlock) {
+  auto o = ConditionalRoutedTransformerBlockOptions(32, 6, 7, 8)
+               .num_routed_kv(2)
+               .light_dim_head(8)
+               .light_heads(3)
+               .light_window_size(10)
+               .heavy_dim_head(12)
+               .heavy_heads(4)
+               .light_ff_mult(0.25)
+               .heavy_ff_mult(3.0)
+               .router_straight_through(false)
+               .router_kwargs(RouterKwargs().eps(0.5).n_iters(7).cosine_sim_routing(true))
+               .multiply_keys_by_score(true)
+               .multiply_queries_by_score(true)
+               .use_null_q_tokens(false);
+  const auto attn = o.attention();
+  EXPECT_EQ(attn.dim(), 32);
+  EXPECT_EQ(attn.num_heavy_tokens_q(), 6);
+  EXPECT_EQ(attn.num_heavy_tokens_kv(), 7);
+  EXPECT_EQ(attn.num_routed_kv(), 2);
+  EXPECT_EQ(attn.light_dim_head(), 8);
+  EXPECT_EQ(attn.light_heads(), 3);
+  EXPECT_EQ(attn.light_window_size(), 10);
+  EXPECT_EQ(attn.heavy_dim_head(), 12);
+  EXPECT_EQ(attn.heavy_heads(), 4);
+  EXPECT_FALSE(attn.router_straight_through());
+  EXPECT_TRUE(attn.multiply_keys_by_score());
+  EXPECT_TRUE(attn.multiply_queries_by_score());
+  EXPECT_FALSE(attn.use_null_q_tokens());
+  EXPECT_EQ(attn.router_kwargs().n_iters(), 7);
+  EXPECT_EQ(attn.router_kwargs().eps(), 0.5);
+  EXPECT_TRUE(attn.router_kwargs().cosine_sim_routing());
+  const auto ff = o.feedforward();
+  EXPECT_EQ(ff.num_heavy_tokens(), 8);
+  EXPECT_EQ(ff.light_ff_mult(), 0.25);
+  EXPECT_EQ(ff.heavy_ff_mult(), 3.0);
+  EXPECT_FALSE(ff.router_straight_through());
+  EXPECT_EQ(ff.router_kwargs().n_iters(), 7);
+
+  // The built block's parts carry them.
+  ConditionalRoutedTransformerBlock block(o);
+  EXPECT_EQ(block->conditional_attn->options.light_heads(), 3);
+  EXPECT_EQ(block->conditional_attn->kv_router->options.num_routing_tokens(), 2);
+  EXPECT_EQ(block->conditional_attn->q_router->options.eps(), 0.5);
+  EXPECT_FALSE(block->conditional_ff->router->options.straight_through());
+  EXPECT_EQ(block->conditional_ff->light_ff->options.mult(), 0.25);
+}
+
+TEST(ConditionalOptions, RouterScheduleDefaultsAreTheNamedOnes) {
+  const RouterKwargs k;
+  EXPECT_EQ(k.eps(), router_defaults::eps);
+  EXPECT_EQ(k.eps_init(), router_defaults::eps_init);
+  EXPECT_EQ(k.eps_decay(), router_defaults::eps_decay);
+  EXPECT_EQ(k.n_iters(), router_defaults::n_iters);
+  const CoordinateDescentRouterOptions r(8);
+  EXPECT_EQ(r.eps(), router_defaults::eps);
+  EXPECT_EQ(r.fetch_k_ratio(), router_defaults::fetch_k_ratio);
+  // The router's schedule and the kwargs convert both ways.
+  const auto back = CoordinateDescentRouterOptions(8).kwargs(RouterKwargs().eps(0.2).route_block_size(16)).kwargs();
+  EXPECT_EQ(back.eps(), 0.2);
+  EXPECT_EQ(back.route_block_size(), c10::optional<int64_t>(16));
+}
+
+TEST(ConditionalOptions, JsonReadsEveryOptionByItsName) {
+  // A non-default value for options of every kind (integer, number, bool,
+  // optional, nested router_kwargs) reaches the module.
+  auto m = build_module("ConditionalRoutedAutoregressiveAttention",
+                        R"({"dim": 16, "num_heavy_tokens_q": 2, "num_heavy_tokens_kv": 3, "light_heads": 2,
+                            "light_dim_head": 4, "heavy_window_size": 6, "multiply_queries_by_score": true,
+                            "router_kwargs": {"eps": 0.25, "eps_init": null, "triton_checkpoint_segments": 2}})");
+  auto ar = std::dynamic_pointer_cast<ConditionalRoutedAutoregressiveAttentionImpl>(m.module());
+  ASSERT_TRUE(ar);
+  EXPECT_EQ(ar->options.light_heads(), 2);
+  EXPECT_EQ(ar->options.heavy_window_size(), c10::optional<int64_t>(6));
+  EXPECT_TRUE(ar->options.multiply_queries_by_score());
+  EXPECT_EQ(ar->q_router->options.eps(), 0.25);
+  EXPECT_FALSE(ar->q_router->options.eps_init().has_value());
+  EXPECT_EQ(ar->q_router->options.checkpoint_segments(), 2);
+  auto nested = error_message([] {
+    build_module("ConditionalRoutedFeedForward", R"({"dim": 8, "num_heavy_tokens": 4, "router_kwargs": {"epz": 1}})");
+  });
+  EXPECT_NE(nested.find("unknown keyword 'epz'"), std::string::npos) << nested;
+}
+
+TEST(ConditionalFrontend, ModulesWorkInAnyModuleWithDefaultArguments) {
+  torch::manual_seed(0);
+  torch::Tensor x = torch::randn({1, 24, 16});
+  ConditionalRoutedTransformerBlock block(ConditionalRoutedTransformerBlockOptions(16, 4, 4, 4)
+                                              .light_heads(2)
+                                              .light_dim_head(8)
+                                              .heavy_heads(2)
+                                              .heavy_dim_head(8)
+                                              .light_window_size(8));
+  torch::nn::AnyModule any(block);
+  torch::Tensor via_any = any.forward(x);
+  EXPECT_TRUE(torch::equal(via_any, block(x)));
+
+  ConditionalRoutedFeedForward ff(ConditionalRoutedFeedForwardOptions(16, 4));
+  ConditionalRoutedAttention attn(ConditionalRoutedAttentionOptions(16, 4, 4)
+                                      .light_heads(2)
+                                      .light_dim_head(8)
+                                      .heavy_heads(2)
+                                      .heavy_dim_head(8)
+                                      .light_window_size(8));
+  torch::nn::Sequential seq(attn, ff);
+  torch::Tensor via_seq = seq->forward(x);
+  EXPECT_TRUE(torch::equal(via_seq, ff(attn(x))));
+
+  ConditionalRoutedAutoregressiveAttention ar(ConditionalRoutedAutoregressiveAttentionOptions(16, 2, 2)
+                                                  .light_heads(2)
+                                                  .light_dim_head(8)
+                                                  .heavy_heads(2)
+                                                  .heavy_dim_head(8)
+                                                  .light_window_size(8));
+  torch::nn::AnyModule any_ar(ar);
+  EXPECT_TRUE(torch::equal(any_ar.forward(x), ar(x)));
+}
+
+TEST(ConditionalFrontend, PrettyPrintShowsRequiredAndChangedOptions) {
+  std::ostringstream os;
+  os << *ConditionalRoutedAttention(
+      ConditionalRoutedAttentionOptions(32, 4, 6).light_heads(2).router_kwargs(RouterKwargs().eps(0.5)));
+  const std::string s = os.str();
+  EXPECT_NE(s.find("ConditionalRoutedAttention(dim=32, num_heavy_tokens_q=4, num_heavy_tokens_kv=6"), std::string::npos)
+      << s;
+  EXPECT_NE(s.find("light_heads=2"), std::string::npos) << s;
+  EXPECT_NE(s.find("router_kwargs={eps=0.5}"), std::string::npos) << s;
+  EXPECT_EQ(s.find("heavy_heads="), std::string::npos) << "unchanged options are not printed: " << s;
+  EXPECT_NE(s.find("colt5::nn::CoordinateDescentRouter(dim=32, eps=0.5)"), std::string::npos) << s;
 }
 
 }  // namespace

@@ -4,39 +4,17 @@
 #include <string>
 
 #include "colt5/coor_descent.h"
-#include "golden/golden.h"
+#include "support/golden.h"
+#include "support/expect_error.h"
+
+using colt5::testing::expect_error;
+using colt5::testing::max_rel_error;
+using colt5::testing::plain_coor_descent;
+using colt5::testing::router_schedule;
 
 namespace {
 
 using colt5::CoorDescentOptions;
-
-// The algorithm written with plain LibTorch ops, differentiated by autograd.
-torch::Tensor plain_coor_descent(const torch::Tensor& s_in, const torch::Tensor& k, const CoorDescentOptions& o,
-                                 const torch::Tensor& mask) {
-  const double fill = -std::numeric_limits<double>::max();
-  torch::Tensor s = mask.defined() ? s_in.masked_fill(~mask, fill) : s_in;
-  torch::Tensor logk = k.log().unsqueeze(-1);
-  torch::Tensor a = torch::zeros_like(logk);
-  torch::Tensor b = -s;
-  double e = std::max(o.eps_init().value_or(o.eps()), o.eps());
-  for (int64_t i = 0; i < o.n_iters(); ++i) {
-    torch::Tensor sb = (s + b) / e;
-    if (mask.defined()) sb = sb.masked_fill(~mask, fill);
-    a = e * (logk - sb.logsumexp(-1, true));
-    b = -torch::relu(s + a);
-    e = std::max(e * o.eps_decay(), o.eps());
-  }
-  torch::Tensor y = ((s + a + b) / e).exp();
-  return mask.defined() ? y.masked_fill(~mask, 0.0) : y;
-}
-
-double rel_err(const torch::Tensor& got, const torch::Tensor& want) {
-  const double scale = want.abs().max().item<double>();
-  const double diff = (got.to(torch::kDouble) - want.to(torch::kDouble)).abs().max().item<double>();
-  return scale > 0 ? diff / scale : diff;
-}
-
-CoorDescentOptions router_schedule() { return CoorDescentOptions().n_iters(20).eps(0.03).eps_init(4.0).eps_decay(0.7); }
 
 struct Grads {
   torch::Tensor y, ds, dk;
@@ -86,9 +64,9 @@ TEST(CoorDescent, MatchesPlainOpsInFloat64WithMasksRowKAndEpsScaling) {
   for (auto o : {router_schedule(), CoorDescentOptions().n_iters(7).eps(0.5),
                  CoorDescentOptions().n_iters(1).eps(0.2).eps_init(1.0).eps_decay(0.5)}) {
     Grads f = fused(s, k, o, mask, gy), p = plain(s, k, o, mask, gy);
-    EXPECT_LT(rel_err(f.y, p.y), 1e-10);
-    EXPECT_LT(rel_err(f.ds, p.ds), 1e-9);
-    EXPECT_LT(rel_err(f.dk, p.dk), 1e-9);
+    EXPECT_LT(max_rel_error(f.y, p.y), 1e-10);
+    EXPECT_LT(max_rel_error(f.ds, p.ds), 1e-9);
+    EXPECT_LT(max_rel_error(f.dk, p.dk), 1e-9);
   }
 }
 
@@ -124,9 +102,9 @@ TEST(CoorDescent, Float32AgreesWithFloat64) {
   Grads d = fused(s, k, o, mask, gy);
   Grads f = fused(s.to(torch::kFloat), k.to(torch::kFloat), o, mask, gy.to(torch::kFloat));
   EXPECT_EQ(f.y.scalar_type(), torch::kFloat);
-  EXPECT_LT(rel_err(f.y, d.y), 1e-5);
-  EXPECT_LT(rel_err(f.ds, d.ds), 1e-4);
-  EXPECT_LT(rel_err(f.dk, d.dk), 1e-4);
+  EXPECT_LT(max_rel_error(f.y, d.y), 1e-5);
+  EXPECT_LT(max_rel_error(f.ds, d.ds), 1e-4);
+  EXPECT_LT(max_rel_error(f.dk, d.dk), 1e-4);
 }
 
 TEST(CoorDescent, NarrowDtypesComputeInFloat32) {
@@ -137,7 +115,7 @@ TEST(CoorDescent, NarrowDtypesComputeInFloat32) {
     torch::Tensor y = colt5::coor_descent(sn, 30.0, router_schedule());
     EXPECT_EQ(y.scalar_type(), dt);
     torch::Tensor ref = colt5::coor_descent(sn.detach().to(torch::kFloat), 30.0, router_schedule());
-    EXPECT_LT(rel_err(y, ref), 1e-2);
+    EXPECT_LT(max_rel_error(y, ref), 1e-2);
     y.sum().backward();
     ASSERT_TRUE(sn.grad().defined());
     EXPECT_EQ(sn.grad().scalar_type(), dt);
@@ -156,8 +134,8 @@ TEST(CoorDescent, CheckpointSegmentsGiveIdenticalResults) {
     SCOPED_TRACE(c);
     Grads seg = fused(s, k, router_schedule().checkpoint_segments(c), mask, gy);
     EXPECT_TRUE(torch::equal(seg.y, all.y));
-    EXPECT_LT(rel_err(seg.ds, all.ds), 1e-14);
-    EXPECT_LT(rel_err(seg.dk, all.dk), 1e-14);
+    EXPECT_LT(max_rel_error(seg.ds, all.ds), 1e-14);
+    EXPECT_LT(max_rel_error(seg.dk, all.dk), 1e-14);
   }
 }
 
@@ -223,32 +201,23 @@ TEST(CoorDescent, ThreadCountDoesNotChangeResults) {
 
 TEST(CoorDescent, BadArgumentsAreClearErrors) {
   torch::Tensor s = torch::randn({2, 10});
-  auto throws_with = [](const std::function<void()>& f, const std::string& needle) {
-    try {
-      f();
-    } catch (const c10::Error& e) {
-      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-      return;
-    }
-    ADD_FAILURE() << "no error; expected one mentioning " << needle;
-  };
-  throws_with([&] { colt5::coor_descent(s, 0.0); }, "k must be a positive number");
-  throws_with([&] { colt5::coor_descent(s, -1.0); }, "k must be a positive number");
-  throws_with([&] { colt5::coor_descent(s, 2.0, CoorDescentOptions().n_iters(0)); }, "n_iters must be at least 1");
-  throws_with([&] { colt5::coor_descent(s, 2.0, CoorDescentOptions().eps(0)); }, "eps must be a positive");
-  throws_with([&] { colt5::coor_descent(s, 2.0, CoorDescentOptions().eps_decay(1.5)); }, "eps_decay");
-  throws_with([&] { colt5::coor_descent(s, 2.0, CoorDescentOptions().n_iters(4).checkpoint_segments(5)); },
+  expect_error([&] { colt5::coor_descent(s, 0.0); }, "k must be a positive number");
+  expect_error([&] { colt5::coor_descent(s, -1.0); }, "k must be a positive number");
+  expect_error([&] { colt5::coor_descent(s, 2.0, CoorDescentOptions().n_iters(0)); }, "n_iters must be at least 1");
+  expect_error([&] { colt5::coor_descent(s, 2.0, CoorDescentOptions().eps(0)); }, "eps must be a positive");
+  expect_error([&] { colt5::coor_descent(s, 2.0, CoorDescentOptions().eps_decay(1.5)); }, "eps_decay");
+  expect_error([&] { colt5::coor_descent(s, 2.0, CoorDescentOptions().n_iters(4).checkpoint_segments(5)); },
               "checkpoint_segments");
-  throws_with([&] { colt5::coor_descent(s, 2.0, {}, torch::ones({2, 9}, torch::kBool)); }, "mask must have the shape");
-  throws_with([&] { colt5::coor_descent(s, 2.0, {}, torch::ones({2, 10})); }, "mask must be a bool tensor");
-  throws_with([&] { colt5::coor_descent(torch::ones({2, 10}, torch::kLong), 2.0); }, "must be float32");
-  throws_with([&] { colt5::coor_descent(torch::randn({2, 0}), 2.0); }, "empty last dimension");
-  throws_with([&] { colt5::coor_descent(torch::randn({}), 2.0); }, "at least one dimension");
-  throws_with([&] { colt5::coor_descent(s, torch::ones({3})); }, "one value per row");
-  throws_with([&] { colt5::coor_descent(s, torch::tensor({1.0, -2.0})); }, "every k must be a positive");
+  expect_error([&] { colt5::coor_descent(s, 2.0, {}, torch::ones({2, 9}, torch::kBool)); }, "mask must have the shape");
+  expect_error([&] { colt5::coor_descent(s, 2.0, {}, torch::ones({2, 10})); }, "mask must be a bool tensor");
+  expect_error([&] { colt5::coor_descent(torch::ones({2, 10}, torch::kLong), 2.0); }, "must be float32");
+  expect_error([&] { colt5::coor_descent(torch::randn({2, 0}), 2.0); }, "empty last dimension");
+  expect_error([&] { colt5::coor_descent(torch::randn({}), 2.0); }, "at least one dimension");
+  expect_error([&] { colt5::coor_descent(s, torch::ones({3})); }, "one value per row");
+  expect_error([&] { colt5::coor_descent(s, torch::tensor({1.0, -2.0})); }, "every k must be a positive");
   torch::Tensor nan = s.clone();
   nan[0][3] = std::numeric_limits<float>::quiet_NaN();
-  throws_with([&] { colt5::coor_descent(nan, 2.0); }, "NaN or infinite");
+  expect_error([&] { colt5::coor_descent(nan, 2.0); }, "NaN or infinite");
 }
 
 TEST(CoorDescent, EmptyBatchGivesEmptyResult) {
@@ -286,7 +255,7 @@ TEST(Topk, StraightThroughValuesAndGradient) {
   auto r = colt5::topk(x, 8);
   auto [values, indices] = x.detach().topk(8, -1);
   EXPECT_TRUE(torch::equal(r.indices, indices));
-  EXPECT_LT(rel_err(r.values.detach(), values), 1e-15);
+  EXPECT_LT(max_rel_error(r.values.detach(), values), 1e-15);
   EXPECT_LT((r.gates.detach() - 1).abs().max().item<double>(), 1e-15);
   r.values.sum().backward();
   // d/dx of x * gates: 1 at the selected entries plus x * d(soft)/dx everywhere.
@@ -294,5 +263,5 @@ TEST(Topk, StraightThroughValuesAndGradient) {
   torch::Tensor soft = colt5::coor_descent(x2, 9.0, CoorDescentOptions().n_iters(20).eps(0.1));
   (x2.detach().gather(-1, indices) * soft.gather(-1, indices)).sum().backward();
   torch::Tensor expected = x2.grad() + torch::zeros_like(x2).scatter(-1, indices, 1.0);
-  EXPECT_LT(rel_err(x.grad(), expected), 1e-12);
+  EXPECT_LT(max_rel_error(x.grad(), expected), 1e-12);
 }

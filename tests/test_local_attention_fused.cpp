@@ -4,16 +4,13 @@
 #include <torch/torch.h>
 
 #include "colt5/nn/local_attention.h"
+#include "support/support.h"
+
+using colt5::testing::max_rel_error;
 
 namespace {
 
 using namespace colt5::nn;
-
-double rel_err(const torch::Tensor& a, const torch::Tensor& b) {
-  torch::Tensor x = a.detach().to(torch::kDouble), y = b.detach().to(torch::kDouble);
-  return (x - y).abs().max().item<double>() / y.abs().max().item<double>();
-}
-
 }  // namespace
 
 TEST(LocalAttentionFused, Float32AgreesWithFloat64InEveryConfiguration) {
@@ -46,13 +43,13 @@ TEST(LocalAttentionFused, Float32AgreesWithFloat64InEveryConfiguration) {
       torch::Tensor x64 = x.to(torch::kDouble).requires_grad_(true);
       torch::Tensor out64 = attn64->forward(x64, mask);
       EXPECT_TRUE(torch::isfinite(out32).all().item<bool>());
-      EXPECT_LT(rel_err(out32, out64), 1e-5) << "n " << n;
+      EXPECT_LT(max_rel_error(out32, out64), 1e-5) << "n " << n;
       torch::Tensor g = torch::randn_like(out64);
       out32.backward(g.to(torch::kFloat));
       out64.backward(g);
-      EXPECT_LT(rel_err(x32.grad(), x64.grad()), 1e-4) << "n " << n;
+      EXPECT_LT(max_rel_error(x32.grad(), x64.grad()), 1e-4) << "n " << n;
       // Without a mask too.
-      EXPECT_LT(rel_err(attn->forward(x), attn64->forward(x.to(torch::kDouble))), 1e-5) << "n " << n;
+      EXPECT_LT(max_rel_error(attn->forward(x), attn64->forward(x.to(torch::kDouble))), 1e-5) << "n " << n;
     }
   }
 }
@@ -67,5 +64,5 @@ TEST(LocalAttentionFused, BFloat16StaysFiniteWithAFullyPaddedRow) {
   attn->to(torch::kBFloat16);
   torch::Tensor out = attn->forward(x.to(torch::kBFloat16), mask);
   EXPECT_TRUE(torch::isfinite(out.to(torch::kFloat)).all().item<bool>());
-  EXPECT_LT(rel_err(out, ref), 5e-2);
+  EXPECT_LT(max_rel_error(out, ref), 5e-2);
 }

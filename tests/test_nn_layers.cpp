@@ -11,17 +11,14 @@
 #include "colt5/nn/image.h"
 #include "colt5/nn/layers.h"
 #include "colt5/nn/local_attention.h"
+#include "support/expect_error.h"
+
+using colt5::testing::max_rel_error;
+using colt5::testing::expect_error;
 
 namespace {
 
 using namespace colt5::nn;
-
-double rel_err(const torch::Tensor& got, const torch::Tensor& want) {
-  const double scale = want.abs().max().item<double>();
-  const double diff = (got.to(torch::kDouble) - want.to(torch::kDouble)).abs().max().item<double>();
-  return scale > 0 ? diff / scale : diff;
-}
-
 std::set<std::string> param_names(const torch::nn::Module& m) {
   std::set<std::string> out;
   for (const auto& p : m.named_parameters()) out.insert(p.key());
@@ -33,16 +30,6 @@ std::set<std::string> buffer_names(const torch::nn::Module& m) {
   for (const auto& p : m.named_buffers()) out.insert(p.key());
   return out;
 }
-
-void expect_error(const std::function<void()>& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an error mentioning '" << needle << "'";
-  } catch (const c10::Error& e) {
-    EXPECT_NE(e.msg().find(needle), std::string::npos) << "message: " << e.msg();
-  }
-}
-
 // Randomizes every parameter (so gains and null key/values are not trivial).
 void randomize(torch::nn::Module& m) {
   torch::NoGradGuard guard;
@@ -78,7 +65,7 @@ TEST(NnLayers, RMSNormIsNormalizeTimesSqrtDimTimesGamma) {
   x[0][0].zero_();
   auto y = norm(x);
   EXPECT_EQ(y.sizes(), x.sizes());
-  EXPECT_LT(rel_err(y, naive_rmsnorm(x, norm->gamma)), 1e-14);
+  EXPECT_LT(max_rel_error(y, naive_rmsnorm(x, norm->gamma)), 1e-14);
   EXPECT_TRUE(torch::isfinite(y).all().item<bool>());
   EXPECT_EQ(y[0][0].abs().max().item<double>(), 0.0);
   EXPECT_EQ(param_names(*norm), (std::set<std::string>{"gamma"}));
@@ -97,7 +84,7 @@ TEST(NnLayers, FeedForwardNamesAndFormula) {
   auto h = torch::matmul(naive_rmsnorm(x, ff->norm->gamma), ff->proj_in->weight.t()) + ff->proj_in->bias;
   h = 0.5 * h * (1.0 + torch::erf(h / std::sqrt(2.0)));
   auto want = torch::matmul(h, ff->proj_out->weight.t()) + ff->proj_out->bias;
-  EXPECT_LT(rel_err(ff(x), want), 1e-13);
+  EXPECT_LT(max_rel_error(ff(x), want), 1e-13);
   expect_error([] { FeedForward(FeedForwardOptions(3).mult(0.2)); }, "hidden");
 }
 
@@ -116,7 +103,7 @@ TEST(NnLayers, RotaryFrequenciesAndRotation) {
   auto t = torch::randn({5, 8}, torch::kDouble);
   auto got = apply_rotary_pos_emb(freqs, t);
   for (int64_t p = 0; p < 5; ++p)
-    EXPECT_LT(rel_err(got[p], naive_rotate(t[p], static_cast<double>(p), rot->inv_freq)), 1e-14);
+    EXPECT_LT(max_rel_error(got[p], naive_rotate(t[p], static_cast<double>(p), rot->inv_freq)), 1e-14);
   expect_error([] { RotaryEmbedding(7); }, "even");
   expect_error([&] { apply_rotary_pos_emb(freqs, torch::randn({5, 6})); }, "last dimension");
 }
@@ -199,13 +186,13 @@ TEST(NnLayers, AttentionMatchesNaiveFloat64TwoRoutes) {
     auto want = naive_attention(*attn, x, ctx, mask, skv, sq, pos_q.to(torch::kDouble), pos_k.to(torch::kDouble),
                                 rot->inv_freq);
     ASSERT_EQ(got.sizes(), (std::vector<int64_t>{b, n, 16}));
-    EXPECT_LT(rel_err(got, want), 1e-12) << "multiply_keys_by_score " << mult_keys;
+    EXPECT_LT(max_rel_error(got, want), 1e-12) << "multiply_keys_by_score " << mult_keys;
 
     // Self attention path: no context, 2-D mask, no rotary.
     auto mask2 = torch::rand({b, n}) > 0.4;
     auto got2 = attn->forward(x, {}, mask2);
     auto want2 = naive_attention(*attn, x, x.unsqueeze(1), mask2.unsqueeze(1), {}, {}, {}, {}, {});
-    EXPECT_LT(rel_err(got2, want2), 1e-12);
+    EXPECT_LT(max_rel_error(got2, want2), 1e-12);
   }
 }
 
@@ -220,12 +207,12 @@ TEST(NnLayers, AttentionFloat32AgreesWithFloat64AndFusedPath) {
   auto out32 = attn->forward(x, ctx, mask, skv);
   attn->options.use_flash(true);
   auto fused32 = attn->forward(x, ctx, mask, skv);
-  EXPECT_LT(rel_err(fused32, out32), 1e-5);
+  EXPECT_LT(max_rel_error(fused32, out32), 1e-5);
   auto attn64 = std::dynamic_pointer_cast<AttentionImpl>(attn->clone());
   attn64->to(torch::kDouble);
   auto out64 = attn64->forward(x.to(torch::kDouble), ctx.to(torch::kDouble), mask, skv.to(torch::kDouble));
   EXPECT_EQ(out64.scalar_type(), torch::kDouble);
-  EXPECT_LT(rel_err(out32, out64), 1e-5);
+  EXPECT_LT(max_rel_error(out32, out64), 1e-5);
   // The fused flag does not change float64 results: they take the exact path.
   attn64->options.use_flash(false);
   auto exact64 = attn64->forward(x.to(torch::kDouble), ctx.to(torch::kDouble), mask, skv.to(torch::kDouble));
@@ -236,10 +223,10 @@ TEST(NnLayers, AttentionBadInputsNameTheProblem) {
   Attention attn(AttentionOptions(16).dim_head(4).heads(3));
   auto x = torch::randn({2, 5, 16});
   expect_error([&] { attn->forward(x, torch::randn({2, 2, 6, 16})); }, "divisible by the number of key/value routes");
-  expect_error([&] { attn->forward(torch::randn({5, 16})); }, "x must be (batch, seq, 16)");
-  expect_error([&] { attn->forward(torch::randn({2, 5, 12})); }, "x must be (batch, seq, 16)");
+  expect_error([&] { attn->forward(torch::randn({5, 16})); }, "x must be (b, n, 16)");
+  expect_error([&] { attn->forward(torch::randn({2, 5, 12})); }, "x must be (b, n, 16)");
   expect_error([&] { attn->forward(x, torch::randn({3, 6, 16})); }, "context must be");
-  expect_error([&] { attn->forward(x, {}, torch::ones({2, 4}, torch::kBool)); }, "mask must be (batch, m)");
+  expect_error([&] { attn->forward(x, {}, torch::ones({2, 4}, torch::kBool)); }, "mask must be (b, m)");
   expect_error([&] { attn->forward(x, {}, torch::ones({2, 5})); }, "mask must be a bool tensor");
   expect_error([&] { attn->forward(x, {}, {}, torch::ones({2, 4})); }, "normalized_scores_kv");
   expect_error([&] { attn->forward(x, {}, {}, {}, torch::ones({2, 4})); }, "normalized_scores_q");
@@ -256,9 +243,9 @@ TEST(NnLayers, AttendMatchesSoftmaxFormula) {
   mask.select(-1, 0).fill_(true);
   auto sim = torch::matmul(q, k.transpose(-1, -2)) / std::sqrt(8.0);
   auto want = torch::matmul(sim.masked_fill(mask.logical_not(), -INFINITY).softmax(-1), v);
-  EXPECT_LT(rel_err(attend(q, k, v, mask), want), 1e-14);
+  EXPECT_LT(max_rel_error(attend(q, k, v, mask), want), 1e-14);
   auto got32 = attend(q.to(torch::kFloat), k.to(torch::kFloat), v.to(torch::kFloat), mask, true);
-  EXPECT_LT(rel_err(got32, want), 1e-5);
+  EXPECT_LT(max_rel_error(got32, want), 1e-5);
   expect_error([&] { attend(q, k, v, torch::ones({2, 2, 1, 6}, torch::kBool)); }, "does not broadcast");
   expect_error([&] { attend(q, k.slice(-1, 0, 4), v); }, "k and v must be");
 }
@@ -280,8 +267,8 @@ TEST(NnLayers, SelfAttentionMatchesNaive) {
     heads.push_back(torch::matmul((torch::matmul(q, k.transpose(1, 2)) / std::sqrt(3.0)).softmax(-1), v));
   }
   auto want = torch::matmul(torch::cat(heads, -1), sa->to_out->weight.t());
-  EXPECT_LT(rel_err(sa(x), want), 1e-13);
-  expect_error([&] { sa(torch::randn({2, 7, 11})); }, "x must be (batch, seq, 12)");
+  EXPECT_LT(max_rel_error(sa(x), want), 1e-13);
+  expect_error([&] { sa(torch::randn({2, 7, 11})); }, "x must be (b, n, 12)");
 }
 
 // ---------------------------------------------------------------- LocalMHA
@@ -424,12 +411,12 @@ TEST(NnLayers, LocalMHAMatchesNaiveFloat64) {
       auto want = naive_local_mha(*mha, x, {}, cases[ci].spec);
       auto got = mha(x);
       ASSERT_EQ(got.sizes(), x.sizes());
-      EXPECT_LT(rel_err(got, want), 1e-12) << "case " << ci << " n " << n;
+      EXPECT_LT(max_rel_error(got, want), 1e-12) << "case " << ci << " n " << n;
       auto mask = torch::rand({2, n}) > 0.3;
       mask[1].fill_(false);  // a fully padded row
       auto got_m = mha(x, mask);
       EXPECT_TRUE(torch::isfinite(got_m).all().item<bool>()) << "case " << ci << " n " << n;
-      EXPECT_LT(rel_err(got_m, naive_local_mha(*mha, x, mask, cases[ci].spec)), 1e-12)
+      EXPECT_LT(max_rel_error(got_m, naive_local_mha(*mha, x, mask, cases[ci].spec)), 1e-12)
           << "case " << ci << " n " << n << " (masked)";
     }
   }
@@ -468,7 +455,7 @@ TEST(NnLayers, LocalMHAFloat32AgreesWithFloat64) {
   mha->to(torch::kDouble);
   auto y64 = mha(x.to(torch::kDouble), mask);
   EXPECT_EQ(y64.scalar_type(), torch::kDouble);
-  EXPECT_LT(rel_err(y32, y64), 1e-5);
+  EXPECT_LT(max_rel_error(y32, y64), 1e-5);
 }
 
 TEST(NnLayers, LocalMHAGradientsAreFinite) {
@@ -487,8 +474,8 @@ TEST(NnLayers, LocalMHAGradientsAreFinite) {
 
 TEST(NnLayers, LocalMHABadInputsNameTheProblem) {
   LocalMHA mha(routed_light(16, 8));
-  expect_error([&] { mha(torch::randn({10, 16})); }, "x must be (batch, seq, 16)");
-  expect_error([&] { mha(torch::randn({2, 10, 15})); }, "x must be (batch, seq, 16)");
+  expect_error([&] { mha(torch::randn({10, 16})); }, "x must be (b, n, 16)");
+  expect_error([&] { mha(torch::randn({2, 10, 15})); }, "x must be (b, n, 16)");
   expect_error([&] { mha(torch::randn({2, 10, 16}), torch::ones({2, 9}, torch::kBool)); }, "mask must be (2, 10)");
   expect_error([&] { mha(torch::randn({2, 10, 16}), torch::ones({2, 10})); }, "mask must be a bool tensor");
   expect_error([&] { mha(torch::randn({2, 0, 16})); }, "empty");
@@ -532,7 +519,7 @@ TEST(NnLayers, ImageAttentionReadmeShapeReduced) {
   attn->options.channel_first(false);
   auto out_last = attn(fmap.permute({0, 2, 3, 1}).contiguous());
   EXPECT_EQ(out_last.sizes(), (std::vector<int64_t>{1, 32, 32, 32}));
-  EXPECT_LT(rel_err(out_last.permute({0, 3, 1, 2}), out), 1e-5);
+  EXPECT_LT(max_rel_error(out_last.permute({0, 3, 1, 2}), out), 1e-5);
 }
 
 TEST(NnLayers, ImageAttentionParameterNames) {
@@ -562,7 +549,7 @@ TEST(NnLayers, ImageAttentionIsWindowedLightPlusWholeMapHeavy) {
     }
   auto tokens = x.reshape({b, H * W, d});
   want += attn->heavy_attn->forward(tokens, tokens, {}, torch::ones({b, H * W}, torch::kDouble)).reshape({b, H, W, d});
-  EXPECT_LT(rel_err(got, want), 1e-12);
+  EXPECT_LT(max_rel_error(got, want), 1e-12);
 
   // With routing: masks as (b, h, w) or (b, h * w) agree, output finite.
   auto routed = ConditionalRoutedImageAttention(small_image_attn(d, 6, 8, ws));
@@ -645,7 +632,7 @@ TEST(NnLayers, ViTShapeNamesAndGradientsReachEveryParameter) {
 
 TEST(NnLayers, ViTBadInputsNameTheProblem) {
   ConditionalRoutedViT vit(small_vit());
-  expect_error([&] { vit(torch::randn({1, 1, 64, 64})); }, "img must be (batch, 3, height, width)");
+  expect_error([&] { vit(torch::randn({1, 1, 64, 64})); }, "img must be (b, 3, height, width)");
   expect_error([&] { vit(torch::randn({1, 3, 60, 64})); }, "divisible by the patch size");
   expect_error([] { ConditionalRoutedViT(ConditionalRoutedViTOptions(64, 16, 10, 32, 1)); },
                "attn_num_heavy_tokens_q must be set");

@@ -11,7 +11,7 @@
 #include <torch/torch.h>
 #include <ATen/CPUGeneratorImpl.h>
 
-#include "nn/compat.h"
+#include "colt5/compat.h"
 
 #include <dirent.h>
 #include <fcntl.h>

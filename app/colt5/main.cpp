@@ -17,7 +17,7 @@
 #include <string>
 #include <vector>
 
-#include "golden/golden.h"
+#include "support/golden.h"
 
 #include "checkpoint.h"
 #include "config.h"

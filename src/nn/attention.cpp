@@ -3,7 +3,8 @@
 #include <cmath>
 #include <limits>
 
-#include "nn/compat.h"
+#include "colt5/compat.h"
+#include "nn/checks.h"
 #include "nn/masking.h"
 
 namespace colt5 {
@@ -26,7 +27,7 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch
   check_floating(k, "attend", "k");
   check_floating(v, "attend", "v");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
-              "attend: q, k, v must be 4-D (batch, heads, length, dim_head), got ", q.sizes(), ", ", k.sizes(), ", ",
+              "attend: q, k, v must be 4-D (b, heads, length, dim_head), got ", q.sizes(), ", ", k.sizes(), ", ",
               v.sizes());
   TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && k.sizes() == v.sizes() && q.size(3) == k.size(3),
               "attend: k and v must be (", q.size(0), ", ", q.size(1), ", j, ", q.size(3), ") to match q ", q.sizes(),
@@ -41,7 +42,7 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch
     const int64_t off = 4 - mask.dim();
     for (int64_t i = 0; i < mask.dim(); ++i)
       TORCH_CHECK(mask.size(i) == 1 || mask.size(i) == full[off + i], "attend: mask of shape ", mask.sizes(),
-                  " does not broadcast to (batch, heads, i, j) = ", c10::IntArrayRef(full));
+                  " does not broadcast to (b, heads, i, j) = ", c10::IntArrayRef(full));
   }
 
 #if COLT5_HAS_SDPA
@@ -65,9 +66,7 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch
 AttentionImpl::AttentionImpl(const AttentionOptions& options_) : options(options_) { reset(); }
 
 void AttentionImpl::reset() {
-  TORCH_CHECK(options.dim() > 0, "Attention: dim must be positive, got ", options.dim());
-  TORCH_CHECK(options.dim_head() > 0, "Attention: dim_head must be positive, got ", options.dim_head());
-  TORCH_CHECK(options.heads() > 0, "Attention: heads must be positive, got ", options.heads());
+  check_heads("Attention", options.dim(), options.dim_head(), options.heads());
   const int64_t hidden = options.dim_head() * options.heads();
   norm = register_module("norm", RMSNorm(options.dim()));
   null_kv = register_parameter("null_kv", torch::randn({2, options.heads(), options.dim_head()}));
@@ -88,7 +87,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   const char* who = "Attention";
   check_floating(x, who, "x");
   const int64_t dim = options.dim(), h = options.heads(), dh = options.dim_head();
-  TORCH_CHECK(x.dim() == 3 && x.size(2) == dim, "Attention: x must be (batch, seq, ", dim, "), got ", x.sizes());
+  TORCH_CHECK(x.dim() == 3 && x.size(2) == dim, "Attention: x must be (b, n, ", dim, "), got ", x.sizes());
   const int64_t batch = x.size(0), n = x.size(1);
 
   auto xn = norm->forward(x);
@@ -182,12 +181,12 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
                 x.device());
     if (mask_in.dim() == 3) {
       TORCH_CHECK(mask_in.size(0) == batch && mask_in.size(1) == routes && mask_in.size(2) == m,
-                  "Attention: a 3-D mask must be (batch, routes, m) = (", batch, ", ", routes, ", ", m, "), got ",
+                  "Attention: a 3-D mask must be (b, routes, m) = (", batch, ", ", routes, ", ", m, "), got ",
                   mask_in.sizes());
       mask = mask_in.unsqueeze(2).expand({batch, routes, heads_per_route, m}).reshape({batch, h, 1, m});
     } else {
       TORCH_CHECK(mask_in.dim() == 2 && mask_in.size(0) == batch && mask_in.size(1) == m,
-                  "Attention: mask must be (batch, m) = (", batch, ", ", m, ") or (batch, routes, m), got ",
+                  "Attention: mask must be (b, m) = (", batch, ", ", m, ") or (b, routes, m), got ",
                   mask_in.sizes());
       mask = mask_in.view({batch, 1, 1, m});
     }
@@ -208,9 +207,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
 SelfAttentionImpl::SelfAttentionImpl(const SelfAttentionOptions& options_) : options(options_) { reset(); }
 
 void SelfAttentionImpl::reset() {
-  TORCH_CHECK(options.dim() > 0, "SelfAttention: dim must be positive, got ", options.dim());
-  TORCH_CHECK(options.dim_head() > 0, "SelfAttention: dim_head must be positive, got ", options.dim_head());
-  TORCH_CHECK(options.heads() > 0, "SelfAttention: heads must be positive, got ", options.heads());
+  check_heads("SelfAttention", options.dim(), options.dim_head(), options.heads());
   const int64_t hidden = options.dim_head() * options.heads();
   norm = nullptr;
   if (options.prenorm()) norm = register_module("norm", RMSNorm(options.dim()));
@@ -226,7 +223,7 @@ void SelfAttentionImpl::pretty_print(std::ostream& stream) const {
 
 torch::Tensor SelfAttentionImpl::forward(const torch::Tensor& x_in) {
   check_floating(x_in, "SelfAttention", "x");
-  TORCH_CHECK(x_in.dim() == 3 && x_in.size(2) == options.dim(), "SelfAttention: x must be (batch, seq, ", options.dim(),
+  TORCH_CHECK(x_in.dim() == 3 && x_in.size(2) == options.dim(), "SelfAttention: x must be (b, n, ", options.dim(),
               "), got ", x_in.sizes());
   const int64_t b = x_in.size(0), n = x_in.size(1), h = options.heads(), dh = options.dim_head();
   auto x = norm ? norm->forward(x_in) : x_in;

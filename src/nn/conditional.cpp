@@ -11,7 +11,7 @@ namespace {
 
 void check_tokens(const char* module, const char* name, const torch::Tensor& x, int64_t dim) {
   TORCH_CHECK(x.defined(), module, ": ", name, " is undefined");
-  TORCH_CHECK(x.dim() == 3, module, ": ", name, " must be [batch, seq, dim], got ", x.dim(), " dimensions ", x.sizes());
+  TORCH_CHECK(x.dim() == 3, module, ": ", name, " must be (b, n, dim), got ", x.dim(), " dimensions ", x.sizes());
   TORCH_CHECK(x.is_floating_point(), module, ": ", name, " must be floating point, got ", x.scalar_type());
   TORCH_CHECK(x.size(2) == dim, module, ": ", name, " has width ", x.size(2), " but the module's dim is ", dim);
 }
@@ -21,7 +21,7 @@ void check_mask(const char* module, const char* name, const torch::Tensor& mask,
   if (!mask.defined()) return;
   TORCH_CHECK(mask.scalar_type() == torch::kBool, module, ": ", name, " must be bool, got ", mask.scalar_type());
   TORCH_CHECK(mask.dim() == 2 && mask.size(0) == x.size(0) && mask.size(1) == x.size(1), module, ": ", name,
-              " must be [batch, seq] = [", x.size(0), ", ", x.size(1), "] to match ", x_name, ", got ", mask.sizes());
+              " must be (b, n) = (", x.size(0), ", ", x.size(1), ") to match ", x_name, ", got ", mask.sizes());
   TORCH_CHECK(mask.device() == x.device(), module, ": ", name, " is on ", mask.device(), " but ", x_name, " is on ",
               x.device());
 }
@@ -63,18 +63,9 @@ torch::Tensor rotary_at(const torch::Tensor& freqs, const torch::Tensor& indices
 CoordinateDescentRouterOptions router_options(int64_t dim, bool straight_through, const RouterKwargs& kwargs,
                                               int64_t num_routing_tokens) {
   return CoordinateDescentRouterOptions(dim)
+      .kwargs(kwargs)
       .straight_through(straight_through)
-      .n_iters(kwargs.n_iters())
-      .fetch_k_ratio(kwargs.fetch_k_ratio())
-      .eps(kwargs.eps())
-      .eps_decay(kwargs.eps_decay())
-      .eps_init(kwargs.eps_init())
-      .num_routing_tokens(num_routing_tokens)
-      .use_triton(kwargs.use_triton())
-      .cosine_sim_routing(kwargs.cosine_sim_routing())
-      .cosine_sim_scale(kwargs.cosine_sim_scale())
-      .route_block_size(kwargs.route_block_size())
-      .checkpoint_segments(kwargs.checkpoint_segments());
+      .num_routing_tokens(num_routing_tokens);
 }
 
 // ================================================================ feedforward
@@ -203,32 +194,8 @@ ConditionalRoutedTransformerBlockImpl::ConditionalRoutedTransformerBlockImpl(
 }
 
 void ConditionalRoutedTransformerBlockImpl::reset() {
-  const auto& o = options;
-  conditional_ff =
-      register_module("conditional_ff",
-                      ConditionalRoutedFeedForward(ConditionalRoutedFeedForwardOptions(o.dim(), o.num_heavy_ff_tokens())
-                                                       .light_ff_mult(o.light_ff_mult())
-                                                       .heavy_ff_mult(o.heavy_ff_mult())
-                                                       .router_straight_through(o.router_straight_through())
-                                                       .router_kwargs(o.router_kwargs())
-                                                       .use_triton(o.use_triton())));
-  conditional_attn =
-      register_module("conditional_attn",
-                      ConditionalRoutedAttention(ConditionalRoutedAttentionOptions(o.dim(), o.num_heavy_attn_tokens_q(),
-                                                                                   o.num_heavy_attn_tokens_kv())
-                                                     .num_routed_kv(o.num_routed_kv())
-                                                     .light_dim_head(o.light_dim_head())
-                                                     .light_heads(o.light_heads())
-                                                     .light_window_size(o.light_window_size())
-                                                     .heavy_dim_head(o.heavy_dim_head())
-                                                     .heavy_heads(o.heavy_heads())
-                                                     .router_straight_through(o.router_straight_through())
-                                                     .router_kwargs(o.router_kwargs())
-                                                     .multiply_keys_by_score(o.multiply_keys_by_score())
-                                                     .multiply_queries_by_score(o.multiply_queries_by_score())
-                                                     .use_triton(o.use_triton())
-                                                     .use_null_q_tokens(o.use_null_q_tokens())
-                                                     .use_flash_attn(o.use_flash_attn())));
+  conditional_ff = register_module("conditional_ff", ConditionalRoutedFeedForward(options.feedforward()));
+  conditional_attn = register_module("conditional_attn", ConditionalRoutedAttention(options.attention()));
 }
 
 torch::Tensor ConditionalRoutedTransformerBlockImpl::forward(const torch::Tensor& x, const torch::Tensor& mask,
@@ -420,6 +387,81 @@ torch::Tensor ConditionalRoutedCrossAttentionImpl::forward(const torch::Tensor& 
   if (!q.indices.defined()) return routed_out;  // queries were not routed
   routed_out = routed_out * q.scores.unsqueeze(-1);
   return scatter_queries(q_router, null_q_token, x, routed_out, q.indices);
+}
+
+// ================================================================== options
+
+ConditionalRoutedAttentionOptions ConditionalRoutedTransformerBlockOptions::attention() const {
+  ConditionalRoutedAttentionOptions to(dim(), num_heavy_attn_tokens_q(), num_heavy_attn_tokens_kv());
+  const auto& from = *this;
+  COLT5_ROUTED_ATTN_OPTIONS(COLT5_COPY_OPTION)
+  COLT5_ROUTING_MODULE_OPTIONS(COLT5_COPY_OPTION)
+  return to;
+}
+
+ConditionalRoutedFeedForwardOptions ConditionalRoutedTransformerBlockOptions::feedforward() const {
+  ConditionalRoutedFeedForwardOptions to(dim(), num_heavy_ff_tokens());
+  const auto& from = *this;
+  COLT5_ROUTED_FF_OPTIONS(COLT5_COPY_OPTION)
+  COLT5_ROUTING_MODULE_OPTIONS(COLT5_COPY_OPTION)
+  return to;
+}
+
+// ============================================================= pretty_print
+
+namespace {
+
+std::string required_args(std::initializer_list<std::pair<const char*, int64_t>> args) {
+  std::string s;
+  for (const auto& [name, value] : args) s += std::string(s.empty() ? "" : ", ") + name + "=" + std::to_string(value);
+  return s;
+}
+
+}  // namespace
+
+void ConditionalRoutedFeedForwardImpl::pretty_print(std::ostream& stream) const {
+  const auto& o = options;
+  print_module(stream, "ConditionalRoutedFeedForward",
+               required_args({{"dim", o.dim()}, {"num_heavy_tokens", o.num_heavy_tokens()}}), o,
+               ConditionalRoutedFeedForwardOptions(o.dim(), o.num_heavy_tokens()));
+}
+
+void ConditionalRoutedAttentionImpl::pretty_print(std::ostream& stream) const {
+  const auto& o = options;
+  print_module(stream, "ConditionalRoutedAttention",
+               required_args({{"dim", o.dim()},
+                              {"num_heavy_tokens_q", o.num_heavy_tokens_q()},
+                              {"num_heavy_tokens_kv", o.num_heavy_tokens_kv()}}),
+               o, ConditionalRoutedAttentionOptions(o.dim(), o.num_heavy_tokens_q(), o.num_heavy_tokens_kv()));
+}
+
+void ConditionalRoutedTransformerBlockImpl::pretty_print(std::ostream& stream) const {
+  const auto& o = options;
+  print_module(stream, "ConditionalRoutedTransformerBlock",
+               required_args({{"dim", o.dim()},
+                              {"num_heavy_attn_tokens_q", o.num_heavy_attn_tokens_q()},
+                              {"num_heavy_attn_tokens_kv", o.num_heavy_attn_tokens_kv()},
+                              {"num_heavy_ff_tokens", o.num_heavy_ff_tokens()}}),
+               o,
+               ConditionalRoutedTransformerBlockOptions(o.dim(), o.num_heavy_attn_tokens_q(),
+                                                        o.num_heavy_attn_tokens_kv(), o.num_heavy_ff_tokens()));
+}
+
+void ConditionalRoutedAutoregressiveAttentionImpl::pretty_print(std::ostream& stream) const {
+  const auto& o = options;
+  print_module(stream, "ConditionalRoutedAutoregressiveAttention",
+               required_args({{"dim", o.dim()},
+                              {"num_heavy_tokens_q", o.num_heavy_tokens_q()},
+                              {"num_heavy_tokens_kv", o.num_heavy_tokens_kv()}}),
+               o,
+               ConditionalRoutedAutoregressiveAttentionOptions(o.dim(), o.num_heavy_tokens_q(), o.num_heavy_tokens_kv()));
+}
+
+void ConditionalRoutedCrossAttentionImpl::pretty_print(std::ostream& stream) const {
+  const auto& o = options;
+  print_module(stream, "ConditionalRoutedCrossAttention",
+               required_args({{"dim", o.dim()}, {"num_tokens_q", o.num_tokens_q()}, {"num_tokens_kv", o.num_tokens_kv()}}),
+               o, ConditionalRoutedCrossAttentionOptions(o.dim(), o.num_tokens_q(), o.num_tokens_kv()));
 }
 
 }  // namespace nn

@@ -61,11 +61,11 @@ void ConditionalRoutedImageAttentionImpl::reset() {
 }
 
 void ConditionalRoutedImageAttentionImpl::pretty_print(std::ostream& stream) const {
-  stream << "colt5::nn::ConditionalRoutedImageAttention(dim=" << options.dim()
-         << ", num_heavy_tokens_q=" << options.num_heavy_tokens_q()
-         << ", num_heavy_tokens_kv=" << options.num_heavy_tokens_kv()
-         << ", light_window_size=" << options.light_window_size() << ", channel_first=" << options.channel_first()
-         << ")";
+  const auto& o = options;
+  print_module(stream, "ConditionalRoutedImageAttention",
+               "dim=" + std::to_string(o.dim()) + ", num_heavy_tokens_q=" + std::to_string(o.num_heavy_tokens_q()) +
+                   ", num_heavy_tokens_kv=" + std::to_string(o.num_heavy_tokens_kv()),
+               o, ConditionalRoutedImageAttentionOptions(o.dim(), o.num_heavy_tokens_q(), o.num_heavy_tokens_kv()));
 }
 
 torch::Tensor ConditionalRoutedImageAttentionImpl::forward(const torch::Tensor& x_in, const torch::Tensor& mask_in,
@@ -76,7 +76,7 @@ torch::Tensor ConditionalRoutedImageAttentionImpl::forward(const torch::Tensor& 
   TORCH_CHECK(x_in.defined(), m, ": x is undefined");
   TORCH_CHECK(x_in.is_floating_point(), m, ": x must be floating point, got ", x_in.scalar_type());
   TORCH_CHECK(x_in.dim() == 4, m, ": x must be a 4-D feature map ",
-              options.channel_first() ? "(batch, dim, height, width)" : "(batch, height, width, dim)", ", got ",
+              options.channel_first() ? "(b, dim, height, width)" : "(b, height, width, dim)", ", got ",
               x_in.sizes());
   auto x = options.channel_first() ? x_in.permute({0, 2, 3, 1}) : x_in;
   TORCH_CHECK(x.size(3) == dim, m, ": x has ", x.size(3), " channels but the module's dim is ", dim,
@@ -131,7 +131,7 @@ torch::Tensor ConditionalRoutedImageAttentionImpl::forward(const torch::Tensor& 
 // ---------------------------------------------------------------- ViT
 
 torch::Tensor posemb_sincos_2d(const torch::Tensor& patches, double temperature) {
-  TORCH_CHECK(patches.defined() && patches.dim() == 4, "posemb_sincos_2d: patches must be (batch, h, w, dim), got ",
+  TORCH_CHECK(patches.defined() && patches.dim() == 4, "posemb_sincos_2d: patches must be (b, h, w, dim), got ",
               patches.defined() ? patches.sizes() : c10::IntArrayRef{});
   const int64_t h = patches.size(1), w = patches.size(2), dim = patches.size(3);
   TORCH_CHECK(dim % 4 == 0 && dim >= 8,
@@ -216,9 +216,13 @@ void ConditionalRoutedViTTransformerImpl::reset() {
   }
 }
 
+void ConditionalRoutedViTTransformerImpl::pretty_print(std::ostream& stream) const {
+  stream << "colt5::nn::ConditionalRoutedViTTransformer(dim=" << options.dim() << ", depth=" << options.depth() << ")";
+}
+
 torch::Tensor ConditionalRoutedViTTransformerImpl::forward(const torch::Tensor& x_in) {
   TORCH_CHECK(x_in.defined() && x_in.dim() == 4 && x_in.size(3) == options.dim(),
-              "ConditionalRoutedViT: the transformer takes (batch, h, w, ", options.dim(), "), got ",
+              "ConditionalRoutedViT: the transformer takes (b, h, w, ", options.dim(), "), got ",
               x_in.defined() ? x_in.sizes() : c10::IntArrayRef{});
   auto x = x_in;
   const auto shape = x.sizes().vec();
@@ -271,7 +275,7 @@ torch::Tensor ConditionalRoutedViTImpl::forward(const torch::Tensor& img) {
   TORCH_CHECK(img.defined(), m, ": img is undefined");
   TORCH_CHECK(img.is_floating_point(), m, ": img must be floating point, got ", img.scalar_type());
   const auto patch = *options.patch_size();
-  TORCH_CHECK(img.dim() == 4 && img.size(1) == options.channels(), m, ": img must be (batch, ", options.channels(),
+  TORCH_CHECK(img.dim() == 4 && img.size(1) == options.channels(), m, ": img must be (b, ", options.channels(),
               ", height, width), got ", img.sizes());
   TORCH_CHECK(img.size(2) % patch[0] == 0 && img.size(3) % patch[1] == 0, m, ": image height and width (", img.size(2),
               " x ", img.size(3), ") must be divisible by the patch size ", options.patch_size());

@@ -5,7 +5,8 @@
 #include <vector>
 
 #include "colt5/nn/layers.h"
-#include "nn/compat.h"
+#include "colt5/compat.h"
+#include "nn/checks.h"
 #include "nn/masking.h"
 
 namespace colt5 {
@@ -46,6 +47,11 @@ SinusoidalEmbeddingsImpl::SinusoidalEmbeddingsImpl(const SinusoidalEmbeddingsOpt
   reset();
 }
 
+void SinusoidalEmbeddingsImpl::pretty_print(std::ostream& stream) const {
+  stream << "colt5::nn::SinusoidalEmbeddings(dim=" << options.dim() << ", theta=" << options.theta()
+         << ", use_xpos=" << (options.use_xpos() ? "true" : "false") << ")";
+}
+
 void SinusoidalEmbeddingsImpl::reset() {
   const int64_t dim = options.dim();
   TORCH_CHECK(dim > 0 && dim % 2 == 0, "SinusoidalEmbeddings: dim must be positive and even, got ", dim);
@@ -78,7 +84,7 @@ LocalAttentionImpl::LocalAttentionImpl(const LocalAttentionOptions& options_) : 
 int64_t LocalAttentionImpl::look_forward() const { return options.look_forward().value_or(options.causal() ? 0 : 1); }
 
 void LocalAttentionImpl::reset() {
-  TORCH_CHECK(options.window_size() > 0, "LocalAttention: window_size must be positive, got ", options.window_size());
+  check_positive("LocalAttention", "window_size", options.window_size());
   TORCH_CHECK(options.look_backward() >= 0, "LocalAttention: look_backward must be non-negative, got ",
               options.look_backward());
   TORCH_CHECK(look_forward() >= 0, "LocalAttention: look_forward must be non-negative, got ", look_forward());
@@ -167,7 +173,7 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
   if (mask_in.defined()) {
     TORCH_CHECK(mask_in.scalar_type() == at::kBool, "LocalAttention: mask must be a bool tensor, got ",
                 mask_in.scalar_type());
-    TORCH_CHECK(mask_in.dim() == 2 && mask_in.size(1) == orig_n, "LocalAttention: mask must be (batch, ", orig_n,
+    TORCH_CHECK(mask_in.dim() == 2 && mask_in.size(1) == orig_n, "LocalAttention: mask must be (b, ", orig_n,
                 "), got ", mask_in.sizes());
     TORCH_CHECK(mask_in.size(0) > 0 && B % mask_in.size(0) == 0, "LocalAttention: mask batch ", mask_in.size(0),
                 " must divide the ", B, " folded batch-head rows");
@@ -214,9 +220,7 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
 LocalMHAImpl::LocalMHAImpl(const LocalMHAOptions& options_) : options(options_) { reset(); }
 
 void LocalMHAImpl::reset() {
-  TORCH_CHECK(options.dim() > 0, "LocalMHA: dim must be positive, got ", options.dim());
-  TORCH_CHECK(options.dim_head() > 0, "LocalMHA: dim_head must be positive, got ", options.dim_head());
-  TORCH_CHECK(options.heads() > 0, "LocalMHA: heads must be positive, got ", options.heads());
+  check_heads("LocalMHA", options.dim(), options.dim_head(), options.heads());
   const int64_t inner = options.dim_head() * options.heads();
   norm = nullptr;
   if (options.prenorm())
@@ -244,7 +248,7 @@ void LocalMHAImpl::pretty_print(std::ostream& stream) const {
 torch::Tensor LocalMHAImpl::forward(const torch::Tensor& x_in, const torch::Tensor& mask) {
   TORCH_CHECK(x_in.defined(), "LocalMHA: x is undefined");
   TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), "LocalMHA: x must be floating point, got ", x_in.scalar_type());
-  TORCH_CHECK(x_in.dim() == 3 && x_in.size(2) == options.dim(), "LocalMHA: x must be (batch, seq, ", options.dim(),
+  TORCH_CHECK(x_in.dim() == 3 && x_in.size(2) == options.dim(), "LocalMHA: x must be (b, n, ", options.dim(),
               "), got ", x_in.sizes());
   const int64_t b = x_in.size(0), n = x_in.size(1), h = options.heads(), dh = options.dim_head();
   TORCH_CHECK(n >= 1, "LocalMHA: x has an empty sequence");

@@ -66,7 +66,7 @@ RouterOutput CoordinateDescentRouterImpl::forward(const torch::Tensor& x, int64_
                                                   bool random_route, const torch::Tensor& routing_tokens,
                                                   bool keep_one_route_dim) {
   const auto& o = options;
-  TORCH_CHECK(x.defined() && x.dim() == 3, "CoordinateDescentRouter: x must be [batch, seq, dim], got ",
+  TORCH_CHECK(x.defined() && x.dim() == 3, "CoordinateDescentRouter: x must be (b, n, dim), got ",
               x.defined() ? x.sizes() : c10::IntArrayRef{});
   TORCH_CHECK(x.is_floating_point(), "CoordinateDescentRouter: x must be floating point, got ", x.scalar_type());
   TORCH_CHECK(x.size(2) == o.dim(), "CoordinateDescentRouter: x has width ", x.size(2), " but the router's dim is ",
@@ -76,8 +76,8 @@ RouterOutput CoordinateDescentRouterImpl::forward(const torch::Tensor& x, int64_
     TORCH_CHECK(mask.scalar_type() == torch::kBool, "CoordinateDescentRouter: mask must be bool, got ",
                 mask.scalar_type());
     TORCH_CHECK((mask.dim() == 2 || mask.dim() == 3) && mask.size(0) == x.size(0) && mask.size(-1) == x.size(1),
-                "CoordinateDescentRouter: mask must be [batch, seq] = [", x.size(0), ", ", x.size(1),
-                "] (or [batch, views, seq]), got ", mask.sizes());
+                "CoordinateDescentRouter: mask must be (b, n) = (", x.size(0), ", ", x.size(1),
+                ") (or (b, views, n)), got ", mask.sizes());
     TORCH_CHECK(mask.dim() == 2 || !o.route_block_size(),
                 "CoordinateDescentRouter: a mask of several views cannot be combined with route_block_size");
     TORCH_CHECK(mask.device() == x.device(), "CoordinateDescentRouter: mask is on ", mask.device(), " but x is on ",
@@ -90,8 +90,8 @@ RouterOutput CoordinateDescentRouterImpl::forward(const torch::Tensor& x, int64_
                 "CoordinateDescentRouter: routing_tokens are required with learned_routing_tokens");
     tokens = routing_tokens.dim() == 2 ? routing_tokens.unsqueeze(1) : routing_tokens;
     TORCH_CHECK(tokens.dim() == 3 && tokens.size(0) == x.size(0) && tokens.size(1) == r && tokens.size(2) == o.dim(),
-                "CoordinateDescentRouter: routing_tokens must be [batch, dim] or [batch, num_routing_tokens, dim] = [",
-                x.size(0), ", ", r, ", ", o.dim(), "], got ", routing_tokens.sizes());
+                "CoordinateDescentRouter: routing_tokens must be (b, dim) or (b, num_routing_tokens, dim) = (",
+                x.size(0), ", ", r, ", ", o.dim(), "), got ", routing_tokens.sizes());
   } else {
     TORCH_CHECK(!routing_tokens.defined(),
                 "CoordinateDescentRouter: routing_tokens given but the router has its own (learned_routing_tokens is "
@@ -215,19 +215,37 @@ RouterOutput CoordinateDescentRouterImpl::forward(const torch::Tensor& x, int64_
 
 torch::Tensor CoordinateDescentRouterImpl::route_back(const torch::Tensor& src, const torch::Tensor& routed_tokens,
                                                       const torch::Tensor& indices) const {
-  TORCH_CHECK(src.defined() && src.dim() == 3, "route_back: src must be [batch, seq, dim]");
+  TORCH_CHECK(src.defined() && src.dim() == 3, "route_back: src must be (b, n, dim)");
   TORCH_CHECK(indices.defined() && indices.dim() == 2 && indices.size(0) == src.size(0) &&
                   indices.scalar_type() == torch::kLong,
-              "route_back: indices must be int64 [batch, k] with batch ", src.size(0), ", got ",
+              "route_back: indices must be int64 (b, k) with b ", src.size(0), ", got ",
               indices.defined() ? indices.sizes() : c10::IntArrayRef{});
   TORCH_CHECK(routed_tokens.defined() && routed_tokens.dim() == 3 && routed_tokens.size(0) == src.size(0) &&
                   routed_tokens.size(1) == indices.size(1) && routed_tokens.size(2) == src.size(2),
-              "route_back: routed_tokens must be [batch, k, dim] = [", src.size(0), ", ", indices.size(1), ", ",
-              src.size(2), "], got ", routed_tokens.defined() ? routed_tokens.sizes() : c10::IntArrayRef{});
+              "route_back: routed_tokens must be (b, k, dim) = (", src.size(0), ", ", indices.size(1), ", ",
+              src.size(2), "), got ", routed_tokens.defined() ? routed_tokens.sizes() : c10::IntArrayRef{});
   TORCH_CHECK(routed_tokens.scalar_type() == src.scalar_type(), "route_back: routed_tokens are ",
               routed_tokens.scalar_type(), " but src is ", src.scalar_type());
   auto idx = indices.unsqueeze(-1).expand({indices.size(0), indices.size(1), src.size(2)});
   return src.scatter(1, idx, routed_tokens);
+}
+
+RouterKwargs CoordinateDescentRouterOptions::kwargs() const {
+  RouterKwargs to;
+  const auto& from = *this;
+  COLT5_ROUTER_KWARGS_OPTIONS(COLT5_COPY_OPTION)
+  return to;
+}
+
+CoordinateDescentRouterOptions& CoordinateDescentRouterOptions::kwargs(const RouterKwargs& from) {
+  auto& to = *this;
+  COLT5_ROUTER_KWARGS_OPTIONS(COLT5_COPY_OPTION)
+  return *this;
+}
+
+void CoordinateDescentRouterImpl::pretty_print(std::ostream& stream) const {
+  print_module(stream, "CoordinateDescentRouter", "dim=" + std::to_string(options.dim()), options,
+               CoordinateDescentRouterOptions(options.dim()));
 }
 
 }  // namespace nn

@@ -8,6 +8,7 @@
 #include <functional>
 #include <set>
 #include <sstream>
+#include <type_traits>
 
 #include "colt5/nn/conditional.h"
 #include "colt5/nn/router.h"
@@ -175,24 +176,47 @@ class Keywords {
   std::set<std::string> used_;
 };
 
-RouterKwargs parse_router_kwargs(Keywords& parent) {
-  RouterKwargs r;
-  if (!parent.has("router_kwargs") || parent.is_null("router_kwargs")) return r;
-  Keywords k(parent.what() + " router_kwargs", parent.object("router_kwargs"));
-  k.integer("n_iters", [&](int64_t v) { r.n_iters(v); });
-  k.number("fetch_k_ratio", [&](double v) { r.fetch_k_ratio(v); });
-  k.number("eps", [&](double v) { r.eps(v); });
-  k.number("eps_decay", [&](double v) { r.eps_decay(v); });
-  k.optional_number("eps_init", [&](c10::optional<double> v) { r.eps_init(v); });
-  k.boolean("use_triton", [&](bool v) { r.use_triton(v); });
-  k.boolean("cosine_sim_routing", [&](bool v) { r.cosine_sim_routing(v); });
-  k.number("cosine_sim_scale", [&](double v) { r.cosine_sim_scale(v); });
-  k.optional_integer("route_block_size", [&](c10::optional<int64_t> v) { r.route_block_size(v); });
-  auto segments = [&](c10::optional<int64_t> v) { r.checkpoint_segments(v.value_or(0)); };
-  k.optional_integer("checkpoint_segments", segments);
-  k.optional_integer("triton_checkpoint_segments", segments);
+void read_option(Keywords& k, const char* name, int64_t& field) {
+  k.integer(name, [&](int64_t v) { field = v; });
+}
+void read_option(Keywords& k, const char* name, double& field) {
+  k.number(name, [&](double v) { field = v; });
+}
+void read_option(Keywords& k, const char* name, bool& field) {
+  k.boolean(name, [&](bool v) { field = v; });
+}
+void read_option(Keywords& k, const char* name, c10::optional<int64_t>& field) {
+  k.optional_integer(name, [&](c10::optional<int64_t> v) { field = v; });
+}
+void read_option(Keywords& k, const char* name, c10::optional<double>& field) {
+  k.optional_number(name, [&](c10::optional<double> v) { field = v; });
+}
+void read_option(Keywords& k, const char* name, RouterKwargs& field);
+
+// Reads every option of `options` that the config names (by the option's own
+// name); checkpoint_segments may be null and has the reference's older name
+// triton_checkpoint_segments too.
+template <typename Options>
+void read_options(Keywords& k, Options& options) {
+  options.visit([&](const char* name, auto& field) {
+    using Field = std::decay_t<decltype(field)>;
+    if constexpr (std::is_same_v<Field, int64_t>) {
+      if (std::string(name) == "checkpoint_segments") {
+        auto segments = [&](c10::optional<int64_t> v) { field = v.value_or(0); };
+        k.optional_integer("checkpoint_segments", segments);
+        k.optional_integer("triton_checkpoint_segments", segments);
+        return;
+      }
+    }
+    read_option(k, name, field);
+  });
+}
+
+void read_option(Keywords& parent, const char* name, RouterKwargs& field) {
+  if (!parent.has(name) || parent.is_null(name)) return;
+  Keywords k(parent.what() + " " + name, parent.object(name));
+  read_options(k, field);
   k.finish();
-  return r;
 }
 
 // The call arguments of one kind: tensor names in positional order, the
@@ -227,21 +251,21 @@ struct CallArgs {
 
 }  // namespace
 
-struct AnyModule::Impl {
+struct BuiltModule::Impl {
   std::string kind;
   std::shared_ptr<torch::nn::Module> module;
   Signature signature;
   std::function<ModuleOutputs(const CallArgs&)> call;
 };
 
-AnyModule::AnyModule(std::shared_ptr<const Impl> impl) : impl_(std::move(impl)) {
-  TORCH_CHECK(impl_ != nullptr, "AnyModule: empty");
+BuiltModule::BuiltModule(std::shared_ptr<const Impl> impl) : impl_(std::move(impl)) {
+  TORCH_CHECK(impl_ != nullptr, "BuiltModule: empty");
 }
 
-const std::string& AnyModule::kind() const { return impl_->kind; }
-std::shared_ptr<torch::nn::Module> AnyModule::module() const { return impl_->module; }
+const std::string& BuiltModule::kind() const { return impl_->kind; }
+std::shared_ptr<torch::nn::Module> BuiltModule::module() const { return impl_->module; }
 
-ModuleOutputs AnyModule::call(const std::vector<torch::Tensor>& args,
+ModuleOutputs BuiltModule::call(const std::vector<torch::Tensor>& args,
                               const std::map<std::string, torch::Tensor>& tensor_kwargs,
                               const std::string& kwargs_json) const {
   const Signature& sig = impl_->signature;
@@ -289,23 +313,9 @@ ModuleOutputs single(torch::Tensor out) {
   return o;
 }
 
-std::shared_ptr<AnyModule::Impl> build_router(Keywords& k) {
+std::shared_ptr<BuiltModule::Impl> build_router(Keywords& k) {
   CoordinateDescentRouterOptions o(k.integer("dim"));
-  k.boolean("straight_through", [&](bool v) { o.straight_through(v); });
-  k.integer("n_iters", [&](int64_t v) { o.n_iters(v); });
-  k.number("fetch_k_ratio", [&](double v) { o.fetch_k_ratio(v); });
-  k.number("eps", [&](double v) { o.eps(v); });
-  k.number("eps_decay", [&](double v) { o.eps_decay(v); });
-  k.optional_number("eps_init", [&](c10::optional<double> v) { o.eps_init(v); });
-  k.integer("num_routing_tokens", [&](int64_t v) { o.num_routing_tokens(v); });
-  k.boolean("learned_routing_tokens", [&](bool v) { o.learned_routing_tokens(v); });
-  k.boolean("use_triton", [&](bool v) { o.use_triton(v); });
-  k.boolean("cosine_sim_routing", [&](bool v) { o.cosine_sim_routing(v); });
-  k.number("cosine_sim_scale", [&](double v) { o.cosine_sim_scale(v); });
-  k.optional_integer("route_block_size", [&](c10::optional<int64_t> v) { o.route_block_size(v); });
-  auto segments = [&](c10::optional<int64_t> v) { o.checkpoint_segments(v.value_or(0)); };
-  k.optional_integer("checkpoint_segments", segments);
-  k.optional_integer("triton_checkpoint_segments", segments);
+  read_options(k, o);
   // Call defaults.
   c10::optional<int64_t> num_tokens;
   bool keep_one_route_dim = false;
@@ -313,7 +323,7 @@ std::shared_ptr<AnyModule::Impl> build_router(Keywords& k) {
   k.boolean("keep_one_route_dim", [&](bool v) { keep_one_route_dim = v; });
 
   CoordinateDescentRouter router(o);
-  auto impl = std::make_shared<AnyModule::Impl>();
+  auto impl = std::make_shared<BuiltModule::Impl>();
   impl->module = router.ptr();
   impl->signature = {{"x"}, {"mask", "routing_tokens"}, {"num_tokens", "random_route", "keep_one_route_dim"}};
   impl->call = [router, num_tokens, keep_one_route_dim](const CallArgs& a) mutable {
@@ -333,15 +343,11 @@ std::shared_ptr<AnyModule::Impl> build_router(Keywords& k) {
   return impl;
 }
 
-std::shared_ptr<AnyModule::Impl> build_ff(Keywords& k) {
+std::shared_ptr<BuiltModule::Impl> build_ff(Keywords& k) {
   ConditionalRoutedFeedForwardOptions o(k.integer("dim"), k.integer("num_heavy_tokens"));
-  k.number("light_ff_mult", [&](double v) { o.light_ff_mult(v); });
-  k.number("heavy_ff_mult", [&](double v) { o.heavy_ff_mult(v); });
-  k.boolean("router_straight_through", [&](bool v) { o.router_straight_through(v); });
-  o.router_kwargs(parse_router_kwargs(k));
-  k.boolean("use_triton", [&](bool v) { o.use_triton(v); });
+  read_options(k, o);
   ConditionalRoutedFeedForward m(o);
-  auto impl = std::make_shared<AnyModule::Impl>();
+  auto impl = std::make_shared<BuiltModule::Impl>();
   impl->module = m.ptr();
   impl->signature = {{"x", "mask"}, {}, {"num_heavy_tokens"}};
   impl->call = [m](const CallArgs& a) mutable {
@@ -350,26 +356,12 @@ std::shared_ptr<AnyModule::Impl> build_ff(Keywords& k) {
   return impl;
 }
 
-std::shared_ptr<AnyModule::Impl> build_attn(Keywords& k) {
+std::shared_ptr<BuiltModule::Impl> build_attn(Keywords& k) {
   ConditionalRoutedAttentionOptions o(k.integer("dim"), k.integer("num_heavy_tokens_q"),
                                       k.integer("num_heavy_tokens_kv"));
-  k.integer("num_routed_kv", [&](int64_t v) { o.num_routed_kv(v); });
-  k.boolean("has_light_attn", [&](bool v) { o.has_light_attn(v); });
-  k.integer("light_dim_head", [&](int64_t v) { o.light_dim_head(v); });
-  k.integer("light_heads", [&](int64_t v) { o.light_heads(v); });
-  k.integer("light_window_size", [&](int64_t v) { o.light_window_size(v); });
-  k.integer("heavy_dim_head", [&](int64_t v) { o.heavy_dim_head(v); });
-  k.integer("heavy_heads", [&](int64_t v) { o.heavy_heads(v); });
-  k.boolean("router_straight_through", [&](bool v) { o.router_straight_through(v); });
-  o.router_kwargs(parse_router_kwargs(k));
-  k.boolean("multiply_keys_by_score", [&](bool v) { o.multiply_keys_by_score(v); });
-  k.boolean("multiply_queries_by_score", [&](bool v) { o.multiply_queries_by_score(v); });
-  k.boolean("use_triton", [&](bool v) { o.use_triton(v); });
-  k.boolean("use_null_q_tokens", [&](bool v) { o.use_null_q_tokens(v); });
-  k.boolean("use_flash_attn", [&](bool v) { o.use_flash_attn(v); });
-  k.boolean("rotary_emb", [&](bool v) { o.rotary_emb(v); });
+  read_options(k, o);
   ConditionalRoutedAttention m(o);
-  auto impl = std::make_shared<AnyModule::Impl>();
+  auto impl = std::make_shared<BuiltModule::Impl>();
   impl->module = m.ptr();
   impl->signature = {{"x"}, {"mask"}, {"num_heavy_tokens_q", "num_heavy_tokens_kv"}};
   impl->call = [m](const CallArgs& a) mutable {
@@ -379,28 +371,14 @@ std::shared_ptr<AnyModule::Impl> build_attn(Keywords& k) {
   return impl;
 }
 
-std::shared_ptr<AnyModule::Impl> build_block(Keywords& k) {
+std::shared_ptr<BuiltModule::Impl> build_block(Keywords& k) {
   const int64_t dim = k.integer("dim");
   const int64_t q = k.integer("num_heavy_attn_tokens_q");
   const int64_t kv = k.integer("num_heavy_attn_tokens_kv");
   ConditionalRoutedTransformerBlockOptions o(dim, q, kv, k.integer("num_heavy_ff_tokens"));
-  k.integer("num_routed_kv", [&](int64_t v) { o.num_routed_kv(v); });
-  k.integer("light_dim_head", [&](int64_t v) { o.light_dim_head(v); });
-  k.integer("light_heads", [&](int64_t v) { o.light_heads(v); });
-  k.integer("light_window_size", [&](int64_t v) { o.light_window_size(v); });
-  k.integer("heavy_dim_head", [&](int64_t v) { o.heavy_dim_head(v); });
-  k.integer("heavy_heads", [&](int64_t v) { o.heavy_heads(v); });
-  k.number("light_ff_mult", [&](double v) { o.light_ff_mult(v); });
-  k.number("heavy_ff_mult", [&](double v) { o.heavy_ff_mult(v); });
-  k.boolean("router_straight_through", [&](bool v) { o.router_straight_through(v); });
-  o.router_kwargs(parse_router_kwargs(k));
-  k.boolean("multiply_keys_by_score", [&](bool v) { o.multiply_keys_by_score(v); });
-  k.boolean("multiply_queries_by_score", [&](bool v) { o.multiply_queries_by_score(v); });
-  k.boolean("use_triton", [&](bool v) { o.use_triton(v); });
-  k.boolean("use_null_q_tokens", [&](bool v) { o.use_null_q_tokens(v); });
-  k.boolean("use_flash_attn", [&](bool v) { o.use_flash_attn(v); });
+  read_options(k, o);
   ConditionalRoutedTransformerBlock m(o);
-  auto impl = std::make_shared<AnyModule::Impl>();
+  auto impl = std::make_shared<BuiltModule::Impl>();
   impl->module = m.ptr();
   impl->signature = {{"x", "mask"}, {}, {"num_heavy_attn_tokens_q", "num_heavy_attn_tokens_kv", "num_heavy_ff_tokens"}};
   impl->call = [m](const CallArgs& a) mutable {
@@ -410,26 +388,12 @@ std::shared_ptr<AnyModule::Impl> build_block(Keywords& k) {
   return impl;
 }
 
-std::shared_ptr<AnyModule::Impl> build_ar(Keywords& k) {
+std::shared_ptr<BuiltModule::Impl> build_ar(Keywords& k) {
   ConditionalRoutedAutoregressiveAttentionOptions o(k.integer("dim"), k.integer("num_heavy_tokens_q"),
                                                     k.integer("num_heavy_tokens_kv"));
-  k.integer("num_routed_kv", [&](int64_t v) { o.num_routed_kv(v); });
-  k.integer("light_dim_head", [&](int64_t v) { o.light_dim_head(v); });
-  k.integer("light_heads", [&](int64_t v) { o.light_heads(v); });
-  k.integer("light_window_size", [&](int64_t v) { o.light_window_size(v); });
-  k.optional_integer("heavy_window_size", [&](c10::optional<int64_t> v) { o.heavy_window_size(v); });
-  k.integer("heavy_dim_head", [&](int64_t v) { o.heavy_dim_head(v); });
-  k.integer("heavy_heads", [&](int64_t v) { o.heavy_heads(v); });
-  k.boolean("router_straight_through", [&](bool v) { o.router_straight_through(v); });
-  o.router_kwargs(parse_router_kwargs(k));
-  k.boolean("multiply_keys_by_score", [&](bool v) { o.multiply_keys_by_score(v); });
-  k.boolean("multiply_queries_by_score", [&](bool v) { o.multiply_queries_by_score(v); });
-  k.boolean("use_triton", [&](bool v) { o.use_triton(v); });
-  k.boolean("use_null_q_tokens", [&](bool v) { o.use_null_q_tokens(v); });
-  k.boolean("use_flash_attn", [&](bool v) { o.use_flash_attn(v); });
-  k.boolean("rotary_emb", [&](bool v) { o.rotary_emb(v); });
+  read_options(k, o);
   ConditionalRoutedAutoregressiveAttention m(o);
-  auto impl = std::make_shared<AnyModule::Impl>();
+  auto impl = std::make_shared<BuiltModule::Impl>();
   impl->module = m.ptr();
   impl->signature = {{"x"}, {}, {"num_heavy_tokens_q", "num_heavy_tokens_kv", "random_route"}};
   impl->call = [m](const CallArgs& a) mutable {
@@ -439,21 +403,11 @@ std::shared_ptr<AnyModule::Impl> build_ar(Keywords& k) {
   return impl;
 }
 
-std::shared_ptr<AnyModule::Impl> build_cross(Keywords& k) {
+std::shared_ptr<BuiltModule::Impl> build_cross(Keywords& k) {
   ConditionalRoutedCrossAttentionOptions o(k.integer("dim"), k.integer("num_tokens_q"), k.integer("num_tokens_kv"));
-  k.integer("num_sets_kv", [&](int64_t v) { o.num_sets_kv(v); });
-  k.integer("dim_head", [&](int64_t v) { o.dim_head(v); });
-  k.integer("heads", [&](int64_t v) { o.heads(v); });
-  k.boolean("router_straight_through", [&](bool v) { o.router_straight_through(v); });
-  o.router_kwargs(parse_router_kwargs(k));
-  k.integer("kv_routing_tokens", [&](int64_t v) { o.kv_routing_tokens(v); });
-  k.boolean("multiply_keys_by_score", [&](bool v) { o.multiply_keys_by_score(v); });
-  k.boolean("use_triton", [&](bool v) { o.use_triton(v); });
-  k.boolean("use_null_q_tokens", [&](bool v) { o.use_null_q_tokens(v); });
-  k.boolean("use_flash_attn", [&](bool v) { o.use_flash_attn(v); });
-  k.optional_integer("route_block_size", [&](c10::optional<int64_t> v) { o.route_block_size(v); });
+  read_options(k, o);
   ConditionalRoutedCrossAttention m(o);
-  auto impl = std::make_shared<AnyModule::Impl>();
+  auto impl = std::make_shared<BuiltModule::Impl>();
   impl->module = m.ptr();
   impl->signature = {{"x", "context"}, {"mask", "context_mask"}, {"num_tokens_q", "num_tokens_kv"}};
   impl->call = [m](const CallArgs& a) mutable {
@@ -466,7 +420,7 @@ std::shared_ptr<AnyModule::Impl> build_cross(Keywords& k) {
 
 }  // namespace
 
-AnyModule build_module(const std::string& kind, const std::string& config_json) {
+BuiltModule build_module(const std::string& kind, const std::string& config_json) {
   json config;
   try {
     config = json::parse(config_json);
@@ -474,7 +428,7 @@ AnyModule build_module(const std::string& kind, const std::string& config_json) 
     TORCH_CHECK(false, kind, " config is not valid JSON: ", e.what());
   }
   Keywords k(kind + " config", config);
-  std::shared_ptr<AnyModule::Impl> impl;
+  std::shared_ptr<BuiltModule::Impl> impl;
   if (kind == "CoordinateDescentRouter") {
     impl = build_router(k);
   } else if (kind == "ConditionalRoutedFeedForward") {
@@ -492,7 +446,7 @@ AnyModule build_module(const std::string& kind, const std::string& config_json) 
   }
   k.finish();
   impl->kind = kind;
-  return AnyModule(std::move(impl));
+  return BuiltModule(std::move(impl));
 }
 
 }  // namespace nn

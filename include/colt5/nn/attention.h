@@ -3,6 +3,9 @@
 // gating, rotary) and the plain `SelfAttention` of the image light branch.
 #pragma once
 
+#include <torch/nn/modules/common.h>
+#include <torch/nn/modules/container/any_value.h>
+
 #include <torch/nn.h>
 
 #include <cstdint>
@@ -30,11 +33,15 @@ bool fused_attention_available();
 
 struct AttentionOptions {
   /* implicit */ AttentionOptions(int64_t dim) : dim_(dim) {}
+  /// Width of the tokens.
   TORCH_ARG(int64_t, dim);
+  /// Width of an attention head.
   TORCH_ARG(int64_t, dim_head) = 64;
+  /// Attention heads.
   TORCH_ARG(int64_t, heads) = 8;
+  /// Scale the keys (and values) by the key scores given to forward().
   TORCH_ARG(bool, multiply_keys_by_score) = false;
-  // Fused scaled-dot-product attention where available (not for float64).
+  /// Fused scaled-dot-product attention where available (not for float64).
   TORCH_ARG(bool, use_flash) = true;
 };
 
@@ -65,6 +72,12 @@ class AttentionImpl : public torch::nn::Cloneable<AttentionImpl> {
                         const torch::Tensor& normalized_scores_kv = {}, const torch::Tensor& normalized_scores_q = {},
                         const std::pair<torch::Tensor, torch::Tensor>& rotary_emb = {});
 
+ protected:
+  FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())}, {2, torch::nn::AnyValue(torch::Tensor())},
+                           {3, torch::nn::AnyValue(torch::Tensor())}, {4, torch::nn::AnyValue(torch::Tensor())},
+                           {5, torch::nn::AnyValue(std::pair<torch::Tensor, torch::Tensor>())})
+
+ public:
   AttentionOptions options;
   RMSNorm norm{nullptr};
   torch::Tensor null_kv;
@@ -78,11 +91,15 @@ TORCH_MODULE(Attention);
 
 struct SelfAttentionOptions {
   /* implicit */ SelfAttentionOptions(int64_t dim) : dim_(dim) {}
+  /// Width of the tokens.
   TORCH_ARG(int64_t, dim);
+  /// Width of an attention head.
   TORCH_ARG(int64_t, dim_head) = 64;
+  /// Attention heads.
   TORCH_ARG(int64_t, heads) = 8;
+  /// Fused scaled-dot-product attention where available (not for float64).
   TORCH_ARG(bool, use_flash) = true;
-  // RMSNorm (norm.gamma) before the projections.
+  /// RMSNorm (norm.gamma) before the projections.
   TORCH_ARG(bool, prenorm) = false;
 };
 

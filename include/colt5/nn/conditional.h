@@ -4,6 +4,8 @@
 
 #include <torch/nn/cloneable.h>
 #include <torch/nn/module.h>
+#include <torch/nn/modules/common.h>
+#include <torch/nn/modules/container/any_value.h>
 #include <torch/nn/pimpl.h>
 #include <torch/arg.h>
 #include <torch/types.h>
@@ -20,22 +22,6 @@
 namespace colt5 {
 namespace nn {
 
-// The reference's `router_kwargs` dict: router options a module passes through
-// to each of its routers (the module itself sets dim, straight_through and the
-// number of routing tokens).
-struct RouterKwargs {
-  TORCH_ARG(int64_t, n_iters) = 20;
-  TORCH_ARG(double, fetch_k_ratio) = 9.0 / 8.0;
-  TORCH_ARG(double, eps) = 0.03;
-  TORCH_ARG(double, eps_decay) = 0.7;
-  TORCH_ARG(c10::optional<double>, eps_init) = 4.0;
-  TORCH_ARG(bool, use_triton) = false;
-  TORCH_ARG(bool, cosine_sim_routing) = false;
-  TORCH_ARG(double, cosine_sim_scale) = 8.0;
-  TORCH_ARG(c10::optional<int64_t>, route_block_size) = c10::nullopt;
-  TORCH_ARG(int64_t, checkpoint_segments) = 0;
-};
-
 // Router options from a module's settings.
 CoordinateDescentRouterOptions router_options(int64_t dim, bool straight_through, const RouterKwargs& kwargs,
                                               int64_t num_routing_tokens = 1);
@@ -45,24 +31,30 @@ CoordinateDescentRouterOptions router_options(int64_t dim, bool straight_through
 struct ConditionalRoutedFeedForwardOptions {
   ConditionalRoutedFeedForwardOptions(int64_t dim, int64_t num_heavy_tokens)
       : dim_(dim), num_heavy_tokens_(num_heavy_tokens) {}
+  /// Width of the tokens.
   TORCH_ARG(int64_t, dim);
+  /// Tokens routed to the heavy feedforward per row.
   TORCH_ARG(int64_t, num_heavy_tokens);
-  TORCH_ARG(double, light_ff_mult) = 0.5;
-  TORCH_ARG(double, heavy_ff_mult) = 4.0;
-  TORCH_ARG(bool, router_straight_through) = true;
-  TORCH_ARG(RouterKwargs, router_kwargs) = {};
-  TORCH_ARG(bool, use_triton) = false;
+#define COLT5_FF_MODULE_OPTIONS(X) COLT5_ROUTED_FF_OPTIONS(X) COLT5_ROUTING_MODULE_OPTIONS(X)
+  COLT5_FF_MODULE_OPTIONS(COLT5_DECLARE_OPTION)
+  COLT5_OPTIONS_VISITOR(COLT5_FF_MODULE_OPTIONS)
 };
 
 class ConditionalRoutedFeedForwardImpl : public torch::nn::Cloneable<ConditionalRoutedFeedForwardImpl> {
  public:
   explicit ConditionalRoutedFeedForwardImpl(const ConditionalRoutedFeedForwardOptions& options);
   void reset() override;
+  void pretty_print(std::ostream& stream) const override;
 
-  // x: [b, n, dim]; mask: bool [b, n] or undefined; num_heavy_tokens overrides the option.
+  // x: (b, n, dim); mask: bool (b, n) or undefined; num_heavy_tokens overrides the option.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask = {},
                         c10::optional<int64_t> num_heavy_tokens = c10::nullopt);
 
+ protected:
+  FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())},
+                           {2, torch::nn::AnyValue(c10::optional<int64_t>())})
+
+ public:
   ConditionalRoutedFeedForwardOptions options;
   CoordinateDescentRouter router{nullptr};
   FeedForward light_ff{nullptr};
@@ -75,44 +67,44 @@ TORCH_MODULE(ConditionalRoutedFeedForward);
 struct ConditionalRoutedAttentionOptions {
   ConditionalRoutedAttentionOptions(int64_t dim, int64_t num_heavy_tokens_q, int64_t num_heavy_tokens_kv)
       : dim_(dim), num_heavy_tokens_q_(num_heavy_tokens_q), num_heavy_tokens_kv_(num_heavy_tokens_kv) {}
+  /// Width of the tokens.
   TORCH_ARG(int64_t, dim);
+  /// Queries routed to the heavy attention per row.
   TORCH_ARG(int64_t, num_heavy_tokens_q);
+  /// Keys/values routed to the heavy attention per row (and per set).
   TORCH_ARG(int64_t, num_heavy_tokens_kv);
-  // Sets of routed key/values (routing tokens of the kv router); heavy_heads
-  // are split evenly across them.
-  TORCH_ARG(int64_t, num_routed_kv) = 1;
-  TORCH_ARG(bool, has_light_attn) = true;
-  TORCH_ARG(int64_t, light_dim_head) = 64;
-  TORCH_ARG(int64_t, light_heads) = 8;
-  // Non-causal local attention, windows of light_window_size / 2 looking one back and one forward.
-  TORCH_ARG(int64_t, light_window_size) = 128;
-  TORCH_ARG(int64_t, heavy_dim_head) = 64;
-  TORCH_ARG(int64_t, heavy_heads) = 8;
-  TORCH_ARG(bool, router_straight_through) = true;
-  TORCH_ARG(RouterKwargs, router_kwargs) = {};
-  TORCH_ARG(bool, multiply_keys_by_score) = false;
-  TORCH_ARG(bool, multiply_queries_by_score) = false;
-  TORCH_ARG(bool, use_triton) = false;
-  // A learned output for the queries the router does not pick.
-  TORCH_ARG(bool, use_null_q_tokens) = true;
-  TORCH_ARG(bool, use_flash_attn) = false;
-  // Rotary embedding of the heavy queries and keys at their original positions.
-  TORCH_ARG(bool, rotary_emb) = false;
+  // light_window_size: non-causal windows of light_window_size / 2 looking one back and one forward.
+  // clang-format off
+#define COLT5_ATTN_MODULE_OPTIONS(X)                                                                           \
+  COLT5_ROUTED_ATTN_OPTIONS(X)                                                                                 \
+  COLT5_ROUTING_MODULE_OPTIONS(X)                                                                              \
+  X(bool, has_light_attn, true, "the light local attention branch (off: heavy branch only)")                \
+  X(bool, rotary_emb, false, "rotary embedding of the heavy queries and keys at their original positions")
+  // clang-format on
+  COLT5_ATTN_MODULE_OPTIONS(COLT5_DECLARE_OPTION)
+  COLT5_OPTIONS_VISITOR(COLT5_ATTN_MODULE_OPTIONS)
 };
 
 class ConditionalRoutedAttentionImpl : public torch::nn::Cloneable<ConditionalRoutedAttentionImpl> {
  public:
   explicit ConditionalRoutedAttentionImpl(const ConditionalRoutedAttentionOptions& options);
   void reset() override;
+  void pretty_print(std::ostream& stream) const override;
 
-  // x: [b, n, dim]; mask: bool [b, n] or undefined.
+  // x: (b, n, dim); mask: bool (b, n) or undefined.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask = {},
                         c10::optional<int64_t> num_heavy_tokens_q = c10::nullopt,
                         c10::optional<int64_t> num_heavy_tokens_kv = c10::nullopt);
 
+ protected:
+  FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())},
+                           {2, torch::nn::AnyValue(c10::optional<int64_t>())},
+                           {3, torch::nn::AnyValue(c10::optional<int64_t>())})
+
+ public:
   ConditionalRoutedAttentionOptions options;
   LocalMHA light_attn{nullptr};  // null without has_light_attn
-  torch::Tensor null_q_token;    // [dim]; undefined without use_null_q_tokens
+  torch::Tensor null_q_token;    // (dim); undefined without use_null_q_tokens
   CoordinateDescentRouter q_router{nullptr};
   CoordinateDescentRouter kv_router{nullptr};
   Attention heavy_attn{nullptr};
@@ -129,25 +121,21 @@ struct ConditionalRoutedTransformerBlockOptions {
         num_heavy_attn_tokens_q_(num_heavy_attn_tokens_q),
         num_heavy_attn_tokens_kv_(num_heavy_attn_tokens_kv),
         num_heavy_ff_tokens_(num_heavy_ff_tokens) {}
+  /// Width of the tokens.
   TORCH_ARG(int64_t, dim);
+  /// Queries routed to the heavy attention per row.
   TORCH_ARG(int64_t, num_heavy_attn_tokens_q);
+  /// Keys/values routed to the heavy attention per row.
   TORCH_ARG(int64_t, num_heavy_attn_tokens_kv);
+  /// Tokens routed to the heavy feedforward per row.
   TORCH_ARG(int64_t, num_heavy_ff_tokens);
-  TORCH_ARG(int64_t, num_routed_kv) = 1;
-  TORCH_ARG(int64_t, light_dim_head) = 64;
-  TORCH_ARG(int64_t, light_heads) = 8;
-  TORCH_ARG(int64_t, light_window_size) = 128;
-  TORCH_ARG(int64_t, heavy_dim_head) = 64;
-  TORCH_ARG(int64_t, heavy_heads) = 8;
-  TORCH_ARG(double, light_ff_mult) = 0.5;
-  TORCH_ARG(double, heavy_ff_mult) = 4.0;
-  TORCH_ARG(bool, router_straight_through) = true;
-  TORCH_ARG(RouterKwargs, router_kwargs) = {};
-  TORCH_ARG(bool, multiply_keys_by_score) = false;
-  TORCH_ARG(bool, multiply_queries_by_score) = false;
-  TORCH_ARG(bool, use_triton) = false;
-  TORCH_ARG(bool, use_null_q_tokens) = true;
-  TORCH_ARG(bool, use_flash_attn) = false;
+#define COLT5_BLOCK_OPTIONS(X) COLT5_ROUTED_ATTN_OPTIONS(X) COLT5_ROUTED_FF_OPTIONS(X) COLT5_ROUTING_MODULE_OPTIONS(X)
+  COLT5_BLOCK_OPTIONS(COLT5_DECLARE_OPTION)
+  COLT5_OPTIONS_VISITOR(COLT5_BLOCK_OPTIONS)
+
+  /// The options of the block's attention (conditional_attn) and feedforward (conditional_ff).
+  ConditionalRoutedAttentionOptions attention() const;
+  ConditionalRoutedFeedForwardOptions feedforward() const;
 };
 
 // x = attn(x) + x; x = ff(x) + x.
@@ -155,12 +143,20 @@ class ConditionalRoutedTransformerBlockImpl : public torch::nn::Cloneable<Condit
  public:
   explicit ConditionalRoutedTransformerBlockImpl(const ConditionalRoutedTransformerBlockOptions& options);
   void reset() override;
+  void pretty_print(std::ostream& stream) const override;
 
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask = {},
                         c10::optional<int64_t> num_heavy_attn_tokens_q = c10::nullopt,
                         c10::optional<int64_t> num_heavy_attn_tokens_kv = c10::nullopt,
                         c10::optional<int64_t> num_heavy_ff_tokens = c10::nullopt);
 
+ protected:
+  FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())},
+                           {2, torch::nn::AnyValue(c10::optional<int64_t>())},
+                           {3, torch::nn::AnyValue(c10::optional<int64_t>())},
+                           {4, torch::nn::AnyValue(c10::optional<int64_t>())})
+
+ public:
   ConditionalRoutedTransformerBlockOptions options;
   ConditionalRoutedFeedForward conditional_ff{nullptr};
   ConditionalRoutedAttention conditional_attn{nullptr};
@@ -172,28 +168,22 @@ TORCH_MODULE(ConditionalRoutedTransformerBlock);
 struct ConditionalRoutedAutoregressiveAttentionOptions {
   ConditionalRoutedAutoregressiveAttentionOptions(int64_t dim, int64_t num_heavy_tokens_q, int64_t num_heavy_tokens_kv)
       : dim_(dim), num_heavy_tokens_q_(num_heavy_tokens_q), num_heavy_tokens_kv_(num_heavy_tokens_kv) {}
+  /// Width of the tokens.
   TORCH_ARG(int64_t, dim);
-  // Queries routed per heavy window.
+  /// Queries routed per heavy window.
   TORCH_ARG(int64_t, num_heavy_tokens_q);
-  // Keys/values routed, per window, from all the windows before it.
+  /// Keys/values routed, per window, from all the windows before it.
   TORCH_ARG(int64_t, num_heavy_tokens_kv);
-  TORCH_ARG(int64_t, num_routed_kv) = 1;
-  TORCH_ARG(int64_t, light_dim_head) = 64;
-  TORCH_ARG(int64_t, light_heads) = 8;
-  // Causal local attention, windows of this size looking one back.
-  TORCH_ARG(int64_t, light_window_size) = 128;
-  // nullopt means light_window_size.
-  TORCH_ARG(c10::optional<int64_t>, heavy_window_size) = c10::nullopt;
-  TORCH_ARG(int64_t, heavy_dim_head) = 64;
-  TORCH_ARG(int64_t, heavy_heads) = 8;
-  TORCH_ARG(bool, router_straight_through) = true;
-  TORCH_ARG(RouterKwargs, router_kwargs) = {};
-  TORCH_ARG(bool, multiply_keys_by_score) = false;
-  TORCH_ARG(bool, multiply_queries_by_score) = false;
-  TORCH_ARG(bool, use_triton) = false;
-  TORCH_ARG(bool, use_null_q_tokens) = true;
-  TORCH_ARG(bool, use_flash_attn) = false;
-  TORCH_ARG(bool, rotary_emb) = false;
+  // light_window_size: causal local attention, windows of this size looking one back.
+  // clang-format off
+#define COLT5_AR_MODULE_OPTIONS(X)                                                                             \
+  COLT5_ROUTED_ATTN_OPTIONS(X)                                                                                 \
+  COLT5_ROUTING_MODULE_OPTIONS(X)                                                                              \
+  X(c10::optional<int64_t>, heavy_window_size, c10::nullopt, "heavy window length; nullopt means light_window_size") \
+  X(bool, rotary_emb, false, "rotary embedding of the heavy queries and keys at their original positions")
+  // clang-format on
+  COLT5_AR_MODULE_OPTIONS(COLT5_DECLARE_OPTION)
+  COLT5_OPTIONS_VISITOR(COLT5_AR_MODULE_OPTIONS)
 };
 
 // The sequence is cut into heavy windows. Queries of window w >= 1 are routed
@@ -208,14 +198,20 @@ class ConditionalRoutedAutoregressiveAttentionImpl
  public:
   explicit ConditionalRoutedAutoregressiveAttentionImpl(const ConditionalRoutedAutoregressiveAttentionOptions& options);
   void reset() override;
+  void pretty_print(std::ostream& stream) const override;
 
-  // x: [b, n, dim].
+  // x: (b, n, dim).
   torch::Tensor forward(const torch::Tensor& x, c10::optional<int64_t> num_heavy_tokens_q = c10::nullopt,
                         c10::optional<int64_t> num_heavy_tokens_kv = c10::nullopt, bool random_route = false);
 
+ protected:
+  FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(c10::optional<int64_t>())},
+                           {2, torch::nn::AnyValue(c10::optional<int64_t>())}, {3, torch::nn::AnyValue(false)})
+
+ public:
   ConditionalRoutedAutoregressiveAttentionOptions options;
   LocalMHA light_attn{nullptr};
-  torch::Tensor null_q_token;  // [dim]; undefined without use_null_q_tokens
+  torch::Tensor null_q_token;  // (dim); undefined without use_null_q_tokens
   CoordinateDescentRouter q_router{nullptr};
   CoordinateDescentRouter kv_router{nullptr};
   Attention heavy_attn{nullptr};
@@ -228,23 +224,25 @@ TORCH_MODULE(ConditionalRoutedAutoregressiveAttention);
 struct ConditionalRoutedCrossAttentionOptions {
   ConditionalRoutedCrossAttentionOptions(int64_t dim, int64_t num_tokens_q, int64_t num_tokens_kv)
       : dim_(dim), num_tokens_q_(num_tokens_q), num_tokens_kv_(num_tokens_kv) {}
+  /// Width of the queries and of the context.
   TORCH_ARG(int64_t, dim);
+  /// Queries routed per row when there are more.
   TORCH_ARG(int64_t, num_tokens_q);
+  /// Context tokens routed per row when there are more.
   TORCH_ARG(int64_t, num_tokens_kv);
-  // Accepted for compatibility with the reference, which does not use it.
-  TORCH_ARG(int64_t, num_sets_kv) = 1;
-  TORCH_ARG(int64_t, dim_head) = 64;
-  TORCH_ARG(int64_t, heads) = 8;
-  TORCH_ARG(bool, router_straight_through) = true;
-  TORCH_ARG(RouterKwargs, router_kwargs) = {};
-  // Routing tokens of the context router; heads are split evenly across them.
-  TORCH_ARG(int64_t, kv_routing_tokens) = 1;
-  TORCH_ARG(bool, multiply_keys_by_score) = false;
-  TORCH_ARG(bool, use_triton) = false;
-  TORCH_ARG(bool, use_null_q_tokens) = true;
-  TORCH_ARG(bool, use_flash_attn) = false;
-  // Route the context evenly from blocks of this size (router_kwargs must not set it too).
-  TORCH_ARG(c10::optional<int64_t>, route_block_size) = c10::nullopt;
+  // clang-format off
+#define COLT5_CROSS_MODULE_OPTIONS(X)                                                                          \
+  X(int64_t, num_sets_kv, 1, "accepted for compatibility with the reference, which does not use it")         \
+  X(int64_t, dim_head, 64, "width of an attention head")                                                     \
+  X(int64_t, heads, 8, "attention heads")                                                                    \
+  X(int64_t, kv_routing_tokens, 1, "routing tokens of the context router; heads are split evenly across them") \
+  X(c10::optional<int64_t>, route_block_size, c10::nullopt,                                                  \
+    "route the context evenly from blocks of this size (router_kwargs must not set it too)")                  \
+  COLT5_HEAVY_ATTN_OPTIONS(X)                                                                                  \
+  COLT5_ROUTING_MODULE_OPTIONS(X)
+  // clang-format on
+  COLT5_CROSS_MODULE_OPTIONS(COLT5_DECLARE_OPTION)
+  COLT5_OPTIONS_VISITOR(COLT5_CROSS_MODULE_OPTIONS)
 };
 
 // Queries are routed when the query length exceeds num_tokens_q (unrouted
@@ -254,12 +252,19 @@ class ConditionalRoutedCrossAttentionImpl : public torch::nn::Cloneable<Conditio
  public:
   explicit ConditionalRoutedCrossAttentionImpl(const ConditionalRoutedCrossAttentionOptions& options);
   void reset() override;
+  void pretty_print(std::ostream& stream) const override;
 
-  // x: [b, nq, dim]; context: [b, nkv, dim]; mask: bool [b, nq]; context_mask: bool [b, nkv].
+  // x: (b, nq, dim); context: (b, nkv, dim); mask: bool (b, nq); context_mask: bool (b, nkv).
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& context, const torch::Tensor& mask = {},
                         const torch::Tensor& context_mask = {}, c10::optional<int64_t> num_tokens_q = c10::nullopt,
                         c10::optional<int64_t> num_tokens_kv = c10::nullopt);
 
+ protected:
+  FORWARD_HAS_DEFAULT_ARGS({2, torch::nn::AnyValue(torch::Tensor())}, {3, torch::nn::AnyValue(torch::Tensor())},
+                           {4, torch::nn::AnyValue(c10::optional<int64_t>())},
+                           {5, torch::nn::AnyValue(c10::optional<int64_t>())})
+
+ public:
   ConditionalRoutedCrossAttentionOptions options;
   torch::Tensor null_q_token;
   CoordinateDescentRouter q_router{nullptr};

@@ -2,6 +2,9 @@
 // built from it.
 #pragma once
 
+#include <torch/nn/modules/common.h>
+#include <torch/nn/modules/container/any_value.h>
+
 #include <torch/expanding_array.h>
 #include <torch/nn.h>
 
@@ -19,27 +22,22 @@ namespace nn {
 struct ConditionalRoutedImageAttentionOptions {
   ConditionalRoutedImageAttentionOptions(int64_t dim, int64_t num_heavy_tokens_q, int64_t num_heavy_tokens_kv)
       : dim_(dim), num_heavy_tokens_q_(num_heavy_tokens_q), num_heavy_tokens_kv_(num_heavy_tokens_kv) {}
+  /// Channels of the feature map.
   TORCH_ARG(int64_t, dim);
-  // Queries and key/values routed from the whole feature map.
+  /// Queries routed from the whole feature map.
   TORCH_ARG(int64_t, num_heavy_tokens_q);
+  /// Keys/values routed from the whole feature map.
   TORCH_ARG(int64_t, num_heavy_tokens_kv);
-  TORCH_ARG(int64_t, num_routed_kv) = 1;
-  TORCH_ARG(int64_t, light_dim_head) = 64;
-  TORCH_ARG(int64_t, light_heads) = 8;
-  // Height and width of the square windows of the light self attention; must
-  // divide the feature map's height and width.
-  TORCH_ARG(int64_t, light_window_size) = 128;
-  TORCH_ARG(int64_t, heavy_dim_head) = 64;
-  TORCH_ARG(int64_t, heavy_heads) = 8;
-  TORCH_ARG(bool, router_straight_through) = true;
-  TORCH_ARG(RouterKwargs, router_kwargs) = {};
-  TORCH_ARG(bool, multiply_keys_by_score) = false;
-  TORCH_ARG(bool, multiply_queries_by_score) = false;
-  TORCH_ARG(bool, use_triton) = false;
-  TORCH_ARG(bool, use_null_q_tokens) = true;
-  TORCH_ARG(bool, use_flash_attn) = false;
-  // Inputs (b, dim, h, w) instead of (b, h, w, dim); the output has the input's layout.
-  TORCH_ARG(bool, channel_first) = false;
+  // light_window_size: height and width of the square windows of the light
+  // self attention; must divide the feature map's height and width.
+  // clang-format off
+#define COLT5_IMAGE_ATTN_MODULE_OPTIONS(X)                                                             \
+  COLT5_ROUTED_ATTN_OPTIONS(X)                                                                         \
+  COLT5_ROUTING_MODULE_OPTIONS(X)                                                                      \
+  X(bool, channel_first, false, "inputs (b, dim, h, w) instead of (b, h, w, dim); the output keeps the layout")
+  // clang-format on
+  COLT5_IMAGE_ATTN_MODULE_OPTIONS(COLT5_DECLARE_OPTION)
+  COLT5_OPTIONS_VISITOR(COLT5_IMAGE_ATTN_MODULE_OPTIONS)
 };
 
 // Light branch: SelfAttention (RMSNorm prenorm) inside each w x w window.
@@ -61,6 +59,12 @@ class ConditionalRoutedImageAttentionImpl : public torch::nn::Cloneable<Conditio
                         c10::optional<int64_t> num_heavy_tokens_q = c10::nullopt,
                         c10::optional<int64_t> num_heavy_tokens_kv = c10::nullopt);
 
+ protected:
+  FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())},
+                           {2, torch::nn::AnyValue(c10::optional<int64_t>())},
+                           {3, torch::nn::AnyValue(c10::optional<int64_t>())})
+
+ public:
   ConditionalRoutedImageAttentionOptions options;
   SelfAttention light_attn{nullptr};
   torch::Tensor null_q_token;  // (dim); undefined without use_null_q_tokens
@@ -81,31 +85,52 @@ struct ConditionalRoutedViTOptions {
   ConditionalRoutedViTOptions(torch::ExpandingArray<2> image_size, torch::ExpandingArray<2> patch_size,
                               int64_t num_classes, int64_t dim, int64_t depth)
       : image_size_(image_size), patch_size_(patch_size), num_classes_(num_classes), dim_(dim), depth_(depth) {}
+  /// Image height and width.
   TORCH_ARG(torch::ExpandingArray<2>, image_size);
+  /// Patch height and width; must divide the image size.
   TORCH_ARG(torch::ExpandingArray<2>, patch_size);
+  /// Outputs of the classification head.
   TORCH_ARG(int64_t, num_classes);
+  /// Width of the tokens.
   TORCH_ARG(int64_t, dim);
+  /// Layers of [image attention, routed feedforward].
   TORCH_ARG(int64_t, depth);
   // Required, as in the reference (which has no defaults for them): 0 means
   // "not set" and is rejected.
+  /// Queries routed per image (required).
   TORCH_ARG(int64_t, attn_num_heavy_tokens_q) = 0;
+  /// Keys/values routed per image (required).
   TORCH_ARG(int64_t, attn_num_heavy_tokens_kv) = 0;
+  /// Width of a heavy attention head (required).
   TORCH_ARG(int64_t, attn_heavy_dim_head) = 0;
+  /// Heavy attention heads (required).
   TORCH_ARG(int64_t, attn_heavy_heads) = 0;
+  /// Width of a light attention head (required).
   TORCH_ARG(int64_t, attn_light_dim_head) = 0;
+  /// Light attention heads (required).
   TORCH_ARG(int64_t, attn_light_heads) = 0;
+  /// Side of the light attention windows, in patches (required).
   TORCH_ARG(int64_t, attn_light_window_size) = 0;
+  /// Patches routed to the heavy feedforward (required).
   TORCH_ARG(int64_t, ff_num_heavy_tokens) = 0;
+  /// Hidden width of the heavy feedforward, times dim (required).
   TORCH_ARG(double, ff_heavy_mult) = 0;
+  /// Hidden width of the light feedforward, times dim (required).
   TORCH_ARG(double, ff_light_mult) = 0;
+  /// Image channels.
   TORCH_ARG(int64_t, channels) = 3;
+  /// Selected scores are 1 in value but keep the soft gradient.
   TORCH_ARG(bool, router_straight_through) = true;
   // Every field but eps applies; the routers' eps is default_coor_descent_eps
   // (the reference's router_kwargs = {'eps': default_coor_descent_eps, **router_kwargs}).
   TORCH_ARG(RouterKwargs, router_kwargs) = {};
+  /// Accepted for compatibility; the fused kernels are always used.
   TORCH_ARG(bool, router_use_triton) = false;
+  /// Accepted for compatibility; fused attention is used where it applies.
   TORCH_ARG(bool, flash_attn) = true;
+  /// Sets of routed key/values in the image attention.
   TORCH_ARG(int64_t, attn_num_routed_kv) = 1;
+  /// The routers' eps (overrides router_kwargs.eps, as the reference does).
   TORCH_ARG(double, default_coor_descent_eps) = 1.0;
 };
 
@@ -115,6 +140,7 @@ class ConditionalRoutedViTTransformerImpl : public torch::nn::Cloneable<Conditio
  public:
   explicit ConditionalRoutedViTTransformerImpl(const ConditionalRoutedViTOptions& options);
   void reset() override;
+  void pretty_print(std::ostream& stream) const override;
 
   torch::Tensor forward(const torch::Tensor& x);
 

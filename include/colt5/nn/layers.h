@@ -13,6 +13,7 @@ namespace nn {
 
 struct RMSNormOptions {
   /* implicit */ RMSNormOptions(int64_t dim) : dim_(dim) {}
+  /// Width of the tokens.
   TORCH_ARG(int64_t, dim);
 };
 
@@ -38,8 +39,9 @@ TORCH_MODULE(RMSNorm);
 
 struct FeedForwardOptions {
   /* implicit */ FeedForwardOptions(int64_t dim) : dim_(dim) {}
+  /// Width of the tokens.
   TORCH_ARG(int64_t, dim);
-  // Hidden size is int(dim * mult), truncated as Python's int() does.
+  /// Hidden size is int(dim * mult), truncated as Python's int() does.
   TORCH_ARG(double, mult) = 4.0;
 };
 
@@ -71,8 +73,9 @@ TORCH_MODULE(FeedForward);
 
 struct RotaryEmbeddingOptions {
   /* implicit */ RotaryEmbeddingOptions(int64_t dim) : dim_(dim) {}
-  // Head dimension the frequencies are for (even, > 0).
+  /// Head dimension the frequencies are for (even, > 0).
   TORCH_ARG(int64_t, dim);
+  /// Base of the rotary frequencies.
   TORCH_ARG(double, theta) = 10000.0;
 };
 

@@ -2,6 +2,9 @@
 // LocalMHA (the light attention branch of CoLT5).
 #pragma once
 
+#include <torch/nn/modules/common.h>
+#include <torch/nn/modules/container/any_value.h>
+
 #include <c10/util/Optional.h>
 #include <torch/nn.h>
 
@@ -15,10 +18,13 @@ namespace nn {
 
 struct SinusoidalEmbeddingsOptions {
   /* implicit */ SinusoidalEmbeddingsOptions(int64_t dim) : dim_(dim) {}
+  /// Width of the tokens.
   TORCH_ARG(int64_t, dim);
-  // xpos length scale base; required with use_xpos.
+  /// xpos length scale base; required with use_xpos.
   TORCH_ARG(c10::optional<double>, scale_base) = c10::nullopt;
+  /// xpos length extrapolation scaling.
   TORCH_ARG(bool, use_xpos) = false;
+  /// Base of the rotary frequencies.
   TORCH_ARG(double, theta) = 10000.0;
 };
 
@@ -29,6 +35,7 @@ class SinusoidalEmbeddingsImpl : public torch::nn::Cloneable<SinusoidalEmbedding
   explicit SinusoidalEmbeddingsImpl(const SinusoidalEmbeddingsOptions& options);
 
   void reset() override;
+  void pretty_print(std::ostream& stream) const override;
 
   // For a sequence of seq_len positions: (freqs (seq_len, dim), xpos scale
   // (seq_len, dim)); the scale is undefined without xpos.
@@ -43,22 +50,28 @@ TORCH_MODULE(SinusoidalEmbeddings);
 
 struct LocalAttentionOptions {
   /* implicit */ LocalAttentionOptions(int64_t window_size) : window_size_(window_size) {}
+  /// Tokens per local window.
   TORCH_ARG(int64_t, window_size);
+  /// Each token sees only itself and earlier tokens.
   TORCH_ARG(bool, causal) = false;
+  /// Windows before its own that a window attends to.
   TORCH_ARG(int64_t, look_backward) = 1;
-  // nullopt: 0 when causal, else 1.
+  /// nullopt: 0 when causal, else 1.
   TORCH_ARG(c10::optional<int64_t>, look_forward) = c10::nullopt;
-  // Head dimension; needed for the rotary embedding.
+  /// Head dimension; needed for the rotary embedding.
   TORCH_ARG(c10::optional<int64_t>, dim) = c10::nullopt;
   // Pad the sequence with zeros to a multiple of window_size (padded keys are
-  // not masked unless a key padding mask is given, as in the reference).
+  /// not masked unless a key padding mask is given, as in the reference).
   TORCH_ARG(bool, autopad) = false;
+  /// Mask keys farther than the window size (not whole neighbouring windows).
   TORCH_ARG(bool, exact_windowsize) = false;
-  // Query scale; nullopt: dim_head^-0.5.
+  /// Query scale; nullopt: dim_head^-0.5.
   TORCH_ARG(c10::optional<double>, scale) = c10::nullopt;
+  /// Rotary position embedding inside the windows.
   TORCH_ARG(bool, use_rotary_pos_emb) = true;
+  /// xpos length extrapolation scaling.
   TORCH_ARG(bool, use_xpos) = false;
-  // nullopt: window_size / 2.
+  /// nullopt: window_size / 2.
   TORCH_ARG(c10::optional<int64_t>, xpos_scale_base) = c10::nullopt;
 };
 
@@ -79,6 +92,10 @@ class LocalAttentionImpl : public torch::nn::Cloneable<LocalAttentionImpl> {
   torch::Tensor forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                         const torch::Tensor& mask = {});
 
+ protected:
+  FORWARD_HAS_DEFAULT_ARGS({3, torch::nn::AnyValue(torch::Tensor())})
+
+ public:
   LocalAttentionOptions options;
   SinusoidalEmbeddings rel_pos{nullptr};
 };
@@ -88,19 +105,29 @@ TORCH_MODULE(LocalAttention);
 
 struct LocalMHAOptions {
   LocalMHAOptions(int64_t dim, int64_t window_size) : dim_(dim), window_size_(window_size) {}
+  /// Width of the tokens.
   TORCH_ARG(int64_t, dim);
+  /// Tokens per local window.
   TORCH_ARG(int64_t, window_size);
+  /// Width of an attention head.
   TORCH_ARG(int64_t, dim_head) = 64;
+  /// Attention heads.
   TORCH_ARG(int64_t, heads) = 8;
+  /// Each token sees only itself and earlier tokens.
   TORCH_ARG(bool, causal) = false;
-  // LayerNorm (norm.weight, norm.bias) before the projection.
+  /// LayerNorm (norm.weight, norm.bias) before the projection.
   TORCH_ARG(bool, prenorm) = false;
+  /// Windows before its own that a window attends to.
   TORCH_ARG(int64_t, look_backward) = 1;
-  // nullopt: 0 when causal, else 1.
+  /// nullopt: 0 when causal, else 1.
   TORCH_ARG(c10::optional<int64_t>, look_forward) = c10::nullopt;
+  /// Mask keys farther than the window size (not whole neighbouring windows).
   TORCH_ARG(bool, exact_windowsize) = true;
+  /// Rotary position embedding inside the windows.
   TORCH_ARG(bool, use_rotary_pos_emb) = true;
+  /// xpos length extrapolation scaling.
   TORCH_ARG(bool, use_xpos) = false;
+  /// xpos scale base; nullopt means the window size times 2.
   TORCH_ARG(c10::optional<int64_t>, xpos_scale_base) = c10::nullopt;
 };
 
@@ -118,6 +145,10 @@ class LocalMHAImpl : public torch::nn::Cloneable<LocalMHAImpl> {
   // x: (b, n, dim); mask: optional bool (b, n), true = keep. Returns (b, n, dim).
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask = {});
 
+ protected:
+  FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())})
+
+ public:
   LocalMHAOptions options;
   torch::nn::LayerNorm norm{nullptr};
   torch::nn::Linear to_qkv{nullptr};

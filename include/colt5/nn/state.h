@@ -43,10 +43,10 @@ struct ModuleOutputs {
 };
 
 // A module of any supported kind with a call taking the reference's argument names.
-class AnyModule {
+class BuiltModule {
  public:
   struct Impl;
-  explicit AnyModule(std::shared_ptr<const Impl> impl);
+  explicit BuiltModule(std::shared_ptr<const Impl> impl);
 
   // The reference class name, e.g. "ConditionalRoutedAttention".
   const std::string& kind() const;
@@ -75,7 +75,7 @@ std::vector<std::string> module_kinds();
 // constructor keywords (router_kwargs as a nested object). For the router,
 // `num_tokens` and `keep_one_route_dim` may also be given as call defaults.
 // Unknown keywords, missing required ones and wrong types are errors naming them.
-AnyModule build_module(const std::string& kind, const std::string& config_json);
+BuiltModule build_module(const std::string& kind, const std::string& config_json);
 
 }  // namespace nn
 }  // namespace colt5

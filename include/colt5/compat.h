@@ -1,5 +1,5 @@
-// The one place that knows which LibTorch API differences matter (Debian's
-// LibTorch 1.13 and the 2.x of PyTorch installs).
+// The LibTorch API differences that matter to colt5 and to programs built on it
+// (Debian's LibTorch 1.13 and the 2.x of PyTorch installs), in one place.
 #pragma once
 
 #include <ATen/autocast_mode.h>

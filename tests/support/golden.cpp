@@ -1,4 +1,4 @@
-#include "golden/golden.h"
+#include "support/golden.h"
 
 #include <torch/torch.h>
 

@@ -5,7 +5,7 @@
 #include <algorithm>
 
 #include "colt5/nn/state.h"
-#include "golden/golden.h"
+#include "support/golden.h"
 
 namespace colt5 {
 namespace golden {
@@ -46,7 +46,7 @@ bool run_module_case(const Case& c, Run& run) {
   const auto kinds = nn::module_kinds();
   if (std::find(kinds.begin(), kinds.end(), c.kind) == kinds.end()) return false;
 
-  nn::AnyModule any = nn::build_module(c.kind, c.config.dump());
+  nn::BuiltModule any = nn::build_module(c.kind, c.config.dump());
   auto module = any.module();
   module->to(torch::kFloat64);
 
