@@ -103,6 +103,37 @@ double kernel_ms(const std::function<void(cudaStream_t)>& f, cudaStream_t st) {
   return ms / R;
 }
 
+// The kernels' result against the CPU float64 path on the same (float32)
+// inputs, before anything is timed: y always, the score gradient with
+// `backward`. Exits on a mismatch.
+void validate(const char* what, const colt5::kernels::CoorDescentParams<float>& p,
+              const colt5::kernels::CoorDescentBackwardParams<float>* bp, const torch::Tensor& s,
+              const torch::Tensor& k, const torch::Tensor& gy, const colt5::CoorDescentOptions& o, cudaStream_t st) {
+  torch::Tensor y = torch::from_blob(p.y, {p.rows, p.cols}, s.options());
+  y.fill_(std::nanf(""));  // poison: every entry must be written
+  if (bp) torch::from_blob(bp->grad_s, {p.rows, p.cols}, s.options()).fill_(std::nanf(""));
+  BC(cudaDeviceSynchronize());
+  colt5::kernels::coor_descent_forward_cuda<float>(p, st);
+  if (bp) colt5::kernels::coor_descent_backward_cuda<float>(*bp, st);
+  BC(cudaStreamSynchronize(st));
+  torch::Tensor s64 = s.to(torch::kCPU, torch::kDouble).requires_grad_(true);
+  torch::Tensor y64 = colt5::coor_descent(s64, k.to(torch::kCPU, torch::kDouble), o);
+  auto rel = [](const torch::Tensor& a, const torch::Tensor& b) {
+    torch::Tensor x = a.to(torch::kCPU, torch::kDouble);
+    return ((x - b).norm() / b.norm().clamp_min(1e-12)).item<double>();
+  };
+  double err = rel(y, y64.detach()), gerr = 0;
+  if (bp) {
+    y64.backward(gy.to(torch::kCPU, torch::kDouble));
+    gerr = rel(torch::from_blob(bp->grad_s, {p.rows, p.cols}, s.options()), s64.grad());
+  }
+  if (!(err <= 1e-5) || !(gerr <= 1e-3)) {
+    std::fprintf(stderr, "%s: the kernels disagree with the CPU float64 reference (y %.3g, grad %.3g)\n", what, err,
+                 gerr);
+    std::exit(1);
+  }
+}
+
 struct Work {
   int64_t rows, cols, iters;
   bool backward;
@@ -169,6 +200,8 @@ int main(int argc, char** argv) {
     bp.grad_y = gy.data_ptr<float>();
     bp.grad_s = gs.data_ptr<float>();
     bp.grad_k = gk.data_ptr<float>();
+    validate(("work " + std::to_string(w.rows) + "x" + std::to_string(w.cols)).c_str(), p, w.backward ? &bp : nullptr,
+             s, kr, gy, o, st);
     const double kern = kernel_ms(
         [&](cudaStream_t s_) {
           colt5::kernels::coor_descent_forward_cuda<float>(p, s_);
@@ -203,10 +236,19 @@ int main(int argc, char** argv) {
     std::printf("  %-28s kernel %8.4f ms  api %8.4f ms  plain %8.3f ms\n", name, kern, api, plain);
     std::fflush(stdout);
   }
-  // Variants: the cap on the cluster size (1: one block per row).
-  std::printf("\nforward kernel ms by cluster-size cap (COLT5_CD_MAX_CLUSTER):\n%-20s", "rows x cols");
+  // Variants: the automatic choice under each cap on the cluster size (1: one
+  // block per row), then each kernel forced by name; every launch configuration
+  // is checked against the CPU before it is timed.
+  std::printf("\nforward kernel ms by variant (cuda_max_cluster cap for auto; forced kernels by name):\n%-20s",
+              "rows x cols");
   const int caps[] = {1, 2, 4, 8, 16};
-  for (int c : caps) std::printf(" %9d", c);
+  using colt5::kernels::RowKernel;
+  const std::pair<const char*, RowKernel> forced[] = {{"warp", RowKernel::kWarp},
+                                                      {"block", RowKernel::kBlock},
+                                                      {"cluster", RowKernel::kCluster},
+                                                      {"grid", RowKernel::kGrid}};
+  for (int c : caps) std::printf(" %8s%d", "auto/", c);
+  for (const auto& f : forced) std::printf(" %9s", f.first);
   std::printf("\n");
   for (auto shape : {std::pair<int64_t, int64_t>{16, 32768}, {64, 4096}, {8, 16384}, {4, 131072}}) {
     torch::Tensor s = torch::randn({shape.first, shape.second}, dev);
@@ -227,12 +269,23 @@ int main(int argc, char** argv) {
     p.saved = saved.data_ptr<double>();
     p.row_stats = stats.data_ptr<double>();
     std::printf("%5lldx%-14lld", static_cast<long long>(shape.first), static_cast<long long>(shape.second));
-    for (int c : caps) {
-      setenv("COLT5_CD_MAX_CLUSTER", std::to_string(c).c_str(), 1);
+    const colt5::CoorDescentOptions o = colt5::CoorDescentOptions().n_iters(20).eps(0.03).eps_init(4.0).eps_decay(0.7);
+    auto timed = [&](const char* what) {
+      validate(what, p, nullptr, s, kr, s, o, st);
       std::printf(" %9.4f",
                   kernel_ms([&](cudaStream_t s_) { colt5::kernels::coor_descent_forward_cuda<float>(p, s_); }, st));
+      std::fflush(stdout);
+    };
+    for (int c : caps) {
+      p.launch = colt5::kernels::RowLaunch();
+      p.launch.max_cluster = c;
+      timed("auto");
     }
-    unsetenv("COLT5_CD_MAX_CLUSTER");
+    for (const auto& f : forced) {
+      p.launch = colt5::kernels::RowLaunch();
+      p.launch.kernel = f.second;
+      timed(f.first);
+    }
     std::printf("\n");
   }
   BC(cudaStreamDestroy(st));

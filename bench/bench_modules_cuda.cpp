@@ -1,21 +1,36 @@
-// The seed README's modules on one GPU: the transformer block (2 x 32768 x 512,
-// 1024 heavy tokens) and the autoregressive attention (2 x 8192 x 512), forward
-// and forward+backward in float32 and under bf16 autocast, with peak memory;
-// a same-run baseline of dense attention over the whole sequence (what routing
-// saves), and the reference's figures from the same GPU type.
+// The routed modules on one GPU, each against dense fused attention of the
+// same shape timed in the same run (median of CUDA events, peak allocated
+// memory):
+//   - the transformer block (README config: 512 wide, 1024 heavy tokens) from
+//     2 x 8192 to 2 x 262144 tokens in bf16 autocast, and 2 x 32768 in float32
+//     with TF32 matrix products off (LibTorch's default) and on;
+//   - the autoregressive attention (2 x 8192 and 2 x 32768) against dense causal
+//     attention; cross attention (1024 queries over 1,048,576 memories); image
+//     attention (1 x 32 x 256 x 256);
+//   - a per-phase profile of the block and of the autoregressive module (each
+//     phase run alone on the shapes the module gives it, forward+backward),
+//     and whether a training step makes any host-device synchronization.
+// Every module's bf16 output is checked against its float32 output on the same
+// input before it is timed.
+// Flags: --quick (fewer shapes), --no-profile.
 #include <torch/torch.h>
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <functional>
+#include <string>
 #include <vector>
 
+#include "colt5/coor_descent.h"
 #include "colt5/nn/conditional.h"
 #include "colt5/compat.h"
+#include "colt5/nn/image.h"
 
 #ifdef COLT5_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <cuda_runtime.h>
 #endif
 
@@ -75,86 +90,450 @@ class Autocast {
   bool on_;
 };
 
-void row(const char* work, const char* pass, const Measure& m, const char* reference) {
-  std::printf("%-44s %-8s %10.2f %9.2f   %s\n", work, pass, m.ms, m.peak_gib, reference);
+// ||a - b|| / ||b||, and whether a is finite.
+double rel_norm(const torch::Tensor& a, const torch::Tensor& b) {
+  torch::Tensor x = a.detach().to(torch::kFloat), y = b.detach().to(torch::kFloat);
+  if (!torch::isfinite(x).all().item<bool>()) return 1e30;
+  return ((x - y).norm() / y.norm().clamp_min(1e-12)).item<double>();
+}
+
+// bf16 autocast output against the float32 output of the same module and
+// input: routing flips near the top-k boundary change a few tokens entirely,
+// so the bound is in norm. Exits on a mismatch.
+double check_bf16(const char* what, const std::function<torch::Tensor()>& fwd) {
+  torch::NoGradGuard ng;
+  torch::Tensor ref = fwd();
+  torch::Tensor got;
+  {
+    Autocast ac(true);
+    got = fwd();
+  }
+  const double e = rel_norm(got, ref);
+  if (!(e < 0.05)) {
+    std::fprintf(stderr, "%s: bf16 output differs from float32 by %.3g in norm\n", what, e);
+    std::exit(1);
+  }
+  return e;
+}
+
+// Whether one call of f makes a host-device synchronization LibTorch knows of
+// (.item(), a device-to-host copy, a stream synchronization).
+std::string host_syncs(const std::function<void()>& f) {
+  std::string r = "none";
+  c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_ERROR);
+  try {
+    f();
+  } catch (const std::exception& e) {
+    r = std::string("yes: ") + std::string(e.what()).substr(0, 120);
+    for (char& c : r)
+      if (c == '\n') c = ' ';
+  }
+  c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED);
+  torch::cuda::synchronize();
+  return r;
+}
+
+void header() {
+  std::printf("%-46s %-8s %9s %8s %10s %8s  %s\n", "work", "pass", "ms", "peak GiB", "dense ms", "÷dense", "note");
+}
+
+void row(const std::string& work, const char* pass, const Measure& m, double dense_ms, const std::string& note) {
+  char d[32] = "-", r[32] = "-";
+  if (dense_ms > 0) {
+    std::snprintf(d, sizeof d, "%.2f", dense_ms);
+    std::snprintf(r, sizeof r, "%.2fx", m.ms / dense_ms);
+  }
+  std::printf("%-46s %-8s %9.2f %8.2f %10s %8s  %s\n", work.c_str(), pass, m.ms, m.peak_gib, d, r, note.c_str());
   std::fflush(stdout);
+}
+
+// Dense fused attention (SDPA), bf16, b x h x n x 64 queries over m keys.
+double dense_ms(int64_t b, int64_t h, int64_t n, int64_t m, bool causal, bool backward, int reps = 10) {
+  auto o = torch::TensorOptions(torch::kCUDA).dtype(torch::kBFloat16);
+  torch::Tensor q = torch::randn({b, h, n, 64}, o).requires_grad_(backward);
+  torch::Tensor k = torch::randn({b, h, m, 64}, o).requires_grad_(backward);
+  torch::Tensor v = torch::randn({b, h, m, 64}, o).requires_grad_(backward);
+  torch::Tensor g = torch::randn({b, h, n, 64}, o);
+  return time_cuda(
+             [&] {
+               if (backward) {
+                 at::scaled_dot_product_attention(q, k, v, {}, 0.0, causal).backward(g);
+               } else {
+                 torch::NoGradGuard ng;
+                 at::scaled_dot_product_attention(q, k, v, {}, 0.0, causal);
+               }
+             },
+             reps)
+      .ms;
+}
+
+// ------------------------------------------------------------------ profile
+
+struct Phase {
+  std::string name;
+  double fwd, fwdbwd;
+};
+
+// Forward and forward+backward of one phase alone (autocast bf16); `f` returns
+// the phase's output, whose backward takes a fixed random gradient.
+Phase phase(const std::string& name, const std::function<torch::Tensor()>& f) {
+  torch::Tensor out;
+  {
+    torch::NoGradGuard ng;
+    Autocast ac(true);
+    out = f();
+  }
+  torch::Tensor g = torch::randn_like(out);
+  const double fwd = time_cuda([&] {
+                       torch::NoGradGuard ng;
+                       Autocast ac(true);
+                       f();
+                     }).ms;
+  const double fb = time_cuda([&] {
+                      torch::Tensor y;
+                      {
+                        Autocast ac(true);
+                        y = f();
+                      }
+                      if (y.requires_grad()) y.backward(g.to(y.scalar_type()));
+                    }).ms;
+  return {name, fwd, fb};
+}
+
+void print_profile(const char* title, const std::vector<Phase>& phases, double total_fwd, double total_fb) {
+  std::printf("\n%s (bf16 autocast; each phase alone, median ms; share of the whole module's time)\n", title);
+  std::printf("  %-44s %9s %7s %9s %7s\n", "phase", "fwd", "share", "fwd+bwd", "share");
+  double sf = 0, sb = 0;
+  for (const Phase& p : phases) {
+    std::printf("  %-44s %9.3f %6.1f%% %9.3f %6.1f%%\n", p.name.c_str(), p.fwd, 100 * p.fwd / total_fwd, p.fwdbwd,
+                100 * p.fwdbwd / total_fb);
+    sf += p.fwd;
+    sb += p.fwdbwd;
+  }
+  std::printf("  %-44s %9.3f %6.1f%% %9.3f %6.1f%%\n", "rest (glue, launch gaps, overlap)", total_fwd - sf,
+              100 * (total_fwd - sf) / total_fwd, total_fb - sb, 100 * (total_fb - sb) / total_fb);
+  std::printf("  %-44s %9.3f %6.1f%% %9.3f %6.1f%%\n", "whole module", total_fwd, 100.0, total_fb, 100.0);
+  std::fflush(stdout);
+}
+
+// Router phases of one router on x: scores (matmul), coordinate descent, top-k.
+void router_phases(std::vector<Phase>& out, const std::string& who, CoordinateDescentRouterImpl& r,
+                   const torch::Tensor& x, int64_t k, const torch::Tensor& mask) {
+  const auto& o = r.options;
+  const int64_t rows = x.size(0) * o.num_routing_tokens(), n = x.size(1);
+  torch::Tensor xs = x.detach().requires_grad_(true);
+  out.push_back(phase(who + " routing scores (x . token)",
+                      [&] { return torch::matmul(xs, r.routing_token.t()).transpose(1, 2).to(torch::kFloat); }));
+  torch::Tensor s = torch::randn({rows, n}, x.options().dtype(torch::kFloat)).requires_grad_(true);
+  const double kk = std::min(static_cast<double>(k) * o.fetch_k_ratio(), static_cast<double>(n));
+  auto cd =
+      colt5::CoorDescentOptions().n_iters(o.n_iters()).eps(o.eps()).eps_init(o.eps_init()).eps_decay(o.eps_decay());
+  torch::Tensor m = mask.defined() ? mask.repeat({o.num_routing_tokens(), 1}) : torch::Tensor();
+  out.push_back(phase(who + " coordinate descent", [&] { return colt5::coor_descent(s, kk, cd, m); }));
+  torch::Tensor sc = torch::rand({rows, n}, x.options().dtype(torch::kFloat));
+  out.push_back(
+      phase(who + " top-k (tie-break)", [&] { return colt5::topk_indices(sc, k, s.detach(), m).to(torch::kFloat); }));
+  out.push_back(phase(who + " whole router (with gathers)", [&] {
+    RouterOutput ro = r.forward(xs, k, mask);
+    return ro.routed_tokens * ro.scores.unsqueeze(-1).to(ro.routed_tokens.scalar_type());
+  }));
+}
+
+void profile_block(ConditionalRoutedTransformerBlockImpl& block, const torch::Tensor& x, const torch::Tensor& mask,
+                   double total_fwd, double total_fb) {
+  auto& attn = *block.conditional_attn;
+  auto& ff = *block.conditional_ff;
+  const int64_t kq = attn.options.num_heavy_tokens_q(), kkv = attn.options.num_heavy_tokens_kv();
+  const int64_t kff = ff.options.num_heavy_tokens();
+  torch::Tensor xs = x.detach().requires_grad_(true);
+  std::vector<Phase> ph;
+  ph.push_back(phase("light attention (local, blocked windows)", [&] { return attn.light_attn->forward(xs, mask); }));
+  ph.push_back(phase("light feedforward", [&] { return ff.light_ff->forward(xs); }));
+  // The routers' parts, on the q router (the kv and feedforward routers are alike).
+  std::vector<Phase> rq;
+  router_phases(rq, "attn q router:", *attn.q_router, x, kq, mask);
+  for (auto& p : rq) ph.push_back(p);
+  ph.back().name = "attn q router: rest (gathers)";
+  ph.back().fwd -= rq[0].fwd + rq[1].fwd + rq[2].fwd;
+  ph.back().fwdbwd -= rq[0].fwdbwd + rq[1].fwdbwd + rq[2].fwdbwd;
+  ph.push_back(phase("attn kv router (whole)", [&] {
+    RouterOutput ro = attn.kv_router->forward(xs, kkv, mask);
+    return ro.routed_tokens * ro.scores.unsqueeze(-1).to(ro.routed_tokens.scalar_type());
+  }));
+  ph.push_back(phase("ff router (whole)", [&] {
+    RouterOutput ro = ff.router->forward(xs, kff, mask);
+    return ro.routed_tokens * ro.scores.unsqueeze(-1).to(ro.routed_tokens.scalar_type());
+  }));
+  RouterOutput q, kv, r;
+  {
+    torch::NoGradGuard ng;
+    q = attn.q_router->forward(x, kq, mask);
+    kv = attn.kv_router->forward(x, kkv, mask);
+    r = ff.router->forward(x, kff, mask);
+  }
+  torch::Tensor qt = q.routed_tokens.detach().requires_grad_(true);
+  torch::Tensor kvt = kv.routed_tokens.detach().requires_grad_(true);
+  torch::Tensor ft = r.routed_tokens.detach().requires_grad_(true);
+  ph.push_back(phase("heavy attention (norm, projections, attention)",
+                     [&] { return attn.heavy_attn->forward(qt, kvt, kv.routed_mask, kv.scores); }));
+  ph.push_back(phase("heavy feedforward", [&] { return ff.heavy_ff->forward(ft); }));
+  torch::Tensor base = torch::randn_like(x).requires_grad_(true);
+  torch::Tensor upd = torch::randn({x.size(0), kq, x.size(2)}, x.options()).requires_grad_(true);
+  ph.push_back(phase("route back (scatter, x2 in the block)", [&] {
+    auto idx = q.indices.unsqueeze(-1).expand({x.size(0), kq, x.size(2)});
+    return base.scatter(1, idx, upd);
+  }));
+  print_profile("profile: block 2x32768x512", ph, total_fwd, total_fb);
+}
+
+void profile_autoregressive(ConditionalRoutedAutoregressiveAttentionImpl& m, const torch::Tensor& x, double total_fwd,
+                            double total_fb) {
+  const int64_t b = x.size(0), seq = x.size(1), d = x.size(2);
+  const int64_t w = m.options.heavy_window_size().value_or(m.options.light_window_size());
+  const int64_t windows = (seq + w - 1) / w, padded = windows * w, rows = b * (windows - 1);
+  const int64_t kq = m.options.num_heavy_tokens_q(), kkv = m.options.num_heavy_tokens_kv();
+  torch::Tensor xs = x.detach().requires_grad_(true);
+  std::vector<Phase> ph;
+  ph.push_back(phase("light attention (local causal)", [&] { return m.light_attn->forward(xs); }));
+  torch::Tensor xp = padded == seq ? xs : torch::constant_pad_nd(xs, {0, 0, 0, padded - seq}, 0.0);
+  torch::Tensor q = xp.view({b, windows, w, d}).narrow(1, 1, windows - 1).reshape({rows, w, d});
+  auto bo = torch::TensorOptions().dtype(torch::kBool).device(x.device());
+  torch::Tensor kv_mask = torch::ones({windows, windows}, bo)
+                              .tril(-1)
+                              .narrow(0, 1, windows - 1)
+                              .repeat_interleave(w, 1)
+                              .unsqueeze(0)
+                              .expand({b, windows - 1, padded});
+  ph.push_back(phase("q router (per window)", [&] {
+    RouterOutput ro = m.q_router->forward(q, kq);
+    return ro.routed_tokens * ro.scores.unsqueeze(-1).to(ro.routed_tokens.scalar_type());
+  }));
+  ph.push_back(phase("kv router (earlier windows, one view each)", [&] {
+    RouterOutput ro = m.kv_router->forward(xp, kkv, kv_mask);
+    return ro.routed_tokens * ro.scores.unsqueeze(-1).to(ro.routed_tokens.scalar_type());
+  }));
+  RouterOutput rq, rkv;
+  {
+    torch::NoGradGuard ng;
+    rq = m.q_router->forward(q, kq);
+    rkv = m.kv_router->forward(xp, kkv, kv_mask);
+  }
+  torch::Tensor qt = rq.routed_tokens.detach().requires_grad_(true);
+  torch::Tensor kvt = rkv.routed_tokens.detach().requires_grad_(true);
+  ph.push_back(phase("heavy attention (all windows, batched)",
+                     [&] { return m.heavy_attn->forward(qt, kvt, rkv.routed_mask, rkv.scores); }));
+  print_profile("profile: autoregressive 2x8192x512", ph, total_fwd, total_fb);
+}
+
+ConditionalRoutedTransformerBlockOptions readme_block() {
+  return ConditionalRoutedTransformerBlockOptions(512, 1024, 1024, 1024)
+      .light_dim_head(64)
+      .light_heads(8)
+      .light_window_size(128)
+      .heavy_dim_head(64)
+      .heavy_heads(8);
+}
+
+ConditionalRoutedAutoregressiveAttentionOptions readme_autoregressive() {
+  return ConditionalRoutedAutoregressiveAttentionOptions(512, 32, 1024)
+      .light_dim_head(64)
+      .light_heads(8)
+      .light_window_size(128)
+      .heavy_window_size(128)
+      .heavy_dim_head(64)
+      .heavy_heads(8)
+      .num_routed_kv(2);
 }
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  bool quick = false, profile = true;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--quick")) {
+      quick = true;
+    } else if (!std::strcmp(argv[i], "--no-profile")) {
+      profile = false;
+    } else {
+      std::fprintf(stderr, "bench_modules_cuda: unknown argument %s (flags: --quick, --no-profile)\n", argv[i]);
+      return 2;
+    }
+  }
   if (!torch::cuda::is_available()) {
     std::printf("bench_modules_cuda: no CUDA device\n");
     return 0;
   }
   torch::manual_seed(0);
   const torch::Device dev(torch::kCUDA, 0);
+  auto f32 = torch::TensorOptions(dev);
   cudaDeviceProp prop;
   cudaGetDeviceProperties(&prop, 0);
-  std::printf("device: %s; median of CUDA-event timings; peak = allocated GiB during the timed runs\n\n", prop.name);
-  std::printf("%-44s %-8s %10s %9s   %s\n", "work", "pass", "ms", "peak GiB", "reference (SPEC, same GPU type)");
+  std::printf(
+      "device: %s; LibTorch %s; median of CUDA-event timings; peak = allocated GiB during the timed runs;\n"
+      "dense = fused attention (SDPA, bf16, 8 heads of 64) of the same shape in this run; ÷dense = colt5 / dense\n\n",
+      prop.name, TORCH_VERSION);
+  header();
 
+  // ------------------------------------------------------------ block
   {
-    ConditionalRoutedTransformerBlock block(ConditionalRoutedTransformerBlockOptions(512, 1024, 1024, 1024)
-                                                .light_dim_head(64)
-                                                .light_heads(8)
-                                                .light_window_size(128)
-                                                .heavy_dim_head(64)
-                                                .heavy_heads(8));
+    ConditionalRoutedTransformerBlock block(readme_block());
     block->to(dev);
-    torch::Tensor x = torch::randn({2, 32768, 512}, torch::TensorOptions(dev));
-    torch::Tensor mask = torch::ones({2, 32768}, torch::TensorOptions(dev).dtype(torch::kBool));
+    std::vector<int64_t> lengths = {8192, 32768, 131072, 262144};
+    if (quick) lengths = {8192, 32768};
+    double per_token_8k = 0;
+    for (int64_t n : lengths) {
+      torch::Tensor x = torch::randn({2, n, 512}, f32);
+      torch::Tensor mask = torch::ones({2, n}, f32.dtype(torch::kBool));
+      const std::string name = "block 2x" + std::to_string(n) + "x512, bf16 autocast";
+      const double err = check_bf16(name.c_str(), [&] { return block->forward(x, mask); });
+      char note[96];
+      std::snprintf(note, sizeof note, "bf16 vs fp32 %.1e", err);
+      torch::Tensor xg = x.detach().requires_grad_(true);
+      auto step = [&] {
+        torch::Tensor out;
+        {
+          Autocast ac(true);
+          out = block->forward(xg, mask);
+        }
+        out.sum().backward();
+      };
+      const double dn = n <= 131072 ? dense_ms(2, 8, n, n, false, true, n > 32768 ? 3 : 10) : -1;
+      if (n == 32768) {
+        const Measure f = time_cuda([&] {
+          torch::NoGradGuard g;
+          Autocast ac(true);
+          block->forward(x, mask);
+        });
+        row(name, "fwd", f, dense_ms(2, 8, n, n, false, false), note);
+      }
+      const Measure fb = time_cuda(step, n > 32768 ? 5 : 10);
+      if (n == 8192) per_token_8k = fb.ms / n;
+      char note2[160];
+      std::snprintf(note2, sizeof note2, "%s; per token %.2fx of 8k", note, fb.ms / n / per_token_8k);
+      row(name, "fwd+bwd", fb, dn, note2);
+      if (n == 32768) {
+        std::printf("  host syncs in a training step: %s\n", host_syncs(step).c_str());
+        if (profile) {
+          const double tf = time_cuda([&] {
+                              torch::NoGradGuard g;
+                              Autocast ac(true);
+                              block->forward(x, mask);
+                            }).ms;
+          profile_block(*block, x, mask, tf, fb.ms);
+          header();
+        }
+      }
+    }
+    // float32, TF32 matrix products off (LibTorch's default) and on.
+    torch::Tensor x = torch::randn({2, 32768, 512}, f32).requires_grad_(true);
+    torch::Tensor mask = torch::ones({2, 32768}, f32.dtype(torch::kBool));
+    for (bool tf32 : {false, true}) {
+      at::globalContext().setAllowTF32CuBLAS(tf32);
+      at::globalContext().setAllowTF32CuDNN(tf32);
+      row(std::string("block 2x32768x512, fp32, TF32 ") + (tf32 ? "on" : "off"), "fwd+bwd",
+          time_cuda([&] { block->forward(x, mask).sum().backward(); }), -1, "");
+    }
+    at::globalContext().setAllowTF32CuBLAS(false);
+    at::globalContext().setAllowTF32CuDNN(true);
+  }
+
+  // --------------------------------------------------- autoregressive
+  {
+    ConditionalRoutedAutoregressiveAttention attn(readme_autoregressive());
+    attn->to(dev);
+    std::vector<int64_t> lengths = {8192, 32768};
+    for (int64_t n : lengths) {
+      torch::Tensor x = torch::randn({2, n, 512}, f32);
+      const std::string name = "autoregressive 2x" + std::to_string(n) + "x512, bf16";
+      const double err = check_bf16(name.c_str(), [&] { return attn->forward(x); });
+      char note[64];
+      std::snprintf(note, sizeof note, "bf16 vs fp32 %.1e; dense causal", err);
+      torch::Tensor xg = x.detach().requires_grad_(true);
+      auto step = [&] {
+        torch::Tensor out;
+        {
+          Autocast ac(true);
+          out = attn->forward(xg);
+        }
+        out.sum().backward();
+      };
+      const Measure fb = time_cuda(step);
+      row(name, "fwd+bwd", fb, dense_ms(2, 8, n, n, true, true), note);
+      if (n == 8192) {
+        row("autoregressive 2x8192x512, fp32", "fwd+bwd", time_cuda([&] { attn->forward(xg).sum().backward(); }), -1,
+            "");
+        std::printf("  host syncs in a training step: %s\n", host_syncs(step).c_str());
+        if (profile) {
+          const double tf = time_cuda([&] {
+                              torch::NoGradGuard g;
+                              Autocast ac(true);
+                              attn->forward(x);
+                            }).ms;
+          profile_autoregressive(*attn, x, tf, fb.ms);
+          header();
+        }
+      }
+    }
+  }
+
+  // ---------------------------------------------------------- cross
+  {
+    ConditionalRoutedCrossAttention attn(ConditionalRoutedCrossAttentionOptions(512, 512, 1024)
+                                             .dim_head(64)
+                                             .heads(8)
+                                             .kv_routing_tokens(2)
+                                             .route_block_size(131072));
+    attn->to(dev);
+    torch::Tensor tokens = torch::randn({1, 1024, 512}, f32);
+    torch::Tensor memories = torch::randn({1, 1048576, 512}, f32);
+    const double err = check_bf16("cross", [&] { return attn->forward(tokens, memories); });
+    const double dn = dense_ms(1, 8, 1024, 1048576, false, false, 5);
     for (bool amp : {false, true}) {
-      const char* name = amp ? "block 2x32768x512, bf16 autocast" : "block 2x32768x512, fp32";
+      char note[64];
+      std::snprintf(note, sizeof note, "bf16 vs fp32 %.1e", err);
+      row(std::string("cross 1x1024 over 1048576, ") + (amp ? "bf16" : "fp32"), "fwd", time_cuda([&] {
+            torch::NoGradGuard g;
+            Autocast ac(amp);
+            attn->forward(tokens, memories);
+          }),
+          dn, note);
+    }
+  }
+
+  // ---------------------------------------------------------- image
+  {
+    ConditionalRoutedImageAttention attn(ConditionalRoutedImageAttentionOptions(32, 1024, 1024)
+                                             .light_dim_head(64)
+                                             .light_heads(8)
+                                             .light_window_size(32)
+                                             .heavy_dim_head(64)
+                                             .heavy_heads(8)
+                                             .channel_first(true));
+    attn->to(dev);
+    torch::Tensor fmap = torch::randn({1, 32, 256, 256}, f32);
+    const double err = check_bf16("image", [&] { return attn->forward(fmap); });
+    char note[64];
+    std::snprintf(note, sizeof note, "bf16 vs fp32 %.1e", err);
+    const double dn_f = dense_ms(1, 8, 65536, 65536, false, false);
+    const double dn_b = dense_ms(1, 8, 65536, 65536, false, true);
+    for (bool amp : {false, true}) {
+      const std::string name = std::string("image 1x32x256x256, ") + (amp ? "bf16" : "fp32");
       row(name, "fwd", time_cuda([&] {
             torch::NoGradGuard g;
             Autocast ac(amp);
-            block->forward(x, mask);
+            attn->forward(fmap);
           }),
-          amp ? "crashes" : "8.76 (Triton), 18.3 (plain); peak 3.4 GiB");
-      torch::Tensor xg = x.detach().requires_grad_(true);
+          dn_f, note);
+      torch::Tensor xg = fmap.detach().requires_grad_(true);
       row(name, "fwd+bwd", time_cuda([&] {
             torch::Tensor out;
             {
               Autocast ac(amp);
-              out = block->forward(xg, mask);
+              out = attn->forward(xg);
             }
             out.sum().backward();
           }),
-          amp ? "crashes" : "25.9 (Triton), 40.1 (plain)");
-    }
-  }
-  {
-    // Same-run baseline: dense attention of every token to every token, the cost routing avoids.
-    auto o = torch::TensorOptions(dev).dtype(torch::kBFloat16);
-    torch::Tensor q = torch::randn({2, 8, 32768, 64}, o).requires_grad_(true);
-    torch::Tensor k = torch::randn({2, 8, 32768, 64}, o).requires_grad_(true);
-    torch::Tensor v = torch::randn({2, 8, 32768, 64}, o).requires_grad_(true);
-    row("dense SDPA 2x8x32768x64 (baseline), bf16", "fwd+bwd",
-        time_cuda([&] { at::scaled_dot_product_attention(q, k, v).sum().backward(); }), "32.3");
-  }
-  {
-    ConditionalRoutedAutoregressiveAttention attn(ConditionalRoutedAutoregressiveAttentionOptions(512, 32, 1024)
-                                                      .light_dim_head(64)
-                                                      .light_heads(8)
-                                                      .light_window_size(128)
-                                                      .heavy_window_size(128)
-                                                      .heavy_dim_head(64)
-                                                      .heavy_heads(8)
-                                                      .num_routed_kv(2));
-    attn->to(dev);
-    torch::Tensor x = torch::randn({2, 8192, 512}, torch::TensorOptions(dev)).requires_grad_(true);
-    for (bool amp : {false, true}) {
-      const char* name = amp ? "autoregressive 2x8192x512, bf16 autocast" : "autoregressive 2x8192x512, fp32";
-      row(name, "fwd+bwd", time_cuda([&] {
-            torch::Tensor out;
-            {
-              Autocast ac(amp);
-              out = attn->forward(x);
-            }
-            out.sum().backward();
-          }),
-          amp ? "-" : "66.3, peak 8.7 GiB");
+          dn_b, note);
     }
   }
   return 0;

@@ -7,6 +7,7 @@
 #include <torch/arg.h>
 
 #include <cstdint>
+#include <string>
 
 namespace colt5 {
 
@@ -24,6 +25,17 @@ struct CoorDescentOptions {
   // backward recomputes nothing; c >= 1 keeps c iterates per row and the
   // backward re-runs each of the c segments first. Results are identical.
   TORCH_ARG(int64_t, checkpoint_segments) = 0;
+  // CUDA row kernel: "auto" (chosen by row length), or one forced by name:
+  // "warp", "block", "cluster" or "grid". Every kernel takes any row length
+  // and gives the same result to rounding; forcing one is for tests and
+  // benchmarks.
+  TORCH_ARG(std::string, cuda_kernel) = "auto";
+  // "cluster" and "grid": blocks per row; 0 = the fewest that hold the row in
+  // registers, at least 2.
+  TORCH_ARG(int64_t, cuda_blocks_per_row) = 0;
+  // "auto": the largest thread-block cluster a row may get while all rows
+  // still run at once (1 = one block per row up to 8192 float32 entries).
+  TORCH_ARG(int64_t, cuda_max_cluster) = 1;
 };
 
 // Soft top-k of the last dimension of `s` (any leading shape, last dim >= 1).

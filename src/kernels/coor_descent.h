@@ -20,6 +20,27 @@
 namespace colt5 {
 namespace kernels {
 
+// How the CUDA kernels spread a row over threads. kAuto picks by row length;
+// the others force one variant (every variant handles any row length: entries
+// beyond its register cache are streamed from memory), so tests can check each
+// against the CPU kernels and benchmarks can time each.
+enum class RowKernel : int32_t {
+  kAuto = 0,
+  kWarp = 1,     // one warp per row, several rows per block
+  kBlock = 2,    // one block per row
+  kCluster = 3,  // a thread-block cluster per row, sums through distributed shared memory
+  kGrid = 4,     // several blocks per row, a grid-wide barrier (cooperative launch)
+};
+
+struct RowLaunch {
+  RowKernel kernel = RowKernel::kAuto;
+  // kCluster / kGrid: blocks per row; 0 = the fewest that cache the row, at least 2.
+  int32_t blocks_per_row = 0;
+  // kAuto: the largest cluster it may use for a row when all rows still run in
+  // one wave (1: one block per row up to the register cache).
+  int32_t max_cluster = 1;
+};
+
 template <typename acc_t>
 struct CoorDescentParams {
   int64_t rows = 0;
@@ -35,6 +56,7 @@ struct CoorDescentParams {
   // c >= 1 keeps only the first iterate of each of c segments (rows x c) and
   // the backward recomputes each segment from its start.
   int64_t checkpoint_segments = 0;
+  RowLaunch launch;  // CUDA only
 
   // Forward outputs. The per-row scalars are kept in float64 whatever acc_t:
   // the outputs are exp((s + a) / eps) with eps as small as 0.03, so a float

@@ -26,7 +26,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <limits>
 #include <mutex>
 #include <vector>
@@ -532,6 +531,15 @@ struct Cfg {
   static constexpr int kWVPT = sizeof(T) == 4 ? 16 : 8;  // cached entries per lane (warp per row)
 };
 
+// The largest thread-block cluster (16 needs the non-portable size attribute
+// beyond the portable 8).
+constexpr int64_t kMaxCluster = 16;
+constexpr int64_t kMaxPortableCluster = 8;
+// auto: a cluster grows only while each of its blocks keeps at least this many
+// entries of the row (below that, the cluster barrier costs more than the
+// shorter pass saves).
+constexpr int64_t kMinColsPerClusterBlock = 2048;
+
 template <typename Arg>
 struct KernelSet {
   void (*warp)(Arg, GridWork);
@@ -540,9 +548,12 @@ struct KernelSet {
   void (*grid)(Arg, GridWork);
 };
 
+// Dynamic shared memory a kernel gets without raising its limit.
+constexpr size_t kDefaultSmemLimit = 48 * 1024;
+
 template <typename Arg>
 void allow_smem(void (*fn)(Arg, GridWork), size_t smem) {
-  if (smem > 48 * 1024)
+  if (smem > kDefaultSmemLimit)
     CD_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
 }
 
@@ -566,7 +577,7 @@ int active_clusters(void (*fn)(Arg, GridWork), int C, int nt, size_t smem) {
       if (e.fn == reinterpret_cast<const void*>(fn) && e.dev == dev && e.C == C && e.smem == smem) return e.n;
   }
   allow_smem(fn, smem);
-  if (C > 8) CD_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  if (C > kMaxPortableCluster) CD_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(C));
   cfg.blockDim = dim3(nt);
@@ -588,17 +599,19 @@ int active_clusters(void (*fn)(Arg, GridWork), int C, int nt, size_t smem) {
   return n;
 }
 
-// Chooses the row distribution and launches one of the kernels.
+// Launches one of the kernels: the one named by `launch`, or for kAuto the
+// cheapest for the row length.
 template <typename T, typename Arg>
-void launch_rows(const KernelSet<Arg>& ks, const Arg& arg, int64_t rows, int64_t cols, int64_t n_iters, bool with_its,
-                 cudaStream_t st) {
+void launch_rows(const KernelSet<Arg>& ks, const Arg& arg, const RowLaunch& launch, int64_t rows, int64_t cols,
+                 int64_t n_iters, bool with_its, cudaStream_t st) {
   if (rows == 0) return;
   constexpr int NT = Cfg<T>::kNT, VPT = Cfg<T>::kVPT, WVPT = Cfg<T>::kWVPT;
   const int sms = num_sms();
   const size_t eps_bytes = its_offset(n_iters);
   const size_t its_bytes = with_its ? static_cast<size_t>(n_iters + 1) * sizeof(double) : 0;
+  const RowKernel kind = launch.kernel;
   GridWork gw{1, 1, nullptr, nullptr};
-  if (cols <= 32 * WVPT) {
+  if (kind == RowKernel::kWarp || (kind == RowKernel::kAuto && cols <= 32 * WVPT)) {
     const size_t smem = eps_bytes + its_bytes * (kWarpBlock / 32);
     allow_smem(ks.warp, smem);
     const int64_t blocks = (rows + kWarpBlock / 32 - 1) / (kWarpBlock / 32);
@@ -607,63 +620,96 @@ void launch_rows(const KernelSet<Arg>& ks, const Arg& arg, int64_t rows, int64_t
     return;
   }
   const size_t smem = eps_bytes + its_bytes;
-  const int64_t cap = static_cast<int64_t>(NT) * VPT;
-  const int64_t cmin = (cols + cap - 1) / cap;
-  if (cmin <= 16) {
+  const int64_t cap = static_cast<int64_t>(NT) * VPT;  // entries a block caches in registers
+  const int64_t cmin = (cols + cap - 1) / cap;         // the fewest blocks that cache the row
+  const int64_t forced_blocks = launch.blocks_per_row > 0 ? launch.blocks_per_row : std::max<int64_t>(2, cmin);
+
+  auto run_block = [&] {
+    allow_smem(ks.block, smem);
+    ks.block<<<static_cast<unsigned>(rows), NT, smem, st>>>(arg, gw);
+    CD_CHECK(cudaGetLastError());
+  };
+  auto run_cluster = [&](int64_t C) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(rows * C));
+    cfg.blockDim = dim3(NT);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = st;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(C);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    gw.nblk = static_cast<int>(C);
+    CD_CHECK(cudaLaunchKernelEx(&cfg, ks.cluster, arg, gw));
+  };
+  // Several blocks per row, all resident (cooperative launch), rows strided.
+  auto run_grid = [&](int64_t nblk) {
+    allow_smem(ks.grid, smem);
+    int per_sm = 0;
+    CD_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ks.grid, NT, smem));
+    const int64_t capacity = static_cast<int64_t>(std::max(per_sm, 1)) * sms;
+    if (kind == RowKernel::kGrid && nblk > capacity)
+      throw std::invalid_argument("colt5 CUDA coor_descent: the grid kernel cannot hold " + std::to_string(nblk) +
+                                  " resident blocks per row (capacity " + std::to_string(capacity) + ")");
+    gw.nblk = static_cast<int>(std::min<int64_t>(nblk, capacity));
+    gw.ngroups = std::max<int64_t>(1, std::min<int64_t>(rows, capacity / gw.nblk));
+    const size_t part_bytes = static_cast<size_t>(rows) * 2 * gw.nblk * sizeof(double);
+    const size_t cnt_bytes = static_cast<size_t>(rows) * sizeof(unsigned);
+    char* ws = nullptr;
+    CD_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&ws), part_bytes + cnt_bytes + 16, st));
+    gw.partials = ws;
+    gw.counters = reinterpret_cast<unsigned*>(ws + (part_bytes + 15) / 16 * 16);
+    CD_CHECK(cudaMemsetAsync(gw.counters, 0, cnt_bytes, st));
+    Arg a = arg;
+    void* args[] = {&a, &gw};
+    const cudaError_t e = cudaLaunchCooperativeKernel(
+        reinterpret_cast<void*>(ks.grid), dim3(static_cast<unsigned>(gw.ngroups * gw.nblk)), dim3(NT), args, smem, st);
+    (void)cudaFreeAsync(ws, st);
+    CD_CHECK(e);
+  };
+
+  switch (kind) {
+    case RowKernel::kBlock:
+      run_block();
+      return;
+    case RowKernel::kCluster:
+      if (forced_blocks > kMaxCluster)
+        throw std::invalid_argument("colt5 CUDA coor_descent: a cluster holds at most " + std::to_string(kMaxCluster) +
+                                    " blocks, asked for " + std::to_string(forced_blocks));
+      if (active_clusters(ks.cluster, static_cast<int>(forced_blocks), NT, smem) < 1)
+        throw std::invalid_argument("colt5 CUDA coor_descent: no cluster of " + std::to_string(forced_blocks) +
+                                    " blocks fits on this device");
+      run_cluster(forced_blocks);
+      return;
+    case RowKernel::kGrid:
+      run_grid(forced_blocks);
+      return;
+    default:
+      break;
+  }
+  if (cmin <= kMaxCluster) {
     // The fewest blocks that cache the row: a cluster barrier costs more than
     // the shorter pass saves (64 x 4096 on an H200: 24 us one block per row,
-    // 37 us with clusters of 2). COLT5_CD_MAX_CLUSTER > 1 lets clusters grow
+    // 37 us with clusters of 2). launch.max_cluster > 1 lets clusters grow
     // while all rows still run in one wave.
-    int64_t cap_c = 1;
-    if (const char* env = std::getenv("COLT5_CD_MAX_CLUSTER")) cap_c = std::max(1, std::min(16, std::atoi(env)));
+    const int64_t cap_c = std::max<int64_t>(1, std::min<int64_t>(kMaxCluster, launch.max_cluster));
     int64_t C = cmin;
-    for (int64_t c2 = cmin * 2; c2 <= cap_c && cols / c2 >= 2048 && rows * c2 <= sms; c2 *= 2)
+    for (int64_t c2 = cmin * 2; c2 <= cap_c && cols / c2 >= kMinColsPerClusterBlock && rows * c2 <= sms; c2 *= 2)
       if (active_clusters(ks.cluster, static_cast<int>(c2), NT, smem) >= rows) C = c2;
     if (C == 1) {
-      allow_smem(ks.block, smem);
-      ks.block<<<static_cast<unsigned>(rows), NT, smem, st>>>(arg, gw);
-      CD_CHECK(cudaGetLastError());
+      run_block();
       return;
     }
     if (active_clusters(ks.cluster, static_cast<int>(C), NT, smem) >= 1) {
-      cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = dim3(static_cast<unsigned>(rows * C));
-      cfg.blockDim = dim3(NT);
-      cfg.dynamicSmemBytes = smem;
-      cfg.stream = st;
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = static_cast<unsigned>(C);
-      attr[0].val.clusterDim.y = 1;
-      attr[0].val.clusterDim.z = 1;
-      cfg.attrs = attr;
-      cfg.numAttrs = 1;
-      gw.nblk = static_cast<int>(C);
-      CD_CHECK(cudaLaunchKernelEx(&cfg, ks.cluster, arg, gw));
+      run_cluster(C);
       return;
     }
     (void)cudaGetLastError();  // no cluster of this size fits: use the grid kernel
   }
-  // Several blocks per row, all resident (cooperative launch), rows strided.
-  allow_smem(ks.grid, smem);
-  int per_sm = 0;
-  CD_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ks.grid, NT, smem));
-  const int64_t capacity = static_cast<int64_t>(std::max(per_sm, 1)) * sms;
-  gw.nblk = static_cast<int>(std::min<int64_t>(cmin, capacity));
-  gw.ngroups = std::max<int64_t>(1, std::min<int64_t>(rows, capacity / gw.nblk));
-  const size_t part_bytes = static_cast<size_t>(rows) * 2 * gw.nblk * sizeof(double);
-  const size_t cnt_bytes = static_cast<size_t>(rows) * sizeof(unsigned);
-  char* ws = nullptr;
-  CD_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&ws), part_bytes + cnt_bytes + 16, st));
-  gw.partials = ws;
-  gw.counters = reinterpret_cast<unsigned*>(ws + (part_bytes + 15) / 16 * 16);
-  CD_CHECK(cudaMemsetAsync(gw.counters, 0, cnt_bytes, st));
-  Arg a = arg;
-  void* args[] = {&a, &gw};
-  const cudaError_t e = cudaLaunchCooperativeKernel(
-      reinterpret_cast<void*>(ks.grid), dim3(static_cast<unsigned>(gw.ngroups * gw.nblk)), dim3(NT), args, smem, st);
-  (void)cudaFreeAsync(ws, st);
-  CD_CHECK(e);
+  run_grid(cmin);
 }
 
 template <typename T>
@@ -744,7 +790,10 @@ __global__ void topk_out(const int32_t* vals, int64_t* out, int64_t rows, int64_
   }
 }
 
-unsigned grid_for(int64_t n) { return static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 65535 * 4)); }
+// Blocks of 256 threads for a grid-stride loop over n elements, capped (the
+// loops stride over the rest).
+constexpr int64_t kMaxStrideBlocks = 65535 * 4;
+unsigned grid_for(int64_t n) { return static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, kMaxStrideBlocks)); }
 
 // Sorts each row's positions by (mask, score, tiebreak, position) through
 // stable segmented sorts on one key at a time, least significant first.
@@ -816,13 +865,13 @@ void topk_chunk(const T* scores, const T* tiebreak, const uint8_t* mask, int64_t
 
 template <typename T>
 void coor_descent_forward_cuda(const CoorDescentParams<T>& p, void* stream) {
-  cd_cuda::launch_rows<T>(cd_cuda::forward_kernels<T>(), p, p.rows, p.cols, p.n_iters, false,
+  cd_cuda::launch_rows<T>(cd_cuda::forward_kernels<T>(), p, p.launch, p.rows, p.cols, p.n_iters, false,
                           static_cast<cudaStream_t>(stream));
 }
 
 template <typename T>
 void coor_descent_backward_cuda(const CoorDescentBackwardParams<T>& p, void* stream) {
-  cd_cuda::launch_rows<T>(cd_cuda::backward_kernels<T>(), p, p.fwd.rows, p.fwd.cols, p.fwd.n_iters, true,
+  cd_cuda::launch_rows<T>(cd_cuda::backward_kernels<T>(), p, p.fwd.launch, p.fwd.rows, p.fwd.cols, p.fwd.n_iters, true,
                           static_cast<cudaStream_t>(stream));
 }
 
@@ -831,7 +880,14 @@ void topk_tiebreak_cuda(const T* scores, const T* tiebreak, const uint8_t* mask,
                         int64_t* indices, void* stream) {
   if (rows == 0 || k == 0) return;
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
-  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 26) / cols);
+  // Rows per sort: at most 2^26 entries, which bounds the sort's workspace
+  // and keeps its item count far inside 32 bits.
+  constexpr int64_t kMaxSortEntries = int64_t(1) << 26;
+  // At most 256 rows per sort: above a few hundred segments the segmented sort
+  // partitions them and copies the partition sizes to the host (a stream
+  // synchronization, which also breaks CUDA-graph capture).
+  constexpr int64_t kMaxSortRows = 256;
+  const int64_t chunk = std::max<int64_t>(1, std::min(kMaxSortRows, kMaxSortEntries / cols));
   for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
     const int64_t nr = std::min(chunk, rows - r0);
     cd_cuda::topk_chunk<T>(scores + r0 * cols, tiebreak ? tiebreak + r0 * cols : nullptr,

@@ -4,6 +4,8 @@
 
 #include <string>
 
+#include "nn/heavy_branch.h"
+
 namespace colt5 {
 namespace nn {
 
@@ -42,13 +44,13 @@ int64_t token_count(const char* module, const char* name, c10::optional<int64_t>
 
 // Output for every query: the null query token (or zeros) with the routed
 // queries' outputs written at their positions.
-torch::Tensor scatter_queries(const CoordinateDescentRouter& router, const torch::Tensor& null_q_token,
+torch::Tensor scatter_queries(const CoordinateDescentRouterImpl& router, const torch::Tensor& null_q_token,
                               const torch::Tensor& like, const torch::Tensor& routed_out,
                               const torch::Tensor& indices) {
   torch::Tensor base = null_q_token.defined() ? null_q_token.view({1, 1, -1}).expand_as(like) : torch::zeros_like(like);
   // Under autocast the heavy outputs may be in a lower precision than base.
   const auto dt = at::promote_types(base.scalar_type(), routed_out.scalar_type());
-  return router->route_back(base.to(dt), routed_out.to(dt), indices);
+  return router.route_back(base.to(dt), routed_out.to(dt), indices);
 }
 
 // Rotary frequencies at the given positions: [b, k] -> [b, 1, k, d]; [b, r, k] -> [b, r, 1, k, d].
@@ -68,6 +70,46 @@ CoordinateDescentRouterOptions router_options(int64_t dim, bool straight_through
       .num_routing_tokens(num_routing_tokens);
 }
 
+// ============================================================== heavy branch
+
+AttentionOptions heavy_attention_options(int64_t dim, int64_t dim_head, int64_t heads, bool multiply_keys_by_score) {
+  return AttentionOptions(dim)
+      .dim_head(dim_head)
+      .heads(heads)
+      .multiply_keys_by_score(multiply_keys_by_score)
+      .use_flash(true);
+}
+
+torch::Tensor heavy_routed_attention(CoordinateDescentRouterImpl& q_router, CoordinateDescentRouterImpl& kv_router,
+                                     AttentionImpl& heavy_attn, const torch::Tensor& null_q_token,
+                                     const HeavyBranchInputs& in) {
+  RouterOutput q = q_router.forward(in.queries, in.num_q, in.query_mask, in.random_route);
+  RouterOutput kv = kv_router.forward(in.context, in.num_kv, in.context_mask, in.random_route);
+
+  std::pair<torch::Tensor, torch::Tensor> rotary;
+  if (in.q_freqs.defined()) {
+    TORCH_CHECK(in.kv_freqs.defined(), "heavy branch: rotary needs both the query and the key frequencies");
+    const torch::Tensor& fq = in.q_freqs;
+    if (fq.dim() == 2) {
+      rotary.first = q.indices.defined() ? rotary_at(fq, q.indices) : fq;
+    } else {  // per-row positions [b, n, dh]
+      const int64_t dh = fq.size(-1);
+      rotary.first =
+          (q.indices.defined() ? fq.gather(1, q.indices.unsqueeze(-1).expand({fq.size(0), q.indices.size(1), dh})) : fq)
+              .unsqueeze(1);
+    }
+    rotary.second = kv.indices.defined() ? rotary_at(in.kv_freqs, kv.indices) : in.kv_freqs;
+  }
+
+  // Unrouted keys/values carry no scores (all ones): leave them out.
+  torch::Tensor kv_scores = kv.indices.defined() ? kv.scores : torch::Tensor();
+  torch::Tensor routed_out = heavy_attn.forward(q.routed_tokens, kv.routed_tokens, kv.routed_mask, kv_scores,
+                                                in.multiply_queries_by_score ? q.scores : torch::Tensor(), rotary);
+  if (!q.indices.defined()) return routed_out;  // every query took the heavy branch with score 1
+  routed_out = routed_out * q.scores.unsqueeze(-1);
+  return scatter_queries(q_router, null_q_token, in.queries, routed_out, q.indices);
+}
+
 // ================================================================ feedforward
 
 ConditionalRoutedFeedForwardImpl::ConditionalRoutedFeedForwardImpl(const ConditionalRoutedFeedForwardOptions& o)
@@ -77,6 +119,7 @@ ConditionalRoutedFeedForwardImpl::ConditionalRoutedFeedForwardImpl(const Conditi
 
 void ConditionalRoutedFeedForwardImpl::reset() {
   const auto& o = options;
+  const RouterKwargs kwargs = module_router_kwargs(o.router_kwargs(), o.use_triton());
   const char* m = "ConditionalRoutedFeedForward";
   TORCH_CHECK(o.dim() > 0, m, ": dim must be positive, got ", o.dim());
   TORCH_CHECK(o.num_heavy_tokens() >= 1, m, ": num_heavy_tokens must be at least 1, got ", o.num_heavy_tokens());
@@ -84,8 +127,8 @@ void ConditionalRoutedFeedForwardImpl::reset() {
               " gives an empty hidden layer");
   TORCH_CHECK(static_cast<int64_t>(o.dim() * o.heavy_ff_mult()) >= 1, m, ": heavy_ff_mult ", o.heavy_ff_mult(),
               " gives an empty hidden layer");
-  router = register_module(
-      "router", CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(), o.router_kwargs())));
+  router =
+      register_module("router", CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(), kwargs)));
   light_ff = register_module("light_ff", FeedForward(FeedForwardOptions(o.dim()).mult(o.light_ff_mult())));
   heavy_ff = register_module("heavy_ff", FeedForward(FeedForwardOptions(o.dim()).mult(o.heavy_ff_mult())));
 }
@@ -117,6 +160,7 @@ ConditionalRoutedAttentionImpl::ConditionalRoutedAttentionImpl(const Conditional
 
 void ConditionalRoutedAttentionImpl::reset() {
   const auto& o = options;
+  const RouterKwargs kwargs = module_router_kwargs(o.router_kwargs(), o.use_triton());
   const char* m = "ConditionalRoutedAttention";
   TORCH_CHECK(o.dim() > 0, m, ": dim must be positive, got ", o.dim());
   TORCH_CHECK(o.num_heavy_tokens_q() >= 1, m, ": num_heavy_tokens_q must be at least 1, got ", o.num_heavy_tokens_q());
@@ -140,16 +184,13 @@ void ConditionalRoutedAttentionImpl::reset() {
                                                             .exact_windowsize(true)));
   }
   if (o.use_null_q_tokens()) null_q_token = register_parameter("null_q_token", torch::randn({o.dim()}));
-  q_router = register_module(
-      "q_router", CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(), o.router_kwargs())));
-  kv_router =
-      register_module("kv_router", CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(),
-                                                                          o.router_kwargs(), o.num_routed_kv())));
-  heavy_attn = register_module("heavy_attn", Attention(AttentionOptions(o.dim())
-                                                           .dim_head(o.heavy_dim_head())
-                                                           .heads(o.heavy_heads())
-                                                           .multiply_keys_by_score(o.multiply_keys_by_score())
-                                                           .use_flash(true)));
+  q_router = register_module("q_router",
+                             CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(), kwargs)));
+  kv_router = register_module("kv_router", CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(),
+                                                                                  kwargs, o.num_routed_kv())));
+  heavy_attn = register_module(
+      "heavy_attn",
+      Attention(heavy_attention_options(o.dim(), o.heavy_dim_head(), o.heavy_heads(), o.multiply_keys_by_score())));
   if (o.rotary_emb()) rotary_emb = register_module("rotary_emb", RotaryEmbedding(o.heavy_dim_head()));
 }
 
@@ -166,22 +207,14 @@ torch::Tensor ConditionalRoutedAttentionImpl::forward(const torch::Tensor& x, co
   torch::Tensor light_out;
   if (light_attn) light_out = light_attn(x, mask);
 
-  RouterOutput q = q_router(x, kq, mask);
-  RouterOutput kv = kv_router(x, kkv, mask);
-
-  std::pair<torch::Tensor, torch::Tensor> rotary;
-  if (rotary_emb) {
-    torch::Tensor freqs = rotary_emb(x.size(1));
-    rotary.first = q.indices.defined() ? rotary_at(freqs, q.indices) : freqs;
-    rotary.second = kv.indices.defined() ? rotary_at(freqs, kv.indices) : freqs;
-  }
-
-  torch::Tensor routed_out = heavy_attn(q.routed_tokens, kv.routed_tokens, kv.routed_mask, kv.scores,
-                                        options.multiply_queries_by_score() ? q.scores : torch::Tensor(), rotary);
-  routed_out = routed_out * q.scores.unsqueeze(-1);
-
-  torch::Tensor heavy_out =
-      q.indices.defined() ? scatter_queries(q_router, null_q_token, x, routed_out, q.indices) : routed_out;
+  HeavyBranchInputs in;
+  in.queries = in.context = x;
+  in.query_mask = in.context_mask = mask;
+  in.num_q = kq;
+  in.num_kv = kkv;
+  in.multiply_queries_by_score = options.multiply_queries_by_score();
+  if (rotary_emb) in.q_freqs = in.kv_freqs = rotary_emb(x.size(1));
+  torch::Tensor heavy_out = heavy_routed_attention(*q_router, *kv_router, *heavy_attn, null_q_token, in);
   return light_out.defined() ? light_out + heavy_out : heavy_out;
 }
 
@@ -216,6 +249,7 @@ ConditionalRoutedAutoregressiveAttentionImpl::ConditionalRoutedAutoregressiveAtt
 
 void ConditionalRoutedAutoregressiveAttentionImpl::reset() {
   const auto& o = options;
+  const RouterKwargs kwargs = module_router_kwargs(o.router_kwargs(), o.use_triton());
   const char* m = "ConditionalRoutedAutoregressiveAttention";
   TORCH_CHECK(o.dim() > 0, m, ": dim must be positive, got ", o.dim());
   TORCH_CHECK(o.num_heavy_tokens_q() >= 1, m, ": num_heavy_tokens_q must be at least 1, got ", o.num_heavy_tokens_q());
@@ -237,16 +271,13 @@ void ConditionalRoutedAutoregressiveAttentionImpl::reset() {
                                                           .exact_windowsize(false)
                                                           .use_rotary_pos_emb(false)));
   if (o.use_null_q_tokens()) null_q_token = register_parameter("null_q_token", torch::randn({o.dim()}));
-  q_router = register_module(
-      "q_router", CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(), o.router_kwargs())));
-  kv_router =
-      register_module("kv_router", CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(),
-                                                                          o.router_kwargs(), o.num_routed_kv())));
-  heavy_attn = register_module("heavy_attn", Attention(AttentionOptions(o.dim())
-                                                           .dim_head(o.heavy_dim_head())
-                                                           .heads(o.heavy_heads())
-                                                           .multiply_keys_by_score(o.multiply_keys_by_score())
-                                                           .use_flash(true)));
+  q_router = register_module("q_router",
+                             CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(), kwargs)));
+  kv_router = register_module("kv_router", CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(),
+                                                                                  kwargs, o.num_routed_kv())));
+  heavy_attn = register_module(
+      "heavy_attn",
+      Attention(heavy_attention_options(o.dim(), o.heavy_dim_head(), o.heavy_heads(), o.multiply_keys_by_score())));
   if (o.rotary_emb()) rotary_emb = register_module("rotary_emb", RotaryEmbedding(o.heavy_dim_head()));
 }
 
@@ -291,33 +322,26 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward(const torch:
                               .unsqueeze(0)
                               .expand({b, windows - 1, padded});
 
-  RouterOutput rq = q_router(q, kq, q_mask, random_route);
-  RouterOutput rkv = kv_router(xp, kkv, kv_mask, random_route);
-
-  std::pair<torch::Tensor, torch::Tensor> rotary;
+  HeavyBranchInputs in;
+  in.queries = q;
+  in.query_mask = q_mask;
+  in.context = xp;
+  in.context_mask = kv_mask;
+  in.num_q = kq;
+  in.num_kv = kkv;
+  in.random_route = random_route;
+  in.multiply_queries_by_score = options.multiply_queries_by_score();
   if (rotary_emb) {
     torch::Tensor freqs = rotary_emb(padded);
     const int64_t dh = freqs.size(-1);
-    torch::Tensor windowed = freqs.view({windows, w, dh})
-                                 .narrow(0, 1, windows - 1)
-                                 .unsqueeze(0)
-                                 .expand({b, windows - 1, w, dh})
-                                 .reshape({rows, w, dh});
-    torch::Tensor q_freqs = rq.indices.defined()
-                                ? windowed.gather(1, rq.indices.unsqueeze(-1).expand({rows, rq.indices.size(1), dh}))
-                                : windowed;
-    rotary.first = q_freqs.unsqueeze(1);
-    rotary.second = rkv.indices.defined() ? rotary_at(freqs, rkv.indices) : freqs;
+    in.kv_freqs = freqs;
+    in.q_freqs = freqs.view({windows, w, dh})
+                     .narrow(0, 1, windows - 1)
+                     .unsqueeze(0)
+                     .expand({b, windows - 1, w, dh})
+                     .reshape({rows, w, dh});
   }
-
-  torch::Tensor routed_out = heavy_attn(rq.routed_tokens, rkv.routed_tokens, rkv.routed_mask, rkv.scores,
-                                        options.multiply_queries_by_score() ? rq.scores : torch::Tensor(), rotary);
-
-  torch::Tensor heavy_out = routed_out;
-  if (rq.indices.defined()) {
-    routed_out = routed_out * rq.scores.unsqueeze(-1);
-    heavy_out = scatter_queries(q_router, null_q_token, q, routed_out, rq.indices);
-  }
+  torch::Tensor heavy_out = heavy_routed_attention(*q_router, *kv_router, *heavy_attn, null_q_token, in);
 
   heavy_out = heavy_out.reshape({b, (windows - 1) * w, d}).narrow(1, 0, seq - w);
   heavy_out = torch::constant_pad_nd(heavy_out, {0, 0, w, 0}, 0.0);
@@ -334,6 +358,7 @@ ConditionalRoutedCrossAttentionImpl::ConditionalRoutedCrossAttentionImpl(
 
 void ConditionalRoutedCrossAttentionImpl::reset() {
   const auto& o = options;
+  const RouterKwargs kwargs = module_router_kwargs(o.router_kwargs(), o.use_triton());
   const char* m = "ConditionalRoutedCrossAttention";
   TORCH_CHECK(o.dim() > 0, m, ": dim must be positive, got ", o.dim());
   TORCH_CHECK(o.num_tokens_q() >= 1, m, ": num_tokens_q must be at least 1, got ", o.num_tokens_q());
@@ -344,16 +369,13 @@ void ConditionalRoutedCrossAttentionImpl::reset() {
   TORCH_CHECK(!o.router_kwargs().route_block_size(), m,
               ": route_block_size is a module option; do not also set it in router_kwargs");
   if (o.use_null_q_tokens()) null_q_token = register_parameter("null_q_token", torch::randn({o.dim()}));
-  q_router = register_module(
-      "q_router", CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(), o.router_kwargs())));
-  auto kv_opts = router_options(o.dim(), o.router_straight_through(), o.router_kwargs(), o.kv_routing_tokens());
+  q_router = register_module("q_router",
+                             CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(), kwargs)));
+  auto kv_opts = router_options(o.dim(), o.router_straight_through(), kwargs, o.kv_routing_tokens());
   kv_opts.route_block_size(o.route_block_size());
   kv_router = register_module("kv_router", CoordinateDescentRouter(kv_opts));
-  heavy_attn = register_module("heavy_attn", Attention(AttentionOptions(o.dim())
-                                                           .dim_head(o.dim_head())
-                                                           .heads(o.heads())
-                                                           .multiply_keys_by_score(o.multiply_keys_by_score())
-                                                           .use_flash(true)));
+  heavy_attn = register_module(
+      "heavy_attn", Attention(heavy_attention_options(o.dim(), o.dim_head(), o.heads(), o.multiply_keys_by_score())));
 }
 
 torch::Tensor ConditionalRoutedCrossAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& context,
@@ -373,20 +395,14 @@ torch::Tensor ConditionalRoutedCrossAttentionImpl::forward(const torch::Tensor& 
   const int64_t kq = token_count(m, "num_tokens_q", num_tokens_q, options.num_tokens_q());
   const int64_t kkv = token_count(m, "num_tokens_kv", num_tokens_kv, options.num_tokens_kv());
 
-  RouterOutput q = q_router(x, kq, mask);
-
-  torch::Tensor tokens_kv = context, mask_kv = context_mask, scores_kv;
-  if (context.size(1) > kkv) {
-    RouterOutput kv = kv_router(context, kkv, context_mask);
-    tokens_kv = kv.routed_tokens;
-    mask_kv = kv.routed_mask;
-    scores_kv = kv.scores;
-  }
-
-  torch::Tensor routed_out = heavy_attn(q.routed_tokens, tokens_kv, mask_kv, scores_kv);
-  if (!q.indices.defined()) return routed_out;  // queries were not routed
-  routed_out = routed_out * q.scores.unsqueeze(-1);
-  return scatter_queries(q_router, null_q_token, x, routed_out, q.indices);
+  HeavyBranchInputs in;
+  in.queries = x;
+  in.query_mask = mask;
+  in.context = context;
+  in.context_mask = context_mask;
+  in.num_q = kq;
+  in.num_kv = kkv;
+  return heavy_routed_attention(*q_router, *kv_router, *heavy_attn, null_q_token, in);
 }
 
 // ================================================================== options

@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "nn/heavy_branch.h"
+
 namespace colt5 {
 namespace nn {
 namespace {
@@ -39,8 +41,7 @@ void ConditionalRoutedImageAttentionImpl::reset() {
   TORCH_CHECK(o.heavy_heads() >= 1 && o.heavy_heads() % o.num_routed_kv() == 0, m, ": heavy_heads (", o.heavy_heads(),
               ") must be divisible by num_routed_kv (", o.num_routed_kv(), ")");
 
-  RouterKwargs kwargs = o.router_kwargs();
-  if (o.use_triton()) kwargs.use_triton(true);
+  const RouterKwargs kwargs = module_router_kwargs(o.router_kwargs(), o.use_triton());
 
   light_attn = register_module("light_attn", SelfAttention(SelfAttentionOptions(o.dim())
                                                                .dim_head(o.light_dim_head())
@@ -53,11 +54,9 @@ void ConditionalRoutedImageAttentionImpl::reset() {
                              CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(), kwargs)));
   kv_router = register_module("kv_router", CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(),
                                                                                   kwargs, o.num_routed_kv())));
-  heavy_attn = register_module("heavy_attn", Attention(AttentionOptions(o.dim())
-                                                           .dim_head(o.heavy_dim_head())
-                                                           .heads(o.heavy_heads())
-                                                           .multiply_keys_by_score(o.multiply_keys_by_score())
-                                                           .use_flash(o.use_flash_attn())));
+  heavy_attn = register_module(
+      "heavy_attn",
+      Attention(heavy_attention_options(o.dim(), o.heavy_dim_head(), o.heavy_heads(), o.multiply_keys_by_score())));
 }
 
 void ConditionalRoutedImageAttentionImpl::pretty_print(std::ostream& stream) const {
@@ -109,20 +108,13 @@ torch::Tensor ConditionalRoutedImageAttentionImpl::forward(const torch::Tensor& 
 
   // heavy: routed over every position of the map
   auto tokens = x.reshape({b, H * W, dim});
-  RouterOutput q = q_router(tokens, kq, mask);
-  RouterOutput kv = kv_router(tokens, kkv, mask);
-
-  auto routed_out = heavy_attn(q.routed_tokens, kv.routed_tokens, kv.routed_mask, kv.scores,
-                               options.multiply_queries_by_score() ? q.scores : torch::Tensor());
-  routed_out = routed_out * q.scores.unsqueeze(-1).to(routed_out.scalar_type());
-
-  torch::Tensor heavy_out;
-  if (q.indices.defined()) {
-    auto base = null_q_token.defined() ? null_q_token.view({1, 1, dim}).expand_as(tokens) : torch::zeros_like(tokens);
-    heavy_out = q_router->route_back(base, routed_out, q.indices);
-  } else {
-    heavy_out = routed_out;
-  }
+  HeavyBranchInputs in;
+  in.queries = in.context = tokens;
+  in.query_mask = in.context_mask = mask;
+  in.num_q = kq;
+  in.num_kv = kkv;
+  in.multiply_queries_by_score = options.multiply_queries_by_score();
+  torch::Tensor heavy_out = heavy_routed_attention(*q_router, *kv_router, *heavy_attn, null_q_token, in);
 
   auto out = light_out + heavy_out.reshape({b, H, W, dim});
   return options.channel_first() ? out.permute({0, 3, 1, 2}) : out;

@@ -53,6 +53,31 @@ void check_options(const CoorDescentOptions& o) {
   TORCH_CHECK(o.checkpoint_segments() >= 0 && o.checkpoint_segments() <= o.n_iters(),
               "coor_descent: checkpoint_segments must be between 0 and n_iters (", o.n_iters(), "), got ",
               o.checkpoint_segments());
+  TORCH_CHECK(o.cuda_blocks_per_row() >= 0 && o.cuda_blocks_per_row() <= (1 << 20),
+              "coor_descent: cuda_blocks_per_row must be between 0 and 2^20, got ", o.cuda_blocks_per_row());
+  TORCH_CHECK(o.cuda_max_cluster() >= 1 && o.cuda_max_cluster() <= 16,
+              "coor_descent: cuda_max_cluster must be between 1 and 16, got ", o.cuda_max_cluster());
+}
+
+kernels::RowLaunch row_launch(const CoorDescentOptions& o) {
+  kernels::RowLaunch l;
+  const std::string& name = o.cuda_kernel();
+  if (name == "auto") {
+    l.kernel = kernels::RowKernel::kAuto;
+  } else if (name == "warp") {
+    l.kernel = kernels::RowKernel::kWarp;
+  } else if (name == "block") {
+    l.kernel = kernels::RowKernel::kBlock;
+  } else if (name == "cluster") {
+    l.kernel = kernels::RowKernel::kCluster;
+  } else if (name == "grid") {
+    l.kernel = kernels::RowKernel::kGrid;
+  } else {
+    TORCH_CHECK(false, "coor_descent: cuda_kernel must be auto, warp, block, cluster or grid, got \"", name, "\"");
+  }
+  l.blocks_per_row = static_cast<int32_t>(o.cuda_blocks_per_row());
+  l.max_cluster = static_cast<int32_t>(o.cuda_max_cluster());
+  return l;
 }
 
 template <typename T>
@@ -69,10 +94,13 @@ kernels::CoorDescentParams<T> make_params(const at::Tensor& s2, const at::Tensor
   p.eps_init = std::max(o.eps_init().value_or(o.eps()), o.eps());
   p.eps_decay = o.eps_decay();
   p.checkpoint_segments = o.checkpoint_segments();
+  p.launch = row_launch(o);
   return p;
 }
 
-int64_t grain_for(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
+// Rows per parallel chunk on the CPU: about this many entries each.
+constexpr int64_t kCpuGrainEntries = 16384;
+int64_t grain_for(int64_t cols) { return std::max<int64_t>(1, kCpuGrainEntries / std::max<int64_t>(cols, 1)); }
 
 struct Saved {
   at::Tensor y, saved, stats;
@@ -127,6 +155,9 @@ class CoorDescentFunction : public torch::autograd::Function<CoorDescentFunction
     ctx->saved_data["eps_init"] = std::max(o.eps_init().value_or(o.eps()), o.eps());
     ctx->saved_data["eps_decay"] = o.eps_decay();
     ctx->saved_data["segments"] = o.checkpoint_segments();
+    ctx->saved_data["cuda_kernel"] = o.cuda_kernel();
+    ctx->saved_data["cuda_blocks_per_row"] = o.cuda_blocks_per_row();
+    ctx->saved_data["cuda_max_cluster"] = o.cuda_max_cluster();
     return f.y;
   }
 
@@ -139,7 +170,10 @@ class CoorDescentFunction : public torch::autograd::Function<CoorDescentFunction
         .eps(ctx->saved_data["eps"].toDouble())
         .eps_init(ctx->saved_data["eps_init"].toDouble())
         .eps_decay(ctx->saved_data["eps_decay"].toDouble())
-        .checkpoint_segments(ctx->saved_data["segments"].toInt());
+        .checkpoint_segments(ctx->saved_data["segments"].toInt())
+        .cuda_kernel(ctx->saved_data["cuda_kernel"].toStringRef())
+        .cuda_blocks_per_row(ctx->saved_data["cuda_blocks_per_row"].toInt())
+        .cuda_max_cluster(ctx->saved_data["cuda_max_cluster"].toInt());
     at::Tensor gy = grads[0];
     if (!gy.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     gy = gy.to(s2.scalar_type()).contiguous();

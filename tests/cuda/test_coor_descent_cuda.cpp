@@ -42,10 +42,12 @@ struct Case {
   bool masked_row = false;  // one fully masked row
   int64_t iters = 20;
   int64_t segments = 0;
+  std::string kernel = "auto";  // CoorDescentOptions::cuda_kernel
+  int64_t blocks_per_row = 0;
   std::string name() const {
     return std::to_string(rows) + "x" + std::to_string(cols) + " k/n=" + std::to_string(k_ratio) +
            " keep=" + std::to_string(keep) + (masked_row ? " +masked row" : "") + " iters=" + std::to_string(iters) +
-           " segments=" + std::to_string(segments);
+           " segments=" + std::to_string(segments) + " kernel=" + kernel + " blocks=" + std::to_string(blocks_per_row);
   }
 };
 
@@ -79,7 +81,8 @@ void check_case(const Case& c) {
     if (c.masked_row) mask[c.rows / 2].fill_(false);
   }
   torch::Tensor gy = torch::randn({c.rows, c.cols}, f64);
-  const CoorDescentOptions o = router_options(c.iters, c.segments);
+  const CoorDescentOptions o =
+      router_options(c.iters, c.segments).cuda_kernel(c.kernel).cuda_blocks_per_row(c.blocks_per_row);
 
   // Reference: CPU float64.
   Result ref = run(s, k, mask, gy, o);
@@ -146,7 +149,7 @@ TEST(CoorDescentCuda, ShortRows) {
   check_case({40, 512, 0.1, 0.6, true});
 }
 
-// One block per row, and clusters of 2.
+// One block per row (the automatic choice up to 8192 float32 entries).
 TEST(CoorDescentCuda, MediumRows) {
   check_case({200, 4096, 0.125});
   check_case({64, 4096, 0.125});
@@ -154,7 +157,7 @@ TEST(CoorDescentCuda, MediumRows) {
   check_case({3, 1000, 0.2});
 }
 
-// Clusters of 8 and of 7 (any size), 16 or the grid kernel.
+// Automatic choice for long rows: clusters of 4 and of 7 (any size), 16 or the grid kernel.
 TEST(CoorDescentCuda, LongRows) {
   check_case({16, 32768, 0.125});
   check_case({3, 50000, 0.1, 0.8});
@@ -165,6 +168,48 @@ TEST(CoorDescentCuda, LongRows) {
 TEST(CoorDescentCuda, VeryLongRows) {
   check_case({1, 1 << 20, 0.125});
   check_case({5, 300000, 0.05, 0.9, true});
+}
+
+// Each kernel forced by name, on rows it would not be chosen for too (every
+// kernel handles any length), against the CPU.
+TEST(CoorDescentCuda, EveryKernelByName) {
+  for (const char* kernel : {"warp", "block", "cluster", "grid"}) {
+    SCOPED_TRACE(kernel);
+    check_case({33, 100, 0.125, 1.0, false, 20, 0, kernel});
+    check_case({64, 4096, 0.125, 0.7, true, 20, 0, kernel});
+    check_case({3, 20000, 0.1, 0.9, false, 20, 4, kernel});
+  }
+  // Clusters of 2 and 3 blocks per row (auto takes one block for 4096), grid groups of 2 and 5.
+  for (int64_t blocks : {2, 3}) check_case({64, 4096, 0.125, 1.0, false, 20, 0, "cluster", blocks});
+  for (int64_t blocks : {2, 5}) check_case({40, 30000, 0.125, 0.8, true, 20, 0, "grid", blocks});
+}
+
+// A larger automatic cluster cap changes the launch, not the result.
+TEST(CoorDescentCuda, MaxClusterOption) {
+  torch::manual_seed(fresh_seed());
+  torch::Tensor s = torch::randn({8, 32768}, torch::TensorOptions().device(cuda()));
+  torch::Tensor a = colt5::coor_descent(s, 4096.0, router_options());
+  for (int64_t cap : {2, 8, 16}) {
+    torch::Tensor b = colt5::coor_descent(s, 4096.0, router_options().cuda_max_cluster(cap));
+    EXPECT_LE(rel_err(b, a), 1e-5) << "cap " << cap;
+  }
+}
+
+TEST(CoorDescentCuda, UnknownKernelNameIsAnError) {
+  torch::Tensor s = torch::randn({2, 100}, torch::TensorOptions().device(cuda()));
+  try {
+    colt5::coor_descent(s, 10.0, router_options().cuda_kernel("blocks"));
+    FAIL() << "no error for an unknown kernel name";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("cuda_kernel must be auto, warp, block, cluster or grid"), std::string::npos)
+        << e.what();
+  }
+  try {
+    colt5::coor_descent(s, 10.0, router_options().cuda_kernel("cluster").cuda_blocks_per_row(17));
+    FAIL() << "no error for a cluster of 17 blocks";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("a cluster holds at most 16 blocks"), std::string::npos) << e.what();
+  }
 }
 
 TEST(CoorDescentCuda, KCloseToN) {

@@ -1,5 +1,9 @@
 // The routed modules on CUDA against the same modules on the CPU: the same
 // tokens routed, outputs and gradients close, bf16 modules running.
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -80,7 +84,7 @@ TEST(CudaModules, TransformerBlockMatchesTheCpuForwardAndBackward) {
   EXPECT_LT(rel_err(xg.grad(), xc.grad()), 1e-3);
 }
 
-TEST(CudaModules, BFloat16BlockRunsWithFloat32Routing) {
+TEST(CudaModules, BFloat16BlockStaysCloseToFloat32AndBackpropagates) {
   torch::manual_seed(14);
   ConditionalRoutedTransformerBlock block(ConditionalRoutedTransformerBlockOptions(128, 256, 256, 256)
                                               .light_dim_head(32)
@@ -123,7 +127,7 @@ TEST(CudaModules, CrossAttentionOverAMillionTokenMemory) {
   EXPECT_TRUE(torch::isfinite(out).all().item<bool>());
 }
 
-TEST(CudaModules, ImageAttentionAndVitAtTheReadmeSizes) {
+TEST(CudaModules, ImageAttentionAtTheReadmeSize) {
   torch::manual_seed(16);
   ConditionalRoutedImageAttention attn(ConditionalRoutedImageAttentionOptions(32, 1024, 1024)
                                            .light_dim_head(64)
@@ -154,4 +158,128 @@ TEST(CudaModules, VitAtTheReadmeSize) {
   torch::Tensor logits = vit->forward(torch::randn({1, 3, 256, 256}, torch::TensorOptions(cuda())));
   EXPECT_EQ(logits.sizes(), (std::vector<int64_t>{1, 1000}));
   EXPECT_TRUE(torch::isfinite(logits).all().item<bool>());
+}
+
+// ---------------------------------------------------------------- host syncs and CUDA graphs
+
+namespace {
+
+// Fails the test on any synchronizing call LibTorch makes (.item(), a
+// device-to-host copy, a stream synchronization) while alive.
+struct NoHostSync {
+  NoHostSync() { c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_ERROR); }
+  ~NoHostSync() { c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED); }
+};
+
+ConditionalRoutedTransformerBlockOptions small_block() {
+  return ConditionalRoutedTransformerBlockOptions(128, 256, 256, 256)
+      .light_dim_head(32)
+      .light_heads(4)
+      .light_window_size(64)
+      .heavy_dim_head(32)
+      .heavy_heads(4);
+}
+
+ConditionalRoutedAutoregressiveAttentionOptions small_autoregressive() {
+  return ConditionalRoutedAutoregressiveAttentionOptions(128, 32, 64)
+      .light_dim_head(32)
+      .light_heads(4)
+      .light_window_size(64)
+      .heavy_dim_head(32)
+      .heavy_heads(4)
+      .rotary_emb(true);
+}
+
+// One training step's forward and backward: the loss and the input and
+// parameter gradients (set to none first, so the step allocates them).
+template <typename Module, typename Fwd>
+std::vector<torch::Tensor> training_step(Module& m, const torch::Tensor& x, const torch::Tensor& gy, Fwd fwd) {
+  for (auto& p : m->parameters()) p.mutable_grad() = torch::Tensor();
+  x.mutable_grad() = torch::Tensor();
+  torch::Tensor y = fwd(x);
+  y.backward(gy);
+  std::vector<torch::Tensor> out = {y.detach(), x.grad()};
+  for (auto& p : m->parameters()) out.push_back(p.grad());
+  return out;
+}
+
+// Captures the training step in a CUDA graph, replays it on new input values
+// and compares with an eager step on the same values.
+template <typename Module, typename Fwd>
+void check_graph_capture(Module& m, torch::Tensor x, Fwd fwd) {
+  torch::Tensor gy = torch::randn_like(x);
+  x.requires_grad_(true);
+  at::cuda::CUDAStream side = at::cuda::getStreamFromPool();
+  side.stream();
+  {
+    at::cuda::CUDAStreamGuard guard(side);
+    for (int i = 0; i < 3; ++i) training_step(m, x, gy, fwd);  // warm-up on the side stream
+  }
+  torch::cuda::synchronize();
+  at::cuda::CUDAGraph graph;
+  std::vector<torch::Tensor> captured;
+  {
+    at::cuda::CUDAStreamGuard guard(side);
+    for (auto& p : m->parameters()) p.mutable_grad() = torch::Tensor();
+    x.mutable_grad() = torch::Tensor();
+    graph.capture_begin();
+    captured = training_step(m, x, gy, fwd);
+    graph.capture_end();
+  }
+  torch::Tensor fresh = torch::randn_like(x);
+  {
+    torch::NoGradGuard no_grad;
+    x.copy_(fresh);
+  }
+  graph.replay();
+  torch::cuda::synchronize();
+  std::vector<torch::Tensor> replayed;
+  for (auto& t : captured) replayed.push_back(t.clone());
+  std::vector<torch::Tensor> eager = training_step(m, x, gy, fwd);
+  ASSERT_EQ(replayed.size(), eager.size());
+  for (size_t i = 0; i < eager.size(); ++i) {
+    ASSERT_TRUE(replayed[i].defined() && eager[i].defined()) << "tensor " << i;
+    EXPECT_LT(rel_err(replayed[i], eager[i]), 1e-5) << "tensor " << i << " (0: output, 1: input gradient)";
+  }
+}
+
+}  // namespace
+
+TEST(CudaModules, BlockTrainingStepHasNoHostSync) {
+  torch::manual_seed(18);
+  ConditionalRoutedTransformerBlock block(small_block());
+  block->to(cuda());
+  torch::Tensor x = torch::randn({2, 4096, 128}, torch::TensorOptions(cuda())).requires_grad_(true);
+  torch::Tensor mask = torch::rand({2, 4096}, torch::TensorOptions(cuda())) < 0.9;
+  block->forward(x, mask).sum().backward();  // first call: kernel attributes, caches
+  torch::cuda::synchronize();
+  NoHostSync guard;
+  block->forward(x, mask).sum().backward();
+}
+
+TEST(CudaModules, AutoregressiveTrainingStepHasNoHostSync) {
+  torch::manual_seed(19);
+  ConditionalRoutedAutoregressiveAttention attn(small_autoregressive());
+  attn->to(cuda());
+  torch::Tensor x = torch::randn({2, 4000, 128}, torch::TensorOptions(cuda())).requires_grad_(true);
+  attn->forward(x).sum().backward();
+  torch::cuda::synchronize();
+  NoHostSync guard;
+  attn->forward(x).sum().backward();
+}
+
+TEST(CudaModules, BlockTrainingStepCapturesInACudaGraph) {
+  torch::manual_seed(20);
+  ConditionalRoutedTransformerBlock block(small_block());
+  block->to(cuda());
+  check_graph_capture(block, torch::randn({2, 4096, 128}, torch::TensorOptions(cuda())),
+                      [&](const torch::Tensor& x) { return block->forward(x); });
+}
+
+TEST(CudaModules, AutoregressiveTrainingStepCapturesInACudaGraph) {
+  torch::manual_seed(21);
+  ConditionalRoutedAutoregressiveAttention attn(small_autoregressive());
+  attn->to(cuda());
+  check_graph_capture(attn, torch::randn({2, 4096, 128}, torch::TensorOptions(cuda())),
+                      [&](const torch::Tensor& x) { return attn->forward(x); });
 }
