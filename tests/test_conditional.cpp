@@ -433,7 +433,7 @@ TEST(ConditionalBadInput, ErrorsNameTheProblem) {
        },
        "context has batch 3 but x has batch 2"},
       {"context mask of the wrong shape", [&] { cross(x, x, torch::Tensor(), bool_ones(2, 39)); },
-       "context_mask must be [batch, seq]"},
+       "context_mask must be (b, n)"},
       {"zero heavy tokens", [&] { ff(x, torch::Tensor(), 0); }, "num_heavy_tokens must be at least 1, got 0"},
       {"heads not divisible by routes", [&] { ConditionalRoutedAttention(small_attn().num_routed_kv(3)); },
        "heavy_heads (4) must be divisible by num_routed_kv (3)"},
@@ -463,7 +463,7 @@ TEST(ConditionalBadInput, ErrorsNameTheProblem) {
          CoordinateDescentRouter(CoordinateDescentRouterOptions(32).learned_routing_tokens(true))(
              x, 8, torch::Tensor(), false, torch::randn({2, 31}));
        },
-       "routing_tokens must be [batch, dim]"},
+       "routing_tokens must be (b, dim)"},
       {"routing tokens for a router that has its own",
        [&] {
          router(x, 8, torch::Tensor(), false, torch::randn({2, 32}));
