@@ -121,180 +121,205 @@ int available_cores() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
+namespace {
+
+// Each subcommand: its flags (bound to its members, so it must not move once added) and its run.
+struct TrainCommand {
+  CLI::App* cmd = nullptr;
+  ModelConfig m;
+  TrainConfig t;
+  TrainOptions o;
+  std::string split_arg, progress = "auto";
+  CLI::Option *light_only = nullptr, *dense = nullptr, *split = nullptr, *no_amp = nullptr;
+  std::vector<std::pair<size_t, CLI::Option*>> model_flags, train_flags;
+
+  void add(CLI::App& app, int64_t& threads) {
+    cmd = app.add_subcommand("train", kTrainHelp);
+    add_threads(cmd, threads);
+    model_flags = add_settings(cmd, m, model_settings(), "Model");
+    light_only =
+        cmd->add_flag("--light-only", "no heavy branches: causal LocalMHA + light feedforward only")->group("Model");
+    dense =
+        cmd->add_flag("--dense", "full causal attention + full-width feedforward at the heavy widths")->group("Model");
+    light_only->excludes(dense);
+    train_flags = add_settings(cmd, t, train_settings(), "Training");
+    for (auto& [i, opt] : train_flags)
+      if (train_settings()[i].key == std::string("device")) opt->check(CLI::IsMember({"cpu", "cuda"}));
+    split = cmd->add_option("--split", split_arg, "train,valid fractions of --data (the rest is test)")
+                ->default_str("0.9,0.05")
+                ->group("Training");
+    no_amp = cmd->add_flag("--no-amp", "CUDA: train in float32 instead of bf16 autocast")->group("Training");
+    cmd->add_option("--out", o.out_dir, "run directory: checkpoints, metrics.csv, loss.svg")
+        ->capture_default_str()
+        ->group("Run");
+    cmd->add_option("--resume", o.resume, "continue from a checkpoint (or the newest one of a run directory)")
+        ->group("Run");
+    cmd->add_option("--progress", progress, "live progress bar: auto (when stdout is a terminal), always, never")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"auto", "always", "never"}))
+        ->group("Run");
+  }
+
+  // On --resume: the checkpoint's settings, with the resumable flags that were given.
+  void settings_from_checkpoint() {
+    std::vector<CLI::Option*> fixed{light_only, dense, split, no_amp};
+    for (auto& [i, opt] : model_flags) fixed.push_back(opt);
+    for (auto& [i, opt] : train_flags)
+      if (!train_settings()[i].resumable) fixed.push_back(opt);
+    for (CLI::Option* opt : fixed)
+      if (opt->count() > 0)
+        throw UsageError(opt->get_name() +
+                         " cannot change on --resume: model and training settings come from the checkpoint "
+                         "(only --steps, --stop-after, --device, --data, --eval-every, --save-every, --log-every, "
+                         "--out may be given)");
+    CheckpointInfo info = read_checkpoint_info(o.resume);
+    TrainConfig rt = info.train;
+    for (auto& [i, opt] : train_flags) {
+      const auto& s = train_settings()[i];
+      if (opt->count() > 0 || !s.stored) s.set(rt, s.get(t));
+    }
+    if (cmd->get_option("--out")->count() == 0) o.out_dir = parent_dir(info.dir);
+    m = info.model;
+    t = rt;
+  }
+
+  int run() {
+    if (!split_arg.empty()) {
+      double a = 0, b = 0;
+      char comma = 0;
+      std::istringstream ss(split_arg);
+      if (!(ss >> a >> comma >> b) || comma != ',' || !ss.eof())
+        throw UsageError("--split must be two fractions 'train,valid', e.g. 0.9,0.05; got '" + split_arg + "'");
+      t.train_frac = a;
+      t.valid_frac = b;
+    }
+    t.amp = no_amp->count() == 0;
+    if (light_only->count() > 0) m.arch = Arch::light_only;
+    if (dense->count() > 0) m.arch = Arch::dense;
+    if (!o.resume.empty())
+      settings_from_checkpoint();
+    else if (!t.data.empty())
+      m.vocab_size = 256;
+    o.interactive = progress == "always" || (progress == "auto" && ::isatty(STDOUT_FILENO) == 1);
+    Trainer(m, t, o).run(std::cout);
+    return 0;
+  }
+};
+
+struct EvalCommand {
+  CLI::App* cmd = nullptr;
+  std::string ckpt, split = "valid", device = "cpu", data;
+
+  void add(CLI::App& app, int64_t& threads) {
+    cmd = app.add_subcommand("eval", "Evaluate a checkpoint: loss and bits per character (text) or accuracy (task).");
+    add_threads(cmd, threads);
+    cmd->add_option("--ckpt", ckpt, "checkpoint directory, or a run directory (its newest checkpoint)")->required();
+    cmd->add_option("--split", split, "valid or test")->capture_default_str()->check(CLI::IsMember({"valid", "test"}));
+    cmd->add_option("--device", device, "cpu or cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
+    cmd->add_option("--data", data, "text file, if it moved since training");
+  }
+  int run() { return run_eval(ckpt, split, device, data); }
+};
+
+struct SampleCommand {
+  CLI::App* cmd = nullptr;
+  std::string ckpt;
+  SampleOptions so;
+  bool no_echo = false;
+
+  void add(CLI::App& app, int64_t& threads) {
+    cmd = app.add_subcommand("sample", "Stream bytes generated by a byte-level checkpoint, starting from --prompt.");
+    add_threads(cmd, threads);
+    cmd->add_option("--ckpt", ckpt, "checkpoint directory, or a run directory (its newest checkpoint)")->required();
+    cmd->add_option("--prompt", so.prompt, "text to continue")->required();
+    cmd->add_option("--temperature", so.temperature, "softmax temperature (0: greedy)")->capture_default_str();
+    cmd->add_option("--top-k", so.top_k, "sample among the k likeliest bytes (0: all)")
+        ->capture_default_str()
+        ->check(exact_integer<int64_t>());
+    cmd->add_option("--length", so.length, "bytes to generate")->capture_default_str()->check(exact_integer<int64_t>());
+    cmd->add_option("--seed", so.seed, "sampling seed")->capture_default_str()->check(exact_integer<uint64_t>());
+    cmd->add_option("--device", so.device, "cpu or cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
+    cmd->add_flag("--no-echo", no_echo, "do not print the prompt first");
+  }
+  int run() {
+    so.echo = !no_echo;
+    return run_sample(ckpt, so);
+  }
+};
+
+struct BenchCommand {
+  CLI::App* cmd = nullptr;
+  ModelConfig m;
+  BenchOptions bo;
+  bool no_amp = false;
+
+  void add(CLI::App& app, int64_t& threads) {
+    cmd = app.add_subcommand("bench",
+                             "Time forward and forward+backward of the model at the given sizes: routed vs light-only "
+                             "(and dense with --dense), same run.");
+    add_threads(cmd, threads);
+    add_settings(cmd, m, model_settings(), "Model");
+    const auto integer = exact_integer<int64_t>();
+    cmd->add_option("--batch", bo.batch, "sequences per batch")->capture_default_str()->check(integer);
+    cmd->add_option("--seq-len", bo.seq_len, "tokens per sequence")->capture_default_str()->check(integer);
+    cmd->add_option("--iters", bo.iters, "timed iterations (median reported)")->capture_default_str()->check(integer);
+    cmd->add_option("--warmup-iters", bo.warmup, "untimed iterations first")->capture_default_str()->check(integer);
+    cmd->add_option("--device", bo.device, "cpu or cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
+    cmd->add_flag("--no-amp", no_amp, "CUDA: float32 instead of bf16 autocast");
+    cmd->add_flag("--dense", bo.dense, "also time a dense model: full causal attention, full-width feedforward");
+  }
+  int run() {
+    bo.amp = !no_amp;
+    return run_bench(m, bo);
+  }
+};
+
+int report(int status, const char* message) {
+  std::fflush(stdout);
+  std::fprintf(stderr, "colt5: error: %s\n", message);
+  return status;
+}
+
+}  // namespace
+
 int run_cli(int argc, const char* const* argv, const std::function<int(const std::string&)>& golden) {
   CLI::App app{"colt5: CoLT5 conditionally routed attention and feedforward — train, evaluate, sample, benchmark"};
   app.require_subcommand(1);
+  app.footer("Run `colt5 SUBCOMMAND --help` for its flags; docs/program.md has examples.");
   int64_t threads = 0;
   add_threads(&app, threads);
-  app.footer("Run `colt5 SUBCOMMAND --help` for its flags; docs/program.md has examples.");
-
-  // ---- train
-  ModelConfig m;
-  TrainConfig t;
-  TrainOptions topts;
-  std::string split_arg, progress = "auto";
-  auto* train = app.add_subcommand("train", kTrainHelp);
-  add_threads(train, threads);
-  auto model_flags = add_settings(train, m, model_settings(), "Model");
-  CLI::Option* light_only =
-      train->add_flag("--light-only", "no heavy branches: causal LocalMHA + light feedforward only")->group("Model");
-  CLI::Option* dense =
-      train->add_flag("--dense", "full causal attention + full-width feedforward at the heavy widths")->group("Model");
-  light_only->excludes(dense);
-  auto train_flags = add_settings(train, t, train_settings(), "Training");
-  CLI::Option* split = train->add_option("--split", split_arg, "train,valid fractions of --data (the rest is test)")
-                           ->default_str("0.9,0.05")
-                           ->group("Training");
-  CLI::Option* no_amp =
-      train->add_flag("--no-amp", "CUDA: train in float32 instead of bf16 autocast")->group("Training");
-  for (auto& [i, o] : train_flags)
-    if (train_settings()[i].key == std::string("device")) o->check(CLI::IsMember({"cpu", "cuda"}));
-  train->add_option("--out", topts.out_dir, "run directory: checkpoints, metrics.csv, loss.svg")
-      ->capture_default_str()
-      ->group("Run");
-  train->add_option("--resume", topts.resume, "continue from a checkpoint (or the newest one of a run directory)")
-      ->group("Run");
-  train->add_option("--progress", progress, "live progress bar: auto (when stdout is a terminal), always, never")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"auto", "always", "never"}))
-      ->group("Run");
-
-  // ---- eval
-  std::string ckpt, eval_split = "valid", eval_device = "cpu", eval_data;
-  auto* eval =
-      app.add_subcommand("eval", "Evaluate a checkpoint: loss and bits per character (text) or accuracy (task).");
-  add_threads(eval, threads);
-  eval->add_option("--ckpt", ckpt, "checkpoint directory, or a run directory (its newest checkpoint)")->required();
-  eval->add_option("--split", eval_split, "valid or test")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"valid", "test"}));
-  eval->add_option("--device", eval_device, "cpu or cuda")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"cpu", "cuda"}));
-  eval->add_option("--data", eval_data, "text file, if it moved since training");
-
-  // ---- sample
-  SampleOptions so;
-  bool no_echo = false;
-  auto* sample =
-      app.add_subcommand("sample", "Stream bytes generated by a byte-level checkpoint, starting from --prompt.");
-  add_threads(sample, threads);
-  sample->add_option("--ckpt", ckpt, "checkpoint directory, or a run directory (its newest checkpoint)")->required();
-  sample->add_option("--prompt", so.prompt, "text to continue")->required();
-  sample->add_option("--temperature", so.temperature, "softmax temperature (0: greedy)")->capture_default_str();
-  sample->add_option("--top-k", so.top_k, "sample among the k likeliest bytes (0: all)")
-      ->capture_default_str()
-      ->check(exact_integer<int64_t>());
-  sample->add_option("--length", so.length, "bytes to generate")
-      ->capture_default_str()
-      ->check(exact_integer<int64_t>());
-  sample->add_option("--seed", so.seed, "sampling seed")->capture_default_str()->check(exact_integer<uint64_t>());
-  sample->add_option("--device", so.device, "cpu or cuda")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"cpu", "cuda"}));
-  sample->add_flag("--no-echo", no_echo, "do not print the prompt first");
-
-  // ---- bench
-  ModelConfig bm;
-  BenchOptions bo;
-  bool bench_no_amp = false;
-  auto* bench = app.add_subcommand("bench",
-                                   "Time forward and forward+backward of the model at the given sizes: routed vs "
-                                   "light-only (and dense with --dense), same run.");
-  add_threads(bench, threads);
-  add_settings(bench, bm, model_settings(), "Model");
-  bench->add_option("--batch", bo.batch, "sequences per batch")->capture_default_str()->check(exact_integer<int64_t>());
-  bench->add_option("--seq-len", bo.seq_len, "tokens per sequence")
-      ->capture_default_str()
-      ->check(exact_integer<int64_t>());
-  bench->add_option("--iters", bo.iters, "timed iterations (median reported)")
-      ->capture_default_str()
-      ->check(exact_integer<int64_t>());
-  bench->add_option("--warmup-iters", bo.warmup, "untimed iterations first")
-      ->capture_default_str()
-      ->check(exact_integer<int64_t>());
-  bench->add_option("--device", bo.device, "cpu or cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
-  bench->add_flag("--no-amp", bench_no_amp, "CUDA: float32 instead of bf16 autocast");
-  bench->add_flag("--dense", bo.dense, "also time a dense model: full causal attention, full-width feedforward");
-
-  // ---- golden
+  TrainCommand train;
+  EvalCommand eval;
+  SampleCommand sample;
+  BenchCommand bench;
+  train.add(app, threads);
+  eval.add(app, threads);
+  sample.add(app, threads);
+  bench.add(app, threads);
   std::string golden_dir;
   auto* golden_cmd =
       app.add_subcommand("golden", "Check the modules against the reference's float64 golden cases in DIR.");
   golden_cmd->add_option("DIR", golden_dir, "directory of *.safetensors golden cases")
       ->required()
       ->check(CLI::ExistingDirectory);
-
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
-
   try {
     set_threads(threads);
-    if (train->parsed()) {
-      if (!split_arg.empty()) {
-        double a = 0, b = 0;
-        char comma = 0;
-        std::istringstream ss(split_arg);
-        if (!(ss >> a >> comma >> b) || comma != ',' || !ss.eof())
-          throw UsageError("--split must be two fractions 'train,valid', e.g. 0.9,0.05; got '" + split_arg + "'");
-        t.train_frac = a;
-        t.valid_frac = b;
-      }
-      t.amp = no_amp->count() == 0;
-      if (light_only->count() > 0) m.arch = Arch::light_only;
-      if (dense->count() > 0) m.arch = Arch::dense;
-      if (!topts.resume.empty()) {
-        std::vector<CLI::Option*> fixed{light_only, dense, split, no_amp};
-        for (auto& [i, o] : model_flags) fixed.push_back(o);
-        for (auto& [i, o] : train_flags)
-          if (!train_settings()[i].resumable) fixed.push_back(o);
-        for (CLI::Option* o : fixed)
-          if (o->count() > 0)
-            throw UsageError(o->get_name() +
-                             " cannot change on --resume: model and training settings come from the checkpoint "
-                             "(only --steps, --stop-after, --device, --data, --eval-every, --save-every, --log-every, "
-                             "--out may be given)");
-        CheckpointInfo info = read_checkpoint_info(topts.resume);
-        TrainConfig rt = info.train;
-        for (auto& [i, o] : train_flags) {
-          const auto& s = train_settings()[i];
-          if (o->count() > 0 || !s.stored) s.set(rt, s.get(t));
-        }
-        if (train->get_option("--out")->count() == 0) topts.out_dir = parent_dir(info.dir);
-        m = info.model;
-        t = rt;
-      } else if (!t.data.empty()) {
-        m.vocab_size = 256;
-      }
-      topts.interactive = progress == "always" || (progress == "auto" && ::isatty(STDOUT_FILENO) == 1);
-      Trainer(m, t, topts).run(std::cout);
-      return 0;
-    }
-    if (eval->parsed()) return run_eval(ckpt, eval_split, eval_device, eval_data);
-    if (sample->parsed()) {
-      so.echo = !no_echo;
-      return run_sample(ckpt, so);
-    }
-    if (bench->parsed()) {
-      bo.amp = !bench_no_amp;
-      return run_bench(bm, bo);
-    }
+    if (train.cmd->parsed()) return train.run();
+    if (eval.cmd->parsed()) return eval.run();
+    if (sample.cmd->parsed()) return sample.run();
+    if (bench.cmd->parsed()) return bench.run();
     if (golden_cmd->parsed()) return golden(golden_dir);
   } catch (const UsageError& e) {
-    std::fflush(stdout);
-    std::fprintf(stderr, "colt5: error: %s\n", e.what());
-    return 2;
+    return report(2, e.what());
   } catch (const c10::Error& e) {
-    std::fflush(stdout);
-    std::fprintf(stderr, "colt5: error: %s\n", e.what_without_backtrace());
-    return 1;
+    return report(1, e.what_without_backtrace());
   } catch (const std::exception& e) {
-    std::fflush(stdout);
-    std::fprintf(stderr, "colt5: error: %s\n", e.what());
-    return 1;
+    return report(1, e.what());
   }
   return 0;
 }
