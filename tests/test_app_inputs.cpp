@@ -471,7 +471,7 @@ TEST(AppInputs, CheckpointsSortByStepIntegersDoNotSaturateDataPathIsAbsolute) {
   for (const std::vector<std::string>& args :
        {std::vector<std::string>{"sample", "--ckpt", "x", "--prompt", "a", "--length", "18446744073709551621"},
         std::vector<std::string>{"train", "--steps", "9223372036854775808"},
-        std::vector<std::string>{"train", "--seed", "-1"}, std::vector<std::string>{"train", "--dim", "12abc"}}) {
+        std::vector<std::string>{"train", "--seed=-1"}, std::vector<std::string>{"train", "--dim", "12abc"}}) {
     CliResult r = cli(args);
     EXPECT_NE(r.status, 0) << args.back();
     EXPECT_TRUE(r.err.find("out of range") != std::string::npos || r.err.find("integer") != std::string::npos)

@@ -50,7 +50,7 @@ CLI::Validator exact_integer() {
         if (errno == ERANGE) return "integer out of range: '" + s + "'";
         return "";
       },
-      "INT");
+      "");
 }
 
 std::string to_string(const SettingValue& v) {

@@ -5,10 +5,13 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #endif
 
+#include <malloc.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <limits>
@@ -133,8 +136,20 @@ double time_ms(const std::function<void()>& fn, int64_t iters, bool cuda) {
 }
 
 // Peak memory of what runs between reset_peak_memory and peak_memory_mib: on
-// CUDA the caching allocator's peak of allocated bytes; on the CPU the
-// process's peak resident set (VmHWM, reset through /proc/self/clear_refs).
+// CUDA the caching allocator's peak of allocated bytes; on the CPU the rise of
+// the process's peak resident set (VmHWM, reset through /proc/self/clear_refs)
+// over its resident set at the reset, after returning freed heap memory to the
+// system.
+double status_mib(const char* field) {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind(field, 0) == 0) return std::stod(line.substr(std::strlen(field))) / 1024.0;
+  return NAN;
+}
+
+double cpu_baseline_mib = 0;
+
 bool reset_peak_memory(bool cuda) {
 #ifdef COLT5_WITH_CUDA
   if (cuda) {
@@ -143,9 +158,11 @@ bool reset_peak_memory(bool cuda) {
   }
 #endif
   if (cuda) return false;
+  ::malloc_trim(0);
   std::ofstream clear("/proc/self/clear_refs");
   clear << "5";
   clear.flush();
+  cpu_baseline_mib = status_mib("VmRSS:");
   return static_cast<bool>(clear);
 }
 
@@ -156,11 +173,7 @@ double peak_memory_mib(bool cuda) {
            (1024.0 * 1024.0);
 #endif
   if (cuda) return NAN;
-  std::ifstream status("/proc/self/status");
-  std::string line;
-  while (std::getline(status, line))
-    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
-  return NAN;
+  return status_mib("VmHWM:") - cpu_baseline_mib;
 }
 
 }  // namespace
@@ -226,9 +239,10 @@ int run_bench(ModelConfig m, const BenchOptions& o) {
   std::printf("routed / light-only time: forward %.2fx, forward+backward %.2fx\n", fwd[0] / fwd[1], both[0] / both[1]);
   if (o.dense)
     std::printf("routed / dense time: forward %.2fx, forward+backward %.2fx\n", fwd[0] / fwd[2], both[0] / both[2]);
-  std::printf("peak MiB: %s\n", cuda         ? "CUDA caching allocator, peak allocated bytes while timing that model"
-                                : peak_exact ? "peak resident set of the process while timing that model"
-                                             : "peak resident set of the process so far (could not be reset)");
+  const char* peak = cuda         ? "CUDA caching allocator, peak allocated bytes while that model ran"
+                     : peak_exact ? "rise of the process's peak resident set over its resident set before that model"
+                                  : "could not be measured (/proc/self/clear_refs is not writable)";
+  std::printf("peak MiB: %s\n", peak);
   return 0;
 }
 

@@ -107,7 +107,7 @@ torch::Tensor LanguageModelImpl::hidden(const torch::Tensor& tokens) {
   return norm->forward(x);
 }
 
-int64_t count_parameters(torch::nn::Module& module) {
+int64_t count_parameters(const torch::nn::Module& module) {
   int64_t total = 0;
   for (const auto& p : module.parameters()) total += p.numel();
   return total;

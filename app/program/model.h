@@ -69,7 +69,7 @@ class LanguageModelImpl : public torch::nn::Module {
 };
 TORCH_MODULE(LanguageModel);
 
-int64_t count_parameters(torch::nn::Module& module);
+int64_t count_parameters(const torch::nn::Module& module);
 
 }  // namespace app
 }  // namespace colt5
