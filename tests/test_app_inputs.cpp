@@ -143,7 +143,7 @@ void expect_resume_refused(const std::string& ckpt, const std::string& out, cons
 
 }  // namespace
 
-// Issue point 1: every setting of a checkpoint's config.json is validated, the
+// Every setting of a checkpoint's config.json is validated, the
 // train section too, with the file and the field named.
 TEST(AppInputs, CheckpointTrainSettingsThatCannotWorkAreErrorsNamingFileAndField) {
   const std::string dir = temp_dir("bad-config");
@@ -194,7 +194,7 @@ TEST(AppInputs, CheckpointTrainSettingsThatCannotWorkAreErrorsNamingFileAndField
   remove_tree(dir);
 }
 
-// Issue point 2: one process per run directory; a lock left by a dead process is taken over.
+// One process per run directory; a lock left by a dead process is taken over.
 TEST(AppInputs, RunDirectoryIsLockedWhileARunUsesIt) {
   const std::string dir = temp_dir("lock");
   const std::string out = dir + "/run";
@@ -227,7 +227,7 @@ TEST(AppInputs, RunDirectoryIsLockedWhileARunUsesIt) {
   remove_tree(dir);
 }
 
-// Issue point 3: --resume A --out B, where B holds another run, is refused and leaves B as it was.
+// --resume A --out B, where B holds another run, is refused and leaves B as it was.
 TEST(AppInputs, ResumeIntoAnotherRunsDirectoryIsRefused) {
   const std::string dir = temp_dir("other-run");
   train_tiny(dir + "/a");
@@ -252,7 +252,7 @@ TEST(AppInputs, ResumeIntoAnotherRunsDirectoryIsRefused) {
   remove_tree(dir);
 }
 
-// Issue point 4: the optimizer state is checked in full before anything runs.
+// The optimizer state is checked in full before anything runs.
 TEST(AppInputs, DamagedOptimizerStateIsRefusedNamingFileAndTensor) {
   const std::string dir = temp_dir("bad-optimizer");
   const std::string good = train_tiny(dir + "/run");
@@ -300,7 +300,7 @@ TEST(AppInputs, DamagedOptimizerStateIsRefusedNamingFileAndTensor) {
   remove_tree(dir);
 }
 
-// Issue point 5: state.json is validated: its step, run and seed.
+// state.json is validated: its step, run and seed.
 TEST(AppInputs, DamagedStateIsRefusedNamingFileAndField) {
   const std::string dir = temp_dir("bad-state");
   const std::string good = train_tiny(dir + "/run");
@@ -323,7 +323,7 @@ TEST(AppInputs, DamagedStateIsRefusedNamingFileAndField) {
   remove_tree(dir);
 }
 
-// Issue point 6: weights are checked (names, dtypes, finite) and every file against its checksum.
+// Weights are checked (names, dtypes, finite) and every file against its checksum.
 TEST(AppInputs, DamagedWeightsAreRefused) {
   const std::string dir = temp_dir("bad-weights");
   const std::string good = train_tiny(dir + "/run");
@@ -371,7 +371,7 @@ TEST(AppInputs, DamagedWeightsAreRefused) {
   remove_tree(dir);
 }
 
-// Issue point 7: inputs are read only from regular files, with a size limit; nothing blocks.
+// Inputs are read only from regular files, with a size limit; nothing blocks.
 TEST(AppInputs, ReadsAreBoundedAndOnlyFromRegularFiles) {
   const std::string dir = temp_dir("bounded");
   // --data /dev/zero: refused at once, not read until memory runs out.
@@ -409,7 +409,7 @@ TEST(AppInputs, ReadsAreBoundedAndOnlyFromRegularFiles) {
   remove_tree(dir);
 }
 
-// Issue point 8: a temperature that is not a finite number >= 0 is refused; a tiny one is greedy.
+// A temperature that is not a finite number >= 0 is refused; a tiny one is greedy.
 TEST(AppInputs, SampleTemperatureMustBeFiniteAndTinyOnesAreGreedy) {
   const std::string dir = temp_dir("sample");
   std::string text;
@@ -441,7 +441,7 @@ TEST(AppInputs, SampleTemperatureMustBeFiniteAndTinyOnesAreGreedy) {
   remove_tree(dir);
 }
 
-// Issue point 9: --threads after the subcommand, bounded by the cores this process may use.
+// --threads after the subcommand, bounded by the cores this process may use.
 TEST(AppInputs, ThreadsFlagAfterTheSubcommandAndBoundedByTheCores) {
   CliResult r = cli({"eval", "--threads", "1", "--ckpt", "/nonexistent/run"});
   EXPECT_EQ(r.status, 2);
@@ -455,7 +455,7 @@ TEST(AppInputs, ThreadsFlagAfterTheSubcommandAndBoundedByTheCores) {
   EXPECT_CONTAINS(r.err, "/nonexistent/run");
 }
 
-// Issue point 10: checkpoints ordered by step, integers out of range refused,
+// Checkpoints ordered by step, integers out of range refused,
 // and --data stored as an absolute path.
 TEST(AppInputs, CheckpointsSortByStepIntegersDoNotSaturateDataPathIsAbsolute) {
   const std::string dir = temp_dir("smaller");

@@ -1,4 +1,4 @@
-// File system helpers of the `colt5` program: bounded reads of regular files,
+// File system functions of the `colt5` program: bounded reads of regular files,
 // atomic text writes, directory listing and removal, checksums, and the
 // advisory lock that keeps two processes out of one run directory.
 #pragma once
