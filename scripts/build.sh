@@ -3,6 +3,7 @@
 #   main    LibTorch of the installed PyTorch (CUDA kernels compiled when it has CUDA)
 #   cpu     the same LibTorch, CUDA kernels off (faster to build)
 #   deb113  Debian's libtorch-dev 1.13 (CPU)
+#   san     like cpu, with AddressSanitizer and UndefinedBehaviorSanitizer in colt5's own code
 # Extra arguments are passed to ninja (targets).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,13 @@ case "$variant" in
     args=(-DCMAKE_PREFIX_PATH="$prefix" -DCOLT5_CUDA=$cuda) ;;
   deb113)
     args=(-DCMAKE_PREFIX_PATH=/usr/lib/x86_64-linux-gnu/cmake -DCOLT5_CUDA=OFF) ;;
-  *) echo "build.sh: unknown variant '$variant' (main, cpu or deb113)" >&2; exit 2 ;;
+  san)
+    prefix=$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)' 2>/dev/null)
+    # vptr checks are left out: LibTorch's classes come from libraries built without the sanitizers.
+    san="-fsanitize=address,undefined -fno-sanitize=vptr -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
+    args=(-DCMAKE_PREFIX_PATH="$prefix" -DCOLT5_CUDA=OFF -DCOLT5_BUILD_BENCH=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo
+      "-DCMAKE_CXX_FLAGS=$san" "-DCMAKE_EXE_LINKER_FLAGS=$san" "-DCMAKE_SHARED_LINKER_FLAGS=$san") ;;
+  *) echo "build.sh: unknown variant '$variant' (main, cpu, deb113 or san)" >&2; exit 2 ;;
 esac
 mkdir -p build
 # nvcc from the CUDA toolkit's usual place when it is not on PATH.

@@ -3,6 +3,8 @@
 # runs it over a seed corpus of small valid files plus tests/golden.
 #   scripts/fuzz.sh                 one million inputs
 #   scripts/fuzz.sh -max_total_time=600 -jobs=2   (arguments go to libFuzzer)
+# FUZZ_TARGET=config fuzzes the `colt5` program's config.json reader and checks
+# instead (fuzz/config_fuzz.cpp; needs LibTorch's headers, from python3's torch).
 # Environment: CXX (default clang++), FUZZ_DIR (default build-fuzz/),
 # NLOHMANN_JSON_INCLUDE (directory holding nlohmann/json.hpp).
 set -euo pipefail
@@ -22,6 +24,23 @@ fi
 [[ -n "$json_dir" && -f "$json_dir/nlohmann/json.hpp" ]] || { echo "nlohmann/json.hpp not found; set NLOHMANN_JSON_INCLUDE" >&2; exit 1; }
 # -I/usr/include would reorder the system headers; it is searched anyway.
 [[ "$json_dir" != /usr/include ]] && includes+=(-isystem "$json_dir")
+
+if [[ "${FUZZ_TARGET:-safetensors}" == config ]]; then
+  torch_dir=$("${PYTHON:-python3}" -c 'import torch, os; print(os.path.dirname(torch.__file__))' 2>/dev/null)
+  echo "building $out/config_fuzz"
+  "$cxx" -std=c++17 -O1 -g -fno-omit-frame-pointer \
+    -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+    "${includes[@]}" -I"$root/app" -I"$root/include" \
+    -isystem "$torch_dir/include" -isystem "$torch_dir/include/torch/csrc/api/include" \
+    "$root/fuzz/config_fuzz.cpp" "$root/app/program/config.cpp" -o "$out/config_fuzz"
+  mkdir -p "$out/config-seeds" "$out/config-corpus"
+  cp "$root/fuzz/config_seed.json" "$out/config-seeds/"
+  args=("$@")
+  [[ " ${args[*]+"${args[*]}"} " == *" -runs="* || " ${args[*]+"${args[*]}"} " == *" -max_total_time="* ]] \
+    || args=(-runs=1000000 "${args[@]+"${args[@]}"}")
+  cd "$out"
+  exec ./config_fuzz -max_len=4096 "${args[@]}" config-corpus config-seeds
+fi
 
 echo "building $out/safetensors_fuzz"
 "$cxx" -std=c++17 -O1 -g -fno-omit-frame-pointer \

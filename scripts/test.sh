@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set-up, build and every CPU test: the main build (PyTorch's LibTorch, with the
 # CUDA kernels compiled and linked when it has CUDA) and Debian's LibTorch 1.13.
-# CUDA tests need a GPU: scripts/gpu.sh.
+# CUDA tests need a GPU: scripts/gpu.sh. COLT5_TEST_VARIANTS="main deb113 san" adds the test
+# suite under AddressSanitizer + UndefinedBehaviorSanitizer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -10,7 +11,13 @@ for variant in ${COLT5_TEST_VARIANTS:-main deb113}; do
   echo "== build $variant"
   bash scripts/build.sh "$variant" -j"$jobs"
   echo "== test $variant"
-  (cd "build/$variant" && ctest -L cpu --output-on-failure -j"$jobs" --timeout 1200)
+  if [ "$variant" = san ]; then
+    # LibTorch keeps allocations alive until exit by design: leaks are not reported.
+    export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+  fi
+  timeout=1200
+  [ "$variant" = san ] && timeout=3600
+  (cd "build/$variant" && ctest -L cpu --output-on-failure -j"$jobs" --timeout "$timeout")
   if [ "$variant" = main ]; then
     echo "== install and build a find_package(colt5) consumer"
     rm -rf build/main-install build/consumer

@@ -1,6 +1,6 @@
-// Tests of the `colt5` program's logic (app/colt5/*.h): text training,
-// exact resumption, checkpoints that survive SIGKILL, the retrieval task and
-// the checks on user input.
+// Tests of the `colt5` program's library (app/program/): text training,
+// exact resumption, checkpoints that survive SIGKILL, the retrieval task, the
+// models and the settings tables. Bad input of every kind: test_app_inputs.cpp.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -13,11 +13,16 @@
 #include <fstream>
 #include <string>
 
-#include "../app/colt5/checkpoint.h"
-#include "../app/colt5/config.h"
-#include "../app/colt5/data.h"
-#include "../app/colt5/model.h"
-#include "../app/colt5/train.h"
+#include <random>
+
+#include "colt5/safetensors.h"
+#include "program/checkpoint.h"
+#include "program/commands.h"
+#include "program/config.h"
+#include "program/data.h"
+#include "program/files.h"
+#include "program/model.h"
+#include "program/train.h"
 
 using namespace colt5::app;
 
@@ -30,23 +35,39 @@ std::string temp_dir(const std::string& name) {
   return dir;
 }
 
-std::string text_path() {
-  const char* env = std::getenv("COLT5_TEXT");
-  return env && *env ? std::string(env) : std::string(COLT5_SOURCE_DIR) + "/../shared/data/tinyshakespeare.txt";
+// A deterministic English-like text: sentences of words from a small
+// vocabulary in a fixed grammar, drawn from a fixed seed.
+std::string english_like_text(size_t bytes) {
+  const std::vector<std::string> det{"the", "a", "every", "no", "this"},
+      adj{"quick", "old", "green", "quiet", "bright", "small", "heavy", "gentle"},
+      noun{"king", "river", "garden", "letter", "horse", "window", "sailor", "candle", "mountain", "friend"},
+      verb{"sees", "follows", "carries", "remembers", "finds", "answers", "keeps", "watches"},
+      tail{" at night", " in the morning", " by the sea", "", "", " again"};
+  std::mt19937_64 rng(2024);
+  auto pick = [&](const std::vector<std::string>& v) -> const std::string& { return v[rng() % v.size()]; };
+  std::string text;
+  while (text.size() < bytes) {
+    std::string sentence = pick(det) + " " + pick(adj) + " " + pick(noun) + " " + pick(verb) + " " + pick(det) + " " +
+                           pick(noun) + pick(tail) + ".";
+    sentence[0] = static_cast<char>(sentence[0] - 'a' + 'A');
+    text += sentence + ((rng() % 4 == 0) ? "\n" : " ");
+  }
+  text.resize(bytes);
+  return text;
 }
 
 ModelConfig tiny_model() {
   ModelConfig m;
-  m.dim = 32;
+  m.attn.dim(32)
+      .light_heads(2)
+      .light_dim_head(16)
+      .heavy_heads(2)
+      .heavy_dim_head(16)
+      .light_window_size(16)
+      .num_heavy_tokens_q(8)
+      .num_heavy_tokens_kv(16);
+  m.ff.num_heavy_tokens(8);
   m.depth = 1;
-  m.light_heads = 2;
-  m.light_dim_head = 16;
-  m.heavy_heads = 2;
-  m.heavy_dim_head = 16;
-  m.light_window_size = 16;
-  m.num_heavy_tokens_q = 8;
-  m.num_heavy_tokens_kv = 16;
-  m.num_heavy_ff_tokens = 8;
   m.max_seq_len = 96;
   return m;
 }
@@ -72,11 +93,10 @@ TrainConfig tiny_task() {
 
 }  // namespace
 
-TEST(AppText, ValidationLossFallsOnShakespeare) {
-  const std::string path = text_path();
-  std::ifstream probe(path);
-  ASSERT_TRUE(probe.good()) << "the text test needs the Tiny Shakespeare file at '" << path
-                            << "' (set COLT5_TEXT to its path); it is not part of the project";
+TEST(AppText, ValidationLossFallsOnGeneratedEnglishLikeText) {
+  const std::string dir = temp_dir("text-data");
+  const std::string path = dir + "/english.txt";
+  write_file_atomic(path, english_like_text(200000));
   ModelConfig m = tiny_model();
   m.vocab_size = 256;
   m.max_seq_len = 64;
@@ -97,7 +117,7 @@ TEST(AppText, ValidationLossFallsOnShakespeare) {
   TrainResult r = Trainer(m, t, o).run();
   EXPECT_EQ(r.step, 80);
   ASSERT_TRUE(std::isfinite(r.first_valid.loss));
-  // Untrained, a byte costs about ln 256 = 5.5 nats; Shakespeare's letter statistics are learned within 80 steps.
+  // Untrained, a byte costs about ln 256 = 5.5 nats; the text's letter statistics are learned within 80 steps.
   EXPECT_LT(r.last_valid.loss, r.first_valid.loss - 0.5)
       << "first " << r.first_valid.loss << " last " << r.last_valid.loss;
   EXPECT_LT(r.last_valid.bpc, 5.0);
@@ -105,13 +125,14 @@ TEST(AppText, ValidationLossFallsOnShakespeare) {
   // The run directory has what the program promises.
   EXPECT_TRUE(is_complete_checkpoint(r.checkpoint));
   EXPECT_TRUE(path_exists(o.out_dir + "/metrics.csv"));
-  std::string svg = read_text(o.out_dir + "/loss.svg");
+  std::string svg = read_text(o.out_dir + "/loss.svg", 1 << 20, "plot");
   EXPECT_NE(svg.find("<polyline"), std::string::npos);
   auto rows = read_metrics(o.out_dir + "/metrics.csv");
   ASSERT_FALSE(rows.empty());
   EXPECT_EQ(rows.back().step, 80);
   EXPECT_TRUE(std::isfinite(rows.back().valid_bpc));
   remove_tree(o.out_dir);
+  remove_tree(dir);
 }
 
 TEST(AppText, SplitsAreDisjointAndInOrder) {
@@ -130,6 +151,9 @@ TEST(AppText, SplitsAreDisjointAndInOrder) {
   EXPECT_EQ(d.size("valid"), 100);
   EXPECT_EQ(d.size("test"), 100);
   EXPECT_EQ(d.split("valid")[0].item<int64_t>(), 'a' + 800 % 26);
+  // Held as bytes; batches are int64.
+  EXPECT_EQ(d.split("train").scalar_type(), torch::kByte);
+  EXPECT_EQ(d.train_batch(1, 5, 0).tokens.scalar_type(), torch::kLong);
   Batch b = d.train_batch(1, 5, 0);
   EXPECT_TRUE(torch::equal(b.tokens.narrow(1, 1, 7), b.targets.narrow(1, 0, 7)));
   EXPECT_TRUE(torch::equal(b.tokens, d.train_batch(1, 5, 0).tokens));
@@ -148,14 +172,14 @@ TEST(AppText, SplitsAreDisjointAndInOrder) {
 TEST(AppText, MissingOrEmptyFileIsAClearError) {
   std::string dir = temp_dir("files");
   try {
-    read_file_bytes(dir + "/nope.txt");
+    read_text_bytes(dir + "/nope.txt");
     FAIL() << "a missing file was accepted";
   } catch (const UsageError& e) {
     EXPECT_NE(std::string(e.what()).find("nope.txt"), std::string::npos);
   }
   write_file_atomic(dir + "/empty.txt", "");
   try {
-    read_file_bytes(dir + "/empty.txt");
+    read_text_bytes(dir + "/empty.txt");
     FAIL() << "an empty file was accepted";
   } catch (const UsageError& e) {
     EXPECT_NE(std::string(e.what()).find("empty"), std::string::npos);
@@ -173,7 +197,7 @@ TEST(AppTask, PairsSitBeyondTheLightWindowAndTheQueryRepeatsAKey) {
   Batch b = task.generate(64, 123);
   ASSERT_EQ(b.tokens.sizes(), (std::vector<int64_t>{64, 512}));
   const int64_t region = task_pair_region(t, m);
-  EXPECT_LT(region, t.seq_len - 1 - 2 * m.light_window_size);
+  EXPECT_LT(region, t.seq_len - 1 - 2 * m.attn.light_window_size());
   for (int64_t i = 0; i < 64; ++i) {
     auto seq = b.tokens[i];
     const int64_t query = seq[511].item<int64_t>();
@@ -191,10 +215,21 @@ TEST(AppTask, PairsSitBeyondTheLightWindowAndTheQueryRepeatsAKey) {
     ASSERT_GE(found, 0);
     EXPECT_EQ(seq[found + 1].item<int64_t>(), b.targets[i].item<int64_t>());
   }
-  // Held-out sets do not depend on the training seed; training batches do.
-  EXPECT_TRUE(torch::equal(task.eval_set("valid").tokens, task.eval_set("valid").tokens));
-  EXPECT_FALSE(torch::equal(task.eval_set("valid").tokens, task.eval_set("test").tokens));
-  EXPECT_FALSE(torch::equal(task.train_batch(1, 1, 0).tokens, task.train_batch(2, 1, 0).tokens));
+}
+
+TEST(AppTask, HeldOutSetsDoNotDependOnTheTrainingSeedButTrainingBatchesDo) {
+  ModelConfig m;
+  TrainConfig a, b;
+  a.seed = 1;
+  b.seed = 2;
+  m.vocab_size = task_vocab(a);
+  // Two runs that differ only in --seed: their workloads draw the same held-out sets.
+  Workload wa(a, m), wb(b, m);
+  EXPECT_TRUE(torch::equal(wa.task()->eval_set("valid").tokens, wb.task()->eval_set("valid").tokens));
+  EXPECT_TRUE(torch::equal(wa.task()->eval_set("test").targets, wb.task()->eval_set("test").targets));
+  EXPECT_FALSE(torch::equal(wa.task()->eval_set("valid").tokens, wa.task()->eval_set("test").tokens));
+  EXPECT_FALSE(torch::equal(wa.train_batch(1, 0).tokens, wb.train_batch(1, 0).tokens));
+  EXPECT_FALSE(torch::equal(wa.train_batch(1, 0).tokens, wa.train_batch(2, 0).tokens));
 }
 
 TEST(AppConfig, RejectsSizesThatDoNotFit) {
@@ -213,8 +248,7 @@ TEST(AppConfig, RejectsSizesThatDoNotFit) {
     EXPECT_NE(std::string(e.what()).find("too short"), std::string::npos) << e.what();
   }
   ModelConfig bad = m;
-  bad.heavy_heads = 3;
-  bad.num_routed_kv = 2;
+  bad.attn.heavy_heads(3).num_routed_kv(2);
   EXPECT_THROW(validate(t, bad), UsageError);
   TrainConfig dev = t;
   dev.device = "tpu";
@@ -225,10 +259,55 @@ TEST(AppConfig, RejectsSizesThatDoNotFit) {
   EXPECT_EQ(to_json(tt), to_json(t));
 }
 
-TEST(AppConfig, DefaultRouterSettingsAreTheOnesThatLearn) {
+TEST(AppConfig, DefaultRouterSettingsReachEveryRouterOfTheModel) {
+  // The program's defaults are the library's router defaults except cosine routing and eps 1.
+  const colt5::nn::RouterKwargs lib;
+  ModelConfig m = tiny_model();
+  m.depth = 2;
+  LanguageModel model(m);
+  int routers = 0;
+  for (const auto& layer : *model->layers) {
+    auto block = layer->as<DecoderBlock>();
+    for (const colt5::nn::CoordinateDescentRouterOptions& o :
+         {block->attn->q_router->options, block->attn->kv_router->options, block->ff->router->options}) {
+      ++routers;
+      EXPECT_TRUE(o.cosine_sim_routing());
+      EXPECT_DOUBLE_EQ(o.eps(), 1.0);
+      EXPECT_EQ(o.eps_init(), lib.eps_init());
+      EXPECT_DOUBLE_EQ(o.eps_decay(), lib.eps_decay());
+      EXPECT_EQ(o.n_iters(), lib.n_iters());
+      EXPECT_DOUBLE_EQ(o.fetch_k_ratio(), lib.fetch_k_ratio());
+    }
+  }
+  EXPECT_EQ(routers, 6);
+  // A router flag reaches the modules' options through the settings table.
+  std::string err;
+  ModelConfig changed = m;
+  for (const auto& s : model_settings())
+    if (std::string(s.flag) == "--router-eps-decay") s.set(changed, SettingValue(0.5));
+  EXPECT_DOUBLE_EQ(changed.attn.router_kwargs().eps_decay(), 0.5);
+  EXPECT_DOUBLE_EQ(changed.feedforward_options().router_kwargs().eps_decay(), 0.5);
+}
+
+TEST(AppConfig, JsonReaderRejectsUnknownAndMissingKeysNamingThem) {
   ModelConfig m;
-  EXPECT_TRUE(m.cosine_sim_routing);
-  EXPECT_DOUBLE_EQ(m.router_eps, 1.0);
+  nlohmann::json j = to_json(m);
+  j["heavy_ff_mul"] = 2;
+  try {
+    model_from_json(j, SettingNames{"x/config.json"});
+    FAIL() << "an unknown key was accepted";
+  } catch (const UsageError& e) {
+    EXPECT_NE(std::string(e.what()).find("model.heavy_ff_mul"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("x/config.json"), std::string::npos) << e.what();
+  }
+  j = to_json(m);
+  j.erase("depth");
+  try {
+    model_from_json(j);
+    FAIL() << "a missing key was accepted";
+  } catch (const UsageError& e) {
+    EXPECT_NE(std::string(e.what()).find("model.depth"), std::string::npos) << e.what();
+  }
 }
 
 TEST(AppSchedule, WarmupThenCosineDecay) {
@@ -247,20 +326,31 @@ TEST(AppSchedule, WarmupThenCosineDecay) {
 TEST(AppModel, LightOnlyHasNoHeavyBranchAndSameWidths) {
   ModelConfig m = tiny_model();
   LanguageModel routed(m);
-  m.light_only = true;
+  m.arch = Arch::light_only;
   LanguageModel light(m);
   EXPECT_GT(count_parameters(*routed), count_parameters(*light));
   for (const auto& p : light->named_parameters()) {
     EXPECT_EQ(p.key().find("heavy"), std::string::npos) << p.key();
     EXPECT_EQ(p.key().find("router"), std::string::npos) << p.key();
   }
+  m.arch = Arch::dense;
+  LanguageModel dense(m);
+  for (const auto& p : dense->named_parameters()) EXPECT_EQ(p.key().find("router"), std::string::npos) << p.key();
   torch::Tensor tokens = torch::randint(0, m.vocab_size, {2, 50}, torch::kLong);
   EXPECT_EQ(routed->forward(tokens).sizes(), (std::vector<int64_t>{2, 50, m.vocab_size}));
   EXPECT_EQ(light->forward(tokens).sizes(), (std::vector<int64_t>{2, 50, m.vocab_size}));
-  // Causal: the logits of the light-only model at a position ignore later tokens.
+  EXPECT_EQ(dense->forward(tokens).sizes(), (std::vector<int64_t>{2, 50, m.vocab_size}));
+  // Causal: the logits of the light-only and dense models at a position ignore later tokens.
   torch::Tensor changed = tokens.clone();
   changed.index_put_({torch::indexing::Slice(), 40}, (tokens.select(1, 40) + 1) % m.vocab_size);
   EXPECT_TRUE(torch::allclose(light->forward(tokens).narrow(1, 0, 40), light->forward(changed).narrow(1, 0, 40)));
+  EXPECT_TRUE(
+      torch::allclose(dense->forward(tokens).narrow(1, 0, 40), dense->forward(changed).narrow(1, 0, 40), 1e-5, 1e-6));
+  // Dense attention reaches back further than the light window (16 here, at most 32 back).
+  torch::Tensor early = tokens.clone();
+  early.index_put_({torch::indexing::Slice(), 0}, (tokens.select(1, 0) + 1) % m.vocab_size);
+  EXPECT_FALSE(torch::allclose(dense->forward(tokens).select(1, 49), dense->forward(early).select(1, 49)));
+  EXPECT_TRUE(torch::allclose(light->forward(tokens).select(1, 49), light->forward(early).select(1, 49)));
 }
 
 TEST(AppResume, HalfThenResumeEqualsStraightRun) {
@@ -309,7 +399,8 @@ TEST(AppResume, HalfThenResumeEqualsStraightRun) {
 TEST(AppCheckpoint, SigkillWhileSavingLosesNothingBeforeTheLastCompleteCheckpoint) {
   ModelConfig m = tiny_model();
   m.depth = 2;
-  m.vocab_size = 512;
+  m.vocab_size = task_vocab(TrainConfig());
+  m.max_seq_len = 512;
   const std::string dir = temp_dir("kill");
   // Each checkpoint k holds weights all equal to k; the child saves k = 1, 2, ... until killed.
   for (int round = 0; round < 4; ++round) {
@@ -321,12 +412,17 @@ TEST(AppCheckpoint, SigkillWhileSavingLosesNothingBeforeTheLastCompleteCheckpoin
       try {
         LanguageModel model(m);
         TrainConfig t;
+        t.steps = int64_t{1} << 40;
         for (int64_t k = 1;; ++k) {
           {
             torch::NoGradGuard ng;
             for (auto& p : model->parameters()) p.fill_(static_cast<double>(k));
           }
-          save_checkpoint(run, k, *model, nullptr, m, t, nlohmann::json{{"marker", k}}, 2);
+          CheckpointState state;
+          state.step = k;
+          state.run_id = "killed";
+          state.tokens_seen = k;
+          save_checkpoint(run, *model, nullptr, m, t, state, 2);
         }
       } catch (...) {
       }
@@ -339,9 +435,9 @@ TEST(AppCheckpoint, SigkillWhileSavingLosesNothingBeforeTheLastCompleteCheckpoin
     ASSERT_TRUE(WIFSIGNALED(status));
     CheckpointInfo info = read_checkpoint_info(run);
     ASSERT_GE(info.step, 1) << "no checkpoint completed before the kill";
-    EXPECT_EQ(info.state.value("marker", int64_t(-1)), info.step);
+    EXPECT_EQ(info.state.tokens_seen, info.step);
     LanguageModel loaded(m);
-    load_model_tensors(*loaded, info.dir + "/model.safetensors");
+    load_model_weights(*loaded, info.dir + "/model.safetensors");
     for (const auto& p : loaded->named_parameters())
       EXPECT_TRUE(torch::all(p.value() == static_cast<double>(info.step)).item<bool>()) << p.key();
     // Every checkpoint directory visible under its final name is complete.

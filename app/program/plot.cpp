@@ -1,32 +1,21 @@
-// A small hand-written SVG line chart: losses on the left axis, and optionally
-// an accuracy in [0, 1] on the right axis.
-#pragma once
+#include "program/plot.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <limits>
 #include <sstream>
-#include <string>
-#include <vector>
 
 namespace colt5 {
 namespace app {
 
-struct Series {
-  std::string name;
-  std::string color;
-  std::vector<std::pair<double, double>> points;  // (step, value)
-  bool right_axis = false;                        // plotted against [0, 1]
-};
-
-inline std::string fmt(double v, const char* f = "%.4g") {
+std::string fmt(double v, const char* f) {
   char buf[64];
   std::snprintf(buf, sizeof buf, f, v);
   return buf;
 }
 
-inline std::string render_svg(const std::string& title, const std::vector<Series>& series) {
+std::string render_svg(const std::string& title, const std::vector<Series>& series) {
   const double W = 720, H = 420, L = 70, R = 70, T = 40, B = 50;
   double xmin = std::numeric_limits<double>::infinity(), xmax = -xmin, ymin = xmin, ymax = -xmin;
   bool any_right = false;
