@@ -12,6 +12,7 @@
 
 #include "colt5/compat.h"
 #include "colt5/nn/conditional.h"
+#include "colt5/nn/image.h"
 #include "colt5/nn/router.h"
 #include "colt5/nn/state.h"
 #include "support/support.h"
@@ -574,6 +575,36 @@ TEST(ConditionalOptions, JsonReadsEveryOptionByItsName) {
     build_module("ConditionalRoutedFeedForward", R"({"dim": 8, "num_heavy_tokens": 4, "router_kwargs": {"epz": 1}})");
   });
   EXPECT_NE(nested.find("unknown keyword 'epz'"), std::string::npos) << nested;
+}
+
+TEST(ConditionalOptions, JsonBuildsImageAttentionAndViT) {
+  auto image = build_module("ConditionalRoutedImageAttention",
+                            R"({"dim": 16, "num_heavy_tokens_q": 4, "num_heavy_tokens_kv": 4, "light_heads": 2,
+                                "light_dim_head": 8, "heavy_heads": 2, "heavy_dim_head": 8, "light_window_size": 4,
+                                "channel_first": true, "router_kwargs": {"eps": 0.5}})");
+  auto img = std::dynamic_pointer_cast<ConditionalRoutedImageAttentionImpl>(image.module());
+  ASSERT_TRUE(img);
+  EXPECT_TRUE(img->options.channel_first());
+  EXPECT_EQ(img->q_router->options.eps(), 0.5);
+  torch::Tensor fmap = torch::randn({1, 16, 8, 8});
+  EXPECT_EQ(image.call({fmap}).outputs.at("out").sizes(), fmap.sizes());
+
+  auto vit = build_module("ConditionalRoutedViT",
+                          R"({"image_size": [16, 8], "patch_size": 4, "num_classes": 3, "dim": 16, "depth": 1,
+                              "attn_num_heavy_tokens_q": 2, "attn_num_heavy_tokens_kv": 2, "attn_heavy_dim_head": 8,
+                              "attn_heavy_heads": 2, "attn_light_dim_head": 8, "attn_light_heads": 2,
+                              "attn_light_window_size": 2, "ff_num_heavy_tokens": 2, "ff_heavy_mult": 2,
+                              "ff_light_mult": 0.5})");
+  auto v = std::dynamic_pointer_cast<ConditionalRoutedViTImpl>(vit.module());
+  ASSERT_TRUE(v);
+  EXPECT_EQ((*v->options.image_size())[0], 16);
+  EXPECT_EQ((*v->options.image_size())[1], 8);
+  EXPECT_EQ((*v->options.patch_size())[1], 4);
+  EXPECT_EQ(vit.call({torch::randn({2, 3, 16, 8})}).outputs.at("out").sizes(), (std::vector<int64_t>{2, 3}));
+  auto missing = error_message([] {
+    build_module("ConditionalRoutedViT", R"({"image_size": 8, "patch_size": 4, "num_classes": 3, "dim": 16})");
+  });
+  EXPECT_NE(missing.find("'depth' is missing"), std::string::npos) << missing;
 }
 
 TEST(ConditionalFrontend, ModulesWorkInAnyModuleWithDefaultArguments) {

@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "colt5/nn/conditional.h"
+#include "colt5/nn/image.h"
 #include "colt5/nn/router.h"
 #include "colt5/safetensors.h"
 
@@ -140,6 +141,15 @@ class Keywords {
     TORCH_CHECK(v.is_boolean(), what_, ": keyword '", key, "' must be true or false, got ", v.dump());
     set(v.get<bool>());
   }
+  // An integer or a pair of integers (image and patch sizes).
+  torch::ExpandingArray<2> pair(const std::string& key) {
+    TORCH_CHECK(has(key), what_, ": required keyword '", key, "' is missing");
+    const json& v = obj_.at(key);
+    if (!v.is_array()) return torch::ExpandingArray<2>(as_integer(key));
+    TORCH_CHECK(v.size() == 2 && v[0].is_number_integer() && v[1].is_number_integer(), what_, ": keyword '", key,
+                "' must be an integer or a pair of integers, got ", v.dump());
+    return torch::ExpandingArray<2>({v[0].get<int64_t>(), v[1].get<int64_t>()});
+  }
   const json& object(const std::string& key) {
     used_.insert(key);
     return obj_.at(key);
@@ -266,8 +276,8 @@ const std::string& BuiltModule::kind() const { return impl_->kind; }
 std::shared_ptr<torch::nn::Module> BuiltModule::module() const { return impl_->module; }
 
 ModuleOutputs BuiltModule::call(const std::vector<torch::Tensor>& args,
-                              const std::map<std::string, torch::Tensor>& tensor_kwargs,
-                              const std::string& kwargs_json) const {
+                                const std::map<std::string, torch::Tensor>& tensor_kwargs,
+                                const std::string& kwargs_json) const {
   const Signature& sig = impl_->signature;
   const std::string& kind = impl_->kind;
   TORCH_CHECK(args.size() <= sig.positional.size(), kind, ": takes at most ", sig.positional.size(),
@@ -302,7 +312,9 @@ std::vector<std::string> module_kinds() {
           "ConditionalRoutedAttention",
           "ConditionalRoutedTransformerBlock",
           "ConditionalRoutedAutoregressiveAttention",
-          "ConditionalRoutedCrossAttention"};
+          "ConditionalRoutedCrossAttention",
+          "ConditionalRoutedImageAttention",
+          "ConditionalRoutedViT"};
 }
 
 namespace {
@@ -418,6 +430,33 @@ std::shared_ptr<BuiltModule::Impl> build_cross(Keywords& k) {
   return impl;
 }
 
+std::shared_ptr<BuiltModule::Impl> build_image(Keywords& k) {
+  ConditionalRoutedImageAttentionOptions o(k.integer("dim"), k.integer("num_heavy_tokens_q"),
+                                           k.integer("num_heavy_tokens_kv"));
+  read_options(k, o);
+  ConditionalRoutedImageAttention m(o);
+  auto impl = std::make_shared<BuiltModule::Impl>();
+  impl->module = m.ptr();
+  impl->signature = {{"x"}, {"mask"}, {"num_heavy_tokens_q", "num_heavy_tokens_kv"}};
+  impl->call = [m](const CallArgs& a) mutable {
+    return single(
+        m->forward(a.tensor("x"), a.tensor("mask"), a.count("num_heavy_tokens_q"), a.count("num_heavy_tokens_kv")));
+  };
+  return impl;
+}
+
+std::shared_ptr<BuiltModule::Impl> build_vit(Keywords& k) {
+  ConditionalRoutedViTOptions o(k.pair("image_size"), k.pair("patch_size"), k.integer("num_classes"), k.integer("dim"),
+                                k.integer("depth"));
+  read_options(k, o);
+  ConditionalRoutedViT m(o);
+  auto impl = std::make_shared<BuiltModule::Impl>();
+  impl->module = m.ptr();
+  impl->signature = {{"img"}, {}, {}};
+  impl->call = [m](const CallArgs& a) mutable { return single(m->forward(a.tensor("img"))); };
+  return impl;
+}
+
 }  // namespace
 
 BuiltModule build_module(const std::string& kind, const std::string& config_json) {
@@ -441,6 +480,10 @@ BuiltModule build_module(const std::string& kind, const std::string& config_json
     impl = build_ar(k);
   } else if (kind == "ConditionalRoutedCrossAttention") {
     impl = build_cross(k);
+  } else if (kind == "ConditionalRoutedImageAttention") {
+    impl = build_image(k);
+  } else if (kind == "ConditionalRoutedViT") {
+    impl = build_vit(k);
   } else {
     TORCH_CHECK(false, "build_module: unknown module kind '", kind, "' (known: ", join(module_kinds()), ")");
   }

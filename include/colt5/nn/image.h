@@ -97,41 +97,29 @@ struct ConditionalRoutedViTOptions {
   TORCH_ARG(int64_t, depth);
   // Required, as in the reference (which has no defaults for them): 0 means
   // "not set" and is rejected.
-  /// Queries routed per image (required).
-  TORCH_ARG(int64_t, attn_num_heavy_tokens_q) = 0;
-  /// Keys/values routed per image (required).
-  TORCH_ARG(int64_t, attn_num_heavy_tokens_kv) = 0;
-  /// Width of a heavy attention head (required).
-  TORCH_ARG(int64_t, attn_heavy_dim_head) = 0;
-  /// Heavy attention heads (required).
-  TORCH_ARG(int64_t, attn_heavy_heads) = 0;
-  /// Width of a light attention head (required).
-  TORCH_ARG(int64_t, attn_light_dim_head) = 0;
-  /// Light attention heads (required).
-  TORCH_ARG(int64_t, attn_light_heads) = 0;
-  /// Side of the light attention windows, in patches (required).
-  TORCH_ARG(int64_t, attn_light_window_size) = 0;
-  /// Patches routed to the heavy feedforward (required).
-  TORCH_ARG(int64_t, ff_num_heavy_tokens) = 0;
-  /// Hidden width of the heavy feedforward, times dim (required).
-  TORCH_ARG(double, ff_heavy_mult) = 0;
-  /// Hidden width of the light feedforward, times dim (required).
-  TORCH_ARG(double, ff_light_mult) = 0;
-  /// Image channels.
-  TORCH_ARG(int64_t, channels) = 3;
-  /// Selected scores are 1 in value but keep the soft gradient.
-  TORCH_ARG(bool, router_straight_through) = true;
-  // Every field but eps applies; the routers' eps is default_coor_descent_eps
-  // (the reference's router_kwargs = {'eps': default_coor_descent_eps, **router_kwargs}).
-  TORCH_ARG(RouterKwargs, router_kwargs) = {};
-  /// Accepted for compatibility; the fused kernels are always used.
-  TORCH_ARG(bool, router_use_triton) = false;
-  /// Accepted for compatibility; fused attention is used where it applies.
-  TORCH_ARG(bool, flash_attn) = true;
-  /// Sets of routed key/values in the image attention.
-  TORCH_ARG(int64_t, attn_num_routed_kv) = 1;
-  /// The routers' eps (overrides router_kwargs.eps, as the reference does).
-  TORCH_ARG(double, default_coor_descent_eps) = 1.0;
+  // clang-format off
+#define COLT5_VIT_OPTIONS(X)                                                                                   \
+  X(int64_t, attn_num_heavy_tokens_q, 0, "queries routed per image (required)")                              \
+  X(int64_t, attn_num_heavy_tokens_kv, 0, "keys/values routed per image (required)")                         \
+  X(int64_t, attn_heavy_dim_head, 0, "width of a heavy attention head (required)")                           \
+  X(int64_t, attn_heavy_heads, 0, "heavy attention heads (required)")                                        \
+  X(int64_t, attn_light_dim_head, 0, "width of a light attention head (required)")                           \
+  X(int64_t, attn_light_heads, 0, "light attention heads (required)")                                        \
+  X(int64_t, attn_light_window_size, 0, "side of the light attention windows, in patches (required)")        \
+  X(int64_t, ff_num_heavy_tokens, 0, "patches routed to the heavy feedforward (required)")                   \
+  X(double, ff_heavy_mult, 0, "hidden width of the heavy feedforward, times dim (required)")                 \
+  X(double, ff_light_mult, 0, "hidden width of the light feedforward, times dim (required)")                 \
+  X(int64_t, channels, 3, "image channels")                                                                  \
+  X(bool, router_straight_through, true, "selected scores are 1 in value but keep the soft gradient")        \
+  X(::colt5::nn::RouterKwargs, router_kwargs, {},                                                            \
+    "options of every router but eps, which is default_coor_descent_eps (as the reference does)")           \
+  X(bool, router_use_triton, false, "accepted for compatibility; the fused kernels are always used")        \
+  X(bool, flash_attn, true, "accepted for compatibility; fused attention is used where it applies")         \
+  X(int64_t, attn_num_routed_kv, 1, "sets of routed key/values in the image attention")                      \
+  X(double, default_coor_descent_eps, 1.0, "the routers' eps")
+  // clang-format on
+  COLT5_VIT_OPTIONS(COLT5_DECLARE_OPTION)
+  COLT5_OPTIONS_VISITOR(COLT5_VIT_OPTIONS)
 };
 
 // The ViT's stack of layers: `layers`, a list of [image attention, routed

@@ -71,7 +71,8 @@ std::vector<std::string> module_kinds();
 // Builds kind (a reference class name: CoordinateDescentRouter,
 // ConditionalRoutedFeedForward, ConditionalRoutedAttention,
 // ConditionalRoutedTransformerBlock, ConditionalRoutedAutoregressiveAttention,
-// ConditionalRoutedCrossAttention) from a JSON object of the reference's
+// ConditionalRoutedCrossAttention, ConditionalRoutedImageAttention,
+// ConditionalRoutedViT) from a JSON object of the reference's
 // constructor keywords (router_kwargs as a nested object). For the router,
 // `num_tokens` and `keep_one_route_dim` may also be given as call defaults.
 // Unknown keywords, missing required ones and wrong types are errors naming them.
