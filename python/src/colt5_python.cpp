@@ -9,6 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <chrono>
 #include <memory>
 #include <set>
 #include <string>
@@ -368,6 +369,64 @@ void save_safetensors_py(const std::string& path, const Tensors& tensors,
   save_safetensors(path, detached, metadata);
 }
 
+// ---------------------------------------------------------------- references for the tests and the benchmark
+
+// `steps` AdamW steps of a stack of transformer blocks (built from the JSON
+// configs, state loaded from `state`) on mean squared error, entirely in C++:
+// the reference the Python training path is tested against. Returns the
+// losses and the final state.
+std::pair<std::vector<double>, Tensors> cpp_train_steps(const std::vector<std::string>& block_configs,
+                                                        const Tensors& state, const torch::Tensor& x,
+                                                        const c10::optional<torch::Tensor>& mask,
+                                                        const torch::Tensor& target, double lr, double weight_decay,
+                                                        int64_t steps) {
+  py::gil_scoped_release no_gil;
+  auto root = std::make_shared<torch::nn::Module>("TrainStepModel");
+  torch::nn::ModuleList blocks;
+  std::vector<std::shared_ptr<nn::ConditionalRoutedTransformerBlockImpl>> stack;
+  for (const auto& config : block_configs) {
+    auto block = std::dynamic_pointer_cast<nn::ConditionalRoutedTransformerBlockImpl>(
+        nn::build_module("ConditionalRoutedTransformerBlock", config).module());
+    blocks->push_back(block);
+    stack.push_back(block);
+  }
+  root->register_module("blocks", blocks);
+  if (!state.empty()) root->to(state.front().second.scalar_type());
+  nn::load_state_dict(*root, state);
+  torch::optim::AdamW opt(root->parameters(), torch::optim::AdamWOptions(lr).weight_decay(weight_decay));
+  std::vector<double> losses;
+  for (int64_t step = 0; step < steps; ++step) {
+    opt.zero_grad();
+    torch::Tensor h = x;
+    for (auto& block : stack) h = block->forward(h, opt(mask));
+    torch::Tensor loss = torch::mse_loss(h, target);
+    loss.backward();
+    opt.step();
+    losses.push_back(loss.item<double>());
+  }
+  Tensors out;
+  for (const auto& [name, t] : nn::state_dict(*root)) out.emplace_back(name, t.detach().clone());
+  return {losses, out};
+}
+
+// Seconds per call of the block's forward called from C++ (median of `iters`
+// after one warm-up), for the Python call overhead measurement.
+std::vector<double> cpp_block_forward_seconds(const Node& n, const torch::Tensor& x,
+                                              const c10::optional<torch::Tensor>& mask, int64_t iters) {
+  auto m = n.as<nn::ConditionalRoutedTransformerBlockImpl>("ConditionalRoutedTransformerBlock");
+  py::gil_scoped_release no_gil;
+  torch::NoGradGuard no_grad;
+  const torch::Tensor mk = opt(mask);
+  m->forward(x, mk);
+  std::vector<double> seconds;
+  for (int64_t i = 0; i < iters; ++i) {
+    auto t0 = std::chrono::steady_clock::now();
+    m->forward(x, mk);
+    seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return seconds;
+}
+
 }  // namespace
 }  // namespace python
 }  // namespace colt5
@@ -446,6 +505,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("load_safetensors", &load_safetensors_py, py::arg("path"));
   m.def("save_safetensors", &save_safetensors_py, py::arg("path"), py::arg("tensors"),
         py::arg("metadata") = std::map<std::string, std::string>());
+  m.def("cpp_train_steps", &cpp_train_steps);
+  m.def("cpp_block_forward_seconds", &cpp_block_forward_seconds);
   m.attr("with_cuda") =
 #ifdef COLT5_WITH_CUDA
       true;
