@@ -57,7 +57,9 @@ class _Node(nn.Module):
             owned[name] = t
         object.__setattr__(self, "_cpp_tensors", owned)
         for name, child in cpp.children():
-            self.add_module(name, _Node(child))
+            names = [n for n, _ in child.children()]
+            is_sequence = names and all(n.isdigit() for n in names)
+            self.add_module(name, _SequenceNode(child) if is_sequence else _Node(child))
 
     # -- keeping the Python tree and the C++ module one and the same
 
@@ -118,8 +120,27 @@ class _Node(nn.Module):
         self._cpp.train(mode)
         return super().train(mode)
 
+    def _get_name(self):
+        return repr(self._cpp) if "_cpp" in self.__dict__ else type(self).__name__
+
     def extra_repr(self):
         return ""
+
+
+class _SequenceNode(_Node):
+    """A C++ Sequential or ModuleList: children indexed like the reference's nn.Sequential / nn.ModuleList."""
+
+    def __getitem__(self, idx):
+        children = list(self._modules.values())
+        if isinstance(idx, slice):
+            raise TypeError("slicing a module list of the C++ module is not supported")
+        return children[idx]
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
 
 
 def _check_json(kind, key, value):
@@ -152,6 +173,9 @@ class CppModule(_Node):
         config = {k: _check_json(kind, k, v) for k, v in config.items()}
         object.__setattr__(self, "_config", config)
         self._attach(_C.build(kind, json.dumps(config)))
+
+    def _get_name(self):
+        return type(self).__name__
 
     @property
     def config(self):

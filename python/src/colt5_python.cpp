@@ -393,15 +393,15 @@ std::pair<std::vector<double>, Tensors> cpp_train_steps(const std::vector<std::s
   root->register_module("blocks", blocks);
   if (!state.empty()) root->to(state.front().second.scalar_type());
   nn::load_state_dict(*root, state);
-  torch::optim::AdamW opt(root->parameters(), torch::optim::AdamWOptions(lr).weight_decay(weight_decay));
+  torch::optim::AdamW optimizer(root->parameters(), torch::optim::AdamWOptions(lr).weight_decay(weight_decay));
   std::vector<double> losses;
   for (int64_t step = 0; step < steps; ++step) {
-    opt.zero_grad();
+    optimizer.zero_grad();
     torch::Tensor h = x;
     for (auto& block : stack) h = block->forward(h, opt(mask));
     torch::Tensor loss = torch::mse_loss(h, target);
     loss.backward();
-    opt.step();
+    optimizer.step();
     losses.push_back(loss.item<double>());
   }
   Tensors out;

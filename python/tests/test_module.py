@@ -166,10 +166,10 @@ def test_hooks():
     block = small_block()
     x, mask = inputs()
     seen = {}
-    block.register_forward_pre_hook(lambda m, args, kwargs: seen.setdefault("pre", True), with_kwargs=True)
-    block.register_forward_hook(lambda m, args, out: seen.setdefault("out", out.shape))
+    block.register_forward_pre_hook(lambda m, args, kwargs: seen.update(pre=True), with_kwargs=True)
+    block.register_forward_hook(lambda m, args, out: seen.update(out=out.shape))
     p = dict(block.named_parameters())["conditional_attn.heavy_attn.to_out.weight"]
-    p.register_hook(lambda g: seen.setdefault("grad", g.shape))
+    p.register_hook(lambda g: seen.update(grad=g.shape))
     block(x, mask=mask).sum().backward()
     assert seen == {"pre": True, "out": x.shape, "grad": p.shape}
 
