@@ -2,7 +2,9 @@
 local-attention 1.10.0), on the CPU in float64: random configurations of every
 kind the reference runs correctly are built with both packages, the reference's
 state_dict is loaded into ours, and outputs, input gradients and parameter
-gradients must agree to 1e-9 (max abs difference / max abs reference value).
+gradients must agree to 1e-9: outputs relative to each output's largest
+reference value, gradients relative to the largest reference gradient entry
+of the loss (over the inputs and parameters).
 
 Avoided because of the reference's known bugs (README, "Where colt5 differs
 from the reference"): several routing tokens with batch > 1 (bug 1), route
@@ -31,6 +33,13 @@ except ImportError as e:  # pragma: no cover - the test environment installs the
     ) from e
 
 TOL = 1e-9
+# A tensor whose largest magnitude is below FLOOR is compared absolutely.
+FLOOR = 1e-12
+# The same for the gradient as a whole: when every gradient entry of the loss
+# is below 1e-3 (outputs saturated, e.g. coordinate descent at eps 0.03 whose
+# gradients are O(1) terms cancelling to 1e-13), differences must stay below
+# TOL * 1e-3 = 1e-12 absolute.
+GRAD_FLOOR = 1e-3
 CONFIGS_PER_KIND = 36
 MAX_DRAWS = 40
 TIE_GAP = 1e-6
@@ -46,20 +55,25 @@ def test_reference_versions():
 # ----------------------------------------------------------------- helpers
 
 
-def rel_err(ours, theirs):
+def rel_err(ours, theirs, scale=0.0):
     ours, theirs = ours.detach().double(), theirs.detach().double()
     assert ours.shape == theirs.shape, f"shape {tuple(ours.shape)} vs reference {tuple(theirs.shape)}"
-    scale = theirs.abs().max().item() if theirs.numel() else 0.0
+    if theirs.numel():
+        scale = max(scale, theirs.abs().max().item())
     diff = (ours - theirs).abs().max().item() if theirs.numel() else 0.0
-    return diff / scale if scale > 0 else diff
+    return diff / max(scale, FLOOR)
 
 
-def assert_close(name, ours, theirs, what):
+STATS = {"compared": 0, "tie_redraws": 0, "worst": 0.0}
+
+
+def assert_close(name, ours, theirs, what, scale=0.0):
     if theirs is None:
         assert ours is None or torch.count_nonzero(ours) == 0, f"{name}: reference has no {what}"
         return
     assert ours is not None, f"{name}: no {what} (the reference has one)"
-    e = rel_err(ours, theirs)
+    e = rel_err(ours, theirs, scale)
+    STATS["worst"] = max(STATS["worst"], e)
     assert e <= TOL, f"{name}: {what} differs from the reference by {e:.3e} (relative)"
 
 
@@ -157,27 +171,38 @@ def compare(name, theirs, ours, inputs, call, outputs=lambda o: {"out": o}):
         return
     loss_ref.backward()
     loss_ours.backward()
+    grads = []  # (what, ours, reference)
     for k, v in ref_in.items():
         if v is not None and v.is_floating_point():
-            assert_close(name, our_in[k].grad, v.grad, f"gradient of input '{k}'")
-    if not isinstance(theirs, torch.nn.Module):
-        return
-    our_params = dict(ours.named_parameters())
-    for k, p in theirs.named_parameters():
-        assert_close(name, our_params[k].grad, p.grad, f"gradient of parameter '{k}'")
+            grads.append((f"gradient of input '{k}'", our_in[k].grad, v.grad))
+    if isinstance(theirs, torch.nn.Module):
+        our_params = dict(ours.named_parameters())
+        for k, p in theirs.named_parameters():
+            grads.append((f"gradient of parameter '{k}'", our_params[k].grad, p.grad))
+    # Gradients are compared normwise: relative to the largest gradient entry of
+    # the loss (a tensor whose gradient is far smaller, like that of scores in a
+    # saturated coordinate descent, is exact only up to the rounding of the
+    # larger terms that cancel in it).
+    scale = max((r.abs().max().item() for _, _, r in grads if r is not None and r.numel()), default=0.0)
+    scale = max(scale, GRAD_FLOOR)
+    for what, o, r in grads:
+        assert_close(name, o, r, what, scale)
 
 
 def run_random(kind, seed, draw):
     """Draws configurations from seed until one has no tie in the reference's top-k; compares it."""
     rng = random.Random(f"{kind}-{seed}")
+    torch.manual_seed(seed)
     ties = 0
     for _ in range(MAX_DRAWS):
         name, theirs, ours, inputs, call, outputs = draw(rng)
         try:
             compare(name, theirs, ours, inputs, call, outputs)
+            STATS["compared"] += 1
             return
         except Tie:
             ties += 1
+            STATS["tie_redraws"] += 1
     pytest.fail(f"{kind} seed {seed}: {ties} draws in a row had ties in the reference's top-k")
 
 
@@ -192,7 +217,8 @@ def draw_coor_descent(rng):
     s = randn(rng, b, n) * rng.choice([0.5, 2.0, 5.0])
     mask = random_mask(rng, b, n)
     per_row = rng.random() < 0.4
-    k = (torch.rand(b, dtype=torch.float64) * (n - 1) + 0.5) if per_row else rng.uniform(0.5, n)
+    # The reference turns a number k into a float32 tensor: use float32 values.
+    k = (torch.rand(b, dtype=torch.float64) * (n - 1) + 0.5) if per_row else float(torch.tensor(rng.uniform(0.5, n)).float())
     kw = dict(n_iters=rng.choice([1, 5, 20, 50]), eps=rng.choice([0.03, 0.1, 1.0]),
               eps_init=rng.choice([None, 4.0]), eps_decay=rng.choice([0.7, 1.0]))
     inputs = {"s": s, "mask": mask}
@@ -396,3 +422,4 @@ DRAWS = {
 @pytest.mark.parametrize("kind", list(DRAWS))
 def test_random_configuration(kind, seed):
     run_random(kind, seed, DRAWS[kind])
+
