@@ -123,6 +123,10 @@ class _Node(nn.Module):
     def _get_name(self):
         return repr(self._cpp) if "_cpp" in self.__dict__ else type(self).__name__
 
+    def _replicate_for_data_parallel(self):
+        raise RuntimeError("colt5 modules do not support torch.nn.DataParallel (its replicas' parameters would not "
+                           "reach the C++ module): use DistributedDataParallel")
+
     def extra_repr(self):
         return ""
 
@@ -173,6 +177,21 @@ class CppModule(_Node):
         config = {k: _check_json(kind, k, v) for k, v in config.items()}
         object.__setattr__(self, "_config", config)
         self._attach(_C.build(kind, json.dumps(config)))
+        owned = []
+        for prefix, node in self.named_modules():
+            for name, t in node.__dict__.get("_cpp_tensors", {}).items():
+                registry = node._parameters if name in node._parameters else node._buffers
+                owned.append((registry, name, t, f"{prefix}.{name}" if prefix else name))
+        object.__setattr__(self, "_owned_tensors", owned)
+
+    def _check_tensors(self):
+        """Raises when a parameter or buffer was swapped for a tensor the C++ module does not use
+        (torch.func.functional_call, swap_tensors): that would silently compute with the old one."""
+        for registry, name, t, key in self._owned_tensors:
+            if registry.get(name) is not t:
+                raise RuntimeError(f"{self._kind}: '{key}' was replaced by a tensor the C++ module does not use "
+                                   "(functional_call and tensor swapping are not supported; assign it or load a "
+                                   "state_dict instead)")
 
     def _get_name(self):
         return type(self).__name__

@@ -45,6 +45,7 @@ class CoordinateDescentRouter(CppModule):
     def forward(self, x, *, num_tokens, mask=None, random_route=False, routing_tokens=None,
                 keep_one_route_dim=False):
         k = self._kind
+        self._check_tensors()
         n = count(k, "num_tokens", num_tokens)
         if n is None:
             raise TypeError(f"{k}: num_tokens is required")
@@ -73,6 +74,7 @@ class ConditionalRoutedFeedForward(CppModule):
 
     def forward(self, x, mask=None, num_heavy_tokens=None):
         k = self._kind
+        self._check_tensors()
         return _C.ff_forward(self._cpp, tensor(k, "x", x), tensor_or_none(k, "mask", mask),
                              count(k, "num_heavy_tokens", num_heavy_tokens))
 
@@ -97,6 +99,7 @@ class ConditionalRoutedAttention(CppModule):
 
     def forward(self, x, *, num_heavy_tokens_q=None, num_heavy_tokens_kv=None, mask=None):
         k = self._kind
+        self._check_tensors()
         return _C.attn_forward(self._cpp, tensor(k, "x", x), tensor_or_none(k, "mask", mask),
                                count(k, "num_heavy_tokens_q", num_heavy_tokens_q),
                                count(k, "num_heavy_tokens_kv", num_heavy_tokens_kv))
@@ -124,6 +127,7 @@ class ConditionalRoutedImageAttention(CppModule):
 
     def forward(self, x, *, num_heavy_tokens_q=None, num_heavy_tokens_kv=None, mask=None):
         k = self._kind
+        self._check_tensors()
         return _C.image_forward(self._cpp, tensor(k, "x", x), tensor_or_none(k, "mask", mask),
                                 count(k, "num_heavy_tokens_q", num_heavy_tokens_q),
                                 count(k, "num_heavy_tokens_kv", num_heavy_tokens_kv))
@@ -151,6 +155,7 @@ class ConditionalRoutedAutoregressiveAttention(CppModule):
 
     def forward(self, x, *, num_heavy_tokens_q=None, num_heavy_tokens_kv=None, random_route=False):
         k = self._kind
+        self._check_tensors()
         return _C.ar_forward(self._cpp, tensor(k, "x", x), count(k, "num_heavy_tokens_q", num_heavy_tokens_q),
                              count(k, "num_heavy_tokens_kv", num_heavy_tokens_kv), bool(random_route))
 
@@ -173,6 +178,7 @@ class ConditionalRoutedCrossAttention(CppModule):
 
     def forward(self, x, context, *, num_tokens_q=None, num_tokens_kv=None, mask=None, context_mask=None):
         k = self._kind
+        self._check_tensors()
         return _C.cross_forward(self._cpp, tensor(k, "x", x), tensor(k, "context", context),
                                 tensor_or_none(k, "mask", mask), tensor_or_none(k, "context_mask", context_mask),
                                 count(k, "num_tokens_q", num_tokens_q), count(k, "num_tokens_kv", num_tokens_kv))
@@ -201,6 +207,7 @@ class ConditionalRoutedTransformerBlock(CppModule):
     def forward(self, x, mask=None, num_heavy_attn_tokens_q=None, num_heavy_attn_tokens_kv=None,
                 num_heavy_ff_tokens=None):
         k = self._kind
+        self._check_tensors()
         return _C.block_forward(self._cpp, tensor(k, "x", x), tensor_or_none(k, "mask", mask),
                                 count(k, "num_heavy_attn_tokens_q", num_heavy_attn_tokens_q),
                                 count(k, "num_heavy_attn_tokens_kv", num_heavy_attn_tokens_kv),

@@ -39,4 +39,5 @@ class ConditionalRoutedViT(CppModule):
                          attn_num_routed_kv=attn_num_routed_kv, default_coor_descent_eps=default_coor_descent_eps)
 
     def forward(self, img):
+        self._check_tensors()
         return _C.vit_forward(self._cpp, tensor(self._kind, "img", img))

@@ -353,3 +353,14 @@ def test_config_is_json_of_reference_keywords():
     block = small_block(router_kwargs={"eps": 0.1, "eps_init": None})
     assert json.loads(json.dumps(block.config))["router_kwargs"] == {"eps": 0.1, "eps_init": None}
     assert "num_heavy_ff_tokens=6" in repr(block)
+
+
+def test_swapped_parameters_are_refused():
+    block = small_block()
+    x, mask = inputs()
+    params = {k: torch.zeros_like(v) for k, v in block.named_parameters()}
+    with pytest.raises(RuntimeError, match="replaced by a tensor the C\\+\\+ module does not use"):
+        torch.func.functional_call(block, params, (x,), {"mask": mask})
+    block(x, mask=mask)  # functional_call restored the parameters
+    with pytest.raises(RuntimeError, match="DataParallel"):
+        block._replicate_for_data_parallel()
