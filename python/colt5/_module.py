@@ -175,8 +175,8 @@ class CppModule(_Node):
         super().__init__()
         kind = self._kind
         config = {k: _check_json(kind, k, v) for k, v in config.items()}
-        object.__setattr__(self, "_config", config)
         self._attach(_C.build(kind, json.dumps(config)))
+        object.__setattr__(self, "_config", config)  # after the children, whose names may equal keywords
         owned = []
         for prefix, node in self.named_modules():
             for name, t in node.__dict__.get("_cpp_tensors", {}).items():
@@ -195,6 +195,17 @@ class CppModule(_Node):
 
     def _get_name(self):
         return type(self).__name__
+
+    def __getattr__(self, name):
+        # Parameters, buffers and submodules first; then the configuration
+        # (the reference keeps e.g. num_heavy_tokens as an attribute).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            config = self.__dict__.get("_config")
+            if config is not None and name in config:
+                return config[name]
+            raise
 
     @property
     def config(self):

@@ -309,17 +309,13 @@ torch::Tensor vit_forward(const Node& n, const torch::Tensor& img) {
 
 CoorDescentOptions cd_options(int64_t n_iters, double eps, c10::optional<double> eps_init, double eps_decay,
                               int64_t checkpoint_segments) {
-  return CoorDescentOptions()
-      .n_iters(n_iters)
-      .eps(eps)
-      .eps_init(eps_init)
-      .eps_decay(eps_decay)
-      .checkpoint_segments(checkpoint_segments);
+  return CoorDescentOptions().n_iters(n_iters).eps(eps).eps_init(eps_init).eps_decay(eps_decay).checkpoint_segments(
+      checkpoint_segments);
 }
 
 torch::Tensor op_coor_descent(const torch::Tensor& s, double k, int64_t n_iters, double eps,
-                              c10::optional<double> eps_init, double eps_decay, const c10::optional<torch::Tensor>& mask,
-                              int64_t checkpoint_segments) {
+                              c10::optional<double> eps_init, double eps_decay,
+                              const c10::optional<torch::Tensor>& mask, int64_t checkpoint_segments) {
   return coor_descent(s, k, cd_options(n_iters, eps, eps_init, eps_decay, checkpoint_segments), opt(mask));
 }
 

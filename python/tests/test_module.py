@@ -364,3 +364,11 @@ def test_swapped_parameters_are_refused():
     block(x, mask=mask)  # functional_call restored the parameters
     with pytest.raises(RuntimeError, match="DataParallel"):
         block._replicate_for_data_parallel()
+
+
+def test_configuration_attributes():
+    ff = colt5.ConditionalRoutedFeedForward(16, num_heavy_tokens=4)
+    assert ff.num_heavy_tokens == 4 and ff.heavy_ff_mult == 4
+    assert isinstance(ff.router, nn.Module)
+    with pytest.raises(AttributeError):
+        ff.no_such_thing
