@@ -32,7 +32,7 @@ def _adopt(own, value):
         return
     with torch.no_grad():
         own.data = value.detach()
-    if isinstance(own, nn.Parameter) and value.requires_grad != own.requires_grad:
+    if isinstance(own, nn.Parameter) and isinstance(value, nn.Parameter) and value.requires_grad != own.requires_grad:
         own.requires_grad_(value.requires_grad)
 
 
