@@ -1,8 +1,8 @@
 """Python call overhead: the README's CPU transformer block (2 x 4096 x 512,
 256 heavy tokens for the feedforward and for the attention's queries and
 keys/values) forward called through the Python module against the same C++
-module's forward called from C++, in one process, calls interleaved; plus a
-tiny block where the per-call overhead is visible. Medians, no autograd."""
+module's forward called from C++, in one process, in alternating rounds; plus
+a tiny block where the per-call overhead is visible. Medians, no autograd."""
 
 import argparse
 import os
@@ -27,16 +27,18 @@ def cpu_name():
     return platform.processor() or "unknown CPU"
 
 
-def measure(label, block, x, mask, reps):
-    """Python and C++ calls interleaved (so that load from other processes hits both alike)."""
+def measure(label, block, x, mask, reps, rounds=3):
+    """Rounds of `reps` back-to-back calls from Python and from C++, alternating
+    (so that load from other processes hits both alike)."""
     py, cpp = [], []
     with torch.no_grad():
         block(x, mask=mask)
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            block(x, mask=mask)
-            py.append(time.perf_counter() - t0)
-            cpp.extend(_C.cpp_block_forward_seconds(block._cpp, x, mask, 1))  # one warm-up call, one timed
+        for _ in range(rounds):
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                block(x, mask=mask)
+                py.append(time.perf_counter() - t0)
+            cpp.extend(_C.cpp_block_forward_seconds(block._cpp, x, mask, reps))
     p, c = statistics.median(py), statistics.median(cpp)
     print(f"| {label} | {c * 1e3:.3f} | {p * 1e3:.3f} | {(p - c) * 1e6:+.1f} | {p / c:.4f} | "
           f"{min(cpp) * 1e3:.3f} / {min(py) * 1e3:.3f} |")
@@ -60,6 +62,8 @@ def main():
                                                    heavy_heads=2, light_dim_head=16, heavy_dim_head=16).eval()
     x = torch.randn(1, 64, 32)
     measure("block 1 x 64 x 32, fwd", tiny, x, torch.ones(1, 64, dtype=torch.bool), args.tiny_reps)
+    # An empty batch runs the same calls with no arithmetic: the difference is the Python layer alone.
+    measure("same, empty batch (0 x 64 x 32), no mask", tiny, x[:0], None, args.tiny_reps)
     block = colt5.ConditionalRoutedTransformerBlock(dim=512, num_heavy_attn_tokens_q=256, num_heavy_attn_tokens_kv=256,
                                                     num_heavy_ff_tokens=256, light_window_size=128, light_heads=8,
                                                     heavy_heads=8).eval()
