@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set-up, build and every CPU test: the main build (PyTorch's LibTorch, with the
-# CUDA kernels compiled and linked when it has CUDA) and Debian's LibTorch 1.13.
+# CUDA kernels compiled and linked when it has CUDA) and Debian's LibTorch 1.13,
+# and the Python package (built in the main build's folder) with its tests.
 # CUDA tests need a GPU: scripts/gpu.sh. COLT5_TEST_VARIANTS="main deb113 san" adds the test
 # suite under AddressSanitizer + UndefinedBehaviorSanitizer.
 set -euo pipefail
@@ -28,6 +29,8 @@ for variant in ${COLT5_TEST_VARIANTS:-main deb113}; do
       || { cat build/consumer.configure.log; exit 1; }
     ninja -C build/consumer
     build/consumer/consumer
+    echo "== Python package: pip install --no-build-isolation ., then pytest"
+    bash scripts/test_python.sh build/main
   fi
 done
 echo "== all tests passed"
