@@ -27,6 +27,7 @@
 #include "colt5/coor_descent.h"
 #include "colt5/nn/conditional.h"
 #include "colt5/nn/image.h"
+#include "nn/attention_core.h"
 #include "nn/compat.h"
 
 #ifdef COLT5_WITH_CUDA
@@ -229,6 +230,7 @@ void print_profile(const char* title, const std::vector<Phase>& phases, double t
   for (const Phase& p : phases) {
     std::printf("  %-44s %9.3f %6.1f%% %9.3f %6.1f%%\n", p.name.c_str(), p.fwd, 100 * p.fwd / total_fwd, p.fwdbwd,
                 100 * p.fwdbwd / total_fb);
+    if (p.name[0] == ' ') continue;  // a part of the phase above
     sf += p.fwd;
     sb += p.fwdbwd;
   }
@@ -270,6 +272,27 @@ void profile_block(ConditionalRoutedTransformerBlockImpl& block, const torch::Te
   torch::Tensor xs = x.detach().requires_grad_(true);
   std::vector<Phase> ph;
   ph.push_back(phase("light attention (local, blocked windows)", [&] { return attn.light_attn->forward(xs, mask); }));
+  {
+    // Its parts: norm and projection, the windowed attention core, output projection.
+    auto& la = *attn.light_attn;
+    const int64_t b = x.size(0), n = x.size(1), h = la.options.heads(), dh = la.options.dim_head();
+    ph.push_back(phase("  of which: norm + qkv projection", [&] { return la.to_qkv->forward(la.norm->forward(xs)); }));
+    torch::Tensor qkv;
+    {
+      Autocast ac(true);
+      torch::NoGradGuard ng;
+      qkv = la.to_qkv->forward(la.norm->forward(x));
+    }
+    auto parts = qkv.chunk(3, -1);
+    auto split = [&](const torch::Tensor& t) {
+      return t.reshape({b, n, h, dh}).transpose(1, 2).contiguous().requires_grad_(true);
+    };
+    torch::Tensor q = split(parts[0]), k = split(parts[1]), v = split(parts[2]);
+    ph.push_back(phase("  of which: windowed attention core", [&] { return la.attn_fn->forward(q, k, v, mask); }));
+    torch::Tensor o = torch::randn({b, n, h * dh}, x.options()).requires_grad_(true);
+    ph.push_back(phase("  of which: output projection", [&] { return la.to_out->forward(o); }));
+    ph.push_back(phase("  (core without the padding mask)", [&] { return la.attn_fn->forward(q, k, v); }));
+  }
   ph.push_back(phase("light feedforward", [&] { return ff.light_ff->forward(xs); }));
   // The routers' parts, on the q router (the kv and feedforward routers are alike).
   std::vector<Phase> rq;
@@ -298,6 +321,16 @@ void profile_block(ConditionalRoutedTransformerBlockImpl& block, const torch::Te
   torch::Tensor ft = r.routed_tokens.detach().requires_grad_(true);
   ph.push_back(phase("heavy attention (norm, projections, attention)",
                      [&] { return attn.heavy_attn->forward(qt, kvt, kv.routed_mask, kv.scores); }));
+  {
+    const int64_t b = x.size(0), h = attn.heavy_attn->options.heads(), dh = attn.heavy_attn->options.dim_head();
+    auto bf = x.options().dtype(torch::kBFloat16);
+    torch::Tensor q4 = torch::randn({b, h, kq, dh}, bf).requires_grad_(true);
+    torch::Tensor k4 = torch::randn({b, h, kkv + 1, dh}, bf).requires_grad_(true);
+    torch::Tensor v4 = torch::randn({b, h, kkv + 1, dh}, bf).requires_grad_(true);
+    torch::Tensor m4 = torch::ones({b, 1, 1, kkv + 1}, x.options().dtype(torch::kBool));
+    ph.push_back(phase("  of which: fused attention with key mask", [&] { return attend(q4, k4, v4, m4); }));
+    ph.push_back(phase("  (fused attention without mask)", [&] { return attend(q4, k4, v4); }));
+  }
   ph.push_back(phase("heavy feedforward", [&] { return ff.heavy_ff->forward(ft); }));
   torch::Tensor base = torch::randn_like(x).requires_grad_(true);
   torch::Tensor upd = torch::randn({x.size(0), kq, x.size(2)}, x.options()).requires_grad_(true);
@@ -331,19 +364,37 @@ void profile_autoregressive(ConditionalRoutedAutoregressiveAttentionImpl& m, con
     return ro.routed_tokens * ro.scores.unsqueeze(-1).to(ro.routed_tokens.scalar_type());
   }));
   ph.push_back(phase("kv router (earlier windows, one view each)", [&] {
-    RouterOutput ro = m.kv_router->forward(xp, kkv, kv_mask);
-    return ro.routed_tokens * ro.scores.unsqueeze(-1).to(ro.routed_tokens.scalar_type());
+    RouterOutput ro = m.kv_router->forward(xp, kkv, kv_mask, false, {}, true, false);
+    return ro.scores;
   }));
   RouterOutput rq, rkv;
   {
     torch::NoGradGuard ng;
     rq = m.q_router->forward(q, kq);
-    rkv = m.kv_router->forward(xp, kkv, kv_mask);
+    rkv = m.kv_router->forward(xp, kkv, kv_mask, false, {}, true, false);
   }
+  auto& a = *m.heavy_attn;
+  const int64_t h = a.options.heads(), dh = a.options.dim_head();
+  const int64_t r = rkv.indices.size(1), views = windows - 1;
+  ph.push_back(phase("heavy keys/values: norm + projection, once", [&] { return project_keys_values(a, xp); }));
+  torch::Tensor proj;
+  {
+    Autocast ac(true);
+    torch::NoGradGuard ng;
+    proj = project_keys_values(a, xp.detach());
+  }
+  proj = proj.detach().reshape({b * padded * r, h / r * 2 * dh}).requires_grad_(true);
+  auto io = rkv.indices.options();
+  torch::Tensor row_start = (torch::arange(b, io) * padded).view({b, 1}).expand({b, views}).reshape({rows, 1, 1});
+  torch::Tensor flat = ((row_start + rkv.indices) * r + torch::arange(r, io).view({1, r, 1})).reshape({-1});
+  ph.push_back(phase("heavy: gather projected rows per window", [&] { return proj.index_select(0, flat); }));
+  torch::Tensor kv5 = proj.detach().index_select(0, flat).reshape({rows, r, kkv, h / r, 2 * dh}).requires_grad_(true);
   torch::Tensor qt = rq.routed_tokens.detach().requires_grad_(true);
-  torch::Tensor kvt = rkv.routed_tokens.detach().requires_grad_(true);
-  ph.push_back(phase("heavy attention (all windows, batched)",
-                     [&] { return m.heavy_attn->forward(qt, kvt, rkv.routed_mask, rkv.scores); }));
+  torch::Tensor scores = rkv.scores.reshape({rows, r, 1, kkv, 1}).to(kv5.scalar_type());
+  ph.push_back(phase("heavy: queries + attention of all windows", [&] {
+    return attend_projected(a, qt, project_queries(a, a.norm->forward(qt), {}), kv5.permute({0, 1, 3, 2, 4}),
+                            rkv.routed_mask, scores, {});
+  }));
   print_profile("profile: autoregressive 2x8192x512", ph, total_fwd, total_fb);
 }
 
