@@ -313,6 +313,26 @@ TEST(CoorDescentCuda, TopkSaturatedTies) {
   }
 }
 
+// Long rows sort device-wide for float scores: many rows at once, ties on a
+// coarse grid in both the scores and the tiebreak, with and without a mask.
+TEST(CoorDescentCuda, TopkManyLongRows) {
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(seed);
+  torch::manual_seed(seed);
+  for (auto shape : {std::pair<int64_t, int64_t>{16, 131072}, {37, 2048}, {3, 300000}, {600, 4096}}) {
+    SCOPED_TRACE(std::to_string(shape.first) + "x" + std::to_string(shape.second));
+    auto o = torch::TensorOptions().device(cuda());
+    torch::Tensor sc = torch::round(torch::randn({shape.first, shape.second}, o) * 8) / 8;
+    torch::Tensor tb = torch::round(torch::randn({shape.first, shape.second}, o) * 4);
+    torch::Tensor mask = torch::rand({shape.first, shape.second}, o) < 0.8;
+    const int64_t k = std::min<int64_t>(1024, shape.second / 2);
+    check_topk(sc, k, tb, {});
+    check_topk(sc, k, tb, mask);
+    check_topk(sc, k, {}, mask);
+    check_topk(sc.to(torch::kBFloat16), shape.second, tb.to(torch::kBFloat16), mask);
+  }
+}
+
 TEST(CoorDescentCuda, TopkSignedZerosAndManyRows) {
   torch::manual_seed(fresh_seed());
   torch::Tensor sc = torch::randint(-2, 3, {300, 50}).to(torch::kFloat) * 0.0f;  // +0 and -0 mixed
