@@ -27,6 +27,7 @@ torch::Tensor look_around(const torch::Tensor& x, int64_t backward, int64_t forw
   return torch::cat(parts, 2);
 }
 
+#if COLT5_HAS_SDPA
 // The same for (B, windows, ws, d) as a view: the windows of one padded
 // sequence unfolded with a stride of one window (no copy; the backward sums
 // the overlapping windows' gradients).
@@ -57,6 +58,8 @@ torch::Tensor blind_queries(const torch::Tensor& mask, int64_t ws, int64_t back,
   auto visible = counts.index_select(1, hi + 1) - counts.index_select(1, lo.clamp_max(n));
   return visible.le(0);
 }
+
+#endif
 
 // Zero-pads dimension `dim` of t up to a multiple of `multiple`.
 torch::Tensor pad_to_multiple(const torch::Tensor& t, int64_t multiple, int64_t dim, double value) {
@@ -169,10 +172,14 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
   // keys/values as views; the float64 path is the reference's arithmetic.
   auto bq = q.view({B, windows, ws, d});
   if (!fused) bq = bq * scale;
-  auto bk = fused ? look_around_view(k.view({B, windows, ws, d}), back, fwd, -1)
-                  : look_around(k.view({B, windows, ws, d}), back, fwd, -1);
-  auto bv = fused ? look_around_view(v.view({B, windows, ws, d}), back, fwd, -1)
-                  : look_around(v.view({B, windows, ws, d}), back, fwd, -1);
+  auto around = [&](const torch::Tensor& t) {
+#if COLT5_HAS_SDPA
+    if (fused) return look_around_view(t.view({B, windows, ws, d}), back, fwd, -1);
+#endif
+    return look_around(t.view({B, windows, ws, d}), back, fwd, -1);
+  };
+  auto bk = around(k);
+  auto bv = around(v);
 
   if (rel_pos) {
     auto emb = rel_pos->forward(bk.size(-2));
