@@ -56,6 +56,23 @@ int main(int argc, char** argv) {
       const double k = 9.0 / 8.0 * static_cast<double>(sh.cols / 16);
       torch::Tensor s = torch::randn({sh.rows, sh.cols}) * 2;
       torch::Tensor gy = torch::randn({sh.rows, sh.cols});
+      {
+        // Checked before timing: the fused float32 kernels against the plain
+        // algorithm in float64 (outputs and score gradients).
+        torch::Tensor x32 = s.detach().requires_grad_(true);
+        torch::Tensor x64 = s.to(torch::kDouble).requires_grad_(true);
+        torch::Tensor y32 = colt5::coor_descent(x32, k, o), y64 = plain_coor_descent(x64, k, o);
+        y32.backward(gy);
+        y64.backward(gy.to(torch::kDouble));
+        auto rel = [](const torch::Tensor& a, const torch::Tensor& b) {
+          return ((a.to(torch::kDouble) - b).norm() / b.norm().clamp_min(1e-12)).item<double>();
+        };
+        const double ey = rel(y32.detach(), y64.detach()), eg = rel(x32.grad(), x64.grad());
+        if (!(ey <= 1e-4) || !(eg <= 1e-2)) {
+          std::fprintf(stderr, "bench_coor_descent_cpu: fused and plain disagree (y %.3g, grad %.3g)\n", ey, eg);
+          return 1;
+        }
+      }
       for (bool backward : {false, true}) {
         auto run = [&](bool use_fused) {
           torch::Tensor x = backward ? s.detach().requires_grad_(true) : s;
