@@ -120,6 +120,21 @@ int main(int argc, char** argv) {
   auto ff_tokens = rff.routed_tokens.detach().requires_grad_(true);
   auto kv_mask = rkv.routed_mask;
 
+  {
+    // Checked before timing: the float32 block against a float64 copy of it
+    // (in norm: a token whose routing flips at the top-k boundary differs).
+    auto block64 = std::dynamic_pointer_cast<ConditionalRoutedTransformerBlockImpl>(block->clone());
+    block64->to(torch::kDouble);
+    torch::NoGradGuard no_grad;
+    torch::Tensor y = block(x, mask), y64 = block64->forward(x.to(torch::kDouble), mask);
+    const double err = ((y.to(torch::kDouble) - y64).norm() / y64.norm()).item<double>();
+    if (!(err < 0.02)) {
+      std::fprintf(stderr, "bench_block_cpu: float32 output differs from float64 by %.3g in norm\n", err);
+      return 1;
+    }
+    std::printf("float32 vs float64 output: %.2e relative in norm\n", err);
+  }
+
   std::vector<Timing> parts;
   Timing whole = time_part("block", runs, [&] { return block(x, mask); });
   Timing light = time_part("baseline: light branches alone", runs, [&] {

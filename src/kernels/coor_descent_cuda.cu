@@ -21,6 +21,7 @@
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
+#include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_segmented_sort.cuh>
 
 #include <algorithm>
@@ -860,6 +861,102 @@ void topk_chunk(const T* scores, const T* tiebreak, const uint8_t* mask, int64_t
   CD_CHECK(err);
 }
 
+// Keys of the device-wide sorts: the row in the high bits, so one sort over all
+// rows keeps each row's entries together, in the order of the low key.
+__global__ void rowkey_init(int32_t* pos, int64_t n, int64_t cols) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    pos[i] = static_cast<int32_t>(i % cols);
+}
+
+// For the element at sorted slot i (row = key >> 32, position pos[i]): its row
+// and the descending key of src (or, with mask, 0 = kept / 1 = masked).
+__global__ void rowkey_of(const float* src, const uint8_t* mask, const uint64_t* prev_keys, const int32_t* pos,
+                          uint64_t* keys, int64_t n, int64_t cols, int shift_prev) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint64_t row = prev_keys ? (prev_keys[i] >> shift_prev) : static_cast<uint64_t>(i / cols);
+    const int64_t at = static_cast<int64_t>(row) * cols + pos[i];
+    if (mask)
+      keys[i] = (row << 1) | (mask[at] ? 0u : 1u);
+    else
+      keys[i] = (row << 32) | KeyOf<float>::desc(src[at]);
+  }
+}
+
+__global__ void rowkey_out(const int32_t* pos, int64_t* out, int64_t rows, int64_t cols, int64_t k) {
+  const int64_t n = rows * k;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[i] = pos[(i / k) * cols + i % k];
+}
+
+// The same order as topk_chunk through device-wide radix sorts of (row, key)
+// pairs: for float scores on long rows, where a segmented sort gives each
+// row's sort to one thread block.
+void topk_rows_wide(const float* scores, const float* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols,
+                    int64_t k, int64_t* indices, cudaStream_t st) {
+  const int64_t n = rows * cols;
+  int row_bits = 1;
+  while ((int64_t(1) << row_bits) < rows) ++row_bits;
+  size_t temp_bytes = 0;
+  CD_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, static_cast<const uint64_t*>(nullptr),
+                                           static_cast<uint64_t*>(nullptr), static_cast<const int32_t*>(nullptr),
+                                           static_cast<int32_t*>(nullptr), n, 0, 32 + row_bits, st));
+  auto align = [](size_t x) { return (x + 255) / 256 * 256; };
+  const size_t keys_bytes = align(static_cast<size_t>(n) * sizeof(uint64_t));
+  const size_t vals_bytes = align(static_cast<size_t>(n) * sizeof(int32_t));
+  char* ws = nullptr;
+  CD_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&ws), 2 * keys_bytes + 2 * vals_bytes + temp_bytes, st));
+  uint64_t* keys_in = reinterpret_cast<uint64_t*>(ws);
+  uint64_t* keys_out = reinterpret_cast<uint64_t*>(ws + keys_bytes);
+  int32_t* pos_a = reinterpret_cast<int32_t*>(ws + 2 * keys_bytes);
+  int32_t* pos_b = reinterpret_cast<int32_t*>(ws + 2 * keys_bytes + vals_bytes);
+  void* temp = ws + 2 * keys_bytes + 2 * vals_bytes;
+  cudaError_t err = cudaSuccess;
+  auto step = [&](cudaError_t e) {
+    if (err == cudaSuccess) err = e;
+  };
+  rowkey_init<<<grid_for(n), 256, 0, st>>>(pos_a, n, cols);
+  step(cudaGetLastError());
+  bool have_prev = false;
+  int prev_shift = 32;
+  // Least significant first: tiebreak, score, mask; each sort is stable.
+  auto sort_by = [&](const float* src, const uint8_t* m) {
+    rowkey_of<<<grid_for(n), 256, 0, st>>>(src, m, have_prev ? keys_out : nullptr, pos_a, keys_in, n, cols, prev_shift);
+    step(cudaGetLastError());
+    const int low_bits = m ? 1 : 32;
+    size_t tb = temp_bytes;
+    step(cub::DeviceRadixSort::SortPairs(temp, tb, keys_in, keys_out, pos_a, pos_b, n, 0, low_bits + row_bits, st));
+    std::swap(pos_a, pos_b);
+    have_prev = true;
+    prev_shift = low_bits;
+  };
+  if (tiebreak) sort_by(tiebreak, nullptr);
+  sort_by(scores, nullptr);
+  if (mask) sort_by(nullptr, mask);
+  rowkey_out<<<grid_for(rows * k), 256, 0, st>>>(pos_a, indices, rows, cols, k);
+  step(cudaGetLastError());
+  (void)cudaFreeAsync(ws, st);
+  CD_CHECK(err);
+}
+
+// Rows at least this long sort device-wide (float): a segmented sort runs
+// each long row in one thread block.
+constexpr int64_t kWideSortMinCols = 2048;
+
+template <typename T>
+bool topk_wide(const T*, const T*, const uint8_t*, int64_t, int64_t, int64_t, int64_t*, cudaStream_t) {
+  return false;
+}
+template <>
+bool topk_wide<float>(const float* scores, const float* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols,
+                      int64_t k, int64_t* indices, cudaStream_t st) {
+  if (cols < kWideSortMinCols || rows >= (int64_t(1) << 31)) return false;
+  topk_rows_wide(scores, tiebreak, mask, rows, cols, k, indices, st);
+  return true;
+}
+
 }  // namespace
 }  // namespace cd_cuda
 
@@ -880,6 +977,17 @@ void topk_tiebreak_cuda(const T* scores, const T* tiebreak, const uint8_t* mask,
                         int64_t* indices, void* stream) {
   if (rows == 0 || k == 0) return;
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  // Device-wide sorts of all rows at once: at most 2^26 entries per sort.
+  const int64_t wide_chunk = std::max<int64_t>(1, (int64_t(1) << 26) / cols);
+  if (cols >= cd_cuda::kWideSortMinCols) {
+    bool done = true;
+    for (int64_t r0 = 0; r0 < rows && done; r0 += wide_chunk) {
+      const int64_t nr = std::min(wide_chunk, rows - r0);
+      done = cd_cuda::topk_wide<T>(scores + r0 * cols, tiebreak ? tiebreak + r0 * cols : nullptr,
+                                   mask ? mask + r0 * cols : nullptr, nr, cols, k, indices + r0 * k, st);
+    }
+    if (done) return;
+  }
   // Rows per sort: at most 2^26 entries, which bounds the sort's workspace
   // and keeps its item count far inside 32 bits.
   constexpr int64_t kMaxSortEntries = int64_t(1) << 26;

@@ -4,6 +4,7 @@
 #include <limits>
 
 #include "colt5/compat.h"
+#include "nn/attention_core.h"
 #include "nn/checks.h"
 #include "nn/masking.h"
 
@@ -88,7 +89,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   check_floating(x, who, "x");
   const int64_t dim = options.dim(), h = options.heads(), dh = options.dim_head();
   TORCH_CHECK(x.dim() == 3 && x.size(2) == dim, "Attention: x must be (b, n, ", dim, "), got ", x.sizes());
-  const int64_t batch = x.size(0), n = x.size(1);
+  const int64_t batch = x.size(0);
 
   auto xn = norm->forward(x);
 
@@ -123,25 +124,47 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     scores_kv = s.reshape({batch, routes, 1, m, 1}).to(context.scalar_type());
   }
 
-  // queries
-  auto q = to_q->forward(xn).view({batch, n, h, dh}).transpose(1, 2);
-  if (scores_q.defined()) {
-    check_floating(scores_q, who, "normalized_scores_q");
-    TORCH_CHECK(scores_q.dim() == 2 && scores_q.size(0) == batch && scores_q.size(1) == n,
-                "Attention: normalized_scores_q must be (", batch, ", ", n, "), got ", scores_q.sizes());
-    q = q * scores_q.reshape({batch, 1, n, 1}).to(q.scalar_type());
-  }
+  auto q = project_queries(*this, xn, scores_q);
 
   // keys / values: the projection's heads are split across the routes; each
   // (route, head) owns 2 * dim_head consecutive rows, keys first.
   auto kv_weight = to_kv->weight.reshape({routes, heads_per_route, 2 * dh, dim});
   auto kv = torch::einsum("rhdi,brni->brhnd", {kv_weight, context});
+  return attend_projected(*this, x, q, kv, mask_in, scores_kv, rotary_emb);
+}
+
+torch::Tensor project_queries(AttentionImpl& a, const torch::Tensor& xn, const torch::Tensor& scores_q) {
+  const int64_t batch = xn.size(0), n = xn.size(1), h = a.options.heads(), dh = a.options.dim_head();
+  auto q = a.to_q->forward(xn).view({batch, n, h, dh}).transpose(1, 2);
+  if (scores_q.defined()) {
+    check_floating(scores_q, "Attention", "normalized_scores_q");
+    TORCH_CHECK(scores_q.dim() == 2 && scores_q.size(0) == batch && scores_q.size(1) == n,
+                "Attention: normalized_scores_q must be (", batch, ", ", n, "), got ", scores_q.sizes());
+    q = q * scores_q.reshape({batch, 1, n, 1}).to(q.scalar_type());
+  }
+  return q;
+}
+
+torch::Tensor project_keys_values(AttentionImpl& a, const torch::Tensor& context) {
+  return a.to_kv->forward(a.norm->forward(context));
+}
+
+torch::Tensor attend_projected(AttentionImpl& a, const torch::Tensor& x, const torch::Tensor& q_in,
+                               const torch::Tensor& kv, const torch::Tensor& mask_in, const torch::Tensor& scores_kv,
+                               const std::pair<torch::Tensor, torch::Tensor>& rotary_emb) {
+  const int64_t h = a.options.heads(), dh = a.options.dim_head();
+  const int64_t batch = kv.size(0), routes = kv.size(1), heads_per_route = kv.size(2), m = kv.size(3);
+  const int64_t n = q_in.size(2);
+  TORCH_CHECK(heads_per_route * routes == h && kv.size(4) == 2 * dh && q_in.size(0) == batch,
+              "Attention: projected keys/values must be (", batch, ", routes, heads / routes, m, ", 2 * dh, "), got ",
+              kv.sizes());
+  torch::Tensor q = q_in;
   auto kv_halves = kv.chunk(2, -1);
   auto k = kv_halves[0], v = kv_halves[1];
 
   if (scores_kv.defined()) {
     v = v * scores_kv;
-    if (options.multiply_keys_by_score()) k = k * scores_kv;
+    if (a.options.multiply_keys_by_score()) k = k * scores_kv;
   }
 
   const auto& rq = rotary_emb.first;
@@ -168,8 +191,8 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   k = k.reshape({batch, h, m, dh});
   v = v.reshape({batch, h, m, dh});
 
-  auto nk = null_kv[0].unsqueeze(0).unsqueeze(2).expand({batch, h, 1, dh});
-  auto nv = null_kv[1].unsqueeze(0).unsqueeze(2).expand({batch, h, 1, dh});
+  auto nk = a.null_kv[0].unsqueeze(0).unsqueeze(2).expand({batch, h, 1, dh});
+  auto nv = a.null_kv[1].unsqueeze(0).unsqueeze(2).expand({batch, h, 1, dh});
   k = torch::cat({nk.to(k.scalar_type()), k}, -2);
   v = torch::cat({nv.to(v.scalar_type()), v}, -2);
 
@@ -197,9 +220,9 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   // routing scores and rotary factors are float32: bring q, k, v to one dtype
   // (autocast then runs the attention in its own).
   const auto common = at::promote_types(at::promote_types(q.scalar_type(), k.scalar_type()), v.scalar_type());
-  auto out = attend(q.to(common), k.to(common), v.to(common), mask, options.use_flash());
+  auto out = attend(q.to(common), k.to(common), v.to(common), mask, a.options.use_flash());
   out = out.transpose(1, 2).reshape({batch, n, h * dh});
-  return to_out->forward(out.to(x.scalar_type()));
+  return a.to_out->forward(out.to(x.scalar_type()));
 }
 
 // ---------------------------------------------------------------- SelfAttention

@@ -4,6 +4,7 @@
 
 #include <string>
 
+#include "nn/attention_core.h"
 #include "nn/heavy_branch.h"
 
 namespace colt5 {
@@ -84,7 +85,9 @@ torch::Tensor heavy_routed_attention(CoordinateDescentRouterImpl& q_router, Coor
                                      AttentionImpl& heavy_attn, const torch::Tensor& null_q_token,
                                      const HeavyBranchInputs& in) {
   RouterOutput q = q_router.forward(in.queries, in.num_q, in.query_mask, in.random_route);
-  RouterOutput kv = kv_router.forward(in.context, in.num_kv, in.context_mask, in.random_route);
+  const bool once = in.project_context_once;
+  RouterOutput kv = kv_router.forward(in.context, in.num_kv, in.context_mask, in.random_route, {},
+                                      /*keep_one_route_dim=*/once, /*gather_tokens=*/!once);
 
   std::pair<torch::Tensor, torch::Tensor> rotary;
   if (in.q_freqs.defined()) {
@@ -101,10 +104,28 @@ torch::Tensor heavy_routed_attention(CoordinateDescentRouterImpl& q_router, Coor
     rotary.second = kv.indices.defined() ? rotary_at(in.kv_freqs, kv.indices) : in.kv_freqs;
   }
 
-  // Unrouted keys/values carry no scores (all ones): leave them out.
-  torch::Tensor kv_scores = kv.indices.defined() ? kv.scores : torch::Tensor();
-  torch::Tensor routed_out = heavy_attn.forward(q.routed_tokens, kv.routed_tokens, kv.routed_mask, kv_scores,
-                                                in.multiply_queries_by_score ? q.scores : torch::Tensor(), rotary);
+  torch::Tensor routed_out;
+  const torch::Tensor scores_q = in.multiply_queries_by_score ? q.scores : torch::Tensor();
+  if (once && kv.indices.defined()) {
+    // Projected keys/values of every context token, [bc * m * routes, c] rows
+    // of one route's heads each; routed set rows of context row (row / views).
+    const int64_t h = heavy_attn.options.heads(), dh = heavy_attn.options.dim_head();
+    const int64_t bc = in.context.size(0), m = in.context.size(1);
+    const int64_t rows = kv.indices.size(0), r = kv.indices.size(1), k = kv.indices.size(2);
+    const int64_t views = rows / bc;
+    torch::Tensor proj = project_keys_values(heavy_attn, in.context).reshape({bc * m * r, h / r * 2 * dh});
+    auto io = kv.indices.options();
+    torch::Tensor row_start = (torch::arange(bc, io) * m).view({bc, 1}).expand({bc, views}).reshape({rows, 1, 1});
+    torch::Tensor flat = ((row_start + kv.indices) * r + torch::arange(r, io).view({1, r, 1})).reshape({-1});
+    torch::Tensor kvp = proj.index_select(0, flat).view({rows, r, k, h / r, 2 * dh}).permute({0, 1, 3, 2, 4});
+    torch::Tensor scores_kv = kv.scores.reshape({rows, r, 1, k, 1}).to(kvp.scalar_type());
+    torch::Tensor qp = project_queries(heavy_attn, heavy_attn.norm->forward(q.routed_tokens), scores_q);
+    routed_out = attend_projected(heavy_attn, q.routed_tokens, qp, kvp, kv.routed_mask, scores_kv, rotary);
+  } else {
+    // Unrouted keys/values carry no scores (all ones): leave them out.
+    torch::Tensor kv_scores = kv.indices.defined() ? kv.scores : torch::Tensor();
+    routed_out = heavy_attn.forward(q.routed_tokens, kv.routed_tokens, kv.routed_mask, kv_scores, scores_q, rotary);
+  }
   if (!q.indices.defined()) return routed_out;  // every query took the heavy branch with score 1
   routed_out = routed_out * q.scores.unsqueeze(-1);
   return scatter_queries(q_router, null_q_token, in.queries, routed_out, q.indices);
@@ -331,6 +352,7 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward(const torch:
   in.num_kv = kkv;
   in.random_route = random_route;
   in.multiply_queries_by_score = options.multiply_queries_by_score();
+  in.project_context_once = true;
   if (rotary_emb) {
     torch::Tensor freqs = rotary_emb(padded);
     const int64_t dh = freqs.size(-1);

@@ -32,6 +32,10 @@ struct HeavyBranchInputs {
   // or [b, n, dim_head]; of the context positions, [m, dim_head].
   torch::Tensor q_freqs;
   torch::Tensor kv_freqs;
+  // Normalize and project the context's keys/values once, then gather the
+  // projected rows of each routed set (the same math; cheaper when the
+  // context is routed many times, as by the autoregressive module's windows).
+  bool project_context_once = false;
 };
 
 // The heavy output at every query position, [b, n, dim]: the routed queries'

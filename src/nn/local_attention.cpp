@@ -28,6 +28,40 @@ torch::Tensor look_around(const torch::Tensor& x, int64_t backward, int64_t forw
   return torch::cat(parts, 2);
 }
 
+#if COLT5_HAS_SDPA
+// The same for (B, windows, ws, d) as a view: the windows of one padded
+// sequence unfolded with a stride of one window (no copy; the backward sums
+// the overlapping windows' gradients).
+torch::Tensor look_around_view(const torch::Tensor& x, int64_t backward, int64_t forward, double pad_value) {
+  const int64_t B = x.size(0), windows = x.size(1), ws = x.size(2), d = x.size(3);
+  auto padded = torch::constant_pad_nd(x.reshape({B, windows * ws, d}), {0, 0, backward * ws, forward * ws}, pad_value);
+  return padded.unfold(1, (backward + forward + 1) * ws, ws).transpose(-1, -2);
+}
+
+// Whether a query position's look-around holds no visible key: bool
+// (mask rows, n) for the padded key mask (mask rows, n), from prefix counts of
+// visible keys over each query's key range.
+torch::Tensor blind_queries(const torch::Tensor& mask, int64_t ws, int64_t back, int64_t fwd, bool causal, bool exact) {
+  const int64_t n = mask.size(1);
+  auto t = torch::arange(n, mask.options().dtype(torch::kLong));
+  auto w = torch::div(t, ws, "trunc");
+  auto lo = (w - back) * ws, hi = (w + fwd + 1) * ws - 1;
+  if (causal) {
+    hi = torch::minimum(hi, t);
+    if (exact) lo = torch::maximum(lo, t - ws * back);
+  } else if (exact) {
+    lo = torch::maximum(lo, t - ws * back);
+    hi = torch::minimum(hi, t + ws * fwd);
+  }
+  lo = lo.clamp_min(0);
+  hi = hi.clamp_max(n - 1);
+  auto counts = torch::constant_pad_nd(mask.to(torch::kLong).cumsum(1), {1, 0}, 0);  // (rows, n + 1)
+  auto visible = counts.index_select(1, hi + 1) - counts.index_select(1, lo.clamp_max(n));
+  return visible.le(0);
+}
+
+#endif
+
 // Zero-pads dimension `dim` of t up to a multiple of `multiple`.
 torch::Tensor pad_to_multiple(const torch::Tensor& t, int64_t multiple, int64_t dim, double value) {
   const int64_t len = t.size(dim);
@@ -135,9 +169,23 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
 
   auto positions = torch::arange(n, q.options().dtype(torch::kLong)).view({1, windows, ws});
 
-  auto bq = q.view({B, windows, ws, d}) * scale;
-  auto bk = look_around(k.view({B, windows, ws, d}), back, fwd, -1);
-  auto bv = look_around(v.view({B, windows, ws, d}), back, fwd, -1);
+#if COLT5_HAS_SDPA
+  const bool fused = q.scalar_type() != torch::kDouble;
+#else
+  const bool fused = false;
+#endif
+  // The fused path passes the scale to the attention and takes the windows'
+  // keys/values as views; the float64 path is the reference's arithmetic.
+  auto bq = q.view({B, windows, ws, d});
+  if (!fused) bq = bq * scale;
+  auto around = [&](const torch::Tensor& t) {
+#if COLT5_HAS_SDPA
+    if (fused) return look_around_view(t.view({B, windows, ws, d}), back, fwd, -1);
+#endif
+    return look_around(t.view({B, windows, ws, d}), back, fwd, -1);
+  };
+  auto bk = around(k);
+  auto bv = around(v);
 
   if (rel_pos) {
     auto emb = rel_pos->forward(bk.size(-2));
@@ -159,8 +207,8 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
   auto bq_k = look_around(positions, back, fwd, -1).unsqueeze(-2);  // (1, w, 1, j)
   auto pad_mask = bq_k.eq(-1);
 
-  // Everything a query may not see, as one boolean (1 or B, windows, i or 1, j):
-  // padding slots, the causal or exact-window limits, and padded keys.
+  // What a query may not see regardless of the input (1, windows, i, j):
+  // padding slots and the causal or exact-window limits.
   torch::Tensor hidden = pad_mask;
   if (options.causal()) {
     auto causal_mask = bq_t.lt(bq_k);
@@ -170,6 +218,9 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
   if (!options.causal() && options.exact_windowsize())
     hidden = hidden.logical_or((bq_k - ws * fwd).gt(bq_t).logical_or(bq_t.gt(bq_k + ws * back)));
 
+  // Padded keys (B, windows, 1, j), and the padded key mask (mask rows, n).
+  torch::Tensor key_hidden, mask_p;
+  int64_t heads_per_mask = 1;
   if (mask_in.defined()) {
     TORCH_CHECK(mask_in.scalar_type() == at::kBool, "LocalAttention: mask must be a bool tensor, got ",
                 mask_in.scalar_type());
@@ -179,11 +230,10 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
                 " must divide the ", B, " folded batch-head rows");
     TORCH_CHECK(mask_in.device() == q.device(), "LocalAttention: mask is on ", mask_in.device(), " but q is on ",
                 q.device());
-    const int64_t h = B / mask_in.size(0);
-    auto mask = options.autopad() ? pad_to_multiple(mask_in, ws, -1, 0) : mask_in;
-    mask = look_around(mask.view({mask_in.size(0), windows, ws}), back, fwd, 0).unsqueeze(-2);
-    mask = mask.repeat_interleave(h, 0);
-    hidden = hidden.logical_or(mask.logical_not());
+    heads_per_mask = B / mask_in.size(0);
+    mask_p = options.autopad() ? pad_to_multiple(mask_in, ws, -1, 0) : mask_in;
+    auto m = look_around(mask_p.view({mask_in.size(0), windows, ws}), back, fwd, 0).unsqueeze(-2);
+    key_hidden = m.repeat_interleave(heads_per_mask, 0).logical_not();
   }
 
   // Hidden entries take the most negative finite value, as in the reference:
@@ -191,23 +241,33 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
   const double mask_value = most_negative(bq.scalar_type());
   torch::Tensor out;
 #if COLT5_HAS_SDPA
-  if (bq.scalar_type() != torch::kDouble) {
-    // Fused attention with an additive mask (q is already scaled). Its value is
-    // finite in bf16 too, where autocast may cast it: bf16's most negative value
-    // for float32 and bf16, float16's for float16.
+  if (fused) {
+    // Fused attention with an additive mask. Its value is finite in bf16 too,
+    // where autocast may cast it: bf16's most negative value for float32 and
+    // bf16, float16's for float16.
     const double fill = bq.scalar_type() == torch::kHalf ? mask_value : most_negative(torch::kBFloat16);
-    torch::Tensor additive = torch::zeros(hidden.sizes(), bq.options()).masked_fill_(hidden, fill);
-    out = at::scaled_dot_product_attention(bq, bk, bv, additive, 0.0, false, 1.0);
+    auto fill_t = torch::full({}, fill, bq.options());
+    auto zero_t = torch::zeros({}, bq.options());
+    torch::Tensor additive = key_hidden.defined()
+                                 ? torch::where(hidden, fill_t, torch::where(key_hidden, fill_t, zero_t))
+                                 : torch::where(hidden, fill_t, zero_t);
+    const double sdpa_scale = rel_pos ? 1.0 : scale;
+    if (rel_pos) bq = bq * scale;
+    out = at::scaled_dot_product_attention(bq, bk, bv, additive, 0.0, false, sdpa_scale);
     if (mask_in.defined()) {
       // A query that sees nothing: the reference's softmax over equal values is
       // a uniform average of the look-around, and no gradient reaches q or k.
-      torch::Tensor blind = hidden.all(-1, /*keepdim=*/true);
+      auto blind = blind_queries(mask_p, ws, back, fwd, options.causal(), options.exact_windowsize())
+                       .view({mask_p.size(0), 1, n})
+                       .expand({mask_p.size(0), heads_per_mask, n})
+                       .reshape({B, windows, ws, 1});
       out = torch::where(blind, bv.mean(-2, /*keepdim=*/true), out);
     }
     out = out.reshape({B, n, d});
   }
 #endif
   if (!out.defined()) {
+    if (key_hidden.defined()) hidden = hidden.logical_or(key_hidden);
     auto sim = torch::matmul(bq, bk.transpose(-1, -2)).masked_fill(hidden, mask_value);
     out = torch::matmul(sim.softmax(-1), bv).reshape({B, n, d});
   }

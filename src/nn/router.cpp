@@ -64,7 +64,7 @@ void CoordinateDescentRouterImpl::reset() {
 
 RouterOutput CoordinateDescentRouterImpl::forward(const torch::Tensor& x, int64_t num_tokens, const torch::Tensor& mask,
                                                   bool random_route, const torch::Tensor& routing_tokens,
-                                                  bool keep_one_route_dim) {
+                                                  bool keep_one_route_dim, bool gather_tokens) {
   const auto& o = options;
   TORCH_CHECK(x.defined() && x.dim() == 3, "CoordinateDescentRouter: x must be (b, n, dim), got ",
               x.defined() ? x.sizes() : c10::IntArrayRef{});
@@ -202,12 +202,12 @@ RouterOutput CoordinateDescentRouterImpl::forward(const torch::Tensor& x, int64_
   out.indices = indices;
   out.scores = selected.to(x.scalar_type());
   if (!viewed) {
-    out.routed_tokens = gather_rows(x, indices);
+    if (gather_tokens) out.routed_tokens = gather_rows(x, indices);
     if (mask.defined()) out.routed_mask = gather_rows(mask, indices);
   } else {
     std::vector<int64_t> shape = indices.sizes().vec();
     shape.push_back(d);
-    out.routed_tokens = gather_rows(x, indices.reshape({b, -1})).view(shape);
+    if (gather_tokens) out.routed_tokens = gather_rows(x, indices.reshape({b, -1})).view(shape);
     out.routed_mask = gather_rows(mask.reshape({b_out, n}), indices);
   }
   return out;

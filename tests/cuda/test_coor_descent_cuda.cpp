@@ -10,6 +10,9 @@
 #include <vector>
 
 #include "colt5/coor_descent.h"
+#include "support/support.h"
+
+using colt5::testing::norm_rel_error;
 
 namespace {
 
@@ -22,17 +25,9 @@ uint64_t fresh_seed() {
 
 torch::Device cuda() { return torch::Device(torch::kCUDA, 0); }
 
-// ||a - b|| / ||b|| in float64 on the CPU (0 when both are 0).
-double rel_err(const torch::Tensor& a, const torch::Tensor& b) {
-  torch::Tensor x = a.detach().to(torch::kCPU, torch::kDouble), y = b.detach().to(torch::kCPU, torch::kDouble);
-  // A floor on the denominator for references that are zero up to rounding.
-  const double den = std::max(y.norm().item<double>(), 1e-6);
-  const double num = (x - y).norm().item<double>();
-  return num / den;
-}
 
 CoorDescentOptions router_options(int64_t iters = 20, int64_t segments = 0) {
-  return CoorDescentOptions().n_iters(iters).eps(0.03).eps_init(4.0).eps_decay(0.7).checkpoint_segments(segments);
+  return colt5::testing::router_schedule().n_iters(iters).checkpoint_segments(segments);
 }
 
 struct Case {
@@ -98,17 +93,22 @@ void check_case(const Case& c) {
   // eps = 0.03 the rounding of s alone moves exp(s / eps) by about 1e-5.
   auto widened = [](const torch::Tensor& t) { return t.to(torch::kFloat).to(torch::kDouble); };
   Result ref32 = run(widened(s), widened(k), mask, widened(gy), o);
-  EXPECT_LE(rel_err(got.y, ref32.y), 1e-5);
+  EXPECT_LE(norm_rel_error(got.y, ref32.y), 1e-5);
   // The gradient is discontinuous where s_i + a_t = 0 (the relu's kink): an entry
   // within rounding of it may fall on the other side in float32, on any device
   // (the CPU float32 kernel does the same). Every entry but such isolated ones is
-  // held to 1e-4 of the largest, the whole to 1e-3 in norm.
+  // held to 1e-4 of the largest and, in norm, to 1e-3 (the isolated 0.1 % left
+  // out); the whole, isolated entries included, to 5e-2 in norm.
   {
     torch::Tensor d = (got.gs.to(torch::kCPU, torch::kDouble) - ref32.gs).abs().flatten();
     const double top = std::max(ref32.gs.abs().max().item<double>(), 1e-12);
     const int64_t q = static_cast<int64_t>(0.999 * static_cast<double>(d.numel() - 1));
-    EXPECT_LE(std::get<0>(d.sort())[q].item<double>() / top, 1e-4);
-    EXPECT_LE(rel_err(got.gs, ref32.gs), 1e-3);
+    torch::Tensor order = std::get<1>(d.sort());
+    EXPECT_LE(d[order[q]].item<double>() / top, 1e-4);
+    torch::Tensor kept = order.narrow(0, 0, q + 1);
+    const double ref_norm = std::max(ref32.gs.flatten().index_select(0, kept).norm().item<double>(), 1e-6);
+    EXPECT_LE(d.index_select(0, kept).norm().item<double>() / ref_norm, 1e-3) << "all but the isolated 0.1 %";
+    EXPECT_LE(norm_rel_error(got.gs, ref32.gs), 5e-2);
   }
   // Per-row k gradients, relative to the row's own value or, where that is
   // small (it is a sum over iterations that can cancel), to the rows' mean;
@@ -134,9 +134,9 @@ void check_case(const Case& c) {
   }
   // Double on CUDA matches the CPU float64 path to rounding.
   Result gd = run(s.to(cuda()), k.to(cuda()), mask_d, gy.to(cuda()), o);
-  EXPECT_LE(rel_err(gd.y, ref.y), 1e-10);
-  EXPECT_LE(rel_err(gd.gs, ref.gs), 1e-9);
-  EXPECT_LE(rel_err(gd.gk, ref.gk), 1e-9);
+  EXPECT_LE(norm_rel_error(gd.y, ref.y), 1e-10);
+  EXPECT_LE(norm_rel_error(gd.gs, ref.gs), 1e-9);
+  EXPECT_LE(norm_rel_error(gd.gk, ref.gk), 1e-9);
 }
 
 TEST(CoorDescentCuda, DeviceIsThere) { ASSERT_TRUE(torch::cuda::is_available()); }
@@ -191,7 +191,7 @@ TEST(CoorDescentCuda, MaxClusterOption) {
   torch::Tensor a = colt5::coor_descent(s, 4096.0, router_options());
   for (int64_t cap : {2, 8, 16}) {
     torch::Tensor b = colt5::coor_descent(s, 4096.0, router_options().cuda_max_cluster(cap));
-    EXPECT_LE(rel_err(b, a), 1e-5) << "cap " << cap;
+    EXPECT_LE(norm_rel_error(b, a), 1e-5) << "cap " << cap;
   }
 }
 
@@ -247,8 +247,8 @@ TEST(CoorDescentCuda, FullyMaskedRowsGiveZeros) {
     EXPECT_EQ(y[2].abs().max().item<float>(), 0.0f);
     EXPECT_EQ(s.grad()[0].abs().max().item<float>(), 0.0f);
     EXPECT_EQ(s.grad()[2].abs().max().item<float>(), 0.0f);
-    EXPECT_LE(rel_err(y[1], y_ref[1]), 1e-5);
-    EXPECT_LE(rel_err(s.grad()[1], s_ref.grad()[1]), 1e-4);
+    EXPECT_LE(norm_rel_error(y[1], y_ref[1]), 1e-5);
+    EXPECT_LE(norm_rel_error(s.grad()[1], s_ref.grad()[1]), 1e-4);
     EXPECT_EQ(y_ref[0].abs().max().item<double>(), 0.0);
   }
 }
@@ -269,8 +269,8 @@ TEST(CoorDescentCuda, Bf16Inputs) {
     ASSERT_EQ(yd.scalar_type(), torch::kBFloat16);
     (yd * gy.to(cuda())).sum().backward();
     ASSERT_EQ(sd.grad().scalar_type(), torch::kBFloat16);
-    EXPECT_LE(rel_err(yd, yr), 8e-3);
-    EXPECT_LE(rel_err(sd.grad(), sr.grad()), 2e-2);
+    EXPECT_LE(norm_rel_error(yd, yr), 8e-3);
+    EXPECT_LE(norm_rel_error(sd.grad(), sr.grad()), 2e-2);
   }
 }
 
@@ -310,6 +310,26 @@ TEST(CoorDescentCuda, TopkSaturatedTies) {
     torch::Tensor coarse = torch::round(s * 2);
     check_topk(torch::round(y * 4), k, coarse, mask);
     check_topk(torch::round(y * 4).to(torch::kBFloat16), k, coarse.to(torch::kBFloat16), {});
+  }
+}
+
+// Long rows sort device-wide for float scores: many rows at once, ties on a
+// coarse grid in both the scores and the tiebreak, with and without a mask.
+TEST(CoorDescentCuda, TopkManyLongRows) {
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(seed);
+  torch::manual_seed(seed);
+  for (auto shape : {std::pair<int64_t, int64_t>{16, 131072}, {37, 2048}, {3, 300000}, {600, 4096}}) {
+    SCOPED_TRACE(std::to_string(shape.first) + "x" + std::to_string(shape.second));
+    auto o = torch::TensorOptions().device(cuda());
+    torch::Tensor sc = torch::round(torch::randn({shape.first, shape.second}, o) * 8) / 8;
+    torch::Tensor tb = torch::round(torch::randn({shape.first, shape.second}, o) * 4);
+    torch::Tensor mask = torch::rand({shape.first, shape.second}, o) < 0.8;
+    const int64_t k = std::min<int64_t>(1024, shape.second / 2);
+    check_topk(sc, k, tb, {});
+    check_topk(sc, k, tb, mask);
+    check_topk(sc, k, {}, mask);
+    check_topk(sc.to(torch::kBFloat16), shape.second, tb.to(torch::kBFloat16), mask);
   }
 }
 

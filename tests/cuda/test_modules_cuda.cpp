@@ -8,19 +8,17 @@
 #include <torch/torch.h>
 
 #include "colt5/nn/conditional.h"
+#include "support/support.h"
 #include "colt5/nn/image.h"
 #include "colt5/nn/router.h"
 
 namespace {
 
 using namespace colt5::nn;
+using colt5::testing::max_rel_error;
 
 torch::Device cuda() { return torch::Device(torch::kCUDA, 0); }
 
-double rel_err(const torch::Tensor& a, const torch::Tensor& b) {
-  torch::Tensor x = a.detach().to(torch::kCPU, torch::kDouble), y = b.detach().to(torch::kCPU, torch::kDouble);
-  return (x - y).abs().max().item<double>() / std::max(y.abs().max().item<double>(), 1e-12);
-}
 
 // A sorted copy of each row's indices: the routed set.
 torch::Tensor routed_set(const torch::Tensor& idx) { return std::get<0>(idx.cpu().sort(-1)); }
@@ -41,7 +39,7 @@ TEST(CudaModules, RouterRoutesTheSameTokensAsTheCpu) {
       auto a = cpu->forward(x, 256, mask);
       auto b = gpu->forward(x.to(cuda()), 256, mask.to(cuda()));
       EXPECT_TRUE(torch::equal(routed_set(a.indices), routed_set(b.indices)));
-      EXPECT_LT(rel_err(b.routed_tokens, a.routed_tokens), 1e-6);
+      EXPECT_LT(max_rel_error(b.routed_tokens, a.routed_tokens), 1e-6);
     }
   }
 }
@@ -77,11 +75,11 @@ TEST(CudaModules, TransformerBlockMatchesTheCpuForwardAndBackward) {
   torch::Tensor xc = x.clone().requires_grad_(true);
   torch::Tensor xg = x.to(cuda(), torch::kFloat).requires_grad_(true);
   torch::Tensor yc = cpu->forward(xc, mask), yg = gpu->forward(xg, mask.to(cuda()));
-  EXPECT_LT(rel_err(yg, yc), 1e-4);
+  EXPECT_LT(max_rel_error(yg, yc), 1e-4);
   torch::Tensor g = torch::randn_like(x);
   yc.backward(g);
   yg.backward(g.to(cuda(), torch::kFloat));
-  EXPECT_LT(rel_err(xg.grad(), xc.grad()), 1e-3);
+  EXPECT_LT(max_rel_error(xg.grad(), xc.grad()), 1e-3);
 }
 
 TEST(CudaModules, BFloat16BlockStaysCloseToFloat32AndBackpropagates) {
@@ -239,7 +237,7 @@ void check_graph_capture(Module& m, torch::Tensor x, Fwd fwd) {
   ASSERT_EQ(replayed.size(), eager.size());
   for (size_t i = 0; i < eager.size(); ++i) {
     ASSERT_TRUE(replayed[i].defined() && eager[i].defined()) << "tensor " << i;
-    EXPECT_LT(rel_err(replayed[i], eager[i]), 1e-5) << "tensor " << i << " (0: output, 1: input gradient)";
+    EXPECT_LT(max_rel_error(replayed[i], eager[i]), 1e-5) << "tensor " << i << " (0: output, 1: input gradient)";
   }
 }
 

@@ -67,13 +67,16 @@ class CoordinateDescentRouterImpl : public torch::nn::Cloneable<CoordinateDescen
   // random_route: replace the scores by noise (a negative control).
   // routing_tokens: (b, dim) or (b, r, dim), required iff learned_routing_tokens.
   // keep_one_route_dim: give a route dimension of size 1 with one routing token.
+  // gather_tokens: false leaves routed_tokens undefined when tokens are routed
+  // (for callers that gather something else at the indices).
   RouterOutput forward(const torch::Tensor& x, int64_t num_tokens, const torch::Tensor& mask = {},
                        bool random_route = false, const torch::Tensor& routing_tokens = {},
-                       bool keep_one_route_dim = false);
+                       bool keep_one_route_dim = false, bool gather_tokens = true);
 
  protected:
   FORWARD_HAS_DEFAULT_ARGS({2, torch::nn::AnyValue(torch::Tensor())}, {3, torch::nn::AnyValue(false)},
-                           {4, torch::nn::AnyValue(torch::Tensor())}, {5, torch::nn::AnyValue(false)})
+                           {4, torch::nn::AnyValue(torch::Tensor())}, {5, torch::nn::AnyValue(false)},
+                           {6, torch::nn::AnyValue(true)})
 
  public:
   // src with routed_tokens (b, k, d) written at indices (b, k) of each row
