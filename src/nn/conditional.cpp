@@ -181,17 +181,8 @@ ConditionalRoutedAttentionImpl::ConditionalRoutedAttentionImpl(const Conditional
 
 void ConditionalRoutedAttentionImpl::reset() {
   const auto& o = options;
-  const RouterKwargs kwargs = module_router_kwargs(o.router_kwargs(), o.use_triton());
   const char* m = "ConditionalRoutedAttention";
-  TORCH_CHECK(o.dim() > 0, m, ": dim must be positive, got ", o.dim());
-  TORCH_CHECK(o.num_heavy_tokens_q() >= 1, m, ": num_heavy_tokens_q must be at least 1, got ", o.num_heavy_tokens_q());
-  TORCH_CHECK(o.num_heavy_tokens_kv() >= 1, m, ": num_heavy_tokens_kv must be at least 1, got ",
-              o.num_heavy_tokens_kv());
-  TORCH_CHECK(o.num_routed_kv() >= 1, m, ": num_routed_kv must be at least 1, got ", o.num_routed_kv());
-  TORCH_CHECK(o.heavy_heads() >= 1 && o.heavy_heads() % o.num_routed_kv() == 0, m, ": heavy_heads (", o.heavy_heads(),
-              ") must be divisible by num_routed_kv (", o.num_routed_kv(), ")");
-  TORCH_CHECK(!o.rotary_emb() || o.heavy_dim_head() % 2 == 0, m, ": rotary_emb needs an even heavy_dim_head, got ",
-              o.heavy_dim_head());
+  check_routed_attention_options(m, o, o.rotary_emb());
   if (o.has_light_attn()) {
     TORCH_CHECK(o.light_window_size() >= 2, m, ": light_window_size must be at least 2, got ", o.light_window_size());
     light_attn = register_module("light_attn", LocalMHA(LocalMHAOptions(o.dim(), o.light_window_size() / 2)
@@ -204,14 +195,7 @@ void ConditionalRoutedAttentionImpl::reset() {
                                                             .look_forward(1)
                                                             .exact_windowsize(true)));
   }
-  if (o.use_null_q_tokens()) null_q_token = register_parameter("null_q_token", torch::randn({o.dim()}));
-  q_router = register_module("q_router",
-                             CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(), kwargs)));
-  kv_router = register_module("kv_router", CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(),
-                                                                                  kwargs, o.num_routed_kv())));
-  heavy_attn = register_module(
-      "heavy_attn",
-      Attention(heavy_attention_options(o.dim(), o.heavy_dim_head(), o.heavy_heads(), o.multiply_keys_by_score())));
+  register_heavy_branch(*this, o);
   if (o.rotary_emb()) rotary_emb = register_module("rotary_emb", RotaryEmbedding(o.heavy_dim_head()));
 }
 
@@ -270,20 +254,11 @@ ConditionalRoutedAutoregressiveAttentionImpl::ConditionalRoutedAutoregressiveAtt
 
 void ConditionalRoutedAutoregressiveAttentionImpl::reset() {
   const auto& o = options;
-  const RouterKwargs kwargs = module_router_kwargs(o.router_kwargs(), o.use_triton());
   const char* m = "ConditionalRoutedAutoregressiveAttention";
-  TORCH_CHECK(o.dim() > 0, m, ": dim must be positive, got ", o.dim());
-  TORCH_CHECK(o.num_heavy_tokens_q() >= 1, m, ": num_heavy_tokens_q must be at least 1, got ", o.num_heavy_tokens_q());
-  TORCH_CHECK(o.num_heavy_tokens_kv() >= 1, m, ": num_heavy_tokens_kv must be at least 1, got ",
-              o.num_heavy_tokens_kv());
-  TORCH_CHECK(o.num_routed_kv() >= 1, m, ": num_routed_kv must be at least 1, got ", o.num_routed_kv());
-  TORCH_CHECK(o.heavy_heads() >= 1 && o.heavy_heads() % o.num_routed_kv() == 0, m, ": heavy_heads (", o.heavy_heads(),
-              ") must be divisible by num_routed_kv (", o.num_routed_kv(), ")");
+  check_routed_attention_options(m, o, o.rotary_emb());
   TORCH_CHECK(o.light_window_size() >= 1, m, ": light_window_size must be positive, got ", o.light_window_size());
   TORCH_CHECK(!o.heavy_window_size() || *o.heavy_window_size() >= 1, m, ": heavy_window_size must be positive, got ",
               o.heavy_window_size() ? *o.heavy_window_size() : 0);
-  TORCH_CHECK(!o.rotary_emb() || o.heavy_dim_head() % 2 == 0, m, ": rotary_emb needs an even heavy_dim_head, got ",
-              o.heavy_dim_head());
   light_attn = register_module("light_attn", LocalMHA(LocalMHAOptions(o.dim(), o.light_window_size())
                                                           .dim_head(o.light_dim_head())
                                                           .heads(o.light_heads())
@@ -291,14 +266,7 @@ void ConditionalRoutedAutoregressiveAttentionImpl::reset() {
                                                           .causal(true)
                                                           .exact_windowsize(false)
                                                           .use_rotary_pos_emb(false)));
-  if (o.use_null_q_tokens()) null_q_token = register_parameter("null_q_token", torch::randn({o.dim()}));
-  q_router = register_module("q_router",
-                             CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(), kwargs)));
-  kv_router = register_module("kv_router", CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(),
-                                                                                  kwargs, o.num_routed_kv())));
-  heavy_attn = register_module(
-      "heavy_attn",
-      Attention(heavy_attention_options(o.dim(), o.heavy_dim_head(), o.heavy_heads(), o.multiply_keys_by_score())));
+  register_heavy_branch(*this, o);
   if (o.rotary_emb()) rotary_emb = register_module("rotary_emb", RotaryEmbedding(o.heavy_dim_head()));
 }
 
@@ -487,19 +455,20 @@ void ConditionalRoutedTransformerBlockImpl::pretty_print(std::ostream& stream) c
 
 void ConditionalRoutedAutoregressiveAttentionImpl::pretty_print(std::ostream& stream) const {
   const auto& o = options;
-  print_module(stream, "ConditionalRoutedAutoregressiveAttention",
-               required_args({{"dim", o.dim()},
-                              {"num_heavy_tokens_q", o.num_heavy_tokens_q()},
-                              {"num_heavy_tokens_kv", o.num_heavy_tokens_kv()}}),
-               o,
-               ConditionalRoutedAutoregressiveAttentionOptions(o.dim(), o.num_heavy_tokens_q(), o.num_heavy_tokens_kv()));
+  print_module(
+      stream, "ConditionalRoutedAutoregressiveAttention",
+      required_args({{"dim", o.dim()},
+                     {"num_heavy_tokens_q", o.num_heavy_tokens_q()},
+                     {"num_heavy_tokens_kv", o.num_heavy_tokens_kv()}}),
+      o, ConditionalRoutedAutoregressiveAttentionOptions(o.dim(), o.num_heavy_tokens_q(), o.num_heavy_tokens_kv()));
 }
 
 void ConditionalRoutedCrossAttentionImpl::pretty_print(std::ostream& stream) const {
   const auto& o = options;
-  print_module(stream, "ConditionalRoutedCrossAttention",
-               required_args({{"dim", o.dim()}, {"num_tokens_q", o.num_tokens_q()}, {"num_tokens_kv", o.num_tokens_kv()}}),
-               o, ConditionalRoutedCrossAttentionOptions(o.dim(), o.num_tokens_q(), o.num_tokens_kv()));
+  print_module(
+      stream, "ConditionalRoutedCrossAttention",
+      required_args({{"dim", o.dim()}, {"num_tokens_q", o.num_tokens_q()}, {"num_tokens_kv", o.num_tokens_kv()}}), o,
+      ConditionalRoutedCrossAttentionOptions(o.dim(), o.num_tokens_q(), o.num_tokens_kv()));
 }
 
 }  // namespace nn

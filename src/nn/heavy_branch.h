@@ -7,6 +7,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/types.h>
 
 #include <cstdint>
 
@@ -54,6 +56,40 @@ AttentionOptions heavy_attention_options(int64_t dim, int64_t dim_head, int64_t 
 inline RouterKwargs module_router_kwargs(RouterKwargs kwargs, bool use_triton) {
   if (use_triton) kwargs.use_triton(true);
   return kwargs;
+}
+
+// Checks the options every routed self-attention has (the routed, autoregressive
+// and image attention): positive sizes, heavy heads split evenly across the
+// key/value sets, an even head width for rotary embeddings.
+template <typename Options>
+void check_routed_attention_options(const char* module, const Options& o, bool rotary) {
+  TORCH_CHECK(o.dim() > 0, module, ": dim must be positive, got ", o.dim());
+  TORCH_CHECK(o.num_heavy_tokens_q() >= 1, module, ": num_heavy_tokens_q must be at least 1, got ",
+              o.num_heavy_tokens_q());
+  TORCH_CHECK(o.num_heavy_tokens_kv() >= 1, module, ": num_heavy_tokens_kv must be at least 1, got ",
+              o.num_heavy_tokens_kv());
+  TORCH_CHECK(o.num_routed_kv() >= 1, module, ": num_routed_kv must be at least 1, got ", o.num_routed_kv());
+  TORCH_CHECK(o.heavy_heads() >= 1 && o.heavy_heads() % o.num_routed_kv() == 0, module, ": heavy_heads (",
+              o.heavy_heads(), ") must be divisible by num_routed_kv (", o.num_routed_kv(), ")");
+  TORCH_CHECK(!rotary || o.heavy_dim_head() % 2 == 0, module, ": rotary_emb needs an even heavy_dim_head, got ",
+              o.heavy_dim_head());
+}
+
+// Registers the heavy branch of a routed self-attention, in the reference's
+// order and under its names: null_q_token (with use_null_q_tokens), q_router,
+// kv_router (one routing token per key/value set), heavy_attn.
+template <typename Impl, typename Options>
+void register_heavy_branch(Impl& m, const Options& o) {
+  const RouterKwargs kwargs = module_router_kwargs(o.router_kwargs(), o.use_triton());
+  m.null_q_token = torch::Tensor();
+  if (o.use_null_q_tokens()) m.null_q_token = m.register_parameter("null_q_token", torch::randn({o.dim()}));
+  m.q_router = m.register_module("q_router",
+                                 CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(), kwargs)));
+  m.kv_router = m.register_module("kv_router", CoordinateDescentRouter(router_options(
+                                                   o.dim(), o.router_straight_through(), kwargs, o.num_routed_kv())));
+  m.heavy_attn = m.register_module(
+      "heavy_attn",
+      Attention(heavy_attention_options(o.dim(), o.heavy_dim_head(), o.heavy_heads(), o.multiply_keys_by_score())));
 }
 
 }  // namespace nn

@@ -32,31 +32,14 @@ ConditionalRoutedImageAttentionImpl::ConditionalRoutedImageAttentionImpl(
 void ConditionalRoutedImageAttentionImpl::reset() {
   const auto& o = options;
   const char* m = "ConditionalRoutedImageAttention";
-  TORCH_CHECK(o.dim() > 0, m, ": dim must be positive, got ", o.dim());
-  TORCH_CHECK(o.num_heavy_tokens_q() >= 1, m, ": num_heavy_tokens_q must be at least 1, got ", o.num_heavy_tokens_q());
-  TORCH_CHECK(o.num_heavy_tokens_kv() >= 1, m, ": num_heavy_tokens_kv must be at least 1, got ",
-              o.num_heavy_tokens_kv());
+  check_routed_attention_options(m, o, /*rotary=*/false);
   TORCH_CHECK(o.light_window_size() >= 1, m, ": light_window_size must be positive, got ", o.light_window_size());
-  TORCH_CHECK(o.num_routed_kv() >= 1, m, ": num_routed_kv must be at least 1, got ", o.num_routed_kv());
-  TORCH_CHECK(o.heavy_heads() >= 1 && o.heavy_heads() % o.num_routed_kv() == 0, m, ": heavy_heads (", o.heavy_heads(),
-              ") must be divisible by num_routed_kv (", o.num_routed_kv(), ")");
-
-  const RouterKwargs kwargs = module_router_kwargs(o.router_kwargs(), o.use_triton());
-
   light_attn = register_module("light_attn", SelfAttention(SelfAttentionOptions(o.dim())
                                                                .dim_head(o.light_dim_head())
                                                                .heads(o.light_heads())
                                                                .prenorm(true)
                                                                .use_flash(true)));
-  null_q_token = torch::Tensor();
-  if (o.use_null_q_tokens()) null_q_token = register_parameter("null_q_token", torch::randn({o.dim()}));
-  q_router = register_module("q_router",
-                             CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(), kwargs)));
-  kv_router = register_module("kv_router", CoordinateDescentRouter(router_options(o.dim(), o.router_straight_through(),
-                                                                                  kwargs, o.num_routed_kv())));
-  heavy_attn = register_module(
-      "heavy_attn",
-      Attention(heavy_attention_options(o.dim(), o.heavy_dim_head(), o.heavy_heads(), o.multiply_keys_by_score())));
+  register_heavy_branch(*this, o);
 }
 
 void ConditionalRoutedImageAttentionImpl::pretty_print(std::ostream& stream) const {
@@ -75,8 +58,7 @@ torch::Tensor ConditionalRoutedImageAttentionImpl::forward(const torch::Tensor& 
   TORCH_CHECK(x_in.defined(), m, ": x is undefined");
   TORCH_CHECK(x_in.is_floating_point(), m, ": x must be floating point, got ", x_in.scalar_type());
   TORCH_CHECK(x_in.dim() == 4, m, ": x must be a 4-D feature map ",
-              options.channel_first() ? "(b, dim, height, width)" : "(b, height, width, dim)", ", got ",
-              x_in.sizes());
+              options.channel_first() ? "(b, dim, height, width)" : "(b, height, width, dim)", ", got ", x_in.sizes());
   auto x = options.channel_first() ? x_in.permute({0, 2, 3, 1}) : x_in;
   TORCH_CHECK(x.size(3) == dim, m, ": x has ", x.size(3), " channels but the module's dim is ", dim,
               options.channel_first() ? " (channel_first: channels are dimension 1)"

@@ -355,106 +355,94 @@ std::shared_ptr<BuiltModule::Impl> build_router(Keywords& k) {
   return impl;
 }
 
-std::shared_ptr<BuiltModule::Impl> build_ff(Keywords& k) {
-  ConditionalRoutedFeedForwardOptions o(k.integer("dim"), k.integer("num_heavy_tokens"));
-  read_options(k, o);
-  ConditionalRoutedFeedForward m(o);
+// A built module of holder type Holder: options read from the config (the
+// required ones first, by the caller), the call's signature, and the call.
+template <typename Holder, typename Options, typename Call>
+std::shared_ptr<BuiltModule::Impl> built(Keywords& k, Options options, Signature signature, Call call) {
+  read_options(k, options);
+  Holder m(options);
   auto impl = std::make_shared<BuiltModule::Impl>();
   impl->module = m.ptr();
-  impl->signature = {{"x", "mask"}, {}, {"num_heavy_tokens"}};
-  impl->call = [m](const CallArgs& a) mutable {
-    return single(m->forward(a.tensor("x"), a.tensor("mask"), a.count("num_heavy_tokens")));
-  };
+  impl->signature = std::move(signature);
+  impl->call = [m, call](const CallArgs& a) mutable { return single(call(*m, a)); };
   return impl;
 }
 
+std::shared_ptr<BuiltModule::Impl> build_ff(Keywords& k) {
+  return built<ConditionalRoutedFeedForward>(
+      k, ConditionalRoutedFeedForwardOptions(k.integer("dim"), k.integer("num_heavy_tokens")),
+      {{"x", "mask"}, {}, {"num_heavy_tokens"}}, [](ConditionalRoutedFeedForwardImpl& m, const CallArgs& a) {
+        return m.forward(a.tensor("x"), a.tensor("mask"), a.count("num_heavy_tokens"));
+      });
+}
+
 std::shared_ptr<BuiltModule::Impl> build_attn(Keywords& k) {
-  ConditionalRoutedAttentionOptions o(k.integer("dim"), k.integer("num_heavy_tokens_q"),
-                                      k.integer("num_heavy_tokens_kv"));
-  read_options(k, o);
-  ConditionalRoutedAttention m(o);
-  auto impl = std::make_shared<BuiltModule::Impl>();
-  impl->module = m.ptr();
-  impl->signature = {{"x"}, {"mask"}, {"num_heavy_tokens_q", "num_heavy_tokens_kv"}};
-  impl->call = [m](const CallArgs& a) mutable {
-    return single(
-        m->forward(a.tensor("x"), a.tensor("mask"), a.count("num_heavy_tokens_q"), a.count("num_heavy_tokens_kv")));
-  };
-  return impl;
+  return built<ConditionalRoutedAttention>(
+      k,
+      ConditionalRoutedAttentionOptions(k.integer("dim"), k.integer("num_heavy_tokens_q"),
+                                        k.integer("num_heavy_tokens_kv")),
+      {{"x"}, {"mask"}, {"num_heavy_tokens_q", "num_heavy_tokens_kv"}},
+      [](ConditionalRoutedAttentionImpl& m, const CallArgs& a) {
+        return m.forward(a.tensor("x"), a.tensor("mask"), a.count("num_heavy_tokens_q"),
+                         a.count("num_heavy_tokens_kv"));
+      });
 }
 
 std::shared_ptr<BuiltModule::Impl> build_block(Keywords& k) {
   const int64_t dim = k.integer("dim");
   const int64_t q = k.integer("num_heavy_attn_tokens_q");
   const int64_t kv = k.integer("num_heavy_attn_tokens_kv");
-  ConditionalRoutedTransformerBlockOptions o(dim, q, kv, k.integer("num_heavy_ff_tokens"));
-  read_options(k, o);
-  ConditionalRoutedTransformerBlock m(o);
-  auto impl = std::make_shared<BuiltModule::Impl>();
-  impl->module = m.ptr();
-  impl->signature = {{"x", "mask"}, {}, {"num_heavy_attn_tokens_q", "num_heavy_attn_tokens_kv", "num_heavy_ff_tokens"}};
-  impl->call = [m](const CallArgs& a) mutable {
-    return single(m->forward(a.tensor("x"), a.tensor("mask"), a.count("num_heavy_attn_tokens_q"),
-                             a.count("num_heavy_attn_tokens_kv"), a.count("num_heavy_ff_tokens")));
-  };
-  return impl;
+  return built<ConditionalRoutedTransformerBlock>(
+      k, ConditionalRoutedTransformerBlockOptions(dim, q, kv, k.integer("num_heavy_ff_tokens")),
+      {{"x", "mask"}, {}, {"num_heavy_attn_tokens_q", "num_heavy_attn_tokens_kv", "num_heavy_ff_tokens"}},
+      [](ConditionalRoutedTransformerBlockImpl& m, const CallArgs& a) {
+        return m.forward(a.tensor("x"), a.tensor("mask"), a.count("num_heavy_attn_tokens_q"),
+                         a.count("num_heavy_attn_tokens_kv"), a.count("num_heavy_ff_tokens"));
+      });
 }
 
 std::shared_ptr<BuiltModule::Impl> build_ar(Keywords& k) {
-  ConditionalRoutedAutoregressiveAttentionOptions o(k.integer("dim"), k.integer("num_heavy_tokens_q"),
-                                                    k.integer("num_heavy_tokens_kv"));
-  read_options(k, o);
-  ConditionalRoutedAutoregressiveAttention m(o);
-  auto impl = std::make_shared<BuiltModule::Impl>();
-  impl->module = m.ptr();
-  impl->signature = {{"x"}, {}, {"num_heavy_tokens_q", "num_heavy_tokens_kv", "random_route"}};
-  impl->call = [m](const CallArgs& a) mutable {
-    return single(m->forward(a.tensor("x"), a.count("num_heavy_tokens_q"), a.count("num_heavy_tokens_kv"),
-                             a.flag("random_route")));
-  };
-  return impl;
+  return built<ConditionalRoutedAutoregressiveAttention>(
+      k,
+      ConditionalRoutedAutoregressiveAttentionOptions(k.integer("dim"), k.integer("num_heavy_tokens_q"),
+                                                      k.integer("num_heavy_tokens_kv")),
+      {{"x"}, {}, {"num_heavy_tokens_q", "num_heavy_tokens_kv", "random_route"}},
+      [](ConditionalRoutedAutoregressiveAttentionImpl& m, const CallArgs& a) {
+        return m.forward(a.tensor("x"), a.count("num_heavy_tokens_q"), a.count("num_heavy_tokens_kv"),
+                         a.flag("random_route"));
+      });
 }
 
 std::shared_ptr<BuiltModule::Impl> build_cross(Keywords& k) {
-  ConditionalRoutedCrossAttentionOptions o(k.integer("dim"), k.integer("num_tokens_q"), k.integer("num_tokens_kv"));
-  read_options(k, o);
-  ConditionalRoutedCrossAttention m(o);
-  auto impl = std::make_shared<BuiltModule::Impl>();
-  impl->module = m.ptr();
-  impl->signature = {{"x", "context"}, {"mask", "context_mask"}, {"num_tokens_q", "num_tokens_kv"}};
-  impl->call = [m](const CallArgs& a) mutable {
-    TORCH_CHECK(a.tensor("context").defined(), "ConditionalRoutedCrossAttention: argument 'context' is required");
-    return single(m->forward(a.tensor("x"), a.tensor("context"), a.tensor("mask"), a.tensor("context_mask"),
-                             a.count("num_tokens_q"), a.count("num_tokens_kv")));
-  };
-  return impl;
+  return built<ConditionalRoutedCrossAttention>(
+      k,
+      ConditionalRoutedCrossAttentionOptions(k.integer("dim"), k.integer("num_tokens_q"), k.integer("num_tokens_kv")),
+      {{"x", "context"}, {"mask", "context_mask"}, {"num_tokens_q", "num_tokens_kv"}},
+      [](ConditionalRoutedCrossAttentionImpl& m, const CallArgs& a) {
+        TORCH_CHECK(a.tensor("context").defined(), "ConditionalRoutedCrossAttention: argument 'context' is required");
+        return m.forward(a.tensor("x"), a.tensor("context"), a.tensor("mask"), a.tensor("context_mask"),
+                         a.count("num_tokens_q"), a.count("num_tokens_kv"));
+      });
 }
 
 std::shared_ptr<BuiltModule::Impl> build_image(Keywords& k) {
-  ConditionalRoutedImageAttentionOptions o(k.integer("dim"), k.integer("num_heavy_tokens_q"),
-                                           k.integer("num_heavy_tokens_kv"));
-  read_options(k, o);
-  ConditionalRoutedImageAttention m(o);
-  auto impl = std::make_shared<BuiltModule::Impl>();
-  impl->module = m.ptr();
-  impl->signature = {{"x"}, {"mask"}, {"num_heavy_tokens_q", "num_heavy_tokens_kv"}};
-  impl->call = [m](const CallArgs& a) mutable {
-    return single(
-        m->forward(a.tensor("x"), a.tensor("mask"), a.count("num_heavy_tokens_q"), a.count("num_heavy_tokens_kv")));
-  };
-  return impl;
+  return built<ConditionalRoutedImageAttention>(
+      k,
+      ConditionalRoutedImageAttentionOptions(k.integer("dim"), k.integer("num_heavy_tokens_q"),
+                                             k.integer("num_heavy_tokens_kv")),
+      {{"x"}, {"mask"}, {"num_heavy_tokens_q", "num_heavy_tokens_kv"}},
+      [](ConditionalRoutedImageAttentionImpl& m, const CallArgs& a) {
+        return m.forward(a.tensor("x"), a.tensor("mask"), a.count("num_heavy_tokens_q"),
+                         a.count("num_heavy_tokens_kv"));
+      });
 }
 
 std::shared_ptr<BuiltModule::Impl> build_vit(Keywords& k) {
-  ConditionalRoutedViTOptions o(k.pair("image_size"), k.pair("patch_size"), k.integer("num_classes"), k.integer("dim"),
-                                k.integer("depth"));
-  read_options(k, o);
-  ConditionalRoutedViT m(o);
-  auto impl = std::make_shared<BuiltModule::Impl>();
-  impl->module = m.ptr();
-  impl->signature = {{"img"}, {}, {}};
-  impl->call = [m](const CallArgs& a) mutable { return single(m->forward(a.tensor("img"))); };
-  return impl;
+  return built<ConditionalRoutedViT>(
+      k,
+      ConditionalRoutedViTOptions(k.pair("image_size"), k.pair("patch_size"), k.integer("num_classes"),
+                                  k.integer("dim"), k.integer("depth")),
+      {{"img"}, {}, {}}, [](ConditionalRoutedViTImpl& m, const CallArgs& a) { return m.forward(a.tensor("img")); });
 }
 
 }  // namespace
