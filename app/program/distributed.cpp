@@ -4,13 +4,17 @@
 
 // app/CMakeLists.txt defines COLT5_WITH_DISTRIBUTED (and COLT5_WITH_NCCL) for
 // this file when the LibTorch found has c10d with Gloo; c10d's headers need
-// the macros of its backends before they are included.
+// the macros of its backends (PyTorch's CMake package defines them too).
 #ifdef COLT5_WITH_DISTRIBUTED
+#ifndef USE_C10D_GLOO
 #define USE_C10D_GLOO
+#endif
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #ifdef COLT5_WITH_NCCL
+#ifndef USE_C10D_NCCL
 #define USE_C10D_NCCL
+#endif
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 #endif
