@@ -404,7 +404,7 @@ TEST(Distributed, StoppedWorkerTimesOutAndAMissingPeerFailsTheRendezvous) {
   wait_for(r1, 30);
   EXPECT_FALSE(e0.timed_out) << describe(e0, r0);
   EXPECT_EQ(e0.code(), 1) << describe(e0, r0);
-  EXPECT_LT(e0.seconds, 4 + 8) << describe(e0, r0);
+  EXPECT_LT(e0.seconds, 4 + 10) << describe(e0, r0);
   EXPECT_NE(r0.stderr_text().find("did not answer within --dist-timeout 4s"), std::string::npos) << r0.stderr_text();
   EXPECT_GE(read_checkpoint_info(dir + "/run").step, 2);
 
@@ -412,9 +412,10 @@ TEST(Distributed, StoppedWorkerTimesOutAndAMissingPeerFailsTheRendezvous) {
   Proc lone = start(tiny_args(dir + "/lone", {"--rank", "1", "--world-size", "2", "--master-port",
                                               std::to_string(free_local_port()), "--dist-timeout", "3"}),
                     dir + "/lone");
-  Exit el = wait_for(lone, 30);
+  Exit el = wait_for(lone, 60);
   EXPECT_EQ(el.code(), 1) << describe(el, lone);
-  EXPECT_LT(el.seconds, 3 + 8) << describe(el, lone);
+  // (from the program's start: loading LibTorch on a busy machine takes part of it)
+  EXPECT_LT(el.seconds, 3 + 20) << describe(el, lone);
   EXPECT_NE(lone.stderr_text().find("rank 1: rendezvous at 127.0.0.1:"), std::string::npos) << lone.stderr_text();
   remove_tree(dir);
 }
