@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -179,7 +180,29 @@ bool wait_until(const std::function<bool()>& cond, double limit_s) {
   return cond();
 }
 
+// A build without the distributed engine (Debian's LibTorch 1.13) refuses
+// several processes with an error saying why, before anything is written.
+void expect_refused() {
+  const std::string dir = temp_dir("refused");
+  Proc p = start(tiny_args(dir + "/run", {"--nproc", "2"}), dir + "/log");
+  Exit e = wait_for(p, 120);
+  EXPECT_EQ(e.code(), 2) << describe(e, p);
+  EXPECT_NE(p.stderr_text().find("built against a LibTorch without c10d and Gloo"), std::string::npos)
+      << p.stderr_text();
+  EXPECT_FALSE(path_exists(dir + "/run"));
+  remove_tree(dir);
+}
+
 }  // namespace
+
+// Each test below checks the data-parallel runs where the build has the
+// engine, and that several processes are refused where it has not.
+#define COLT5_REQUIRE_ENGINE()                             \
+  do {                                                     \
+    require_cli();                                         \
+    if (::testing::Test::HasFatalFailure()) return;        \
+    if (!distributed_available()) return expect_refused(); \
+  } while (0)
 
 // The launcher's environment (as torchrun sets it) places the process; a
 // build without the engine refuses a world of several processes by name.
@@ -237,8 +260,7 @@ TEST(Distributed, SettingsComeFromTheLauncherEnvironment) {
 }
 
 TEST(Distributed, BadSettingsAreClearErrors) {
-  require_cli();
-  if (!distributed_available()) GTEST_FAIL() << "built without the distributed engine: see the test above";
+  COLT5_REQUIRE_ENGINE();
   const std::string dir = temp_dir("bad");
   struct Case {
     std::vector<std::string> extra;
@@ -263,8 +285,7 @@ TEST(Distributed, BadSettingsAreClearErrors) {
 }
 
 TEST(Distributed, TwoProcessesEqualOneWithTheSameGlobalBatch) {
-  require_cli();
-  if (!distributed_available()) GTEST_FAIL() << "built without the distributed engine";
+  COLT5_REQUIRE_ENGINE();
   const std::string dir = temp_dir("equal");
   // Gradient accumulation and gradient clipping take part too.
   const std::vector<std::string> common{"--steps", "6", "--grad-accum", "2", "--clip", "0.5"};
@@ -307,8 +328,7 @@ TEST(Distributed, TwoProcessesEqualOneWithTheSameGlobalBatch) {
 }
 
 TEST(Distributed, ResumedTwoProcessRunEqualsUninterruptedAndAnyWorldSizeResumes) {
-  require_cli();
-  if (!distributed_available()) GTEST_FAIL() << "built without the distributed engine";
+  COLT5_REQUIRE_ENGINE();
   const std::string dir = temp_dir("resume");
   auto with = [&](const std::string& out, std::vector<std::string> extra) { return tiny_args(out, extra); };
   Exit e;
@@ -351,8 +371,7 @@ TEST(Distributed, ResumedTwoProcessRunEqualsUninterruptedAndAnyWorldSizeResumes)
 }
 
 TEST(Distributed, KilledWorkerEndsTheOtherWithinTheTimeoutAndTheCheckpointSurvives) {
-  require_cli();
-  if (!distributed_available()) GTEST_FAIL() << "built without the distributed engine";
+  COLT5_REQUIRE_ENGINE();
   const std::string dir = temp_dir("killed");
   const std::string port = std::to_string(free_local_port());
   const double timeout = 20;
@@ -385,8 +404,7 @@ TEST(Distributed, KilledWorkerEndsTheOtherWithinTheTimeoutAndTheCheckpointSurviv
 }
 
 TEST(Distributed, StoppedWorkerTimesOutAndAMissingPeerFailsTheRendezvous) {
-  require_cli();
-  if (!distributed_available()) GTEST_FAIL() << "built without the distributed engine";
+  COLT5_REQUIRE_ENGINE();
   const std::string dir = temp_dir("stopped");
   const std::string port = std::to_string(free_local_port());
   auto args = [&](int rank) {
@@ -421,8 +439,7 @@ TEST(Distributed, StoppedWorkerTimesOutAndAMissingPeerFailsTheRendezvous) {
 }
 
 TEST(Distributed, LauncherReportsAKilledWorkerAndStopsTheRest) {
-  require_cli();
-  if (!distributed_available()) GTEST_FAIL() << "built without the distributed engine";
+  COLT5_REQUIRE_ENGINE();
   const std::string dir = temp_dir("launcher");
   Proc l = start(tiny_args(dir + "/run", {"--steps", "100000", "--save-every", "2", "--eval-every", "1000", "--nproc",
                                           "2", "--dist-timeout", "20"}),
