@@ -351,7 +351,7 @@ void Trainer::open_run_dir() {
 void Trainer::print_header(std::ostream& os) const {
   if (o_.quiet) return;
   os << "colt5 train: " << (work_->is_task() ? "retrieval task" : "text '" + t_.data + "'") << ", "
-     << arch_name(m_.arch) << " model, " << count_parameters(*model_) << " parameters, device "
+     << arch_name(m_.arch) << " model, " << count_parameters(*model_.ptr()) << " parameters, device "
      << device_description(device_) << "\n";
   if (work_->is_task())
     os << "  task: " << t_.seq_len << " tokens, " << t_.task_pairs << " key/value pair(s) in positions [0, "
