@@ -306,7 +306,7 @@ TEST(Distributed, TwoProcessesEqualOneWithTheSameGlobalBatch) {
   ASSERT_EQ(b.step, 6);
   EXPECT_EQ(b.train.batch_size, 4);  // the global batch is what the checkpoint records
   const double diff = max_weight_difference(a.dir, b.dir);
-  EXPECT_LT(diff, 2e-5) << "the two-process run's weights differ from the one-process run's";
+  EXPECT_LT(diff, 5e-5) << "the two-process run's weights differ from the one-process run's";
   // The comparison is not vacuous: training moved the weights well beyond that.
   Proc init = start(tiny_args(dir + "/init", {"--steps", "6", "--stop-after", "1", "--lr", "1e-12", "--warmup", "0"}),
                     dir + "/init");
@@ -363,7 +363,7 @@ TEST(Distributed, ResumedTwoProcessRunEqualsUninterruptedAndAnyWorldSizeResumes)
   auto oa = colt5::load_safetensors(s.dir + "/optimizer.safetensors");
   auto ob = colt5::load_safetensors(r.dir + "/optimizer.safetensors");
   for (const auto& kv : oa.tensors) EXPECT_TRUE(torch::equal(kv.second, ob.at(kv.first))) << kv.first;
-  EXPECT_LT(max_weight_difference(s.dir, one.dir), 2e-5);
+  EXPECT_LT(max_weight_difference(s.dir, one.dir), 5e-5);
   auto rows = read_metrics(dir + "/half/metrics.csv");
   ASSERT_EQ(rows.size(), 6u);
   for (size_t i = 0; i < rows.size(); ++i) EXPECT_EQ(rows[i].step, static_cast<int64_t>(i + 1));
