@@ -107,36 +107,48 @@ Exit run(const std::vector<std::string>& args, const std::string& log_prefix, do
   return wait_for(start(args, log_prefix), limit_s);
 }
 
-// A tiny routed model on the retrieval task; `extra` adds or overrides flags.
-std::vector<std::string> tiny_args(const std::string& out, std::vector<std::string> extra = {}) {
-  std::vector<std::string> a{"train", "--threads",
-                             "1",     "--progress",
-                             "never", "--out",
-                             out,     "--dim",
-                             "32",    "--depth",
-                             "1",     "--light-heads",
-                             "2",     "--light-dim-head",
-                             "16",    "--heavy-heads",
-                             "2",     "--heavy-dim-head",
-                             "16",    "--window",
-                             "16",    "--heavy-q",
-                             "8",     "--heavy-kv",
-                             "16",    "--heavy-ff-tokens",
-                             "8",     "--seq-len",
-                             "96",    "--batch",
-                             "4",     "--warmup",
-                             "2",     "--eval-every",
-                             "3",     "--save-every",
-                             "3",     "--log-every",
-                             "1",     "--task-keys",
-                             "8",     "--task-values",
-                             "8",     "--task-filler",
-                             "16",    "--task-pairs",
-                             "2",     "--task-eval-size",
-                             "16",    "--lm-weight",
-                             "0.1",   "--seed",
-                             "7"};
-  a.insert(a.end(), extra.begin(), extra.end());
+// A tiny routed model on the retrieval task; `extra` (flag, value, ...) adds or overrides flags.
+std::vector<std::string> tiny_args(const std::string& out, const std::vector<std::string>& extra = {}) {
+  std::vector<std::pair<std::string, std::string>> flags{{"--threads", "1"},
+                                                         {"--progress", "never"},
+                                                         {"--out", out},
+                                                         {"--dim", "32"},
+                                                         {"--depth", "1"},
+                                                         {"--light-heads", "2"},
+                                                         {"--light-dim-head", "16"},
+                                                         {"--heavy-heads", "2"},
+                                                         {"--heavy-dim-head", "16"},
+                                                         {"--window", "16"},
+                                                         {"--heavy-q", "8"},
+                                                         {"--heavy-kv", "16"},
+                                                         {"--heavy-ff-tokens", "8"},
+                                                         {"--seq-len", "96"},
+                                                         {"--batch", "4"},
+                                                         {"--warmup", "2"},
+                                                         {"--eval-every", "3"},
+                                                         {"--save-every", "3"},
+                                                         {"--log-every", "1"},
+                                                         {"--task-keys", "8"},
+                                                         {"--task-values", "8"},
+                                                         {"--task-filler", "16"},
+                                                         {"--task-pairs", "2"},
+                                                         {"--task-eval-size", "16"},
+                                                         {"--lm-weight", "0.1"},
+                                                         {"--seed", "7"}};
+  for (size_t i = 0; i + 1 < extra.size(); i += 2) {
+    bool replaced = false;
+    for (auto& f : flags)
+      if (f.first == extra[i]) {
+        f.second = extra[i + 1];
+        replaced = true;
+      }
+    if (!replaced) flags.emplace_back(extra[i], extra[i + 1]);
+  }
+  std::vector<std::string> a{"train"};
+  for (const auto& f : flags) {
+    a.push_back(f.first);
+    a.push_back(f.second);
+  }
   return a;
 }
 
