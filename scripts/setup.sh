@@ -3,12 +3,13 @@
 # nothing when everything is present.
 #   Debian: compilers and build tools, Debian's LibTorch 1.13 (CPU) with the
 #           OpenBLAS it needs for fast matrix products, GoogleTest, CLI11,
-#           nlohmann-json, clang (the fuzzer).
+#           nlohmann-json, clang (the fuzzer), Gloo's headers (data-parallel
+#           training; PyTorch's LibTorch has Gloo built in but ships no headers).
 #   PyPI:   torch 2.11 (its LibTorch, with CUDA, is the main build).
 set -euo pipefail
 
 DEB_PACKAGES=(cmake ninja-build g++ git libtorch-dev libopenblas0-pthread googletest libgtest-dev
-  nlohmann-json3-dev libcli11-dev clang libclang-rt-14-dev)
+  nlohmann-json3-dev libcli11-dev clang libclang-rt-14-dev libgloo-dev)
 TORCH_VERSION=${COLT5_TORCH_VERSION:-2.11.0}
 PYTHON=${PYTHON:-python3}
 

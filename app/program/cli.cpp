@@ -17,6 +17,7 @@
 
 #include "program/checkpoint.h"
 #include "program/commands.h"
+#include "program/distributed.h"
 #include "program/train.h"
 
 namespace colt5 {
@@ -132,6 +133,7 @@ struct TrainCommand {
   std::string split_arg, progress = "auto";
   CLI::Option *light_only = nullptr, *dense = nullptr, *split = nullptr, *no_amp = nullptr;
   std::vector<std::pair<size_t, CLI::Option*>> model_flags, train_flags;
+  std::vector<std::string> args;  // the command line, for the workers of --nproc
 
   void add(CLI::App& app, int64_t& threads) {
     cmd = app.add_subcommand("train", kTrainHelp);
@@ -158,6 +160,28 @@ struct TrainCommand {
         ->capture_default_str()
         ->check(CLI::IsMember({"auto", "always", "never"}))
         ->group("Run");
+    const auto integer = exact_integer<int64_t>();
+    cmd->add_option("--nproc", o.dist.nproc,
+                    "data-parallel: start N worker processes on this machine (--batch stays the global batch)")
+        ->capture_default_str()
+        ->check(integer)
+        ->group("Distributed");
+    cmd->add_option("--rank", o.dist.rank, "this process's rank, 0..world-size-1 (default: $RANK, else 0)")
+        ->check(integer)
+        ->group("Distributed");
+    cmd->add_option("--world-size", o.dist.world_size, "processes in the run (default: $WORLD_SIZE, else 1)")
+        ->check(integer)
+        ->group("Distributed");
+    cmd->add_option("--master-addr", o.dist.master_addr, "host of rank 0 (default: $MASTER_ADDR, else 127.0.0.1)")
+        ->group("Distributed");
+    cmd->add_option("--master-port", o.dist.master_port,
+                    "rendezvous port on rank 0 (default: $MASTER_PORT, else 29500)")
+        ->check(integer)
+        ->group("Distributed");
+    cmd->add_option("--dist-timeout", o.dist.timeout_s,
+                    "seconds to wait for the other processes (rendezvous, each all-reduce) before failing")
+        ->capture_default_str()
+        ->group("Distributed");
   }
 
   // On --resume: the checkpoint's settings, with the resumable flags that were given.
@@ -171,7 +195,7 @@ struct TrainCommand {
         throw UsageError(opt->get_name() +
                          " cannot change on --resume: model and training settings come from the checkpoint "
                          "(only --steps, --stop-after, --device, --data, --eval-every, --save-every, --log-every, "
-                         "--out may be given)");
+                         "--out and the distributed flags may be given)");
     CheckpointInfo info = read_checkpoint_info(o.resume);
     TrainConfig rt = info.train;
     for (auto& [i, opt] : train_flags) {
@@ -201,6 +225,14 @@ struct TrainCommand {
     else if (!t.data.empty())
       m.vocab_size = 256;
     o.interactive = progress == "always" || (progress == "auto" && ::isatty(STDOUT_FILENO) == 1);
+    o.dist = resolve_dist_options(o.dist);
+    if (o.dist.nproc > 1) {
+      if (t.batch_size % o.dist.nproc != 0)
+        throw UsageError("--batch " + std::to_string(t.batch_size) +
+                         " (the global batch) is not divisible by --nproc " + std::to_string(o.dist.nproc) +
+                         "; use a multiple of " + std::to_string(o.dist.nproc));
+      return launch_local_workers(o.dist.nproc, args, o.dist.timeout_s);
+    }
     Trainer(m, t, o).run(std::cout);
     return 0;
   }
@@ -293,6 +325,7 @@ int run_cli(int argc, const char* const* argv, const std::function<int(const std
   SampleCommand sample;
   BenchCommand bench;
   train.add(app, threads);
+  train.args.assign(argv, argv + argc);
   eval.add(app, threads);
   sample.add(app, threads);
   bench.add(app, threads);

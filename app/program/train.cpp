@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <exception>
 #include <sstream>
 
 #include "program/plot.h"
@@ -143,19 +144,26 @@ Workload::Workload(const TrainConfig& t, const ModelConfig& m, int64_t max_text_
 }
 
 Batch Workload::train_batch(int64_t step, int64_t micro) const {
-  return task_ ? task_->train_batch(t_.seed, step, micro) : text_->train_batch(t_.seed, step, micro);
+  Batch b = task_ ? task_->train_batch(t_.seed, step, micro) : text_->train_batch(t_.seed, step, micro);
+  if (world_ > 1) {
+    const int64_t rows = b.tokens.size(0) / world_;
+    b.tokens = b.tokens.narrow(0, rank_ * rows, rows);
+    b.targets = b.targets.narrow(0, rank_ * rows, rows);
+  }
+  return b;
 }
 
 EvalResult evaluate(LanguageModel& model, const Workload& w, const TrainConfig& t, const std::string& split,
-                    int64_t count, const torch::Device& device) {
+                    int64_t count, const torch::Device& device, int rank, int world) {
   torch::NoGradGuard no_grad;
   const bool was_training = model->is_training();
   model->eval();
   AutocastGuard autocast(device.is_cuda() && t.amp);
   EvalResult r;
   double loss_sum = 0;
-  int64_t correct = 0, n = 0;
+  int64_t correct = 0, n = 0, index = 0;
   auto run = [&](const Batch& b) {
+    if (index++ % world != rank) return;
     Batch d{b.tokens.to(device), b.targets.to(device)};
     BatchLoss bl = batch_loss(model, d, w.is_task(), 0.0, true);
     loss_sum += bl.loss.item<double>() * static_cast<double>(bl.count);
@@ -168,11 +176,11 @@ EvalResult evaluate(LanguageModel& model, const Workload& w, const TrainConfig& 
       const int64_t len = std::min(t.batch_size, all.tokens.size(0) - i);
       run(Batch{all.tokens.narrow(0, i, len), all.targets.narrow(0, i, len)});
     }
-    r.accuracy = static_cast<double>(correct) / static_cast<double>(n);
+    r.accuracy = n > 0 ? static_cast<double>(correct) / static_cast<double>(n) : NAN;
   } else {
     for (const auto& b : w.text()->eval_batches(split, count)) run(b);
   }
-  r.loss = loss_sum / static_cast<double>(n);
+  r.loss = n > 0 ? loss_sum / static_cast<double>(n) : NAN;
   r.bpc = r.loss / std::log(2.0);
   r.count = n;
   if (was_training) model->train();
@@ -222,7 +230,11 @@ std::vector<MetricsRow> read_metrics(const std::string& path) {
 
 Trainer::Trainer(ModelConfig m, TrainConfig t, TrainOptions o) : m_(std::move(m)), t_(std::move(t)), o_(std::move(o)) {}
 
-Trainer::~Trainer() = default;
+Trainer::~Trainer() {
+  // After a failure the process group's threads may still wait on a lost
+  // peer: the group is left to the process's exit rather than joined here.
+  if (std::uncaught_exceptions() > 0 && group_) (void)group_.release();
+}
 
 double Trainer::since_start() const { return std::chrono::duration<double>(Clock::now() - t0_).count(); }
 
@@ -240,7 +252,17 @@ void Trainer::setup() {
   m_.max_seq_len = std::max(m_.max_seq_len, t_.seq_len);
   validate(t_, m_);
   device_ = parse_device(t_.device);
+  const int world = static_cast<int>(std::max<int64_t>(1, o_.dist.world_size));
+  if (world > 1) {
+    if (t_.batch_size % world != 0)
+      throw UsageError("--batch " + std::to_string(t_.batch_size) + " (the global batch) is not divisible by the " +
+                       std::to_string(world) + " processes; use a multiple of " + std::to_string(world));
+    device_ = process_device(device_, o_.dist);
+    group_ = ProcessGroup::join(o_.dist, device_);
+    if (group_->rank() != 0) o_.quiet = true;
+  }
   work_ = std::make_unique<Workload>(t_, m_, o_.max_text_bytes);
+  if (group_) work_->shard(group_->rank(), group_->world_size());
   // Stored as an absolute path, so evaluating from another folder finds it.
   if (!is_task(t_)) t_.data = absolute_path(t_.data);
 
@@ -264,9 +286,32 @@ void Trainer::setup() {
     load_model_weights(*model_, resume_ckpt_ + "/model.safetensors");
     load_optimizer(resume_ckpt_ + "/optimizer.safetensors", *model_, *opt_, start_step_);
   }
+  for (const auto& p : model_->parameters())
+    if (p.requires_grad()) params_.push_back(p);
+  last_saved_ = start_step_;
   end_step_ = t_.stop_after > 0 ? std::min(t_.stop_after, t_.steps) : t_.steps;
-  tokens_per_step_ = t_.batch_size * t_.seq_len * t_.grad_accum;
-  open_run_dir();
+  tokens_per_step_ = t_.batch_size * t_.seq_len * t_.grad_accum;  // global: --batch is the global batch
+  if (!group_) {
+    open_run_dir();
+    return;
+  }
+  // Every process starts from rank 0's weights; rank 0 alone writes the run directory.
+  std::vector<torch::Tensor> state = model_->parameters();
+  for (const auto& b : model_->buffers()) state.push_back(b);
+  group_->broadcast(state);
+  std::exception_ptr failure;
+  if (is_rank0()) {
+    try {
+      open_run_dir();
+    } catch (...) {
+      failure = std::current_exception();
+    }
+  }
+  const bool ok = group_->all(!failure);
+  if (failure) std::rethrow_exception(failure);
+  if (!ok)
+    throw std::runtime_error("rank " + std::to_string(group_->rank()) +
+                             ": rank 0 could not open the run directory (see its message)");
 }
 
 void Trainer::open_run_dir() {
@@ -306,7 +351,7 @@ void Trainer::open_run_dir() {
 void Trainer::print_header(std::ostream& os) const {
   if (o_.quiet) return;
   os << "colt5 train: " << (work_->is_task() ? "retrieval task" : "text '" + t_.data + "'") << ", "
-     << arch_name(m_.arch) << " model, " << count_parameters(*model_) << " parameters, device "
+     << arch_name(m_.arch) << " model, " << count_parameters(*model_.ptr()) << " parameters, device "
      << device_description(device_) << "\n";
   if (work_->is_task())
     os << "  task: " << t_.seq_len << " tokens, " << t_.task_pairs << " key/value pair(s) in positions [0, "
@@ -316,6 +361,9 @@ void Trainer::print_header(std::ostream& os) const {
   else
     os << "  splits: train " << work_->text()->size("train") << ", valid " << work_->text()->size("valid") << ", test "
        << work_->text()->size("test") << " bytes\n";
+  if (group_)
+    os << "  data-parallel: " << group_->world_size() << " processes (" << group_->backend() << "), "
+       << t_.batch_size / group_->world_size() << " of the " << t_.batch_size << " sequences of a batch each\n";
   if (start_step_ > 0) os << "  resumed from " << resume_ckpt_ << " at step " << start_step_ << "\n";
   os.flush();
 }
@@ -336,6 +384,8 @@ double Trainer::train_step(int64_t step) {
     loss.backward();
     step_loss += loss.item<double>();
   }
+  // Averaged gradients and loss: every process makes the same update.
+  if (group_) step_loss = group_->average_gradients(params_, step_loss);
   if (!std::isfinite(step_loss))
     throw std::runtime_error("training diverged: loss is " + fmt(step_loss) + " at step " + std::to_string(step) +
                              "; try a lower --lr");
@@ -393,13 +443,27 @@ void Trainer::report_step(std::ostream& os, int64_t step, double step_loss, doub
   if (do_eval) evaluate_now(os, step, row);
   if (do_log || do_eval) {
     rows_.push_back(row);
-    metrics_ << to_csv(row) << "\n";
-    metrics_.flush();
+    if (metrics_.is_open()) {
+      metrics_ << to_csv(row) << "\n";
+      metrics_.flush();
+    }
   }
 }
 
 void Trainer::evaluate_now(std::ostream& os, int64_t step, MetricsRow& row) {
-  EvalResult ev = evaluate(model_, *work_, t_, "valid", t_.eval_batches * t_.batch_size, device_);
+  EvalResult ev = group_ ? evaluate(model_, *work_, t_, "valid", t_.eval_batches * t_.batch_size, device_,
+                                    group_->rank(), group_->world_size())
+                         : evaluate(model_, *work_, t_, "valid", t_.eval_batches * t_.batch_size, device_);
+  if (group_) {
+    // Each process evaluated its share of the batches: the sums over all of them.
+    const double n = static_cast<double>(ev.count);
+    const auto s =
+        group_->sum({ev.count > 0 ? ev.loss * n : 0.0, ev.count > 0 && work_->is_task() ? ev.accuracy * n : 0.0, n});
+    ev.count = static_cast<int64_t>(s[2]);
+    ev.loss = s[0] / s[2];
+    ev.bpc = ev.loss / std::log(2.0);
+    if (work_->is_task()) ev.accuracy = s[1] / s[2];
+  }
   if (first_eval_) result_.first_valid = ev;
   first_eval_ = false;
   result_.last_valid = ev;
@@ -425,6 +489,8 @@ void Trainer::evaluate_now(std::ostream& os, int64_t step, MetricsRow& row) {
 }
 
 void Trainer::save(int64_t step) {
+  last_saved_ = step;
+  if (!is_rank0()) return;
   CheckpointState state;
   state.step = step;
   state.run_id = run_id_;
@@ -456,12 +522,20 @@ TrainResult Trainer::run(std::ostream& os) {
   result_.run_dir = o_.out_dir;
   result_.step = start_step_;
   t0_ = last_log_ = Clock::now();
-  for (int64_t step = start_step_ + 1; step <= end_step_; ++step) {
-    const double lr = learning_rate(t_, step);
-    const double loss = train_step(step);
-    result_.step = step;
-    report_step(os, step, loss, lr);
-    if (step % t_.save_every == 0 || step == end_step_) save(step);
+  try {
+    for (int64_t step = start_step_ + 1; step <= end_step_; ++step) {
+      const double lr = learning_rate(t_, step);
+      const double loss = train_step(step);
+      result_.step = step;
+      report_step(os, step, loss, lr);
+      if (step % t_.save_every == 0 || step == end_step_) save(step);
+    }
+  } catch (const DistributedError& e) {
+    throw DistributedError(std::string(e.what()) + "; " +
+                           (last_saved_ > 0
+                                ? "the newest checkpoint is " + o_.out_dir + "/" + checkpoint_name(last_saved_) +
+                                      " (continue with --resume " + o_.out_dir + ")"
+                                : std::string("no checkpoint was written")));
   }
   result_.seconds = since_start();
   print_summary(os);

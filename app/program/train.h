@@ -18,6 +18,7 @@
 #include "program/checkpoint.h"
 #include "program/config.h"
 #include "program/data.h"
+#include "program/distributed.h"
 #include "program/files.h"
 #include "program/model.h"
 
@@ -48,7 +49,13 @@ class Workload {
  public:
   Workload(const TrainConfig& t, const ModelConfig& m, int64_t max_text_bytes = 0);
   bool is_task() const { return task_ != nullptr; }
+  // This process's rows of the global batch of (step, micro).
   Batch train_batch(int64_t step, int64_t micro) const;
+  // Data-parallel runs: process `rank` of `world` takes the rank-th of `world` equal row blocks.
+  void shard(int rank, int world) {
+    rank_ = rank;
+    world_ = world;
+  }
   const RetrievalTask* task() const { return task_.get(); }
   const TextData* text() const { return text_.get(); }
 
@@ -56,6 +63,7 @@ class Workload {
   TrainConfig t_;
   std::unique_ptr<RetrievalTask> task_;
   std::unique_ptr<TextData> text_;
+  int rank_ = 0, world_ = 1;
 };
 
 struct EvalResult {
@@ -66,8 +74,9 @@ struct EvalResult {
 };
 
 // count: text windows to use (<= 0: the whole split); ignored for the task.
+// rank/world: only every world-th batch, from the rank-th (data-parallel runs sum the results).
 EvalResult evaluate(LanguageModel& model, const Workload& w, const TrainConfig& t, const std::string& split,
-                    int64_t count, const torch::Device& device);
+                    int64_t count, const torch::Device& device, int rank = 0, int world = 1);
 
 // One row of metrics.csv; NaN fields are written empty.
 struct MetricsRow {
@@ -86,6 +95,7 @@ struct TrainOptions {
   bool quiet = false;          // no output at all (tests)
   int64_t max_text_bytes = 0;  // > 0: use only the first bytes of --data (tests)
   int keep_checkpoints = 2;
+  DistOptions dist;  // world_size > 1: one process of a data-parallel run (resolve_dist_options)
 };
 
 struct TrainResult {
@@ -115,6 +125,7 @@ class Trainer {
   void save(int64_t step);
   void print_summary(std::ostream& os) const;
   double since_start() const;
+  bool is_rank0() const { return !group_ || group_->rank() == 0; }
 
   ModelConfig m_;
   TrainConfig t_;
@@ -124,6 +135,9 @@ class Trainer {
   LanguageModel model_{nullptr};
   std::unique_ptr<torch::optim::AdamW> opt_;
   std::unique_ptr<RunLock> lock_;
+  std::unique_ptr<ProcessGroup> group_;  // data-parallel runs
+  std::vector<torch::Tensor> params_;
+  int64_t last_saved_ = 0;
   std::string resume_ckpt_, run_id_, metrics_path_, plot_path_;
   int64_t start_step_ = 0, end_step_ = 0, tokens_per_step_ = 0;
   double prior_elapsed_ = 0;
