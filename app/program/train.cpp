@@ -10,6 +10,7 @@
 #include <exception>
 #include <sstream>
 
+#include "colt5/compat.h"
 #include "program/plot.h"
 
 namespace colt5 {
@@ -19,21 +20,9 @@ namespace app {
 
 namespace {
 
-#if defined(TORCH_VERSION_MAJOR) && TORCH_VERSION_MAJOR >= 2
-bool cuda_autocast_enabled() { return at::autocast::is_autocast_enabled(at::kCUDA); }
-at::ScalarType cuda_autocast_dtype() { return at::autocast::get_autocast_dtype(at::kCUDA); }
-void set_cuda_autocast(bool enabled, at::ScalarType dtype) {
-  at::autocast::set_autocast_dtype(at::kCUDA, dtype);
-  at::autocast::set_autocast_enabled(at::kCUDA, enabled);
-}
-#else
-bool cuda_autocast_enabled() { return at::autocast::is_enabled(); }
-at::ScalarType cuda_autocast_dtype() { return at::autocast::get_autocast_gpu_dtype(); }
-void set_cuda_autocast(bool enabled, at::ScalarType dtype) {
-  at::autocast::set_autocast_gpu_dtype(dtype);
-  at::autocast::set_enabled(enabled);
-}
-#endif
+bool cuda_autocast_enabled() { return compat::autocast_enabled(at::kCUDA); }
+at::ScalarType cuda_autocast_dtype() { return compat::autocast_dtype(at::kCUDA); }
+void set_cuda_autocast(bool enabled, at::ScalarType dtype) { compat::set_autocast(at::kCUDA, enabled, dtype); }
 
 const char* kMetricsHeader = "step,lr,train_loss,valid_loss,valid_bpc,valid_accuracy,tokens_per_s,elapsed_s";
 
