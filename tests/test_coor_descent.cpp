@@ -207,7 +207,7 @@ TEST(CoorDescent, BadArgumentsAreClearErrors) {
   expect_error([&] { colt5::coor_descent(s, 2.0, CoorDescentOptions().eps(0)); }, "eps must be a positive");
   expect_error([&] { colt5::coor_descent(s, 2.0, CoorDescentOptions().eps_decay(1.5)); }, "eps_decay");
   expect_error([&] { colt5::coor_descent(s, 2.0, CoorDescentOptions().n_iters(4).checkpoint_segments(5)); },
-              "checkpoint_segments");
+               "checkpoint_segments");
   expect_error([&] { colt5::coor_descent(s, 2.0, {}, torch::ones({2, 9}, torch::kBool)); }, "mask must have the shape");
   expect_error([&] { colt5::coor_descent(s, 2.0, {}, torch::ones({2, 10})); }, "mask must be a bool tensor");
   expect_error([&] { colt5::coor_descent(torch::ones({2, 10}, torch::kLong), 2.0); }, "must be float32");

@@ -13,8 +13,8 @@
 #include "colt5/nn/local_attention.h"
 #include "support/expect_error.h"
 
-using colt5::testing::max_rel_error;
 using colt5::testing::expect_error;
+using colt5::testing::max_rel_error;
 
 namespace {
 

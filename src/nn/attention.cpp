@@ -209,8 +209,7 @@ torch::Tensor attend_projected(AttentionImpl& a, const torch::Tensor& x, const t
       mask = mask_in.unsqueeze(2).expand({batch, routes, heads_per_route, m}).reshape({batch, h, 1, m});
     } else {
       TORCH_CHECK(mask_in.dim() == 2 && mask_in.size(0) == batch && mask_in.size(1) == m,
-                  "Attention: mask must be (b, m) = (", batch, ", ", m, ") or (b, routes, m), got ",
-                  mask_in.sizes());
+                  "Attention: mask must be (b, m) = (", batch, ", ", m, ") or (b, routes, m), got ", mask_in.sizes());
       mask = mask_in.view({batch, 1, 1, m});
     }
     mask = torch::constant_pad_nd(mask, {1, 0}, 1);

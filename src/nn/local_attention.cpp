@@ -224,8 +224,8 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
   if (mask_in.defined()) {
     TORCH_CHECK(mask_in.scalar_type() == at::kBool, "LocalAttention: mask must be a bool tensor, got ",
                 mask_in.scalar_type());
-    TORCH_CHECK(mask_in.dim() == 2 && mask_in.size(1) == orig_n, "LocalAttention: mask must be (b, ", orig_n,
-                "), got ", mask_in.sizes());
+    TORCH_CHECK(mask_in.dim() == 2 && mask_in.size(1) == orig_n, "LocalAttention: mask must be (b, ", orig_n, "), got ",
+                mask_in.sizes());
     TORCH_CHECK(mask_in.size(0) > 0 && B % mask_in.size(0) == 0, "LocalAttention: mask batch ", mask_in.size(0),
                 " must divide the ", B, " folded batch-head rows");
     TORCH_CHECK(mask_in.device() == q.device(), "LocalAttention: mask is on ", mask_in.device(), " but q is on ",
@@ -308,8 +308,8 @@ void LocalMHAImpl::pretty_print(std::ostream& stream) const {
 torch::Tensor LocalMHAImpl::forward(const torch::Tensor& x_in, const torch::Tensor& mask) {
   TORCH_CHECK(x_in.defined(), "LocalMHA: x is undefined");
   TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), "LocalMHA: x must be floating point, got ", x_in.scalar_type());
-  TORCH_CHECK(x_in.dim() == 3 && x_in.size(2) == options.dim(), "LocalMHA: x must be (b, n, ", options.dim(),
-              "), got ", x_in.sizes());
+  TORCH_CHECK(x_in.dim() == 3 && x_in.size(2) == options.dim(), "LocalMHA: x must be (b, n, ", options.dim(), "), got ",
+              x_in.sizes());
   const int64_t b = x_in.size(0), n = x_in.size(1), h = options.heads(), dh = options.dim_head();
   TORCH_CHECK(n >= 1, "LocalMHA: x has an empty sequence");
   if (mask.defined()) {

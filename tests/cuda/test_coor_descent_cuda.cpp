@@ -25,7 +25,6 @@ uint64_t fresh_seed() {
 
 torch::Device cuda() { return torch::Device(torch::kCUDA, 0); }
 
-
 CoorDescentOptions router_options(int64_t iters = 20, int64_t segments = 0) {
   return colt5::testing::router_schedule().n_iters(iters).checkpoint_segments(segments);
 }

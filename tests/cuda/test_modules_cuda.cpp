@@ -19,7 +19,6 @@ using colt5::testing::max_rel_error;
 
 torch::Device cuda() { return torch::Device(torch::kCUDA, 0); }
 
-
 // A sorted copy of each row's indices: the routed set.
 torch::Tensor routed_set(const torch::Tensor& idx) { return std::get<0>(idx.cpu().sort(-1)); }
 
