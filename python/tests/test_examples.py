@@ -58,8 +58,8 @@ CASES = {
     ),
     "topk": (
         [],
-        {"values": (1024, 512), "indices": (1024, 10), "coor_descent_values": (1024, 512), "gates": (1024, 10)},
-        {"values": (1024, 512), "indices": (1024, 10), "coor_descent_values": (1024, 512), "gates": (1024, 10)},
+        {"values": (1024, 10), "indices": (1024, 10), "coor_descent_values": (1024, 10), "gates": (1024, 10)},
+        {"values": (1024, 10), "indices": (1024, 10), "coor_descent_values": (1024, 10), "gates": (1024, 10)},
     ),
 }
 
