@@ -471,3 +471,78 @@ TEST(Distributed, LauncherReportsAKilledWorkerAndStopsTheRest) {
   EXPECT_GE(read_checkpoint_info(dir + "/run").step, 2);
   remove_tree(dir);
 }
+
+// The gradient buckets are all-reduced while the backward runs: with small
+// buckets, most start before the backward ends, and the averaged gradients of
+// a world of one equal the plain ones exactly, with accumulation over two
+// backwards, a parameter without a gradient and one used twice.
+TEST(Distributed, GradientBucketsStartDuringTheBackwardAndAverageExactly) {
+  COLT5_REQUIRE_ENGINE();
+  DistOptions o;
+  o.rank = 0;
+  o.world_size = 1;
+  o.master_port = free_local_port();
+  o.timeout_s = 30;
+  o = resolve_dist_options(o);
+  EXPECT_TRUE(o.explicit_group);
+  auto group = ProcessGroup::join(o, torch::kCPU);
+  ASSERT_EQ(group->world_size(), 1);
+  group->bucket_bytes = 64 * 64 * 4;  // one 64x64 float matrix per bucket
+
+  torch::manual_seed(3);
+  std::vector<torch::Tensor> params;
+  for (int i = 0; i < 8; ++i) params.push_back(torch::randn({64, 64}).requires_grad_(true));
+  torch::Tensor unused = torch::randn({5}).requires_grad_(true);
+  params.push_back(unused);
+  auto loss_of = [&](const torch::Tensor& x) {
+    torch::Tensor h = x;
+    for (int i = 0; i < 8; ++i) h = torch::tanh(torch::matmul(h, params[static_cast<size_t>(i)]));
+    return (h * h).sum() + params[0].sum();  // params[0] takes part twice
+  };
+  torch::Tensor x1 = torch::randn({16, 64}), x2 = torch::randn({16, 64});
+
+  // Reference gradients: two accumulated backwards, no group.
+  loss_of(x1).backward();
+  loss_of(x2).backward();
+  std::vector<torch::Tensor> expected;
+  for (int i = 0; i < 8; ++i) expected.push_back(params[static_cast<size_t>(i)].grad().clone());
+  for (auto& p : params) p.mutable_grad() = torch::Tensor();
+
+  group->attach_gradients(params);
+  EXPECT_EQ(group->gradient_buckets(), 9);  // 8 matrices, and the 5-vector alone (a matrix does not fit beside it)
+  for (int round = 0; round < 2; ++round) {
+    for (auto& p : params) p.mutable_grad() = torch::Tensor();
+    loss_of(x1).backward();  // an earlier micro-batch: not armed, nothing starts
+    torch::Tensor loss = loss_of(x2);
+    group->arm_gradients(loss);
+    loss.backward();
+    const double mean = group->finish_gradients(2.5);
+    EXPECT_DOUBLE_EQ(mean, 2.5);
+    // Every bucket started inside the backward: the matrices' as the backward
+    // reached them, the unused parameter's (first in order) at once.
+    EXPECT_EQ(group->buckets_started_in_backward(), 9);
+    for (int i = 0; i < 8; ++i)
+      EXPECT_TRUE(torch::equal(params[static_cast<size_t>(i)].grad(), expected[static_cast<size_t>(i)])) << i;
+    EXPECT_FALSE(unused.grad().defined());
+  }
+}
+
+// `--world-size 1` (or a launcher's WORLD_SIZE=1) joins a process group of one
+// and trains exactly as a plain run does.
+TEST(Distributed, AWorldOfOneJoinsAGroupAndEqualsAPlainRun) {
+  COLT5_REQUIRE_ENGINE();
+  const std::string dir = temp_dir("one");
+  const std::vector<std::string> common{"--steps", "3", "--grad-accum", "2"};
+  Proc plain = start(tiny_args(dir + "/plain", common), dir + "/plain");
+  Exit e1 = wait_for(plain, 240);
+  ASSERT_EQ(e1.code(), 0) << describe(e1, plain);
+  auto args = tiny_args(dir + "/group", common);
+  args.insert(args.end(), {"--world-size", "1", "--rank", "0", "--master-port", std::to_string(free_local_port())});
+  Proc group = start(args, dir + "/group");
+  Exit e2 = wait_for(group, 240);
+  ASSERT_EQ(e2.code(), 0) << describe(e2, group);
+  EXPECT_NE(group.stdout_text().find("data-parallel: 1 process (gloo)"), std::string::npos) << group.stdout_text();
+  EXPECT_EQ(max_weight_difference(read_checkpoint_info(dir + "/plain").dir, read_checkpoint_info(dir + "/group").dir),
+            0.0);
+  remove_tree(dir);
+}

@@ -10,6 +10,7 @@
 #define USE_C10D_GLOO
 #endif
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/autograd/functions/accumulate_grad.h>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #ifdef COLT5_WITH_NCCL
 #ifndef USE_C10D_NCCL
@@ -38,7 +39,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <thread>
+#include <unordered_set>
 
 #include "program/commands.h"
 #include "program/error.h"
@@ -82,6 +85,7 @@ DistOptions resolve_dist_options(DistOptions o) {
   }
   if (o.rank < 0) o.rank = env_int("RANK");
   if (o.world_size < 0) o.world_size = env_int("WORLD_SIZE");
+  o.explicit_group = (o.launched || o.rank >= 0 || o.world_size >= 0) && distributed_available();
   if (o.world_size < 0) o.world_size = o.nproc > 1 ? o.nproc : 1;
   if (o.rank < 0) o.rank = 0;
   if (o.world_size < 1) throw UsageError("--world-size must be at least 1, got " + std::to_string(o.world_size));
@@ -135,6 +139,29 @@ torch::Device process_device(const torch::Device& requested, const DistOptions& 
 
 #ifdef COLT5_WITH_DISTRIBUTED
 
+// Buckets of gradients, filled by the parameters' hooks during the backward.
+struct GradientBuckets {
+  struct Bucket {
+    std::vector<int64_t> members;  // parameter indices
+    std::vector<int64_t> offsets;  // of each member in `flat`
+    torch::Tensor flat;
+    int64_t pending = 0;  // members still to fill in this round
+    bool started = false;
+  };
+  std::vector<torch::Tensor> params;
+  std::vector<int64_t> bucket_of;  // parameter index -> bucket
+  std::vector<int64_t> slot_of;    // parameter index -> position in its bucket
+  std::vector<char> filled;        // parameter index -> filled in this round
+  std::vector<Bucket> buckets;
+  std::vector<std::pair<torch::Tensor, unsigned>> hooks;
+  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+  size_t next_start = 0;  // buckets start in index order
+  int64_t started_in_backward = 0;
+  bool armed = false;
+  std::mutex mutex;
+};
+
+
 struct ProcessGroup::Impl {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::Backend> backend;
@@ -163,10 +190,30 @@ struct ProcessGroup::Impl {
     std::vector<at::Tensor> v{std::move(t)};
     return backend->allreduce(v);
   }
+
+  std::unique_ptr<GradientBuckets> grads;
+  // Starts every complete bucket from the next in index order (the caller
+  // holds grads->mutex).
+  void start_ready_buckets();
+  ~Impl();
 };
 
 ProcessGroup::ProcessGroup(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 ProcessGroup::~ProcessGroup() = default;
+
+void ProcessGroup::Impl::start_ready_buckets() {
+  while (grads->next_start < grads->buckets.size() && grads->buckets[grads->next_start].pending == 0) {
+    auto& bk = grads->buckets[grads->next_start++];
+    bk.started = true;
+    grads->works.push_back(allreduce(bk.flat));
+  }
+}
+
+ProcessGroup::Impl::~Impl() {
+  if (!grads) return;
+  for (auto& [p, h] : grads->hooks) p.remove_hook(h);
+}
+
 int ProcessGroup::rank() const { return impl_->rank; }
 int ProcessGroup::world_size() const { return impl_->world; }
 const char* ProcessGroup::backend() const { return impl_->device.is_cuda() ? "nccl" : "gloo"; }
@@ -229,59 +276,179 @@ std::unique_ptr<ProcessGroup> ProcessGroup::join(const DistOptions& o, const tor
   return std::unique_ptr<ProcessGroup>(new ProcessGroup(std::move(impl)));
 }
 
-double ProcessGroup::average_gradients(const std::vector<torch::Tensor>& params, double value) {
+namespace {
+
+torch::Tensor member_view(GradientBuckets::Bucket& bk, const torch::Tensor& p, size_t slot) {
+  return bk.flat.narrow(0, bk.offsets[slot], p.numel()).view(p.sizes());
+}
+
+}  // namespace
+
+void ProcessGroup::attach_gradients(const std::vector<torch::Tensor>& params) {
+  if (impl_->grads) throw std::logic_error("ProcessGroup::attach_gradients called twice");
+  auto gb = std::make_unique<GradientBuckets>();
+  GradientBuckets& G = *gb;
+  G.params = params;
+  const int64_t n = static_cast<int64_t>(params.size());
+  G.bucket_of.assign(static_cast<size_t>(n), -1);
+  G.slot_of.assign(static_cast<size_t>(n), -1);
+  G.filled.assign(static_cast<size_t>(n), 0);
+  int64_t bytes = 0, numel = 0;
+  for (int64_t i = n - 1; i >= 0; --i) {
+    const torch::Tensor& p = params[static_cast<size_t>(i)];
+    const int64_t b = p.numel() * static_cast<int64_t>(p.element_size());
+    if (G.buckets.empty() || bytes + b > bucket_bytes ||
+        params[static_cast<size_t>(G.buckets.back().members.front())].scalar_type() != p.scalar_type()) {
+      if (!G.buckets.empty())
+        G.buckets.back().flat = torch::zeros({numel}, params[static_cast<size_t>(G.buckets.back().members.front())]
+                                                          .options()
+                                                          .requires_grad(false));
+      G.buckets.emplace_back();
+      bytes = 0;
+      numel = 0;
+    }
+    auto& bk = G.buckets.back();
+    G.bucket_of[static_cast<size_t>(i)] = static_cast<int64_t>(G.buckets.size()) - 1;
+    G.slot_of[static_cast<size_t>(i)] = static_cast<int64_t>(bk.members.size());
+    bk.members.push_back(i);
+    bk.offsets.push_back(numel);
+    bytes += b;
+    numel += p.numel();
+  }
+  if (!G.buckets.empty())
+    G.buckets.back().flat =
+        torch::zeros({numel}, params[static_cast<size_t>(G.buckets.back().members.front())].options().requires_grad(false));
+
+  Impl* impl = impl_.get();
+  for (int64_t i = 0; i < n; ++i) {
+    torch::Tensor p = params[static_cast<size_t>(i)];
+    const unsigned h = p.register_hook([impl, i](const torch::Tensor& grad) {
+      GradientBuckets& g = *impl->grads;
+      std::lock_guard<std::mutex> lock(g.mutex);
+      if (!g.armed || g.filled[static_cast<size_t>(i)]) return;
+      const torch::Tensor& param = g.params[static_cast<size_t>(i)];
+      auto& bk = g.buckets[static_cast<size_t>(g.bucket_of[static_cast<size_t>(i)])];
+      torch::NoGradGuard no_grad;
+      torch::Tensor dst = member_view(bk, param, static_cast<size_t>(g.slot_of[static_cast<size_t>(i)]));
+      // The hook sees this backward's gradient before it is added to what
+      // earlier micro-batches left in .grad; the bucket gets the sum.
+      if (param.grad().defined())
+        torch::add_out(dst, param.grad(), grad);
+      else
+        dst.copy_(grad);
+      g.filled[static_cast<size_t>(i)] = 1;
+      if (--bk.pending == 0) impl->start_ready_buckets();
+    });
+    G.hooks.emplace_back(p, h);
+  }
+  impl_->grads = std::move(gb);
+}
+
+namespace {
+
+// The leaves whose gradients the backward of `loss` accumulates.
+std::unordered_set<const c10::TensorImpl*> reached_leaves(const torch::Tensor& loss) {
+  std::unordered_set<const c10::TensorImpl*> leaves;
+  if (!loss.defined()) return leaves;
+  if (!loss.grad_fn()) {
+    if (loss.requires_grad()) leaves.insert(loss.unsafeGetTensorImpl());
+    return leaves;
+  }
+  std::unordered_set<const torch::autograd::Node*> seen;
+  std::vector<torch::autograd::Node*> stack{loss.grad_fn().get()};
+  seen.insert(stack.back());
+  while (!stack.empty()) {
+    torch::autograd::Node* node = stack.back();
+    stack.pop_back();
+    if (auto* acc = dynamic_cast<torch::autograd::AccumulateGrad*>(node)) {
+      leaves.insert(acc->variable.unsafeGetTensorImpl());
+      continue;
+    }
+    for (const auto& edge : node->next_edges()) {
+      torch::autograd::Node* next = edge.function.get();
+      if (next != nullptr && seen.insert(next).second) stack.push_back(next);
+    }
+  }
+  return leaves;
+}
+
+}  // namespace
+
+void ProcessGroup::arm_gradients(const torch::Tensor& loss) {
+  GradientBuckets& G = *impl_->grads;
+  const auto reached = reached_leaves(loss);
+  std::lock_guard<std::mutex> lock(G.mutex);
+  std::fill(G.filled.begin(), G.filled.end(), 0);
+  torch::NoGradGuard no_grad;
+  for (auto& bk : G.buckets) {
+    bk.pending = static_cast<int64_t>(bk.members.size());
+    bk.started = false;
+    // A parameter the backward will not reach: what earlier micro-batches
+    // left in .grad (or zeros) goes in now.
+    for (size_t s = 0; s < bk.members.size(); ++s) {
+      const torch::Tensor& p = G.params[static_cast<size_t>(bk.members[s])];
+      if (reached.count(p.unsafeGetTensorImpl()) != 0) continue;
+      torch::Tensor dst = member_view(bk, p, s);
+      if (p.grad().defined())
+        dst.copy_(p.grad());
+      else
+        dst.zero_();
+      --bk.pending;
+    }
+  }
+  G.works.clear();
+  G.next_start = 0;
+  G.armed = true;
+}
+
+double ProcessGroup::finish_gradients(double value) {
   Impl& g = *impl_;
+  GradientBuckets& G = *g.grads;
   ++g.round;
   torch::NoGradGuard no_grad;
-  const int64_t n = static_cast<int64_t>(params.size());
-  // Header: the value, then 1 for each parameter with a gradient here.
+  const int64_t n = static_cast<int64_t>(G.params.size());
   torch::Tensor header = torch::zeros({1 + n}, torch::TensorOptions().dtype(torch::kDouble));
-  auto h = header.accessor<double, 1>();
-  h[0] = value;
-  for (int64_t i = 0; i < n; ++i) h[1 + i] = params[i].grad().defined() ? 1.0 : 0.0;
+  {
+    std::lock_guard<std::mutex> lock(G.mutex);
+    if (!G.armed) throw std::logic_error("ProcessGroup::finish_gradients without arm_gradients");
+    G.armed = false;
+    G.started_in_backward = static_cast<int64_t>(G.next_start);
+    // Header: the value, then 1 for each parameter with a gradient here.
+    auto h = header.accessor<double, 1>();
+    h[0] = value;
+    for (int64_t i = 0; i < n; ++i)
+      h[1 + i] = G.filled[static_cast<size_t>(i)] || G.params[static_cast<size_t>(i)].grad().defined() ? 1.0 : 0.0;
+    // The buckets the backward did not complete, from .grad or zeros.
+    for (auto& bk : G.buckets) {
+      if (bk.started || bk.pending == 0) continue;
+      for (size_t s = 0; s < bk.members.size(); ++s) {
+        const int64_t i = bk.members[s];
+        if (G.filled[static_cast<size_t>(i)]) continue;
+        const torch::Tensor& p = G.params[static_cast<size_t>(i)];
+        torch::Tensor dst = member_view(bk, p, s);
+        if (p.grad().defined())
+          dst.copy_(p.grad());
+        else
+          dst.zero_();
+      }
+      bk.pending = 0;
+    }
+    g.start_ready_buckets();
+  }
   header = header.to(g.device);
-  std::vector<c10::intrusive_ptr<c10d::Work>> works{g.allreduce(header)};
-
-  // Buckets in reverse parameter order (the order in which the backward
-  // finishes them), each of one dtype.
-  struct Bucket {
-    std::vector<int64_t> members;
-    torch::Tensor flat;
-  };
-  std::vector<Bucket> buckets;
-  int64_t bytes = 0;
-  for (int64_t i = n - 1; i >= 0; --i) {
-    const torch::Tensor& p = params[i];
-    const int64_t b = p.numel() * static_cast<int64_t>(p.element_size());
-    if (buckets.empty() || bytes + b > bucket_bytes ||
-        params[buckets.back().members.front()].scalar_type() != p.scalar_type()) {
-      buckets.emplace_back();
-      bytes = 0;
-    }
-    buckets.back().members.push_back(i);
-    bytes += b;
-  }
-  for (auto& bk : buckets) {
-    std::vector<torch::Tensor> parts;
-    for (int64_t i : bk.members) {
-      const torch::Tensor& p = params[i];
-      parts.push_back(p.grad().defined() ? p.grad().reshape({-1}) : torch::zeros({p.numel()}, p.options()));
-    }
-    bk.flat = torch::cat(parts);
-    works.push_back(g.allreduce(bk.flat));
-  }
-  g.wait(works, "gradient all-reduce");
+  G.works.push_back(g.allreduce(header));
+  g.wait(G.works, "gradient all-reduce");
+  G.works.clear();
 
   header = header.to(torch::kCPU);
   auto hs = header.accessor<double, 1>();
   const double world = static_cast<double>(g.world);
-  for (auto& bk : buckets) {
+  for (auto& bk : G.buckets) {
     bk.flat.div_(world);
-    int64_t offset = 0;
-    for (int64_t i : bk.members) {
-      const torch::Tensor& p = params[i];
-      torch::Tensor avg = bk.flat.narrow(0, offset, p.numel()).view(p.sizes());
-      offset += p.numel();
+    for (size_t s = 0; s < bk.members.size(); ++s) {
+      const int64_t i = bk.members[s];
+      const torch::Tensor& p = G.params[static_cast<size_t>(i)];
+      torch::Tensor avg = member_view(bk, p, s);
       if (hs[1 + i] == 0)
         p.mutable_grad() = torch::Tensor();
       else if (p.grad().defined())
@@ -291,6 +458,19 @@ double ProcessGroup::average_gradients(const std::vector<torch::Tensor>& params,
     }
   }
   return hs[0] / world;
+}
+
+int64_t ProcessGroup::gradient_buckets() const {
+  return impl_->grads ? static_cast<int64_t>(impl_->grads->buckets.size()) : 0;
+}
+int64_t ProcessGroup::buckets_started_in_backward() const {
+  return impl_->grads ? impl_->grads->started_in_backward : 0;
+}
+
+double ProcessGroup::average_gradients(const std::vector<torch::Tensor>& params, double value) {
+  if (!impl_->grads) attach_gradients(params);
+  arm_gradients(torch::Tensor());
+  return finish_gradients(value);
 }
 
 std::vector<double> ProcessGroup::sum(const std::vector<double>& values) {
@@ -326,6 +506,11 @@ const char* ProcessGroup::backend() const { return "none"; }
 std::unique_ptr<ProcessGroup> ProcessGroup::join(const DistOptions&, const torch::Device&) {
   throw UsageError("this colt5 was built without the distributed engine (c10d with Gloo)");
 }
+void ProcessGroup::attach_gradients(const std::vector<torch::Tensor>&) {}
+void ProcessGroup::arm_gradients(const torch::Tensor&) {}
+double ProcessGroup::finish_gradients(double value) { return value; }
+int64_t ProcessGroup::gradient_buckets() const { return 0; }
+int64_t ProcessGroup::buckets_started_in_backward() const { return 0; }
 double ProcessGroup::average_gradients(const std::vector<torch::Tensor>&, double value) { return value; }
 std::vector<double> ProcessGroup::sum(const std::vector<double>& values) { return values; }
 bool ProcessGroup::all(bool ok) { return ok; }

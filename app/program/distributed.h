@@ -37,6 +37,7 @@ struct DistOptions {
   int64_t master_port = -1;  // --master-port: its TCPStore port
   double timeout_s = 300;    // --dist-timeout: rendezvous and every collective
   bool launched = false;     // started by `--nproc` (COLT5_LAUNCHED is set)
+  bool explicit_group = false;  // --rank, --world-size or RANK/WORLD_SIZE given: join a group even of one
 };
 
 // Fills the unset fields from the environment and checks everything
@@ -65,11 +66,32 @@ class ProcessGroup {
   int world_size() const;
   const char* backend() const;  // "gloo" or "nccl"
 
-  // Averages the gradients of `params` over the processes, in flat buckets
-  // of at most bucket_bytes launched together. A parameter without a gradient
-  // on every process keeps none; one that has a gradient on some gets the
-  // average with zeros for the others. Returns the mean of `value` over the
-  // processes (the step's loss), reduced in the same round.
+  // Gradient averaging overlapped with the backward, as DistributedDataParallel
+  // does it. attach_gradients() groups `params` into flat buckets of at most
+  // bucket_bytes (reverse parameter order: the order in which the backward
+  // finishes them) and hooks each parameter. arm_gradients() before the last
+  // backward of a step: as that backward produces a parameter's gradient (plus
+  // what earlier micro-batches accumulated), it is copied into its bucket, and
+  // a bucket whose gradients are all there is all-reduced at once, while the
+  // backward goes on. The parameters `loss`'s graph does not reach get no
+  // gradient from it: they count as zeros from the start, so their buckets do
+  // not wait for them. Buckets start in index order on every process, so the
+  // collectives match. finish_gradients() starts the buckets the backward did
+  // not complete (parameters without a gradient count as zeros), waits, and
+  // writes the averages into the gradients. A parameter without a gradient on
+  // every process keeps none; one with a gradient on some gets the average
+  // with zeros for the others. Returns the mean of `value` over the processes
+  // (the step's loss), reduced in the same round.
+  void attach_gradients(const std::vector<torch::Tensor>& params);
+  void arm_gradients(const torch::Tensor& loss);
+  double finish_gradients(double value);
+
+  // The buckets of attach_gradients(), and how many of them the last
+  // finish_gradients() found already started during the backward.
+  int64_t gradient_buckets() const;
+  int64_t buckets_started_in_backward() const;
+
+  // Both in one call, after the backward (no overlap).
   double average_gradients(const std::vector<torch::Tensor>& params, double value);
 
   // Element-wise sums over the processes (float64).
@@ -79,7 +101,7 @@ class ProcessGroup {
   // Copies rank 0's values into `tensors` on every process.
   void broadcast(const std::vector<torch::Tensor>& tensors);
 
-  int64_t bucket_bytes = int64_t{25} << 20;
+  int64_t bucket_bytes = int64_t{25} << 20;  // read by attach_gradients()
 
  private:
   struct Impl;

@@ -242,7 +242,7 @@ void Trainer::setup() {
   validate(t_, m_);
   device_ = parse_device(t_.device);
   const int world = static_cast<int>(std::max<int64_t>(1, o_.dist.world_size));
-  if (world > 1) {
+  if (world > 1 || o_.dist.explicit_group) {
     if (t_.batch_size % world != 0)
       throw UsageError("--batch " + std::to_string(t_.batch_size) + " (the global batch) is not divisible by the " +
                        std::to_string(world) + " processes; use a multiple of " + std::to_string(world));
@@ -288,6 +288,7 @@ void Trainer::setup() {
   std::vector<torch::Tensor> state = model_->parameters();
   for (const auto& b : model_->buffers()) state.push_back(b);
   group_->broadcast(state);
+  group_->attach_gradients(params_);
   std::exception_ptr failure;
   if (is_rank0()) {
     try {
@@ -351,7 +352,8 @@ void Trainer::print_header(std::ostream& os) const {
     os << "  splits: train " << work_->text()->size("train") << ", valid " << work_->text()->size("valid") << ", test "
        << work_->text()->size("test") << " bytes\n";
   if (group_)
-    os << "  data-parallel: " << group_->world_size() << " processes (" << group_->backend() << "), "
+    os << "  data-parallel: " << group_->world_size() << (group_->world_size() == 1 ? " process (" : " processes (")
+       << group_->backend() << "), "
        << t_.batch_size / group_->world_size() << " of the " << t_.batch_size << " sequences of a batch each\n";
   if (start_step_ > 0) os << "  resumed from " << resume_ckpt_ << " at step " << start_step_ << "\n";
   os.flush();
@@ -370,11 +372,13 @@ double Trainer::train_step(int64_t step) {
       AutocastGuard autocast(device_.is_cuda() && t_.amp);
       loss = batch_loss(model_, d, work_->is_task(), t_.lm_weight, false).loss / static_cast<double>(t_.grad_accum);
     }
+    // The last backward of the step all-reduces the gradient buckets as they fill.
+    if (group_ && micro + 1 == t_.grad_accum) group_->arm_gradients(loss);
     loss.backward();
     step_loss += loss.item<double>();
   }
   // Averaged gradients and loss: every process makes the same update.
-  if (group_) step_loss = group_->average_gradients(params_, step_loss);
+  if (group_) step_loss = group_->finish_gradients(step_loss);
   if (!std::isfinite(step_loss))
     throw std::runtime_error("training diverged: loss is " + fmt(step_loss) + " at step " + std::to_string(step) +
                              "; try a lower --lr");
