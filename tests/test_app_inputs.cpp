@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cmath>
 #include <functional>
 #include <string>
@@ -18,6 +19,7 @@
 #include "program/commands.h"
 #include "program/config.h"
 #include "program/files.h"
+#include "program/model.h"
 #include "program/train.h"
 
 using namespace colt5::app;
@@ -508,4 +510,81 @@ TEST(AppBench, DenseModelIsTimedBesideRoutedAndLightOnlyWithPeakMemory) {
   ASSERT_EQ(r.status, 0) << r.err;
   for (const char* row : {"\nrouted ", "\nlight-only ", "\ndense ", "peak MiB", "routed / dense time"})
     EXPECT_CONTAINS(r.out, row);
+}
+
+// The parameter estimate behind the memory check follows the real count of
+// each kind of model, and a run that cannot fit is refused before anything
+// is built, naming the estimate, what is available and the flags to change.
+TEST(AppInputs, RunsThatCannotFitAreRefusedEarlyWithTheEstimate) {
+  for (Arch arch : {Arch::routed, Arch::light_only, Arch::dense})
+    for (int64_t dim : {32, 256}) {
+      ModelConfig m = tiny_model();
+      m.arch = arch;
+      m.attn.dim(dim).light_heads(4).light_dim_head(dim / 4).heavy_heads(4).heavy_dim_head(dim / 4);
+      m.depth = 2;
+      m.max_seq_len = 512;
+      const double real = static_cast<double>(count_parameters(*LanguageModel(m)));
+      const double estimate = estimate_parameters(m);
+      EXPECT_LE(estimate, real) << arch_name(arch) << " dim " << dim;  // a lower bound: nothing that fits is refused
+      EXPECT_GT(estimate, 0.9 * real) << arch_name(arch) << " dim " << dim;
+    }
+  // Training needs more than a forward, and memory grows with the tokens.
+  const ModelConfig m = tiny_model();
+  EXPECT_GT(estimate_memory(m, 2, 96, true, false).bytes, estimate_memory(m, 2, 96, false, false).bytes);
+  EXPECT_GT(estimate_memory(m, 4, 96, true, false).bytes, 1.5 * estimate_memory(m, 2, 96, true, false).bytes);
+  const double available = available_memory(torch::kCPU);
+  ASSERT_TRUE(std::isfinite(available));
+  EXPECT_GT(available, 0);
+
+  const std::string dir = temp_dir("fit");
+  // 2^20 sequences of 8192 tokens at width 512: petabytes, refused at once.
+  const auto t0 = std::chrono::steady_clock::now();
+  CliResult r = cli({"train", "--out", dir + "/run", "--batch", "1048576", "--seq-len", "8192", "--dim", "512",
+                     "--steps", "1", "--progress", "never"});
+  EXPECT_EQ(r.status, 2) << r.err;
+  EXPECT_CONTAINS(r.err, "training (1048576 sequences per process and step) cannot fit: it needs about ");
+  EXPECT_CONTAINS(r.err, "but this machine has ");
+  EXPECT_CONTAINS(r.err, "use a smaller --batch, --seq-len, --dim or --depth");
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 10.0);
+  EXPECT_FALSE(path_exists(dir + "/run/metrics.csv"));
+  r = cli({"bench", "--batch", "1048576", "--seq-len", "8192", "--dim", "512"});
+  EXPECT_EQ(r.status, 2) << r.err;
+  EXPECT_CONTAINS(r.err, "colt5 bench's routed model cannot fit");
+  remove_tree(dir);
+}
+
+// The command line's check-only mode (the command-line fuzzer's entry)
+// accepts what the program would start with and refuses what it would refuse,
+// without running anything or reading any file.
+TEST(AppInputs, CheckOnlyCommandLineChecksWithoutRunning) {
+  auto check = [](std::vector<std::string> args) {
+    args.insert(args.begin(), "colt5");
+    std::vector<const char*> argv;
+    for (const auto& a : args) argv.push_back(a.c_str());
+    testing::internal::CaptureStdout();
+    testing::internal::CaptureStderr();
+    const int status =
+        run_cli(static_cast<int>(argv.size()), argv.data(), [](const std::string&) { return 0; }, true);
+    testing::internal::GetCapturedStdout();
+    const std::string err = testing::internal::GetCapturedStderr();
+    return std::make_pair(status, err);
+  };
+  const std::string dir = temp_dir("check");
+  EXPECT_EQ(check({"train", "--out", dir + "/run", "--steps", "100000"}).first, 0);
+  EXPECT_FALSE(path_exists(dir + "/run"));  // nothing ran
+  EXPECT_EQ(check({"train", "--resume", "/nonexistent/run"}).first, 0);  // no file is read
+  auto r = check({"train", "--seq-len", "0"});
+  EXPECT_EQ(r.first, 2);
+  EXPECT_CONTAINS(r.second, "--seq-len");
+  r = check({"train", "--resume", "x", "--dim", "64"});
+  EXPECT_EQ(r.first, 2);
+  EXPECT_CONTAINS(r.second, "--dim cannot change on --resume");
+  r = check({"sample", "--ckpt", "x", "--prompt", "a", "--temperature", "nan"});
+  EXPECT_EQ(r.first, 2);
+  EXPECT_CONTAINS(r.second, "--temperature must be a finite number");
+  r = check({"bench", "--iters", "0"});
+  EXPECT_EQ(r.first, 2);
+  EXPECT_CONTAINS(r.second, "--iters >= 1");
+  EXPECT_EQ(check({"eval", "--ckpt", "/nonexistent/run"}).first, 0);
+  remove_tree(dir);
 }

@@ -104,12 +104,16 @@ void add_threads(CLI::App* app, int64_t& threads) {
       ->check(exact_integer<int64_t>());
 }
 
-void set_threads(int64_t threads) {
+void check_threads(int64_t threads) {
   const int cores = available_cores();
   if (threads < 0) throw UsageError("--threads must be >= 0, got " + std::to_string(threads));
   if (threads > cores)
     throw UsageError("--threads " + std::to_string(threads) + " is more than the " + std::to_string(cores) +
                      " cores this process may use");
+}
+
+void set_threads(int64_t threads) {
+  check_threads(threads);
   if (threads > 0) at::set_num_threads(static_cast<int>(threads));
 }
 
@@ -184,8 +188,9 @@ struct TrainCommand {
         ->group("Distributed");
   }
 
-  // On --resume: the checkpoint's settings, with the resumable flags that were given.
-  void settings_from_checkpoint() {
+  // On --resume, the flags that may not be given with it (the model and
+  // training settings come from the checkpoint).
+  void check_resume_flags() const {
     std::vector<CLI::Option*> fixed{light_only, dense, split, no_amp};
     for (auto& [i, opt] : model_flags) fixed.push_back(opt);
     for (auto& [i, opt] : train_flags)
@@ -196,6 +201,10 @@ struct TrainCommand {
                          " cannot change on --resume: model and training settings come from the checkpoint "
                          "(only --steps, --stop-after, --device, --data, --eval-every, --save-every, --log-every, "
                          "--out and the distributed flags may be given)");
+  }
+
+  // On --resume: the checkpoint's settings, with the resumable flags that were given.
+  void settings_from_checkpoint() {
     CheckpointInfo info = read_checkpoint_info(o.resume);
     TrainConfig rt = info.train;
     for (auto& [i, opt] : train_flags) {
@@ -207,7 +216,9 @@ struct TrainCommand {
     t = rt;
   }
 
-  int run() {
+  // Everything the command line decides; check_only stops before reading a
+  // checkpoint and checks the settings instead.
+  void prepare(bool check_only) {
     if (!split_arg.empty()) {
       double a = 0, b = 0;
       char comma = 0;
@@ -220,19 +231,29 @@ struct TrainCommand {
     t.amp = no_amp->count() == 0;
     if (light_only->count() > 0) m.arch = Arch::light_only;
     if (dense->count() > 0) m.arch = Arch::dense;
-    if (!o.resume.empty())
-      settings_from_checkpoint();
-    else if (!t.data.empty())
+    if (!o.resume.empty()) {
+      check_resume_flags();
+      if (!check_only) settings_from_checkpoint();
+    } else if (!t.data.empty()) {
       m.vocab_size = 256;
+    }
     o.interactive = progress == "always" || (progress == "auto" && ::isatty(STDOUT_FILENO) == 1);
     o.dist = resolve_dist_options(o.dist);
-    if (o.dist.nproc > 1) {
-      if (t.batch_size % o.dist.nproc != 0)
-        throw UsageError("--batch " + std::to_string(t.batch_size) +
-                         " (the global batch) is not divisible by --nproc " + std::to_string(o.dist.nproc) +
-                         "; use a multiple of " + std::to_string(o.dist.nproc));
-      return launch_local_workers(o.dist.nproc, args, o.dist.timeout_s);
+    if (o.dist.nproc > 1 && t.batch_size % o.dist.nproc != 0)
+      throw UsageError("--batch " + std::to_string(t.batch_size) + " (the global batch) is not divisible by --nproc " +
+                       std::to_string(o.dist.nproc) + "; use a multiple of " + std::to_string(o.dist.nproc));
+    if (check_only && o.resume.empty()) {
+      ModelConfig mm = m;
+      TrainConfig tt = t;
+      if (is_task(tt)) mm.vocab_size = task_vocab(tt);
+      mm.max_seq_len = std::max(mm.max_seq_len, tt.seq_len);
+      validate(tt, mm);
     }
+  }
+
+  int run() {
+    prepare(false);
+    if (o.dist.nproc > 1) return launch_local_workers(o.dist.nproc, args, o.dist.timeout_s);
     Trainer(m, t, o).run(std::cout);
     return 0;
   }
@@ -251,6 +272,7 @@ struct EvalCommand {
     cmd->add_option("--data", data, "text file, if it moved since training");
   }
   int run() { return run_eval(ckpt, split, device, data); }
+  void check() const {}  // CLI11 checked every flag
 };
 
 struct SampleCommand {
@@ -277,6 +299,7 @@ struct SampleCommand {
     so.echo = !no_echo;
     return run_sample(ckpt, so);
   }
+  void check() const { check_sample_options(so); }
 };
 
 struct BenchCommand {
@@ -304,6 +327,7 @@ struct BenchCommand {
     bo.amp = !no_amp;
     return run_bench(m, bo);
   }
+  void check() const { check_bench_options(m, bo); }
 };
 
 int report(int status, const char* message) {
@@ -314,7 +338,8 @@ int report(int status, const char* message) {
 
 }  // namespace
 
-int run_cli(int argc, const char* const* argv, const std::function<int(const std::string&)>& golden) {
+int run_cli(int argc, const char* const* argv, const std::function<int(const std::string&)>& golden,
+            bool check_only) {
   CLI::App app{"colt5: CoLT5 conditionally routed attention and feedforward — train, evaluate, sample, benchmark"};
   app.require_subcommand(1);
   app.footer("Run `colt5 SUBCOMMAND --help` for its flags; docs/program.md has examples.");
@@ -341,6 +366,13 @@ int run_cli(int argc, const char* const* argv, const std::function<int(const std
     return app.exit(e);
   }
   try {
+    if (check_only) {
+      check_threads(threads);
+      if (train.cmd->parsed()) train.prepare(true);
+      if (sample.cmd->parsed()) sample.check();
+      if (bench.cmd->parsed()) bench.check();
+      return 0;
+    }
     set_threads(threads);
     if (train.cmd->parsed()) return train.run();
     if (eval.cmd->parsed()) return eval.run();

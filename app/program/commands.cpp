@@ -81,12 +81,16 @@ int64_t next_byte(torch::Tensor logits, double temperature, int64_t top_k, std::
 
 }  // namespace
 
-int run_sample(const std::string& ckpt, const SampleOptions& o) {
+void check_sample_options(const SampleOptions& o) {
   if (o.length < 0) throw UsageError("--length must be >= 0");
   if (!std::isfinite(o.temperature) || o.temperature < 0)
     throw UsageError("--temperature must be a finite number >= 0 (0: greedy)");
   if (o.top_k < 0) throw UsageError("--top-k must be >= 0 (0: no limit)");
   if (o.prompt.empty()) throw UsageError("--prompt must not be empty");
+}
+
+int run_sample(const std::string& ckpt, const SampleOptions& o) {
+  check_sample_options(o);
   LoadedModel lm = load_model(ckpt, o.device);
   if (is_task(lm.info.train) || lm.info.model.vocab_size != 256)
     throw UsageError("'" + lm.info.dir +
@@ -178,9 +182,10 @@ double peak_memory_mib(bool cuda) {
 
 }  // namespace
 
-int run_bench(ModelConfig m, const BenchOptions& o) {
+void check_bench_options(const ModelConfig& model, const BenchOptions& o) {
   if (o.batch < 1 || o.seq_len < 2 || o.iters < 1 || o.warmup < 0)
     throw UsageError("--batch >= 1, --seq-len >= 2, --iters >= 1 and --warmup-iters >= 0 are required");
+  ModelConfig m = model;
   m.max_seq_len = std::max(m.max_seq_len, o.seq_len);
   TrainConfig t;
   t.data = "bench";  // not the task: any vocabulary
@@ -188,6 +193,11 @@ int run_bench(ModelConfig m, const BenchOptions& o) {
   t.batch_size = o.batch;
   t.device = o.device;
   validate(t, m);
+}
+
+int run_bench(ModelConfig m, const BenchOptions& o) {
+  check_bench_options(m, o);
+  m.max_seq_len = std::max(m.max_seq_len, o.seq_len);
   const torch::Device device = parse_device(o.device);
   const bool cuda = device.is_cuda();
   const auto& a = m.attn;
@@ -207,6 +217,8 @@ int run_bench(ModelConfig m, const BenchOptions& o) {
   for (Arch arch : archs) {
     ModelConfig mv = m;
     mv.arch = arch;
+    check_memory_fits(mv, o.batch, o.seq_len, true, cuda && o.amp, device,
+                      std::string("colt5 bench's ") + arch_name(arch) + " model");
     torch::manual_seed(0);
     LanguageModel model(mv);
     model->to(device);

@@ -22,6 +22,8 @@ struct SampleOptions {
   bool echo = true;
 };
 int run_sample(const std::string& ckpt, const SampleOptions& o);
+// UsageError naming the flag when an option is out of range.
+void check_sample_options(const SampleOptions& o);
 
 struct BenchOptions {
   int64_t batch = 4;
@@ -33,14 +35,19 @@ struct BenchOptions {
   bool dense = false;  // also time a dense model at the same widths
 };
 int run_bench(ModelConfig m, const BenchOptions& o);
+// The checks run_bench makes before building anything (UsageError).
+void check_bench_options(const ModelConfig& m, const BenchOptions& o);
 
 // The CPU cores this process may run on.
 int available_cores();
 
 // Parses the command line and runs the subcommand; returns the exit status
 // (2 for bad usage or bad input, 1 for other failures). `golden` runs the
-// golden subcommand over a directory.
-int run_cli(int argc, const char* const* argv, const std::function<int(const std::string&)>& golden);
+// golden subcommand over a directory. check_only parses and checks every
+// setting the command line decides, then returns 0 without running anything
+// or reading any file (the command-line fuzzer's entry).
+int run_cli(int argc, const char* const* argv, const std::function<int(const std::string&)>& golden,
+            bool check_only = false);
 
 }  // namespace app
 }  // namespace colt5

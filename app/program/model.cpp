@@ -1,8 +1,18 @@
 #include "program/model.h"
 
 #include <torch/torch.h>
+#ifdef COLT5_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime_api.h>
+#endif
+
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <string>
 
 #include "colt5/nn/attention.h"
+#include "program/error.h"
 
 namespace colt5 {
 namespace app {
@@ -111,6 +121,103 @@ int64_t count_parameters(const torch::nn::Module& module) {
   int64_t total = 0;
   for (const auto& p : module.parameters()) total += p.numel();
   return total;
+}
+
+namespace {
+
+double file_number(const char* path) {
+  std::ifstream in(path);
+  std::string text;
+  if (!(in >> text) || text == "max") return NAN;
+  try {
+    return std::stod(text);
+  } catch (const std::exception&) {
+    return NAN;
+  }
+}
+
+double meminfo_bytes(const std::string& field) {
+  std::ifstream in("/proc/meminfo");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind(field + ":", 0) == 0) {
+      try {
+        return std::stod(line.substr(field.size() + 1)) * 1024.0;
+      } catch (const std::exception&) {
+        return NAN;
+      }
+    }
+  return NAN;
+}
+
+std::string gib(double bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, bytes < 0.1 * 1073741824.0 ? "%.3f GiB" : "%.1f GiB", bytes / 1073741824.0);
+  return buf;
+}
+
+}  // namespace
+
+double estimate_parameters(const ModelConfig& m) {
+  const auto& a = m.attn;
+  const double d = static_cast<double>(m.dim());
+  const double light_inner = static_cast<double>(a.light_heads() * a.light_dim_head());
+  const double heavy_inner = static_cast<double>(a.heavy_heads() * a.heavy_dim_head());
+  const double light_ff = 2.0 * d * std::ceil(d * m.ff.light_ff_mult());
+  const double heavy_ff = 2.0 * d * std::ceil(d * m.ff.heavy_ff_mult());
+  double block = 0;
+  switch (m.arch) {
+    case Arch::light_only: block = 4 * d * light_inner + light_ff; break;
+    case Arch::dense: block = 4 * d * heavy_inner + heavy_ff; break;
+    case Arch::routed: block = 4 * d * light_inner + 4 * d * heavy_inner + light_ff + heavy_ff; break;
+  }
+  const double embeddings = static_cast<double>(2 * m.vocab_size + m.max_seq_len) * d;
+  return block * static_cast<double>(m.depth) + embeddings;
+}
+
+MemoryEstimate estimate_memory(const ModelConfig& m, int64_t batch, int64_t seq_len, bool training, bool bf16) {
+  MemoryEstimate e;
+  e.parameters = estimate_parameters(m);
+  const double tokens = static_cast<double>(batch) * static_cast<double>(seq_len);
+  const double units = tokens * static_cast<double>(m.depth) * static_cast<double>(m.dim());
+  // Below the measured 150-190 bytes on purpose: a run refused must be one that cannot fit.
+  const double per_unit = training ? (bf16 ? 64.0 : 128.0) : 16.0;
+  const double logits = tokens * static_cast<double>(m.vocab_size) * 4.0 * (training ? 3.0 : 1.0);
+  e.bytes = e.parameters * 4.0 * (training ? 4.0 : 1.0) + units * per_unit + logits;
+  return e;
+}
+
+double available_memory(const torch::Device& device) {
+  if (device.is_cuda()) {
+#ifdef COLT5_WITH_CUDA
+    size_t free_bytes = 0, total = 0;
+    const c10::cuda::CUDAGuard guard(device.index() >= 0 ? device.index() : 0);
+    if (cudaMemGetInfo(&free_bytes, &total) == cudaSuccess) return static_cast<double>(free_bytes);
+#endif
+    return NAN;
+  }
+  double bytes = meminfo_bytes("MemAvailable") + meminfo_bytes("SwapFree");
+  // A cgroup v2 limit (containers, systemd units) below what the machine has.
+  const double limit = file_number("/sys/fs/cgroup/memory.max");
+  const double used = file_number("/sys/fs/cgroup/memory.current");
+  if (std::isfinite(limit) && std::isfinite(used) && limit - used < bytes) bytes = std::max(0.0, limit - used);
+  return bytes;
+}
+
+void check_memory_fits(const ModelConfig& m, int64_t batch, int64_t seq_len, bool training, bool bf16,
+                       const torch::Device& device, const std::string& what) {
+  const MemoryEstimate e = estimate_memory(m, batch, seq_len, training, bf16);
+  const double available = available_memory(device);
+  if (!std::isfinite(available) || e.bytes <= available) return;
+  char params[32];
+  std::snprintf(params, sizeof params, "%.3g", e.parameters);
+  throw UsageError(what + " cannot fit: it needs about " + gib(e.bytes) + " (estimated: " + params +
+                   " parameters" + (training ? " with their gradients and AdamW moments" : "") + ", and the " +
+                   (training ? "activations kept for the backward" : "activations") + " of " + std::to_string(batch) +
+                   " x " + std::to_string(seq_len) + " tokens through " + std::to_string(m.depth) +
+                   " layers of width " + std::to_string(m.dim()) + ") but " +
+                   (device.is_cuda() ? "the GPU has " : "this machine has ") + gib(available) +
+                   " available; use a smaller --batch, --seq-len, --dim or --depth");
 }
 
 }  // namespace app

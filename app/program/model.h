@@ -71,5 +71,26 @@ TORCH_MODULE(LanguageModel);
 
 int64_t count_parameters(const torch::nn::Module& module);
 
+// Memory a run needs, estimated from the settings before anything is built:
+// the parameters (counted from the widths: projections, feedforwards,
+// embeddings and head; the small vectors left out), and, when training, their
+// gradients and AdamW's two moments, plus the activations kept for the
+// backward, bytes_per_unit for each token × layer × model dimension (measured
+// on the CPU in float32: 150-190; bf16 autocast on the GPU keeps about half).
+double estimate_parameters(const ModelConfig& m);
+struct MemoryEstimate {
+  double parameters = 0;
+  double bytes = 0;  // the whole estimate
+};
+MemoryEstimate estimate_memory(const ModelConfig& m, int64_t batch, int64_t seq_len, bool training, bool bf16);
+// Bytes this process may still allocate on `device` (CPU: MemAvailable plus
+// free swap, bounded by the cgroup's memory limit; CUDA: the free device
+// memory); NaN when unknown.
+double available_memory(const torch::Device& device);
+// UsageError when the estimate exceeds what is available, naming both and
+// the flags that shrink the run. `what` names the run ("training", "colt5 bench's routed model").
+void check_memory_fits(const ModelConfig& m, int64_t batch, int64_t seq_len, bool training, bool bf16,
+                       const torch::Device& device, const std::string& what);
+
 }  // namespace app
 }  // namespace colt5

@@ -250,6 +250,9 @@ void Trainer::setup() {
     group_ = ProcessGroup::join(o_.dist, device_);
     if (group_->rank() != 0) o_.quiet = true;
   }
+  // Before anything is built: a run that cannot fit fails now, with the estimate.
+  check_memory_fits(m_, t_.batch_size / world, t_.seq_len, true, device_.is_cuda() && t_.amp, device_,
+                    "training (" + std::to_string(t_.batch_size / world) + " sequences per process and step)");
   work_ = std::make_unique<Workload>(t_, m_, o_.max_text_bytes);
   if (group_) work_->shard(group_->rank(), group_->world_size());
   // Stored as an absolute path, so evaluating from another folder finds it.
@@ -259,18 +262,7 @@ void Trainer::setup() {
   model_ = LanguageModel(m_);
   model_->to(device_);
   model_->train();
-  std::vector<torch::Tensor> decay, no_decay;
-  for (const auto& p : model_->named_parameters()) {
-    if (!p.value().requires_grad()) continue;
-    const bool is_matrix = p.value().dim() == 2 && p.key().size() > 7 && p.key().rfind(".weight") == p.key().size() - 7;
-    (is_matrix ? decay : no_decay).push_back(p.value());
-  }
-  auto base = torch::optim::AdamWOptions(t_.lr).betas({t_.beta1, t_.beta2}).weight_decay(t_.weight_decay);
-  std::vector<torch::optim::OptimizerParamGroup> groups;
-  groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(base));
-  groups.emplace_back(no_decay,
-                      std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(base).weight_decay(0.0)));
-  opt_ = std::make_unique<torch::optim::AdamW>(groups, base);
+  opt_ = make_optimizer(*model_, t_);
   if (!resume_ckpt_.empty()) {
     load_model_weights(*model_, resume_ckpt_ + "/model.safetensors");
     load_optimizer(resume_ckpt_ + "/optimizer.safetensors", *model_, *opt_, start_step_);
@@ -533,6 +525,21 @@ TrainResult Trainer::run(std::ostream& os) {
   result_.seconds = since_start();
   print_summary(os);
   return result_;
+}
+
+std::unique_ptr<torch::optim::AdamW> make_optimizer(torch::nn::Module& model, const TrainConfig& t) {
+  std::vector<torch::Tensor> decay, no_decay;
+  for (const auto& p : model.named_parameters()) {
+    if (!p.value().requires_grad()) continue;
+    const bool is_matrix = p.value().dim() == 2 && p.key().size() > 7 && p.key().rfind(".weight") == p.key().size() - 7;
+    (is_matrix ? decay : no_decay).push_back(p.value());
+  }
+  auto base = torch::optim::AdamWOptions(t.lr).betas({t.beta1, t.beta2}).weight_decay(t.weight_decay);
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(base));
+  groups.emplace_back(no_decay,
+                      std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(base).weight_decay(0.0)));
+  return std::make_unique<torch::optim::AdamW>(groups, base);
 }
 
 LoadedModel load_model(const std::string& ckpt, const std::string& device_name) {

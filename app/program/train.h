@@ -159,5 +159,9 @@ struct LoadedModel {
 };
 LoadedModel load_model(const std::string& ckpt, const std::string& device_name);
 
+// AdamW over the model's trainable parameters, with --weight-decay on the
+// matrices (`*.weight` of rank 2) and none on the rest: two parameter groups.
+std::unique_ptr<torch::optim::AdamW> make_optimizer(torch::nn::Module& model, const TrainConfig& t);
+
 }  // namespace app
 }  // namespace colt5
