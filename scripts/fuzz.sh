@@ -5,6 +5,9 @@
 #   scripts/fuzz.sh -max_total_time=600 -jobs=2   (arguments go to libFuzzer)
 # FUZZ_TARGET=config fuzzes the `colt5` program's config.json reader and checks
 # instead (fuzz/config_fuzz.cpp; needs LibTorch's headers, from python3's torch).
+# FUZZ_TARGET=cli, text or checkpoint fuzz the command line, the text loader
+# and checkpoint directories (fuzz/*_fuzz.cpp): they link the library and the
+# program, built by `scripts/build.sh fuzz` (clang, ASan, UBSan) in build/fuzz.
 # Environment: CXX (default clang++), FUZZ_DIR (default build-fuzz/),
 # NLOHMANN_JSON_INCLUDE (directory holding nlohmann/json.hpp).
 set -euo pipefail
@@ -25,7 +28,55 @@ fi
 # -I/usr/include would reorder the system headers; it is searched anyway.
 [[ "$json_dir" != /usr/include ]] && includes+=(-isystem "$json_dir")
 
-if [[ "${FUZZ_TARGET:-safetensors}" == config ]]; then
+target=${FUZZ_TARGET:-safetensors}
+if [[ "$target" == cli || "$target" == text || "$target" == checkpoint ]]; then
+  bash "$root/scripts/build.sh" fuzz colt5_fuzz_$target colt5-cli
+  bin=$root/build/fuzz/fuzz/colt5_fuzz_$target
+  seeds=$out/$target-seeds
+  rm -rf "$seeds"
+  mkdir -p "$seeds" "$out/$target-corpus"
+  case "$target" in
+    cli)
+      # One argument per line: every subcommand with typical flags.
+      printf 'train\n--steps\n10\n--dim\n64\n--seq-len\n128\n' >"$seeds/train"
+      printf 'train\n--nproc\n2\n--batch\n4\n--split\n0.8,0.1\n--data\nx.txt\n' >"$seeds/train-text"
+      printf 'train\n--resume\nrun\n--steps\n20\n--device\ncuda\n' >"$seeds/resume"
+      printf 'train\n--light-only\n--world-size\n2\n--rank\n1\n--master-port\n29500\n' >"$seeds/dist"
+      printf 'eval\n--ckpt\nrun\n--split\ntest\n' >"$seeds/eval"
+      printf 'sample\n--ckpt\nrun\n--prompt\nHello\n--temperature\n0.5\n--top-k\n5\n' >"$seeds/sample"
+      printf 'bench\n--batch\n2\n--seq-len\n256\n--dense\n--threads\n1\n' >"$seeds/bench"
+      printf -- '--threads\n1\ntrain\n--help\n' >"$seeds/help" ;;
+    text)
+      # Four setting bytes, then text.
+      printf '\x20\x01\xe6\x0dThe quick brown fox jumps over the lazy dog. %.0s' {1..20} >"$seeds/english"
+      printf '\x07\x03\x80\x40ab' >"$seeds/tiny" ;;
+    checkpoint)
+      # A real checkpoint of a tiny model, its four files joined by the separator line.
+      run=$out/checkpoint-run
+      rm -rf "$run"
+      ASAN_OPTIONS=detect_leaks=0 "$root/build/fuzz/app/colt5" train --out "$run" --steps 2 --save-every 2 \
+        --eval-every 2 --dim 16 --depth 1 --light-heads 2 --light-dim-head 8 --heavy-heads 2 --heavy-dim-head 8 \
+        --window 8 --heavy-q 4 --heavy-kv 8 --heavy-ff-tokens 4 --seq-len 32 --batch 2 --task-keys 4 \
+        --task-values 4 --task-filler 8 --task-pairs 1 --task-eval-size 4 --threads 1 --progress never >/dev/null
+      ckpt=$(ls -d "$run"/ckpt-* | tail -1)
+      python3 - "$ckpt" "$seeds/tiny" <<'PY'
+import sys
+ckpt, out = sys.argv[1], sys.argv[2]
+parts = [open(f"{ckpt}/{f}", "rb").read() for f in ("config.json", "state.json", "model.safetensors", "optimizer.safetensors")]
+open(out, "wb").write(b"\n@@colt5@@\n".join(parts))
+PY
+      ;;
+  esac
+  args=("$@")
+  [[ " ${args[*]+"${args[*]}"} " == *" -runs="* || " ${args[*]+"${args[*]}"} " == *" -max_total_time="* ]] \
+    || args=(-runs=1000000 "${args[@]+"${args[@]}"}")
+  export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0} TMPDIR=${TMPDIR:-/dev/shm}
+  cd "$out"
+  # -close_fd_mask=3: the program's messages (help, errors) are not the fuzzer's output.
+  exec "$bin" -max_len=65536 -close_fd_mask=3 "${args[@]}" "$target-corpus" "$seeds"
+fi
+
+if [[ "$target" == config ]]; then
   torch_dir=$("${PYTHON:-python3}" -c 'import torch, os; print(os.path.dirname(torch.__file__))' 2>/dev/null)
   echo "building $out/config_fuzz"
   "$cxx" -std=c++17 -O1 -g -fno-omit-frame-pointer \

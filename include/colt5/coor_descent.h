@@ -43,6 +43,9 @@ struct CoorDescentOptions {
 //    unmasked count are allowed: the scores then saturate towards 1.
 //  - mask: bool, the shape of s; false entries are excluded and get score 0.
 //    A fully masked row gives zeros and zero gradients.
+//  - A NaN or infinite score at an unmasked position is an error on the CPU;
+//    on CUDA (where checking would cost a host synchronization) its row's
+//    scores and gradients are NaN throughout, and the other rows are unchanged.
 // Float32, float64, bfloat16 and float16 inputs; arithmetic in float64 for
 // float64 and float32 otherwise; the result has the dtype of s. Differentiable
 // with respect to s and, in the tensor overload, k.

@@ -133,6 +133,14 @@ __host__ __device__ __forceinline__ int64_t segment_start(int64_t n_iters, int64
 
 // Loads the thread's cached scores (masked and out-of-range: -inf); returns
 // the local max and unmasked count.
+// 1 for a finite score, NaN for NaN or ±inf: the row's unmasked count becomes
+// NaN when it holds a non-finite score, and the row's output is NaN (the
+// documented propagation on CUDA, where checking would cost a host sync).
+template <typename T>
+__device__ __forceinline__ T finite_or_nan(T x) {
+  return isfinite(x) ? T(1) : T(NAN);
+}
+
 template <typename T, int VPT>
 __device__ __forceinline__ void load_row(const T* s, const uint8_t* m, const Seg& sg, T (&v)[VPT], T& mx, T& cnt) {
   mx = neg_inf<T>();
@@ -143,7 +151,7 @@ __device__ __forceinline__ void load_row(const T* s, const uint8_t* m, const Seg
     T x = neg_inf<T>();
     if (i < sg.end && (m == nullptr || m[i])) {
       x = s[i];
-      cnt += T(1);
+      cnt += finite_or_nan(x);
     }
     v[j] = x;
     mx = x > mx ? x : mx;
@@ -151,7 +159,7 @@ __device__ __forceinline__ void load_row(const T* s, const uint8_t* m, const Seg
   for (int64_t i = sg.at(VPT); i < sg.end; i += sg.stride) {
     if (m == nullptr || m[i]) {
       const T x = s[i];
-      cnt += T(1);
+      cnt += finite_or_nan(x);
       mx = x > mx ? x : mx;
     }
   }
@@ -219,8 +227,14 @@ __device__ void forward_row(const CoorDescentParams<T>& p, int64_t row, const Se
   const T smax = static_cast<T>(g.template reduce<MaxOp>(static_cast<double>(mx)));
   const double count = g.template reduce<SumOp>(static_cast<double>(cnt));
   if (leader && p.row_stats) {
-    p.row_stats[2 * row] = static_cast<double>(smax);
+    p.row_stats[2 * row] = count == count ? static_cast<double>(smax) : static_cast<double>(NAN);
     p.row_stats[2 * row + 1] = count;
+  }
+  if (count != count) {  // a non-finite unmasked score: NaN throughout the row
+    for (int64_t i = sg.at(0); i < sg.end; i += sg.stride) y[i] = T(NAN);
+    if (leader && saved)
+      for (int64_t j = 0; j < per_row; ++j) saved[j] = NAN;
+    return;
   }
   if (count == 0.0) {
     for (int64_t i = sg.at(0); i < sg.end; i += sg.stride) y[i] = T(0);
@@ -268,9 +282,10 @@ __device__ void backward_row(const CoorDescentBackwardParams<T>& bp, int64_t row
   const T smax = static_cast<T>(p.row_stats[2 * row]);
   const double count = p.row_stats[2 * row + 1];
 
-  if (count == 0.0) {
-    for (int64_t i = sg.at(0); i < sg.end; i += sg.stride) ds_out[i] = T(0);
-    if (row_leader && bp.grad_k) bp.grad_k[row] = T(0);
+  if (count == 0.0 || count != count) {  // fully masked: zeros; non-finite scores: NaN
+    const T fill = count == 0.0 ? T(0) : T(NAN);
+    for (int64_t i = sg.at(0); i < sg.end; i += sg.stride) ds_out[i] = fill;
+    if (row_leader && bp.grad_k) bp.grad_k[row] = fill;
     return;
   }
   T v[VPT];
