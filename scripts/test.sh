@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Set-up, build and every CPU test: the main build (PyTorch's LibTorch, with the
-# CUDA kernels compiled and linked when it has CUDA) and Debian's LibTorch 1.13,
-# and the Python package (built in the main build's folder) with its tests.
-# CUDA tests need a GPU: scripts/gpu.sh. COLT5_TEST_VARIANTS="main deb113 san" adds the test
-# suite under AddressSanitizer + UndefinedBehaviorSanitizer.
+# CUDA kernels compiled and linked when it has CUDA), Debian's LibTorch 1.13,
+# and the suite again under AddressSanitizer + UndefinedBehaviorSanitizer
+# (variant san), and the Python package (built in the main build's folder)
+# with its tests. COLT5_TEST_VARIANTS picks variants (default "main deb113 san").
+# CUDA tests need a GPU: scripts/gpu.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 jobs=$(nproc)
-for variant in ${COLT5_TEST_VARIANTS:-main deb113}; do
+for variant in ${COLT5_TEST_VARIANTS:-main deb113 san}; do
   echo "== build $variant"
   bash scripts/build.sh "$variant" -j"$jobs"
   echo "== test $variant"

@@ -45,11 +45,14 @@ inline int32_t to_int(float x) { return static_cast<int32_t>(x); }
 inline i32x8 to_int(f32x8 x) { return __builtin_convertvector(x, i32x8); }
 
 // exp(x) for x <= 0 in float (a float or a vector of them), relative error
-// about 2e-7; x is clamped at -87 (exp(-87) = 1.6e-38, negligible against the 1
-// of the largest entry).
+// about 2e-7; x is clamped to [-87, 0] (exp(-87) = 1.6e-38, negligible against
+// the 1 of the largest entry). Masked entries are computed too and discarded:
+// theirs may be positive or NaN, which the upper clamp (NaN goes to 0) keeps
+// out of the integer exponent arithmetic below.
 template <typename V>
 COLT5_INLINE V exp_nonpos(V x) {
   x = x < -87.0f ? V{} - 87.0f : x;
+  x = x < 0.0f ? x : V{};
   const V t = x * 1.44269504088896341f;
   // Round to nearest through the float mantissa (valid for |t| < 2^22).
   const V n = (t + 12582912.0f) - 12582912.0f;
