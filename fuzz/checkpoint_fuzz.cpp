@@ -94,7 +94,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     const int64_t n = std::min<int64_t>(info.model.max_seq_len, 8);
     torch::Tensor logits = model->forward(torch::zeros({1, n}, torch::kLong));
     if (logits.size(-1) != info.model.vocab_size) std::abort();
-  } catch (const UsageError&) {
+  } catch (const UsageError& e) {
+    // COLT5_FUZZ_VERBOSE=1: why an input was refused (for checking the seeds reach deep).
+    static const bool verbose = std::getenv("COLT5_FUZZ_VERBOSE") != nullptr;
+    if (verbose) std::fprintf(stderr, "refused: %s\n", e.what());
   }
   return 0;
 }

@@ -1,5 +1,5 @@
 // libFuzzer target: the `colt5` program's text loader (app/program/data.cpp).
-// The first four bytes choose the sequence length, the batch and the split
+// The first four bytes choose the sequence length (9..64), the batch and the split
 // fractions; the rest is the text file. Any input must either be refused
 // with a UsageError by the settings' checks or the loader, or give batches of
 // the asked shape whose tokens are bytes and whose targets are the next
@@ -51,13 +51,16 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
 
   TrainConfig t;
   t.data = path;
-  t.seq_len = 1 + data[0] % 64;
+  t.seq_len = 9 + data[0] % 56;
   t.batch_size = 1 + data[1] % 4;
-  t.train_frac = data[2] / 255.0;
-  t.valid_frac = data[3] / 255.0;
+  // Mostly valid splits (train 0.3..1, valid a share of the rest); byte 255 makes them invalid.
+  t.train_frac = data[2] == 255 ? 1.0 : 0.3 + 0.7 * data[2] / 255.0;
+  t.valid_frac = (1.0 - t.train_frac) * data[3] / 256.0;
   ModelConfig m;
   m.vocab_size = 256;
   m.max_seq_len = 64;
+  m.attn.light_window_size(8).num_heavy_tokens_q(4).num_heavy_tokens_kv(8);
+  m.ff.num_heavy_tokens(4);
   try {
     validate(t, m);
     TextData text(t);
@@ -66,7 +69,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     check_batch(text.train_batch(data[0], data[1], 0), t.seq_len);
     for (const char* split : {"valid", "test"})
       for (const Batch& b : text.eval_batches(split, data[2] % 3)) check_batch(b, t.seq_len);
-  } catch (const UsageError&) {
+  } catch (const UsageError& e) {
+    // COLT5_FUZZ_VERBOSE=1: why an input was refused (for checking the seeds reach deep).
+    static const bool verbose = std::getenv("COLT5_FUZZ_VERBOSE") != nullptr;
+    if (verbose) std::fprintf(stderr, "refused: %s\n", e.what());
   }
   return 0;
 }

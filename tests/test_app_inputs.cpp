@@ -586,5 +586,8 @@ TEST(AppInputs, CheckOnlyCommandLineChecksWithoutRunning) {
   EXPECT_EQ(r.first, 2);
   EXPECT_CONTAINS(r.second, "--iters >= 1");
   EXPECT_EQ(check({"eval", "--ckpt", "/nonexistent/run"}).first, 0);
+  // --tf32 is a run-time switch: accepted with --resume too.
+  EXPECT_EQ(check({"bench", "--tf32", "--no-amp"}).first, 0);
+  EXPECT_EQ(check({"train", "--resume", "x", "--tf32"}).first, 0);
   remove_tree(dir);
 }

@@ -104,6 +104,18 @@ void add_threads(CLI::App* app, int64_t& threads) {
       ->check(exact_integer<int64_t>());
 }
 
+// --tf32: float32 matrix products and convolutions on CUDA in TF32 (LibTorch's
+// global switches, off by default); nothing changes on the CPU or under bf16 autocast.
+void add_tf32(CLI::App* cmd, bool& tf32) {
+  cmd->add_flag("--tf32", tf32,
+                "CUDA, float32 (--no-amp): matrix products in TF32 (faster, ~1e-3 relative precision); off by default");
+}
+
+void set_tf32(bool tf32) {
+  at::globalContext().setAllowTF32CuBLAS(tf32);
+  at::globalContext().setAllowTF32CuDNN(tf32);
+}
+
 void check_threads(int64_t threads) {
   const int cores = available_cores();
   if (threads < 0) throw UsageError("--threads must be >= 0, got " + std::to_string(threads));
@@ -135,6 +147,7 @@ struct TrainCommand {
   TrainConfig t;
   TrainOptions o;
   std::string split_arg, progress = "auto";
+  bool tf32 = false;
   CLI::Option *light_only = nullptr, *dense = nullptr, *split = nullptr, *no_amp = nullptr;
   std::vector<std::pair<size_t, CLI::Option*>> model_flags, train_flags;
   std::vector<std::string> args;  // the command line, for the workers of --nproc
@@ -155,6 +168,7 @@ struct TrainCommand {
                 ->default_str("0.9,0.05")
                 ->group("Training");
     no_amp = cmd->add_flag("--no-amp", "CUDA: train in float32 instead of bf16 autocast")->group("Training");
+    add_tf32(cmd, tf32);
     cmd->add_option("--out", o.out_dir, "run directory: checkpoints, metrics.csv, loss.svg")
         ->capture_default_str()
         ->group("Run");
@@ -253,6 +267,7 @@ struct TrainCommand {
 
   int run() {
     prepare(false);
+    set_tf32(tf32);
     if (o.dist.nproc > 1) return launch_local_workers(o.dist.nproc, args, o.dist.timeout_s);
     Trainer(m, t, o).run(std::cout);
     return 0;
@@ -306,7 +321,7 @@ struct BenchCommand {
   CLI::App* cmd = nullptr;
   ModelConfig m;
   BenchOptions bo;
-  bool no_amp = false;
+  bool no_amp = false, tf32 = false;
 
   void add(CLI::App& app, int64_t& threads) {
     cmd = app.add_subcommand("bench",
@@ -321,10 +336,12 @@ struct BenchCommand {
     cmd->add_option("--warmup-iters", bo.warmup, "untimed iterations first")->capture_default_str()->check(integer);
     cmd->add_option("--device", bo.device, "cpu or cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
     cmd->add_flag("--no-amp", no_amp, "CUDA: float32 instead of bf16 autocast");
+    add_tf32(cmd, tf32);
     cmd->add_flag("--dense", bo.dense, "also time a dense model: full causal attention, full-width feedforward");
   }
   int run() {
     bo.amp = !no_amp;
+    set_tf32(tf32);
     return run_bench(m, bo);
   }
   void check() const { check_bench_options(m, bo); }

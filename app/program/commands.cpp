@@ -207,7 +207,8 @@ int run_bench(ModelConfig m, const BenchOptions& o) {
       device_description(device).c_str(), static_cast<long long>(o.batch), static_cast<long long>(o.seq_len),
       static_cast<long long>(m.dim()), static_cast<long long>(m.depth), static_cast<long long>(a.light_window_size()),
       static_cast<long long>(a.num_heavy_tokens_q()), static_cast<long long>(a.num_heavy_tokens_kv()),
-      static_cast<long long>(o.iters), static_cast<long long>(o.warmup), cuda && o.amp ? ", bf16 autocast" : "");
+      static_cast<long long>(o.iters), static_cast<long long>(o.warmup),
+      !cuda ? "" : o.amp ? ", bf16 autocast" : at::globalContext().allowTF32CuBLAS() ? ", float32 with TF32" : ", float32 (TF32 off)");
   std::printf("%-11s %12s %12s %14s %16s %12s\n", "model", "parameters", "forward ms", "fwd+bwd ms", "train tokens/s",
               "peak MiB");
   std::vector<Arch> archs{Arch::routed, Arch::light_only};
