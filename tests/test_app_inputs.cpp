@@ -21,17 +21,14 @@
 #include "program/files.h"
 #include "program/model.h"
 #include "program/train.h"
+#include "support/app_fixtures.h"
 
 using namespace colt5::app;
+using colt5::app_testing::tiny_model;
 
 namespace {
 
-std::string temp_dir(const std::string& name) {
-  std::string dir = std::string(COLT5_BINARY_DIR) + "/test_app_tmp/" + name + "-" + std::to_string(::getpid());
-  remove_tree(dir);
-  make_dirs(dir);
-  return dir;
-}
+std::string temp_dir(const std::string& name) { return colt5::app_testing::fresh_temp_dir("test_app_tmp", name); }
 
 struct CliResult {
   int status = -1;
@@ -54,22 +51,6 @@ CliResult cli(std::vector<std::string> args) {
 }
 
 #define EXPECT_CONTAINS(text, part) EXPECT_NE((text).find(part), std::string::npos) << "in: " << (text)
-
-ModelConfig tiny_model() {
-  ModelConfig m;
-  m.attn.dim(32)
-      .light_heads(2)
-      .light_dim_head(16)
-      .heavy_heads(2)
-      .heavy_dim_head(16)
-      .light_window_size(16)
-      .num_heavy_tokens_q(8)
-      .num_heavy_tokens_kv(16);
-  m.ff.num_heavy_tokens(8);
-  m.depth = 1;
-  m.max_seq_len = 96;
-  return m;
-}
 
 TrainConfig tiny_task() {
   TrainConfig t;

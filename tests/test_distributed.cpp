@@ -25,6 +25,7 @@
 #include "program/distributed.h"
 #include "program/files.h"
 #include "program/train.h"
+#include "support/app_fixtures.h"
 
 using namespace colt5::app;
 
@@ -32,12 +33,7 @@ namespace {
 
 const std::string kCli = std::string(COLT5_BINARY_DIR) + "/app/colt5";
 
-std::string temp_dir(const std::string& name) {
-  std::string dir = std::string(COLT5_BINARY_DIR) + "/test_dist_tmp/" + name + "-" + std::to_string(::getpid());
-  remove_tree(dir);
-  make_dirs(dir);
-  return dir;
-}
+std::string temp_dir(const std::string& name) { return colt5::app_testing::fresh_temp_dir("test_dist_tmp", name); }
 
 std::string slurp(const std::string& path) {
   std::ifstream in(path);

@@ -62,47 +62,105 @@ void CoordinateDescentRouterImpl::reset() {
   }
 }
 
-RouterOutput CoordinateDescentRouterImpl::forward(const torch::Tensor& x, int64_t num_tokens, const torch::Tensor& mask,
-                                                  bool random_route, const torch::Tensor& routing_tokens,
-                                                  bool keep_one_route_dim, bool gather_tokens) {
-  const auto& o = options;
+namespace {
+
+using RouterOptions = CoordinateDescentRouterOptions;
+
+void check_router_input(const RouterOptions& o, const torch::Tensor& x, int64_t num_tokens, const torch::Tensor& mask) {
   TORCH_CHECK(x.defined() && x.dim() == 3, "CoordinateDescentRouter: x must be (b, n, dim), got ",
               x.defined() ? x.sizes() : c10::IntArrayRef{});
   TORCH_CHECK(x.is_floating_point(), "CoordinateDescentRouter: x must be floating point, got ", x.scalar_type());
   TORCH_CHECK(x.size(2) == o.dim(), "CoordinateDescentRouter: x has width ", x.size(2), " but the router's dim is ",
               o.dim());
   TORCH_CHECK(num_tokens >= 1, "CoordinateDescentRouter: num_tokens must be at least 1, got ", num_tokens);
-  if (mask.defined()) {
-    TORCH_CHECK(mask.scalar_type() == torch::kBool, "CoordinateDescentRouter: mask must be bool, got ",
-                mask.scalar_type());
-    TORCH_CHECK((mask.dim() == 2 || mask.dim() == 3) && mask.size(0) == x.size(0) && mask.size(-1) == x.size(1),
-                "CoordinateDescentRouter: mask must be (b, n) = (", x.size(0), ", ", x.size(1),
-                ") (or (b, views, n)), got ", mask.sizes());
-    TORCH_CHECK(mask.dim() == 2 || !o.route_block_size(),
-                "CoordinateDescentRouter: a mask of several views cannot be combined with route_block_size");
-    TORCH_CHECK(mask.device() == x.device(), "CoordinateDescentRouter: mask is on ", mask.device(), " but x is on ",
-                x.device());
-  }
+  if (!mask.defined()) return;
+  TORCH_CHECK(mask.scalar_type() == torch::kBool, "CoordinateDescentRouter: mask must be bool, got ",
+              mask.scalar_type());
+  TORCH_CHECK((mask.dim() == 2 || mask.dim() == 3) && mask.size(0) == x.size(0) && mask.size(-1) == x.size(1),
+              "CoordinateDescentRouter: mask must be (b, n) = (", x.size(0), ", ", x.size(1),
+              ") (or (b, views, n)), got ", mask.sizes());
+  TORCH_CHECK(mask.dim() == 2 || !o.route_block_size(),
+              "CoordinateDescentRouter: a mask of several views cannot be combined with route_block_size");
+  TORCH_CHECK(mask.device() == x.device(), "CoordinateDescentRouter: mask is on ", mask.device(), " but x is on ",
+              x.device());
+}
+
+// The routing tokens: the router's own ([r, d]) or the caller's ([b, r, d]).
+torch::Tensor routing_tokens_of(const RouterOptions& o, const torch::Tensor& own, const torch::Tensor& given,
+                                const torch::Tensor& x) {
   const int64_t r = o.num_routing_tokens();
-  torch::Tensor tokens;  // [r, d] or [b, r, d]
+  torch::Tensor tokens;
   if (o.learned_routing_tokens()) {
-    TORCH_CHECK(routing_tokens.defined(),
-                "CoordinateDescentRouter: routing_tokens are required with learned_routing_tokens");
-    tokens = routing_tokens.dim() == 2 ? routing_tokens.unsqueeze(1) : routing_tokens;
+    TORCH_CHECK(given.defined(), "CoordinateDescentRouter: routing_tokens are required with learned_routing_tokens");
+    tokens = given.dim() == 2 ? given.unsqueeze(1) : given;
     TORCH_CHECK(tokens.dim() == 3 && tokens.size(0) == x.size(0) && tokens.size(1) == r && tokens.size(2) == o.dim(),
                 "CoordinateDescentRouter: routing_tokens must be (b, dim) or (b, num_routing_tokens, dim) = (",
-                x.size(0), ", ", r, ", ", o.dim(), "), got ", routing_tokens.sizes());
+                x.size(0), ", ", r, ", ", o.dim(), "), got ", given.sizes());
   } else {
-    TORCH_CHECK(!routing_tokens.defined(),
+    TORCH_CHECK(!given.defined(),
                 "CoordinateDescentRouter: routing_tokens given but the router has its own (learned_routing_tokens is "
                 "false)");
-    tokens = routing_token;
+    tokens = own;
   }
   TORCH_CHECK(tokens.scalar_type() == x.scalar_type(), "CoordinateDescentRouter: x is ", x.scalar_type(),
               " but the routing tokens are ", tokens.scalar_type());
   TORCH_CHECK(tokens.device() == x.device(), "CoordinateDescentRouter: x is on ", x.device(),
               " but the routing tokens are on ", tokens.device());
+  return tokens;
+}
 
+// n <= num_tokens: every token is routed with score 1.
+RouterOutput route_all(const torch::Tensor& x, const torch::Tensor& mask, int64_t r, int64_t views,
+                       bool has_route_dim) {
+  const int64_t b = x.size(0), n = x.size(1), d = x.size(2), b_out = b * views;
+  RouterOutput out;
+  torch::Tensor xv = views == 1 ? x : x.unsqueeze(1).expand({b, views, n, d}).reshape({b_out, n, d});
+  torch::Tensor mv = mask.defined() ? mask.reshape({b_out, n}) : mask;
+  if (has_route_dim) {
+    out.scores = torch::ones({b_out, r, n}, x.options());
+    out.routed_tokens = xv.unsqueeze(1).expand({b_out, r, n, d});
+    if (mv.defined()) out.routed_mask = mv.unsqueeze(1).expand({b_out, r, n});
+  } else {
+    out.scores = torch::ones({b_out, n}, x.options());
+    out.routed_tokens = xv;
+    out.routed_mask = mv;
+  }
+  return out;
+}
+
+// The routing scores of each row (and block) against each routing token, in
+// float32 at least: [rows * r, len], with the matching flat mask (one copy per
+// view of a viewed mask; the scores are the same in every view).
+std::pair<torch::Tensor, torch::Tensor> routing_scores(const RouterOptions& o, const torch::Tensor& xs,
+                                                       const torch::Tensor& toks, const torch::Tensor& ms,
+                                                       int64_t views) {
+  const int64_t rows = xs.size(0), len = xs.size(1), r = o.num_routing_tokens();
+  torch::Tensor xn = o.cosine_sim_routing() ? l2norm(xs) : xs;
+  torch::Tensor tn = o.cosine_sim_routing() ? l2norm(toks) : toks;
+  torch::Tensor s = toks.dim() == 2 ? torch::matmul(xn, tn.t()).transpose(1, 2) : torch::matmul(tn, xn.transpose(1, 2));
+  if (o.cosine_sim_routing()) s = s * o.cosine_sim_scale();
+  // Routing math (coordinate descent, the top-k and its tie-break) in float32 at least.
+  if (s.scalar_type() == torch::kHalf || s.scalar_type() == torch::kBFloat16) s = s.to(torch::kFloat32);
+  torch::Tensor mflat;
+  if (views > 1 || (ms.defined() && ms.dim() == 3)) {
+    s = s.unsqueeze(1).expand({rows, views, r, len}).reshape({rows * views * r, len});
+    mflat = ms.unsqueeze(2).expand({rows, views, r, len}).reshape({rows * views * r, len});
+  } else {
+    s = s.reshape({rows * r, len});
+    if (ms.defined()) mflat = ms.reshape({rows, len}).unsqueeze(1).expand({rows, r, len}).reshape({rows * r, len});
+  }
+  return {s, mflat};
+}
+
+}  // namespace
+
+RouterOutput CoordinateDescentRouterImpl::forward(const torch::Tensor& x, int64_t num_tokens, const torch::Tensor& mask,
+                                                  bool random_route, const torch::Tensor& routing_tokens,
+                                                  bool keep_one_route_dim, bool gather_tokens) {
+  const auto& o = options;
+  check_router_input(o, x, num_tokens, mask);
+  const torch::Tensor tokens = routing_tokens_of(o, routing_token, routing_tokens, x);
+  const int64_t r = o.num_routing_tokens();
   const int64_t b = x.size(0), n = x.size(1), d = x.size(2);
   const bool has_route_dim = keep_one_route_dim || r != 1;
   // A [batch, views, seq] mask routes each row once per view: output row
@@ -110,22 +168,7 @@ RouterOutput CoordinateDescentRouterImpl::forward(const torch::Tensor& x, int64_
   const bool viewed = mask.defined() && mask.dim() == 3;
   const int64_t views = viewed ? mask.size(1) : 1;
   const int64_t b_out = b * views;
-
-  RouterOutput out;
-  if (n <= num_tokens) {
-    torch::Tensor xv = !viewed ? x : x.unsqueeze(1).expand({b, views, n, d}).reshape({b_out, n, d});
-    torch::Tensor mv = mask.defined() ? mask.reshape({b_out, n}) : mask;
-    if (has_route_dim) {
-      out.scores = torch::ones({b_out, r, n}, x.options());
-      out.routed_tokens = xv.unsqueeze(1).expand({b_out, r, n, d});
-      if (mv.defined()) out.routed_mask = mv.unsqueeze(1).expand({b_out, r, n});
-    } else {
-      out.scores = torch::ones({b_out, n}, x.options());
-      out.routed_tokens = xv;
-      out.routed_mask = mv;
-    }
-    return out;
-  }
+  if (n <= num_tokens) return route_all(x, mask, r, views, has_route_dim);
 
   // Optionally route an even share from each whole block of the sequence.
   torch::Tensor xs = x, ms = mask, toks = tokens;
@@ -143,24 +186,7 @@ RouterOutput CoordinateDescentRouterImpl::forward(const torch::Tensor& x, int64_
     if (toks.dim() == 3) toks = toks.repeat_interleave(num_blocks, 0);
     len = w;
   }
-  const int64_t rows = xs.size(0);  // b * num_blocks
-
-  // s: [rows, r, len]
-  torch::Tensor xn = o.cosine_sim_routing() ? l2norm(xs) : xs;
-  torch::Tensor tn = o.cosine_sim_routing() ? l2norm(toks) : toks;
-  torch::Tensor s = toks.dim() == 2 ? torch::matmul(xn, tn.t()).transpose(1, 2) : torch::matmul(tn, xn.transpose(1, 2));
-  if (o.cosine_sim_routing()) s = s * o.cosine_sim_scale();
-  // Routing math (coordinate descent, the top-k and its tie-break) in float32 at least.
-  if (s.scalar_type() == torch::kHalf || s.scalar_type() == torch::kBFloat16) s = s.to(torch::kFloat32);
-  torch::Tensor mflat;
-  if (viewed) {
-    // The scores of a row are the same in every view; only the mask differs.
-    s = s.unsqueeze(1).expand({rows, views, r, len}).reshape({rows * views * r, len});
-    mflat = ms.unsqueeze(2).expand({rows, views, r, len}).reshape({rows * views * r, len});
-  } else {
-    s = s.reshape({rows * r, len});
-    if (ms.defined()) mflat = ms.reshape({rows, len}).unsqueeze(1).expand({rows, r, len}).reshape({rows * r, len});
-  }
+  auto [s, mflat] = routing_scores(o, xs, toks, ms, views);
 
   const double effective_k = std::min(static_cast<double>(k) * o.fetch_k_ratio(), static_cast<double>(len));
   auto cd = CoorDescentOptions()
@@ -199,6 +225,7 @@ RouterOutput CoordinateDescentRouterImpl::forward(const torch::Tensor& x, int64_
   }
 
   // Gather from the whole sequence of each batch row.
+  RouterOutput out;
   out.indices = indices;
   out.scores = selected.to(x.scalar_type());
   if (!viewed) {
