@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/build.sh main -j"$(nproc)" colt5-cli >/dev/null
-exec build/main/colt5 train "$@"
+exec build/main/app/colt5 train "$@"

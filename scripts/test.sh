@@ -30,6 +30,10 @@ for variant in ${COLT5_TEST_VARIANTS:-main deb113 san}; do
       || { cat build/consumer.configure.log; exit 1; }
     ninja -C build/consumer
     build/consumer/consumer
+    echo "== the main job's command (scripts/run.sh), three steps"
+    rm -rf build/run-smoke
+    bash scripts/run.sh --steps 3 --eval-every 3 --task-eval-size 8 --progress never --out build/run-smoke
+    test -f build/run-smoke/metrics.csv
     echo "== Python package: pip install --no-build-isolation ., then pytest"
     bash scripts/test_python.sh build/main
   fi
