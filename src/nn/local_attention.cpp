@@ -60,6 +60,49 @@ torch::Tensor blind_queries(const torch::Tensor& mask, int64_t ws, int64_t back,
   return visible.le(0);
 }
 
+
+// Whether the flash kernel (called directly, for its lower-right causal limit
+// and sliding window) takes these inputs: CUDA, half precision, head size a
+// multiple of 8 up to 256.
+bool flash_supports(const torch::Tensor& q, int64_t d) {
+  return q.is_cuda() && (q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kHalf) && d % 8 == 0 &&
+         d <= 256;
+}
+
+// Windowed attention when nothing is hidden but the look-around's own limits
+// (no key mask, no rotary, block-aligned windows): every window attends over
+// a contiguous range of the sequence, so no additive mask is built. The
+// interior windows take their keys/values as overlapping views of k and v
+// (no copy) in one fused call; the first `back` and last `fwd` windows, whose
+// look-around runs past an end, attend over the part that exists (the same
+// as hiding the padding slots). Causal windows use the lower-right causal
+// limit of the fused flash kernel: query i of a window with L keys sees keys
+// j <= i + L - ws. q: (B, windows, ws, d), already unscaled; k, v: (B, n, d).
+torch::Tensor windows_without_mask(const torch::Tensor& bq, const torch::Tensor& k, const torch::Tensor& v, int64_t back,
+                                   int64_t fwd, bool causal, double scale) {
+  const int64_t windows = bq.size(1), ws = bq.size(2);
+  auto attend = [&](const torch::Tensor& q, const torch::Tensor& kk, const torch::Tensor& vv) {
+    if (!causal) return at::scaled_dot_product_attention(q, kk, vv, {}, 0.0, false, scale);
+    return std::get<0>(at::_scaled_dot_product_flash_attention(q, kk, vv, 0.0, true, false, scale));
+  };
+  auto keys_of = [&](const torch::Tensor& t, int64_t w) {  // (B, 1, L, d): window w's existing look-around
+    const int64_t lo = std::max<int64_t>(w - back, 0), hi = std::min<int64_t>(w + fwd + 1, windows);
+    return t.narrow(1, lo * ws, (hi - lo) * ws).unsqueeze(1);
+  };
+  const int64_t first = std::min(back, windows), last = std::max(windows - fwd, first);
+  std::vector<torch::Tensor> parts;
+  for (int64_t w = 0; w < first; ++w) parts.push_back(attend(bq.narrow(1, w, 1), keys_of(k, w), keys_of(v, w)));
+  if (last > first) {
+    const int64_t span = (back + fwd + 1) * ws;
+    auto view = [&](const torch::Tensor& t) {  // (B, last - first, span, d), window j + first over keys from j * ws
+      return t.unfold(1, span, ws).transpose(-1, -2);
+    };
+    parts.push_back(attend(bq.narrow(1, first, last - first), view(k), view(v)));
+  }
+  for (int64_t w = last; w < windows; ++w) parts.push_back(attend(bq.narrow(1, w, 1), keys_of(k, w), keys_of(v, w)));
+  return parts.size() == 1 ? parts[0] : torch::cat(parts, 1);
+}
+
 #endif
 
 // Zero-pads dimension `dim` of t up to a multiple of `multiple`.
@@ -156,6 +199,23 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
   TORCH_CHECK(options.autopad() || orig_n % ws == 0, "LocalAttention: sequence length ", orig_n,
               " must be divisible by the window size ", ws, " (or turn on autopad)");
 
+#if COLT5_HAS_SDPA
+  // Exact causal windows without a key mask are a sliding window over the
+  // sequence: query t sees keys t - window * look_backward .. t. The flash
+  // kernel's sliding window does that on the unpadded sequence, reading q, k
+  // and v in (batch, seq, heads, dim) order (for (b, h, n, d) inputs, LocalMHA's
+  // layout, a transposed view: no copy).
+  if (options.causal() && options.exact_windowsize() && !mask_in.defined() && !rel_pos &&
+      flash_supports(q_in, d)) {
+    auto seq_major = [&](const torch::Tensor& t) {
+      return t.dim() == 4 ? t.transpose(1, 2) : t.reshape({-1, orig_n, 1, d});
+    };
+    const double scale = options.scale().value_or(std::pow(static_cast<double>(d), -0.5));
+    auto out = std::get<0>(at::_flash_attention_forward(seq_major(q_in), seq_major(k_in), seq_major(v_in), {}, {}, orig_n,
+                                                        orig_n, 0.0, /*is_causal=*/true, false, scale, ws * back, 0));
+    return q_in.dim() == 4 ? out.transpose(1, 2) : out.reshape(q_in.sizes());
+  }
+#endif
   auto q = q_in.reshape({-1, orig_n, d});
   auto k = k_in.reshape({-1, orig_n, d});
   auto v = v_in.reshape({-1, orig_n, d});
@@ -167,8 +227,6 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
   const int64_t B = q.size(0), n = q.size(1), windows = n / ws;
   const double scale = options.scale().value_or(std::pow(static_cast<double>(d), -0.5));
 
-  auto positions = torch::arange(n, q.options().dtype(torch::kLong)).view({1, windows, ws});
-
 #if COLT5_HAS_SDPA
   const bool fused = q.scalar_type() != torch::kDouble;
 #else
@@ -178,6 +236,17 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
   // keys/values as views; the float64 path is the reference's arithmetic.
   auto bq = q.view({B, windows, ws, d});
   if (!fused) bq = bq * scale;
+#if COLT5_HAS_SDPA
+  // Nothing to hide but the windows' own limits: no mask at all. Causal windows
+  // need the flash kernel's lower-right limit (CUDA, half precision).
+  if (fused && !mask_in.defined() && !rel_pos && !options.exact_windowsize() &&
+      (!options.causal() || flash_supports(q, d))) {
+    auto out = windows_without_mask(bq, k, v, back, fwd, options.causal(), scale).reshape({B, n, d});
+    if (n != orig_n) out = out.narrow(1, 0, orig_n);
+    return out.reshape(q_in.sizes());
+  }
+#endif
+
   auto around = [&](const torch::Tensor& t) {
 #if COLT5_HAS_SDPA
     if (fused) return look_around_view(t.view({B, windows, ws, d}), back, fwd, -1);
@@ -203,6 +272,7 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
     }
   }
 
+  auto positions = torch::arange(n, q.options().dtype(torch::kLong)).view({1, windows, ws});
   auto bq_t = positions.unsqueeze(-1);                              // (1, w, i, 1)
   auto bq_k = look_around(positions, back, fwd, -1).unsqueeze(-2);  // (1, w, 1, j)
   auto pad_mask = bq_k.eq(-1);

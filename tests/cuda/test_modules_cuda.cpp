@@ -10,6 +10,7 @@
 #include "colt5/nn/conditional.h"
 #include "support/support.h"
 #include "colt5/nn/image.h"
+#include "colt5/nn/local_attention.h"
 #include "colt5/nn/router.h"
 
 namespace {
@@ -103,6 +104,52 @@ TEST(CudaModules, BFloat16BlockStaysCloseToFloat32AndBackpropagates) {
   EXPECT_LT((diff.abs() > 0.1 * ref.abs().max()).to(torch::kFloat).mean().item<double>(), 0.01);
   out.to(torch::kFloat).sum().backward();
   EXPECT_TRUE(torch::isfinite(xb.grad().to(torch::kFloat)).all().item<bool>());
+}
+
+// Local attention on CUDA in half precision (unmasked windows take the flash
+// kernels: causal windows its lower-right limit, exact causal windows its
+// sliding window) and float32, forward and backward, against the CPU float64
+// path: one window, two, many, a ragged length, with and without a key mask,
+// causal, exact causal and not causal.
+TEST(CudaModules, LocalAttentionWindowsMatchTheCpuFloat64) {
+  torch::manual_seed(19);
+  for (int mode : {0, 1, 2}) {  // causal, causal with exact windows (a sliding window), not causal
+    const bool causal = mode < 2, exact = mode == 1;
+    for (bool masked : {false, true}) {
+      LocalMHA attn(LocalMHAOptions(128, 64)
+                        .dim_head(64)
+                        .heads(2)
+                        .causal(causal)
+                        .exact_windowsize(exact)
+                        .prenorm(true)
+                        .look_forward(causal ? 0 : 1)
+                        .use_rotary_pos_emb(false));
+      auto ref = std::dynamic_pointer_cast<LocalMHAImpl>(attn->clone());
+      ref->to(torch::kDouble);
+      for (int64_t n : {40, 128, 1000, 2048}) {
+        for (auto dtype : {torch::kBFloat16, torch::kHalf, torch::kFloat}) {
+          SCOPED_TRACE("mode " + std::to_string(mode) + " masked " + std::to_string(masked) + " n " +
+                       std::to_string(n) + " " + c10::toString(dtype));
+          torch::Tensor x = torch::randn({2, n, 128}, torch::kDouble);
+          torch::Tensor mask;
+          if (masked) mask = torch::rand({2, n}) > 0.1;
+          torch::Tensor x64 = x.clone().requires_grad_(true);
+          torch::Tensor out64 = ref->forward(x64, mask);
+          torch::Tensor g = torch::randn_like(out64);
+          out64.backward(g);
+          auto dev = std::dynamic_pointer_cast<LocalMHAImpl>(attn->clone());
+          dev->to(cuda(), dtype);
+          torch::Tensor xd = x.to(cuda(), dtype).requires_grad_(true);
+          torch::Tensor out = dev->forward(xd, masked ? mask.to(cuda()) : mask);
+          out.backward(g.to(cuda(), dtype));
+          const double tol = dtype == torch::kFloat ? 1e-4 : 3e-2;
+          EXPECT_LT(max_rel_error(out.to(torch::kDouble).cpu(), out64), tol);
+          EXPECT_LT(max_rel_error(xd.grad().to(torch::kDouble).cpu(), x64.grad()), 3 * tol);
+          ref->zero_grad();
+        }
+      }
+    }
+  }
 }
 
 TEST(CudaModules, CrossAttentionOverAMillionTokenMemory) {
