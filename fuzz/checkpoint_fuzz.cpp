@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "program/checkpoint.h"
@@ -36,7 +37,7 @@ std::string scratch_dir() {
   return dir + "/ckpt";
 }
 
-void write(const std::string& path, const std::string& bytes) {
+void write(const std::string& path, std::string_view bytes) {
   FILE* f = std::fopen(path.c_str(), "wb");
   if (f == nullptr) std::abort();
   if (!bytes.empty() && std::fwrite(bytes.data(), 1, bytes.size(), f) != bytes.size()) std::abort();
@@ -61,12 +62,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     make_dirs(d);
     return d;
   }();
-  const std::string input(reinterpret_cast<const char*>(data), size);
-  std::vector<std::string> parts;
+  // Views into the input (no copies: each input is up to a few hundred kB).
+  const std::string_view input(reinterpret_cast<const char*>(data), size);
+  std::vector<std::string_view> parts;
   size_t start = 0;
   while (parts.size() < 3) {
     const size_t at = input.find(kSeparator, start);
-    if (at == std::string::npos) return 0;
+    if (at == std::string_view::npos) return 0;
     parts.push_back(input.substr(start, at - start));
     start = at + kSeparator.size();
   }
@@ -85,7 +87,17 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   try {
     const CheckpointInfo info = read_checkpoint_info(dir);
     if (!small(info.model)) return 0;
-    LanguageModel model(info.model);
+    // The model of the previous input when the settings are the same (building
+    // one is most of an input's time); loading overwrites every weight, and an
+    // input whose weights are refused leaves nothing the next load relies on.
+    static std::string cached_key;
+    static LanguageModel cached{nullptr};
+    const std::string key = to_json(info.model).dump();
+    if (!cached || key != cached_key) {
+      cached = LanguageModel(info.model);
+      cached_key = key;
+    }
+    LanguageModel model = cached;
     load_model_weights(*model, dir + "/model.safetensors");
     auto opt = make_optimizer(*model, info.train);
     load_optimizer(dir + "/optimizer.safetensors", *model, *opt, info.step);

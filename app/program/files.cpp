@@ -184,7 +184,7 @@ std::string file_checksum(const std::string& path) {
   Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
   if (fd.get() < 0) throw UsageError("cannot read '" + path + "': " + error_text());
   uint64_t h = 0xcbf29ce484222325ull;
-  std::vector<unsigned char> buf(1 << 20);
+  std::vector<unsigned char> buf(1 << 16);  // 64 KiB reads: as fast as larger ones, no large zeroed allocation per file
   for (;;) {
     const ssize_t r = ::read(fd.get(), buf.data(), buf.size());
     if (r < 0 && errno == EINTR) continue;
