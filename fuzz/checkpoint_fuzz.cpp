@@ -5,8 +5,9 @@
 // harness writes them with a completion marker whose checksums match (a
 // mismatch is refused first; matching sums let the fuzzer reach the checks
 // behind it), then reads the settings, builds the model, loads the weights
-// and the optimizer state and runs a forward. Any input must either be
-// refused with a UsageError or load completely; anything else is a bug.
+// and the optimizer state and runs the program's forward check. Any input
+// must either be refused with a UsageError or load completely; anything else
+// is a bug.
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 #include <unistd.h>
@@ -101,11 +102,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     load_model_weights(*model, dir + "/model.safetensors");
     auto opt = make_optimizer(*model, info.train);
     load_optimizer(dir + "/optimizer.safetensors", *model, *opt, info.step);
-    torch::NoGradGuard no_grad;
-    model->eval();
-    const int64_t n = std::min<int64_t>(info.model.max_seq_len, 8);
-    torch::Tensor logits = model->forward(torch::zeros({1, n}, torch::kLong));
-    if (logits.size(-1) != info.model.vocab_size) std::abort();
+    // The program's own check after loading (eval, sample, resume): a forward
+    // pass that must give finite logits of the vocabulary's width, or refuse.
+    torch::Tensor logits = check_model_runs(*model, dir + "/model.safetensors");
+    if (logits.size(-1) != info.model.vocab_size || !torch::isfinite(logits).all().item<bool>()) std::abort();
   } catch (const UsageError& e) {
     // COLT5_FUZZ_VERBOSE=1: why an input was refused (for checking the seeds reach deep).
     static const bool verbose = std::getenv("COLT5_FUZZ_VERBOSE") != nullptr;

@@ -111,7 +111,10 @@ PY
   # -close_fd_mask=3: the program's messages (help, errors) are not the fuzzer's output.
   max_len=65536
   [[ "$target" == checkpoint ]] && max_len=131072  # the seeds' four files are about 80 kB
-  exec "$bin" -max_len=$max_len -close_fd_mask=3 "${args[@]}" "$target-corpus" "$seeds"
+  # fuzz/regressions/<target>: inputs that once failed, run again as seeds.
+  extra=()
+  [[ -d "$root/fuzz/regressions/$target" ]] && extra=("$root/fuzz/regressions/$target")
+  exec "$bin" -max_len=$max_len -close_fd_mask=3 "${args[@]}" "$target-corpus" "$seeds" "${extra[@]+"${extra[@]}"}"
 fi
 
 if [[ "$target" == config ]]; then

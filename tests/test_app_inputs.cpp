@@ -329,6 +329,12 @@ TEST(AppInputs, DamagedWeightsAreRefused) {
                if (n == w) t = t.to(torch::kBool);
            }},
           {"missing keys", [&](auto& ts) { ts.pop_back(); }},
+          // Finite weights so large that the activations overflow.
+          {"forward pass",
+           [&](auto& ts) {
+             for (auto& [n, t] : ts)
+               if (n == w) t.fill_(3e38);
+           }},
       };
   for (const auto& [expect, edit] : cases) {
     const std::string ckpt = copy_checkpoint(good, dir, "ckpt-00000002");
@@ -338,6 +344,17 @@ TEST(AppInputs, DamagedWeightsAreRefused) {
     EXPECT_EQ(r.status, 2) << expect << ": " << r.err;
     EXPECT_CONTAINS(r.err, "model.safetensors");
     EXPECT_CONTAINS(r.err, expect);
+    remove_tree(ckpt);
+  }
+  {
+    // The same for a resumed run.
+    const std::string ckpt = copy_checkpoint(good, dir, "ckpt-00000002");
+    edit_tensors(ckpt + "/model.safetensors", [&](auto& ts) {
+      for (auto& [n, t] : ts)
+        if (n == w) t.fill_(3e38);
+    });
+    reseal(ckpt);
+    expect_resume_refused(ckpt, dir + "/out", {"model.safetensors", "forward pass", "damaged"});
     remove_tree(ckpt);
   }
   // One flipped bit in any file, with the marker left as written: the checksum catches it.

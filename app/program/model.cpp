@@ -117,6 +117,29 @@ torch::Tensor LanguageModelImpl::hidden(const torch::Tensor& tokens) {
   return norm->forward(x);
 }
 
+torch::Tensor check_model_runs(LanguageModelImpl& model, const std::string& source) {
+  const bool was_training = model.is_training();
+  model.eval();
+  const auto device = model.token_emb->weight.device();
+  const int64_t n = std::min<int64_t>(model.cfg.max_seq_len, 16);
+  torch::Tensor tokens = torch::arange(n, torch::TensorOptions(device).dtype(torch::kLong)).remainder(model.cfg.vocab_size)
+                             .unsqueeze(0);
+  torch::Tensor logits;
+  std::string problem;
+  try {
+    torch::NoGradGuard no_grad;
+    logits = model.forward(tokens);
+    if (!torch::isfinite(logits).all().item<bool>()) problem = "the logits hold NaN or infinite values";
+  } catch (const c10::Error& e) {
+    problem = e.what_without_backtrace();
+  }
+  model.train(was_training);
+  if (!problem.empty())
+    throw UsageError("'" + source + "': the weights are finite but a forward pass over " + std::to_string(n) +
+                     " tokens fails (" + problem + "): the checkpoint is damaged");
+  return logits;
+}
+
 int64_t count_parameters(const torch::nn::Module& module) {
   int64_t total = 0;
   for (const auto& p : module.parameters()) total += p.numel();

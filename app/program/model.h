@@ -69,6 +69,13 @@ class LanguageModelImpl : public torch::nn::Module {
 };
 TORCH_MODULE(LanguageModel);
 
+// A forward pass over a short fixed sequence (token i % vocab at position i,
+// up to 16 tokens), run after a checkpoint's weights are loaded: finite weights
+// can still be damaged so that the activations overflow. Returns the logits;
+// a UsageError naming `source` when the forward fails or gives NaN or
+// infinite values. Leaves the model's training mode as it was.
+torch::Tensor check_model_runs(LanguageModelImpl& model, const std::string& source);
+
 int64_t count_parameters(const torch::nn::Module& module);
 
 // Memory a run needs, estimated from the settings before anything is built:

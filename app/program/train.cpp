@@ -265,6 +265,7 @@ void Trainer::setup() {
   opt_ = make_optimizer(*model_, t_);
   if (!resume_ckpt_.empty()) {
     load_model_weights(*model_, resume_ckpt_ + "/model.safetensors");
+    check_model_runs(*model_, resume_ckpt_ + "/model.safetensors");
     load_optimizer(resume_ckpt_ + "/optimizer.safetensors", *model_, *opt_, start_step_);
   }
   for (const auto& p : model_->parameters())
@@ -550,6 +551,7 @@ LoadedModel load_model(const std::string& ckpt, const std::string& device_name) 
   load_model_weights(*lm.model, lm.info.dir + "/model.safetensors");
   lm.model->to(lm.device);
   lm.model->eval();
+  check_model_runs(*lm.model, lm.info.dir + "/model.safetensors");
   return lm;
 }
 
