@@ -224,6 +224,45 @@ torch::Tensor attend_projected(AttentionImpl& a, const torch::Tensor& x, const t
   return a.to_out->forward(out.to(x.scalar_type()));
 }
 
+torch::Tensor attend_gathered(AttentionImpl& a, const torch::Tensor& x, const torch::Tensor& q_in,
+                              const torch::Tensor& proj, const torch::Tensor& rows, const torch::Tensor& mask_in,
+                              const torch::Tensor& scores_kv) {
+  const int64_t h = a.options.heads(), dh = a.options.dim_head();
+  const int64_t batch = rows.size(0), routes = rows.size(1), m = rows.size(2), hr = h / routes;
+  const int64_t n = q_in.size(2), table_rows = proj.size(0);
+  TORCH_CHECK(hr * routes == h && proj.dim() == 2 && proj.size(1) == hr * 2 * dh && q_in.size(0) == batch &&
+                  q_in.size(1) == h && q_in.size(3) == dh,
+              "Attention: gathered keys/values need proj (N, ", hr * 2 * dh, ") and q (", batch, ", ", h, ", n, ", dh,
+              "), got ", proj.sizes(), " and ", q_in.sizes());
+  // Route j's null row: its heads' null key and value, in proj's row layout.
+  torch::Tensor nulls = torch::cat({a.null_kv[0], a.null_kv[1]}, -1).reshape({routes, hr * 2 * dh});
+  torch::Tensor table = torch::cat({proj, nulls.to(proj.scalar_type())}, 0);
+  auto io = rows.options();
+  torch::Tensor null_rows = (torch::arange(routes, io) + table_rows).view({1, routes, 1}).expand({batch, routes, 1});
+  torch::Tensor flat = torch::cat({null_rows, rows}, 2).reshape({-1});
+  // (batch * routes, heads / routes, 1 + m, 2 * dim_head): a view of the gathered rows.
+  torch::Tensor kv = table.index_select(0, flat).view({batch * routes, 1 + m, hr, 2 * dh}).transpose(1, 2);
+  auto halves = kv.chunk(2, -1);
+  torch::Tensor k = halves[0], v = halves[1];
+  if (scores_kv.defined()) {
+    torch::Tensor s = torch::constant_pad_nd(scores_kv.reshape({batch * routes, 1, m, 1}).to(kv.scalar_type()),
+                                             {0, 0, 1, 0}, 1.0);
+    v = v * s;
+    if (a.options.multiply_keys_by_score()) k = k * s;
+  }
+  torch::Tensor mask;
+  if (mask_in.defined()) {
+    TORCH_CHECK(mask_in.scalar_type() == at::kBool && mask_in.sizes() == rows.sizes(),
+                "Attention: the gathered rows' mask must be bool ", rows.sizes(), ", got ", mask_in.sizes());
+    mask = torch::constant_pad_nd(mask_in.reshape({batch * routes, 1, 1, m}), {1, 0}, 1);
+  }
+  torch::Tensor q = q_in.reshape({batch * routes, hr, n, dh});
+  const auto common = at::promote_types(at::promote_types(q.scalar_type(), k.scalar_type()), v.scalar_type());
+  auto out = attend(q.to(common), k.to(common), v.to(common), mask, a.options.use_flash());
+  out = out.reshape({batch, h, n, dh}).transpose(1, 2).reshape({batch, n, h * dh});
+  return a.to_out->forward(out.to(x.scalar_type()));
+}
+
 // ---------------------------------------------------------------- SelfAttention
 
 SelfAttentionImpl::SelfAttentionImpl(const SelfAttentionOptions& options_) : options(options_) { reset(); }

@@ -31,5 +31,17 @@ torch::Tensor attend_projected(AttentionImpl& a, const torch::Tensor& x, const t
                                const torch::Tensor& kv, const torch::Tensor& mask, const torch::Tensor& scores_kv,
                                const std::pair<torch::Tensor, torch::Tensor>& rotary_emb);
 
+// The same without rotary embeddings, gathering straight from the table of
+// projected rows: proj [N * routes, heads / routes * 2 * dim_head] (as
+// project_keys_values, one route's heads per row), rows [b, routes, m] indices
+// into it, mask bool [b, routes, m] (or undefined), scores_kv [b, routes, m]
+// (or undefined). Each route's null key/value is appended to the table and
+// gathered as position 0 of every set, and the attention runs on the gathered
+// rows in place, with the routes folded into the batch: one copy of the
+// routed keys/values instead of a gather, a reshape and a concatenation.
+torch::Tensor attend_gathered(AttentionImpl& a, const torch::Tensor& x, const torch::Tensor& q,
+                              const torch::Tensor& proj, const torch::Tensor& rows, const torch::Tensor& mask,
+                              const torch::Tensor& scores_kv);
+
 }  // namespace nn
 }  // namespace colt5

@@ -116,11 +116,16 @@ torch::Tensor heavy_routed_attention(CoordinateDescentRouterImpl& q_router, Coor
     torch::Tensor proj = project_keys_values(heavy_attn, in.context).reshape({bc * m * r, h / r * 2 * dh});
     auto io = kv.indices.options();
     torch::Tensor row_start = (torch::arange(bc, io) * m).view({bc, 1}).expand({bc, views}).reshape({rows, 1, 1});
-    torch::Tensor flat = ((row_start + kv.indices) * r + torch::arange(r, io).view({1, r, 1})).reshape({-1});
-    torch::Tensor kvp = proj.index_select(0, flat).view({rows, r, k, h / r, 2 * dh}).permute({0, 1, 3, 2, 4});
-    torch::Tensor scores_kv = kv.scores.reshape({rows, r, 1, k, 1}).to(kvp.scalar_type());
+    torch::Tensor table_rows = (row_start + kv.indices) * r + torch::arange(r, io).view({1, r, 1});  // [rows, r, k]
     torch::Tensor qp = project_queries(heavy_attn, heavy_attn.norm->forward(q.routed_tokens), scores_q);
-    routed_out = attend_projected(heavy_attn, q.routed_tokens, qp, kvp, kv.routed_mask, scores_kv, rotary);
+    if (!rotary.first.defined()) {
+      routed_out = attend_gathered(heavy_attn, q.routed_tokens, qp, proj, table_rows, kv.routed_mask, kv.scores);
+    } else {
+      torch::Tensor kvp =
+          proj.index_select(0, table_rows.reshape({-1})).view({rows, r, k, h / r, 2 * dh}).permute({0, 1, 3, 2, 4});
+      torch::Tensor scores_kv = kv.scores.reshape({rows, r, 1, k, 1}).to(kvp.scalar_type());
+      routed_out = attend_projected(heavy_attn, q.routed_tokens, qp, kvp, kv.routed_mask, scores_kv, rotary);
+    }
   } else {
     // Unrouted keys/values carry no scores (all ones): leave them out.
     torch::Tensor kv_scores = kv.indices.defined() ? kv.scores : torch::Tensor();

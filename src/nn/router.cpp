@@ -135,10 +135,18 @@ std::pair<torch::Tensor, torch::Tensor> routing_scores(const RouterOptions& o, c
                                                        const torch::Tensor& toks, const torch::Tensor& ms,
                                                        int64_t views) {
   const int64_t rows = xs.size(0), len = xs.size(1), r = o.num_routing_tokens();
-  torch::Tensor xn = o.cosine_sim_routing() ? l2norm(xs) : xs;
-  torch::Tensor tn = o.cosine_sim_routing() ? l2norm(toks) : toks;
-  torch::Tensor s = toks.dim() == 2 ? torch::matmul(xn, tn.t()).transpose(1, 2) : torch::matmul(tn, xn.transpose(1, 2));
-  if (o.cosine_sim_routing()) s = s * o.cosine_sim_scale();
+  torch::Tensor s;
+  if (o.cosine_sim_routing()) {
+    // normalize(x) . normalize(t) * scale, computed as (x . normalize(t) * scale) / max(|x|, 1e-12): x is
+    // read for its norms and for the product, never written out normalized (for a million memories of
+    // 512 floats that copy alone is 2 GiB written and read again).
+    torch::Tensor tn = l2norm(toks) * o.cosine_sim_scale();
+    torch::Tensor norms = xs.norm(2, -1, /*keepdim=*/true).clamp_min(1e-12);  // (rows, len, 1)
+    s = toks.dim() == 2 ? (torch::matmul(xs, tn.t()) / norms).transpose(1, 2)
+                        : torch::matmul(tn, xs.transpose(1, 2)) / norms.transpose(1, 2);
+  } else {
+    s = toks.dim() == 2 ? torch::matmul(xs, toks.t()).transpose(1, 2) : torch::matmul(toks, xs.transpose(1, 2));
+  }
   // Routing math (coordinate descent, the top-k and its tie-break) in float32 at least.
   if (s.scalar_type() == torch::kHalf || s.scalar_type() == torch::kBFloat16) s = s.to(torch::kFloat32);
   torch::Tensor mflat;
