@@ -884,18 +884,20 @@ __global__ void rowkey_init(int32_t* pos, int64_t n, int64_t cols) {
     pos[i] = static_cast<int32_t>(i % cols);
 }
 
-// For the element at sorted slot i (row = key >> 32, position pos[i]): its row
-// and the descending key of src (or, with mask, 0 = kept / 1 = masked).
+// For the element at sorted slot i (row = key >> shift_prev, position pos[i]):
+// its row and the descending key of src, with mask above it when given
+// (0 = kept, 1 = masked: masked entries sort after every kept one).
 __global__ void rowkey_of(const float* src, const uint8_t* mask, const uint64_t* prev_keys, const int32_t* pos,
                           uint64_t* keys, int64_t n, int64_t cols, int shift_prev) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const uint64_t row = prev_keys ? (prev_keys[i] >> shift_prev) : static_cast<uint64_t>(i / cols);
     const int64_t at = static_cast<int64_t>(row) * cols + pos[i];
+    const uint64_t key = KeyOf<float>::desc(src[at]);
     if (mask)
-      keys[i] = (row << 1) | (mask[at] ? 0u : 1u);
+      keys[i] = (row << 33) | (static_cast<uint64_t>(mask[at] ? 0u : 1u) << 32) | key;
     else
-      keys[i] = (row << 32) | KeyOf<float>::desc(src[at]);
+      keys[i] = (row << 32) | key;
   }
 }
 
@@ -917,7 +919,7 @@ void topk_rows_wide(const float* scores, const float* tiebreak, const uint8_t* m
   size_t temp_bytes = 0;
   CD_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, static_cast<const uint64_t*>(nullptr),
                                            static_cast<uint64_t*>(nullptr), static_cast<const int32_t*>(nullptr),
-                                           static_cast<int32_t*>(nullptr), n, 0, 32 + row_bits, st));
+                                           static_cast<int32_t*>(nullptr), n, 0, 33 + row_bits, st));
   auto align = [](size_t x) { return (x + 255) / 256 * 256; };
   const size_t keys_bytes = align(static_cast<size_t>(n) * sizeof(uint64_t));
   const size_t vals_bytes = align(static_cast<size_t>(n) * sizeof(int32_t));
@@ -936,11 +938,11 @@ void topk_rows_wide(const float* scores, const float* tiebreak, const uint8_t* m
   step(cudaGetLastError());
   bool have_prev = false;
   int prev_shift = 32;
-  // Least significant first: tiebreak, score, mask; each sort is stable.
+  // Least significant first: tiebreak, then (mask, score) in one key; each sort is stable.
   auto sort_by = [&](const float* src, const uint8_t* m) {
     rowkey_of<<<grid_for(n), 256, 0, st>>>(src, m, have_prev ? keys_out : nullptr, pos_a, keys_in, n, cols, prev_shift);
     step(cudaGetLastError());
-    const int low_bits = m ? 1 : 32;
+    const int low_bits = m ? 33 : 32;
     size_t tb = temp_bytes;
     step(cub::DeviceRadixSort::SortPairs(temp, tb, keys_in, keys_out, pos_a, pos_b, n, 0, low_bits + row_bits, st));
     std::swap(pos_a, pos_b);
@@ -948,8 +950,7 @@ void topk_rows_wide(const float* scores, const float* tiebreak, const uint8_t* m
     prev_shift = low_bits;
   };
   if (tiebreak) sort_by(tiebreak, nullptr);
-  sort_by(scores, nullptr);
-  if (mask) sort_by(nullptr, mask);
+  sort_by(scores, mask);
   rowkey_out<<<grid_for(rows * k), 256, 0, st>>>(pos_a, indices, rows, cols, k);
   step(cudaGetLastError());
   (void)cudaFreeAsync(ws, st);
