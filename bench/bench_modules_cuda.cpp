@@ -350,6 +350,30 @@ void profile_autoregressive(ConditionalRoutedAutoregressiveAttentionImpl& m, con
   torch::Tensor xs = x.detach().requires_grad_(true);
   std::vector<Phase> ph;
   ph.push_back(phase("light attention (local causal)", [&] { return m.light_attn->forward(xs); }));
+  {
+    // Its parts: norm and projection, the windowed core (no mask: the flash
+    // kernel's sliding window; with an all-true key mask: the masked path),
+    // output projection.
+    auto& la = *m.light_attn;
+    const int64_t h = la.options.heads(), dh = la.options.dim_head();
+    ph.push_back(phase("  of which: norm + qkv projection", [&] { return la.to_qkv->forward(la.norm->forward(xs)); }));
+    torch::Tensor qkv;
+    {
+      Autocast ac(true);
+      torch::NoGradGuard ng;
+      qkv = la.to_qkv->forward(la.norm->forward(x));
+    }
+    auto parts = qkv.chunk(3, -1);
+    auto split = [&](const torch::Tensor& t) {
+      return t.reshape({b, seq, h, dh}).transpose(1, 2).contiguous().requires_grad_(true);
+    };
+    torch::Tensor lq = split(parts[0]), lk = split(parts[1]), lv = split(parts[2]);
+    torch::Tensor all = torch::ones({b, seq}, torch::TensorOptions().dtype(torch::kBool).device(x.device()));
+    ph.push_back(phase("  of which: windowed core (sliding window)", [&] { return la.attn_fn->forward(lq, lk, lv); }));
+    ph.push_back(phase("  (core with an all-true key mask)", [&] { return la.attn_fn->forward(lq, lk, lv, all); }));
+    torch::Tensor o = torch::randn({b, seq, h * dh}, x.options()).requires_grad_(true);
+    ph.push_back(phase("  of which: output projection", [&] { return la.to_out->forward(o); }));
+  }
   torch::Tensor xp = padded == seq ? xs : torch::constant_pad_nd(xs, {0, 0, 0, padded - seq}, 0.0);
   torch::Tensor q = xp.view({b, windows, w, d}).narrow(1, 1, windows - 1).reshape({rows, w, d});
   auto bo = torch::TensorOptions().dtype(torch::kBool).device(x.device());
@@ -387,11 +411,16 @@ void profile_autoregressive(ConditionalRoutedAutoregressiveAttentionImpl& m, con
   auto io = rkv.indices.options();
   torch::Tensor row_start = (torch::arange(b, io) * padded).view({b, 1}).expand({b, views}).reshape({rows, 1, 1});
   torch::Tensor flat = ((row_start + rkv.indices) * r + torch::arange(r, io).view({1, r, 1})).reshape({-1});
-  ph.push_back(phase("heavy: gather projected rows per window", [&] { return proj.index_select(0, flat); }));
   torch::Tensor kv5 = proj.detach().index_select(0, flat).reshape({rows, r, kkv, h / r, 2 * dh}).requires_grad_(true);
   torch::Tensor qt = rq.routed_tokens.detach().requires_grad_(true);
   torch::Tensor scores = rkv.scores.reshape({rows, r, 1, kkv, 1}).to(kv5.scalar_type());
-  ph.push_back(phase("heavy: queries + attention of all windows", [&] {
+  torch::Tensor table_rows = (row_start + rkv.indices) * r + torch::arange(r, io).view({1, r, 1});
+  ph.push_back(phase("heavy: gather + queries + attention (the module's)", [&] {
+    return attend_gathered(a, qt, project_queries(a, a.norm->forward(qt), {}), proj, table_rows, rkv.routed_mask,
+                           rkv.scores);
+  }));
+  ph.push_back(phase("  (the gather of projected rows alone)", [&] { return proj.index_select(0, flat); }));
+  ph.push_back(phase("  (queries + attention on a separate gather)", [&] {
     return attend_projected(a, qt, project_queries(a, a.norm->forward(qt), {}), kv5.permute({0, 1, 3, 2, 4}),
                             rkv.routed_mask, scores, {});
   }));
