@@ -89,6 +89,11 @@ class LocalAttentionImpl : public torch::nn::Cloneable<LocalAttentionImpl> {
   // window_size unless autopad. mask: bool (b, n) key padding mask, true =
   // keep; b must divide the product of the leading dimensions (heads are
   // folded after batch). Returns (..., n, d).
+  // Paths (same results): float64 computes the reference's arithmetic; other
+  // dtypes use fused attention. Without a mask or rotary embedding no mask is
+  // built at all: non-causal windows attend over views of contiguous key
+  // ranges; on CUDA in bf16/fp16, causal windows use the flash kernel's
+  // lower-right causal limit and exact causal windows its sliding window.
   torch::Tensor forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                         const torch::Tensor& mask = {});
 
