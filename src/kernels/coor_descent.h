@@ -108,6 +108,15 @@ void coor_descent_backward_cuda(const CoorDescentBackwardParams<acc_t>& p, void*
 template <typename acc_t>
 void topk_tiebreak_cuda(const acc_t* scores, const acc_t* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols,
                         int64_t k, int64_t* indices, void* stream);
+
+// Routing scores (routing_cuda.cu): for each of `rows` contiguous rows of x
+// (d elements of `dtype`), dots[row * r + q] = x[row] . tokens[q] and
+// norms[row] = |x[row]|, float32 accumulation, one read of x. tokens: r x d
+// float32 with r <= 4 and r * d <= kRowDotMaxTokenFloats.
+enum class RowDtype { f32, f16, bf16 };
+constexpr int64_t kRowDotMaxTokenFloats = 12288;
+void row_dot_norm_cuda(const void* x, RowDtype dtype, const float* tokens, int64_t rows, int64_t d, int64_t r,
+                       float* dots, float* norms, void* stream);
 #endif
 
 }  // namespace kernels

@@ -6,6 +6,12 @@
 #include <limits>
 
 #include "colt5/coor_descent.h"
+#include "kernels/coor_descent.h"
+
+#ifdef COLT5_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
 
 namespace colt5 {
 namespace nn {
@@ -65,6 +71,64 @@ void CoordinateDescentRouterImpl::reset() {
 namespace {
 
 using RouterOptions = CoordinateDescentRouterOptions;
+
+#ifdef COLT5_WITH_CUDA
+// x [N, d] (CUDA float32/float16/bfloat16, contiguous) against tokens [r, d]:
+// (x . tokens^T [N, r], |x| [N, 1]), both float32, from one read of x by the
+// routing-scores kernel; the backward is two matrix products.
+class RoutingDotFunction : public torch::autograd::Function<RoutingDotFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                                                const torch::Tensor& tokens) {
+    const int64_t n = x.size(0), d = x.size(1), r = tokens.size(0);
+    torch::Tensor t32 = tokens.to(torch::kFloat).contiguous();
+    auto f32 = x.options().dtype(torch::kFloat);
+    torch::Tensor dots = torch::empty({n, r}, f32), norms = torch::empty({n, 1}, f32);
+    const auto dtype = x.scalar_type() == torch::kFloat  ? kernels::RowDtype::f32
+                       : x.scalar_type() == torch::kHalf ? kernels::RowDtype::f16
+                                                         : kernels::RowDtype::bf16;
+    c10::cuda::CUDAGuard guard(x.device());
+    kernels::row_dot_norm_cuda(x.data_ptr(), dtype, t32.data_ptr<float>(), n, d, r, dots.data_ptr<float>(),
+                               norms.data_ptr<float>(), at::cuda::getCurrentCUDAStream().stream());
+    ctx->save_for_backward({x, t32, norms});
+    ctx->saved_data["tokens_dtype"] = static_cast<int64_t>(tokens.scalar_type());
+    return {dots, norms};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor &x = saved[0], &t32 = saved[1], &norms = saved[2];
+    const auto tokens_dtype = static_cast<torch::ScalarType>(ctx->saved_data["tokens_dtype"].toInt());
+    const torch::Tensor &g_dots = grads[0], &g_norms = grads[1];
+    torch::Tensor x32 = x.to(torch::kFloat);
+    torch::Tensor gx, gt;
+    if (g_dots.defined()) {
+      if (ctx->needs_input_grad(0)) gx = torch::matmul(g_dots, t32);
+      if (ctx->needs_input_grad(1)) gt = torch::matmul(g_dots.t(), x32).to(tokens_dtype);
+    }
+    if (g_norms.defined() && ctx->needs_input_grad(0)) {
+      // d|x|/dx = x / |x| (zero at x = 0).
+      torch::Tensor coef = torch::where(norms > 0, g_norms / norms, torch::zeros_like(norms));
+      gx = gx.defined() ? gx + coef * x32 : coef * x32;
+    }
+    if (gx.defined()) gx = gx.to(x.scalar_type());
+    return {gx, gt};
+  }
+};
+#endif
+
+// Whether the routing-scores kernel takes x [N, d] and tokens [r, d].
+bool routing_dot_applies(const torch::Tensor& x, const torch::Tensor& tokens) {
+#ifdef COLT5_WITH_CUDA
+  const auto t = x.scalar_type();
+  return x.is_cuda() && (t == torch::kFloat || t == torch::kHalf || t == torch::kBFloat16) && tokens.dim() == 2 &&
+         tokens.size(0) >= 1 && tokens.size(0) <= 4 && tokens.size(0) * x.size(-1) <= kernels::kRowDotMaxTokenFloats &&
+         tokens.device() == x.device();
+#else
+  return false;
+#endif
+}
 
 void check_router_input(const RouterOptions& o, const torch::Tensor& x, int64_t num_tokens, const torch::Tensor& mask) {
   TORCH_CHECK(x.defined() && x.dim() == 3, "CoordinateDescentRouter: x must be (b, n, dim), got ",
@@ -136,7 +200,17 @@ std::pair<torch::Tensor, torch::Tensor> routing_scores(const RouterOptions& o, c
                                                        int64_t views) {
   const int64_t rows = xs.size(0), len = xs.size(1), r = o.num_routing_tokens();
   torch::Tensor s;
-  if (o.cosine_sim_routing()) {
+  if (routing_dot_applies(xs, toks)) {
+#ifdef COLT5_WITH_CUDA
+    // One read of x by the routing-scores kernel: float32 scores (and norms for cosine routing).
+    const int64_t d = xs.size(2);
+    torch::Tensor tn = o.cosine_sim_routing() ? l2norm(toks) * o.cosine_sim_scale() : toks;
+    auto out = RoutingDotFunction::apply(xs.reshape({rows * len, d}).contiguous(), tn);
+    torch::Tensor dots = out[0];
+    if (o.cosine_sim_routing()) dots = dots / out[1].clamp_min(1e-12);
+    s = dots.view({rows, len, r}).transpose(1, 2);
+#endif
+  } else if (o.cosine_sim_routing()) {
     // normalize(x) . normalize(t) * scale, computed as (x . normalize(t) * scale) / max(|x|, 1e-12): x is
     // read for its norms and for the product, never written out normalized (for a million memories of
     // 512 floats that copy alone is 2 GiB written and read again).

@@ -44,6 +44,53 @@ TEST(CudaModules, RouterRoutesTheSameTokensAsTheCpu) {
   }
 }
 
+// The routing scores on CUDA (one read of x by the routing-scores kernel, and
+// its backward) against the float64 router on the CPU: the same tokens, scores
+// and gradients for x and the routing tokens; float32 and bfloat16 inputs,
+// dot-product and cosine routing, one and two routing tokens, a ragged width
+// (the kernel's unvectorized path) and a mask.
+TEST(CudaModules, RouterGradientsMatchTheCpuFloat64) {
+  torch::manual_seed(18);
+  for (int64_t dim : {64, 37}) {
+    for (bool cosine : {false, true}) {
+      for (int64_t routes : {1, 2}) {
+        for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+          SCOPED_TRACE("dim " + std::to_string(dim) + " cosine " + std::to_string(cosine) + " routes " +
+                       std::to_string(routes) + " " + c10::toString(dtype));
+          CoordinateDescentRouter ref(
+              CoordinateDescentRouterOptions(dim).num_routing_tokens(routes).cosine_sim_routing(cosine).eps(1.0));
+          auto gpu = std::dynamic_pointer_cast<CoordinateDescentRouterImpl>(ref->clone(cuda()));
+          gpu->to(dtype);
+          ref->to(torch::kDouble);
+          // bf16 routing: the reference sees the same rounded inputs and tokens.
+          torch::Tensor x = torch::randn({2, 2048, dim}).to(dtype).to(torch::kDouble);
+          ref->routing_token.set_data(gpu->routing_token.detach().cpu().to(torch::kDouble));
+          torch::Tensor mask = torch::rand({2, 2048}) > 0.1;
+          torch::Tensor x64 = x.clone().requires_grad_(true);
+          torch::Tensor xd = x.to(cuda(), dtype).requires_grad_(true);
+          auto a = ref->forward(x64, 128, mask);
+          auto b = gpu->forward(xd, 128, mask.to(cuda()));
+          ASSERT_TRUE(torch::equal(routed_set(a.indices), routed_set(b.indices)));
+          // An order-free loss: each routed token's score times a weight of its position.
+          std::vector<int64_t> wshape = a.indices.sizes().vec();
+          wshape.back() = 2048;
+          torch::Tensor w = torch::randn(wshape, torch::kDouble);
+          ((a.scores * w.gather(-1, a.indices)).sum() + a.routed_tokens.sum()).backward();
+          torch::Tensor wd = w.to(cuda(), torch::kFloat);
+          ((b.scores.to(torch::kFloat) * wd.gather(-1, b.indices)).sum() + b.routed_tokens.to(torch::kFloat).sum())
+              .backward();
+          const double tol = dtype == torch::kFloat ? 1e-3 : 2e-2;
+          EXPECT_LT(max_rel_error(b.scores.to(torch::kDouble).cpu(), a.scores), tol);
+          EXPECT_LT(colt5::testing::norm_rel_error(xd.grad().to(torch::kDouble).cpu(), x64.grad()), tol);
+          EXPECT_LT(colt5::testing::norm_rel_error(gpu->routing_token.grad().to(torch::kDouble).cpu(),
+                                                   ref->routing_token.grad()),
+                    tol);
+        }
+      }
+    }
+  }
+}
+
 TEST(CudaModules, SaturatedScoresBreakTiesLikeTheCpu) {
   // Many tokens saturate at exactly 1.0 with a large k: the set is decided by the tie-break.
   torch::manual_seed(12);

@@ -1,0 +1,153 @@
+// Routing scores on CUDA: each row of x against a few routing tokens, and the
+// row's Euclidean norm, in one read of x (a warp per row, the tokens in shared
+// memory, float32 accumulation). A matrix product with one or two columns
+// wastes most of a GEMM tile and, under autocast, first writes a bf16 copy of
+// x; this reads x once at the memory's speed.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "kernels/coor_descent.h"
+
+namespace colt5 {
+namespace kernels {
+namespace {
+
+constexpr int kWarps = 8;  // warps (rows in flight) per block
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v);
+template <>
+__device__ __forceinline__ float to_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) {
+  return __half2float(v);
+}
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+// dots[row * R + q] = x[row] . t[q], norms[row] = |x[row]|. VEC: rows read in
+// 16-byte pieces (d * sizeof(T) a multiple of 16, x 16-byte aligned).
+template <typename T, int R, bool VEC>
+__global__ void __launch_bounds__(kWarps * 32)
+    row_dot_norm_kernel(const T* __restrict__ x, const float* __restrict__ t, int64_t rows, int64_t d,
+                        float* __restrict__ dots, float* __restrict__ norms) {
+  extern __shared__ float4 smem[];
+  float* ts = reinterpret_cast<float*>(smem);
+  for (int64_t i = threadIdx.x; i < R * d; i += blockDim.x) ts[i] = t[i];
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); row < rows; row += stride) {
+    const T* xr = x + row * d;
+    float acc[R];
+#pragma unroll
+    for (int q = 0; q < R; ++q) acc[q] = 0.f;
+    float ss = 0.f;
+    if (VEC) {
+      constexpr int E = 16 / sizeof(T);  // elements per 16-byte piece
+      const int64_t pieces = d / E;
+      const uint4* xv = reinterpret_cast<const uint4*>(xr);
+      const float4* t4 = reinterpret_cast<const float4*>(ts);
+      const int64_t d4 = d / 4;
+#pragma unroll 2
+      for (int64_t c = lane; c < pieces; c += 32) {
+        const uint4 raw = __ldg(xv + c);
+        const T* e = reinterpret_cast<const T*>(&raw);
+        float v[E];
+#pragma unroll
+        for (int j = 0; j < E; ++j) {
+          v[j] = to_float<T>(e[j]);
+          ss += v[j] * v[j];
+        }
+#pragma unroll
+        for (int q = 0; q < R; ++q) {
+#pragma unroll
+          for (int j4 = 0; j4 < E / 4; ++j4) {
+            const float4 tv = t4[q * d4 + c * (E / 4) + j4];
+            acc[q] += v[4 * j4] * tv.x + v[4 * j4 + 1] * tv.y + v[4 * j4 + 2] * tv.z + v[4 * j4 + 3] * tv.w;
+          }
+        }
+      }
+    } else {
+      for (int64_t c = lane; c < d; c += 32) {
+        const float v = to_float<T>(xr[c]);
+        ss += v * v;
+#pragma unroll
+        for (int q = 0; q < R; ++q) acc[q] += v * ts[q * d + c];
+      }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      ss += __shfl_xor_sync(0xffffffffu, ss, off);
+#pragma unroll
+      for (int q = 0; q < R; ++q) acc[q] += __shfl_xor_sync(0xffffffffu, acc[q], off);
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int q = 0; q < R; ++q) dots[row * R + q] = acc[q];
+      norms[row] = sqrtf(ss);
+    }
+  }
+}
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("colt5 CUDA routing scores: ") + what + ": " + cudaGetErrorString(e));
+}
+
+template <typename T, int R>
+void launch(const T* x, const float* t, int64_t rows, int64_t d, float* dots, float* norms, cudaStream_t st) {
+  int dev = 0, sms = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  const int64_t want = (rows + kWarps - 1) / kWarps;
+  const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(want, int64_t{sms} * 8)));
+  const size_t smem = static_cast<size_t>(R) * static_cast<size_t>(d) * sizeof(float);
+  const bool vec = (d * static_cast<int64_t>(sizeof(T))) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  if (vec)
+    row_dot_norm_kernel<T, R, true><<<blocks, kWarps * 32, smem, st>>>(x, t, rows, d, dots, norms);
+  else
+    row_dot_norm_kernel<T, R, false><<<blocks, kWarps * 32, smem, st>>>(x, t, rows, d, dots, norms);
+  check(cudaGetLastError(), "row_dot_norm_kernel launch");
+}
+
+template <typename T>
+void launch_r(const T* x, const float* t, int64_t rows, int64_t d, int64_t r, float* dots, float* norms,
+              cudaStream_t st) {
+  switch (r) {
+    case 1: return launch<T, 1>(x, t, rows, d, dots, norms, st);
+    case 2: return launch<T, 2>(x, t, rows, d, dots, norms, st);
+    case 3: return launch<T, 3>(x, t, rows, d, dots, norms, st);
+    case 4: return launch<T, 4>(x, t, rows, d, dots, norms, st);
+    default: throw std::runtime_error("colt5 CUDA routing scores: at most 4 routing tokens, got " + std::to_string(r));
+  }
+}
+
+}  // namespace
+
+void row_dot_norm_cuda(const void* x, RowDtype dtype, const float* tokens, int64_t rows, int64_t d, int64_t r,
+                       float* dots, float* norms, void* stream) {
+  if (rows == 0) return;
+  if (r * d > kRowDotMaxTokenFloats)
+    throw std::runtime_error("colt5 CUDA routing scores: routing tokens of " + std::to_string(r * d) +
+                             " floats exceed the shared-memory limit");
+  const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case RowDtype::f32: return launch_r(static_cast<const float*>(x), tokens, rows, d, r, dots, norms, st);
+    case RowDtype::f16: return launch_r(static_cast<const __half*>(x), tokens, rows, d, r, dots, norms, st);
+    case RowDtype::bf16: return launch_r(static_cast<const __nv_bfloat16*>(x), tokens, rows, d, r, dots, norms, st);
+  }
+}
+
+}  // namespace kernels
+}  // namespace colt5
