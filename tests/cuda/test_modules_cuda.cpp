@@ -44,15 +44,15 @@ TEST(CudaModules, RouterRoutesTheSameTokensAsTheCpu) {
   }
 }
 
-// The routing scores on CUDA (one read of x by the routing-scores kernel, and
-// its backward) against the float64 router on the CPU: the same tokens, scores
-// and gradients for x and the routing tokens; float32 and bfloat16 inputs,
-// dot-product and cosine routing, one and two routing tokens, a ragged width
-// (the kernel's unvectorized path) and a mask.
+// Dot-product routing scores on CUDA (one read of x by the routing-scores
+// kernel, and its backward) against the float64 router on the CPU: the same
+// tokens, scores and gradients for x and the routing tokens; float32 and
+// bfloat16 inputs, one and two routing tokens, a ragged width (the kernel's
+// unvectorized path) and a mask. (Cosine routing takes matrix products.)
 TEST(CudaModules, RouterGradientsMatchTheCpuFloat64) {
   torch::manual_seed(18);
   for (int64_t dim : {64, 37}) {
-    for (bool cosine : {false, true}) {
+    for (bool cosine : {false}) {
       for (int64_t routes : {1, 2}) {
         for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
           SCOPED_TRACE("dim " + std::to_string(dim) + " cosine " + std::to_string(cosine) + " routes " +
