@@ -60,13 +60,12 @@ torch::Tensor blind_queries(const torch::Tensor& mask, int64_t ws, int64_t back,
   return visible.le(0);
 }
 
-
 // Whether the flash kernel (called directly, for its lower-right causal limit
 // and sliding window) takes these inputs: CUDA, half precision, head size a
-// multiple of 8 up to 256.
-bool flash_supports(const torch::Tensor& q, int64_t d) {
+// multiple of 8 up to 256, each row of q, k and v contiguous.
+bool flash_supports(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, int64_t d) {
   return q.is_cuda() && (q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kHalf) && d % 8 == 0 &&
-         d <= 256;
+         d <= 256 && q.stride(-1) == 1 && k.stride(-1) == 1 && v.stride(-1) == 1;
 }
 
 // Windowed attention when nothing is hidden but the look-around's own limits
@@ -206,7 +205,7 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
   // and v in (batch, seq, heads, dim) order (for (b, h, n, d) inputs, LocalMHA's
   // layout, a transposed view: no copy).
   if (options.causal() && options.exact_windowsize() && !mask_in.defined() && !rel_pos &&
-      flash_supports(q_in, d)) {
+      flash_supports(q_in, k_in, v_in, d)) {
     auto seq_major = [&](const torch::Tensor& t) {
       return t.dim() == 4 ? t.transpose(1, 2) : t.reshape({-1, orig_n, 1, d});
     };
@@ -240,7 +239,7 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
   // Nothing to hide but the windows' own limits: no mask at all. Causal windows
   // need the flash kernel's lower-right limit (CUDA, half precision).
   if (fused && !mask_in.defined() && !rel_pos && !options.exact_windowsize() &&
-      (!options.causal() || flash_supports(q, d))) {
+      (!options.causal() || flash_supports(q, k, v, d))) {
     auto out = windows_without_mask(bq, k, v, back, fwd, options.causal(), scale).reshape({B, n, d});
     if (n != orig_n) out = out.narrow(1, 0, orig_n);
     return out.reshape(q_in.sizes());
