@@ -263,6 +263,30 @@ void router_phases(std::vector<Phase>& out, const std::string& who, CoordinateDe
   }));
 }
 
+// The parts of a LocalMHA on x (xs: x as a leaf that takes gradients): norm +
+// qkv projection, the windowed core once per (name, key mask) of `cores`, and
+// the output projection.
+void local_mha_phases(std::vector<Phase>& ph, LocalMHAImpl& la, const torch::Tensor& x, const torch::Tensor& xs,
+                      const std::vector<std::pair<std::string, torch::Tensor>>& cores) {
+  const int64_t b = x.size(0), n = x.size(1), h = la.options.heads(), dh = la.options.dim_head();
+  ph.push_back(phase("  of which: norm + qkv projection", [&] { return la.to_qkv->forward(la.norm->forward(xs)); }));
+  torch::Tensor qkv;
+  {
+    Autocast ac(true);
+    torch::NoGradGuard ng;
+    qkv = la.to_qkv->forward(la.norm->forward(x));
+  }
+  auto parts = qkv.chunk(3, -1);
+  auto split = [&](const torch::Tensor& t) {
+    return t.reshape({b, n, h, dh}).transpose(1, 2).contiguous().requires_grad_(true);
+  };
+  torch::Tensor q = split(parts[0]), k = split(parts[1]), v = split(parts[2]);
+  for (const auto& [name, mask] : cores)
+    ph.push_back(phase(name, [&] { return la.attn_fn->forward(q, k, v, mask); }));
+  torch::Tensor o = torch::randn({b, n, h * dh}, x.options()).requires_grad_(true);
+  ph.push_back(phase("  of which: output projection", [&] { return la.to_out->forward(o); }));
+}
+
 void profile_block(ConditionalRoutedTransformerBlockImpl& block, const torch::Tensor& x, const torch::Tensor& mask,
                    double total_fwd, double total_fb) {
   auto& attn = *block.conditional_attn;
@@ -272,27 +296,8 @@ void profile_block(ConditionalRoutedTransformerBlockImpl& block, const torch::Te
   torch::Tensor xs = x.detach().requires_grad_(true);
   std::vector<Phase> ph;
   ph.push_back(phase("light attention (local, blocked windows)", [&] { return attn.light_attn->forward(xs, mask); }));
-  {
-    // Its parts: norm and projection, the windowed attention core, output projection.
-    auto& la = *attn.light_attn;
-    const int64_t b = x.size(0), n = x.size(1), h = la.options.heads(), dh = la.options.dim_head();
-    ph.push_back(phase("  of which: norm + qkv projection", [&] { return la.to_qkv->forward(la.norm->forward(xs)); }));
-    torch::Tensor qkv;
-    {
-      Autocast ac(true);
-      torch::NoGradGuard ng;
-      qkv = la.to_qkv->forward(la.norm->forward(x));
-    }
-    auto parts = qkv.chunk(3, -1);
-    auto split = [&](const torch::Tensor& t) {
-      return t.reshape({b, n, h, dh}).transpose(1, 2).contiguous().requires_grad_(true);
-    };
-    torch::Tensor q = split(parts[0]), k = split(parts[1]), v = split(parts[2]);
-    ph.push_back(phase("  of which: windowed attention core", [&] { return la.attn_fn->forward(q, k, v, mask); }));
-    torch::Tensor o = torch::randn({b, n, h * dh}, x.options()).requires_grad_(true);
-    ph.push_back(phase("  of which: output projection", [&] { return la.to_out->forward(o); }));
-    ph.push_back(phase("  (core without the padding mask)", [&] { return la.attn_fn->forward(q, k, v); }));
-  }
+  local_mha_phases(ph, *attn.light_attn, x, xs,
+                   {{"  of which: windowed attention core", mask}, {"  (core without the padding mask)", {}}});
   ph.push_back(phase("light feedforward", [&] { return ff.light_ff->forward(xs); }));
   // The routers' parts, on the q router (the kv and feedforward routers are alike).
   std::vector<Phase> rq;
@@ -350,30 +355,11 @@ void profile_autoregressive(ConditionalRoutedAutoregressiveAttentionImpl& m, con
   torch::Tensor xs = x.detach().requires_grad_(true);
   std::vector<Phase> ph;
   ph.push_back(phase("light attention (local causal)", [&] { return m.light_attn->forward(xs); }));
-  {
-    // Its parts: norm and projection, the windowed core (no mask: the flash
-    // kernel's sliding window; with an all-true key mask: the masked path),
-    // output projection.
-    auto& la = *m.light_attn;
-    const int64_t h = la.options.heads(), dh = la.options.dim_head();
-    ph.push_back(phase("  of which: norm + qkv projection", [&] { return la.to_qkv->forward(la.norm->forward(xs)); }));
-    torch::Tensor qkv;
-    {
-      Autocast ac(true);
-      torch::NoGradGuard ng;
-      qkv = la.to_qkv->forward(la.norm->forward(x));
-    }
-    auto parts = qkv.chunk(3, -1);
-    auto split = [&](const torch::Tensor& t) {
-      return t.reshape({b, seq, h, dh}).transpose(1, 2).contiguous().requires_grad_(true);
-    };
-    torch::Tensor lq = split(parts[0]), lk = split(parts[1]), lv = split(parts[2]);
-    torch::Tensor all = torch::ones({b, seq}, torch::TensorOptions().dtype(torch::kBool).device(x.device()));
-    ph.push_back(phase("  of which: windowed core (sliding window)", [&] { return la.attn_fn->forward(lq, lk, lv); }));
-    ph.push_back(phase("  (core with an all-true key mask)", [&] { return la.attn_fn->forward(lq, lk, lv, all); }));
-    torch::Tensor o = torch::randn({b, seq, h * dh}, x.options()).requires_grad_(true);
-    ph.push_back(phase("  of which: output projection", [&] { return la.to_out->forward(o); }));
-  }
+  // The windowed core without a mask (the flash kernel's sliding window) and
+  // with an all-true key mask (the masked path).
+  local_mha_phases(ph, *m.light_attn, x, xs,
+                   {{"  of which: windowed core (sliding window)", {}},
+                    {"  (core with an all-true key mask)", torch::ones({b, seq}, x.options().dtype(torch::kBool))}});
   torch::Tensor xp = padded == seq ? xs : torch::constant_pad_nd(xs, {0, 0, 0, padded - seq}, 0.0);
   torch::Tensor q = xp.view({b, windows, w, d}).narrow(1, 1, windows - 1).reshape({rows, w, d});
   auto bo = torch::TensorOptions().dtype(torch::kBool).device(x.device());
