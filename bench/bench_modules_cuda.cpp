@@ -401,9 +401,13 @@ void profile_autoregressive(ConditionalRoutedAutoregressiveAttentionImpl& m, con
   torch::Tensor qt = rq.routed_tokens.detach().requires_grad_(true);
   torch::Tensor scores = rkv.scores.reshape({rows, r, 1, kkv, 1}).to(kv5.scalar_type());
   torch::Tensor table_rows = (row_start + rkv.indices) * r + torch::arange(r, io).view({1, r, 1});
-  ph.push_back(phase("heavy: gather + queries + attention (the module's)", [&] {
+  ph.push_back(phase("heavy: queries + attention by index (the module's)", [&] {
     return attend_gathered(a, qt, project_queries(a, a.norm->forward(qt), {}), proj, table_rows, rkv.routed_mask,
                            rkv.scores);
+  }));
+  ph.push_back(phase("  (queries + gathered copy + fused attention)", [&] {
+    return attend_gathered(a, qt, project_queries(a, a.norm->forward(qt), {}), proj, table_rows, rkv.routed_mask,
+                           rkv.scores, /*index_kernel=*/false);
   }));
   ph.push_back(phase("  (the gather of projected rows alone)", [&] { return proj.index_select(0, flat); }));
   ph.push_back(phase("  (queries + attention on a separate gather)", [&] {
@@ -437,16 +441,25 @@ ConditionalRoutedAutoregressiveAttentionOptions readme_autoregressive() {
 
 int main(int argc, char** argv) {
   bool quick = false, profile = true;
+  std::string only;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) {
       quick = true;
     } else if (!std::strcmp(argv[i], "--no-profile")) {
       profile = false;
+    } else if (!std::strcmp(argv[i], "--only") && i + 1 < argc &&
+               (!std::strcmp(argv[i + 1], "block") || !std::strcmp(argv[i + 1], "autoregressive") ||
+                !std::strcmp(argv[i + 1], "cross") || !std::strcmp(argv[i + 1], "image"))) {
+      only = argv[++i];
     } else {
-      std::fprintf(stderr, "bench_modules_cuda: unknown argument %s (flags: --quick, --no-profile)\n", argv[i]);
+      std::fprintf(stderr,
+                   "bench_modules_cuda: unknown argument %s (flags: --quick, --no-profile, --only "
+                   "block|autoregressive|cross|image)\n",
+                   argv[i]);
       return 2;
     }
   }
+  auto want = [&](const char* section) { return only.empty() || only == section; };
   if (!torch::cuda::is_available()) {
     std::printf("bench_modules_cuda: no CUDA device\n");
     return 0;
@@ -463,7 +476,7 @@ int main(int argc, char** argv) {
   header();
 
   // ------------------------------------------------------------ block
-  {
+  if (want("block")) {
     torch::manual_seed(1);
     ConditionalRoutedTransformerBlock block(readme_block());
     block->to(dev);
@@ -540,7 +553,7 @@ int main(int argc, char** argv) {
   }
 
   // --------------------------------------------------- autoregressive
-  {
+  if (want("autoregressive")) {
     torch::manual_seed(2);
     ConditionalRoutedAutoregressiveAttention attn(readme_autoregressive());
     attn->to(dev);
@@ -582,7 +595,7 @@ int main(int argc, char** argv) {
   }
 
   // ---------------------------------------------------------- cross
-  {
+  if (want("cross")) {
     torch::manual_seed(3);
     ConditionalRoutedCrossAttention attn(ConditionalRoutedCrossAttentionOptions(512, 512, 1024)
                                              .dim_head(64)
@@ -610,7 +623,7 @@ int main(int argc, char** argv) {
   }
 
   // ---------------------------------------------------------- image
-  {
+  if (want("image")) {
     torch::manual_seed(4);
     ConditionalRoutedImageAttention attn(ConditionalRoutedImageAttentionOptions(32, 1024, 1024)
                                              .light_dim_head(64)

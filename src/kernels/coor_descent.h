@@ -117,6 +117,41 @@ enum class RowDtype { f32, f16, bf16 };
 constexpr int64_t kRowDotMaxTokenFloats = 12288;
 void row_dot_norm_cuda(const void* x, RowDtype dtype, const float* tokens, int64_t rows, int64_t d, int64_t r,
                        float* dots, float* norms, void* stream);
+
+// Attention over keys/values read by index from a table of projected rows
+// (gathered_attention_cuda.cu). Group g (= batch row * routes + route) has
+// `n` queries per head, q [groups, heads, n, dim_head], and attends over its
+// route's null key/value (null_kv [routes, heads * 2 * dim_head], float32)
+// followed by the table rows rows[g, 0..m) of table [*, heads * 2 * dim_head]
+// (per head: the key, then the value). scores [groups, m] (float32, optional)
+// scale the values, and the keys when keys_scaled; mask [groups, m]
+// (optional) leaves keys out. q, table, out and grad_out share `dtype`; the
+// forward writes out [groups, heads, n, dim_head] and lse [groups, heads, n]
+// (float32, in units of the scaled logits); the backward adds into the
+// zeroed float32 grad_table, grad_null and grad_scores (optional) and writes
+// grad_q (float32, like q).
+struct GatheredAttentionParams {
+  const void* q = nullptr;
+  const void* table = nullptr;
+  const int64_t* rows = nullptr;
+  const float* null_kv = nullptr;
+  const float* scores = nullptr;
+  const bool* mask = nullptr;
+  void* out = nullptr;
+  float* lse = nullptr;
+  const void* grad_out = nullptr;
+  float* grad_q = nullptr;
+  float* grad_table = nullptr;
+  float* grad_null = nullptr;
+  float* grad_scores = nullptr;
+  int64_t groups = 0, heads = 0, n = 0, m = 0, routes = 1, dim_head = 0;
+  float scale = 1.f;
+  bool keys_scaled = false;
+  RowDtype dtype = RowDtype::f32;
+};
+bool gathered_attention_supports(int64_t dim_head);
+void gathered_attention_forward_cuda(const GatheredAttentionParams& p, void* stream);
+void gathered_attention_backward_cuda(const GatheredAttentionParams& p, void* stream);
 #endif
 
 }  // namespace kernels

@@ -8,9 +8,106 @@
 #include "nn/checks.h"
 #include "nn/masking.h"
 
+#ifdef COLT5_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include "kernels/coor_descent.h"
+#endif
+
 namespace colt5 {
 namespace nn {
 namespace {
+
+#ifdef COLT5_WITH_CUDA
+kernels::RowDtype row_dtype(const torch::Tensor& t) {
+  return t.scalar_type() == at::kFloat ? kernels::RowDtype::f32
+         : t.scalar_type() == at::kHalf ? kernels::RowDtype::f16
+                                        : kernels::RowDtype::bf16;
+}
+
+// Attention over table rows read by index (kernels/gathered_attention_cuda.cu):
+// q [G, heads, n, dh], table [T, heads * 2 * dh] (q's dtype, 16-byte
+// aligned), null_kv [routes, heads * 2 * dh] float32, scores [G, m] float32,
+// rows [G, m] int64, mask [G, m] bool; scores and mask may be empty (none:
+// autograd takes no undefined inputs). Returns [G, heads, n, dh].
+class GatheredAttentionFunction : public torch::autograd::Function<GatheredAttentionFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& q,
+                               const torch::Tensor& table, const torch::Tensor& null_kv, const torch::Tensor& scores,
+                               const torch::Tensor& rows, const torch::Tensor& mask, bool keys_scaled) {
+    c10::cuda::CUDAGuard guard(q.device());
+    kernels::GatheredAttentionParams p = params(q, table, null_kv, scores, rows, mask, keys_scaled);
+    torch::Tensor out = torch::empty_like(q);
+    torch::Tensor lse = torch::empty({p.groups, p.heads, p.n}, q.options().dtype(at::kFloat));
+    p.out = out.data_ptr();
+    p.lse = lse.data_ptr<float>();
+    kernels::gathered_attention_forward_cuda(p, at::cuda::getCurrentCUDAStream().stream());
+    ctx->save_for_backward({q, table, null_kv, scores, rows, mask, out, lse});
+    ctx->saved_data["keys_scaled"] = keys_scaled;
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const torch::Tensor &q = s[0], &table = s[1], &null_kv = s[2], &scores = s[3], &rows = s[4], &mask = s[5],
+                        &out = s[6], &lse = s[7];
+    c10::cuda::CUDAGuard guard(q.device());
+    kernels::GatheredAttentionParams p =
+        params(q, table, null_kv, scores, rows, mask, ctx->saved_data["keys_scaled"].toBool());
+    torch::Tensor go = grads[0].to(q.scalar_type()).contiguous();
+    auto f32 = q.options().dtype(at::kFloat);
+    torch::Tensor gq = torch::empty(q.sizes(), f32);
+    torch::Tensor gtable = torch::zeros(table.sizes(), f32);
+    torch::Tensor gnull = torch::zeros(null_kv.sizes(), f32);
+    torch::Tensor gscores = torch::zeros(scores.sizes(), f32);
+    p.out = const_cast<void*>(out.data_ptr());
+    p.lse = const_cast<float*>(lse.data_ptr<float>());
+    p.grad_out = go.data_ptr();
+    p.grad_q = gq.data_ptr<float>();
+    p.grad_table = gtable.data_ptr<float>();
+    p.grad_null = gnull.data_ptr<float>();
+    p.grad_scores = scores.numel() ? gscores.data_ptr<float>() : nullptr;
+    kernels::gathered_attention_backward_cuda(p, at::cuda::getCurrentCUDAStream().stream());
+    auto wanted = [&](int i, const torch::Tensor& t) { return ctx->needs_input_grad(i) ? t : torch::Tensor(); };
+    return {wanted(0, gq.to(q.scalar_type())), wanted(1, gtable.to(table.scalar_type())), wanted(2, gnull),
+            wanted(3, gscores), {}, {}, {}};
+  }
+
+ private:
+  static kernels::GatheredAttentionParams params(const torch::Tensor& q, const torch::Tensor& table,
+                                                 const torch::Tensor& null_kv, const torch::Tensor& scores,
+                                                 const torch::Tensor& rows, const torch::Tensor& mask,
+                                                 bool keys_scaled) {
+    kernels::GatheredAttentionParams p;
+    p.groups = q.size(0);
+    p.heads = q.size(1);
+    p.n = q.size(2);
+    p.dim_head = q.size(3);
+    p.m = rows.size(1);
+    p.routes = null_kv.size(0);
+    p.scale = static_cast<float>(std::pow(static_cast<double>(p.dim_head), -0.5));
+    p.keys_scaled = keys_scaled;
+    p.dtype = row_dtype(q);
+    p.q = q.data_ptr();
+    p.table = table.data_ptr();
+    p.rows = rows.data_ptr<int64_t>();
+    p.null_kv = null_kv.data_ptr<float>();
+    p.scores = scores.numel() ? scores.data_ptr<float>() : nullptr;
+    p.mask = mask.numel() ? mask.data_ptr<bool>() : nullptr;
+    return p;
+  }
+};
+
+// Whether attend_gathered's index kernel takes these inputs.
+bool gathered_kernel_applies(const torch::Tensor& q, const torch::Tensor& proj, int64_t dh) {
+  const auto t = at::promote_types(q.scalar_type(), proj.scalar_type());
+  return q.is_cuda() && proj.device() == q.device() && (t == at::kFloat || t == at::kHalf || t == at::kBFloat16) &&
+         kernels::gathered_attention_supports(dh);
+}
+#endif
 
 void check_floating(const torch::Tensor& t, const char* who, const char* name) {
   TORCH_CHECK(t.defined(), who, ": ", name, " is undefined");
@@ -226,7 +323,7 @@ torch::Tensor attend_projected(AttentionImpl& a, const torch::Tensor& x, const t
 
 torch::Tensor attend_gathered(AttentionImpl& a, const torch::Tensor& x, const torch::Tensor& q_in,
                               const torch::Tensor& proj, const torch::Tensor& rows, const torch::Tensor& mask_in,
-                              const torch::Tensor& scores_kv) {
+                              const torch::Tensor& scores_kv, bool index_kernel) {
   const int64_t h = a.options.heads(), dh = a.options.dim_head();
   const int64_t batch = rows.size(0), routes = rows.size(1), m = rows.size(2), hr = h / routes;
   const int64_t n = q_in.size(2), table_rows = proj.size(0);
@@ -236,6 +333,26 @@ torch::Tensor attend_gathered(AttentionImpl& a, const torch::Tensor& x, const to
               "), got ", proj.sizes(), " and ", q_in.sizes());
   // Route j's null row: its heads' null key and value, in proj's row layout.
   torch::Tensor nulls = torch::cat({a.null_kv[0], a.null_kv[1]}, -1).reshape({routes, hr * 2 * dh});
+  if (mask_in.defined())
+    TORCH_CHECK(mask_in.scalar_type() == at::kBool && mask_in.sizes() == rows.sizes(),
+                "Attention: the gathered rows' mask must be bool ", rows.sizes(), ", got ", mask_in.sizes());
+#ifdef COLT5_WITH_CUDA
+  if (index_kernel && a.options.use_flash() && gathered_kernel_applies(q_in, proj, dh)) {
+    const auto common = at::promote_types(q_in.scalar_type(), proj.scalar_type());
+    const int64_t groups = batch * routes;
+    torch::Tensor q = q_in.reshape({groups, hr, n, dh}).to(common).contiguous();
+    auto none = [&](at::ScalarType t) { return torch::empty({0}, q.options().dtype(t)); };
+    torch::Tensor s = scores_kv.defined() ? scores_kv.reshape({groups, m}).to(at::kFloat).contiguous() : none(at::kFloat);
+    torch::Tensor mk = mask_in.defined() ? mask_in.reshape({groups, m}).contiguous() : none(at::kBool);
+    torch::Tensor table = proj.to(common).contiguous();
+    if (reinterpret_cast<uintptr_t>(table.data_ptr()) % 16 != 0) table = table.clone();  // 16-byte loads
+    torch::Tensor out = GatheredAttentionFunction::apply(q, table, nulls.to(at::kFloat).contiguous(), s,
+                                                         rows.reshape({groups, m}).to(at::kLong).contiguous(), mk,
+                                                         a.options.multiply_keys_by_score());
+    out = out.reshape({batch, h, n, dh}).transpose(1, 2).reshape({batch, n, h * dh});
+    return a.to_out->forward(out.to(x.scalar_type()));
+  }
+#endif
   torch::Tensor table = torch::cat({proj, nulls.to(proj.scalar_type())}, 0);
   auto io = rows.options();
   torch::Tensor null_rows = (torch::arange(routes, io) + table_rows).view({1, routes, 1}).expand({batch, routes, 1});
@@ -252,8 +369,6 @@ torch::Tensor attend_gathered(AttentionImpl& a, const torch::Tensor& x, const to
   }
   torch::Tensor mask;
   if (mask_in.defined()) {
-    TORCH_CHECK(mask_in.scalar_type() == at::kBool && mask_in.sizes() == rows.sizes(),
-                "Attention: the gathered rows' mask must be bool ", rows.sizes(), ", got ", mask_in.sizes());
     mask = torch::constant_pad_nd(mask_in.reshape({batch * routes, 1, 1, m}), {1, 0}, 1);
   }
   torch::Tensor q = q_in.reshape({batch * routes, hr, n, dh});

@@ -200,12 +200,17 @@ std::pair<torch::Tensor, torch::Tensor> routing_scores(const RouterOptions& o, c
                                                        int64_t views) {
   const int64_t rows = xs.size(0), len = xs.size(1), r = o.num_routing_tokens();
   torch::Tensor s;
-  if (!o.cosine_sim_routing() && routing_dot_applies(xs, toks)) {
+  if (routing_dot_applies(xs, toks)) {
 #ifdef COLT5_WITH_CUDA
-    // Dot-product routing on CUDA: one read of x by the routing-scores kernel, float32 scores.
+    // On CUDA: one read of x by the routing-scores kernel, float32 scores. For
+    // cosine routing the tokens are normalized in float32 and each row's dot
+    // product is divided by the row's norm from the same read.
     const int64_t d = xs.size(2);
-    auto out = RoutingDotFunction::apply(xs.reshape({rows * len, d}).contiguous(), toks);
-    s = out[0].view({rows, len, r}).transpose(1, 2);
+    torch::Tensor t = o.cosine_sim_routing() ? l2norm(toks.to(torch::kFloat)) * o.cosine_sim_scale() : toks;
+    auto out = RoutingDotFunction::apply(xs.reshape({rows * len, d}).contiguous(), t);
+    torch::Tensor dots = out[0];
+    if (o.cosine_sim_routing()) dots = dots / out[1].clamp_min(1e-12);
+    s = dots.view({rows, len, r}).transpose(1, 2);
 #endif
   } else if (o.cosine_sim_routing()) {
     // normalize(x) . normalize(t) * scale, computed as (x . normalize(t) * scale) / max(|x|, 1e-12): x is

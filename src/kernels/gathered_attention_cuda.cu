@@ -1,0 +1,514 @@
+// Attention over gathered keys/values on CUDA, forward and backward, reading
+// the keys/values by index from a table of projected rows instead of from a
+// materialized gather. Each group g (a routed set: one window's route) has n
+// queries per head and attends over 1 + m keys: the route's null key/value,
+// then the table rows rows[g, 0..m), whose values (and, when asked, keys) are
+// scaled by the routing scores and whose masked entries take no part. The
+// table row of one route holds, per head, the key then the value (2 * DH).
+//
+// One block of 128 threads per (group, head, tile of 32 queries); keys in
+// tiles of 32 staged in shared memory as float32; online softmax in float32.
+// The backward recomputes the probabilities from the saved log-sum-exp and
+// adds the key/value gradients into a float32 table gradient with atomics
+// (a table row is shared by every group that routed it).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "kernels/coor_descent.h"
+
+namespace colt5 {
+namespace kernels {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int QT = 32;  // queries per block
+constexpr int KT = 32;  // keys per tile
+
+template <typename T>
+__device__ __forceinline__ float to_f(T v);
+template <>
+__device__ __forceinline__ float to_f<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ float to_f<__half>(__half v) {
+  return __half2float(v);
+}
+template <>
+__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ float from_f<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_f<__half>(float v) {
+  return __float2half(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
+  return __float2bfloat16(v);
+}
+
+__device__ __forceinline__ void add4(float* p, float4 v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float4*>(p), v);
+#else
+  atomicAdd(p, v.x);
+  atomicAdd(p + 1, v.y);
+  atomicAdd(p + 2, v.z);
+  atomicAdd(p + 3, v.w);
+#endif
+}
+
+__device__ __forceinline__ float dot4(float4 a, float4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
+
+// Shared-memory row stride in floats: a multiple of 4 (float4 rows) that shifts
+// consecutive rows by 4 banks.
+template <int DH>
+constexpr int stride() {
+  return DH + 4;
+}
+
+// Per-key facts of one tile, staged by the first KT threads: whether the key
+// takes part, its score and its table row (-1: the null key).
+struct KeyTile {
+  float sc[KT];
+  int valid[KT];
+  int64_t row[KT];
+};
+
+struct KeyFacts {
+  int valid = 0;
+  float sc = 1.f;
+  int64_t row = -1;
+};
+
+// The facts of key j0 + threadIdx.x (threads below KT).
+__device__ __forceinline__ KeyFacts fetch_facts(const GatheredAttentionParams& p, int64_t g, int64_t j0) {
+  KeyFacts f;
+  const int64_t j = j0 + threadIdx.x;
+  f.valid = j <= p.m;
+  if (f.valid && j > 0) {
+    const int64_t e = g * p.m + (j - 1);
+    if (p.mask) f.valid = p.mask[e];
+    if (p.scores) f.sc = p.scores[e];
+    f.row = p.rows[e];
+  }
+  return f;
+}
+
+__device__ __forceinline__ void put_facts(KeyTile& kt, const KeyFacts& f) {
+  kt.valid[threadIdx.x] = f.valid;
+  kt.sc[threadIdx.x] = f.sc;
+  kt.row[threadIdx.x] = f.row;
+}
+
+// One tile's keys and values (one head's 2 * DH elements per key) in 16-byte
+// pieces: issue() starts every load of the tile into registers, store()
+// writes them to shared memory as float32 (raw, not scaled; zero for keys that
+// take no part), so the loads of the next tile overlap this tile's math.
+template <typename T, int DH>
+struct TileLoader {
+  static constexpr int VEC = 16 / sizeof(T);       // elements per piece
+  static constexpr int VPR = 2 * DH / VEC;         // pieces per key
+  static constexpr int PER = KT * VPR / kThreads;  // pieces per thread
+  static_assert(KT * VPR % kThreads == 0, "a tile must split evenly over the threads");
+  uint4 buf[PER];
+
+  __device__ __forceinline__ void issue(const KeyTile& kt, const GatheredAttentionParams& p, int64_t h) {
+    const uint4* table = static_cast<const uint4*>(p.table);
+    const int64_t width = p.heads * VPR;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      const int v = threadIdx.x + i * kThreads, kj = v / VPR, c = v % VPR;
+      const int64_t row = kt.row[kj];
+      buf[i] = (kt.valid[kj] && row >= 0) ? __ldg(table + row * width + h * VPR + c) : make_uint4(0, 0, 0, 0);
+    }
+  }
+
+  __device__ __forceinline__ void store(const KeyTile& kt, const GatheredAttentionParams& p, int64_t r, int64_t h,
+                                        float* Ks, float* Vs) const {
+    constexpr int S = stride<DH>();
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      const int v = threadIdx.x + i * kThreads, kj = v / VPR, col = (v % VPR) * VEC;
+      float* dst = col < DH ? Ks + kj * S + col : Vs + kj * S + (col - DH);
+      if (kt.valid[kj] && kt.row[kj] < 0) {  // the route's null key/value (float32)
+        const float* src = p.null_kv + (r * p.heads + h) * 2 * DH + col;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) dst[e] = src[e];
+      } else {
+        const T* e8 = reinterpret_cast<const T*>(&buf[i]);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) dst[e] = to_f<T>(e8[e]);
+      }
+    }
+  }
+};
+
+// The key-tile pipeline shared by the forward and the backward: before the
+// loop, tile 0 is in shared memory and the facts of tile 1 are staged; each
+// step issues the loads of tile t + 1 and the facts of tile t + 2, runs the
+// math of tile t, then stores what it loaded.
+template <typename T, int DH, typename Body>
+__device__ __forceinline__ void for_each_key_tile(const GatheredAttentionParams& p, int64_t g, int64_t r, int64_t h,
+                                                  KeyTile* kt, float* Ks, float* Vs, Body&& body) {
+  const int64_t tiles = (p.m + KT) / KT;  // keys 0..m: the null key, then m rows
+  TileLoader<T, DH> ld;
+  if (threadIdx.x < KT) put_facts(kt[0], fetch_facts(p, g, 0));
+  __syncthreads();
+  ld.issue(kt[0], p, h);
+  if (threadIdx.x < KT && tiles > 1) put_facts(kt[1], fetch_facts(p, g, KT));
+  ld.store(kt[0], p, r, h, Ks, Vs);
+  __syncthreads();
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int cur = t & 1, nxt = cur ^ 1;
+    const bool more = t + 1 < tiles, facts_more = t + 2 < tiles;
+    if (more) ld.issue(kt[nxt], p, h);
+    KeyFacts f;
+    if (threadIdx.x < KT && facts_more) f = fetch_facts(p, g, (t + 2) * KT);
+    body(kt[cur], t * KT);
+    __syncthreads();
+    if (more) ld.store(kt[nxt], p, r, h, Ks, Vs);
+    if (threadIdx.x < KT && facts_more) put_facts(kt[cur], f);
+    __syncthreads();
+  }
+}
+
+template <typename T, int DH>
+__global__ void __launch_bounds__(kThreads) gathered_attention_fwd(GatheredAttentionParams p) {
+  constexpr int S = stride<DH>();
+  constexpr int C = DH / 16;  // float4 chunks per thread: chunk sub + 4 * i
+  extern __shared__ float4 smem4[];
+  float* Qs = reinterpret_cast<float*>(smem4);
+  float* Ks = Qs + QT * S;
+  float* Vs = Ks + KT * S;
+  float* Ps = Vs + KT * S;  // [QT][KT + 1]
+  KeyTile* kt = reinterpret_cast<KeyTile*>(Ps + QT * (KT + 1));
+
+  const int64_t qtiles = (p.n + QT - 1) / QT;
+  const int64_t g = blockIdx.x / qtiles, q0 = (blockIdx.x % qtiles) * QT;
+  const int64_t h = blockIdx.y, r = g % p.routes;
+  const int tid = threadIdx.x, qi = tid >> 2, sub = tid & 3;
+  const int64_t qbase = (g * p.heads + h) * p.n;
+
+  const T* q = static_cast<const T*>(p.q);
+  for (int e = tid; e < QT * DH; e += kThreads) {
+    const int i = e / DH, d = e % DH;
+    Qs[i * S + d] = q0 + i < p.n ? to_f<T>(q[(qbase + q0 + i) * DH + d]) * p.scale : 0.f;
+  }
+
+  float m_i = -INFINITY, l_i = 0.f;
+  float4 acc[C];
+#pragma unroll
+  for (int i = 0; i < C; ++i) acc[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  const float4* Q4 = reinterpret_cast<const float4*>(Qs + qi * S);
+
+  for_each_key_tile<T, DH>(p, g, r, h, kt, Ks, Vs, [&](const KeyTile& k, int64_t) {
+    float s[KT / 4];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int c = 0; c < KT / 4; ++c) {
+      const int kj = sub + 4 * c;
+      const float4* K4 = reinterpret_cast<const float4*>(Ks + kj * S);
+      float dot = 0.f;
+#pragma unroll
+      for (int d = 0; d < DH / 4; ++d) dot += dot4(Q4[d], K4[d]);
+      if (p.keys_scaled) dot *= k.sc[kj];
+      s[c] = k.valid[kj] ? dot : -INFINITY;
+      mx = fmaxf(mx, s[c]);
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    // The null key is in the first tile and always takes part, so m_new is finite.
+    const float m_new = fmaxf(m_i, mx);
+    const float corr = __expf(m_i - m_new);
+    float psum = 0.f;
+#pragma unroll
+    for (int c = 0; c < KT / 4; ++c) {
+      const int kj = sub + 4 * c;
+      const float pv = __expf(s[c] - m_new);
+      psum += pv;
+      Ps[qi * (KT + 1) + kj] = pv * k.sc[kj];  // the values are scaled by the score
+    }
+    psum += __shfl_xor_sync(0xffffffffu, psum, 1);
+    psum += __shfl_xor_sync(0xffffffffu, psum, 2);
+    l_i = l_i * corr + psum;
+    m_i = m_new;
+#pragma unroll
+    for (int i = 0; i < C; ++i) {
+      acc[i].x *= corr;
+      acc[i].y *= corr;
+      acc[i].z *= corr;
+      acc[i].w *= corr;
+    }
+    __syncwarp();
+#pragma unroll 4
+    for (int kj = 0; kj < KT; ++kj) {
+      const float pv = Ps[qi * (KT + 1) + kj];
+      const float4* V4 = reinterpret_cast<const float4*>(Vs + kj * S);
+#pragma unroll
+      for (int i = 0; i < C; ++i) {
+        const float4 v = V4[sub + 4 * i];
+        acc[i].x += pv * v.x;
+        acc[i].y += pv * v.y;
+        acc[i].z += pv * v.z;
+        acc[i].w += pv * v.w;
+      }
+    }
+  });
+
+  if (q0 + qi < p.n) {
+    T* out = static_cast<T*>(p.out) + (qbase + q0 + qi) * DH;
+    const float inv = 1.f / l_i;
+#pragma unroll
+    for (int i = 0; i < C; ++i) {
+      const int d = 4 * (sub + 4 * i);
+      out[d] = from_f<T>(acc[i].x * inv);
+      out[d + 1] = from_f<T>(acc[i].y * inv);
+      out[d + 2] = from_f<T>(acc[i].z * inv);
+      out[d + 3] = from_f<T>(acc[i].w * inv);
+    }
+    if (sub == 0) p.lse[qbase + q0 + qi] = m_i + logf(l_i);
+  }
+}
+
+template <typename T, int DH>
+__global__ void __launch_bounds__(kThreads) gathered_attention_bwd(GatheredAttentionParams p) {
+  constexpr int S = stride<DH>();
+  constexpr int C = DH / 16;
+  extern __shared__ float4 smem4[];
+  float* Qs = reinterpret_cast<float*>(smem4);  // scaled queries
+  float* Gs = Qs + QT * S;                       // output gradients
+  float* Ks = Gs + QT * S;
+  float* Vs = Ks + KT * S;
+  float* Ps = Vs + KT * S;         // [QT][KT + 1] probabilities
+  float* Ds = Ps + QT * (KT + 1);  // [QT][KT + 1] logit gradients
+  KeyTile* kt = reinterpret_cast<KeyTile*>(Ds + QT * (KT + 1));
+
+  const int64_t qtiles = (p.n + QT - 1) / QT;
+  const int64_t g = blockIdx.x / qtiles, q0 = (blockIdx.x % qtiles) * QT;
+  const int64_t h = blockIdx.y, r = g % p.routes;
+  const int tid = threadIdx.x, qi = tid >> 2, sub = tid & 3;
+  const int64_t qbase = (g * p.heads + h) * p.n;
+  const bool qvalid = q0 + qi < p.n;
+
+  const T* q = static_cast<const T*>(p.q);
+  const T* go = static_cast<const T*>(p.grad_out);
+  for (int e = tid; e < QT * DH; e += kThreads) {
+    const int i = e / DH, d = e % DH;
+    const bool in = q0 + i < p.n;
+    Qs[i * S + d] = in ? to_f<T>(q[(qbase + q0 + i) * DH + d]) * p.scale : 0.f;
+    Gs[i * S + d] = in ? to_f<T>(go[(qbase + q0 + i) * DH + d]) : 0.f;
+  }
+  __syncthreads();
+  // D = rowsum(dO * O) and the log-sum-exp of this thread's query.
+  float Dq = 0.f, lse = 0.f;
+  if (qvalid) {
+    const T* o = static_cast<const T*>(p.out) + (qbase + q0 + qi) * DH;
+#pragma unroll
+    for (int i = 0; i < C; ++i) {
+      const int d = 4 * (sub + 4 * i);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) Dq += Gs[qi * S + d + e] * to_f<T>(o[d + e]);
+    }
+    lse = p.lse[qbase + q0 + qi];
+  }
+  Dq += __shfl_xor_sync(0xffffffffu, Dq, 1);
+  Dq += __shfl_xor_sync(0xffffffffu, Dq, 2);
+
+  float4 dq[C];
+#pragma unroll
+  for (int i = 0; i < C; ++i) dq[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  const float4* Q4 = reinterpret_cast<const float4*>(Qs + qi * S);
+  const float4* G4 = reinterpret_cast<const float4*>(Gs + qi * S);
+  const int64_t width = p.heads * 2 * DH;
+  const int kk = tid >> 2;  // this thread's key in the key-side sums
+
+  for_each_key_tile<T, DH>(p, g, r, h, kt, Ks, Vs, [&](const KeyTile& k, int64_t j0) {
+#pragma unroll
+    for (int c = 0; c < KT / 4; ++c) {
+      const int kj = sub + 4 * c;
+      const float4* K4 = reinterpret_cast<const float4*>(Ks + kj * S);
+      const float4* V4 = reinterpret_cast<const float4*>(Vs + kj * S);
+      float qk = 0.f, gv = 0.f;
+#pragma unroll
+      for (int d = 0; d < DH / 4; ++d) {
+        qk += dot4(Q4[d], K4[d]);
+        gv += dot4(G4[d], V4[d]);
+      }
+      const float sk = p.keys_scaled ? k.sc[kj] : 1.f;
+      const float pr = (qvalid && k.valid[kj]) ? __expf(qk * sk - lse) : 0.f;
+      Ps[qi * (KT + 1) + kj] = pr;
+      Ds[qi * (KT + 1) + kj] = pr * (gv * k.sc[kj] - Dq);
+    }
+    __syncthreads();
+    // dq += sum_j dS * k'_j (k' = score * k when the keys are scaled).
+#pragma unroll 4
+    for (int kj = 0; kj < KT; ++kj) {
+      const float w = Ds[qi * (KT + 1) + kj] * (p.keys_scaled ? k.sc[kj] : 1.f);
+      const float4* K4 = reinterpret_cast<const float4*>(Ks + kj * S);
+#pragma unroll
+      for (int i = 0; i < C; ++i) {
+        const float4 kv = K4[sub + 4 * i];
+        dq[i].x += w * kv.x;
+        dq[i].y += w * kv.y;
+        dq[i].z += w * kv.z;
+        dq[i].w += w * kv.w;
+      }
+    }
+    // Key side: the gradients of the key and value as used (v' = score * v,
+    // k' = score * k or k), summed over this block's queries.
+    float4 gvp[C], gkp[C];
+#pragma unroll
+    for (int i = 0; i < C; ++i) {
+      gvp[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+      gkp[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll 4
+    for (int i2 = 0; i2 < QT; ++i2) {
+      const float pr = Ps[i2 * (KT + 1) + kk], ds = Ds[i2 * (KT + 1) + kk];
+      const float4* Gq = reinterpret_cast<const float4*>(Gs + i2 * S);
+      const float4* Qq = reinterpret_cast<const float4*>(Qs + i2 * S);
+#pragma unroll
+      for (int i = 0; i < C; ++i) {
+        const float4 gg = Gq[sub + 4 * i], qq = Qq[sub + 4 * i];
+        gvp[i].x += pr * gg.x;
+        gvp[i].y += pr * gg.y;
+        gvp[i].z += pr * gg.z;
+        gvp[i].w += pr * gg.w;
+        gkp[i].x += ds * qq.x;
+        gkp[i].y += ds * qq.y;
+        gkp[i].z += ds * qq.z;
+        gkp[i].w += ds * qq.w;
+      }
+    }
+    const int64_t j = j0 + kk;
+    const float sc = k.sc[kk];
+    const float sk = p.keys_scaled ? sc : 1.f;
+    float dsc = 0.f;
+    const float4* K4 = reinterpret_cast<const float4*>(Ks + kk * S);
+    const float4* V4 = reinterpret_cast<const float4*>(Vs + kk * S);
+#pragma unroll
+    for (int i = 0; i < C; ++i) {
+      dsc += dot4(gvp[i], V4[sub + 4 * i]);
+      if (p.keys_scaled) dsc += dot4(gkp[i], K4[sub + 4 * i]);
+    }
+    dsc += __shfl_xor_sync(0xffffffffu, dsc, 1);
+    dsc += __shfl_xor_sync(0xffffffffu, dsc, 2);
+    if (k.valid[kk]) {
+      if (sub == 0 && j > 0 && p.grad_scores) atomicAdd(p.grad_scores + g * p.m + (j - 1), dsc);
+      const int64_t row = k.row[kk];
+      float* dst = row < 0 ? p.grad_null + r * width + h * 2 * DH : p.grad_table + row * width + h * 2 * DH;
+#pragma unroll
+      for (int i = 0; i < C; ++i) {
+        const int d = 4 * (sub + 4 * i);
+        add4(dst + d, make_float4(sk * gkp[i].x, sk * gkp[i].y, sk * gkp[i].z, sk * gkp[i].w));
+        add4(dst + DH + d, make_float4(sc * gvp[i].x, sc * gvp[i].y, sc * gvp[i].z, sc * gvp[i].w));
+      }
+    }
+  });
+
+  if (qvalid) {
+    float* out = p.grad_q + (qbase + q0 + qi) * DH;
+#pragma unroll
+    for (int i = 0; i < C; ++i) {
+      const int d = 4 * (sub + 4 * i);
+      out[d] = dq[i].x * p.scale;
+      out[d + 1] = dq[i].y * p.scale;
+      out[d + 2] = dq[i].z * p.scale;
+      out[d + 3] = dq[i].w * p.scale;
+    }
+  }
+}
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("colt5 CUDA gathered attention: ") + what + ": " + cudaGetErrorString(e));
+}
+
+template <int DH>
+constexpr size_t fwd_smem() {
+  return (QT + 2 * KT) * stride<DH>() * sizeof(float) + QT * (KT + 1) * sizeof(float) + 2 * sizeof(KeyTile);
+}
+template <int DH>
+constexpr size_t bwd_smem() {
+  return (2 * QT + 2 * KT) * stride<DH>() * sizeof(float) + 2 * QT * (KT + 1) * sizeof(float) + 2 * sizeof(KeyTile);
+}
+
+template <typename T, int DH>
+void launch(const GatheredAttentionParams& p, bool backward, cudaStream_t st) {
+  const int64_t qtiles = (p.n + QT - 1) / QT;
+  const dim3 grid(static_cast<unsigned>(p.groups * qtiles), static_cast<unsigned>(p.heads));
+  if (!backward) {
+    constexpr size_t smem = fwd_smem<DH>();
+    static const bool once = [] {
+      check(cudaFuncSetAttribute(gathered_attention_fwd<T, DH>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(smem)),
+            "cudaFuncSetAttribute");
+      return true;
+    }();
+    (void)once;
+    gathered_attention_fwd<T, DH><<<grid, kThreads, smem, st>>>(p);
+  } else {
+    constexpr size_t smem = bwd_smem<DH>();
+    static const bool once = [] {
+      check(cudaFuncSetAttribute(gathered_attention_bwd<T, DH>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(smem)),
+            "cudaFuncSetAttribute");
+      return true;
+    }();
+    (void)once;
+    gathered_attention_bwd<T, DH><<<grid, kThreads, smem, st>>>(p);
+  }
+  check(cudaGetLastError(), backward ? "backward launch" : "forward launch");
+}
+
+template <typename T>
+void launch_dh(const GatheredAttentionParams& p, bool backward, cudaStream_t st) {
+  switch (p.dim_head) {
+    case 16: return launch<T, 16>(p, backward, st);
+    case 32: return launch<T, 32>(p, backward, st);
+    case 64: return launch<T, 64>(p, backward, st);
+    case 128: return launch<T, 128>(p, backward, st);
+    default:
+      throw std::runtime_error("colt5 CUDA gathered attention: head width " + std::to_string(p.dim_head) +
+                               " is not 16, 32, 64 or 128");
+  }
+}
+
+void run(const GatheredAttentionParams& p, bool backward, void* stream) {
+  if (p.groups == 0 || p.n == 0) return;
+  if (p.groups * ((p.n + QT - 1) / QT) > 0x7fffffff || p.heads > 65535)
+    throw std::runtime_error("colt5 CUDA gathered attention: too many groups or heads for one launch");
+  const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  switch (p.dtype) {
+    case RowDtype::f32: return launch_dh<float>(p, backward, st);
+    case RowDtype::f16: return launch_dh<__half>(p, backward, st);
+    case RowDtype::bf16: return launch_dh<__nv_bfloat16>(p, backward, st);
+  }
+}
+
+}  // namespace
+
+bool gathered_attention_supports(int64_t dim_head) {
+  return dim_head == 16 || dim_head == 32 || dim_head == 64 || dim_head == 128;
+}
+
+void gathered_attention_forward_cuda(const GatheredAttentionParams& p, void* stream) { run(p, false, stream); }
+
+void gathered_attention_backward_cuda(const GatheredAttentionParams& p, void* stream) { run(p, true, stream); }
+
+}  // namespace kernels
+}  // namespace colt5
