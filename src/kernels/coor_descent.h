@@ -129,7 +129,8 @@ void row_dot_norm_cuda(const void* x, RowDtype dtype, const float* tokens, int64
 // forward writes out [groups, heads, n, dim_head] and lse [groups, heads, n]
 // (float32, in units of the scaled logits); the backward adds into the
 // zeroed float32 grad_table, grad_null and grad_scores (optional) and writes
-// grad_q (float32, like q).
+// grad_q (float32, like q). float16/bfloat16 take tensor cores for the matrix
+// products (float32 accumulation), float32 the CUDA cores.
 struct GatheredAttentionParams {
   const void* q = nullptr;
   const void* table = nullptr;

@@ -110,7 +110,8 @@ TEST(CudaModules, RouterGradientsMatchTheCpuFloat64) {
 // of the queries, the table, the scores, the null key/value and the output
 // projection; head widths 16, 64 and 128, one and two routes, one query tile
 // and a ragged second one, scores on the values only and on the keys too, a
-// mask, rows shared between groups, float32 and bfloat16.
+// mask, rows shared between groups; float32 (CUDA cores), bfloat16 and float16
+// (tensor cores).
 TEST(CudaModules, GatheredAttentionKernelMatchesTheCpuFloat64) {
   torch::manual_seed(21);
   struct Case {
@@ -120,7 +121,7 @@ TEST(CudaModules, GatheredAttentionKernelMatchesTheCpuFloat64) {
   const Case cases[] = {{64, 2, 32, 100, false, true},  {16, 1, 40, 70, true, true}, {128, 2, 5, 33, true, false},
                         {64, 1, 1, 1, false, false},    {32, 2, 70, 64, false, true}};
   for (const Case& c : cases) {
-    for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    for (auto dtype : {torch::kFloat, torch::kBFloat16, torch::kHalf}) {
       SCOPED_TRACE("dh " + std::to_string(c.dh) + " routes " + std::to_string(c.routes) + " n " +
                    std::to_string(c.n) + " m " + std::to_string(c.m) + " keys_scaled " +
                    std::to_string(c.keys_scaled) + " " + c10::toString(dtype));
