@@ -28,6 +28,7 @@
 #include "colt5/nn/conditional.h"
 #include "colt5/compat.h"
 #include "colt5/nn/image.h"
+#include "kernels/coor_descent.h"
 #include "nn/attention_core.h"
 
 #ifdef COLT5_WITH_CUDA
@@ -377,6 +378,31 @@ void profile_autoregressive(ConditionalRoutedAutoregressiveAttentionImpl& m, con
     RouterOutput ro = m.kv_router->forward(xp, kkv, kv_mask, false, {}, true, false);
     return ro.scores;
   }));
+  // The kv router's top-k on rows of its shape (one row per window, route and
+  // batch row; random scores, the windows' prefix mask): one kernel per row
+  // against the radix sorts it replaced, and the q router's short rows.
+  {
+    const int64_t kv_rows = b * (windows - 1) * m.kv_router->options.num_routing_tokens();
+    auto fo = x.options().dtype(torch::kFloat);
+    torch::Tensor sc = torch::rand({kv_rows, padded}, fo), tb = torch::randn({kv_rows, padded}, fo);
+    torch::Tensor pm = kv_mask.reshape({b * (windows - 1), 1, padded})
+                           .expand({b * (windows - 1), kv_rows / (b * (windows - 1)), padded})
+                           .reshape({kv_rows, padded})
+                           .contiguous();
+    torch::Tensor qs = torch::rand({rows, w}, fo), qt = torch::randn({rows, w}, fo);
+    auto topk = [&](const torch::Tensor& s, const torch::Tensor& t, const torch::Tensor& msk, int64_t k, bool one) {
+      torch::Tensor idx = torch::empty({s.size(0), k}, s.options().dtype(torch::kLong));
+      colt5::kernels::topk_tiebreak_cuda<float>(
+          s.data_ptr<float>(), t.data_ptr<float>(), msk.defined() ? msk.data_ptr<uint8_t>() : nullptr, s.size(0),
+          s.size(1), k, idx.data_ptr<int64_t>(), at::cuda::getCurrentCUDAStream().stream(), one);
+      return idx.to(torch::kFloat);
+    };
+    torch::Tensor pm8 = pm.view(torch::kByte);
+    ph.push_back(phase("kv router top-k: one kernel per row", [&] { return topk(sc, tb, pm8, kkv, true); }));
+    ph.push_back(phase("  (the same by radix sorts)", [&] { return topk(sc, tb, pm8, kkv, false); }));
+    ph.push_back(phase("q router top-k: one kernel per row", [&] { return topk(qs, qt, {}, kq, true); }));
+    ph.push_back(phase("  (the same by segmented sorts)", [&] { return topk(qs, qt, {}, kq, false); }));
+  }
   RouterOutput rq, rkv;
   {
     torch::NoGradGuard ng;

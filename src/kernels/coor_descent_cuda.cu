@@ -25,6 +25,7 @@
 #include <cub/device/device_segmented_sort.cuh>
 
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -961,6 +962,83 @@ void topk_rows_wide(const float* scores, const float* tiebreak, const uint8_t* m
 // each long row in one thread block.
 constexpr int64_t kWideSortMinCols = 2048;
 
+// Rows up to this long (float) sort in one kernel: a thread block per row, a
+// bitonic sort in shared memory of 16-byte entries (128 KiB at 8192).
+constexpr int64_t kBitonicMaxCols = 8192;
+constexpr int kBitonicThreads = 1024;
+
+// One row's entry, compared as (a, b) ascending: a = (masked, descending score
+// key), b = (descending tiebreak key, position), so that the sorted row is in
+// the top-k order (kept first, then score, tiebreak and position).
+struct RankEntry {
+  unsigned long long a, b;
+};
+
+__device__ __forceinline__ bool rank_less(const RankEntry& x, const RankEntry& y) {
+  return x.a < y.a || (x.a == y.a && x.b < y.b);
+}
+
+__global__ void __launch_bounds__(kBitonicThreads)
+    topk_bitonic_kernel(const float* scores, const float* tiebreak, const uint8_t* mask, int64_t cols, int64_t k,
+                        int n2, int64_t* indices) {
+  extern __shared__ unsigned long long bitonic_smem[];
+  RankEntry* e = reinterpret_cast<RankEntry*>(bitonic_smem);
+  const int64_t row = blockIdx.x;
+  const float* sr = scores + row * cols;
+  for (int i = threadIdx.x; i < n2; i += blockDim.x) {
+    RankEntry v;
+    if (i < cols) {
+      const bool masked = mask && !mask[row * cols + i];
+      v.a = (static_cast<unsigned long long>(masked) << 32) | KeyOf<float>::desc(sr[i]);
+      const unsigned long long tb = tiebreak ? KeyOf<float>::desc(tiebreak[row * cols + i]) : 0ull;
+      v.b = (tb << 32) | static_cast<unsigned long long>(i);
+    } else {  // padding: after every real entry
+      v.a = ~0ull;
+      v.b = ~0ull;
+    }
+    e[i] = v;
+  }
+  __syncthreads();
+  for (int size = 2; size <= n2; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int i = threadIdx.x; i < n2; i += blockDim.x) {
+        const int j = i ^ stride;
+        if (j > i) {
+          const RankEntry x = e[i], y = e[j];
+          const bool ascending = (i & size) == 0;
+          if (ascending ? rank_less(y, x) : rank_less(x, y)) {
+            e[i] = y;
+            e[j] = x;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) indices[row * k + i] = static_cast<int64_t>(e[i].b & 0xffffffffull);
+}
+
+void topk_bitonic(const float* scores, const float* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols,
+                  int64_t k, int64_t* indices, cudaStream_t st) {
+  int n2 = 1;
+  while (n2 < cols) n2 <<= 1;
+  const size_t smem = static_cast<size_t>(n2) * sizeof(RankEntry);
+  static const bool once = [] {
+    CD_CHECK(cudaFuncSetAttribute(topk_bitonic_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(kBitonicMaxCols * sizeof(RankEntry))));
+    return true;
+  }();
+  (void)once;
+  const int threads = static_cast<int>(std::min<int64_t>(kBitonicThreads, std::max(32, n2 / 2)));
+  for (int64_t r0 = 0; r0 < rows; r0 += 65535 * 1024) {  // grid x is far larger; one launch in practice
+    const int64_t nr = std::min<int64_t>(rows - r0, 65535 * 1024);
+    topk_bitonic_kernel<<<static_cast<unsigned>(nr), threads, smem, st>>>(
+        scores + r0 * cols, tiebreak ? tiebreak + r0 * cols : nullptr, mask ? mask + r0 * cols : nullptr, cols, k, n2,
+        indices + r0 * k);
+    CD_CHECK(cudaGetLastError());
+  }
+}
+
 template <typename T>
 bool topk_wide(const T*, const T*, const uint8_t*, int64_t, int64_t, int64_t, int64_t*, cudaStream_t) {
   return false;
@@ -990,9 +1068,15 @@ void coor_descent_backward_cuda(const CoorDescentBackwardParams<T>& p, void* str
 
 template <typename T>
 void topk_tiebreak_cuda(const T* scores, const T* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols, int64_t k,
-                        int64_t* indices, void* stream) {
+                        int64_t* indices, void* stream, bool single_kernel) {
   if (rows == 0 || k == 0) return;
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if constexpr (std::is_same_v<T, float>) {
+    if (single_kernel && cols <= cd_cuda::kBitonicMaxCols) {
+      cd_cuda::topk_bitonic(scores, tiebreak, mask, rows, cols, k, indices, st);
+      return;
+    }
+  }
   // Device-wide sorts of all rows at once: at most 2^26 entries per sort.
   const int64_t wide_chunk = std::max<int64_t>(1, (int64_t(1) << 26) / cols);
   if (cols >= cd_cuda::kWideSortMinCols) {
@@ -1024,9 +1108,9 @@ template void coor_descent_forward_cuda<double>(const CoorDescentParams<double>&
 template void coor_descent_backward_cuda<float>(const CoorDescentBackwardParams<float>&, void*);
 template void coor_descent_backward_cuda<double>(const CoorDescentBackwardParams<double>&, void*);
 template void topk_tiebreak_cuda<float>(const float*, const float*, const uint8_t*, int64_t, int64_t, int64_t, int64_t*,
-                                        void*);
+                                        void*, bool);
 template void topk_tiebreak_cuda<double>(const double*, const double*, const uint8_t*, int64_t, int64_t, int64_t,
-                                         int64_t*, void*);
+                                         int64_t*, void*, bool);
 
 }  // namespace kernels
 }  // namespace colt5
