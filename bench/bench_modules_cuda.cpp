@@ -14,6 +14,7 @@
 // input before it is timed.
 // The block and the autoregressive module are also timed as a training step
 // replayed from a CUDA graph (no host launch overhead).
+// Flags: --quick (8k and 32k only), --no-profile, --only block|autoregressive|cross|image.
 // Flags: --quick (fewer shapes), --no-profile.
 #include <torch/torch.h>
 
