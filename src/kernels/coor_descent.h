@@ -105,10 +105,10 @@ template <typename acc_t>
 void coor_descent_forward_cuda(const CoorDescentParams<acc_t>& p, void* stream);
 template <typename acc_t>
 void coor_descent_backward_cuda(const CoorDescentBackwardParams<acc_t>& p, void* stream);
-// Float rows below 2048, or at least 64 rows up to 8192 long, sort in one
-// kernel (a bitonic sort per row in shared memory) unless single_kernel is
-// false; other rows through cub's segmented or device-wide radix sorts. The
-// same order either way.
+// Float rows up to 8192 long sort in one kernel (a bitonic sort per row in
+// shared memory) unless single_kernel is false; other rows (longer, double,
+// or with single_kernel false) through cub's segmented or device-wide radix
+// sorts. The same order either way.
 template <typename acc_t>
 void topk_tiebreak_cuda(const acc_t* scores, const acc_t* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols,
                         int64_t k, int64_t* indices, void* stream, bool single_kernel = true);

@@ -966,9 +966,6 @@ constexpr int64_t kWideSortMinCols = 2048;
 // bitonic sort in shared memory of 16-byte entries (128 KiB at 8192).
 constexpr int64_t kBitonicMaxCols = 8192;
 constexpr int kBitonicThreads = 1024;
-// Long rows (from kWideSortMinCols) take the bitonic kernel only this many at a
-// time or more: one resident block per multiprocessor at 8192 columns.
-constexpr int64_t kBitonicMinLongRows = 64;
 
 // One row's entry, compared as (a, b) ascending: a = (masked, descending score
 // key), b = (descending tiebreak key, position), so that the sorted row is in
@@ -1075,10 +1072,7 @@ void topk_tiebreak_cuda(const T* scores, const T* tiebreak, const uint8_t* mask,
   if (rows == 0 || k == 0) return;
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   if constexpr (std::is_same_v<T, float>) {
-    // A block per row: for short rows (below the device-wide sort's length), or
-    // enough long rows to fill the GPU; a few long rows sort faster device-wide.
-    if (single_kernel && cols <= cd_cuda::kBitonicMaxCols &&
-        (cols < cd_cuda::kWideSortMinCols || rows >= cd_cuda::kBitonicMinLongRows)) {
+    if (single_kernel && cols <= cd_cuda::kBitonicMaxCols) {
       cd_cuda::topk_bitonic(scores, tiebreak, mask, rows, cols, k, indices, st);
       return;
     }

@@ -312,16 +312,15 @@ TEST(CoorDescentCuda, TopkSaturatedTies) {
   }
 }
 
-// Float rows sort in one kernel (a bitonic sort per row) when short or many
-// and up to 8192 long, otherwise device-wide: many rows at once, ties on a
-// coarse grid in both the scores and the tiebreak, with and without a mask,
-// at and around the limits.
+// Float rows up to 8192 sort in one kernel (a bitonic sort per row), longer
+// ones device-wide: many rows at once, ties on a coarse grid in both the
+// scores and the tiebreak, with and without a mask, at and around the limit.
 TEST(CoorDescentCuda, TopkManyLongRows) {
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE(seed);
   torch::manual_seed(seed);
   for (auto shape : {std::pair<int64_t, int64_t>{16, 131072}, {37, 2048}, {3, 300000}, {600, 4096}, {252, 8192},
-                     {64, 2048}, {5, 8193}, {130, 128}, {9, 5000}, {2, 1000}}) {
+                     {5, 8193}, {130, 128}, {9, 5000}}) {
     SCOPED_TRACE(std::to_string(shape.first) + "x" + std::to_string(shape.second));
     auto o = torch::TensorOptions().device(cuda());
     torch::Tensor sc = torch::round(torch::randn({shape.first, shape.second}, o) * 8) / 8;
