@@ -1015,7 +1015,8 @@ __global__ void __launch_bounds__(kBitonicThreads)
       __syncthreads();
     }
   }
-  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) indices[row * k + i] = static_cast<int64_t>(e[i].b & 0xffffffffull);
+  for (int64_t i = threadIdx.x; i < k; i += blockDim.x)
+    indices[row * k + i] = static_cast<int64_t>(e[i].b & 0xffffffffull);
 }
 
 void topk_bitonic(const float* scores, const float* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols,

@@ -142,8 +142,8 @@ struct TileLoader {
 
   // The tile as T (16-bit types), rows of LD elements: pieces copied as they are.
   template <int LD>
-  __device__ __forceinline__ void store_raw(const KeyTile& kt, const GatheredAttentionParams& p, int64_t r,
-                                            int64_t h, T* Kb, T* Vb) const {
+  __device__ __forceinline__ void store_raw(const KeyTile& kt, const GatheredAttentionParams& p, int64_t r, int64_t h,
+                                            T* Kb, T* Vb) const {
 #pragma unroll
     for (int i = 0; i < PER; ++i) {
       const int v = threadIdx.x + i * kThreads, kj = v / VPR, col = (v % VPR) * VEC;
@@ -319,7 +319,7 @@ __global__ void __launch_bounds__(kThreads) gathered_attention_bwd(GatheredAtten
   constexpr int C = DH / 16;
   extern __shared__ float4 smem4[];
   float* Qs = reinterpret_cast<float*>(smem4);  // scaled queries
-  float* Gs = Qs + QT * S;                       // output gradients
+  float* Gs = Qs + QT * S;                      // output gradients
   float* Ks = Gs + QT * S;
   float* Vs = Ks + KT * S;
   float* Ps = Vs + KT * S;         // [QT][KT + 1] probabilities
@@ -620,8 +620,8 @@ __global__ void __launch_bounds__(kThreads) gathered_attention_bwd_tc(GatheredAt
   constexpr int NT = DH / 16;  // 16-wide tiles across a head
   extern __shared__ float4 smem4[];
   char* at = reinterpret_cast<char*>(smem4);
-  T* Qb = carve<T>(at, QT * LH);   // queries (unscaled)
-  T* Gb = carve<T>(at, QT * LH);   // output gradients
+  T* Qb = carve<T>(at, QT * LH);  // queries (unscaled)
+  T* Gb = carve<T>(at, QT * LH);  // output gradients
   T* Kb = carve<T>(at, KT * LH);
   T* Vb = carve<T>(at, KT * LH);
   float* Sf = carve<float>(at, QT * LS);  // Q K^T

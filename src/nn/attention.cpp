@@ -342,7 +342,8 @@ torch::Tensor attend_gathered(AttentionImpl& a, const torch::Tensor& x, const to
     const int64_t groups = batch * routes;
     torch::Tensor q = q_in.reshape({groups, hr, n, dh}).to(common).contiguous();
     auto none = [&](at::ScalarType t) { return torch::empty({0}, q.options().dtype(t)); };
-    torch::Tensor s = scores_kv.defined() ? scores_kv.reshape({groups, m}).to(at::kFloat).contiguous() : none(at::kFloat);
+    torch::Tensor s =
+        scores_kv.defined() ? scores_kv.reshape({groups, m}).to(at::kFloat).contiguous() : none(at::kFloat);
     torch::Tensor mk = mask_in.defined() ? mask_in.reshape({groups, m}).contiguous() : none(at::kBool);
     torch::Tensor table = proj.to(common).contiguous();
     if (reinterpret_cast<uintptr_t>(table.data_ptr()) % 16 != 0) table = table.clone();  // 16-byte loads
