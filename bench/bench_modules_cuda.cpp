@@ -383,13 +383,11 @@ void profile_autoregressive(ConditionalRoutedAutoregressiveAttentionImpl& m, con
   // batch row; random scores, the windows' prefix mask): one kernel per row
   // against the radix sorts it replaced, and the q router's short rows.
   {
-    const int64_t kv_rows = b * (windows - 1) * m.kv_router->options.num_routing_tokens();
+    const int64_t routes = m.kv_router->options.num_routing_tokens(), kv_rows = rows * routes;
     auto fo = x.options().dtype(torch::kFloat);
     torch::Tensor sc = torch::rand({kv_rows, padded}, fo), tb = torch::randn({kv_rows, padded}, fo);
-    torch::Tensor pm = kv_mask.reshape({b * (windows - 1), 1, padded})
-                           .expand({b * (windows - 1), kv_rows / (b * (windows - 1)), padded})
-                           .reshape({kv_rows, padded})
-                           .contiguous();
+    torch::Tensor pm =
+        kv_mask.reshape({rows, 1, padded}).expand({rows, routes, padded}).reshape({kv_rows, padded}).contiguous();
     torch::Tensor qs = torch::rand({rows, w}, fo), qt = torch::randn({rows, w}, fo);
     auto topk = [&](const torch::Tensor& s, const torch::Tensor& t, const torch::Tensor& msk, int64_t k, bool one) {
       torch::Tensor idx = torch::empty({s.size(0), k}, s.options().dtype(torch::kLong));

@@ -24,6 +24,7 @@
 #include <string>
 
 #include "kernels/coor_descent.h"
+#include "kernels/cuda_convert.cuh"
 
 namespace colt5 {
 namespace kernels {
@@ -32,36 +33,6 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int QT = 32;  // queries per block
 constexpr int KT = 32;  // keys per tile
-
-template <typename T>
-__device__ __forceinline__ float to_f(T v);
-template <>
-__device__ __forceinline__ float to_f<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ float to_f<__half>(__half v) {
-  return __half2float(v);
-}
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) {
-  return __float2half(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-  return __float2bfloat16(v);
-}
 
 __device__ __forceinline__ void add4(float* p, float4 v) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -151,7 +122,7 @@ struct TileLoader {
       if (kt.valid[kj] && kt.row[kj] < 0) {
         const float* src = p.null_kv + (r * p.heads + h) * 2 * DH + col;
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) dst[e] = from_f<T>(src[e]);
+        for (int e = 0; e < VEC; ++e) dst[e] = from_float<T>(src[e]);
       } else {
         *reinterpret_cast<uint4*>(dst) = buf[i];
       }
@@ -172,7 +143,7 @@ struct TileLoader {
       } else {
         const T* e8 = reinterpret_cast<const T*>(&buf[i]);
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) dst[e] = to_f<T>(e8[e]);
+        for (int e = 0; e < VEC; ++e) dst[e] = to_float<T>(e8[e]);
       }
     }
   }
@@ -235,7 +206,7 @@ __global__ void __launch_bounds__(kThreads) gathered_attention_fwd(GatheredAtten
   const T* q = static_cast<const T*>(p.q);
   for (int e = tid; e < QT * DH; e += kThreads) {
     const int i = e / DH, d = e % DH;
-    Qs[i * S + d] = q0 + i < p.n ? to_f<T>(q[(qbase + q0 + i) * DH + d]) * p.scale : 0.f;
+    Qs[i * S + d] = q0 + i < p.n ? to_float<T>(q[(qbase + q0 + i) * DH + d]) * p.scale : 0.f;
   }
 
   float m_i = -INFINITY, l_i = 0.f;
@@ -304,10 +275,10 @@ __global__ void __launch_bounds__(kThreads) gathered_attention_fwd(GatheredAtten
 #pragma unroll
     for (int i = 0; i < C; ++i) {
       const int d = 4 * (sub + 4 * i);
-      out[d] = from_f<T>(acc[i].x * inv);
-      out[d + 1] = from_f<T>(acc[i].y * inv);
-      out[d + 2] = from_f<T>(acc[i].z * inv);
-      out[d + 3] = from_f<T>(acc[i].w * inv);
+      out[d] = from_float<T>(acc[i].x * inv);
+      out[d + 1] = from_float<T>(acc[i].y * inv);
+      out[d + 2] = from_float<T>(acc[i].z * inv);
+      out[d + 3] = from_float<T>(acc[i].w * inv);
     }
     if (sub == 0) p.lse[qbase + q0 + qi] = m_i + logf(l_i);
   }
@@ -338,8 +309,8 @@ __global__ void __launch_bounds__(kThreads) gathered_attention_bwd(GatheredAtten
   for (int e = tid; e < QT * DH; e += kThreads) {
     const int i = e / DH, d = e % DH;
     const bool in = q0 + i < p.n;
-    Qs[i * S + d] = in ? to_f<T>(q[(qbase + q0 + i) * DH + d]) * p.scale : 0.f;
-    Gs[i * S + d] = in ? to_f<T>(go[(qbase + q0 + i) * DH + d]) : 0.f;
+    Qs[i * S + d] = in ? to_float<T>(q[(qbase + q0 + i) * DH + d]) * p.scale : 0.f;
+    Gs[i * S + d] = in ? to_float<T>(go[(qbase + q0 + i) * DH + d]) : 0.f;
   }
   __syncthreads();
   // D = rowsum(dO * O) and the log-sum-exp of this thread's query.
@@ -350,7 +321,7 @@ __global__ void __launch_bounds__(kThreads) gathered_attention_bwd(GatheredAtten
     for (int i = 0; i < C; ++i) {
       const int d = 4 * (sub + 4 * i);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) Dq += Gs[qi * S + d + e] * to_f<T>(o[d + e]);
+      for (int e = 0; e < 4; ++e) Dq += Gs[qi * S + d + e] * to_float<T>(o[d + e]);
     }
     lse = p.lse[qbase + q0 + qi];
   }
@@ -540,7 +511,7 @@ __global__ void __launch_bounds__(kThreads) gathered_attention_fwd_tc(GatheredAt
   const T* q = static_cast<const T*>(p.q);
   for (int e = tid; e < QT * DH; e += kThreads) {
     const int i = e / DH, d = e % DH;
-    Qb[i * LH + d] = q0 + i < p.n ? q[(qbase + q0 + i) * DH + d] : from_f<T>(0.f);
+    Qb[i * LH + d] = q0 + i < p.n ? q[(qbase + q0 + i) * DH + d] : from_float<T>(0.f);
   }
   for (int e = tid; e < QT * LO; e += kThreads) Of[e] = 0.f;
 
@@ -578,7 +549,7 @@ __global__ void __launch_bounds__(kThreads) gathered_attention_fwd_tc(GatheredAt
           const int kj = sub * (KT / 4) + c;
           const float pv = __expf(s[c] - m_new);
           psum += pv;
-          Pb[qi * LK + kj] = from_f<T>(pv * k.sc[kj]);  // the values are scaled by the score
+          Pb[qi * LK + kj] = from_float<T>(pv * k.sc[kj]);  // the values are scaled by the score
         }
         psum += __shfl_xor_sync(0xffffffffu, psum, 1);
         psum += __shfl_xor_sync(0xffffffffu, psum, 2);
@@ -601,7 +572,7 @@ __global__ void __launch_bounds__(kThreads) gathered_attention_fwd_tc(GatheredAt
   if (q0 + qi < p.n) {
     T* out = static_cast<T*>(p.out) + (qbase + q0 + qi) * DH;
     const float inv = 1.f / l_i;
-    for (int d = sub * (DH / 4); d < (sub + 1) * (DH / 4); ++d) out[d] = from_f<T>(Of[qi * LO + d] * inv);
+    for (int d = sub * (DH / 4); d < (sub + 1) * (DH / 4); ++d) out[d] = from_float<T>(Of[qi * LO + d] * inv);
     if (sub == 0) p.lse[qbase + q0 + qi] = m_i + logf(l_i);
   }
 }
@@ -646,15 +617,15 @@ __global__ void __launch_bounds__(kThreads) gathered_attention_bwd_tc(GatheredAt
   for (int e = tid; e < QT * DH; e += kThreads) {
     const int i = e / DH, d = e % DH;
     const bool in = q0 + i < p.n;
-    Qb[i * LH + d] = in ? q[(qbase + q0 + i) * DH + d] : from_f<T>(0.f);
-    Gb[i * LH + d] = in ? go[(qbase + q0 + i) * DH + d] : from_f<T>(0.f);
+    Qb[i * LH + d] = in ? q[(qbase + q0 + i) * DH + d] : from_float<T>(0.f);
+    Gb[i * LH + d] = in ? go[(qbase + q0 + i) * DH + d] : from_float<T>(0.f);
   }
   for (int e = tid; e < QT * LO; e += kThreads) dQf[e] = 0.f;
   float Dq = 0.f, lse = 0.f;
   if (qvalid) {
     const T* o = static_cast<const T*>(p.out) + (qbase + q0 + qi) * DH;
     const T* gr = go + (qbase + q0 + qi) * DH;
-    for (int d = sub * (DH / 4); d < (sub + 1) * (DH / 4); ++d) Dq += to_f<T>(gr[d]) * to_f<T>(o[d]);
+    for (int d = sub * (DH / 4); d < (sub + 1) * (DH / 4); ++d) Dq += to_float<T>(gr[d]) * to_float<T>(o[d]);
     lse = p.lse[qbase + q0 + qi];
   }
   Dq += __shfl_xor_sync(0xffffffffu, Dq, 1);
@@ -686,9 +657,9 @@ __global__ void __launch_bounds__(kThreads) gathered_attention_bwd_tc(GatheredAt
           const float sk = p.keys_scaled ? k.sc[kj] : 1.f;
           const float pr = (qvalid && k.valid[kj]) ? __expf(Sf[qi * LS + kj] * p.scale * sk - lse) : 0.f;
           const float ds = pr * (Df[qi * LS + kj] * k.sc[kj] - Dq);
-          Pb[qi * LK + kj] = from_f<T>(pr);
-          Db[qi * LK + kj] = from_f<T>(ds);
-          Dkb[qi * LK + kj] = from_f<T>(ds * sk);
+          Pb[qi * LK + kj] = from_float<T>(pr);
+          Db[qi * LK + kj] = from_float<T>(ds);
+          Dkb[qi * LK + kj] = from_float<T>(ds * sk);
         }
         __syncthreads();
         // dQ += (dS * sk) K; P^T dO; dS^T Q: 6 x NT tiles over the warps.
@@ -727,8 +698,8 @@ __global__ void __launch_bounds__(kThreads) gathered_attention_bwd_tc(GatheredAt
           for (int e = 0; e < 4; ++e) {
             gv[e] = GVf[kk * LO + d + e];
             gk[e] = DKf[kk * LO + d + e] * p.scale;
-            dsc += gv[e] * to_f<T>(Vb[kk * LH + d + e]);
-            if (p.keys_scaled) dsc += gk[e] * to_f<T>(Kb[kk * LH + d + e]);
+            dsc += gv[e] * to_float<T>(Vb[kk * LH + d + e]);
+            if (p.keys_scaled) dsc += gk[e] * to_float<T>(Kb[kk * LH + d + e]);
           }
           if (valid) {
             add4(dst + d, make_float4(sk * gk[0], sk * gk[1], sk * gk[2], sk * gk[3]));
@@ -784,22 +755,12 @@ void launch(const GatheredAttentionParams& p, bool backward, cudaStream_t st) {
     }
   } else if (!backward) {  // float32: CUDA cores
     constexpr size_t smem = fwd_smem<DH>();
-    static const bool once = [] {
-      check(cudaFuncSetAttribute(gathered_attention_fwd<T, DH>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(smem)),
-            "cudaFuncSetAttribute");
-      return true;
-    }();
+    static const bool once = (allow_smem(gathered_attention_fwd<T, DH>, smem), true);
     (void)once;
     gathered_attention_fwd<T, DH><<<grid, kThreads, smem, st>>>(p);
   } else {  // float32 backward
     constexpr size_t smem = bwd_smem<DH>();
-    static const bool once = [] {
-      check(cudaFuncSetAttribute(gathered_attention_bwd<T, DH>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(smem)),
-            "cudaFuncSetAttribute");
-      return true;
-    }();
+    static const bool once = (allow_smem(gathered_attention_bwd<T, DH>, smem), true);
     (void)once;
     gathered_attention_bwd<T, DH><<<grid, kThreads, smem, st>>>(p);
   }

@@ -13,27 +13,13 @@
 #include <string>
 
 #include "kernels/coor_descent.h"
+#include "kernels/cuda_convert.cuh"
 
 namespace colt5 {
 namespace kernels {
 namespace {
 
 constexpr int kWarps = 8;  // warps (rows in flight) per block
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) {
-  return __half2float(v);
-}
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
 
 // dots[row * R + q] = x[row] . t[q], norms[row] = |x[row]|. VEC: rows read in
 // 16-byte pieces (d * sizeof(T) a multiple of 16, x 16-byte aligned).
