@@ -409,7 +409,19 @@ TEST(AppCheckpoint, SigkillWhileSavingLosesNothingBeforeTheLastCompleteCheckpoin
       }
       ::_exit(3);
     }
-    ::usleep(static_cast<useconds_t>(150000 + 90000 * round));
+    // Kill only once a first checkpoint is complete (on a loaded machine the
+    // child may take longer than any fixed sleep to get there), then at a
+    // different moment of the next saves in each round.
+    auto has_complete = [&] {
+      try {
+        for (const auto& n : list_dir(run))
+          if (n.rfind("ckpt-", 0) == 0 && is_complete_checkpoint(run + "/" + n)) return true;
+      } catch (const std::exception&) {  // a directory renamed or removed while listed
+      }
+      return false;
+    };
+    for (int waited_ms = 0; !has_complete() && waited_ms < 60000; waited_ms += 5) ::usleep(5000);
+    ::usleep(static_cast<useconds_t>(20000 + 90000 * round));
     ASSERT_EQ(::kill(pid, SIGKILL), 0);
     int status = 0;
     ::waitpid(pid, &status, 0);
