@@ -19,6 +19,13 @@ for variant in ${COLT5_TEST_VARIANTS:-main deb113 san}; do
   fi
   timeout=1200
   [ "$variant" = san ] && timeout=3600
+  # ctest lists the suite's tests by running it; a first start on a cold
+  # machine (LibTorch's libraries read from disk, under the sanitizers) can be
+  # slow, so it is paid and reported here rather than inside ctest's listing.
+  start=$(date +%s)
+  timeout 900 "build/$variant/tests/colt5_tests" --gtest_list_tests >/dev/null \
+    || { echo "test.sh: build/$variant/tests/colt5_tests could not list its tests" >&2; exit 1; }
+  echo "listing the $variant suite's tests took $(( $(date +%s) - start )) s"
   (cd "build/$variant" && ctest -L cpu --output-on-failure -j"$jobs" --timeout "$timeout")
   if [ "$variant" = main ]; then
     echo "== install and build a find_package(colt5) consumer"
