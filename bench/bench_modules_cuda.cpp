@@ -348,6 +348,17 @@ void profile_block(ConditionalRoutedTransformerBlockImpl& block, const torch::Te
   print_profile("profile: block 2x32768x512", ph, total_fwd, total_fb);
 }
 
+// Top-k indices of float rows by one path of topk_tiebreak_cuda (as floats,
+// for the phase timer).
+torch::Tensor topk_by(const torch::Tensor& s, const torch::Tensor& t, const torch::Tensor& msk, int64_t k,
+                      colt5::kernels::TopkCudaPath path) {
+  torch::Tensor idx = torch::empty({s.size(0), k}, s.options().dtype(torch::kLong));
+  colt5::kernels::topk_tiebreak_cuda<float>(s.data_ptr<float>(), t.data_ptr<float>(),
+                                            msk.defined() ? msk.data_ptr<uint8_t>() : nullptr, s.size(0), s.size(1), k,
+                                            idx.data_ptr<int64_t>(), at::cuda::getCurrentCUDAStream().stream(), path);
+  return idx.to(torch::kFloat);
+}
+
 void profile_autoregressive(ConditionalRoutedAutoregressiveAttentionImpl& m, const torch::Tensor& x, double total_fwd,
                             double total_fb) {
   const int64_t b = x.size(0), seq = x.size(1), d = x.size(2);
@@ -389,18 +400,18 @@ void profile_autoregressive(ConditionalRoutedAutoregressiveAttentionImpl& m, con
     torch::Tensor pm =
         kv_mask.reshape({rows, 1, padded}).expand({rows, routes, padded}).reshape({kv_rows, padded}).contiguous();
     torch::Tensor qs = torch::rand({rows, w}, fo), qt = torch::randn({rows, w}, fo);
-    auto topk = [&](const torch::Tensor& s, const torch::Tensor& t, const torch::Tensor& msk, int64_t k, bool one) {
-      torch::Tensor idx = torch::empty({s.size(0), k}, s.options().dtype(torch::kLong));
-      colt5::kernels::topk_tiebreak_cuda<float>(
-          s.data_ptr<float>(), t.data_ptr<float>(), msk.defined() ? msk.data_ptr<uint8_t>() : nullptr, s.size(0),
-          s.size(1), k, idx.data_ptr<int64_t>(), at::cuda::getCurrentCUDAStream().stream(), one);
-      return idx.to(torch::kFloat);
-    };
+    using colt5::kernels::TopkCudaPath;
     torch::Tensor pm8 = pm.view(torch::kByte);
-    ph.push_back(phase("kv router top-k: one kernel per row", [&] { return topk(sc, tb, pm8, kkv, true); }));
-    ph.push_back(phase("  (the same by radix sorts)", [&] { return topk(sc, tb, pm8, kkv, false); }));
-    ph.push_back(phase("q router top-k: one kernel per row", [&] { return topk(qs, qt, {}, kq, true); }));
-    ph.push_back(phase("  (the same by segmented sorts)", [&] { return topk(qs, qt, {}, kq, false); }));
+    ph.push_back(phase("kv router top-k: selection", [&] { return topk_by(sc, tb, pm8, kkv, TopkCudaPath::select); }));
+    ph.push_back(phase("  (the same by a bitonic sort per row)",
+                       [&] { return topk_by(sc, tb, pm8, kkv, TopkCudaPath::bitonic); }));
+    ph.push_back(
+        phase("  (the same by radix sorts)", [&] { return topk_by(sc, tb, pm8, kkv, TopkCudaPath::sorts); }));
+    ph.push_back(phase("q router top-k: selection", [&] { return topk_by(qs, qt, {}, kq, TopkCudaPath::select); }));
+    ph.push_back(phase("  (the same by a bitonic sort per row)",
+                       [&] { return topk_by(qs, qt, {}, kq, TopkCudaPath::bitonic); }));
+    ph.push_back(
+        phase("  (the same by segmented sorts)", [&] { return topk_by(qs, qt, {}, kq, TopkCudaPath::sorts); }));
   }
   RouterOutput rq, rkv;
   {
@@ -644,6 +655,22 @@ int main(int argc, char** argv) {
             attn->forward(tokens, memories);
           }),
           dn, note);
+    }
+    // The router's top-k on its shape (16 rows of 131072: 8 blocks of memories
+    // x 2 routes; 128 per row): selection against the device-wide radix sorts.
+    {
+      using colt5::kernels::TopkCudaPath;
+      torch::Tensor sc = torch::rand({16, 131072}, f32), tb = torch::randn({16, 131072}, f32);
+      torch::Tensor a = topk_by(sc, tb, {}, 128, TopkCudaPath::select);
+      torch::Tensor b = topk_by(sc, tb, {}, 128, TopkCudaPath::sorts);
+      if (!torch::equal(a, b)) {
+        std::fprintf(stderr, "cross: top-k by selection differs from the radix sorts\n");
+        return 1;
+      }
+      row("  cross router top-k 16x131072, k 128: select", "fwd",
+          time_cuda([&] { topk_by(sc, tb, {}, 128, TopkCudaPath::select); }), -1, "");
+      row("  (the same by radix sorts)", "fwd", time_cuda([&] { topk_by(sc, tb, {}, 128, TopkCudaPath::sorts); }), -1,
+          "");
     }
   }
 

@@ -146,6 +146,48 @@ TEST(ConditionalShort, OddLengthsKeepTheirShape) {
   }
 }
 
+// The autoregressive module's kv router routes its windows in groups over the
+// prefixes they see (kv_route_groups): any grouping gives the same output and
+// gradients, with rotary embeddings and several routes, at odd lengths.
+TEST(ConditionalAutoregressive, KvRouteGroupsGiveTheSameOutput) {
+  torch::manual_seed(12);
+  ConditionalRoutedAutoregressiveAttention ar(ConditionalRoutedAutoregressiveAttentionOptions(16, 6, 20)
+                                                  .light_dim_head(8)
+                                                  .light_heads(2)
+                                                  .light_window_size(12)
+                                                  .heavy_dim_head(8)
+                                                  .heavy_heads(4)
+                                                  .num_routed_kv(2)
+                                                  .rotary_emb(true)
+                                                  .router_kwargs(smooth_router()));
+  ar->to(torch::kFloat64);
+  for (int64_t n : {100, 131}) {
+    SCOPED_TRACE(n);
+    const torch::Tensor x = torch::randn({2, n, 16}, torch::kFloat64);
+    ar->kv_route_groups = 1;
+    torch::Tensor x1 = x.clone().requires_grad_(true);
+    torch::Tensor want = ar(x1);
+    want.pow(2).sum().backward();
+    for (int64_t groups : {0, 2, 3, 5, 50}) {
+      SCOPED_TRACE(groups);
+      ar->kv_route_groups = groups;
+      torch::Tensor xg = x.clone().requires_grad_(true);
+      torch::Tensor got = ar(xg);
+      EXPECT_LT(max_rel_error(got, want), 1e-12);
+      got.pow(2).sum().backward();
+      EXPECT_LT(max_rel_error(xg.grad(), x1.grad()), 1e-10);
+    }
+  }
+  ar->kv_route_groups = -1;
+  try {
+    ar(torch::randn({1, 40, 16}, torch::kFloat64));
+    ADD_FAILURE() << "no error";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("kv_route_groups"), std::string::npos) << e.what();
+  }
+  ar->kv_route_groups = 0;
+}
+
 // ------------------------------------------------------ routes and blocks
 
 TEST(ConditionalRoutes, SeveralRoutesGatherFromTheirOwnBatchRow) {

@@ -105,13 +105,26 @@ template <typename acc_t>
 void coor_descent_forward_cuda(const CoorDescentParams<acc_t>& p, void* stream);
 template <typename acc_t>
 void coor_descent_backward_cuda(const CoorDescentBackwardParams<acc_t>& p, void* stream);
-// Float rows up to 8192 long sort in one kernel (a bitonic sort per row in
-// shared memory) unless single_kernel is false; other rows (longer, double,
-// or with single_kernel false) through cub's segmented or device-wide radix
-// sorts. The same order either way.
+// How topk_tiebreak_cuda orders float rows (double rows always take the sorts).
+enum class TopkCudaPath {
+  // By shape: the bitonic sort for rows up to 8192, else the sorts.
+  automatic,
+  // One kernel per row: a radix selection of the k-th key, then a bitonic sort
+  // of the k entries in shared memory (k <= 8192; otherwise automatic). Only
+  // when asked for: not yet measured on a GPU against the other paths.
+  select,
+  // One kernel per row: a bitonic sort of the whole row in shared memory (rows
+  // up to 8192; otherwise the sorts).
+  bitonic,
+  // cub's segmented or device-wide radix sorts.
+  sorts,
+};
+// The k first entries of each row in the order: kept before masked, score
+// descending, tiebreak descending, position ascending. Every path gives the
+// same indices.
 template <typename acc_t>
 void topk_tiebreak_cuda(const acc_t* scores, const acc_t* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols,
-                        int64_t k, int64_t* indices, void* stream, bool single_kernel = true);
+                        int64_t k, int64_t* indices, void* stream, TopkCudaPath path = TopkCudaPath::automatic);
 
 // Routing scores (routing_cuda.cu): for each of `rows` contiguous rows of x
 // (d elements of `dtype`), dots[row * r + q] = x[row] . tokens[q] and

@@ -448,7 +448,11 @@ void topk_tiebreak_cpu(const T* scores, const T* tiebreak, const uint8_t* mask, 
       if (tb && tb[i] != tb[j]) return tb[i] > tb[j];
       return i < j;
     };
-    std::partial_sort(order.begin(), order.begin() + k, order.end(), before);
+    // The k first (a strict total order: position breaks every tie), then
+    // their order: linear on average, where a partial sort's heap costs
+    // O(n log k) with a large constant.
+    if (k < cols) std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), before);
+    std::sort(order.begin(), order.begin() + k, before);
     std::copy(order.begin(), order.begin() + k, indices + row * k);
   }
 }

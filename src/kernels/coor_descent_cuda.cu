@@ -21,6 +21,7 @@
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
+#include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_segmented_sort.cuh>
 
@@ -978,6 +979,27 @@ __device__ __forceinline__ bool rank_less(const RankEntry& x, const RankEntry& y
   return x.a < y.a || (x.a == y.a && x.b < y.b);
 }
 
+// Sorts n2 (a power of two) entries in shared memory, ascending; every thread
+// of the block takes part. Ends with the block synchronized.
+__device__ void bitonic_sort_shared(RankEntry* e, int n2) {
+  for (int size = 2; size <= n2; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int i = threadIdx.x; i < n2; i += blockDim.x) {
+        const int j = i ^ stride;
+        if (j > i) {
+          const RankEntry x = e[i], y = e[j];
+          const bool ascending = (i & size) == 0;
+          if (ascending ? rank_less(y, x) : rank_less(x, y)) {
+            e[i] = y;
+            e[j] = x;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
 __global__ void __launch_bounds__(kBitonicThreads)
     topk_bitonic_kernel(const float* scores, const float* tiebreak, const uint8_t* mask, int64_t cols, int64_t k,
                         int n2, int64_t* indices) {
@@ -999,22 +1021,7 @@ __global__ void __launch_bounds__(kBitonicThreads)
     e[i] = v;
   }
   __syncthreads();
-  for (int size = 2; size <= n2; size <<= 1) {
-    for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      for (int i = threadIdx.x; i < n2; i += blockDim.x) {
-        const int j = i ^ stride;
-        if (j > i) {
-          const RankEntry x = e[i], y = e[j];
-          const bool ascending = (i & size) == 0;
-          if (ascending ? rank_less(y, x) : rank_less(x, y)) {
-            e[i] = y;
-            e[j] = x;
-          }
-        }
-      }
-      __syncthreads();
-    }
-  }
+  bitonic_sort_shared(e, n2);
   for (int64_t i = threadIdx.x; i < k; i += blockDim.x)
     indices[row * k + i] = static_cast<int64_t>(e[i].b & 0xffffffffull);
 }
@@ -1034,6 +1041,188 @@ void topk_bitonic(const float* scores, const float* tiebreak, const uint8_t* mas
   for (int64_t r0 = 0; r0 < rows; r0 += 65535 * 1024) {  // grid x is far larger; one launch in practice
     const int64_t nr = std::min<int64_t>(rows - r0, 65535 * 1024);
     topk_bitonic_kernel<<<static_cast<unsigned>(nr), threads, smem, st>>>(
+        scores + r0 * cols, tiebreak ? tiebreak + r0 * cols : nullptr, mask ? mask + r0 * cols : nullptr, cols, k, n2,
+        indices + r0 * k);
+    CD_CHECK(cudaGetLastError());
+  }
+}
+
+// Top-k by selection, for k well below the row length: a block per row finds
+// the key of the k-th entry eight bits at a time (a histogram of the next digit
+// of the (mask, score) key, then of the tiebreak's key, over the entries that
+// share the digits found so far), stopping as soon as the entries sharing them
+// are exactly as many as are still needed. It then collects the k entries
+// (exact ties of the whole key by position) and sorts them in shared memory.
+// The same order as the sorts.
+constexpr int kSelectThreads = 1024;
+constexpr int64_t kSelectMaxK = kBitonicMaxCols;
+constexpr int kSelectUnroll = 8;
+
+__global__ void __launch_bounds__(kSelectThreads)
+    topk_select_kernel(const float* scores, const float* tiebreak, const uint8_t* mask, int64_t cols, int64_t k,
+                       int n2, int64_t* indices) {
+  using BlockScan = cub::BlockScan<int, kSelectThreads>;
+  extern __shared__ unsigned long long select_smem[];
+  RankEntry* e = reinterpret_cast<RankEntry*>(select_smem);
+  __shared__ typename BlockScan::TempStorage scan_tmp;
+  __shared__ unsigned hist[256];
+  // Digits found so far: the bits of the (mask, score) key under ma are pa, of
+  // the tiebreak's key under mt are pt; need = entries still wanted among them.
+  __shared__ unsigned long long s_pa, s_ma;
+  __shared__ unsigned s_pt, s_mt;
+  __shared__ int s_need, s_stop, s_count;
+  const int64_t row = blockIdx.x;
+  const float* sr = scores + row * cols;
+  const float* tr = tiebreak ? tiebreak + row * cols : nullptr;
+  const uint8_t* mr = mask ? mask + row * cols : nullptr;
+  const int tid = threadIdx.x, lane = tid & 31;
+  if (tid == 0) {
+    s_pa = s_ma = 0;
+    s_pt = s_mt = 0;
+    s_need = static_cast<int>(k);
+    s_stop = 0;
+    s_count = 0;
+  }
+  // 33 bits of (mask, score) as 8 + 8 + 8 + 8 + 1, then 32 of the tiebreak.
+  const int steps = tr ? 9 : 5;
+  for (int step = 0; step < steps; ++step) {
+    __syncthreads();
+    if (s_stop) break;
+    const bool on_t = step >= 5;
+    const int shift = on_t ? 24 - 8 * (step - 5) : (step < 4 ? 25 - 8 * step : 0);
+    const unsigned digit_mask = (on_t || step < 4) ? 0xffu : 1u;
+    const unsigned long long pa = s_pa, ma = s_ma;
+    const unsigned pt = s_pt, mt = s_mt;
+    for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+    for (int64_t base = 0; base < cols; base += static_cast<int64_t>(kSelectThreads) * kSelectUnroll) {
+      float sv[kSelectUnroll], tv[kSelectUnroll];
+      bool kept[kSelectUnroll];
+#pragma unroll
+      for (int u = 0; u < kSelectUnroll; ++u) {
+        const int64_t i = base + u * kSelectThreads + tid;
+        sv[u] = 0.0f;
+        tv[u] = 0.0f;
+        kept[u] = true;
+        if (i < cols) {
+          sv[u] = sr[i];
+          if (mr) kept[u] = mr[i] != 0;
+          if (on_t) tv[u] = tr[i];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kSelectUnroll; ++u) {
+        const int64_t i = base + u * kSelectThreads + tid;
+        unsigned dig = 0xffffffffu;  // not counted
+        if (i < cols) {
+          const unsigned long long a =
+              (static_cast<unsigned long long>(!kept[u]) << 32) | KeyOf<float>::desc(sv[u]);
+          if ((a & ma) == pa) {
+            if (!on_t) {
+              dig = static_cast<unsigned>(a >> shift) & digit_mask;
+            } else {
+              const unsigned t = KeyOf<float>::desc(tv[u]);
+              if ((t & mt) == pt) dig = (t >> shift) & 0xffu;
+            }
+          }
+        }
+        // One shared-memory atomic per distinct digit of the warp.
+        const unsigned peers = __match_any_sync(0xffffffffu, dig);
+        if (dig != 0xffffffffu && lane == __ffs(peers) - 1) atomicAdd(&hist[dig], static_cast<unsigned>(__popc(peers)));
+      }
+    }
+    __syncthreads();
+    if (tid < 32) {
+      unsigned local[8], sum = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        local[j] = hist[lane * 8 + j];
+        sum += local[j];
+      }
+      unsigned inc = sum;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const unsigned v = __shfl_up_sync(0xffffffffu, inc, off);
+        if (lane >= off) inc += v;
+      }
+      const unsigned before = inc - sum, need = static_cast<unsigned>(s_need);
+      if (before < need && need <= inc) {  // exactly one lane
+        unsigned c = before;
+        int d = lane * 8;
+        for (int j = 0; j < 8; ++j) {
+          if (c + local[j] >= need) {
+            d = lane * 8 + j;
+            break;
+          }
+          c += local[j];
+        }
+        const unsigned still = need - c;
+        if (!on_t) {
+          s_pa = pa | (static_cast<unsigned long long>(d) << shift);
+          s_ma = ma | (static_cast<unsigned long long>(digit_mask) << shift);
+        } else {
+          s_pt = pt | (static_cast<unsigned>(d) << shift);
+          s_mt = mt | (0xffu << shift);
+        }
+        s_need = static_cast<int>(still);
+        if (hist[d] == still) s_stop = 1;
+      }
+    }
+  }
+  __syncthreads();
+  // Entries before the found digits are all taken; those sharing them are all
+  // taken when they are exactly as many as needed, else (exact ties of the
+  // whole key) the first `need` by position.
+  const bool by_position = !s_stop;
+  const unsigned long long pa = s_pa, ma = s_ma;
+  const unsigned pt = s_pt, mt = s_mt;
+  const int need = s_need;
+  int group_seen = 0;
+  for (int64_t base = 0; base < cols; base += kSelectThreads) {
+    const int64_t i = base + tid;
+    int cls = 2;  // 0 before, 1 sharing the digits, 2 after
+    RankEntry v{0ull, 0ull};
+    if (i < cols) {
+      const bool masked = mr && !mr[i];
+      v.a = (static_cast<unsigned long long>(masked) << 32) | KeyOf<float>::desc(sr[i]);
+      const unsigned long long am = v.a & ma;
+      if (am <= pa) {
+        const unsigned t = tr ? KeyOf<float>::desc(tr[i]) : 0u;
+        v.b = (static_cast<unsigned long long>(t) << 32) | static_cast<unsigned long long>(i);
+        cls = am < pa ? 0 : ((t & mt) < pt ? 0 : ((t & mt) == pt ? 1 : 2));
+      }
+    }
+    bool take = cls == 0 || (cls == 1 && !by_position);
+    if (by_position) {
+      int rank = 0, total = 0;
+      BlockScan(scan_tmp).ExclusiveSum(cls == 1 ? 1 : 0, rank, total);
+      if (cls == 1 && group_seen + rank < need) take = true;
+      group_seen += total;
+      __syncthreads();  // scan_tmp is reused
+    }
+    if (take) e[atomicAdd(&s_count, 1)] = v;
+  }
+  __syncthreads();
+  for (int i = static_cast<int>(k) + tid; i < n2; i += blockDim.x) e[i] = RankEntry{~0ull, ~0ull};
+  __syncthreads();
+  bitonic_sort_shared(e, n2);
+  for (int64_t i = tid; i < k; i += blockDim.x) indices[row * k + i] = static_cast<int64_t>(e[i].b & 0xffffffffull);
+}
+
+void topk_select(const float* scores, const float* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols,
+                 int64_t k, int64_t* indices, cudaStream_t st) {
+  int n2 = 1;
+  while (n2 < k) n2 <<= 1;
+  const size_t smem = static_cast<size_t>(n2) * sizeof(RankEntry);
+  static const bool once = [] {
+    CD_CHECK(cudaFuncSetAttribute(topk_select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(kSelectMaxK * sizeof(RankEntry))));
+    return true;
+  }();
+  (void)once;
+  for (int64_t r0 = 0; r0 < rows; r0 += 65535 * 1024) {
+    const int64_t nr = std::min<int64_t>(rows - r0, 65535 * 1024);
+    topk_select_kernel<<<static_cast<unsigned>(nr), kSelectThreads, smem, st>>>(
         scores + r0 * cols, tiebreak ? tiebreak + r0 * cols : nullptr, mask ? mask + r0 * cols : nullptr, cols, k, n2,
         indices + r0 * k);
     CD_CHECK(cudaGetLastError());
@@ -1069,11 +1258,17 @@ void coor_descent_backward_cuda(const CoorDescentBackwardParams<T>& p, void* str
 
 template <typename T>
 void topk_tiebreak_cuda(const T* scores, const T* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols, int64_t k,
-                        int64_t* indices, void* stream, bool single_kernel) {
+                        int64_t* indices, void* stream, TopkCudaPath path) {
   if (rows == 0 || k == 0) return;
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   if constexpr (std::is_same_v<T, float>) {
-    if (single_kernel && cols <= cd_cuda::kBitonicMaxCols) {
+    // Positions travel in 32 bits.
+    const bool can_select = k <= cd_cuda::kSelectMaxK && cols < (int64_t(1) << 31);
+    if (can_select && path == TopkCudaPath::select) {
+      cd_cuda::topk_select(scores, tiebreak, mask, rows, cols, k, indices, st);
+      return;
+    }
+    if (path != TopkCudaPath::sorts && cols <= cd_cuda::kBitonicMaxCols) {
       cd_cuda::topk_bitonic(scores, tiebreak, mask, rows, cols, k, indices, st);
       return;
     }
@@ -1109,9 +1304,9 @@ template void coor_descent_forward_cuda<double>(const CoorDescentParams<double>&
 template void coor_descent_backward_cuda<float>(const CoorDescentBackwardParams<float>&, void*);
 template void coor_descent_backward_cuda<double>(const CoorDescentBackwardParams<double>&, void*);
 template void topk_tiebreak_cuda<float>(const float*, const float*, const uint8_t*, int64_t, int64_t, int64_t, int64_t*,
-                                        void*, bool);
+                                        void*, TopkCudaPath);
 template void topk_tiebreak_cuda<double>(const double*, const double*, const uint8_t*, int64_t, int64_t, int64_t,
-                                         int64_t*, void*, bool);
+                                         int64_t*, void*, TopkCudaPath);
 
 }  // namespace kernels
 }  // namespace colt5

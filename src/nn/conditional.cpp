@@ -2,7 +2,10 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
+#include <cmath>
 #include <string>
+#include <vector>
 
 #include "nn/attention_core.h"
 #include "nn/heavy_branch.h"
@@ -86,8 +89,9 @@ torch::Tensor heavy_routed_attention(CoordinateDescentRouterImpl& q_router, Coor
                                      const HeavyBranchInputs& in) {
   RouterOutput q = q_router.forward(in.queries, in.num_q, in.query_mask, in.random_route);
   const bool once = in.project_context_once;
-  RouterOutput kv = kv_router.forward(in.context, in.num_kv, in.context_mask, in.random_route, {},
-                                      /*keep_one_route_dim=*/once, /*gather_tokens=*/!once);
+  RouterOutput kv = route_prefix_views(kv_router, in.context, in.num_kv, in.context_mask, in.context_view_lengths,
+                                       in.context_view_groups, in.random_route, /*keep_one_route_dim=*/once,
+                                       /*gather_tokens=*/!once);
 
   std::pair<torch::Tensor, torch::Tensor> rotary;
   if (in.q_freqs.defined()) {
@@ -284,6 +288,7 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward(const torch:
   check_matches_module(m, x, heavy_attn->to_q->weight);
   const int64_t kq = token_count(m, "num_heavy_tokens_q", num_heavy_tokens_q, options.num_heavy_tokens_q());
   const int64_t kkv = token_count(m, "num_heavy_tokens_kv", num_heavy_tokens_kv, options.num_heavy_tokens_kv());
+  TORCH_CHECK(kv_route_groups >= 0, m, ": kv_route_groups must be 0 (by length) or positive, got ", kv_route_groups);
 
   torch::Tensor light_out = light_attn(x);
 
@@ -326,6 +331,10 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward(const torch:
   in.random_route = random_route;
   in.multiply_queries_by_score = options.multiply_queries_by_score();
   in.project_context_once = true;
+  // Window j's keys/values are the j * w positions before it: route the
+  // windows in groups over the prefixes they need (kv_route_groups).
+  for (int64_t v = 1; v < windows; ++v) in.context_view_lengths.push_back(v * w);
+  in.context_view_groups = kv_route_groups ? kv_route_groups : std::clamp<int64_t>(padded / 4096, 1, 8);
   if (rotary_emb) {
     torch::Tensor freqs = rotary_emb(padded);
     const int64_t dh = freqs.size(-1);

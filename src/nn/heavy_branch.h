@@ -11,10 +11,12 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "colt5/nn/attention.h"
 #include "colt5/nn/conditional.h"
 #include "colt5/nn/router.h"
+#include "nn/route_views.h"
 
 namespace colt5 {
 namespace nn {
@@ -38,6 +40,15 @@ struct HeavyBranchInputs {
   // projected rows of each routed set (the same math; cheaper when the
   // context is routed many times, as by the autoregressive module's windows).
   bool project_context_once = false;
+  // With a [b', views, m] context_mask whose view v is false from position
+  // context_view_lengths[v] on (non-decreasing lengths): the views are routed
+  // in context_view_groups groups of consecutive views, each over the
+  // context's prefix its longest view needs, rather than every view over the
+  // whole context. The same routing (masked positions take no part in it);
+  // the work of coordinate descent and top-k falls from views x m towards the
+  // sum of the lengths.
+  std::vector<int64_t> context_view_lengths;
+  int64_t context_view_groups = 1;
 };
 
 // The heavy output at every query position, [b, n, dim]: the routed queries'

@@ -2,11 +2,15 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
+#include <vector>
 
 #include "colt5/coor_descent.h"
 #include "kernels/coor_descent.h"
+#include "nn/route_views.h"
 
 #ifdef COLT5_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -193,11 +197,8 @@ RouterOutput route_all(const torch::Tensor& x, const torch::Tensor& mask, int64_
 }
 
 // The routing scores of each row (and block) against each routing token, in
-// float32 at least: [rows * r, len], with the matching flat mask (one copy per
-// view of a viewed mask; the scores are the same in every view).
-std::pair<torch::Tensor, torch::Tensor> routing_scores(const RouterOptions& o, const torch::Tensor& xs,
-                                                       const torch::Tensor& toks, const torch::Tensor& ms,
-                                                       int64_t views) {
+// float32 at least: [rows, r, len].
+torch::Tensor routing_scores(const RouterOptions& o, const torch::Tensor& xs, const torch::Tensor& toks) {
   const int64_t rows = xs.size(0), len = xs.size(1), r = o.num_routing_tokens();
   torch::Tensor s;
   if (routing_dot_applies(xs, toks)) {
@@ -225,25 +226,36 @@ std::pair<torch::Tensor, torch::Tensor> routing_scores(const RouterOptions& o, c
   }
   // Routing math (coordinate descent, the top-k and its tie-break) in float32 at least.
   if (s.scalar_type() == torch::kHalf || s.scalar_type() == torch::kBFloat16) s = s.to(torch::kFloat32);
+  return s;
+}
+
+// Scores [rows, r, len] and mask as flat rows [rows * views * r, len] (one
+// copy per view of a viewed mask [rows, views, len]; the scores are the same
+// in every view).
+std::pair<torch::Tensor, torch::Tensor> flat_rows(const torch::Tensor& s, const torch::Tensor& ms, int64_t views) {
+  const int64_t rows = s.size(0), r = s.size(1), len = s.size(2);
   torch::Tensor mflat;
   if (views > 1 || (ms.defined() && ms.dim() == 3)) {
-    s = s.unsqueeze(1).expand({rows, views, r, len}).reshape({rows * views * r, len});
-    mflat = ms.unsqueeze(2).expand({rows, views, r, len}).reshape({rows * views * r, len});
-  } else {
-    s = s.reshape({rows * r, len});
-    if (ms.defined()) mflat = ms.reshape({rows, len}).unsqueeze(1).expand({rows, r, len}).reshape({rows * r, len});
+    return {s.unsqueeze(1).expand({rows, views, r, len}).reshape({rows * views * r, len}),
+            ms.unsqueeze(2).expand({rows, views, r, len}).reshape({rows * views * r, len})};
   }
-  return {s, mflat};
+  if (ms.defined()) mflat = ms.reshape({rows, len}).unsqueeze(1).expand({rows, r, len}).reshape({rows * r, len});
+  return {s.reshape({rows * r, len}), mflat};
 }
 
 }  // namespace
 
-RouterOutput CoordinateDescentRouterImpl::forward(const torch::Tensor& x, int64_t num_tokens, const torch::Tensor& mask,
-                                                  bool random_route, const torch::Tensor& routing_tokens,
-                                                  bool keep_one_route_dim, bool gather_tokens) {
-  const auto& o = options;
+namespace {
+
+// forward(), with the views of a viewed mask optionally routed in groups over
+// the prefixes they need (route_prefix_views).
+RouterOutput route_impl(CoordinateDescentRouterImpl& self, const torch::Tensor& x, int64_t num_tokens,
+                        const torch::Tensor& mask, bool random_route, const torch::Tensor& routing_tokens,
+                        bool keep_one_route_dim, bool gather_tokens, const std::vector<int64_t>* view_lengths,
+                        int64_t groups) {
+  const auto& o = self.options;
   check_router_input(o, x, num_tokens, mask);
-  const torch::Tensor tokens = routing_tokens_of(o, routing_token, routing_tokens, x);
+  const torch::Tensor tokens = routing_tokens_of(o, self.routing_token, routing_tokens, x);
   const int64_t r = o.num_routing_tokens();
   const int64_t b = x.size(0), n = x.size(1), d = x.size(2);
   const bool has_route_dim = keep_one_route_dim || r != 1;
@@ -270,7 +282,7 @@ RouterOutput CoordinateDescentRouterImpl::forward(const torch::Tensor& x, int64_
     if (toks.dim() == 3) toks = toks.repeat_interleave(num_blocks, 0);
     len = w;
   }
-  auto [s, mflat] = routing_scores(o, xs, toks, ms, views);
+  const torch::Tensor s_rows = routing_scores(o, xs, toks);  // [b * num_blocks, r, len]
 
   const double effective_k = std::min(static_cast<double>(k) * o.fetch_k_ratio(), static_cast<double>(len));
   auto cd = CoorDescentOptions()
@@ -279,19 +291,47 @@ RouterOutput CoordinateDescentRouterImpl::forward(const torch::Tensor& x, int64_
                 .eps_init(o.eps_init())
                 .eps_decay(o.eps_decay())
                 .checkpoint_segments(o.checkpoint_segments());
-  torch::Tensor scores = coor_descent(s, effective_k, cd, mflat);
+  // Flat rows of scores and mask -> the indices of the k routed and their scores.
+  auto route_rows = [&](const torch::Tensor& s, const torch::Tensor& mflat) -> std::pair<torch::Tensor, torch::Tensor> {
+    torch::Tensor scores = coor_descent(s, effective_k, cd, mflat);
+    if (random_route) {
+      scores = torch::randn_like(scores);
+      if (mflat.defined()) scores = scores.masked_fill(~mflat, -std::numeric_limits<double>::max());
+    }
+    // Saturated scores tie; the raw routing score breaks the tie (then position).
+    torch::Tensor idx = topk_indices(scores.detach(), k, s.detach(), mflat);
+    torch::Tensor sel = scores.gather(-1, idx);
+    if (o.straight_through()) {
+      sel = sel + (1.0 - sel).detach();
+      if (mflat.defined()) sel = sel.masked_fill(~mflat.gather(-1, idx), 0.0);
+    }
+    return {idx, sel};
+  };
 
-  if (random_route) {
-    scores = torch::randn_like(scores);
-    if (mflat.defined()) scores = scores.masked_fill(~mflat, -std::numeric_limits<double>::max());
-  }
-
-  // Saturated scores tie; the raw routing score breaks the tie (then position).
-  torch::Tensor indices = topk_indices(scores.detach(), k, s.detach(), mflat);
-  torch::Tensor selected = scores.gather(-1, indices);
-  if (o.straight_through()) {
-    selected = selected + (1.0 - selected).detach();
-    if (mflat.defined()) selected = selected.masked_fill(~mflat.gather(-1, indices), 0.0);
+  // Views whose masks are prefixes, in groups over the prefix each group
+  // needs: at least enough positions that coordinate descent's k and the
+  // top-k's are those of the whole (masked positions take no part).
+  const int64_t min_len = std::max<int64_t>(k + 1, static_cast<int64_t>(std::ceil(effective_k)));
+  const bool grouped = view_lengths && groups > 1 && viewed && views >= 2 && !o.route_block_size() &&
+                       static_cast<int64_t>(view_lengths->size()) == views && len > min_len;
+  torch::Tensor indices, selected;
+  if (!grouped) {
+    auto [s, mflat] = flat_rows(s_rows, ms, views);
+    std::tie(indices, selected) = route_rows(s, mflat);
+  } else {
+    groups = std::min(groups, views);
+    std::vector<torch::Tensor> idx_parts, sel_parts;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t v0 = views * g / groups, v1 = views * (g + 1) / groups;
+      const int64_t len_g = std::min(len, std::max(min_len, (*view_lengths)[v1 - 1]));
+      auto [s, mflat] = flat_rows(s_rows.narrow(2, 0, len_g), ms.narrow(1, v0, v1 - v0).narrow(2, 0, len_g), v1 - v0);
+      auto [idx, sel] = route_rows(s, mflat);
+      // Rows are (batch row, view, route): each group's views in their place.
+      idx_parts.push_back(idx.view({b, (v1 - v0) * r, k}));
+      sel_parts.push_back(sel.view({b, (v1 - v0) * r, k}));
+    }
+    indices = torch::cat(idx_parts, 1).view({b_out * r, k});
+    selected = torch::cat(sel_parts, 1).view({b_out * r, k});
   }
 
   // [rows * r, k] -> [b, (r,) num_blocks * k], with whole-sequence indices.
@@ -322,6 +362,23 @@ RouterOutput CoordinateDescentRouterImpl::forward(const torch::Tensor& x, int64_
     out.routed_mask = gather_rows(mask.reshape({b_out, n}), indices);
   }
   return out;
+}
+
+}  // namespace
+
+RouterOutput CoordinateDescentRouterImpl::forward(const torch::Tensor& x, int64_t num_tokens, const torch::Tensor& mask,
+                                                  bool random_route, const torch::Tensor& routing_tokens,
+                                                  bool keep_one_route_dim, bool gather_tokens) {
+  return route_impl(*this, x, num_tokens, mask, random_route, routing_tokens, keep_one_route_dim, gather_tokens,
+                    nullptr, 1);
+}
+
+RouterOutput route_prefix_views(CoordinateDescentRouterImpl& router, const torch::Tensor& x, int64_t num_tokens,
+                                const torch::Tensor& mask, const std::vector<int64_t>& lengths, int64_t groups,
+                                bool random_route, bool keep_one_route_dim, bool gather_tokens) {
+  TORCH_CHECK(groups >= 1, "route_prefix_views: groups must be positive, got ", groups);
+  return route_impl(router, x, num_tokens, mask, random_route, {}, keep_one_route_dim, gather_tokens, &lengths,
+                    groups);
 }
 
 torch::Tensor CoordinateDescentRouterImpl::route_back(const torch::Tensor& src, const torch::Tensor& routed_tokens,

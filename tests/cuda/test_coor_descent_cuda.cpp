@@ -1,6 +1,7 @@
 // CUDA coordinate descent and top-k against the CPU float64 path, through the
 // public API, on fresh random inputs (the seed is printed on failure).
 #include <gtest/gtest.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <torch/torch.h>
 
 #include <cmath>
@@ -10,6 +11,7 @@
 #include <vector>
 
 #include "colt5/coor_descent.h"
+#include "kernels/coor_descent.h"
 #include "support/support.h"
 
 using colt5::testing::norm_rel_error;
@@ -331,6 +333,60 @@ TEST(CoorDescentCuda, TopkManyLongRows) {
     check_topk(sc, k, tb, mask);
     check_topk(sc, k, {}, mask);
     check_topk(sc.to(torch::kBFloat16), shape.second, tb.to(torch::kBFloat16), mask);
+  }
+}
+
+// Every path of the kernel (selection, bitonic sort, radix sorts) gives the
+// CPU's indices: short and long rows, k from 1 to 8192, ties in the scores
+// and in the tiebreak, exact ties of the whole key, masks with fully masked
+// rows, no tiebreak.
+TEST(CoorDescentCuda, TopkEveryPathMatchesTheCpu) {
+  using colt5::kernels::TopkCudaPath;
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(seed);
+  torch::manual_seed(seed);
+  struct Shape {
+    int64_t rows, cols, k;
+  };
+  const Shape shapes[] = {{16, 131072, 128}, {2, 8192, 2048}, {252, 8192, 1024}, {126, 128, 32}, {3, 300000, 8192},
+                          {5, 20000, 1},     {7, 33, 9},      {4, 4096, 4096},   {1, 1, 1},       {9, 5000, 1250}};
+  auto o = torch::TensorOptions().device(cuda());
+  for (const Shape& sh : shapes) {
+    SCOPED_TRACE(std::to_string(sh.rows) + "x" + std::to_string(sh.cols) + " k " + std::to_string(sh.k));
+    const torch::Tensor uniform = torch::rand({sh.rows, sh.cols}, o);
+    const torch::Tensor coarse = torch::round(torch::randn({sh.rows, sh.cols}, o) * 4) / 4;  // many ties
+    const torch::Tensor flat = torch::zeros({sh.rows, sh.cols}, o);                          // all tie
+    const torch::Tensor tb = torch::randn({sh.rows, sh.cols}, o);
+    const torch::Tensor tb_coarse = torch::round(tb);  // ties left to the position
+    torch::Tensor mask = torch::rand({sh.rows, sh.cols}, o) < 0.6;
+    mask.index_put_({0}, false);  // a fully masked row
+    struct Input {
+      const char* name;
+      torch::Tensor s, t, m;
+    };
+    const Input inputs[] = {{"uniform, tiebreak", uniform, tb, {}},
+                            {"uniform, no tiebreak, mask", uniform, {}, mask},
+                            {"coarse, coarse tiebreak, mask", coarse, tb_coarse, mask},
+                            {"coarse, no tiebreak", coarse, {}, {}},
+                            {"all equal, coarse tiebreak", flat, tb_coarse, {}},
+                            {"all equal, no tiebreak, mask", flat, {}, mask}};
+    for (const Input& in : inputs) {
+      SCOPED_TRACE(in.name);
+      const torch::Tensor ref = colt5::topk_indices(in.s.cpu(), sh.k, in.t.defined() ? in.t.cpu() : torch::Tensor(),
+                                                    in.m.defined() ? in.m.cpu() : torch::Tensor());
+      const torch::Tensor m8 = in.m.defined() ? in.m.contiguous().view(torch::kByte) : torch::Tensor();
+      for (TopkCudaPath path :
+           {TopkCudaPath::automatic, TopkCudaPath::select, TopkCudaPath::bitonic, TopkCudaPath::sorts}) {
+        SCOPED_TRACE(static_cast<int>(path));
+        torch::Tensor got = torch::full({sh.rows, sh.k}, -1, o.dtype(torch::kLong));
+        colt5::kernels::topk_tiebreak_cuda<float>(
+            in.s.data_ptr<float>(), in.t.defined() ? in.t.data_ptr<float>() : nullptr,
+            m8.defined() ? m8.data_ptr<uint8_t>() : nullptr, sh.rows, sh.cols, sh.k, got.data_ptr<int64_t>(),
+            at::cuda::getCurrentCUDAStream().stream(), path);
+        got = got.cpu();
+        ASSERT_TRUE(torch::equal(got, ref)) << "first difference at " << (got != ref).nonzero().slice(0, 0, 1);
+      }
+    }
   }
 }
 

@@ -216,6 +216,12 @@ class ConditionalRoutedAutoregressiveAttentionImpl
   CoordinateDescentRouter kv_router{nullptr};
   Attention heavy_attn{nullptr};
   RotaryEmbedding rotary_emb{nullptr};
+  // How many groups of consecutive windows the kv router routes separately,
+  // each over the prefix of the sequence its windows see (rather than every
+  // window over the whole sequence, masked): 0 picks one group per 4096
+  // positions, at most 8. Every value gives the same output; more groups do
+  // less routing work (towards half) in more launches. Not saved.
+  int64_t kv_route_groups = 0;
 };
 TORCH_MODULE(ConditionalRoutedAutoregressiveAttention);
 
