@@ -31,6 +31,7 @@
 #include "colt5/nn/image.h"
 #include "kernels/coor_descent.h"
 #include "nn/attention_core.h"
+#include "nn/route_views.h"
 
 #ifdef COLT5_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -390,6 +391,17 @@ void profile_autoregressive(ConditionalRoutedAutoregressiveAttentionImpl& m, con
     RouterOutput ro = m.kv_router->forward(xp, kkv, kv_mask, false, {}, true, false);
     return ro.scores;
   }));
+  {
+    std::vector<int64_t> view_lengths;
+    for (int64_t v = 1; v < windows; ++v) view_lengths.push_back(v * w);
+    for (int64_t groups : {2, 4, 8}) {
+      ph.push_back(phase("  (the same in " + std::to_string(groups) + " groups over their prefixes)", [&, view_lengths,
+                                                                                                   groups] {
+        return colt5::nn::route_prefix_views(*m.kv_router, xp, kkv, kv_mask, view_lengths, groups, false, true, false)
+            .scores;
+      }));
+    }
+  }
   // The kv router's top-k on rows of its shape (one row per window, route and
   // batch row; random scores, the windows' prefix mask): one kernel per row
   // against the radix sorts it replaced, and the q router's short rows.
@@ -613,6 +625,27 @@ int main(int argc, char** argv) {
       const double dn = dense_ms(2, 8, n, n, true, true);
       row(name, "fwd+bwd", fb, dn, note);
       row(name, "graph", time_graph(step), dn, "fwd+bwd replayed from a CUDA graph");
+      double diff = 0;
+      {
+        // The kv router's windows all over the whole sequence (kv_route_groups
+        // 1) against the default groups over their prefixes: the same routing
+        // (a flip at the top-k boundary from summation order aside).
+        torch::NoGradGuard g;
+        Autocast ac(true);
+        const torch::Tensor grouped = attn->forward(x);
+        attn->kv_route_groups = 1;
+        diff = rel_norm(attn->forward(x), grouped);
+        attn->kv_route_groups = 0;
+        if (!(diff < 0.1)) {
+          std::fprintf(stderr, "%s: kv routed in groups differs from whole by %.3g\n", name.c_str(), diff);
+          return 1;
+        }
+      }
+      attn->kv_route_groups = 1;
+      char kv_note[96];
+      std::snprintf(kv_note, sizeof kv_note, "every window's kv routed over the whole sequence; vs groups %.1e", diff);
+      row(name + ", kv whole", "fwd+bwd", time_cuda(step), dn, kv_note);
+      attn->kv_route_groups = 0;
       if (n == 8192) {
         row("autoregressive 2x8192x512, fp32", "fwd+bwd", time_cuda([&] { attn->forward(xg).sum().backward(); }), -1,
             "");
