@@ -93,9 +93,7 @@ int main(int argc, char** argv) {
       const double fb = median_ms(runs, [&] { ar(xg).sum().backward(); });
       if (groups == 1) whole_fb = fb;
       const std::string what = groups == 1   ? "whole sequence"
-                               : groups == 0 ? "groups (default: " + std::to_string(std::clamp<int64_t>(
-                                                                         (n + 127) / 128 * 128 / 4096, 1, 8)) +
-                                                   ")"
+                               : groups == 0 ? "groups (the default)"
                                              : std::to_string(groups) + " groups";
       std::printf("%-8lld %-22s %10.1f %12.1f %9.2fx\n", (long long)n, what.c_str(), fwd, fb, fb / whole_fb);
       std::fflush(stdout);

@@ -979,6 +979,18 @@ __device__ __forceinline__ bool rank_less(const RankEntry& x, const RankEntry& y
   return x.a < y.a || (x.a == y.a && x.b < y.b);
 }
 
+// The (mask, score) half of an entry's rank: kept before masked, then score
+// descending.
+__device__ __forceinline__ unsigned long long rank_key(float score, bool kept) {
+  return (static_cast<unsigned long long>(!kept) << 32) | KeyOf<float>::desc(score);
+}
+
+// Entry i of a row (its scores, tiebreak and mask, the last two optional).
+__device__ __forceinline__ RankEntry rank_entry(const float* sr, const float* tr, const uint8_t* mr, int64_t i) {
+  const unsigned long long tb = tr ? KeyOf<float>::desc(tr[i]) : 0ull;
+  return RankEntry{rank_key(sr[i], !mr || mr[i]), (tb << 32) | static_cast<unsigned long long>(i)};
+}
+
 // Sorts n2 (a power of two) entries in shared memory, ascending; every thread
 // of the block takes part. Ends with the block synchronized.
 __device__ void bitonic_sort_shared(RankEntry* e, int n2) {
@@ -1007,44 +1019,51 @@ __global__ void __launch_bounds__(kBitonicThreads)
   RankEntry* e = reinterpret_cast<RankEntry*>(bitonic_smem);
   const int64_t row = blockIdx.x;
   const float* sr = scores + row * cols;
-  for (int i = threadIdx.x; i < n2; i += blockDim.x) {
-    RankEntry v;
-    if (i < cols) {
-      const bool masked = mask && !mask[row * cols + i];
-      v.a = (static_cast<unsigned long long>(masked) << 32) | KeyOf<float>::desc(sr[i]);
-      const unsigned long long tb = tiebreak ? KeyOf<float>::desc(tiebreak[row * cols + i]) : 0ull;
-      v.b = (tb << 32) | static_cast<unsigned long long>(i);
-    } else {  // padding: after every real entry
-      v.a = ~0ull;
-      v.b = ~0ull;
-    }
-    e[i] = v;
-  }
+  const float* tr = tiebreak ? tiebreak + row * cols : nullptr;
+  const uint8_t* mr = mask ? mask + row * cols : nullptr;
+  for (int i = threadIdx.x; i < n2; i += blockDim.x)  // padding after every real entry
+    e[i] = i < cols ? rank_entry(sr, tr, mr, i) : RankEntry{~0ull, ~0ull};
   __syncthreads();
   bitonic_sort_shared(e, n2);
   for (int64_t i = threadIdx.x; i < k; i += blockDim.x)
     indices[row * k + i] = static_cast<int64_t>(e[i].b & 0xffffffffull);
 }
 
-void topk_bitonic(const float* scores, const float* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols,
-                  int64_t k, int64_t* indices, cudaStream_t st) {
-  int n2 = 1;
-  while (n2 < cols) n2 <<= 1;
-  const size_t smem = static_cast<size_t>(n2) * sizeof(RankEntry);
+using RowTopkKernel = void (*)(const float*, const float*, const uint8_t*, int64_t, int64_t, int, int64_t*);
+
+// One block per row of `Kernel` (topk_bitonic_kernel, topk_select_kernel),
+// with n2 entries of shared memory (at most kBitonicMaxCols).
+template <RowTopkKernel Kernel>
+void launch_row_topk(int threads, int n2, const float* scores, const float* tiebreak, const uint8_t* mask,
+                     int64_t rows, int64_t cols, int64_t k, int64_t* indices, cudaStream_t st) {
   static const bool once = [] {
-    CD_CHECK(cudaFuncSetAttribute(topk_bitonic_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    CD_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(kBitonicMaxCols * sizeof(RankEntry))));
     return true;
   }();
   (void)once;
-  const int threads = static_cast<int>(std::min<int64_t>(kBitonicThreads, std::max(32, n2 / 2)));
+  const size_t smem = static_cast<size_t>(n2) * sizeof(RankEntry);
   for (int64_t r0 = 0; r0 < rows; r0 += 65535 * 1024) {  // grid x is far larger; one launch in practice
     const int64_t nr = std::min<int64_t>(rows - r0, 65535 * 1024);
-    topk_bitonic_kernel<<<static_cast<unsigned>(nr), threads, smem, st>>>(
-        scores + r0 * cols, tiebreak ? tiebreak + r0 * cols : nullptr, mask ? mask + r0 * cols : nullptr, cols, k, n2,
-        indices + r0 * k);
+    Kernel<<<static_cast<unsigned>(nr), threads, smem, st>>>(scores + r0 * cols,
+                                                             tiebreak ? tiebreak + r0 * cols : nullptr,
+                                                             mask ? mask + r0 * cols : nullptr, cols, k, n2,
+                                                             indices + r0 * k);
     CD_CHECK(cudaGetLastError());
   }
+}
+
+int pow2_at_least(int64_t n) {
+  int n2 = 1;
+  while (n2 < n) n2 <<= 1;
+  return n2;
+}
+
+void topk_bitonic(const float* scores, const float* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols,
+                  int64_t k, int64_t* indices, cudaStream_t st) {
+  const int n2 = pow2_at_least(cols);
+  const int threads = static_cast<int>(std::min<int64_t>(kBitonicThreads, std::max(32, n2 / 2)));
+  launch_row_topk<topk_bitonic_kernel>(threads, n2, scores, tiebreak, mask, rows, cols, k, indices, st);
 }
 
 // Top-k by selection, for k well below the row length: a block per row finds
@@ -1055,7 +1074,7 @@ void topk_bitonic(const float* scores, const float* tiebreak, const uint8_t* mas
 // (exact ties of the whole key by position) and sorts them in shared memory.
 // The same order as the sorts.
 constexpr int kSelectThreads = 1024;
-constexpr int64_t kSelectMaxK = kBitonicMaxCols;
+constexpr int64_t kSelectMaxK = kBitonicMaxCols;  // its k entries sort in shared memory
 constexpr int kSelectUnroll = 8;
 
 __global__ void __launch_bounds__(kSelectThreads)
@@ -1115,8 +1134,7 @@ __global__ void __launch_bounds__(kSelectThreads)
         const int64_t i = base + u * kSelectThreads + tid;
         unsigned dig = 0xffffffffu;  // not counted
         if (i < cols) {
-          const unsigned long long a =
-              (static_cast<unsigned long long>(!kept[u]) << 32) | KeyOf<float>::desc(sv[u]);
+          const unsigned long long a = rank_key(sv[u], kept[u]);
           if ((a & ma) == pa) {
             if (!on_t) {
               dig = static_cast<unsigned>(a >> shift) & digit_mask;
@@ -1183,13 +1201,11 @@ __global__ void __launch_bounds__(kSelectThreads)
     int cls = 2;  // 0 before, 1 sharing the digits, 2 after
     RankEntry v{0ull, 0ull};
     if (i < cols) {
-      const bool masked = mr && !mr[i];
-      v.a = (static_cast<unsigned long long>(masked) << 32) | KeyOf<float>::desc(sr[i]);
-      const unsigned long long am = v.a & ma;
-      if (am <= pa) {
-        const unsigned t = tr ? KeyOf<float>::desc(tr[i]) : 0u;
-        v.b = (static_cast<unsigned long long>(t) << 32) | static_cast<unsigned long long>(i);
-        cls = am < pa ? 0 : ((t & mt) < pt ? 0 : ((t & mt) == pt ? 1 : 2));
+      const unsigned long long am = rank_key(sr[i], !mr || mr[i]) & ma;
+      if (am <= pa) {  // the tiebreak is read only here
+        v = rank_entry(sr, tr, mr, i);
+        const unsigned tm = static_cast<unsigned>(v.b >> 32) & mt;
+        cls = am < pa ? 0 : (tm < pt ? 0 : (tm == pt ? 1 : 2));
       }
     }
     bool take = cls == 0 || (cls == 1 && !by_position);
@@ -1211,22 +1227,8 @@ __global__ void __launch_bounds__(kSelectThreads)
 
 void topk_select(const float* scores, const float* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols,
                  int64_t k, int64_t* indices, cudaStream_t st) {
-  int n2 = 1;
-  while (n2 < k) n2 <<= 1;
-  const size_t smem = static_cast<size_t>(n2) * sizeof(RankEntry);
-  static const bool once = [] {
-    CD_CHECK(cudaFuncSetAttribute(topk_select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(kSelectMaxK * sizeof(RankEntry))));
-    return true;
-  }();
-  (void)once;
-  for (int64_t r0 = 0; r0 < rows; r0 += 65535 * 1024) {
-    const int64_t nr = std::min<int64_t>(rows - r0, 65535 * 1024);
-    topk_select_kernel<<<static_cast<unsigned>(nr), kSelectThreads, smem, st>>>(
-        scores + r0 * cols, tiebreak ? tiebreak + r0 * cols : nullptr, mask ? mask + r0 * cols : nullptr, cols, k, n2,
-        indices + r0 * k);
-    CD_CHECK(cudaGetLastError());
-  }
+  launch_row_topk<topk_select_kernel>(kSelectThreads, pow2_at_least(k), scores, tiebreak, mask, rows, cols, k, indices,
+                                      st);
 }
 
 template <typename T>

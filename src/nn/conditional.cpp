@@ -9,6 +9,7 @@
 
 #include "nn/attention_core.h"
 #include "nn/heavy_branch.h"
+#include "nn/route_views.h"
 
 namespace colt5 {
 namespace nn {

@@ -16,7 +16,6 @@
 #include "colt5/nn/attention.h"
 #include "colt5/nn/conditional.h"
 #include "colt5/nn/router.h"
-#include "nn/route_views.h"
 
 namespace colt5 {
 namespace nn {
