@@ -14,8 +14,7 @@
 // input before it is timed.
 // The block and the autoregressive module are also timed as a training step
 // replayed from a CUDA graph (no host launch overhead).
-// Flags: --quick (8k and 32k only), --no-profile, --only block|autoregressive|cross|image.
-// Flags: --quick (fewer shapes), --no-profile.
+// Flags: --quick (8k and 32k only), --no-profile, --only block|autoregressive|cross|topk|image.
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -497,12 +496,13 @@ int main(int argc, char** argv) {
       profile = false;
     } else if (!std::strcmp(argv[i], "--only") && i + 1 < argc &&
                (!std::strcmp(argv[i + 1], "block") || !std::strcmp(argv[i + 1], "autoregressive") ||
-                !std::strcmp(argv[i + 1], "cross") || !std::strcmp(argv[i + 1], "image"))) {
+                !std::strcmp(argv[i + 1], "cross") || !std::strcmp(argv[i + 1], "topk") ||
+                !std::strcmp(argv[i + 1], "image"))) {
       only = argv[++i];
     } else {
       std::fprintf(stderr,
                    "bench_modules_cuda: unknown argument %s (flags: --quick, --no-profile, --only "
-                   "block|autoregressive|cross|image)\n",
+                   "block|autoregressive|cross|topk|image)\n",
                    argv[i]);
       return 2;
     }
@@ -641,10 +641,23 @@ int main(int argc, char** argv) {
           return 1;
         }
       }
-      attn->kv_route_groups = 1;
-      char kv_note[96];
-      std::snprintf(kv_note, sizeof kv_note, "every window's kv routed over the whole sequence; vs groups %.1e", diff);
-      row(name + ", kv whole", "fwd+bwd", time_cuda(step), dn, kv_note);
+      // The kv router's windows in 1 (the whole sequence), 2, 4 and 8 groups
+      // over their prefixes, eager and from a graph.
+      for (int64_t groups : {1, 2, 4, 8}) {
+        attn->kv_route_groups = groups;
+        char kv_note[96];
+        std::snprintf(kv_note, sizeof kv_note, "kv_route_groups %lld%s", static_cast<long long>(groups),
+                      groups == 1 ? " (whole sequence); vs default " : "");
+        std::string note_g = kv_note;
+        if (groups == 1) {
+          char d[16];
+          std::snprintf(d, sizeof d, "%.1e", diff);
+          note_g += d;
+        }
+        const std::string name_g = name + ", kv in " + std::to_string(groups) + " group" + (groups > 1 ? "s" : "");
+        row(name_g, "fwd+bwd", time_cuda(step), dn, note_g);
+        row(name_g, "graph", time_graph(step), dn, "");
+      }
       attn->kv_route_groups = 0;
       if (n == 8192) {
         row("autoregressive 2x8192x512, fp32", "fwd+bwd", time_cuda([&] { attn->forward(xg).sum().backward(); }), -1,
@@ -689,21 +702,40 @@ int main(int argc, char** argv) {
           }),
           dn, note);
     }
-    // The router's top-k on its shape (16 rows of 131072: 8 blocks of memories
-    // x 2 routes; 128 per row): selection against the device-wide radix sorts.
-    {
-      using colt5::kernels::TopkCudaPath;
-      torch::Tensor sc = torch::rand({16, 131072}, f32), tb = torch::randn({16, 131072}, f32);
-      torch::Tensor a = topk_by(sc, tb, {}, 128, TopkCudaPath::select);
-      torch::Tensor b = topk_by(sc, tb, {}, 128, TopkCudaPath::sorts);
-      if (!torch::equal(a, b)) {
-        std::fprintf(stderr, "cross: top-k by selection differs from the radix sorts\n");
-        return 1;
+  }
+
+  // ------------------------------------------------ top-k by path
+  // The routers' top-k on the modules' shapes, by each path of
+  // topk_tiebreak_cuda (automatic is the selection where k <= 8192); each
+  // checked against the radix sorts before it is timed.
+  if (want("topk")) {
+    using colt5::kernels::TopkCudaPath;
+    struct Shape {
+      const char* what;
+      int64_t rows, cols, k;
+      bool masked;
+    };
+    const Shape shapes[] = {{"block router 2x8192", 2, 8192, 1024, false},
+                            {"block router 2x32768", 2, 32768, 1024, false},
+                            {"block router 2x262144", 2, 262144, 1024, false},
+                            {"autoregr. kv 252x8192 (8k)", 252, 8192, 1024, true},
+                            {"autoregr. kv 1020x32768 (32k)", 1020, 32768, 1024, true},
+                            {"cross router 16x131072", 16, 131072, 128, false}};
+    for (const Shape& sh : shapes) {
+      torch::Tensor sc = torch::rand({sh.rows, sh.cols}, f32), tb = torch::randn({sh.rows, sh.cols}, f32);
+      torch::Tensor m8;
+      if (sh.masked) m8 = (torch::rand({sh.rows, sh.cols}, f32) < 0.5).contiguous().view(torch::kByte);
+      const torch::Tensor want_idx = topk_by(sc, tb, m8, sh.k, TopkCudaPath::sorts);
+      for (TopkCudaPath path : {TopkCudaPath::select, TopkCudaPath::bitonic, TopkCudaPath::sorts}) {
+        if (path == TopkCudaPath::bitonic && sh.cols > 8192) continue;
+        if (!torch::equal(topk_by(sc, tb, m8, sh.k, path), want_idx)) {
+          std::fprintf(stderr, "top-k %s: path %d differs from the radix sorts\n", sh.what, static_cast<int>(path));
+          return 1;
+        }
+        const char* pname = path == TopkCudaPath::select ? "select" : path == TopkCudaPath::bitonic ? "bitonic" : "sorts";
+        row(std::string("  top-k ") + sh.what + ", k " + std::to_string(sh.k) + ": " + pname, "fwd",
+            time_cuda([&] { topk_by(sc, tb, m8, sh.k, path); }), -1, "");
       }
-      row("  cross router top-k 16x131072, k 128: select", "fwd",
-          time_cuda([&] { topk_by(sc, tb, {}, 128, TopkCudaPath::select); }), -1, "");
-      row("  (the same by radix sorts)", "fwd", time_cuda([&] { topk_by(sc, tb, {}, 128, TopkCudaPath::sorts); }), -1,
-          "");
     }
   }
 

@@ -320,18 +320,23 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
     torch::Tensor additive = key_hidden.defined()
                                  ? torch::where(hidden, fill_t, torch::where(key_hidden, fill_t, zero_t))
                                  : torch::where(hidden, fill_t, zero_t);
+    // A query that sees nothing: the reference's softmax over equal values is
+    // a uniform average of the look-around, and no gradient reaches q or k.
+    // Inside the kernel such a query sees every key instead: with all hidden,
+    // a kernel's backward can give NaN (float16 through cuDNN, measured), which
+    // no zero upstream gradient cancels. Its average is put in place after.
+    torch::Tensor blind;
+    if (mask_in.defined()) {
+      blind = blind_queries(mask_p, ws, back, fwd, options.causal(), options.exact_windowsize())
+                  .view({mask_p.size(0), 1, n})
+                  .expand({mask_p.size(0), heads_per_mask, n})
+                  .reshape({B, windows, ws, 1});
+      additive = torch::where(blind, zero_t, additive);
+    }
     const double sdpa_scale = rel_pos ? 1.0 : scale;
     if (rel_pos) bq = bq * scale;
     out = at::scaled_dot_product_attention(bq, bk, bv, additive, 0.0, false, sdpa_scale);
-    if (mask_in.defined()) {
-      // A query that sees nothing: the reference's softmax over equal values is
-      // a uniform average of the look-around, and no gradient reaches q or k.
-      auto blind = blind_queries(mask_p, ws, back, fwd, options.causal(), options.exact_windowsize())
-                       .view({mask_p.size(0), 1, n})
-                       .expand({mask_p.size(0), heads_per_mask, n})
-                       .reshape({B, windows, ws, 1});
-      out = torch::where(blind, bv.mean(-2, /*keepdim=*/true), out);
-    }
+    if (blind.defined()) out = torch::where(blind, bv.mean(-2, /*keepdim=*/true), out);
     out = out.reshape({B, n, d});
   }
 #endif

@@ -219,8 +219,9 @@ class ConditionalRoutedAutoregressiveAttentionImpl
   // How many groups of consecutive windows the kv router routes separately,
   // each over the prefix of the sequence its windows see (rather than every
   // window over the whole sequence, masked): 0 picks one group per 4096
-  // positions, at most 8. Every value gives the same output; more groups do
-  // less routing work (towards half) in more launches. Not saved.
+  // positions on the CPU, per 8192 on CUDA (where each group's launches cost
+  // more), at most 8. Every value gives the same output; more groups do less
+  // routing work (towards half) in more launches. Not saved.
   int64_t kv_route_groups = 0;
 };
 TORCH_MODULE(ConditionalRoutedAutoregressiveAttention);
