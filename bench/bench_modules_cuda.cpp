@@ -289,6 +289,84 @@ void local_mha_phases(std::vector<Phase>& ph, LocalMHAImpl& la, const torch::Ten
   ph.push_back(phase("  of which: output projection", [&] { return la.to_out->forward(o); }));
 }
 
+// The block's local attention core (with and without the padding mask) and
+// dense attention of the same length under each SDPA backend alone: LibTorch
+// picks one by priority; this shows what each would cost (fwd+bwd, bf16).
+void sdpa_backends(LocalMHAImpl& la, const torch::Tensor& x, const torch::Tensor& mask) {
+  auto& ctx = at::globalContext();
+  const bool f0 = ctx.userEnabledFlashSDP(), e0 = ctx.userEnabledMemEfficientSDP(), c0 = ctx.userEnabledCuDNNSDP(),
+             m0 = ctx.userEnabledMathSDP(), a0 = ctx.userEnabledFA3SDP();
+  std::printf("\nSDPA backends alone (fwd+bwd median ms; priority order");
+  for (auto b : ctx.sDPPriorityOrder()) std::printf(" %d", static_cast<int>(b));
+  std::printf(", 0 math 1 flash 2 memory-efficient 3 cuDNN; n/a: the backend refused the input)\n");
+  const int64_t b = x.size(0), n = x.size(1), h = la.options.heads(), dh = la.options.dim_head();
+  torch::Tensor qkv;
+  {
+    Autocast ac(true);
+    torch::NoGradGuard ng;
+    qkv = la.to_qkv->forward(la.norm->forward(x));
+  }
+  auto parts = qkv.chunk(3, -1);
+  auto split = [&](const torch::Tensor& t) {
+    return t.reshape({b, n, h, dh}).transpose(1, 2).contiguous().requires_grad_(true);
+  };
+  torch::Tensor q = split(parts[0]), k = split(parts[1]), v = split(parts[2]);
+  torch::Tensor g = torch::randn_like(q);
+  struct Work {
+    const char* name;
+    std::function<torch::Tensor()> f;
+  };
+  const Work works[] = {
+      {"local core, padding mask", [&] { return la.attn_fn->forward(q, k, v, mask); }},
+      {"local core, no mask", [&] { return la.attn_fn->forward(q, k, v, {}); }},
+      {"dense attention, same length", [&] { return at::scaled_dot_product_attention(q, k, v); }}};
+  struct Cfg {
+    const char* name;
+    bool flash, eff, cudnn, math, fa3;
+  };
+  const Cfg cfgs[] = {{"default", f0, e0, c0, m0, a0},
+                      {"flash only", true, false, false, false, false},
+                      {"flash only, FA3 asked for", true, false, false, false, true},
+                      {"memory-efficient only", false, true, false, false, false},
+                      {"cuDNN only", false, false, true, false, false}};
+  std::printf("  %-28s", "backends");
+  for (const Work& w : works) std::printf(" %30s", w.name);
+  std::printf("\n");
+  auto set = [&](const Cfg& c) {
+    ctx.setSDPUseFlash(c.flash);
+    ctx.setSDPUseMemEfficient(c.eff);
+    ctx.setSDPUseCuDNN(c.cudnn);
+    ctx.setSDPUseMath(c.math);
+    try {
+      ctx.setSDPUseFA3(c.fa3);
+    } catch (const std::exception&) {
+    }
+  };
+  for (const Cfg& c : cfgs) {
+    std::printf("  %-28s", c.name);
+    for (const Work& w : works) {
+      set(c);
+      try {
+        const double ms = time_cuda([&] {
+                            torch::Tensor y;
+                            {
+                              Autocast ac(true);
+                              y = w.f();
+                            }
+                            y.backward(g.to(y.scalar_type()));
+                          }).ms;
+        std::printf(" %30.3f", ms);
+      } catch (const std::exception&) {
+        std::printf(" %30s", "n/a");
+      }
+      set(cfgs[0]);
+    }
+    std::printf("\n");
+  }
+  set(cfgs[0]);
+  std::fflush(stdout);
+}
+
 void profile_block(ConditionalRoutedTransformerBlockImpl& block, const torch::Tensor& x, const torch::Tensor& mask,
                    double total_fwd, double total_fb) {
   auto& attn = *block.conditional_attn;
@@ -583,6 +661,7 @@ int main(int argc, char** argv) {
                               block->forward(x, mask);
                             }).ms;
           profile_block(*block, x, mask, tf, fb.ms);
+          sdpa_backends(*block->conditional_attn->light_attn, x, mask);
           header();
         }
       }
