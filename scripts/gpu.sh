@@ -3,8 +3,10 @@
 # package registry (run scripts/vendor.sh beforehand where the header-only
 # dependencies and GoogleTest are not installed, and bring third_party/vendor):
 # configures a CUDA build outside the tree, builds with all cores, runs the CUDA
-# tests (ctest -L cuda), the CPU tests when COLT5_GPU_CPU_TESTS=1, and the CUDA
-# benchmark, then prints a short table. Logs go to $OUT when it is set.
+# tests (ctest -L cuda), the CPU tests when COLT5_GPU_CPU_TESTS=1, the CUDA
+# benchmark and right after it the reference package's on the same GPU
+# (bench/bench_modules_reference.py; scripts/vendor.sh vendors the package),
+# then prints a short table. Logs go to $OUT when it is set.
 #   COLT5_GPU_BUILD   build folder (default /tmp/colt5-build)
 #   COLT5_GPU_CPU_TESTS=1  also build and run the CPU tests
 #   COLT5_GPU_BENCH=0      skip the benchmark
@@ -50,6 +52,10 @@ if [ "${COLT5_GPU_BENCH:-1}" = 1 ]; then
   bench_rc=$?
   stamp "bench_modules_cuda"
   "$build/bench_modules_cuda" >"$logs/bench_modules.txt" 2>&1 || bench_rc=1
+  # The reference package on the same GPU and LibTorch, right after (when it
+  # is installed or vendored: scripts/vendor.sh).
+  stamp "bench_modules_reference.py"
+  "$PYTHON" bench/bench_modules_reference.py >"$logs/bench_reference.txt" 2>&1 || echo "(the reference benchmark did not run: see $logs/bench_reference.txt)" >>"$logs/bench_reference.txt"
 fi
 stamp "done"
 {
@@ -57,6 +63,6 @@ stamp "done"
   grep -E "tests passed|Failed|\*\*\*|Expected|Which is|rel_err|seed=|Value of|Actual" "$logs/ctest_cuda.log" | head -60
   [ "$cpu_rc" != - ] && { echo "== CPU tests (rc $cpu_rc)"; grep -E "tests passed|\(Failed\)|\*\*\*" "$logs/ctest_cpu.log" | head -20; }
   [ "$bench_rc" != - ] && { echo "== benchmark (rc $bench_rc)"; sed -n '/^device:/,$p' "$logs/bench.txt";
-    echo; cat "$logs/bench_modules.txt"; }
+    echo; cat "$logs/bench_modules.txt"; echo; cat "$logs/bench_reference.txt"; }
 } | tee "$logs/summary.txt"
 [ "$cuda_rc" = 0 ] && [ "$cpu_rc" != 1 ] && [ "$bench_rc" != 1 ]
