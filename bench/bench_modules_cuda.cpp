@@ -18,6 +18,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdio>
 #include <cstring>
 #include <functional>
@@ -265,13 +266,10 @@ void router_phases(std::vector<Phase>& out, const std::string& who, CoordinateDe
   }));
 }
 
-// The parts of a LocalMHA on x (xs: x as a leaf that takes gradients): norm +
-// qkv projection, the windowed core once per (name, key mask) of `cores`, and
-// the output projection.
-void local_mha_phases(std::vector<Phase>& ph, LocalMHAImpl& la, const torch::Tensor& x, const torch::Tensor& xs,
-                      const std::vector<std::pair<std::string, torch::Tensor>>& cores) {
+// q, k and v as a LocalMHA makes them from x (bf16 autocast), each
+// (b, heads, n, dim_head), contiguous, leaves that take gradients.
+std::array<torch::Tensor, 3> local_qkv(LocalMHAImpl& la, const torch::Tensor& x) {
   const int64_t b = x.size(0), n = x.size(1), h = la.options.heads(), dh = la.options.dim_head();
-  ph.push_back(phase("  of which: norm + qkv projection", [&] { return la.to_qkv->forward(la.norm->forward(xs)); }));
   torch::Tensor qkv;
   {
     Autocast ac(true);
@@ -282,7 +280,18 @@ void local_mha_phases(std::vector<Phase>& ph, LocalMHAImpl& la, const torch::Ten
   auto split = [&](const torch::Tensor& t) {
     return t.reshape({b, n, h, dh}).transpose(1, 2).contiguous().requires_grad_(true);
   };
-  torch::Tensor q = split(parts[0]), k = split(parts[1]), v = split(parts[2]);
+  return {split(parts[0]), split(parts[1]), split(parts[2])};
+}
+
+// The parts of a LocalMHA on x (xs: x as a leaf that takes gradients): norm +
+// qkv projection, the windowed core once per (name, key mask) of `cores`, and
+// the output projection.
+void local_mha_phases(std::vector<Phase>& ph, LocalMHAImpl& la, const torch::Tensor& x, const torch::Tensor& xs,
+                      const std::vector<std::pair<std::string, torch::Tensor>>& cores) {
+  const int64_t b = x.size(0), n = x.size(1), h = la.options.heads(), dh = la.options.dim_head();
+  ph.push_back(phase("  of which: norm + qkv projection", [&] { return la.to_qkv->forward(la.norm->forward(xs)); }));
+  const std::array<torch::Tensor, 3> qkv = local_qkv(la, x);
+  const torch::Tensor &q = qkv[0], &k = qkv[1], &v = qkv[2];
   for (const auto& [name, mask] : cores)
     ph.push_back(phase(name, [&] { return la.attn_fn->forward(q, k, v, mask); }));
   torch::Tensor o = torch::randn({b, n, h * dh}, x.options()).requires_grad_(true);
@@ -299,18 +308,8 @@ void sdpa_backends(LocalMHAImpl& la, const torch::Tensor& x, const torch::Tensor
   std::printf("\nSDPA backends alone (fwd+bwd median ms; priority order");
   for (auto b : ctx.sDPPriorityOrder()) std::printf(" %d", static_cast<int>(b));
   std::printf(", 0 math 1 flash 2 memory-efficient 3 cuDNN; n/a: the backend refused the input)\n");
-  const int64_t b = x.size(0), n = x.size(1), h = la.options.heads(), dh = la.options.dim_head();
-  torch::Tensor qkv;
-  {
-    Autocast ac(true);
-    torch::NoGradGuard ng;
-    qkv = la.to_qkv->forward(la.norm->forward(x));
-  }
-  auto parts = qkv.chunk(3, -1);
-  auto split = [&](const torch::Tensor& t) {
-    return t.reshape({b, n, h, dh}).transpose(1, 2).contiguous().requires_grad_(true);
-  };
-  torch::Tensor q = split(parts[0]), k = split(parts[1]), v = split(parts[2]);
+  const std::array<torch::Tensor, 3> qkv = local_qkv(la, x);
+  const torch::Tensor &q = qkv[0], &k = qkv[1], &v = qkv[2];
   torch::Tensor g = torch::randn_like(q);
   struct Work {
     const char* name;
@@ -344,8 +343,8 @@ void sdpa_backends(LocalMHAImpl& la, const torch::Tensor& x, const torch::Tensor
   };
   for (const Cfg& c : cfgs) {
     std::printf("  %-28s", c.name);
+    set(c);
     for (const Work& w : works) {
-      set(c);
       try {
         const double ms = time_cuda([&] {
                             torch::Tensor y;
@@ -359,7 +358,6 @@ void sdpa_backends(LocalMHAImpl& la, const torch::Tensor& x, const torch::Tensor
       } catch (const std::exception&) {
         std::printf(" %30s", "n/a");
       }
-      set(cfgs[0]);
     }
     std::printf("\n");
   }
@@ -739,15 +737,11 @@ int main(int argc, char** argv) {
       // pools can stay allocated and raise the peaks measured after them).
       for (int64_t groups : {1, 2, 4, 8}) {
         attn->kv_route_groups = groups;
-        char kv_note[96];
-        std::snprintf(kv_note, sizeof kv_note, "kv_route_groups %lld%s", static_cast<long long>(groups),
-                      groups == 1 ? " (whole sequence); vs default " : "");
-        std::string note_g = kv_note;
-        if (groups == 1) {
-          char d[16];
-          std::snprintf(d, sizeof d, "%.1e", diff);
-          note_g += d;
-        }
+        char note_g[96];
+        if (groups == 1)
+          std::snprintf(note_g, sizeof note_g, "kv_route_groups 1 (whole sequence); vs default %.1e", diff);
+        else
+          std::snprintf(note_g, sizeof note_g, "kv_route_groups %lld", static_cast<long long>(groups));
         const std::string name_g = name + ", kv in " + std::to_string(groups) + " group" + (groups > 1 ? "s" : "");
         row(name_g, "fwd+bwd", time_cuda(step), dn, note_g);
         row(name_g, "graph", time_graph(step), dn, "");
