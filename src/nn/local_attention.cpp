@@ -317,9 +317,7 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
     const double fill = bq.scalar_type() == torch::kHalf ? mask_value : most_negative(torch::kBFloat16);
     auto fill_t = torch::full({}, fill, bq.options());
     auto zero_t = torch::zeros({}, bq.options());
-    torch::Tensor additive = key_hidden.defined()
-                                 ? torch::where(hidden, fill_t, torch::where(key_hidden, fill_t, zero_t))
-                                 : torch::where(hidden, fill_t, zero_t);
+    torch::Tensor hide = key_hidden.defined() ? hidden.logical_or(key_hidden) : hidden;
     // A query that sees nothing: the reference's softmax over equal values is
     // a uniform average of the look-around, and no gradient reaches q or k.
     // Inside the kernel such a query sees every key instead: with all hidden,
@@ -331,8 +329,9 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
                   .view({mask_p.size(0), 1, n})
                   .expand({mask_p.size(0), heads_per_mask, n})
                   .reshape({B, windows, ws, 1});
-      additive = torch::where(blind, zero_t, additive);
+      hide = hide.logical_and(blind.logical_not());
     }
+    torch::Tensor additive = torch::where(hide, fill_t, zero_t);
     const double sdpa_scale = rel_pos ? 1.0 : scale;
     if (rel_pos) bq = bq * scale;
     out = at::scaled_dot_product_attention(bq, bk, bv, additive, 0.0, false, sdpa_scale);
