@@ -1,5 +1,7 @@
 #include "colt5/nn/attention.h"
 
+#include <ATen/record_function.h>
+
 #include <cmath>
 #include <limits>
 
@@ -249,6 +251,7 @@ torch::Tensor project_keys_values(AttentionImpl& a, const torch::Tensor& context
 torch::Tensor attend_projected(AttentionImpl& a, const torch::Tensor& x, const torch::Tensor& q_in,
                                const torch::Tensor& kv, const torch::Tensor& mask_in, const torch::Tensor& scores_kv,
                                const std::pair<torch::Tensor, torch::Tensor>& rotary_emb) {
+  RECORD_USER_SCOPE("colt5::heavy_attention");
   const int64_t h = a.options.heads(), dh = a.options.dim_head();
   const int64_t batch = kv.size(0), routes = kv.size(1), heads_per_route = kv.size(2), m = kv.size(3);
   const int64_t n = q_in.size(2);
@@ -324,6 +327,7 @@ torch::Tensor attend_projected(AttentionImpl& a, const torch::Tensor& x, const t
 torch::Tensor attend_gathered(AttentionImpl& a, const torch::Tensor& x, const torch::Tensor& q_in,
                               const torch::Tensor& proj, const torch::Tensor& rows, const torch::Tensor& mask_in,
                               const torch::Tensor& scores_kv, bool index_kernel) {
+  RECORD_USER_SCOPE("colt5::heavy_attention");
   const int64_t h = a.options.heads(), dh = a.options.dim_head();
   const int64_t batch = rows.size(0), routes = rows.size(1), m = rows.size(2), hr = h / routes;
   const int64_t n = q_in.size(2), table_rows = proj.size(0);

@@ -1,5 +1,6 @@
 #include "colt5/nn/conditional.h"
 
+#include <ATen/record_function.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -88,6 +89,7 @@ AttentionOptions heavy_attention_options(int64_t dim, int64_t dim_head, int64_t 
 torch::Tensor heavy_routed_attention(CoordinateDescentRouterImpl& q_router, CoordinateDescentRouterImpl& kv_router,
                                      AttentionImpl& heavy_attn, const torch::Tensor& null_q_token,
                                      const HeavyBranchInputs& in) {
+  RECORD_USER_SCOPE("colt5::heavy_branch");
   RouterOutput q = q_router.forward(in.queries, in.num_q, in.query_mask, in.random_route);
   const bool once = in.project_context_once;
   RouterOutput kv = route_prefix_views(kv_router, in.context, in.num_kv, in.context_mask, in.context_view_lengths,

@@ -1,5 +1,7 @@
 #include "colt5/nn/layers.h"
 
+#include <ATen/record_function.h>
+
 #include <cmath>
 
 namespace colt5 {
@@ -55,6 +57,7 @@ void FeedForwardImpl::pretty_print(std::ostream& stream) const {
 }
 
 torch::Tensor FeedForwardImpl::forward(const torch::Tensor& x) {
+  RECORD_USER_SCOPE("colt5::feedforward");
   TORCH_CHECK(x.defined(), "FeedForward: input x is undefined");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == options.dim(), "FeedForward: input x must end in dimension ", options.dim(),
               ", got shape ", x.sizes());

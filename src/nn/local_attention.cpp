@@ -1,7 +1,10 @@
 #include "colt5/nn/local_attention.h"
 
+#include <ATen/record_function.h>
+
 #include <cmath>
 #include <limits>
+#include <mutex>
 #include <vector>
 
 #include "colt5/nn/layers.h"
@@ -9,9 +12,40 @@
 #include "nn/checks.h"
 #include "nn/masking.h"
 
+#ifdef COLT5_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+#endif
+
 namespace colt5 {
 namespace nn {
+
+namespace detail {
+
+// The masks of a LocalAttention that depend only on the sequence length,
+// built once per length, device and stream (see forward()).
+struct LocalWindowMasks {
+  std::mutex mutex;
+  int64_t n = -1;
+  c10::Device device{c10::kCPU};
+  c10::StreamId stream = 0;
+  torch::Tensor pad;    // (1, windows, 1, span) bool: slots outside the sequence
+  torch::Tensor limit;  // (1, 1, ws, span) bool: causal or exact-window limits; undefined if none
+  torch::Tensor allow;  // !limit
+  torch::Tensor fill, zero;  // 0-d, the hidden entries' additive value and 0, in the queries' dtype
+};
+
+}  // namespace detail
+
 namespace {
+
+// The stream kernels on `device` go to now (0 on the CPU).
+c10::StreamId current_stream_id(const c10::Device& device) {
+#ifdef COLT5_WITH_CUDA
+  if (device.is_cuda()) return c10::cuda::getCurrentCUDAStream(device.index()).id();
+#endif
+  (void)device;
+  return 0;
+}
 
 // x: (B, windows, ...). Each window is joined (along dim 2) with its
 // `backward` predecessors and `forward` successors; windows beyond the ends
@@ -36,28 +70,6 @@ torch::Tensor look_around_view(const torch::Tensor& x, int64_t backward, int64_t
   const int64_t B = x.size(0), windows = x.size(1), ws = x.size(2), d = x.size(3);
   auto padded = torch::constant_pad_nd(x.reshape({B, windows * ws, d}), {0, 0, backward * ws, forward * ws}, pad_value);
   return padded.unfold(1, (backward + forward + 1) * ws, ws).transpose(-1, -2);
-}
-
-// Whether a query position's look-around holds no visible key: bool
-// (mask rows, n) for the padded key mask (mask rows, n), from prefix counts of
-// visible keys over each query's key range.
-torch::Tensor blind_queries(const torch::Tensor& mask, int64_t ws, int64_t back, int64_t fwd, bool causal, bool exact) {
-  const int64_t n = mask.size(1);
-  auto t = torch::arange(n, mask.options().dtype(torch::kLong));
-  auto w = torch::div(t, ws, "trunc");
-  auto lo = (w - back) * ws, hi = (w + fwd + 1) * ws - 1;
-  if (causal) {
-    hi = torch::minimum(hi, t);
-    if (exact) lo = torch::maximum(lo, t - ws * back);
-  } else if (exact) {
-    lo = torch::maximum(lo, t - ws * back);
-    hi = torch::minimum(hi, t + ws * fwd);
-  }
-  lo = lo.clamp_min(0);
-  hi = hi.clamp_max(n - 1);
-  auto counts = torch::constant_pad_nd(mask.to(torch::kLong).cumsum(1), {1, 0}, 0);  // (rows, n + 1)
-  auto visible = counts.index_select(1, hi + 1) - counts.index_select(1, lo.clamp_max(n));
-  return visible.le(0);
 }
 
 // Whether the flash kernel (called directly, for its lower-right causal limit
@@ -160,6 +172,7 @@ LocalAttentionImpl::LocalAttentionImpl(const LocalAttentionOptions& options_) : 
 int64_t LocalAttentionImpl::look_forward() const { return options.look_forward().value_or(options.causal() ? 0 : 1); }
 
 void LocalAttentionImpl::reset() {
+  window_masks_ = std::make_shared<detail::LocalWindowMasks>();
   check_positive("LocalAttention", "window_size", options.window_size());
   TORCH_CHECK(options.look_backward() >= 0, "LocalAttention: look_backward must be non-negative, got ",
               options.look_backward());
@@ -183,6 +196,7 @@ void LocalAttentionImpl::pretty_print(std::ostream& stream) const {
 
 torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch::Tensor& k_in,
                                           const torch::Tensor& v_in, const torch::Tensor& mask_in) {
+  RECORD_USER_SCOPE("colt5::local_attention");
   TORCH_CHECK(q_in.defined() && k_in.defined() && v_in.defined(), "LocalAttention: q, k and v must be defined");
   TORCH_CHECK(at::isFloatingType(q_in.scalar_type()), "LocalAttention: q must be floating point, got ",
               q_in.scalar_type());
@@ -271,25 +285,59 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
     }
   }
 
-  auto positions = torch::arange(n, q.options().dtype(torch::kLong)).view({1, windows, ws});
-  auto bq_t = positions.unsqueeze(-1);                              // (1, w, i, 1)
-  auto bq_k = look_around(positions, back, fwd, -1).unsqueeze(-2);  // (1, w, 1, j)
-  auto pad_mask = bq_k.eq(-1);
-
-  // What a query may not see regardless of the input (1, windows, i, j):
-  // padding slots and the causal or exact-window limits.
-  torch::Tensor hidden = pad_mask;
-  if (options.causal()) {
-    auto causal_mask = bq_t.lt(bq_k);
-    if (options.exact_windowsize()) causal_mask = causal_mask.logical_or(bq_t.gt(bq_k + ws * back));
-    hidden = hidden.logical_or(causal_mask);
+  // What a query may not see regardless of the input, in two small factors
+  // (cached per length, device and stream): look-around slots outside the
+  // sequence (1, windows, 1, span) and the causal or exact-window limits
+  // (1, 1, ws, span), which depend only on the query's place in its window
+  // and the slot.
+  const int64_t span = (back + fwd + 1) * ws;
+  torch::Tensor pad_slots, limits, allowed, fill_t, zero_t;
+  {
+    auto& c = *window_masks_;
+    std::lock_guard<std::mutex> lock(c.mutex);
+    const c10::StreamId stream = current_stream_id(q.device());
+    if (c.n != n || c.device != q.device() || c.stream != stream) {
+      auto lo = q.options().dtype(torch::kLong);
+      auto p = (torch::arange(windows, lo).view({1, windows, 1, 1}) - back) * ws + torch::arange(span, lo);
+      c.pad = p.lt(0).logical_or_(p.ge(n));
+      auto diff = torch::arange(span, lo).view({1, 1, 1, span}) - torch::arange(ws, lo).view({1, 1, ws, 1});
+      if (options.causal()) {  // query t = w * ws + i, key p = (w - back) * ws + j: t < p, and p + ws * back < t
+        c.limit = diff.gt(back * ws);
+        if (options.exact_windowsize()) c.limit.logical_or_(diff.lt(0));
+      } else if (options.exact_windowsize()) {  // p - ws * fwd > t, and p + ws * back < t
+        c.limit = diff.gt((back + fwd) * ws).logical_or_(diff.lt(0));
+      } else {
+        c.limit = torch::Tensor();
+      }
+      c.allow = c.limit.defined() ? c.limit.logical_not() : torch::Tensor();
+      c.n = n;
+      c.device = q.device();
+      c.stream = stream;
+      c.fill = c.zero = torch::Tensor();
+    }
+    if (!c.fill.defined() || c.fill.scalar_type() != bq.scalar_type()) {
+      // Hidden entries take the most negative finite value, as in the reference
+      // (a query that sees nothing averages its whole look-around uniformly).
+      // In the fused path the value is finite in bf16 too, where autocast may
+      // cast it: bf16's most negative value for float32 and bf16, float16's for
+      // float16.
+      const double fill = !fused || bq.scalar_type() == torch::kHalf ? most_negative(bq.scalar_type())
+                                                                      : most_negative(torch::kBFloat16);
+      c.fill = torch::full({}, fill, bq.options());
+      c.zero = torch::zeros({}, bq.options());
+    }
+    pad_slots = c.pad;
+    limits = c.limit;
+    allowed = c.allow;
+    fill_t = c.fill;
+    zero_t = c.zero;
   }
-  if (!options.causal() && options.exact_windowsize())
-    hidden = hidden.logical_or((bq_k - ws * fwd).gt(bq_t).logical_or(bq_t.gt(bq_k + ws * back)));
 
-  // Padded keys (B, windows, 1, j), and the padded key mask (mask rows, n).
-  torch::Tensor key_hidden, mask_p;
-  int64_t heads_per_mask = 1;
+  // visible (mask rows, windows, ws or 1, span): the slots a query may see;
+  // seen: whether it sees any. Without a key mask every query sees its own
+  // position.
+  torch::Tensor visible, seen;
+  int64_t mask_rows = 1;
   if (mask_in.defined()) {
     TORCH_CHECK(mask_in.scalar_type() == at::kBool, "LocalAttention: mask must be a bool tensor, got ",
                 mask_in.scalar_type());
@@ -299,49 +347,58 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
                 " must divide the ", B, " folded batch-head rows");
     TORCH_CHECK(mask_in.device() == q.device(), "LocalAttention: mask is on ", mask_in.device(), " but q is on ",
                 q.device());
-    heads_per_mask = B / mask_in.size(0);
-    mask_p = options.autopad() ? pad_to_multiple(mask_in, ws, -1, 0) : mask_in;
-    auto m = look_around(mask_p.view({mask_in.size(0), windows, ws}), back, fwd, 0).unsqueeze(-2);
-    key_hidden = m.repeat_interleave(heads_per_mask, 0).logical_not();
+    mask_rows = mask_in.size(0);
+    torch::Tensor mask_p = options.autopad() ? pad_to_multiple(mask_in, ws, -1, 0) : mask_in;
+    // Each window's look-around of the key mask, slots outside the sequence false.
+    torch::Tensor keys = torch::constant_pad_nd(mask_p, {back * ws, fwd * ws}, 0).unfold(1, span, ws).unsqueeze(2);
+    visible = allowed.defined() ? keys.logical_and(allowed) : keys;
+    seen = visible.any(-1, /*keepdim=*/true);
   }
+  const int64_t heads_per_mask = B / mask_rows;
+  // (mask rows, ...) -> (B, ...): heads are folded after the batch.
+  auto per_row = [&](const torch::Tensor& t) {
+    if (heads_per_mask == 1 || t.size(0) == 1) return t;
+    std::vector<int64_t> shape = t.sizes().vec();
+    shape.insert(shape.begin() + 1, heads_per_mask);
+    std::vector<int64_t> folded = t.sizes().vec();
+    folded[0] = B;
+    return t.unsqueeze(1).expand(shape).reshape(folded);
+  };
 
-  // Hidden entries take the most negative finite value, as in the reference:
-  // a query that sees nothing averages its whole look-around uniformly.
-  const double mask_value = most_negative(bq.scalar_type());
   torch::Tensor out;
 #if COLT5_HAS_SDPA
   if (fused) {
-    // Fused attention with an additive mask. Its value is finite in bf16 too,
-    // where autocast may cast it: bf16's most negative value for float32 and
-    // bf16, float16's for float16.
-    const double fill = bq.scalar_type() == torch::kHalf ? mask_value : most_negative(torch::kBFloat16);
-    auto fill_t = torch::full({}, fill, bq.options());
-    auto zero_t = torch::zeros({}, bq.options());
-    torch::Tensor hide = key_hidden.defined() ? hidden.logical_or(key_hidden) : hidden;
-    // A query that sees nothing: the reference's softmax over equal values is
-    // a uniform average of the look-around, and no gradient reaches q or k.
-    // Inside the kernel such a query sees every key instead: with all hidden,
-    // a kernel's backward can give NaN (float16 through cuDNN, measured), which
-    // no zero upstream gradient cancels. Its average is put in place after.
-    torch::Tensor blind;
-    if (mask_in.defined()) {
-      blind = blind_queries(mask_p, ws, back, fwd, options.causal(), options.exact_windowsize())
-                  .view({mask_p.size(0), 1, n})
-                  .expand({mask_p.size(0), heads_per_mask, n})
-                  .reshape({B, windows, ws, 1});
-      hide = hide.logical_and(blind.logical_not());
+    // Fused attention with an additive mask. A query that sees nothing (the
+    // reference's softmax over equal values: a uniform average of the
+    // look-around, and no gradient to q or k) sees every key inside the kernel
+    // instead: with all hidden, a kernel's backward can give NaN (float16
+    // through cuDNN, measured), which no zero upstream gradient cancels. Its
+    // average is put in place after.
+    torch::Tensor additive;
+    if (visible.defined()) {
+      additive = per_row(torch::where(visible, zero_t, torch::where(seen, fill_t, zero_t)));
+    } else {
+      torch::Tensor hidden = limits.defined() ? pad_slots.logical_or(limits) : pad_slots;
+      additive = torch::where(hidden, fill_t, zero_t);
     }
-    torch::Tensor additive = torch::where(hide, fill_t, zero_t);
     const double sdpa_scale = rel_pos ? 1.0 : scale;
     if (rel_pos) bq = bq * scale;
     out = at::scaled_dot_product_attention(bq, bk, bv, additive, 0.0, false, sdpa_scale);
-    if (blind.defined()) out = torch::where(blind, bv.mean(-2, /*keepdim=*/true), out);
+    if (seen.defined()) {
+      // (mask rows, heads, windows, ws, d): blind queries take the mean of their look-around.
+      auto by_row = [&](const torch::Tensor& t) {
+        return t.view({mask_rows, heads_per_mask, windows, t.size(2), d});
+      };
+      out = torch::where(seen.unsqueeze(1), by_row(out), by_row(bv.mean(-2, /*keepdim=*/true)));
+    }
     out = out.reshape({B, n, d});
   }
 #endif
   if (!out.defined()) {
-    if (key_hidden.defined()) hidden = hidden.logical_or(key_hidden);
-    auto sim = torch::matmul(bq, bk.transpose(-1, -2)).masked_fill(hidden, mask_value);
+    torch::Tensor hidden = visible.defined() ? per_row(visible.logical_not())
+                           : limits.defined() ? pad_slots.logical_or(limits)
+                                              : pad_slots;
+    auto sim = torch::matmul(bq, bk.transpose(-1, -2)).masked_fill(hidden, fill_t);
     out = torch::matmul(sim.softmax(-1), bv).reshape({B, n, d});
   }
   if (n != orig_n) out = out.narrow(1, 0, orig_n);
@@ -379,6 +436,7 @@ void LocalMHAImpl::pretty_print(std::ostream& stream) const {
 }
 
 torch::Tensor LocalMHAImpl::forward(const torch::Tensor& x_in, const torch::Tensor& mask) {
+  RECORD_USER_SCOPE("colt5::local_mha");
   TORCH_CHECK(x_in.defined(), "LocalMHA: x is undefined");
   TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), "LocalMHA: x must be floating point, got ", x_in.scalar_type());
   TORCH_CHECK(x_in.dim() == 3 && x_in.size(2) == options.dim(), "LocalMHA: x must be (b, n, ", options.dim(), "), got ",

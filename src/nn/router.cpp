@@ -1,5 +1,6 @@
 #include "colt5/nn/router.h"
 
+#include <ATen/record_function.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -26,13 +27,19 @@ torch::Tensor l2norm(const torch::Tensor& t) {
   return torch::nn::functional::normalize(t, torch::nn::functional::NormalizeFuncOptions().dim(-1));
 }
 
-// rows[b, i, d] = x[b, indices[b, i...], d] for indices of shape [b, ...].
-torch::Tensor gather_rows(const torch::Tensor& x, const torch::Tensor& indices) {
-  const int64_t b = x.size(0), n = x.size(1);
-  auto offsets = torch::arange(b, indices.options()).mul_(n);
+// Positions in x's rows [b, n, ...] flattened: indices [b, ...] + row * n.
+torch::Tensor flat_positions(const torch::Tensor& indices, int64_t n) {
+  const int64_t b = indices.size(0);
   std::vector<int64_t> view(indices.dim(), 1);
   view[0] = b;
-  auto flat = (indices + offsets.view(view)).reshape({-1});
+  return (indices + torch::arange(0, b * n, n, indices.options()).view(view)).reshape({-1});
+}
+
+// rows[b, i, d] = x[b, indices[b, i...], d] for indices of shape [b, ...];
+// flat: flat_positions(indices, x.size(1)), when already computed.
+torch::Tensor gather_rows(const torch::Tensor& x, const torch::Tensor& indices, torch::Tensor flat = {}) {
+  const int64_t b = x.size(0), n = x.size(1);
+  if (!flat.defined()) flat = flat_positions(indices, n);
   std::vector<int64_t> out_shape = indices.sizes().vec();
   if (x.dim() == 3) {
     out_shape.push_back(x.size(2));
@@ -199,6 +206,7 @@ RouterOutput route_all(const torch::Tensor& x, const torch::Tensor& mask, int64_
 // The routing scores of each row (and block) against each routing token, in
 // float32 at least: [rows, r, len].
 torch::Tensor routing_scores(const RouterOptions& o, const torch::Tensor& xs, const torch::Tensor& toks) {
+  RECORD_USER_SCOPE("colt5::routing_scores");
   const int64_t rows = xs.size(0), len = xs.size(1), r = o.num_routing_tokens();
   torch::Tensor s;
   if (routing_dot_applies(xs, toks)) {
@@ -253,6 +261,7 @@ RouterOutput route_impl(CoordinateDescentRouterImpl& self, const torch::Tensor& 
                         const torch::Tensor& mask, bool random_route, const torch::Tensor& routing_tokens,
                         bool keep_one_route_dim, bool gather_tokens, const std::vector<int64_t>* view_lengths,
                         int64_t groups) {
+  RECORD_USER_SCOPE("colt5::router");
   const auto& o = self.options;
   check_router_input(o, x, num_tokens, mask);
   const torch::Tensor tokens = routing_tokens_of(o, self.routing_token, routing_tokens, x);
@@ -291,8 +300,12 @@ RouterOutput route_impl(CoordinateDescentRouterImpl& self, const torch::Tensor& 
                 .eps_init(o.eps_init())
                 .eps_decay(o.eps_decay())
                 .checkpoint_segments(o.checkpoint_segments());
-  // Flat rows of scores and mask -> the indices of the k routed and their scores.
+  // Flat rows of scores and mask -> the indices of the k routed and their
+  // scores; picked_mask: the mask at those indices, when the straight-through
+  // scores needed it (the routed mask, for one route block and no views).
+  torch::Tensor picked_mask;
   auto route_rows = [&](const torch::Tensor& s, const torch::Tensor& mflat) -> std::pair<torch::Tensor, torch::Tensor> {
+    RECORD_USER_SCOPE("colt5::route_rows");
     torch::Tensor scores = coor_descent(s, effective_k, cd, mflat);
     if (random_route) {
       scores = torch::randn_like(scores);
@@ -302,8 +315,13 @@ RouterOutput route_impl(CoordinateDescentRouterImpl& self, const torch::Tensor& 
     torch::Tensor idx = topk_indices(scores.detach(), k, s.detach(), mflat);
     torch::Tensor sel = scores.gather(-1, idx);
     if (o.straight_through()) {
-      sel = sel + (1.0 - sel).detach();
-      if (mflat.defined()) sel = sel.masked_fill(~mflat.gather(-1, idx), 0.0);
+      // 1 in value, the soft score's gradient; 0 at masked positions. (rsub:
+      // LibTorch's scalar - tensor is three kernels.)
+      sel = sel + torch::rsub(sel, 1.0).detach();
+      if (mflat.defined()) {
+        picked_mask = mflat.gather(-1, idx);
+        sel = sel.masked_fill(picked_mask.logical_not(), 0.0);
+      }
     }
     return {idx, sel};
   };
@@ -353,8 +371,13 @@ RouterOutput route_impl(CoordinateDescentRouterImpl& self, const torch::Tensor& 
   out.indices = indices;
   out.scores = selected.to(x.scalar_type());
   if (!viewed) {
-    if (gather_tokens) out.routed_tokens = gather_rows(x, indices);
-    if (mask.defined()) out.routed_mask = gather_rows(mask, indices);
+    // One flat index for the tokens and the mask.
+    if (mask.defined() && picked_mask.defined() && num_blocks == 1 && !o.route_block_size())
+      out.routed_mask = picked_mask.view(indices.sizes());
+    const bool gather_mask = mask.defined() && !out.routed_mask.defined();
+    torch::Tensor flat = gather_tokens || gather_mask ? flat_positions(indices, n) : torch::Tensor();
+    if (gather_tokens) out.routed_tokens = gather_rows(x, indices, flat);
+    if (gather_mask) out.routed_mask = gather_rows(mask, indices, flat);
   } else {
     std::vector<int64_t> shape = indices.sizes().vec();
     shape.push_back(d);
@@ -383,6 +406,7 @@ RouterOutput route_prefix_views(CoordinateDescentRouterImpl& router, const torch
 
 torch::Tensor CoordinateDescentRouterImpl::route_back(const torch::Tensor& src, const torch::Tensor& routed_tokens,
                                                       const torch::Tensor& indices) const {
+  RECORD_USER_SCOPE("colt5::route_back");
   TORCH_CHECK(src.defined() && src.dim() == 3, "route_back: src must be (b, n, dim)");
   TORCH_CHECK(indices.defined() && indices.dim() == 2 && indices.size(0) == src.size(0) &&
                   indices.scalar_type() == torch::kLong,

@@ -3,6 +3,7 @@
 #include "colt5/coor_descent.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <torch/autograd.h>
 #include <torch/types.h>
 
@@ -223,6 +224,7 @@ at::Tensor coor_descent_impl(const at::Tensor& s, const at::Tensor& k_rows, cons
 }  // namespace
 
 at::Tensor coor_descent(const at::Tensor& s, double k, const CoorDescentOptions& options, const at::Tensor& mask) {
+  RECORD_USER_SCOPE("colt5::coor_descent");
   check_scores(s, "coor_descent: s");
   check_mask(mask, s, "coor_descent: mask");
   check_options(options);
@@ -248,6 +250,7 @@ at::Tensor coor_descent(const at::Tensor& s, const at::Tensor& k, const CoorDesc
 }
 
 at::Tensor topk_indices(const at::Tensor& scores, int64_t k, const at::Tensor& tiebreak, const at::Tensor& mask) {
+  RECORD_USER_SCOPE("colt5::topk");
   check_scores(scores, "topk_indices: scores");
   check_mask(mask, scores, "topk_indices: mask");
   const int64_t cols = scores.size(-1);
@@ -305,7 +308,7 @@ TopkResult topk(const at::Tensor& x, int64_t k, const TopkOptions& options, cons
   cd.n_iters(options.n_iters()).eps(options.eps()).eps_init(options.eps_init()).eps_decay(options.eps_decay());
   const double cd_k = std::min(static_cast<double>(k) * options.coor_descent_k_ratio(), static_cast<double>(n));
   at::Tensor soft = coor_descent(x, cd_k, cd, mask);
-  at::Tensor gates = soft + (1 - soft).detach();
+  at::Tensor gates = soft + at::rsub(soft, 1).detach();
   at::Tensor gated = x * gates;
   r.indices = topk_indices(gated, k, {}, mask);
   r.values = gated.gather(-1, r.indices);

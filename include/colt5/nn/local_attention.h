@@ -9,6 +9,7 @@
 #include <torch/nn.h>
 
 #include <cstdint>
+#include <memory>
 #include <utility>
 
 namespace colt5 {
@@ -76,6 +77,10 @@ struct LocalAttentionOptions {
 };
 
 // Child `rel_pos` (buffer rel_pos.inv_freq) when use_rotary_pos_emb and dim is given.
+namespace detail {
+struct LocalWindowMasks;
+}
+
 class LocalAttentionImpl : public torch::nn::Cloneable<LocalAttentionImpl> {
  public:
   explicit LocalAttentionImpl(const LocalAttentionOptions& options);
@@ -103,6 +108,11 @@ class LocalAttentionImpl : public torch::nn::Cloneable<LocalAttentionImpl> {
  public:
   LocalAttentionOptions options;
   SinusoidalEmbeddings rel_pos{nullptr};
+
+ private:
+  // The masks that depend only on the sequence length (a few kilobytes),
+  // kept from the last call; each module (and each clone) has its own.
+  std::shared_ptr<detail::LocalWindowMasks> window_masks_;
 };
 TORCH_MODULE(LocalAttention);
 
