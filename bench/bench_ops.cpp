@@ -197,8 +197,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "bench_ops: --device cuda but no CUDA device is available\n");
     return 1;
   }
-  if (dim % 64 != 0 || seq < 512 || seq % 128 != 0) {
-    std::fprintf(stderr, "bench_ops: --dim must be a multiple of 64 and --seq a multiple of 128, at least 512\n");
+  if (dim % 64 != 0 || seq < 256 || seq % 128 != 0) {
+    std::fprintf(stderr, "bench_ops: --dim must be a multiple of 64 and --seq a multiple of 128, at least 256\n");
     return 2;
   }
   const torch::Device device(device_name);
