@@ -22,6 +22,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -62,7 +63,7 @@ struct Counts {
 
 std::mutex counts_mutex;
 Counts counts;
-bool counting = false;
+std::atomic<bool> counting{false};
 std::string trace_scope;  // --trace: print the calls made in this scope, in order
 
 struct Frame {

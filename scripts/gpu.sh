@@ -6,7 +6,8 @@
 # tests (ctest -L cuda), the CPU tests when COLT5_GPU_CPU_TESTS=1, the CUDA
 # benchmark and right after it the reference package's on the same GPU
 # (bench/bench_modules_reference.py; scripts/vendor.sh vendors the package),
-# then prints a short table. Logs go to $OUT when it is set.
+# then the operator counts of each module's training step (bench_ops) and
+# prints a short table. Logs go to $OUT when it is set.
 #   COLT5_GPU_BUILD   build folder (default /tmp/colt5-build)
 #   COLT5_GPU_CPU_TESTS=1  also build and run the CPU tests
 #   COLT5_GPU_BENCH=0      skip the benchmark
@@ -30,7 +31,7 @@ if ! cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_P
     -DCOLT5_BUILD_APPS=OFF >"$logs/configure.log" 2>&1; then
   tail -40 "$logs/configure.log"; exit 1
 fi
-targets=(colt5_cuda_tests bench_coor_descent_cuda bench_modules_cuda)
+targets=(colt5_cuda_tests bench_coor_descent_cuda bench_modules_cuda bench_ops)
 [ "${COLT5_GPU_CPU_TESTS:-0}" = 1 ] && targets+=(colt5_tests)
 stamp "build ${targets[*]} with $(nproc) jobs"
 if ! ninja -C "$build" -j"$(nproc)" "${targets[@]}" >"$logs/build.log" 2>&1; then
@@ -56,6 +57,10 @@ if [ "${COLT5_GPU_BENCH:-1}" = 1 ]; then
   # is installed or vendored: scripts/vendor.sh).
   stamp "bench_modules_reference.py"
   "$PYTHON" bench/bench_modules_reference.py >"$logs/bench_reference.txt" 2>&1 || echo "(the reference benchmark did not run: see $logs/bench_reference.txt)" >>"$logs/bench_reference.txt"
+  # The operators each module's training step dispatches on the GPU (and its
+  # eager time).
+  stamp "bench_ops --device cuda"
+  "$build/bench_ops" --device cuda --seq 8192 --dim 512 >"$logs/bench_ops.txt" 2>&1 || bench_rc=1
 fi
 stamp "done"
 {
@@ -63,6 +68,6 @@ stamp "done"
   grep -E "tests passed|Failed|\*\*\*|Expected|Which is|rel_err|seed=|Value of|Actual" "$logs/ctest_cuda.log" | head -60
   [ "$cpu_rc" != - ] && { echo "== CPU tests (rc $cpu_rc)"; grep -E "tests passed|\(Failed\)|\*\*\*" "$logs/ctest_cpu.log" | head -20; }
   [ "$bench_rc" != - ] && { echo "== benchmark (rc $bench_rc)"; sed -n '/^device:/,$p' "$logs/bench.txt";
-    echo; cat "$logs/bench_modules.txt"; echo; cat "$logs/bench_reference.txt"; }
+    echo; cat "$logs/bench_modules.txt"; echo; cat "$logs/bench_ops.txt"; echo; cat "$logs/bench_reference.txt"; }
 } | tee "$logs/summary.txt"
 [ "$cuda_rc" = 0 ] && [ "$cpu_rc" != 1 ] && [ "$bench_rc" != 1 ]
