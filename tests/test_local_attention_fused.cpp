@@ -108,3 +108,39 @@ TEST(LocalAttentionFused, UnmaskedWindowsAgreeWithFloat64) {
     }
   }
 }
+
+// The masks LocalAttention keeps between calls are rebuilt when the length,
+// device, stream or inference mode changes: a call under c10::InferenceMode
+// (inference tensors, which autograd may not save) followed by training calls
+// at other lengths, with and without a mask, in both paths.
+TEST(LocalAttentionFused, KeptMasksFollowTheLengthAndInferenceMode) {
+  torch::manual_seed(44);
+  for (auto dtype : {torch::kFloat, torch::kDouble}) {
+    for (bool exact : {false, true}) {
+      SCOPED_TRACE(std::string(dtype == torch::kFloat ? "float32" : "float64") + (exact ? " exact" : ""));
+      LocalMHA attn(LocalMHAOptions(32, 8).dim_head(8).heads(4).prenorm(true).exact_windowsize(exact));
+      attn->to(dtype);
+      for (int64_t n : {24, 40, 24}) {
+        torch::Tensor x = torch::randn({2, n, 32}, dtype);
+        torch::Tensor mask = torch::rand({2, n}) > 0.3;
+        {
+          c10::InferenceMode guard;
+          attn->forward(x, mask);
+          attn->forward(x);
+        }
+        for (bool masked : {true, false}) {
+          auto fresh = std::dynamic_pointer_cast<LocalMHAImpl>(attn->clone());  // nothing kept
+          torch::Tensor xg = x.clone().requires_grad_(true);
+          torch::Tensor out;
+          ASSERT_NO_THROW(out = masked ? attn->forward(xg, mask) : attn->forward(xg)) << "n " << n;
+          ASSERT_NO_THROW(out.sum().backward()) << "n " << n;
+          torch::Tensor xf = x.clone().requires_grad_(true);
+          torch::Tensor want = masked ? fresh->forward(xf, mask) : fresh->forward(xf);
+          want.sum().backward();
+          EXPECT_EQ(max_rel_error(out, want), 0.0) << "n " << n << (masked ? " masked" : "");
+          EXPECT_EQ(max_rel_error(xg.grad(), xf.grad()), 0.0) << "n " << n << (masked ? " masked" : "");
+        }
+      }
+    }
+  }
+}

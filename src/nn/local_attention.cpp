@@ -1,6 +1,7 @@
 #include "colt5/nn/local_attention.h"
 
 #include <ATen/record_function.h>
+#include <c10/core/InferenceMode.h>
 
 #include <cmath>
 #include <limits>
@@ -22,12 +23,13 @@ namespace nn {
 namespace detail {
 
 // The masks of a LocalAttention that depend only on the sequence length,
-// built once per length, device and stream (see forward()).
+// built once per length, device, stream and inference mode (see forward()).
 struct LocalWindowMasks {
   std::mutex mutex;
   int64_t n = -1;
   c10::Device device{c10::kCPU};
   c10::StreamId stream = 0;
+  bool inference = false;  // built under c10::InferenceMode (inference tensors, which autograd may not save)
   torch::Tensor pad;    // (1, windows, 1, span) bool: slots outside the sequence
   torch::Tensor limit;  // (1, 1, ws, span) bool: causal or exact-window limits; undefined if none
   torch::Tensor allow;  // !limit
@@ -296,7 +298,8 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
     auto& c = *window_masks_;
     std::lock_guard<std::mutex> lock(c.mutex);
     const c10::StreamId stream = current_stream_id(q.device());
-    if (c.n != n || c.device != q.device() || c.stream != stream) {
+    const bool inference = c10::InferenceMode::is_enabled();
+    if (c.n != n || c.device != q.device() || c.stream != stream || c.inference != inference) {
       auto lo = q.options().dtype(torch::kLong);
       auto p = (torch::arange(windows, lo).view({1, windows, 1, 1}) - back) * ws + torch::arange(span, lo);
       c.pad = p.lt(0).logical_or_(p.ge(n));
@@ -313,6 +316,7 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
       c.n = n;
       c.device = q.device();
       c.stream = stream;
+      c.inference = inference;
       c.fill = c.zero = torch::Tensor();
     }
     if (!c.fill.defined() || c.fill.scalar_type() != bq.scalar_type()) {
