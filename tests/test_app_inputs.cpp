@@ -587,5 +587,51 @@ TEST(AppInputs, CheckOnlyCommandLineChecksWithoutRunning) {
   // --tf32 is a run-time switch: accepted with --resume too.
   EXPECT_EQ(check({"bench", "--tf32", "--no-amp"}).first, 0);
   EXPECT_EQ(check({"train", "--resume", "x", "--tf32"}).first, 0);
+  EXPECT_EQ(check({"train", "--resume", "x", "--cuda-graph"}).first, 0);
+  r = check({"train", "--cuda-graph"});  // the CPU by default
+  EXPECT_EQ(r.first, 2);
+  EXPECT_CONTAINS(r.second, "--cuda-graph");
+  remove_tree(dir);
+}
+
+// --cuda-graph (train, bench) replays the training step from a CUDA graph: on
+// the CPU, with several micro-batches or several processes it is a usage error
+// naming what to change; with --resume it is accepted (a run-time switch).
+TEST(AppInputs, CudaGraphNeedsCudaOneMicroBatchAndOneProcess) {
+  const std::string dir = temp_dir("graph");
+  CliResult r = cli({"train", "--out", dir + "/run", "--cuda-graph", "--steps", "1", "--progress", "never"});
+  EXPECT_EQ(r.status, 2) << r.err;
+  EXPECT_CONTAINS(r.err, "--cuda-graph replays the training step from a CUDA graph: it needs --device cuda");
+  EXPECT_FALSE(path_exists(dir + "/run/metrics.csv"));
+  r = cli({"bench", "--cuda-graph", "--iters", "1"});
+  EXPECT_EQ(r.status, 2) << r.err;
+  EXPECT_CONTAINS(r.err, "--cuda-graph replays the training step from a CUDA graph: it needs --device cuda");
+
+  TrainConfig t;
+  t.device = "cuda";
+  TrainOptions o;
+  EXPECT_NO_THROW(check_cuda_graph(t, o));  // off: nothing to check
+  o.cuda_graph = true;
+  auto message = [&] {
+    try {
+      check_cuda_graph(t, o);
+    } catch (const UsageError& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+#ifdef COLT5_WITH_CUDA
+  EXPECT_EQ(message(), "");
+  t.grad_accum = 2;
+  EXPECT_CONTAINS(message(), "use --grad-accum 1 (got 2)");
+  t.grad_accum = 1;
+  o.dist.nproc = 2;
+  EXPECT_CONTAINS(message(), "--cuda-graph runs in one process");
+  o.dist.nproc = 1;
+  o.dist.explicit_group = true;
+  EXPECT_CONTAINS(message(), "--cuda-graph runs in one process");
+#else
+  EXPECT_CONTAINS(message(), "--cuda-graph needs colt5 built with CUDA");
+#endif
   remove_tree(dir);
 }

@@ -174,6 +174,10 @@ struct TrainCommand {
         ->group("Run");
     cmd->add_option("--resume", o.resume, "continue from a checkpoint (or the newest one of a run directory)")
         ->group("Run");
+    cmd->add_flag("--cuda-graph", o.cuda_graph,
+                  "CUDA: capture the step's forward and backward once in a CUDA graph and replay it (no host launch "
+                  "overhead; one process, --grad-accum 1)")
+        ->group("Run");
     cmd->add_option("--progress", progress, "live progress bar: auto (when stdout is a terminal), always, never")
         ->capture_default_str()
         ->check(CLI::IsMember({"auto", "always", "never"}))
@@ -253,6 +257,7 @@ struct TrainCommand {
     }
     o.interactive = progress == "always" || (progress == "auto" && ::isatty(STDOUT_FILENO) == 1);
     o.dist = resolve_dist_options(o.dist);
+    if (!check_only || o.resume.empty()) check_cuda_graph(t, o);
     if (o.dist.nproc > 1 && t.batch_size % o.dist.nproc != 0)
       throw UsageError("--batch " + std::to_string(t.batch_size) + " (the global batch) is not divisible by --nproc " +
                        std::to_string(o.dist.nproc) + "; use a multiple of " + std::to_string(o.dist.nproc));
@@ -338,6 +343,9 @@ struct BenchCommand {
     cmd->add_flag("--no-amp", no_amp, "CUDA: float32 instead of bf16 autocast");
     add_tf32(cmd, tf32);
     cmd->add_flag("--dense", bo.dense, "also time a dense model: full causal attention, full-width feedforward");
+    cmd->add_flag("--cuda-graph", bo.cuda_graph,
+                  "CUDA: also time the training step captured once in a CUDA graph and replayed (no host launch "
+                  "overhead)");
   }
   int run() {
     bo.amp = !no_amp;

@@ -2,7 +2,10 @@
 
 #include <torch/torch.h>
 #ifdef COLT5_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
 #endif
 
 #include <malloc.h>
@@ -180,11 +183,39 @@ double peak_memory_mib(bool cuda) {
   return status_mib("VmHWM:") - cpu_baseline_mib;
 }
 
+// The training step captured once in a CUDA graph (after two warm-up steps on
+// the capturing stream) and replayed: its median time without the host's
+// launch overhead. The step must make no host synchronization.
+double time_graph_ms(const std::function<void()>& step, int64_t iters) {
+#ifdef COLT5_WITH_CUDA
+  at::cuda::CUDAStream side = at::cuda::getStreamFromPool();
+  at::cuda::CUDAGraph graph;
+  {
+    at::cuda::CUDAStreamGuard guard(side);
+    step();
+    step();
+    side.synchronize();
+    graph.capture_begin();
+    step();
+    graph.capture_end();
+  }
+  torch::cuda::synchronize();
+  graph.replay();  // the first replay uploads the graph
+  return time_ms([&] { graph.replay(); }, iters, true);
+#else
+  (void)step;
+  (void)iters;
+  throw UsageError("--cuda-graph needs colt5 built with CUDA");
+#endif
+}
+
 }  // namespace
 
 void check_bench_options(const ModelConfig& model, const BenchOptions& o) {
   if (o.batch < 1 || o.seq_len < 2 || o.iters < 1 || o.warmup < 0)
     throw UsageError("--batch >= 1, --seq-len >= 2, --iters >= 1 and --warmup-iters >= 0 are required");
+  if (o.cuda_graph && o.device != "cuda")
+    throw UsageError("--cuda-graph replays the training step from a CUDA graph: it needs --device cuda");
   ModelConfig m = model;
   m.max_seq_len = std::max(m.max_seq_len, o.seq_len);
   TrainConfig t;
@@ -209,11 +240,11 @@ int run_bench(ModelConfig m, const BenchOptions& o) {
       static_cast<long long>(a.num_heavy_tokens_q()), static_cast<long long>(a.num_heavy_tokens_kv()),
       static_cast<long long>(o.iters), static_cast<long long>(o.warmup),
       !cuda ? "" : o.amp ? ", bf16 autocast" : at::globalContext().allowTF32CuBLAS() ? ", float32 with TF32" : ", float32 (TF32 off)");
-  std::printf("%-11s %12s %12s %14s %16s %12s\n", "model", "parameters", "forward ms", "fwd+bwd ms", "train tokens/s",
-              "peak MiB");
+  std::printf("%-11s %12s %12s %14s %16s %12s%s\n", "model", "parameters", "forward ms", "fwd+bwd ms", "train tokens/s",
+              "peak MiB", o.cuda_graph ? "   graph fwd+bwd ms   graph tokens/s" : "");
   std::vector<Arch> archs{Arch::routed, Arch::light_only};
   if (o.dense) archs.push_back(Arch::dense);
-  std::vector<double> fwd, both;
+  std::vector<double> fwd, both, graphed;
   bool peak_exact = true;
   for (Arch arch : archs) {
     ModelConfig mv = m;
@@ -245,13 +276,28 @@ int run_bench(ModelConfig m, const BenchOptions& o) {
     }
     fwd.push_back(time_ms(forward, o.iters, cuda));
     both.push_back(time_ms(train_step, o.iters, cuda));
-    std::printf("%-11s %12lld %12.2f %14.2f %16.0f %12.1f\n", arch_name(arch),
+    // Peak memory of the eager steps; the graph keeps its own pool.
+    const double peak = peak_memory_mib(cuda);
+    const double step_tokens = static_cast<double>(o.batch * o.seq_len);
+    std::string graph_cols;
+    if (o.cuda_graph) {
+      graphed.push_back(time_graph_ms(train_step, o.iters));
+      char buf[64];
+      std::snprintf(buf, sizeof buf, " %20.2f %16.0f", graphed.back(), step_tokens / (graphed.back() / 1000.0));
+      graph_cols = buf;
+    }
+    std::printf("%-11s %12lld %12.2f %14.2f %16.0f %12.1f%s\n", arch_name(arch),
                 static_cast<long long>(count_parameters(*model)), fwd.back(), both.back(),
-                static_cast<double>(o.batch * o.seq_len) / (both.back() / 1000.0), peak_memory_mib(cuda));
+                step_tokens / (both.back() / 1000.0), peak, graph_cols.c_str());
   }
-  std::printf("routed / light-only time: forward %.2fx, forward+backward %.2fx\n", fwd[0] / fwd[1], both[0] / both[1]);
-  if (o.dense)
-    std::printf("routed / dense time: forward %.2fx, forward+backward %.2fx\n", fwd[0] / fwd[2], both[0] / both[2]);
+  std::printf("routed / light-only time: forward %.2fx, forward+backward %.2fx", fwd[0] / fwd[1], both[0] / both[1]);
+  if (o.cuda_graph) std::printf(", forward+backward from a graph %.2fx", graphed[0] / graphed[1]);
+  std::printf("\n");
+  if (o.dense) {
+    std::printf("routed / dense time: forward %.2fx, forward+backward %.2fx", fwd[0] / fwd[2], both[0] / both[2]);
+    if (o.cuda_graph) std::printf(", forward+backward from a graph %.2fx", graphed[0] / graphed[2]);
+    std::printf("\n");
+  }
   const char* peak = cuda         ? "CUDA caching allocator, peak allocated bytes while that model ran"
                      : peak_exact ? "rise of the process's peak resident set over its resident set before that model"
                                   : "could not be measured (/proc/self/clear_refs is not writable)";

@@ -33,6 +33,7 @@ struct BenchOptions {
   std::string device = "cpu";
   bool amp = true;
   bool dense = false;  // also time a dense model at the same widths
+  bool cuda_graph = false;  // CUDA: also time the training step replayed from a CUDA graph
 };
 int run_bench(ModelConfig m, const BenchOptions& o);
 // The checks run_bench makes before building anything (UsageError).

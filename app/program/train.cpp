@@ -3,6 +3,11 @@
 #include <torch/torch.h>
 #include <torch/version.h>
 #include <ATen/autocast_mode.h>
+#ifdef COLT5_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -217,6 +222,33 @@ std::vector<MetricsRow> read_metrics(const std::string& path) {
 
 // ------------------------------------------------------------------ trainer
 
+void check_cuda_graph(const TrainConfig& t, const TrainOptions& o) {
+  if (!o.cuda_graph) return;
+  if (t.device != "cuda")
+    throw UsageError("--cuda-graph replays the training step from a CUDA graph: it needs --device cuda");
+#ifndef COLT5_WITH_CUDA
+  throw UsageError("--cuda-graph needs colt5 built with CUDA");
+#endif
+  if (t.grad_accum != 1)
+    throw UsageError("--cuda-graph captures one micro-batch's forward and backward: use --grad-accum 1 (got " +
+                     std::to_string(t.grad_accum) + "), with a larger --batch if it fits");
+  if (o.dist.nproc > 1 || o.dist.world_size > 1 || o.dist.explicit_group)
+    throw UsageError("--cuda-graph runs in one process: the data-parallel all-reduce runs during the backward, "
+                     "which a graph cannot hold");
+}
+
+// One training step's forward and backward, captured once in a CUDA graph and
+// replayed: the batch is copied into fixed input tensors, the replay writes the
+// loss and every parameter's gradient into fixed tensors (the parameters'
+// .grad(), which must not be reset between steps), the optimizer steps eagerly.
+struct Trainer::GraphedStep {
+#ifdef COLT5_WITH_CUDA
+  torch::Tensor tokens, targets, loss;
+  at::cuda::CUDAGraph graph;
+  bool captured = false;
+#endif
+};
+
 Trainer::Trainer(ModelConfig m, TrainConfig t, TrainOptions o) : m_(std::move(m)), t_(std::move(t)), o_(std::move(o)) {}
 
 Trainer::~Trainer() {
@@ -240,6 +272,7 @@ void Trainer::setup() {
   if (is_task(t_)) m_.vocab_size = task_vocab(t_);
   m_.max_seq_len = std::max(m_.max_seq_len, t_.seq_len);
   validate(t_, m_);
+  check_cuda_graph(t_, o_);
   device_ = parse_device(t_.device);
   const int world = static_cast<int>(std::max<int64_t>(1, o_.dist.world_size));
   if (world > 1 || o_.dist.explicit_group) {
@@ -270,6 +303,7 @@ void Trainer::setup() {
   }
   for (const auto& p : model_->parameters())
     if (p.requires_grad()) params_.push_back(p);
+  if (o_.cuda_graph) graphed_ = std::make_unique<GraphedStep>();
   last_saved_ = start_step_;
   end_step_ = t_.stop_after > 0 ? std::min(t_.stop_after, t_.steps) : t_.steps;
   tokens_per_step_ = t_.batch_size * t_.seq_len * t_.grad_accum;  // global: --batch is the global batch
@@ -355,9 +389,13 @@ void Trainer::print_header(std::ostream& os) const {
 double Trainer::train_step(int64_t step) {
   const double lr = learning_rate(t_, step);
   for (auto& g : opt_->param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
-  opt_->zero_grad();
   double step_loss = 0;
-  for (int64_t micro = 0; micro < t_.grad_accum; ++micro) {
+  if (graphed_) {
+    step_loss = graphed_step(step);
+  } else {
+    opt_->zero_grad();
+  }
+  for (int64_t micro = 0; micro < (graphed_ ? 0 : t_.grad_accum); ++micro) {
     Batch b = work_->train_batch(step, micro);
     Batch d{b.tokens.to(device_), b.targets.to(device_)};
     torch::Tensor loss;
@@ -378,6 +416,54 @@ double Trainer::train_step(int64_t step) {
   if (t_.grad_clip > 0) torch::nn::utils::clip_grad_norm_(model_->parameters(), t_.grad_clip);
   opt_->step();
   return step_loss;
+}
+
+double Trainer::graphed_step(int64_t step) {
+#ifdef COLT5_WITH_CUDA
+  GraphedStep& g = *graphed_;
+  Batch b = work_->train_batch(step, 0);
+  auto compute = [&] {
+    AutocastGuard autocast(t_.amp);
+    return batch_loss(model_, Batch{g.tokens, g.targets}, work_->is_task(), t_.lm_weight, false).loss;
+  };
+  if (!g.captured) {
+    g.tokens = b.tokens.to(device_);
+    g.targets = b.targets.to(device_);
+    // Warm-up on the capturing stream (lazy initializations stay out of the
+    // graph), then the capture, with the gradients unset: the backward
+    // allocates them in the graph's memory and every replay rewrites them.
+    at::cuda::CUDAStream side = at::cuda::getStreamFromPool(false, device_.index());
+    {
+      at::cuda::CUDAStreamGuard guard(side);
+      auto unset_grads = [&] {
+        for (auto& p : params_) p.mutable_grad() = torch::Tensor();
+      };
+      for (int i = 0; i < 2; ++i) {
+        unset_grads();
+        compute().backward();
+      }
+      side.synchronize();
+      unset_grads();
+      g.graph.capture_begin();
+      g.loss = compute();
+      g.loss.backward();
+      g.graph.capture_end();
+    }
+    torch::cuda::synchronize();
+    g.captured = true;
+  } else {
+    if (b.tokens.sizes() != g.tokens.sizes() || b.targets.sizes() != g.targets.sizes())
+      throw std::runtime_error("--cuda-graph: batch of step " + std::to_string(step) + " has another shape than the "
+                               "captured one");
+    g.tokens.copy_(b.tokens);
+    g.targets.copy_(b.targets);
+  }
+  g.graph.replay();
+  return g.loss.item<double>();
+#else
+  (void)step;
+  throw UsageError("--cuda-graph needs colt5 built with CUDA");
+#endif
 }
 
 void Trainer::report_step(std::ostream& os, int64_t step, double step_loss, double lr) {

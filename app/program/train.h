@@ -96,7 +96,12 @@ struct TrainOptions {
   int64_t max_text_bytes = 0;  // > 0: use only the first bytes of --data (tests)
   int keep_checkpoints = 2;
   DistOptions dist;  // world_size > 1: one process of a data-parallel run (resolve_dist_options)
+  bool cuda_graph = false;  // CUDA: replay each step's forward and backward from one captured CUDA graph
 };
+
+// The settings --cuda-graph needs (UsageError otherwise): CUDA, one micro-batch
+// per step, one process.
+void check_cuda_graph(const TrainConfig& t, const TrainOptions& o);
 
 struct TrainResult {
   int64_t step = 0;
@@ -120,6 +125,7 @@ class Trainer {
   void open_run_dir();  // lock, refuse another run's directory, metrics.csv
   void print_header(std::ostream& os) const;
   double train_step(int64_t step);  // one optimizer step; returns its loss
+  double graphed_step(int64_t step);  // --cuda-graph: the step's forward and backward from the graph
   void report_step(std::ostream& os, int64_t step, double step_loss, double lr);
   void evaluate_now(std::ostream& os, int64_t step, MetricsRow& row);
   void save(int64_t step);
@@ -136,6 +142,8 @@ class Trainer {
   std::unique_ptr<torch::optim::AdamW> opt_;
   std::unique_ptr<RunLock> lock_;
   std::unique_ptr<ProcessGroup> group_;  // data-parallel runs
+  struct GraphedStep;
+  std::unique_ptr<GraphedStep> graphed_;  // --cuda-graph
   std::vector<torch::Tensor> params_;
   int64_t last_saved_ = 0;
   std::string resume_ckpt_, run_id_, metrics_path_, plot_path_;

@@ -14,7 +14,9 @@
 #include "nn/masking.h"
 
 #ifdef COLT5_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #endif
 
 namespace colt5 {
@@ -22,18 +24,23 @@ namespace nn {
 
 namespace detail {
 
-// The masks of a LocalAttention that depend only on the sequence length,
-// built once per length, device, stream and inference mode (see forward()).
-struct LocalWindowMasks {
-  std::mutex mutex;
+// The masks of a LocalAttention that depend only on the sequence length
+// (see forward()), and what they were built for.
+struct WindowMaskSet {
   int64_t n = -1;
   c10::Device device{c10::kCPU};
   c10::StreamId stream = 0;
   bool inference = false;  // built under c10::InferenceMode (inference tensors, which autograd may not save)
-  torch::Tensor pad;    // (1, windows, 1, span) bool: slots outside the sequence
-  torch::Tensor limit;  // (1, 1, ws, span) bool: causal or exact-window limits; undefined if none
-  torch::Tensor allow;  // !limit
+  torch::Tensor pad;       // (1, windows, 1, span) bool: slots outside the sequence
+  torch::Tensor limit;     // (1, 1, ws, span) bool: causal or exact-window limits; undefined if none
+  torch::Tensor allow;     // !limit
   torch::Tensor fill, zero;  // 0-d, the hidden entries' additive value and 0, in the queries' dtype
+};
+
+// The last set built, kept between calls.
+struct LocalWindowMasks {
+  std::mutex mutex;
+  WindowMaskSet set;
 };
 
 }  // namespace detail
@@ -47,6 +54,19 @@ c10::StreamId current_stream_id(const c10::Device& device) {
 #endif
   (void)device;
   return 0;
+}
+
+// Whether the kernels on `device` are being captured into a CUDA graph now.
+bool capturing(const c10::Device& device) {
+#ifdef COLT5_WITH_CUDA
+  if (device.is_cuda()) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device.index()).stream(), &status));
+    return status != cudaStreamCaptureStatusNone;
+  }
+#endif
+  (void)device;
+  return false;
 }
 
 // x: (B, windows, ...). Each window is joined (along dim 2) with its
@@ -287,55 +307,58 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
     }
   }
 
-  // What a query may not see regardless of the input, in two small factors
-  // (cached per length, device and stream): look-around slots outside the
-  // sequence (1, windows, 1, span) and the causal or exact-window limits
-  // (1, 1, ws, span), which depend only on the query's place in its window
-  // and the slot.
+  // What a query may not see regardless of the input, in two small factors:
+  // look-around slots outside the sequence (1, windows, 1, span) and the
+  // causal or exact-window limits (1, 1, ws, span), which depend only on the
+  // query's place in its window and the slot. Kept between calls (per length,
+  // device, stream and inference mode); never while a CUDA graph is being
+  // captured: a graph would read the kept tensors at every replay, after a
+  // later call may have replaced (and freed) them.
   const int64_t span = (back + fwd + 1) * ws;
-  torch::Tensor pad_slots, limits, allowed, fill_t, zero_t;
-  {
-    auto& c = *window_masks_;
-    std::lock_guard<std::mutex> lock(c.mutex);
-    const c10::StreamId stream = current_stream_id(q.device());
-    const bool inference = c10::InferenceMode::is_enabled();
-    if (c.n != n || c.device != q.device() || c.stream != stream || c.inference != inference) {
-      auto lo = q.options().dtype(torch::kLong);
-      auto p = (torch::arange(windows, lo).view({1, windows, 1, 1}) - back) * ws + torch::arange(span, lo);
-      c.pad = p.lt(0).logical_or_(p.ge(n));
-      auto diff = torch::arange(span, lo).view({1, 1, 1, span}) - torch::arange(ws, lo).view({1, 1, ws, 1});
-      if (options.causal()) {  // query t = w * ws + i, key p = (w - back) * ws + j: t < p, and p + ws * back < t
-        c.limit = diff.gt(back * ws);
-        if (options.exact_windowsize()) c.limit.logical_or_(diff.lt(0));
-      } else if (options.exact_windowsize()) {  // p - ws * fwd > t, and p + ws * back < t
-        c.limit = diff.gt((back + fwd) * ws).logical_or_(diff.lt(0));
-      } else {
-        c.limit = torch::Tensor();
-      }
-      c.allow = c.limit.defined() ? c.limit.logical_not() : torch::Tensor();
-      c.n = n;
-      c.device = q.device();
-      c.stream = stream;
-      c.inference = inference;
-      c.fill = c.zero = torch::Tensor();
-    }
-    if (!c.fill.defined() || c.fill.scalar_type() != bq.scalar_type()) {
-      // Hidden entries take the most negative finite value, as in the reference
-      // (a query that sees nothing averages its whole look-around uniformly).
-      // In the fused path the value is finite in bf16 too, where autocast may
-      // cast it: bf16's most negative value for float32 and bf16, float16's for
-      // float16.
-      const double fill = !fused || bq.scalar_type() == torch::kHalf ? most_negative(bq.scalar_type())
-                                                                      : most_negative(torch::kBFloat16);
-      c.fill = torch::full({}, fill, bq.options());
-      c.zero = torch::zeros({}, bq.options());
-    }
-    pad_slots = c.pad;
-    limits = c.limit;
-    allowed = c.allow;
-    fill_t = c.fill;
-    zero_t = c.zero;
+  detail::WindowMaskSet masks;
+  const bool kept = !capturing(q.device());
+  std::unique_lock<std::mutex> lock(window_masks_->mutex, std::defer_lock);
+  if (kept) {
+    lock.lock();
+    masks = window_masks_->set;
   }
+  const c10::StreamId stream = current_stream_id(q.device());
+  const bool inference = c10::InferenceMode::is_enabled();
+  if (masks.n != n || masks.device != q.device() || masks.stream != stream || masks.inference != inference) {
+    masks = detail::WindowMaskSet();
+    auto lo = q.options().dtype(torch::kLong);
+    auto p = (torch::arange(windows, lo).view({1, windows, 1, 1}) - back) * ws + torch::arange(span, lo);
+    masks.pad = p.lt(0).logical_or_(p.ge(n));
+    auto diff = torch::arange(span, lo).view({1, 1, 1, span}) - torch::arange(ws, lo).view({1, 1, ws, 1});
+    if (options.causal()) {  // query t = w * ws + i, key p = (w - back) * ws + j: t < p, and p + ws * back < t
+      masks.limit = diff.gt(back * ws);
+      if (options.exact_windowsize()) masks.limit.logical_or_(diff.lt(0));
+    } else if (options.exact_windowsize()) {  // p - ws * fwd > t, and p + ws * back < t
+      masks.limit = diff.gt((back + fwd) * ws).logical_or_(diff.lt(0));
+    }
+    if (masks.limit.defined()) masks.allow = masks.limit.logical_not();
+    masks.n = n;
+    masks.device = q.device();
+    masks.stream = stream;
+    masks.inference = inference;
+  }
+  if (!masks.fill.defined() || masks.fill.scalar_type() != bq.scalar_type()) {
+    // Hidden entries take the most negative finite value, as in the reference
+    // (a query that sees nothing averages its whole look-around uniformly).
+    // In the fused path the value is finite in bf16 too, where autocast may
+    // cast it: bf16's most negative value for float32 and bf16, float16's for
+    // float16.
+    const double fill = !fused || bq.scalar_type() == torch::kHalf ? most_negative(bq.scalar_type())
+                                                                    : most_negative(torch::kBFloat16);
+    masks.fill = torch::full({}, fill, bq.options());
+    masks.zero = torch::zeros({}, bq.options());
+  }
+  if (kept) {
+    window_masks_->set = masks;
+    lock.unlock();
+  }
+  const torch::Tensor &pad_slots = masks.pad, &limits = masks.limit, &allowed = masks.allow, &fill_t = masks.fill,
+                      &zero_t = masks.zero;
 
   // visible (mask rows, windows, ws or 1, span): the slots a query may see;
   // seen: whether it sees any. Without a key mask every query sees its own
