@@ -6,8 +6,9 @@
 # tests (ctest -L cuda), the CPU tests when COLT5_GPU_CPU_TESTS=1, the CUDA
 # benchmark and right after it the reference package's on the same GPU
 # (bench/bench_modules_reference.py; scripts/vendor.sh vendors the package),
-# then the operator counts of each module's training step (bench_ops) and
-# prints a short table. Logs go to $OUT when it is set.
+# then the operator counts of each module's training step (bench_ops), the
+# program's --cuda-graph (a short training eager and from a graph, compared;
+# the README's bench with the replayed step), and prints a short table. Logs go to $OUT when it is set.
 #   COLT5_GPU_BUILD   build folder (default /tmp/colt5-build)
 #   COLT5_GPU_CPU_TESTS=1  also build and run the CPU tests
 #   COLT5_GPU_BENCH=0      skip the benchmark
@@ -28,10 +29,10 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total 
 prefix=$("$PYTHON" -c 'import torch;print(torch.utils.cmake_prefix_path)') || { echo "gpu.sh: no PyTorch"; exit 1; }
 stamp "configure ($build)"
 if ! cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$prefix" -DCOLT5_CUDA=ON \
-    -DCOLT5_BUILD_APPS=OFF >"$logs/configure.log" 2>&1; then
+    >"$logs/configure.log" 2>&1; then
   tail -40 "$logs/configure.log"; exit 1
 fi
-targets=(colt5_cuda_tests bench_coor_descent_cuda bench_modules_cuda bench_ops)
+targets=(colt5_cuda_tests bench_coor_descent_cuda bench_modules_cuda bench_ops colt5-cli)
 [ "${COLT5_GPU_CPU_TESTS:-0}" = 1 ] && targets+=(colt5_tests)
 stamp "build ${targets[*]} with $(nproc) jobs"
 if ! ninja -C "$build" -j"$(nproc)" "${targets[@]}" >"$logs/build.log" 2>&1; then
@@ -62,6 +63,38 @@ if [ "${COLT5_GPU_BENCH:-1}" = 1 ]; then
   stamp "bench_ops --device cuda"
   "$build/bench_ops" --device cuda --seq 8192 --dim 512 >"$logs/bench_ops.txt" 2>&1 || bench_rc=1
 fi
+# The program's --cuda-graph: the same short training eager and from a graph
+# (same seed and batches: the losses agree up to the order of floating-point
+# atomics), and the README's bench with the replayed step beside the eager one.
+graph_rc=-
+if [ "${COLT5_GPU_BENCH:-1}" = 1 ]; then
+  stamp "colt5 train eager / --cuda-graph, colt5 bench --cuda-graph"
+  graph_rc=0
+  for mode in eager graph; do
+    flag=""
+    [ "$mode" = graph ] && flag=--cuda-graph
+    rm -rf "$build/run-$mode"
+    "$build/app/colt5" train --device cuda --out "$build/run-$mode" --steps 60 --log-every 10 --eval-every 30 \
+      --progress never $flag >"$logs/train_$mode.txt" 2>&1 || graph_rc=1
+  done
+  "$PYTHON" - "$build/run-eager/metrics.csv" "$build/run-graph/metrics.csv" >"$logs/train_graph_vs_eager.txt" 2>&1 <<'PY' || graph_rc=1
+import csv, sys
+rows = [{int(r["step"]): r for r in csv.DictReader(open(p))} for p in sys.argv[1:]]
+worst = 0.0
+for step, a in sorted(rows[0].items()):
+    b = rows[1][step]
+    for key in ("train_loss", "valid_loss"):
+        if a[key] and b[key]:
+            x, y = float(a[key]), float(b[key])
+            worst = max(worst, abs(x - y) / max(abs(x), 1e-12))
+            print(f"step {step} {key}: eager {x:.6f} graph {y:.6f}")
+print(f"largest relative difference {worst:.2e}")
+sys.exit(0 if worst < 1e-2 else 1)
+PY
+  "$build/app/colt5" bench --device cuda --batch 8 --seq-len 8192 --dim 512 --depth 2 --window 128 --heavy-q 32 \
+    --heavy-kv 1024 --light-heads 8 --heavy-heads 8 --light-dim-head 64 --heavy-dim-head 64 --dense --cuda-graph \
+    --iters 10 --warmup-iters 2 >"$logs/bench_program.txt" 2>&1 || graph_rc=1
+fi
 stamp "done"
 {
   echo "== CUDA tests (rc $cuda_rc)"
@@ -69,5 +102,7 @@ stamp "done"
   [ "$cpu_rc" != - ] && { echo "== CPU tests (rc $cpu_rc)"; grep -E "tests passed|\(Failed\)|\*\*\*" "$logs/ctest_cpu.log" | head -20; }
   [ "$bench_rc" != - ] && { echo "== benchmark (rc $bench_rc)"; sed -n '/^device:/,$p' "$logs/bench.txt";
     echo; cat "$logs/bench_modules.txt"; echo; cat "$logs/bench_ops.txt"; echo; cat "$logs/bench_reference.txt"; }
+  [ "$graph_rc" != - ] && { echo "== colt5 --cuda-graph (rc $graph_rc)"; tail -3 "$logs/train_graph_vs_eager.txt";
+    cat "$logs/bench_program.txt"; }
 } | tee "$logs/summary.txt"
-[ "$cuda_rc" = 0 ] && [ "$cpu_rc" != 1 ] && [ "$bench_rc" != 1 ]
+[ "$cuda_rc" = 0 ] && [ "$cpu_rc" != 1 ] && [ "$bench_rc" != 1 ] && [ "$graph_rc" != 1 ]
