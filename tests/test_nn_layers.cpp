@@ -72,6 +72,42 @@ TEST(NnLayers, RMSNormIsNormalizeTimesSqrtDimTimesGamma) {
   expect_error([&] { norm(torch::randn({2, 8})); }, "dimension 16");
 }
 
+// RMSNorm's written-out backward against autograd through the composite
+// formula, in float64: ordinary rows, a zero row and a row below the norm's
+// floor (where the factor is constant); the input and gamma gradients. It is
+// not differentiable twice and says so.
+TEST(NnLayers, RMSNormBackwardMatchesAutogradOfTheFormula) {
+  torch::manual_seed(1);
+  RMSNorm norm(16);
+  norm->to(torch::kDouble);
+  randomize(*norm);
+  auto x0 = torch::randn({3, 5, 16}, torch::kDouble);
+  x0[0][0].zero_();
+  x0[1][2].fill_(1e-15);  // ||x|| = 4e-15 < 1e-12
+  auto g = torch::randn({3, 5, 16}, torch::kDouble);
+  auto x = x0.clone().requires_grad_(true);
+  norm(x).backward(g);
+  auto xr = x0.clone().requires_grad_(true);
+  auto gamma = norm->gamma.detach().clone().requires_grad_(true);
+  auto factor = xr.norm(2, {-1}, true).clamp_min(1e-12).reciprocal() * std::sqrt(16.0);
+  (xr * factor * gamma).backward(g);
+  EXPECT_LT(max_rel_error(x.grad(), xr.grad()), 1e-12);
+  EXPECT_LT(max_rel_error(norm->gamma.grad(), gamma.grad()), 1e-12);
+  EXPECT_TRUE(torch::isfinite(x.grad()).all().item<bool>());
+  // float32 against float64
+  RMSNorm norm32(16);
+  norm32->gamma.data().copy_(norm->gamma.detach());
+  auto x32 = x0.to(torch::kFloat).requires_grad_(true);
+  norm32(x32).backward(g.to(torch::kFloat));
+  EXPECT_LT(max_rel_error(x32.grad(), x.grad()), 1e-5);
+  EXPECT_LT(max_rel_error(norm32->gamma.grad(), norm->gamma.grad()), 1e-5);
+  // no second derivative
+  auto x2 = x0.clone().requires_grad_(true);
+  auto y = norm(x2).sum();
+  expect_error([&] { torch::autograd::grad({y}, {x2}, {}, /*retain_graph=*/true, /*create_graph=*/true); },
+               "not differentiable");
+}
+
 TEST(NnLayers, FeedForwardNamesAndFormula) {
   torch::manual_seed(1);
   FeedForward ff(FeedForwardOptions(12).mult(0.5));
