@@ -6,7 +6,7 @@
 // this count is what the fixed cost scales with. On the CPU the same counts
 // (and the time per step at small shapes, which is mostly dispatch) measure
 // the host overhead of the code shared by both devices.
-//   bench_ops [--device cpu|cuda] [--seq N] [--dim D] [--runs N] [--top N]
+//   bench_ops [--device cpu|cuda] [--seq N] [--dim D] [--dim-head H] [--runs N] [--top N]
 //             [--only block|block-no-mask|autoregressive|cross|feedforward]
 //             [--trace SCOPE]   (print the calls made in a scope, e.g. router, backward)
 // Counts:
@@ -153,7 +153,7 @@ double median_ms(int runs, const std::function<void()>& step, const torch::Devic
 
 int usage() {
   std::fprintf(stderr,
-               "usage: bench_ops [--device cpu|cuda] [--seq N] [--dim D] [--runs N] [--top N]\n"
+               "usage: bench_ops [--device cpu|cuda] [--seq N] [--dim D] [--dim-head H] [--runs N] [--top N]\n"
                "                 [--only block|block-no-mask|autoregressive|cross|feedforward] [--trace SCOPE]\n");
   return 2;
 }
@@ -162,7 +162,7 @@ int usage() {
 
 int main(int argc, char** argv) {
   std::string device_name = "cpu", only;
-  int64_t seq = 2048, dim = 128;
+  int64_t seq = 2048, dim = 128, dim_head = 32;
   int runs = 20, top = 12;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -186,6 +186,8 @@ int main(int argc, char** argv) {
       seq = number();
     else if (a == "--dim")
       dim = number();
+    else if (a == "--dim-head")
+      dim_head = number();
     else if (a == "--runs")
       runs = static_cast<int>(number());
     else if (a == "--top")
@@ -198,8 +200,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "bench_ops: --device cuda but no CUDA device is available\n");
     return 1;
   }
-  if (dim % 64 != 0 || seq < 256 || seq % 128 != 0) {
-    std::fprintf(stderr, "bench_ops: --dim must be a multiple of 64 and --seq a multiple of 128, at least 256\n");
+  if (dim % (2 * dim_head) != 0 || seq < 256 || seq % 128 != 0) {
+    std::fprintf(stderr,
+                 "bench_ops: --dim must be a multiple of twice --dim-head, --seq a multiple of 128, at least 256\n");
     return 2;
   }
   const torch::Device device(device_name);
@@ -208,10 +211,10 @@ int main(int argc, char** argv) {
           .scopes({at::RecordScope::FUNCTION, at::RecordScope::BACKWARD_FUNCTION, at::RecordScope::USER_SCOPE}));
 
   torch::manual_seed(0);
-  const int64_t heads = dim / 32, k = seq / 8;
+  const int64_t heads = dim / dim_head, k = seq / 8;
   auto opts = torch::TensorOptions().device(device);
-  std::printf("operators of one training step (forward + backward), %s, float32, dim %lld, %lld heads of 32\n",
-              device_name.c_str(), (long long)dim, (long long)heads);
+  std::printf("operators of one training step (forward + backward), %s, float32, dim %lld, %lld heads of %lld\n",
+              device_name.c_str(), (long long)dim, (long long)heads, (long long)dim_head);
   std::printf("%-40s %7s %7s %7s %7s %9s %8s\n", "module", "calls", "leaves", "kernels", "nodes", "step ms",
               "us/call");
 
@@ -222,9 +225,9 @@ int main(int argc, char** argv) {
   std::vector<Row> rows;
 
   auto block_opts = ConditionalRoutedTransformerBlockOptions(dim, k, k, k)
-                        .light_dim_head(32)
+                        .light_dim_head(dim_head)
                         .light_heads(heads)
-                        .heavy_dim_head(32)
+                        .heavy_dim_head(dim_head)
                         .heavy_heads(heads)
                         .light_window_size(128);
   ConditionalRoutedTransformerBlock block(block_opts);
@@ -236,9 +239,9 @@ int main(int argc, char** argv) {
   rows.push_back({"block-no-mask", [&] { block->forward(x).sum().backward(); }});
 
   ConditionalRoutedAutoregressiveAttention ar(ConditionalRoutedAutoregressiveAttentionOptions(dim, 32, k)
-                                                  .light_dim_head(32)
+                                                  .light_dim_head(dim_head)
                                                   .light_heads(heads)
-                                                  .heavy_dim_head(32)
+                                                  .heavy_dim_head(dim_head)
                                                   .heavy_heads(heads)
                                                   .light_window_size(128)
                                                   .num_routed_kv(2)
@@ -247,7 +250,7 @@ int main(int argc, char** argv) {
   rows.push_back({"autoregressive 2 x " + std::to_string(seq), [&] { ar->forward(x).sum().backward(); }});
 
   ConditionalRoutedCrossAttention cross(
-      ConditionalRoutedCrossAttentionOptions(dim, 64, k).dim_head(32).heads(heads).kv_routing_tokens(2));
+      ConditionalRoutedCrossAttentionOptions(dim, 64, k).dim_head(dim_head).heads(heads).kv_routing_tokens(2));
   cross->to(device);
   auto q = torch::randn({2, 256, dim}, opts).requires_grad_(true);
   rows.push_back({"cross 2 x 256 over " + std::to_string(seq), [&] { cross->forward(q, x).sum().backward(); }});

@@ -61,7 +61,7 @@ if [ "${COLT5_GPU_BENCH:-1}" = 1 ]; then
   # The operators each module's training step dispatches on the GPU (and its
   # eager time).
   stamp "bench_ops --device cuda"
-  "$build/bench_ops" --device cuda --seq 8192 --dim 512 >"$logs/bench_ops.txt" 2>&1 || bench_rc=1
+  "$build/bench_ops" --device cuda --seq 8192 --dim 512 --dim-head 64 >"$logs/bench_ops.txt" 2>&1 || bench_rc=1
 fi
 # The program's --cuda-graph: the same short training eager and from a graph
 # (same seed and batches: the losses agree up to the order of floating-point
