@@ -1,5 +1,5 @@
-// The operators one training step (forward + backward) of each routed module
-// dispatches, counted with LibTorch's RecordFunction callbacks, and the host
+// The operators one training step (forward + backward, gradients unset
+// first) of each routed module dispatches, counted with LibTorch's RecordFunction callbacks, and the host
 // time of that step on small shapes. On a GPU each operator is at least one
 // host dispatch and most are a kernel launch: at 8k tokens the block's eager
 // step is launch-bound (about twice its time replayed from a CUDA graph), so
@@ -139,6 +139,13 @@ Counts count_step(const std::function<void()>& step, const torch::Device& device
   return counts;
 }
 
+// Gradients unset before a step, as a training step starts (the backward then
+// writes them instead of adding to them).
+void unset_grads(torch::nn::Module& m, const std::vector<torch::Tensor>& inputs) {
+  for (auto& p : m.parameters()) p.mutable_grad() = torch::Tensor();
+  for (auto t : inputs) t.mutable_grad() = torch::Tensor();
+}
+
 double median_ms(int runs, const std::function<void()>& step, const torch::Device& device) {
   std::vector<double> t;
   for (int i = 0; i < runs; ++i) {
@@ -235,8 +242,14 @@ int main(int argc, char** argv) {
   auto x = torch::randn({2, seq, dim}, opts).requires_grad_(true);
   auto all_true = torch::ones({2, seq}, opts.dtype(torch::kBool));
   rows.push_back({"block 2 x " + std::to_string(seq) + ", all-true mask",
-                  [&] { block->forward(x, all_true).sum().backward(); }});
-  rows.push_back({"block-no-mask", [&] { block->forward(x).sum().backward(); }});
+                  [&] {
+                    unset_grads(*block, {x});
+                    block->forward(x, all_true).sum().backward();
+                  }});
+  rows.push_back({"block-no-mask", [&] {
+                    unset_grads(*block, {x});
+                    block->forward(x).sum().backward();
+                  }});
 
   ConditionalRoutedAutoregressiveAttention ar(ConditionalRoutedAutoregressiveAttentionOptions(dim, 32, k)
                                                   .light_dim_head(dim_head)
@@ -247,17 +260,26 @@ int main(int argc, char** argv) {
                                                   .num_routed_kv(2)
                                                   .rotary_emb(true));
   ar->to(device);
-  rows.push_back({"autoregressive 2 x " + std::to_string(seq), [&] { ar->forward(x).sum().backward(); }});
+  rows.push_back({"autoregressive 2 x " + std::to_string(seq), [&] {
+                    unset_grads(*ar, {x});
+                    ar->forward(x).sum().backward();
+                  }});
 
   ConditionalRoutedCrossAttention cross(
       ConditionalRoutedCrossAttentionOptions(dim, 64, k).dim_head(dim_head).heads(heads).kv_routing_tokens(2));
   cross->to(device);
   auto q = torch::randn({2, 256, dim}, opts).requires_grad_(true);
-  rows.push_back({"cross 2 x 256 over " + std::to_string(seq), [&] { cross->forward(q, x).sum().backward(); }});
+  rows.push_back({"cross 2 x 256 over " + std::to_string(seq), [&] {
+                    unset_grads(*cross, {q, x});
+                    cross->forward(q, x).sum().backward();
+                  }});
 
   ConditionalRoutedFeedForward ff(ConditionalRoutedFeedForwardOptions(dim, k));
   ff->to(device);
-  rows.push_back({"feedforward 2 x " + std::to_string(seq), [&] { ff->forward(x).sum().backward(); }});
+  rows.push_back({"feedforward 2 x " + std::to_string(seq), [&] {
+                    unset_grads(*ff, {x});
+                    ff->forward(x).sum().backward();
+                  }});
 
   static const char* keys[] = {"block", "block-no-mask", "autoregressive", "cross", "feedforward"};
   bool any = only.empty();
