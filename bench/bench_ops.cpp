@@ -48,7 +48,9 @@ bool launches_nothing(const char* name) {
                                      "aten::empty",      "aten::empty_like", "aten::empty_strided", "aten::_unsafe_view",
                                      "aten::lift_fresh", "aten::split",     "aten::chunk",          "aten::unbind",
                                      "aten::expand_as",  "aten::view_as",   "aten::resize_",        "aten::set_",
-                                     "aten::diagonal",   "aten::movedim",   "aten::flatten",        "aten::_local_scalar_dense"};
+                                     "aten::diagonal",   "aten::movedim",   "aten::flatten",        "aten::_local_scalar_dense",
+                                     // a leaf conversion or contiguous() is a no-op (one that works calls _to_copy or clone)
+                                     "aten::to", "aten::contiguous", "aten::type_as"};
   for (const char* n : none)
     if (std::strcmp(name, n) == 0) return true;
   return false;

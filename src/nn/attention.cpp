@@ -9,6 +9,7 @@
 #include "nn/attention_core.h"
 #include "nn/checks.h"
 #include "nn/masking.h"
+#include "ops/as_type.h"
 
 #ifdef COLT5_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -59,7 +60,7 @@ class GatheredAttentionFunction : public torch::autograd::Function<GatheredAtten
     c10::cuda::CUDAGuard guard(q.device());
     kernels::GatheredAttentionParams p =
         params(q, table, null_kv, scores, rows, mask, ctx->saved_data["keys_scaled"].toBool());
-    torch::Tensor go = grads[0].to(q.scalar_type()).contiguous();
+    torch::Tensor go = as_type(grads[0], q.scalar_type()).contiguous();
     auto f32 = q.options().dtype(at::kFloat);
     torch::Tensor gq = torch::empty(q.sizes(), f32);
     torch::Tensor gtable = torch::zeros(table.sizes(), f32);
@@ -74,7 +75,7 @@ class GatheredAttentionFunction : public torch::autograd::Function<GatheredAtten
     p.grad_scores = scores.numel() ? gscores.data_ptr<float>() : nullptr;
     kernels::gathered_attention_backward_cuda(p, at::cuda::getCurrentCUDAStream().stream());
     auto wanted = [&](int i, const torch::Tensor& t) { return ctx->needs_input_grad(i) ? t : torch::Tensor(); };
-    return {wanted(0, gq.to(q.scalar_type())), wanted(1, gtable.to(table.scalar_type())), wanted(2, gnull),
+    return {wanted(0, as_type(gq, q.scalar_type())), wanted(1, as_type(gtable, table.scalar_type())), wanted(2, gnull),
             wanted(3, gscores), {}, {}, {}};
   }
 
@@ -220,7 +221,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
                 "Attention: normalized_scores_kv must be (", batch, ", ", m, ") or (", batch, ", ", routes, ", ", m,
                 ") to match the context, got ", scores_kv_in.sizes());
     // Scores may be float32 for a reduced-precision module; the products stay in the module's dtype.
-    scores_kv = s.reshape({batch, routes, 1, m, 1}).to(context.scalar_type());
+    scores_kv = as_type(s.reshape({batch, routes, 1, m, 1}), context.scalar_type());
   }
 
   auto q = project_queries(*this, xn, scores_q);
@@ -239,7 +240,7 @@ torch::Tensor project_queries(AttentionImpl& a, const torch::Tensor& xn, const t
     check_floating(scores_q, "Attention", "normalized_scores_q");
     TORCH_CHECK(scores_q.dim() == 2 && scores_q.size(0) == batch && scores_q.size(1) == n,
                 "Attention: normalized_scores_q must be (", batch, ", ", n, "), got ", scores_q.sizes());
-    q = q * scores_q.reshape({batch, 1, n, 1}).to(q.scalar_type());
+    q = q * as_type(scores_q.reshape({batch, 1, n, 1}), q.scalar_type());
   }
   return q;
 }
@@ -293,8 +294,8 @@ torch::Tensor attend_projected(AttentionImpl& a, const torch::Tensor& x, const t
 
   auto nk = a.null_kv[0].unsqueeze(0).unsqueeze(2).expand({batch, h, 1, dh});
   auto nv = a.null_kv[1].unsqueeze(0).unsqueeze(2).expand({batch, h, 1, dh});
-  k = torch::cat({nk.to(k.scalar_type()), k}, -2);
-  v = torch::cat({nv.to(v.scalar_type()), v}, -2);
+  k = torch::cat({as_type(nk, k.scalar_type()), k}, -2);
+  v = torch::cat({as_type(nv, v.scalar_type()), v}, -2);
 
   torch::Tensor mask;
   if (mask_in.defined()) {
@@ -319,9 +320,9 @@ torch::Tensor attend_projected(AttentionImpl& a, const torch::Tensor& x, const t
   // routing scores and rotary factors are float32: bring q, k, v to one dtype
   // (autocast then runs the attention in its own).
   const auto common = at::promote_types(at::promote_types(q.scalar_type(), k.scalar_type()), v.scalar_type());
-  auto out = attend(q.to(common), k.to(common), v.to(common), mask, a.options.use_flash());
+  auto out = attend(as_type(q, common), as_type(k, common), as_type(v, common), mask, a.options.use_flash());
   out = out.transpose(1, 2).reshape({batch, n, h * dh});
-  return a.to_out->forward(out.to(x.scalar_type()));
+  return a.to_out->forward(as_type(out, x.scalar_type()));
 }
 
 torch::Tensor attend_gathered(AttentionImpl& a, const torch::Tensor& x, const torch::Tensor& q_in,
@@ -344,21 +345,21 @@ torch::Tensor attend_gathered(AttentionImpl& a, const torch::Tensor& x, const to
   if (index_kernel && a.options.use_flash() && gathered_kernel_applies(q_in, proj, dh)) {
     const auto common = at::promote_types(q_in.scalar_type(), proj.scalar_type());
     const int64_t groups = batch * routes;
-    torch::Tensor q = q_in.reshape({groups, hr, n, dh}).to(common).contiguous();
+    torch::Tensor q = as_type(q_in.reshape({groups, hr, n, dh}), common).contiguous();
     auto none = [&](at::ScalarType t) { return torch::empty({0}, q.options().dtype(t)); };
     torch::Tensor s =
-        scores_kv.defined() ? scores_kv.reshape({groups, m}).to(at::kFloat).contiguous() : none(at::kFloat);
+        scores_kv.defined() ? as_type(scores_kv.reshape({groups, m}), at::kFloat).contiguous() : none(at::kFloat);
     torch::Tensor mk = mask_in.defined() ? mask_in.reshape({groups, m}).contiguous() : none(at::kBool);
-    torch::Tensor table = proj.to(common).contiguous();
+    torch::Tensor table = as_type(proj, common).contiguous();
     if (reinterpret_cast<uintptr_t>(table.data_ptr()) % 16 != 0) table = table.clone();  // 16-byte loads
-    torch::Tensor out = GatheredAttentionFunction::apply(q, table, nulls.to(at::kFloat).contiguous(), s,
-                                                         rows.reshape({groups, m}).to(at::kLong).contiguous(), mk,
+    torch::Tensor out = GatheredAttentionFunction::apply(q, table, as_type(nulls, at::kFloat).contiguous(), s,
+                                                         as_type(rows.reshape({groups, m}), at::kLong).contiguous(), mk,
                                                          a.options.multiply_keys_by_score());
     out = out.reshape({batch, h, n, dh}).transpose(1, 2).reshape({batch, n, h * dh});
-    return a.to_out->forward(out.to(x.scalar_type()));
+    return a.to_out->forward(as_type(out, x.scalar_type()));
   }
 #endif
-  torch::Tensor table = torch::cat({proj, nulls.to(proj.scalar_type())}, 0);
+  torch::Tensor table = torch::cat({proj, as_type(nulls, proj.scalar_type())}, 0);
   auto io = rows.options();
   torch::Tensor null_rows = (torch::arange(routes, io) + table_rows).view({1, routes, 1}).expand({batch, routes, 1});
   torch::Tensor flat = torch::cat({null_rows, rows}, 2).reshape({-1});
@@ -367,7 +368,7 @@ torch::Tensor attend_gathered(AttentionImpl& a, const torch::Tensor& x, const to
   auto halves = kv.chunk(2, -1);
   torch::Tensor k = halves[0], v = halves[1];
   if (scores_kv.defined()) {
-    torch::Tensor s = torch::constant_pad_nd(scores_kv.reshape({batch * routes, 1, m, 1}).to(kv.scalar_type()),
+    torch::Tensor s = torch::constant_pad_nd(as_type(scores_kv.reshape({batch * routes, 1, m, 1}), kv.scalar_type()),
                                              {0, 0, 1, 0}, 1.0);
     v = v * s;
     if (a.options.multiply_keys_by_score()) k = k * s;
@@ -378,9 +379,9 @@ torch::Tensor attend_gathered(AttentionImpl& a, const torch::Tensor& x, const to
   }
   torch::Tensor q = q_in.reshape({batch * routes, hr, n, dh});
   const auto common = at::promote_types(at::promote_types(q.scalar_type(), k.scalar_type()), v.scalar_type());
-  auto out = attend(q.to(common), k.to(common), v.to(common), mask, a.options.use_flash());
+  auto out = attend(as_type(q, common), as_type(k, common), as_type(v, common), mask, a.options.use_flash());
   out = out.reshape({batch, h, n, dh}).transpose(1, 2).reshape({batch, n, h * dh});
-  return a.to_out->forward(out.to(x.scalar_type()));
+  return a.to_out->forward(as_type(out, x.scalar_type()));
 }
 
 // ---------------------------------------------------------------- SelfAttention

@@ -11,6 +11,7 @@
 #include "nn/attention_core.h"
 #include "nn/heavy_branch.h"
 #include "nn/route_views.h"
+#include "ops/as_type.h"
 
 namespace colt5 {
 namespace nn {
@@ -56,7 +57,7 @@ torch::Tensor scatter_queries(const CoordinateDescentRouterImpl& router, const t
   torch::Tensor base = null_q_token.defined() ? null_q_token.view({1, 1, -1}).expand_as(like) : torch::zeros_like(like);
   // Under autocast the heavy outputs may be in a lower precision than base.
   const auto dt = at::promote_types(base.scalar_type(), routed_out.scalar_type());
-  return router.route_back(base.to(dt), routed_out.to(dt), indices);
+  return router.route_back(as_type(base, dt), as_type(routed_out, dt), indices);
 }
 
 // Rotary frequencies at the given positions: [b, k] -> [b, 1, k, d]; [b, r, k] -> [b, r, 1, k, d].
@@ -130,7 +131,7 @@ torch::Tensor heavy_routed_attention(CoordinateDescentRouterImpl& q_router, Coor
     } else {
       torch::Tensor kvp =
           proj.index_select(0, table_rows.reshape({-1})).view({rows, r, k, h / r, 2 * dh}).permute({0, 1, 3, 2, 4});
-      torch::Tensor scores_kv = kv.scores.reshape({rows, r, 1, k, 1}).to(kvp.scalar_type());
+      torch::Tensor scores_kv = as_type(kv.scores.reshape({rows, r, 1, k, 1}), kvp.scalar_type());
       routed_out = attend_projected(heavy_attn, q.routed_tokens, qp, kvp, kv.routed_mask, scores_kv, rotary);
     }
   } else {
@@ -181,7 +182,7 @@ torch::Tensor ConditionalRoutedFeedForwardImpl::forward(const torch::Tensor& x, 
   // light_out plus the heavy outputs at the routed positions (indices of a row are distinct).
   auto idx = r.indices.unsqueeze(-1).expand_as(routed_out);
   const auto dt = at::promote_types(light_out.scalar_type(), routed_out.scalar_type());  // differ under autocast
-  return light_out.to(dt).scatter_add(1, idx, routed_out.to(dt));
+  return as_type(light_out, dt).scatter_add(1, idx, as_type(routed_out, dt));
 }
 
 // ================================================================== attention

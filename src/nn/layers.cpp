@@ -5,6 +5,8 @@
 
 #include <cmath>
 
+#include "ops/as_type.h"
+
 namespace colt5 {
 namespace nn {
 
@@ -48,13 +50,13 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
     torch::Tensor dx, dgamma;
     if (ctx->needs_input_grad(1)) {
       const int64_t d = gamma.size(0);
-      dgamma = (g * xhat).reshape({-1, d}).sum(0).to(gamma.scalar_type());
+      dgamma = as_type((g * xhat).reshape({-1, d}).sum(0), gamma.scalar_type());
     }
     if (ctx->needs_input_grad(0)) {
       torch::Tensor dxhat = g * gamma;
       torch::Tensor dot = (dxhat * xhat).sum(-1, /*keepdim=*/true);
       dot = torch::where(n > kEps, dot, torch::zeros_like(dot)) / (scale * scale);
-      dx = dxhat.sub_(xhat * dot).mul_(f).to(x_dtype);
+      dx = as_type(dxhat.sub_(xhat * dot).mul_(f), x_dtype);
     }
     return {dx, dgamma, torch::Tensor()};
   }

@@ -12,6 +12,7 @@
 #include "colt5/coor_descent.h"
 #include "kernels/coor_descent.h"
 #include "nn/route_views.h"
+#include "ops/as_type.h"
 
 #ifdef COLT5_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -92,7 +93,7 @@ class RoutingDotFunction : public torch::autograd::Function<RoutingDotFunction> 
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
                                                 const torch::Tensor& tokens) {
     const int64_t n = x.size(0), d = x.size(1), r = tokens.size(0);
-    torch::Tensor t32 = tokens.to(torch::kFloat).contiguous();
+    torch::Tensor t32 = as_type(tokens, torch::kFloat).contiguous();
     auto f32 = x.options().dtype(torch::kFloat);
     torch::Tensor dots = torch::empty({n, r}, f32), norms = torch::empty({n, 1}, f32);
     const auto dtype = x.scalar_type() == torch::kFloat  ? kernels::RowDtype::f32
@@ -112,18 +113,18 @@ class RoutingDotFunction : public torch::autograd::Function<RoutingDotFunction> 
     const torch::Tensor &x = saved[0], &t32 = saved[1], &norms = saved[2];
     const auto tokens_dtype = static_cast<torch::ScalarType>(ctx->saved_data["tokens_dtype"].toInt());
     const torch::Tensor &g_dots = grads[0], &g_norms = grads[1];
-    torch::Tensor x32 = x.to(torch::kFloat);
+    torch::Tensor x32 = as_type(x, torch::kFloat);
     torch::Tensor gx, gt;
     if (g_dots.defined()) {
       if (ctx->needs_input_grad(0)) gx = torch::matmul(g_dots, t32);
-      if (ctx->needs_input_grad(1)) gt = torch::matmul(g_dots.t(), x32).to(tokens_dtype);
+      if (ctx->needs_input_grad(1)) gt = as_type(torch::matmul(g_dots.t(), x32), tokens_dtype);
     }
     if (g_norms.defined() && ctx->needs_input_grad(0)) {
       // d|x|/dx = x / |x| (zero at x = 0).
       torch::Tensor coef = torch::where(norms > 0, g_norms / norms, torch::zeros_like(norms));
       gx = gx.defined() ? gx + coef * x32 : coef * x32;
     }
-    if (gx.defined()) gx = gx.to(x.scalar_type());
+    if (gx.defined()) gx = as_type(gx, x.scalar_type());
     return {gx, gt};
   }
 };
@@ -215,7 +216,7 @@ torch::Tensor routing_scores(const RouterOptions& o, const torch::Tensor& xs, co
     // cosine routing the tokens are normalized in float32 and each row's dot
     // product is divided by the row's norm from the same read.
     const int64_t d = xs.size(2);
-    torch::Tensor t = o.cosine_sim_routing() ? l2norm(toks.to(torch::kFloat)) * o.cosine_sim_scale() : toks;
+    torch::Tensor t = o.cosine_sim_routing() ? l2norm(as_type(toks, torch::kFloat)) * o.cosine_sim_scale() : toks;
     auto out = RoutingDotFunction::apply(xs.reshape({rows * len, d}).contiguous(), t);
     torch::Tensor dots = out[0];
     if (o.cosine_sim_routing()) dots = dots / out[1].clamp_min(1e-12);
@@ -369,7 +370,7 @@ RouterOutput route_impl(CoordinateDescentRouterImpl& self, const torch::Tensor& 
   // Gather from the whole sequence of each batch row.
   RouterOutput out;
   out.indices = indices;
-  out.scores = selected.to(x.scalar_type());
+  out.scores = as_type(selected, x.scalar_type());
   if (!viewed) {
     // One flat index for the tokens and the mask.
     if (mask.defined() && picked_mask.defined() && num_blocks == 1 && !o.route_block_size())

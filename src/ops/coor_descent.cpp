@@ -10,6 +10,7 @@
 #include <cmath>
 
 #include "kernels/coor_descent.h"
+#include "ops/as_type.h"
 
 #ifdef COLT5_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -177,7 +178,7 @@ class CoorDescentFunction : public torch::autograd::Function<CoorDescentFunction
         .cuda_max_cluster(ctx->saved_data["cuda_max_cluster"].toInt());
     at::Tensor gy = grads[0];
     if (!gy.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-    gy = gy.to(s2.scalar_type()).contiguous();
+    gy = as_type(gy, s2.scalar_type()).contiguous();
     const bool want_k = ctx->needs_input_grad(1);
     at::Tensor gs = at::empty_like(s2);
     at::Tensor gk = want_k ? at::empty_like(k1) : at::Tensor();
@@ -213,12 +214,12 @@ at::Tensor coor_descent_impl(const at::Tensor& s, const at::Tensor& k_rows, cons
   const int64_t cols = s.size(-1);
   const int64_t rows = s.numel() / cols;
   if (rows == 0) return at::zeros_like(s);
-  at::Tensor s2 = s.to(acc).reshape({rows, cols}).contiguous();
+  at::Tensor s2 = as_type(s, acc).reshape({rows, cols}).contiguous();
   at::Tensor mask2;
   if (mask.defined()) mask2 = mask.reshape({rows, cols}).contiguous().view(at::kByte);
-  at::Tensor k1 = k_rows.to(acc).reshape({rows}).contiguous();
+  at::Tensor k1 = as_type(k_rows, acc).reshape({rows}).contiguous();
   at::Tensor y = CoorDescentFunction::apply(s2, k1, ConstantMask{mask2}, o);
-  return y.to(s.scalar_type()).view(s.sizes());
+  return as_type(y, s.scalar_type()).view(s.sizes());
 }
 
 }  // namespace
@@ -267,8 +268,8 @@ at::Tensor topk_indices(const at::Tensor& scores, int64_t k, const at::Tensor& t
   out_shape.back() = k;
   at::Tensor idx = at::empty({rows, k}, scores.options().dtype(at::kLong));
   if (rows == 0) return idx.view(out_shape);
-  at::Tensor sc = scores.detach().to(acc).reshape({rows, cols}).contiguous();
-  at::Tensor tb = tiebreak.defined() ? tiebreak.detach().to(acc).reshape({rows, cols}).contiguous() : at::Tensor();
+  at::Tensor sc = as_type(scores.detach(), acc).reshape({rows, cols}).contiguous();
+  at::Tensor tb = tiebreak.defined() ? as_type(tiebreak.detach(), acc).reshape({rows, cols}).contiguous() : at::Tensor();
   at::Tensor m = mask.defined() ? mask.reshape({rows, cols}).contiguous().view(at::kByte) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(acc, "topk_indices", [&] {
     const scalar_t* tbp = tb.defined() ? tb.data_ptr<scalar_t>() : nullptr;
