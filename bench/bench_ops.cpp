@@ -9,6 +9,7 @@
 //   bench_ops [--device cpu|cuda] [--seq N] [--dim D] [--dim-head H] [--runs N] [--top N]
 //             [--only block|block-no-mask|autoregressive|cross|feedforward]
 //             [--trace SCOPE]   (print the calls made in a scope, e.g. router, backward)
+//             [--forward-only 1] (the forward alone, without autograd)
 // Counts:
 //   calls   operators called by colt5's code or by an autograd node (not from
 //           inside another operator): the host dispatches of the step
@@ -61,17 +62,22 @@ struct Counts {
   std::map<std::string, int64_t> by_name;  // calls by operator name
   // calls and kernels by colt5's innermost scope (forward) or "backward"
   std::map<std::string, std::pair<int64_t, int64_t>> by_scope;
+  // host time in each scope, inclusive of the scopes inside it (the forward's
+  // colt5 scopes; "backward": every autograd node), ms
+  std::map<std::string, double> scope_ms;
 };
 
 std::mutex counts_mutex;
 Counts counts;
 std::atomic<bool> counting{false};
-std::string trace_scope;  // --trace: print the calls made in this scope, in order
+std::string trace_scope;
+bool forward_only = false;  // --forward-only: the forward alone, without autograd  // --trace: print the calls made in this scope, in order
 
 struct Frame {
   bool op;            // an operator (not an autograd node or a user scope)
   bool has_child;     // called another operator
   std::string scope;  // colt5's scope ("colt5::router", ...), "backward" for an autograd node, or ""
+  std::chrono::steady_clock::time_point start;
 };
 thread_local std::vector<Frame> frames;
 
@@ -89,7 +95,7 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
     scope = fn.name() + 7;
   else if (std::strncmp(fn.name(), "autograd::engine::evaluate_function", 35) == 0)
     scope = "backward";
-  frames.push_back({op, false, std::move(scope)});
+  frames.push_back({op, false, std::move(scope), std::chrono::steady_clock::now()});
   return nullptr;
 }
 
@@ -99,6 +105,9 @@ void on_end(const at::RecordFunction& fn, at::ObserverContext*) {
   frames.pop_back();
   if (!counting) return;
   std::lock_guard<std::mutex> lock(counts_mutex);
+  if (!f.scope.empty() && !f.op)
+    counts.scope_ms[f.scope] +=
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - f.start).count();
   if (!f.op) {
     if (std::strncmp(fn.name(), "autograd::engine::evaluate_function", 35) == 0) ++counts.backward_nodes;
     return;
@@ -126,7 +135,12 @@ void on_end(const at::RecordFunction& fn, at::ObserverContext*) {
 
 // The step's operators, counted once (after a warm-up step), and its median
 // host time (synchronized on CUDA).
-Counts count_step(const std::function<void()>& step, const torch::Device& device) {
+Counts count_step(const std::function<void()>& step_in, const torch::Device& device) {
+  auto step = [&] {
+    if (!forward_only) return step_in();
+    torch::NoGradGuard no_grad;
+    step_in();
+  };
   step();
   if (device.is_cuda()) torch::cuda::synchronize();
   {
@@ -141,6 +155,11 @@ Counts count_step(const std::function<void()>& step, const torch::Device& device
   return counts;
 }
 
+// The end of a step: the backward of the output's sum (none with --forward-only).
+void finish(const torch::Tensor& y) {
+  if (!forward_only) y.sum().backward();
+}
+
 // Gradients unset before a step, as a training step starts (the backward then
 // writes them instead of adding to them).
 void unset_grads(torch::nn::Module& m, const std::vector<torch::Tensor>& inputs) {
@@ -148,7 +167,12 @@ void unset_grads(torch::nn::Module& m, const std::vector<torch::Tensor>& inputs)
   for (auto t : inputs) t.mutable_grad() = torch::Tensor();
 }
 
-double median_ms(int runs, const std::function<void()>& step, const torch::Device& device) {
+double median_ms(int runs, const std::function<void()>& step_in, const torch::Device& device) {
+  auto step = [&] {
+    if (!forward_only) return step_in();
+    torch::NoGradGuard no_grad;
+    step_in();
+  };
   std::vector<double> t;
   for (int i = 0; i < runs; ++i) {
     const auto start = std::chrono::steady_clock::now();
@@ -191,6 +215,8 @@ int main(int argc, char** argv) {
       only = v;
     else if (a == "--trace")
       trace_scope = v;
+    else if (a == "--forward-only")
+      forward_only = v == "1" || v == "true";
     else if (a == "--seq")
       seq = number();
     else if (a == "--dim")
@@ -246,11 +272,11 @@ int main(int argc, char** argv) {
   rows.push_back({"block 2 x " + std::to_string(seq) + ", all-true mask",
                   [&] {
                     unset_grads(*block, {x});
-                    block->forward(x, all_true).sum().backward();
+                    finish(block->forward(x, all_true));
                   }});
   rows.push_back({"block-no-mask", [&] {
                     unset_grads(*block, {x});
-                    block->forward(x).sum().backward();
+                    finish(block->forward(x));
                   }});
 
   ConditionalRoutedAutoregressiveAttention ar(ConditionalRoutedAutoregressiveAttentionOptions(dim, 32, k)
@@ -264,7 +290,7 @@ int main(int argc, char** argv) {
   ar->to(device);
   rows.push_back({"autoregressive 2 x " + std::to_string(seq), [&] {
                     unset_grads(*ar, {x});
-                    ar->forward(x).sum().backward();
+                    finish(ar->forward(x));
                   }});
 
   ConditionalRoutedCrossAttention cross(
@@ -273,14 +299,14 @@ int main(int argc, char** argv) {
   auto q = torch::randn({2, 256, dim}, opts).requires_grad_(true);
   rows.push_back({"cross 2 x 256 over " + std::to_string(seq), [&] {
                     unset_grads(*cross, {q, x});
-                    cross->forward(q, x).sum().backward();
+                    finish(cross->forward(q, x));
                   }});
 
   ConditionalRoutedFeedForward ff(ConditionalRoutedFeedForwardOptions(dim, k));
   ff->to(device);
   rows.push_back({"feedforward 2 x " + std::to_string(seq), [&] {
                     unset_grads(*ff, {x});
-                    ff->forward(x).sum().backward();
+                    finish(ff->forward(x));
                   }});
 
   static const char* keys[] = {"block", "block-no-mask", "autoregressive", "cross", "feedforward"};
@@ -303,6 +329,14 @@ int main(int argc, char** argv) {
     line = "    calls/kernels by scope:";
     for (const auto& [scope, n] : c.by_scope)
       line += " " + scope + " " + std::to_string(n.first) + "/" + std::to_string(n.second) + ",";
+    line.pop_back();
+    std::printf("%s\n", line.c_str());
+    line = "    host ms by scope (inclusive; the counted step):";
+    for (const auto& [scope, ms] : c.scope_ms) {
+      char buf[96];
+      std::snprintf(buf, sizeof buf, " %s %.2f,", scope.c_str(), ms);
+      line += buf;
+    }
     line.pop_back();
     std::printf("%s\n", line.c_str());
   }
