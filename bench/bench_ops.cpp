@@ -1,24 +1,27 @@
-// The operators one training step (forward + backward, gradients unset
-// first) of each routed module dispatches, counted with LibTorch's RecordFunction callbacks, and the host
-// time of that step on small shapes. On a GPU each operator is at least one
+// The operators one training step (forward + backward, gradients unset first)
+// of each routed module dispatches, counted with LibTorch's RecordFunction
+// callbacks, and the step's host time. On a GPU each operator is at least one
 // host dispatch and most are a kernel launch: at 8k tokens the block's eager
 // step is launch-bound (about twice its time replayed from a CUDA graph), so
-// this count is what the fixed cost scales with. On the CPU the same counts
-// (and the time per step at small shapes, which is mostly dispatch) measure
-// the host overhead of the code shared by both devices.
+// these counts are what its fixed cost scales with. On the CPU the same
+// counts (and the step time at small shapes, mostly dispatch) measure the
+// host overhead of the code both devices share.
 //   bench_ops [--device cpu|cuda] [--seq N] [--dim D] [--dim-head H] [--runs N] [--top N]
 //             [--only block|block-no-mask|autoregressive|cross|feedforward]
-//             [--trace SCOPE]   (print the calls made in a scope, e.g. router, backward)
-//             [--forward-only 1] (the forward alone, without autograd)
-// Counts:
+//             [--trace SCOPE]     print the calls made in a scope (router, backward, ...)
+//             [--forward-only 1]  the forward alone, without autograd
+// Per module:
 //   calls   operators called by colt5's code or by an autograd node (not from
 //           inside another operator): the host dispatches of the step
 //   leaves  operators that call no other operator
-// and both by colt5's innermost scope (RECORD_USER_SCOPE "colt5::...", which
-// a profiler trace also shows) in the forward, and "backward".
-//   kernels leaves that are not views, metadata or allocations: about the
-//           kernels launched on a GPU (colt5's own CUDA kernels are called
-//           from its autograd functions, not as operators, and are not counted)
+//   kernels leaves that are not views, metadata, allocations or no-op
+//           conversions: about the kernels launched on a GPU (colt5's own
+//           CUDA kernels are called from its autograd functions, not as
+//           operators, and are not counted)
+//   nodes   autograd nodes the backward evaluates
+// then the most called operators, calls/kernels by colt5's innermost scope
+// (RECORD_USER_SCOPE "colt5::...", which a profiler trace also shows; the
+// backward as "backward"), and the host time inside each scope.
 #include <ATen/record_function.h>
 #include <torch/torch.h>
 
