@@ -357,8 +357,8 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
     window_masks_->set = masks;
     lock.unlock();
   }
-  const torch::Tensor &pad_slots = masks.pad, &limits = masks.limit, &allowed = masks.allow, &fill_t = masks.fill,
-                      &zero_t = masks.zero;
+  const torch::Tensor &pad_slots = masks.pad, &limits = masks.limit, &allowed = masks.allow, &fill_t = masks.fill;
+  [[maybe_unused]] const torch::Tensor& zero_t = masks.zero;  // the fused path's
 
   // visible (mask rows, windows, ws or 1, span): the slots a query may see;
   // seen: whether it sees any. Without a key mask every query sees its own

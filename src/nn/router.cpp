@@ -208,14 +208,13 @@ RouterOutput route_all(const torch::Tensor& x, const torch::Tensor& mask, int64_
 // float32 at least: [rows, r, len].
 torch::Tensor routing_scores(const RouterOptions& o, const torch::Tensor& xs, const torch::Tensor& toks) {
   RECORD_USER_SCOPE("colt5::routing_scores");
-  const int64_t rows = xs.size(0), len = xs.size(1), r = o.num_routing_tokens();
   torch::Tensor s;
   if (routing_dot_applies(xs, toks)) {
 #ifdef COLT5_WITH_CUDA
     // On CUDA: one read of x by the routing-scores kernel, float32 scores. For
     // cosine routing the tokens are normalized in float32 and each row's dot
     // product is divided by the row's norm from the same read.
-    const int64_t d = xs.size(2);
+    const int64_t rows = xs.size(0), len = xs.size(1), d = xs.size(2), r = o.num_routing_tokens();
     torch::Tensor t = o.cosine_sim_routing() ? l2norm(as_type(toks, torch::kFloat)) * o.cosine_sim_scale() : toks;
     auto out = RoutingDotFunction::apply(xs.reshape({rows * len, d}).contiguous(), t);
     torch::Tensor dots = out[0];
