@@ -14,7 +14,9 @@
 // input before it is timed.
 // The block and the autoregressive module are also timed as a training step
 // replayed from a CUDA graph (no host launch overhead).
-// Flags: --quick (8k and 32k only), --no-profile, --only block|autoregressive|cross|topk|image.
+// Flags: --quick (8k and 32k only), --no-profile, --only block|autoregressive|cross|topk|image,
+// --kernels (only the GPU time of each module's training step by colt5 scope
+// and by kernel, from LibTorch's Kineto profiler: kernel_profile.h).
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -32,6 +34,9 @@
 #include "kernels/coor_descent.h"
 #include "nn/attention_core.h"
 #include "nn/route_views.h"
+#ifdef COLT5_WITH_CUDA
+#include "kernel_profile.h"
+#endif
 
 #ifdef COLT5_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -560,14 +565,85 @@ ConditionalRoutedAutoregressiveAttentionOptions readme_autoregressive() {
       .num_routed_kv(2);
 }
 
+// --kernels: each module's training step (bf16 autocast, README configs)
+// under the Kineto profiler, by colt5 scope and by kernel.
+int kernel_profiles(const std::function<bool(const char*)>& want) {
+  const torch::Device dev(torch::kCUDA, 0);
+  auto f32 = torch::TensorOptions(dev);
+  auto train = [](const std::function<torch::Tensor()>& fwd) {
+    return [fwd] {
+      torch::Tensor out;
+      {
+        Autocast ac(true);
+        out = fwd();
+      }
+      out.sum().backward();
+    };
+  };
+  if (want("block")) {
+    torch::manual_seed(1);
+    ConditionalRoutedTransformerBlock block(readme_block());
+    block->to(dev);
+    for (int64_t n : {8192, 32768}) {
+      torch::Tensor x = torch::randn({2, n, 512}, f32).requires_grad_(true);
+      torch::Tensor mask = torch::ones({2, n}, f32.dtype(torch::kBool));
+      colt5_bench::kernel_profile(("block 2x" + std::to_string(n) + "x512, all-true mask, fwd+bwd").c_str(),
+                                  train([&] { return block->forward(x, mask); }));
+      if (n == 32768)
+        colt5_bench::kernel_profile("block 2x32768x512, no mask, fwd+bwd", train([&] { return block->forward(x); }));
+    }
+  }
+  if (want("autoregressive")) {
+    torch::manual_seed(2);
+    ConditionalRoutedAutoregressiveAttention attn(readme_autoregressive());
+    attn->to(dev);
+    for (int64_t n : {8192, 32768}) {
+      torch::Tensor x = torch::randn({2, n, 512}, f32).requires_grad_(true);
+      colt5_bench::kernel_profile(("autoregressive 2x" + std::to_string(n) + "x512, fwd+bwd").c_str(),
+                                  train([&] { return attn->forward(x); }));
+    }
+  }
+  if (want("cross")) {
+    torch::manual_seed(3);
+    ConditionalRoutedCrossAttention attn(ConditionalRoutedCrossAttentionOptions(512, 512, 1024)
+                                             .dim_head(64)
+                                             .heads(8)
+                                             .kv_routing_tokens(2)
+                                             .route_block_size(131072));
+    attn->to(dev);
+    torch::Tensor tokens = torch::randn({1, 1024, 512}, f32);
+    torch::Tensor memories = torch::randn({1, 1048576, 512}, f32);
+    colt5_bench::kernel_profile("cross 1x1024 over 1048576, fp32, fwd", [&] {
+      torch::NoGradGuard g;
+      attn->forward(tokens, memories);
+    });
+  }
+  if (want("image")) {
+    torch::manual_seed(4);
+    ConditionalRoutedImageAttention attn(ConditionalRoutedImageAttentionOptions(32, 1024, 1024)
+                                             .light_dim_head(64)
+                                             .light_heads(8)
+                                             .light_window_size(32)
+                                             .heavy_dim_head(64)
+                                             .heavy_heads(8)
+                                             .channel_first(true));
+    attn->to(dev);
+    torch::Tensor fmap = torch::randn({1, 32, 256, 256}, f32).requires_grad_(true);
+    colt5_bench::kernel_profile("image 1x32x256x256, fwd+bwd", train([&] { return attn->forward(fmap); }));
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false, profile = true;
+  bool quick = false, profile = true, kernels = false;
   std::string only;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) {
       quick = true;
+    } else if (!std::strcmp(argv[i], "--kernels")) {
+      kernels = true;
     } else if (!std::strcmp(argv[i], "--no-profile")) {
       profile = false;
     } else if (!std::strcmp(argv[i], "--only") && i + 1 < argc &&
@@ -577,7 +653,7 @@ int main(int argc, char** argv) {
       only = argv[++i];
     } else {
       std::fprintf(stderr,
-                   "bench_modules_cuda: unknown argument %s (flags: --quick, --no-profile, --only "
+                   "bench_modules_cuda: unknown argument %s (flags: --quick, --no-profile, --kernels, --only "
                    "block|autoregressive|cross|topk|image)\n",
                    argv[i]);
       return 2;
@@ -597,6 +673,7 @@ int main(int argc, char** argv) {
       "device: %s; LibTorch %s; median of CUDA-event timings; peak = allocated GiB during the timed runs;\n"
       "dense = fused attention (SDPA, bf16, 8 heads of 64) of the same shape in this run; ÷dense = colt5 / dense\n\n",
       prop.name, TORCH_VERSION);
+  if (kernels) return kernel_profiles(want);
   header();
 
   // ------------------------------------------------------------ block
