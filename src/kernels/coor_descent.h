@@ -174,6 +174,31 @@ struct GatheredAttentionParams {
 bool gathered_attention_supports(int64_t dim_head);
 void gathered_attention_forward_cuda(const GatheredAttentionParams& p, void* stream);
 void gathered_attention_backward_cuda(const GatheredAttentionParams& p, void* stream);
+
+// RMSNorm rows of x [rows, d] (rms_norm_cuda.cu): y = x * f * gamma with
+// f = scale / max(|x|, eps); the forward writes y (float32 where gamma is,
+// else x's type) and norms[rows] = |x| (float32); the backward reads them
+// with grad_y (y's type), writes grad_x (x's type) and, when
+// grad_gamma_partial is set, rms_norm_partials(rows) rows of d float32 partial
+// sums of the gamma gradient (to be summed over the rows). Needs
+// d <= kRmsNormMaxWidth and gamma float32 or of x's type.
+constexpr int64_t kRmsNormMaxWidth = 2048;
+struct RmsNormParams {
+  const void* x = nullptr;
+  const void* gamma = nullptr;
+  void* y = nullptr;
+  float* norms = nullptr;
+  const void* grad_y = nullptr;
+  void* grad_x = nullptr;
+  float* grad_gamma_partial = nullptr;
+  int64_t rows = 0, d = 0;
+  float scale = 1.f, eps = 1e-12f;
+  RowDtype x_dtype = RowDtype::f32, gamma_dtype = RowDtype::f32;
+};
+bool rms_norm_supports(int64_t d, RowDtype x, RowDtype gamma);
+int64_t rms_norm_partials(int64_t rows);
+void rms_norm_forward_cuda(const RmsNormParams& p, void* stream);
+void rms_norm_backward_cuda(const RmsNormParams& p, void* stream);
 #endif
 
 }  // namespace kernels

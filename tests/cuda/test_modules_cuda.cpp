@@ -169,6 +169,63 @@ TEST(CudaModules, GatheredAttentionKernelMatchesTheCpuFloat64) {
   }
 }
 
+// RMSNorm's CUDA kernels (float32, float16, bfloat16 rows up to 2048 wide;
+// gamma float32 or of x's type) against the CPU composite in float64, forward
+// and both gradients, with a zero row, widths that are not multiples of 32,
+// a width past the kernel's (the composite runs) and no rows at all.
+TEST(CudaModules, RMSNormKernelMatchesTheCpuFloat64) {
+  torch::manual_seed(23);
+  struct Case {
+    int64_t d;
+    torch::Dtype x, gamma;
+  };
+  const Case cases[] = {{512, torch::kFloat, torch::kFloat},         {100, torch::kFloat, torch::kFloat},
+                        {2048, torch::kFloat, torch::kFloat},        {3000, torch::kFloat, torch::kFloat},
+                        {512, torch::kBFloat16, torch::kFloat},      {7, torch::kHalf, torch::kFloat},
+                        {512, torch::kBFloat16, torch::kBFloat16},   {1000, torch::kHalf, torch::kHalf}};
+  for (const Case& c : cases) {
+    for (int64_t rows : {0, 37, 1000}) {
+      SCOPED_TRACE("d " + std::to_string(c.d) + " rows " + std::to_string(rows) + " x " + c10::toString(c.x) +
+                   " gamma " + c10::toString(c.gamma));
+      RMSNorm ref(c.d), gpu(c.d);
+      torch::Tensor gamma = torch::randn({c.d}).to(c.gamma).to(torch::kDouble);
+      {
+        torch::NoGradGuard no_grad;
+        ref->to(torch::kDouble);
+        ref->gamma.copy_(gamma);
+        gpu->to(cuda(), c.gamma);
+        gpu->gamma.copy_(gamma);
+      }
+      torch::Tensor x = (torch::randn({rows, c.d}) * 3).to(c.x).to(torch::kDouble);
+      // A zero row (float32 only: its gradient, f * gamma * dy with f = sqrt(d) / 1e-12, overflows 16-bit types).
+      const bool zero_row = rows > 1 && c.x == torch::kFloat;
+      if (zero_row) x[1].zero_();
+      torch::Tensor gy = torch::randn({rows, c.d}, torch::kDouble);
+      torch::Tensor x64 = x.clone().requires_grad_(true), xd = x.to(cuda(), c.x).requires_grad_(true);
+      torch::Tensor a = ref->forward(x64), b = gpu->forward(xd);
+      EXPECT_EQ(b.scalar_type(), at::promote_types(c.x, c.gamma));
+      ASSERT_EQ(b.sizes(), a.sizes());
+      (a * gy).sum().backward();
+      (b * gy.to(cuda(), b.scalar_type())).sum().backward();
+      const double tol = c.x == torch::kFloat ? 1e-5 : 1e-2;
+      auto err = [](const torch::Tensor& got, const torch::Tensor& want) {
+        return colt5::testing::norm_rel_error(got.detach().to(torch::kDouble).cpu(), want.detach());
+      };
+      EXPECT_LT(err(b, a), tol);
+      if (zero_row) {
+        // Row by row: the zero row's gradient is 1e13 times the others'.
+        EXPECT_LT(err(xd.grad()[1], x64.grad()[1]), tol);
+        EXPECT_LT(err(xd.grad()[0], x64.grad()[0]), tol);
+        EXPECT_LT(err(xd.grad().slice(0, 2), x64.grad().slice(0, 2)), tol);
+      } else {
+        EXPECT_LT(err(xd.grad(), x64.grad()), tol);
+      }
+      EXPECT_LT(err(gpu->gamma.grad(), ref->gamma.grad()), tol);
+      EXPECT_TRUE(torch::isfinite(xd.grad()).all().item<bool>());
+    }
+  }
+}
+
 TEST(CudaModules, SaturatedScoresBreakTiesLikeTheCpu) {
   // Many tokens saturate at exactly 1.0 with a large k: the set is decided by the tie-break.
   torch::manual_seed(12);

@@ -1,0 +1,225 @@
+// RMSNorm on CUDA, forward and backward, one warp per row with the row in
+// registers: the forward reads x once and writes y and the row's norm; the
+// backward reads x, dy and the norm once, writes dx and, per warp, its share
+// of the gamma gradient (summed over the warps afterwards, in a fixed order).
+// The composite it replaces launches six kernels forward and ten backward and
+// keeps a normalized copy of x for the backward; this keeps one float per row.
+//   y = x * f * gamma, f = scale / max(|x|, eps)
+//   dx = f * (dxhat - xhat * <dxhat, xhat> / scale^2) with xhat = x * f and
+//   dxhat = dy * gamma (dx = f * dxhat where |x| <= eps: f is constant there)
+//   dgamma = sum over rows of dy * xhat
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "kernels/coor_descent.h"
+#include "kernels/cuda_convert.cuh"
+
+namespace colt5 {
+namespace kernels {
+namespace {
+
+constexpr int kWarps = 8;  // rows in flight per block
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// J: elements per lane (columns lane + 32 j, j < J; d <= 32 J).
+template <typename TX, typename TG, typename TY, int J>
+__global__ void __launch_bounds__(kWarps * 32)
+    rms_norm_forward_kernel(const TX* __restrict__ x, const TG* __restrict__ gamma, TY* __restrict__ y,
+                            float* __restrict__ norms, int64_t rows, int d, float scale, float eps) {
+  const int lane = threadIdx.x & 31;
+  float g[J];
+#pragma unroll
+  for (int j = 0; j < J; ++j) {
+    const int c = lane + 32 * j;
+    g[j] = c < d ? to_float<TG>(gamma[c]) : 0.f;
+  }
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); row < rows; row += stride) {
+    const TX* xr = x + row * d;
+    float v[J];
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+      const int c = lane + 32 * j;
+      v[j] = c < d ? to_float<TX>(xr[c]) : 0.f;
+      ss += v[j] * v[j];
+    }
+    const float n = sqrtf(warp_sum(ss));
+    if (lane == 0) norms[row] = n;
+    const float f = scale / fmaxf(n, eps);
+    TY* yr = y + row * d;
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+      const int c = lane + 32 * j;
+      if (c < d) yr[c] = from_float<TY>(v[j] * f * g[j]);
+    }
+  }
+}
+
+template <typename TX, typename TG, typename TY, int J>
+__global__ void __launch_bounds__(kWarps * 32)
+    rms_norm_backward_kernel(const TX* __restrict__ x, const TG* __restrict__ gamma, const TY* __restrict__ dy,
+                             const float* __restrict__ norms, TX* __restrict__ dx, float* __restrict__ dgamma_partial,
+                             int64_t rows, int d, float scale, float eps) {
+  const int lane = threadIdx.x & 31;
+  float g[J], acc[J];
+#pragma unroll
+  for (int j = 0; j < J; ++j) {
+    const int c = lane + 32 * j;
+    g[j] = c < d ? to_float<TG>(gamma[c]) : 0.f;
+    acc[j] = 0.f;
+  }
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  const float inv_scale2 = 1.f / (scale * scale);
+  for (int64_t row = warp; row < rows; row += stride) {
+    const float n = norms[row];
+    const float f = scale / fmaxf(n, eps);
+    const TX* xr = x + row * d;
+    const TY* dyr = dy + row * d;
+    float xh[J], dxh[J];
+    float dot = 0.f;
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+      const int c = lane + 32 * j;
+      const float xv = c < d ? to_float<TX>(xr[c]) : 0.f;
+      const float gv = c < d ? to_float<TY>(dyr[c]) : 0.f;
+      xh[j] = xv * f;
+      dxh[j] = gv * g[j];
+      acc[j] += gv * xh[j];
+      dot += dxh[j] * xh[j];
+    }
+    dot = n > eps ? warp_sum(dot) * inv_scale2 : 0.f;
+    TX* dxr = dx + row * d;
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+      const int c = lane + 32 * j;
+      if (c < d) dxr[c] = from_float<TX>(f * (dxh[j] - xh[j] * dot));
+    }
+  }
+  if (dgamma_partial) {
+    float* out = dgamma_partial + warp * d;
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+      const int c = lane + 32 * j;
+      if (c < d) out[c] = acc[j];
+    }
+  }
+}
+
+int sm_count() {
+  static int n = [] {
+    int dev = 0, count = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev);
+    return count > 0 ? count : 1;
+  }();
+  return n;
+}
+
+int blocks_for(int64_t rows) {
+  const int64_t need = (rows + kWarps - 1) / kWarps;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(need, 4LL * sm_count())));
+}
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string("RMSNorm CUDA kernel (") + what + "): " +
+                                                 cudaGetErrorString(e));
+}
+
+template <RowDtype D>
+struct Type;
+template <>
+struct Type<RowDtype::f32> {
+  using type = float;
+};
+template <>
+struct Type<RowDtype::f16> {
+  using type = __half;
+};
+template <>
+struct Type<RowDtype::bf16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename TX, typename TG, typename TY, int J>
+void launch(const RmsNormParams& p, bool backward, cudaStream_t s) {
+  const int blocks = blocks_for(p.rows);
+  const int d = static_cast<int>(p.d);
+  if (!backward) {
+    rms_norm_forward_kernel<TX, TG, TY, J><<<blocks, kWarps * 32, 0, s>>>(
+        static_cast<const TX*>(p.x), static_cast<const TG*>(p.gamma), static_cast<TY*>(p.y), p.norms, p.rows, d,
+        p.scale, p.eps);
+  } else {
+    rms_norm_backward_kernel<TX, TG, TY, J><<<blocks, kWarps * 32, 0, s>>>(
+        static_cast<const TX*>(p.x), static_cast<const TG*>(p.gamma), static_cast<const TY*>(p.grad_y),
+        const_cast<const float*>(p.norms), static_cast<TX*>(p.grad_x), p.grad_gamma_partial, p.rows, d, p.scale,
+        p.eps);
+  }
+  check(cudaGetLastError(), backward ? "backward" : "forward");
+}
+
+template <typename TX, typename TG, typename TY>
+void by_width(const RmsNormParams& p, bool backward, cudaStream_t s) {
+  if (p.d <= 128)
+    launch<TX, TG, TY, 4>(p, backward, s);
+  else if (p.d <= 256)
+    launch<TX, TG, TY, 8>(p, backward, s);
+  else if (p.d <= 512)
+    launch<TX, TG, TY, 16>(p, backward, s);
+  else if (p.d <= 1024)
+    launch<TX, TG, TY, 32>(p, backward, s);
+  else
+    launch<TX, TG, TY, 64>(p, backward, s);
+}
+
+template <typename TX>
+void by_gamma(const RmsNormParams& p, bool backward, cudaStream_t s) {
+  // y takes the promoted type of x and gamma: gamma's when it is float32 (or
+  // x is float32), x's when both are 16-bit of the same type.
+  if (p.gamma_dtype == RowDtype::f32)
+    by_width<TX, float, float>(p, backward, s);
+  else
+    by_width<TX, TX, TX>(p, backward, s);
+}
+
+void run(const RmsNormParams& p, bool backward, void* stream) {
+  if (p.rows == 0) return;
+  if (!rms_norm_supports(p.d, p.x_dtype, p.gamma_dtype))
+    throw std::invalid_argument("RMSNorm CUDA kernel: unsupported width or dtypes");
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (p.x_dtype) {
+    case RowDtype::f32:
+      return by_width<float, float, float>(p, backward, s);
+    case RowDtype::f16:
+      return by_gamma<__half>(p, backward, s);
+    case RowDtype::bf16:
+      return by_gamma<__nv_bfloat16>(p, backward, s);
+  }
+}
+
+}  // namespace
+
+bool rms_norm_supports(int64_t d, RowDtype x, RowDtype gamma) {
+  return d >= 1 && d <= kRmsNormMaxWidth && (gamma == RowDtype::f32 || gamma == x);
+}
+
+int64_t rms_norm_partials(int64_t rows) { return rows == 0 ? 0 : static_cast<int64_t>(blocks_for(rows)) * kWarps; }
+
+void rms_norm_forward_cuda(const RmsNormParams& p, void* stream) { run(p, false, stream); }
+
+void rms_norm_backward_cuda(const RmsNormParams& p, void* stream) { run(p, true, stream); }
+
+}  // namespace kernels
+}  // namespace colt5
