@@ -235,19 +235,26 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
               " must be divisible by the window size ", ws, " (or turn on autopad)");
 
 #if COLT5_HAS_SDPA
-  // Exact causal windows without a key mask are a sliding window over the
-  // sequence: query t sees keys t - window * look_backward .. t. The flash
-  // kernel's sliding window does that on the unpadded sequence, reading q, k
-  // and v in (batch, seq, heads, dim) order (for (b, h, n, d) inputs, LocalMHA's
-  // layout, a transposed view: no copy).
-  if (options.causal() && options.exact_windowsize() && !mask_in.defined() && !rel_pos &&
-      flash_supports(q_in, k_in, v_in, d)) {
+  // Exact windows without a key mask are a sliding window over the sequence:
+  // query t sees keys t - window * look_backward .. t + window * look_forward
+  // (.. t when causal). The flash kernel's sliding window does that with no
+  // mask and no look-around, reading q, k and v in (batch, seq, heads, dim)
+  // order (for (b, h, n, d) inputs, LocalMHA's layout, a transposed view: no
+  // copy). Not causal, an autopadded sequence keeps its zero keys/values
+  // (they are visible to the last queries, as in the windows); causal, they
+  // come after every real query and the sequence is used as it is.
+  if (options.exact_windowsize() && !mask_in.defined() && !rel_pos && flash_supports(q_in, k_in, v_in, d)) {
+    const bool causal = options.causal();
+    const int64_t n_pad = causal || !options.autopad() ? orig_n : (orig_n + ws - 1) / ws * ws;
     auto seq_major = [&](const torch::Tensor& t) {
-      return t.dim() == 4 ? t.transpose(1, 2) : t.reshape({-1, orig_n, 1, d});
+      torch::Tensor s = t.dim() == 4 ? t.transpose(1, 2) : t.reshape({-1, orig_n, 1, d});
+      return n_pad == orig_n ? s : torch::constant_pad_nd(s, {0, 0, 0, 0, 0, n_pad - orig_n}, 0);
     };
     const double scale = options.scale().value_or(std::pow(static_cast<double>(d), -0.5));
-    auto out = std::get<0>(at::_flash_attention_forward(seq_major(q_in), seq_major(k_in), seq_major(v_in), {}, {}, orig_n,
-                                                        orig_n, 0.0, /*is_causal=*/true, false, scale, ws * back, 0));
+    auto out = std::get<0>(at::_flash_attention_forward(seq_major(q_in), seq_major(k_in), seq_major(v_in), {}, {}, n_pad,
+                                                        n_pad, 0.0, causal, false, scale, ws * back,
+                                                        causal ? 0 : ws * fwd));
+    if (n_pad != orig_n) out = out.narrow(1, 0, orig_n);
     return q_in.dim() == 4 ? out.transpose(1, 2) : out.reshape(q_in.sizes());
   }
 #endif

@@ -295,8 +295,11 @@ TEST(CudaModules, BFloat16BlockStaysCloseToFloat32AndBackpropagates) {
 // causal, exact causal and not causal.
 TEST(CudaModules, LocalAttentionWindowsMatchTheCpuFloat64) {
   torch::manual_seed(19);
-  for (int mode : {0, 1, 2}) {  // causal, causal with exact windows (a sliding window), not causal
-    const bool causal = mode < 2, exact = mode == 1;
+  // causal, causal with exact windows (a sliding window), not causal, not
+  // causal with exact windows (the block's light attention; a sliding window
+  // both ways, over the autopadded sequence)
+  for (int mode : {0, 1, 2, 3}) {
+    const bool causal = mode < 2, exact = mode == 1 || mode == 3;
     // No mask; a mask with random holes; the same with a hidden stretch of
     // 400 positions, whose middle queries see no key at all.
     for (int masked : {0, 1, 2}) {
