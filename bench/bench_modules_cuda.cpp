@@ -726,6 +726,14 @@ int main(int argc, char** argv) {
         };
         row(name + ", no mask", "fwd+bwd", time_cuda(unmasked), dn, "no padding mask");
       }
+      if (n <= 32768) {
+        // The light attention's exact windows on the windowed path with an
+        // additive mask (before the sliding window), same run.
+        auto& la = block->conditional_attn->light_attn->attn_fn->options;
+        la.sliding_window(false);
+        row(name + ", windowed local attn", "fwd+bwd", time_cuda(step), dn, "exact windows as masked windows");
+        la.sliding_window(true);
+      }
       if (n <= 32768) row(name, "graph", time_graph(step), dn, "fwd+bwd replayed from a CUDA graph");
       if (n == 32768) {
         std::printf("  host syncs in a training step: %s\n", host_syncs(step).c_str());

@@ -136,6 +136,58 @@ torch::Tensor windows_without_mask(const torch::Tensor& bq, const torch::Tensor&
   return parts.size() == 1 ? parts[0] : torch::cat(parts, 1);
 }
 
+// Exact windows with a key mask on the flash kernel's sliding window. The
+// mask enters as a score bias through 8 more head dimensions: q gets a 1 and
+// zeros, each key its bias (0 where visible, -kHiddenKey where hidden; times
+// the scale that is at least 1875 below every score for heads up to 256) and
+// zeros, v zeros; the output's extra dimensions are dropped. A query whose
+// window hides every key gets the mean of its look-around's values (the
+// reference's softmax over equal values; slots outside the sequence are -1,
+// as look_around pads them), put in place after the kernel.
+// q, k, v: (rows, n, heads, d) views with the last dimension contiguous;
+// hidden_bias_rows: the key mask as (rows, n) bool; returns (rows, n, heads, d).
+constexpr double kHiddenKey = 30000.0;  // finite in float16 and bfloat16
+
+torch::Tensor exact_windows_masked(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                   const torch::Tensor& key_mask, int64_t ws, int64_t back, int64_t fwd, bool causal,
+                                   double scale) {
+  const int64_t rows = q.size(0), n = q.size(1), heads = q.size(2), d = q.size(3);
+  auto o = q.options();
+  auto widen = [&](const torch::Tensor& t, const torch::Tensor& first) {
+    std::vector<torch::Tensor> parts{t};
+    int64_t extra = 8;
+    if (first.defined()) {
+      parts.push_back(first);
+      extra = 7;
+    }
+    parts.push_back(torch::zeros({1, 1, 1, 1}, o).expand({rows, n, heads, extra}));
+    return torch::cat(parts, -1);
+  };
+  torch::Tensor bias = torch::where(key_mask, torch::zeros({}, o), torch::full({}, -kHiddenKey, o));
+  torch::Tensor q8 = widen(q, torch::ones({1, 1, 1, 1}, o).expand({rows, n, heads, 1}));
+  torch::Tensor k8 = widen(k, bias.view({rows, n, 1, 1}).expand({rows, n, heads, 1}));
+  torch::Tensor v8 = widen(v, torch::Tensor());
+  torch::Tensor out = std::get<0>(at::_flash_attention_forward(q8, k8, v8, {}, {}, n, n, 0.0, causal, false, scale,
+                                                               ws * back, causal ? 0 : ws * fwd))
+                          .narrow(-1, 0, d);
+  // Blind queries: no visible key in [t - ws * back, t + ws * fwd] (.. t when
+  // causal), counted from a prefix sum of the mask over the padded sequence.
+  const int64_t windows = (n + ws - 1) / ws, n_pad = windows * ws, span = (back + fwd + 1) * ws;
+  auto lo = key_mask.options().dtype(torch::kLong);
+  torch::Tensor counts = torch::constant_pad_nd(key_mask.to(torch::kInt).cumsum(1, torch::kInt), {1, 0}, 0);
+  torch::Tensor t = torch::arange(n, lo);
+  torch::Tensor hi_idx = (t + (causal ? 0 : ws * fwd) + 1).clamp_max(n), lo_idx = (t - ws * back).clamp_min(0);
+  torch::Tensor seen = counts.index_select(1, hi_idx).gt(counts.index_select(1, lo_idx));  // (rows, n)
+  // Each window's look-around mean: window sums of the zero-padded v, windows
+  // beyond the ends summing to -ws.
+  torch::Tensor vp = n_pad == n ? v : torch::constant_pad_nd(v, {0, 0, 0, 0, 0, n_pad - n}, 0);
+  torch::Tensor sums = vp.reshape({rows, windows, ws, heads, d}).sum(2, false, torch::kFloat);
+  sums = torch::constant_pad_nd(sums, {0, 0, 0, 0, back, fwd}, -static_cast<double>(ws));
+  torch::Tensor mean = sums.unfold(1, back + fwd + 1, 1).sum(-1).div_(static_cast<double>(span)).to(q.scalar_type());
+  mean = mean.unsqueeze(2).expand({rows, windows, ws, heads, d}).reshape({rows, n_pad, heads, d}).narrow(1, 0, n);
+  return torch::where(seen.view({rows, n, 1, 1}), out, mean);
+}
+
 #endif
 
 // Zero-pads dimension `dim` of t up to a multiple of `multiple`.
@@ -234,7 +286,40 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
   TORCH_CHECK(options.autopad() || orig_n % ws == 0, "LocalAttention: sequence length ", orig_n,
               " must be divisible by the window size ", ws, " (or turn on autopad)");
 
+  const int64_t folded_rows = q_in.numel() / (orig_n * d);
+  if (mask_in.defined()) {
+    TORCH_CHECK(mask_in.scalar_type() == at::kBool, "LocalAttention: mask must be a bool tensor, got ",
+                mask_in.scalar_type());
+    TORCH_CHECK(mask_in.dim() == 2 && mask_in.size(1) == orig_n, "LocalAttention: mask must be (b, ", orig_n, "), got ",
+                mask_in.sizes());
+    TORCH_CHECK(mask_in.size(0) > 0 && folded_rows % mask_in.size(0) == 0, "LocalAttention: mask batch ",
+                mask_in.size(0), " must divide the ", folded_rows, " folded batch-head rows");
+    TORCH_CHECK(mask_in.device() == q_in.device(), "LocalAttention: mask is on ", mask_in.device(), " but q is on ",
+                q_in.device());
+  }
+
 #if COLT5_HAS_SDPA
+  // Exact windows with a key mask: the sliding window below with the mask as
+  // a score bias (exact_windows_masked). (b, h, n, d) inputs with a (b, n)
+  // mask are read as (b, n, h, d) views; other inputs as (rows, n, 1, d) with
+  // the mask's rows spread over the heads folded after them.
+  if (options.sliding_window() && options.exact_windowsize() && mask_in.defined() && !rel_pos && d + 8 <= 256 &&
+      flash_supports(q_in, k_in, v_in, d)) {
+    const double scale = options.scale().value_or(std::pow(static_cast<double>(d), -0.5));
+    const bool by_head = q_in.dim() == 4 && mask_in.size(0) == q_in.size(0);
+    auto seq_major = [&](const torch::Tensor& t) {
+      return by_head ? t.transpose(1, 2) : t.reshape({folded_rows, orig_n, 1, d});
+    };
+    torch::Tensor key_mask = mask_in;
+    if (!by_head && mask_in.size(0) != folded_rows) {
+      const int64_t per = folded_rows / mask_in.size(0);
+      key_mask = mask_in.unsqueeze(1).expand({mask_in.size(0), per, orig_n}).reshape({folded_rows, orig_n});
+    }
+    auto out = exact_windows_masked(seq_major(q_in), seq_major(k_in), seq_major(v_in), key_mask, ws, back, fwd,
+                                    options.causal(), scale);
+    return by_head ? out.transpose(1, 2) : out.reshape(q_in.sizes());
+  }
+
   // Exact windows without a key mask are a sliding window over the sequence:
   // query t sees keys t - window * look_backward .. t + window * look_forward
   // (.. t when causal). The flash kernel's sliding window does that with no
@@ -243,7 +328,8 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
   // copy). Not causal, an autopadded sequence keeps its zero keys/values
   // (they are visible to the last queries, as in the windows); causal, they
   // come after every real query and the sequence is used as it is.
-  if (options.exact_windowsize() && !mask_in.defined() && !rel_pos && flash_supports(q_in, k_in, v_in, d)) {
+  if (options.sliding_window() && options.exact_windowsize() && !mask_in.defined() && !rel_pos &&
+      flash_supports(q_in, k_in, v_in, d)) {
     const bool causal = options.causal();
     const int64_t n_pad = causal || !options.autopad() ? orig_n : (orig_n + ws - 1) / ws * ws;
     auto seq_major = [&](const torch::Tensor& t) {
@@ -373,14 +459,6 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
   torch::Tensor visible, seen;
   int64_t mask_rows = 1;
   if (mask_in.defined()) {
-    TORCH_CHECK(mask_in.scalar_type() == at::kBool, "LocalAttention: mask must be a bool tensor, got ",
-                mask_in.scalar_type());
-    TORCH_CHECK(mask_in.dim() == 2 && mask_in.size(1) == orig_n, "LocalAttention: mask must be (b, ", orig_n, "), got ",
-                mask_in.sizes());
-    TORCH_CHECK(mask_in.size(0) > 0 && B % mask_in.size(0) == 0, "LocalAttention: mask batch ", mask_in.size(0),
-                " must divide the ", B, " folded batch-head rows");
-    TORCH_CHECK(mask_in.device() == q.device(), "LocalAttention: mask is on ", mask_in.device(), " but q is on ",
-                q.device());
     mask_rows = mask_in.size(0);
     torch::Tensor mask_p = options.autopad() ? pad_to_multiple(mask_in, ws, -1, 0) : mask_in;
     // Each window's look-around of the key mask, slots outside the sequence false.

@@ -325,14 +325,20 @@ TEST(CudaModules, LocalAttentionWindowsMatchTheCpuFloat64) {
           torch::Tensor out64 = ref->forward(x64, mask);
           torch::Tensor g = torch::randn_like(out64);
           out64.backward(g);
-          auto dev = std::dynamic_pointer_cast<LocalMHAImpl>(attn->clone());
-          dev->to(cuda(), dtype);
-          torch::Tensor xd = x.to(cuda(), dtype).requires_grad_(true);
-          torch::Tensor out = dev->forward(xd, masked ? mask.to(cuda()) : mask);
-          out.backward(g.to(cuda(), dtype));
-          const double tol = dtype == torch::kFloat ? 1e-4 : 3e-2;
-          EXPECT_LT(max_rel_error(out.to(torch::kDouble).cpu(), out64), tol);
-          EXPECT_LT(max_rel_error(xd.grad().to(torch::kDouble).cpu(), x64.grad()), 3 * tol);
+          // Exact windows: the flash kernel's sliding window and the windowed path.
+          for (bool sliding : exact ? std::vector<bool>{true, false} : std::vector<bool>{true}) {
+            SCOPED_TRACE(sliding ? "sliding window" : "windowed path");
+            auto dev = std::dynamic_pointer_cast<LocalMHAImpl>(attn->clone());
+            dev->to(cuda(), dtype);
+            dev->attn_fn->options.sliding_window(sliding);
+            torch::Tensor xd = x.to(cuda(), dtype).requires_grad_(true);
+            torch::Tensor out = dev->forward(xd, masked ? mask.to(cuda()) : mask);
+            out.backward(g.to(cuda(), dtype));
+            const double tol = dtype == torch::kFloat ? 1e-4 : 3e-2;
+            EXPECT_LT(max_rel_error(out.to(torch::kDouble).cpu(), out64), tol);
+            EXPECT_LT(max_rel_error(xd.grad().to(torch::kDouble).cpu(), x64.grad()), 3 * tol);
+            EXPECT_TRUE(torch::isfinite(xd.grad()).all().item<bool>());
+          }
           ref->zero_grad();
         }
       }
