@@ -243,9 +243,8 @@ void check_cuda_graph(const TrainConfig& t, const TrainOptions& o) {
 // .grad(), which must not be reset between steps), the optimizer steps eagerly.
 struct Trainer::GraphedStep {
 #ifdef COLT5_WITH_CUDA
-  torch::Tensor tokens, targets, loss;
+  torch::Tensor tokens, targets, loss;  // loss: defined once the step is captured
   at::cuda::CUDAGraph graph;
-  bool captured = false;
 #endif
 };
 
@@ -394,19 +393,19 @@ double Trainer::train_step(int64_t step) {
     step_loss = graphed_step(step);
   } else {
     opt_->zero_grad();
-  }
-  for (int64_t micro = 0; micro < (graphed_ ? 0 : t_.grad_accum); ++micro) {
-    Batch b = work_->train_batch(step, micro);
-    Batch d{b.tokens.to(device_), b.targets.to(device_)};
-    torch::Tensor loss;
-    {
-      AutocastGuard autocast(device_.is_cuda() && t_.amp);
-      loss = batch_loss(model_, d, work_->is_task(), t_.lm_weight, false).loss / static_cast<double>(t_.grad_accum);
+    for (int64_t micro = 0; micro < t_.grad_accum; ++micro) {
+      Batch b = work_->train_batch(step, micro);
+      Batch d{b.tokens.to(device_), b.targets.to(device_)};
+      torch::Tensor loss;
+      {
+        AutocastGuard autocast(device_.is_cuda() && t_.amp);
+        loss = batch_loss(model_, d, work_->is_task(), t_.lm_weight, false).loss / static_cast<double>(t_.grad_accum);
+      }
+      // The last backward of the step all-reduces the gradient buckets as they fill.
+      if (group_ && micro + 1 == t_.grad_accum) group_->arm_gradients(loss);
+      loss.backward();
+      step_loss += loss.item<double>();
     }
-    // The last backward of the step all-reduces the gradient buckets as they fill.
-    if (group_ && micro + 1 == t_.grad_accum) group_->arm_gradients(loss);
-    loss.backward();
-    step_loss += loss.item<double>();
   }
   // Averaged gradients and loss: every process makes the same update.
   if (group_) step_loss = group_->finish_gradients(step_loss);
@@ -426,7 +425,7 @@ double Trainer::graphed_step(int64_t step) {
     AutocastGuard autocast(t_.amp);
     return batch_loss(model_, Batch{g.tokens, g.targets}, work_->is_task(), t_.lm_weight, false).loss;
   };
-  if (!g.captured) {
+  if (!g.loss.defined()) {
     g.tokens = b.tokens.to(device_);
     g.targets = b.targets.to(device_);
     // Warm-up on the capturing stream (lazy initializations stay out of the
@@ -445,12 +444,12 @@ double Trainer::graphed_step(int64_t step) {
       side.synchronize();
       unset_grads();
       g.graph.capture_begin();
-      g.loss = compute();
-      g.loss.backward();
+      torch::Tensor loss = compute();
+      loss.backward();
       g.graph.capture_end();
+      g.loss = loss;
     }
     torch::cuda::synchronize();
-    g.captured = true;
   } else {
     if (b.tokens.sizes() != g.tokens.sizes() || b.targets.sizes() != g.targets.sizes())
       throw std::runtime_error("--cuda-graph: batch of step " + std::to_string(step) + " has another shape than the "
