@@ -58,10 +58,10 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
 #endif
 
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
-                               const torch::Tensor& gamma, double scale) {
+                               const torch::Tensor& gamma, double scale, bool cuda_kernel) {
 #ifdef COLT5_WITH_CUDA
     kernels::RmsNormParams p;
-    if (fused(x, gamma, scale, p)) {
+    if (cuda_kernel && fused(x, gamma, scale, p)) {
       c10::cuda::CUDAGuard guard(x.device());
       torch::Tensor xc = x.contiguous(), g = gamma.contiguous();
       torch::Tensor y = torch::empty(x.sizes(), x.options().dtype(at::promote_types(x.scalar_type(),
@@ -77,6 +77,8 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
       ctx->saved_data["fused"] = true;
       return y;
     }
+#else
+    (void)cuda_kernel;
 #endif
     // The same arithmetic as the composite (and under autocast the same
     // dtypes: the norm in float32, the products promoted).
@@ -116,7 +118,7 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
       kernels::rms_norm_backward_cuda(p, at::cuda::getCurrentCUDAStream().stream());
       torch::Tensor dgamma;
       if (partial.defined()) dgamma = as_type(partial.sum(0), gamma.scalar_type());
-      return {ctx->needs_input_grad(0) ? dx : torch::Tensor(), dgamma, torch::Tensor()};
+      return {ctx->needs_input_grad(0) ? dx : torch::Tensor(), dgamma, torch::Tensor(), torch::Tensor()};
     }
 #endif
     const torch::Tensor &xhat = saved[0], &gamma = saved[1], &f = saved[2], &n = saved[3];
@@ -133,7 +135,7 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
       dot = torch::where(n > kEps, dot, torch::zeros_like(dot)) / (scale * scale);
       dx = as_type(dxhat.sub_(xhat * dot).mul_(f), x_dtype);
     }
-    return {dx, dgamma, torch::Tensor()};
+    return {dx, dgamma, torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -157,7 +159,7 @@ torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
   const double scale = std::sqrt(static_cast<double>(options.dim()));
   // F.normalize: x / max(||x||, 1e-12); the row factor and sqrt(dim) are
   // combined before touching x (two passes over x instead of three).
-  return RMSNormFunction::apply(x, gamma, scale);
+  return RMSNormFunction::apply(x, gamma, scale, options.cuda_kernel());
 }
 
 // ---------------------------------------------------------------- FeedForward

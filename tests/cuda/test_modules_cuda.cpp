@@ -222,6 +222,14 @@ TEST(CudaModules, RMSNormKernelMatchesTheCpuFloat64) {
       }
       EXPECT_LT(err(gpu->gamma.grad(), ref->gamma.grad()), tol);
       EXPECT_TRUE(torch::isfinite(xd.grad()).all().item<bool>());
+      // The composite on the same GPU (cuda_kernel off) agrees with the kernel.
+      RMSNorm composite(RMSNormOptions(c.d).cuda_kernel(false));
+      {
+        torch::NoGradGuard no_grad;
+        composite->to(cuda(), c.gamma);
+        composite->gamma.copy_(gamma);
+      }
+      EXPECT_LT(err(composite->forward(xd.detach()), b.detach().to(torch::kDouble).cpu()), tol);
     }
   }
 }
