@@ -730,9 +730,22 @@ int main(int argc, char** argv) {
         // The light attention's exact windows on the windowed path with an
         // additive mask (before the sliding window), same run.
         auto& la = block->conditional_attn->light_attn->attn_fn->options;
+        const bool by_default = la.sliding_window();
+        la.sliding_window(true);
+        row(name + ", sliding-window local attn", "fwd+bwd", time_cuda(step), dn, "flash sliding window");
         la.sliding_window(false);
         row(name + ", windowed local attn", "fwd+bwd", time_cuda(step), dn, "exact windows as masked windows");
-        la.sliding_window(true);
+        la.sliding_window(by_default);
+        // RMSNorm's CUDA kernels on and off (the composite), same run.
+        auto rms_kernel = [&](bool on) {
+          for (const auto& m : block->modules())
+            if (auto* r = dynamic_cast<RMSNormImpl*>(m.get())) r->options.cuda_kernel(on);
+        };
+        rms_kernel(true);
+        row(name + ", RMSNorm kernel", "fwd+bwd", time_cuda(step), dn, "RMSNorm on its CUDA kernels");
+        rms_kernel(false);
+        row(name + ", RMSNorm composite", "fwd+bwd", time_cuda(step), dn, "RMSNorm as LibTorch operators");
+        rms_kernel(RMSNormOptions(1).cuda_kernel());
       }
       if (n <= 32768) row(name, "graph", time_graph(step), dn, "fwd+bwd replayed from a CUDA graph");
       if (n == 32768) {
