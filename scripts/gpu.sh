@@ -4,7 +4,8 @@
 # dependencies and GoogleTest are not installed, and bring third_party/vendor):
 # configures a CUDA build outside the tree, builds with all cores, runs the CUDA
 # tests (ctest -L cuda), the CPU tests when COLT5_GPU_CPU_TESTS=1, the CUDA
-# benchmark and right after it the reference package's on the same GPU
+# benchmark (and its GPU time by scope and kernel, --kernels) and right after
+# it the reference package's on the same GPU
 # (bench/bench_modules_reference.py; scripts/vendor.sh vendors the package),
 # then the operator counts of each module's training step (bench_ops), the
 # program's --cuda-graph (a short training eager and from a graph, compared;
@@ -54,6 +55,9 @@ if [ "${COLT5_GPU_BENCH:-1}" = 1 ]; then
   bench_rc=$?
   stamp "bench_modules_cuda"
   "$build/bench_modules_cuda" >"$logs/bench_modules.txt" 2>&1 || bench_rc=1
+  # Each module's training step by colt5 scope and by kernel (Kineto).
+  stamp "bench_modules_cuda --kernels"
+  "$build/bench_modules_cuda" --kernels >"$logs/bench_kernels.txt" 2>&1 || bench_rc=1
   # The reference package on the same GPU and LibTorch, right after (when it
   # is installed or vendored: scripts/vendor.sh).
   stamp "bench_modules_reference.py"
@@ -101,7 +105,7 @@ stamp "done"
   grep -E "tests passed|Failed|\*\*\*|Expected|Which is|rel_err|seed=|Value of|Actual" "$logs/ctest_cuda.log" | head -60
   [ "$cpu_rc" != - ] && { echo "== CPU tests (rc $cpu_rc)"; grep -E "tests passed|\(Failed\)|\*\*\*" "$logs/ctest_cpu.log" | head -20; }
   [ "$bench_rc" != - ] && { echo "== benchmark (rc $bench_rc)"; sed -n '/^device:/,$p' "$logs/bench.txt";
-    echo; cat "$logs/bench_modules.txt"; echo; cat "$logs/bench_ops.txt"; echo; cat "$logs/bench_reference.txt"; }
+    echo; cat "$logs/bench_modules.txt"; echo; cat "$logs/bench_kernels.txt"; echo; cat "$logs/bench_ops.txt"; echo; cat "$logs/bench_reference.txt"; }
   [ "$graph_rc" != - ] && { echo "== colt5 --cuda-graph (rc $graph_rc)"; tail -3 "$logs/train_graph_vs_eager.txt";
     cat "$logs/bench_program.txt"; }
 } | tee "$logs/summary.txt"

@@ -328,8 +328,8 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
   // copy). Not causal, an autopadded sequence keeps its zero keys/values
   // (they are visible to the last queries, as in the windows); causal, they
   // come after every real query and the sequence is used as it is.
-  if (options.sliding_window() && options.exact_windowsize() && !mask_in.defined() && !rel_pos &&
-      flash_supports(q_in, k_in, v_in, d)) {
+  if ((options.sliding_window() || options.causal()) && options.exact_windowsize() && !mask_in.defined() &&
+      !rel_pos && flash_supports(q_in, k_in, v_in, d)) {
     const bool causal = options.causal();
     const int64_t n_pad = causal || !options.autopad() ? orig_n : (orig_n + ws - 1) / ws * ws;
     auto seq_major = [&](const torch::Tensor& t) {

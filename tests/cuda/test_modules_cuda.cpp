@@ -187,7 +187,7 @@ TEST(CudaModules, RMSNormKernelMatchesTheCpuFloat64) {
     for (int64_t rows : {0, 37, 1000}) {
       SCOPED_TRACE("d " + std::to_string(c.d) + " rows " + std::to_string(rows) + " x " + c10::toString(c.x) +
                    " gamma " + c10::toString(c.gamma));
-      RMSNorm ref(c.d), gpu(c.d);
+      RMSNorm ref(c.d), gpu(RMSNormOptions(c.d).cuda_kernel(true));
       torch::Tensor gamma = torch::randn({c.d}).to(c.gamma).to(torch::kDouble);
       {
         torch::NoGradGuard no_grad;

@@ -75,9 +75,11 @@ struct LocalAttentionOptions {
   /// nullopt: window_size / 2.
   TORCH_ARG(c10::optional<int64_t>, xpos_scale_base) = c10::nullopt;
   /// On CUDA in bf16/fp16, exact windows (causal or not, with or without a key
-  /// mask) run as the flash kernel's sliding window; false: the windowed path
-  /// with an additive mask (the same results; for comparison).
-  TORCH_ARG(bool, sliding_window) = true;
+  /// mask) run as the flash kernel's sliding window instead of the windowed
+  /// path with an additive mask (the same results). Off by default until its
+  /// CUDA test has run on a GPU; causal exact windows without a key mask take
+  /// the sliding window either way.
+  TORCH_ARG(bool, sliding_window) = false;
 };
 
 // Child `rel_pos` (buffer rel_pos.inv_freq) when use_rotary_pos_emb and dim is given.
@@ -102,9 +104,9 @@ class LocalAttentionImpl : public torch::nn::Cloneable<LocalAttentionImpl> {
   // dtypes use fused attention. Without a mask or rotary embedding no mask is
   // built at all: non-causal windows attend over views of contiguous key
   // ranges; on CUDA in bf16/fp16, causal windows use the flash kernel's
-  // lower-right causal limit, and exact windows its sliding window (a key
-  // mask enters as a score bias through 8 more head dimensions; heads up to
-  // 248).
+  // lower-right causal limit and exact causal windows its sliding window;
+  // with options.sliding_window, every exact window does (a key mask enters
+  // as a score bias through 8 more head dimensions; heads up to 248).
   torch::Tensor forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                         const torch::Tensor& mask = {});
 
