@@ -70,7 +70,13 @@ inline void kernel_profile(const char* title, const std::function<void()>& step,
       if (e.correlationId()) by_correlation[e.correlationId()] = host.size();
       host.push_back({e.startNs(), e.endNs(), e.startThreadId(), e.sequenceNr(), e.name()});
     } else if (e.deviceType() == c10::DeviceType::CUDA) {
-      device.push_back({e.name(), e.linkedCorrelationId(), e.durationNs()});
+      // Kineto also reports each user scope's span on the GPU's timeline (a
+      // GPU user annotation, named like the scope): not a kernel.
+      const std::string name = e.name();
+      if (e.activityType() == 2 /* GPU user annotation */ ||
+          (name.compare(0, 7, "colt5::") == 0 && name.find('(') == std::string::npos))
+        continue;
+      device.push_back({name, e.linkedCorrelationId(), e.durationNs()});
     }
   }
   std::map<uint64_t, std::vector<const HostEvent*>> by_thread;

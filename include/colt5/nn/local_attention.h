@@ -76,10 +76,10 @@ struct LocalAttentionOptions {
   TORCH_ARG(c10::optional<int64_t>, xpos_scale_base) = c10::nullopt;
   /// On CUDA in bf16/fp16, exact windows (causal or not, with or without a key
   /// mask) run as the flash kernel's sliding window instead of the windowed
-  /// path with an additive mask (the same results). Off by default until its
-  /// CUDA test has run on a GPU; causal exact windows without a key mask take
-  /// the sliding window either way.
-  TORCH_ARG(bool, sliding_window) = false;
+  /// path with an additive mask (the same results; false: the windowed path,
+  /// for comparison; causal exact windows without a key mask take the
+  /// sliding window either way).
+  TORCH_ARG(bool, sliding_window) = true;
 };
 
 // Child `rel_pos` (buffer rel_pos.inv_freq) when use_rotary_pos_emb and dim is given.
@@ -104,9 +104,10 @@ class LocalAttentionImpl : public torch::nn::Cloneable<LocalAttentionImpl> {
   // dtypes use fused attention. Without a mask or rotary embedding no mask is
   // built at all: non-causal windows attend over views of contiguous key
   // ranges; on CUDA in bf16/fp16, causal windows use the flash kernel's
-  // lower-right causal limit and exact causal windows its sliding window;
-  // with options.sliding_window, every exact window does (a key mask enters
-  // as a score bias through 8 more head dimensions; heads up to 248).
+  // lower-right causal limit and exact windows its sliding window (a key
+  // mask enters as a score bias through 8 more head dimensions; heads up to
+  // 248; options.sliding_window off: exact non-causal or masked windows take
+  // the windowed path).
   torch::Tensor forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                         const torch::Tensor& mask = {});
 
