@@ -565,21 +565,42 @@ ConditionalRoutedAutoregressiveAttentionOptions readme_autoregressive() {
       .num_routed_kv(2);
 }
 
+ConditionalRoutedCrossAttentionOptions readme_cross() {
+  return ConditionalRoutedCrossAttentionOptions(512, 512, 1024)
+      .dim_head(64)
+      .heads(8)
+      .kv_routing_tokens(2)
+      .route_block_size(131072);
+}
+
+ConditionalRoutedImageAttentionOptions readme_image() {
+  return ConditionalRoutedImageAttentionOptions(32, 1024, 1024)
+      .light_dim_head(64)
+      .light_heads(8)
+      .light_window_size(32)
+      .heavy_dim_head(64)
+      .heavy_heads(8)
+      .channel_first(true);
+}
+
+// A training step: the forward under autocast (bf16 when amp), then the
+// backward of the output's sum.
+std::function<void()> train_step(std::function<torch::Tensor()> fwd, bool amp = true) {
+  return [fwd = std::move(fwd), amp] {
+    torch::Tensor out;
+    {
+      Autocast ac(amp);
+      out = fwd();
+    }
+    out.sum().backward();
+  };
+}
+
 // --kernels: each module's training step (bf16 autocast, README configs)
 // under the Kineto profiler, by colt5 scope and by kernel.
 int kernel_profiles(const std::function<bool(const char*)>& want) {
   const torch::Device dev(torch::kCUDA, 0);
   auto f32 = torch::TensorOptions(dev);
-  auto train = [](const std::function<torch::Tensor()>& fwd) {
-    return [fwd] {
-      torch::Tensor out;
-      {
-        Autocast ac(true);
-        out = fwd();
-      }
-      out.sum().backward();
-    };
-  };
   if (want("block")) {
     torch::manual_seed(1);
     ConditionalRoutedTransformerBlock block(readme_block());
@@ -588,9 +609,9 @@ int kernel_profiles(const std::function<bool(const char*)>& want) {
       torch::Tensor x = torch::randn({2, n, 512}, f32).requires_grad_(true);
       torch::Tensor mask = torch::ones({2, n}, f32.dtype(torch::kBool));
       colt5_bench::kernel_profile(("block 2x" + std::to_string(n) + "x512, all-true mask, fwd+bwd").c_str(),
-                                  train([&] { return block->forward(x, mask); }));
+                                  train_step([&] { return block->forward(x, mask); }));
       if (n == 32768)
-        colt5_bench::kernel_profile("block 2x32768x512, no mask, fwd+bwd", train([&] { return block->forward(x); }));
+        colt5_bench::kernel_profile("block 2x32768x512, no mask, fwd+bwd", train_step([&] { return block->forward(x); }));
     }
   }
   if (want("autoregressive")) {
@@ -600,16 +621,12 @@ int kernel_profiles(const std::function<bool(const char*)>& want) {
     for (int64_t n : {8192, 32768}) {
       torch::Tensor x = torch::randn({2, n, 512}, f32).requires_grad_(true);
       colt5_bench::kernel_profile(("autoregressive 2x" + std::to_string(n) + "x512, fwd+bwd").c_str(),
-                                  train([&] { return attn->forward(x); }));
+                                  train_step([&] { return attn->forward(x); }));
     }
   }
   if (want("cross")) {
     torch::manual_seed(3);
-    ConditionalRoutedCrossAttention attn(ConditionalRoutedCrossAttentionOptions(512, 512, 1024)
-                                             .dim_head(64)
-                                             .heads(8)
-                                             .kv_routing_tokens(2)
-                                             .route_block_size(131072));
+    ConditionalRoutedCrossAttention attn(readme_cross());
     attn->to(dev);
     torch::Tensor tokens = torch::randn({1, 1024, 512}, f32);
     torch::Tensor memories = torch::randn({1, 1048576, 512}, f32);
@@ -620,16 +637,10 @@ int kernel_profiles(const std::function<bool(const char*)>& want) {
   }
   if (want("image")) {
     torch::manual_seed(4);
-    ConditionalRoutedImageAttention attn(ConditionalRoutedImageAttentionOptions(32, 1024, 1024)
-                                             .light_dim_head(64)
-                                             .light_heads(8)
-                                             .light_window_size(32)
-                                             .heavy_dim_head(64)
-                                             .heavy_heads(8)
-                                             .channel_first(true));
+    ConditionalRoutedImageAttention attn(readme_image());
     attn->to(dev);
     torch::Tensor fmap = torch::randn({1, 32, 256, 256}, f32).requires_grad_(true);
-    colt5_bench::kernel_profile("image 1x32x256x256, fwd+bwd", train([&] { return attn->forward(fmap); }));
+    colt5_bench::kernel_profile("image 1x32x256x256, fwd+bwd", train_step([&] { return attn->forward(fmap); }));
   }
   return 0;
 }
@@ -692,14 +703,7 @@ int main(int argc, char** argv) {
       char note[96];
       std::snprintf(note, sizeof note, "bf16 vs fp32 %.1e", err);
       torch::Tensor xg = x.detach().requires_grad_(true);
-      auto step = [&] {
-        torch::Tensor out;
-        {
-          Autocast ac(true);
-          out = block->forward(xg, mask);
-        }
-        out.sum().backward();
-      };
+      auto step = train_step([&] { return block->forward(xg, mask); });
       const double dn = n <= 131072 ? dense_ms(2, 8, n, n, false, true, n > 32768 ? 3 : 10) : -1;
       if (n == 32768) {
         const Measure f = time_cuda([&] {
@@ -716,14 +720,7 @@ int main(int argc, char** argv) {
       row(name, "fwd+bwd", fb, dn, note2);
       if (n <= 32768) {
         // Without a padding mask the light branch's windows need no mask at all.
-        auto unmasked = [&] {
-          torch::Tensor out;
-          {
-            Autocast ac(true);
-            out = block->forward(xg);
-          }
-          out.sum().backward();
-        };
+        auto unmasked = train_step([&] { return block->forward(xg); });
         row(name + ", no mask", "fwd+bwd", time_cuda(unmasked), dn, "no padding mask");
       }
       if (n <= 32768) {
@@ -788,14 +785,7 @@ int main(int argc, char** argv) {
       char note[64];
       std::snprintf(note, sizeof note, "bf16 vs fp32 %.1e; dense causal", err);
       torch::Tensor xg = x.detach().requires_grad_(true);
-      auto step = [&] {
-        torch::Tensor out;
-        {
-          Autocast ac(true);
-          out = attn->forward(xg);
-        }
-        out.sum().backward();
-      };
+      auto step = train_step([&] { return attn->forward(xg); });
       const Measure fb = time_cuda(step);
       const double dn = dense_ms(2, 8, n, n, true, true);
       row(name, "fwd+bwd", fb, dn, note);
@@ -851,11 +841,7 @@ int main(int argc, char** argv) {
   // ---------------------------------------------------------- cross
   if (want("cross")) {
     torch::manual_seed(3);
-    ConditionalRoutedCrossAttention attn(ConditionalRoutedCrossAttentionOptions(512, 512, 1024)
-                                             .dim_head(64)
-                                             .heads(8)
-                                             .kv_routing_tokens(2)
-                                             .route_block_size(131072));
+    ConditionalRoutedCrossAttention attn(readme_cross());
     attn->to(dev);
     torch::Tensor tokens = torch::randn({1, 1024, 512}, f32);
     torch::Tensor memories = torch::randn({1, 1048576, 512}, f32);
@@ -914,13 +900,7 @@ int main(int argc, char** argv) {
   // ---------------------------------------------------------- image
   if (want("image")) {
     torch::manual_seed(4);
-    ConditionalRoutedImageAttention attn(ConditionalRoutedImageAttentionOptions(32, 1024, 1024)
-                                             .light_dim_head(64)
-                                             .light_heads(8)
-                                             .light_window_size(32)
-                                             .heavy_dim_head(64)
-                                             .heavy_heads(8)
-                                             .channel_first(true));
+    ConditionalRoutedImageAttention attn(readme_image());
     attn->to(dev);
     torch::Tensor fmap = torch::randn({1, 32, 256, 256}, f32);
     const double err = check_bf16("image", [&] { return attn->forward(fmap); });
@@ -937,15 +917,7 @@ int main(int argc, char** argv) {
           }),
           dn_f, note);
       torch::Tensor xg = fmap.detach().requires_grad_(true);
-      row(name, "fwd+bwd", time_cuda([&] {
-            torch::Tensor out;
-            {
-              Autocast ac(amp);
-              out = attn->forward(xg);
-            }
-            out.sum().backward();
-          }),
-          dn_b, note);
+      row(name, "fwd+bwd", time_cuda(train_step([&] { return attn->forward(xg); }, amp)), dn_b, note);
     }
   }
   return 0;

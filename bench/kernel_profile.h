@@ -28,16 +28,19 @@ struct HostEvent {
   std::string name;
 };
 
-// The innermost event of `events` (one thread's, any order) whose name starts
-// with `prefix` and that contains `t`; nullptr if none.
-inline const HostEvent* innermost(const std::vector<const HostEvent*>& events, uint64_t t, const std::string& prefix) {
+// The innermost event of `events` (one thread's, any order) that contains `t`
+// and satisfies `wanted`; nullptr if none.
+inline const HostEvent* innermost(const std::vector<const HostEvent*>& events, uint64_t t,
+                                  const std::function<bool(const HostEvent&)>& wanted) {
   const HostEvent* best = nullptr;
   for (const HostEvent* e : events) {
-    if (e->start > t || e->end < t || e->name.compare(0, prefix.size(), prefix) != 0) continue;
+    if (e->start > t || e->end < t || !wanted(*e)) continue;
     if (!best || e->start >= best->start) best = e;
   }
   return best;
 }
+
+inline bool starts_with(const std::string& s, const char* prefix) { return s.rfind(prefix, 0) == 0; }
 
 // Runs `step` twice to warm up, then `runs` times under the profiler, and
 // prints the GPU time per scope and the `top` longest kernels (per step).
@@ -74,7 +77,7 @@ inline void kernel_profile(const char* title, const std::function<void()>& step,
       // GPU user annotation, named like the scope): not a kernel.
       const std::string name = e.name();
       if (e.activityType() == 2 /* GPU user annotation */ ||
-          (name.compare(0, 7, "colt5::") == 0 && name.find('(') == std::string::npos))
+          (starts_with(name, "colt5::") && name.find('(') == std::string::npos))
         continue;
       device.push_back({name, e.linkedCorrelationId(), e.durationNs()});
     }
@@ -82,13 +85,15 @@ inline void kernel_profile(const char* title, const std::function<void()>& step,
   std::map<uint64_t, std::vector<const HostEvent*>> by_thread;
   for (const auto& e : host) by_thread[e.thread].push_back(&e);
   auto scope_of = [&](const HostEvent& e) -> std::string {
-    const HostEvent* s = innermost(by_thread[e.thread], e.start, "colt5::");
+    const HostEvent* s = innermost(by_thread[e.thread], e.start, [](const HostEvent& h) {
+      return starts_with(h.name, "colt5::");
+    });
     return s ? s->name : std::string();
   };
   // Forward operators by autograd sequence number -> their scope.
   std::unordered_map<int64_t, std::string> forward_scope;
   for (const auto& e : host)
-    if (e.seq >= 0 && e.name.compare(0, 10, "autograd::") != 0 && e.name.find("Backward") == std::string::npos) {
+    if (e.seq >= 0 && !starts_with(e.name, "autograd::") && e.name.find("Backward") == std::string::npos) {
       std::string s = scope_of(e);
       if (!s.empty()) forward_scope.emplace(e.seq, s);
     }
@@ -106,13 +111,10 @@ inline void kernel_profile(const char* title, const std::function<void()>& step,
       if (scope.empty()) {
         // A backward node: the innermost host event containing the launch with
         // a sequence number (the node), mapped to its forward operator's scope.
-        const HostEvent* node = nullptr;
-        for (const HostEvent* e : by_thread[op.thread])
-          if (e->seq >= 0 && e->start <= op.start && e->end >= op.start &&
-              (e->name.find("Backward") != std::string::npos || e->name.compare(0, 10, "autograd::") == 0 ||
-               e->name.compare(0, 7, "CppNode") == 0) &&
-              (!node || e->start >= node->start))
-            node = e;
+        const HostEvent* node = innermost(by_thread[op.thread], op.start, [](const HostEvent& h) {
+          return h.seq >= 0 && (h.name.find("Backward") != std::string::npos || starts_with(h.name, "autograd::") ||
+                                starts_with(h.name, "CppNode"));
+        });
         if (node) {
           auto f = forward_scope.find(node->seq);
           scope = "bwd " + (f != forward_scope.end() ? f->second : std::string("(outside colt5 scopes)"));

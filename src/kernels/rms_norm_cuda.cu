@@ -138,21 +138,6 @@ void check(cudaError_t e, const char* what) {
                                                  cudaGetErrorString(e));
 }
 
-template <RowDtype D>
-struct Type;
-template <>
-struct Type<RowDtype::f32> {
-  using type = float;
-};
-template <>
-struct Type<RowDtype::f16> {
-  using type = __half;
-};
-template <>
-struct Type<RowDtype::bf16> {
-  using type = __nv_bfloat16;
-};
-
 template <typename TX, typename TG, typename TY, int J>
 void launch(const RmsNormParams& p, bool backward, cudaStream_t s) {
   const int blocks = blocks_for(p.rows);

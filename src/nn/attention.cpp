@@ -10,6 +10,7 @@
 #include "nn/checks.h"
 #include "nn/masking.h"
 #include "ops/as_type.h"
+#include "ops/row_dtype.h"
 
 #ifdef COLT5_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -24,12 +25,6 @@ namespace nn {
 namespace {
 
 #ifdef COLT5_WITH_CUDA
-kernels::RowDtype row_dtype(const torch::Tensor& t) {
-  return t.scalar_type() == at::kFloat ? kernels::RowDtype::f32
-         : t.scalar_type() == at::kHalf ? kernels::RowDtype::f16
-                                        : kernels::RowDtype::bf16;
-}
-
 // Attention over table rows read by index (kernels/gathered_attention_cuda.cu):
 // q [G, heads, n, dh], table [T, heads * 2 * dh] (q's dtype, 16-byte
 // aligned), null_kv [routes, heads * 2 * dh] float32, scores [G, m] float32,
@@ -93,7 +88,7 @@ class GatheredAttentionFunction : public torch::autograd::Function<GatheredAtten
     p.routes = null_kv.size(0);
     p.scale = static_cast<float>(std::pow(static_cast<double>(p.dim_head), -0.5));
     p.keys_scaled = keys_scaled;
-    p.dtype = row_dtype(q);
+    p.dtype = row_dtype(q.scalar_type());
     p.q = q.data_ptr();
     p.table = table.data_ptr();
     p.rows = rows.data_ptr<int64_t>();

@@ -11,7 +11,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include "kernels/coor_descent.h"
+#include "ops/row_dtype.h"
 #endif
 
 namespace colt5 {
@@ -35,14 +35,6 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
   static constexpr double kEps = 1e-12;
 
 #ifdef COLT5_WITH_CUDA
-  static bool row_dtype(at::ScalarType t, kernels::RowDtype& out) {
-    if (t == at::kFloat) out = kernels::RowDtype::f32;
-    else if (t == at::kHalf) out = kernels::RowDtype::f16;
-    else if (t == at::kBFloat16) out = kernels::RowDtype::bf16;
-    else return false;
-    return true;
-  }
-
   // The kernel's parameters for x and gamma, or false where the kernel does
   // not apply (the composite runs).
   static bool fused(const torch::Tensor& x, const torch::Tensor& gamma, double scale, kernels::RmsNormParams& p) {

@@ -145,7 +145,7 @@ torch::Tensor windows_without_mask(const torch::Tensor& bq, const torch::Tensor&
 // reference's softmax over equal values; slots outside the sequence are -1,
 // as look_around pads them), put in place after the kernel.
 // q, k, v: (rows, n, heads, d) views with the last dimension contiguous;
-// hidden_bias_rows: the key mask as (rows, n) bool; returns (rows, n, heads, d).
+// key_mask: (rows, n) bool, true = visible; returns (rows, n, heads, d).
 constexpr double kHiddenKey = 30000.0;  // finite in float16 and bfloat16
 
 torch::Tensor exact_windows_masked(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
@@ -287,6 +287,7 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
               " must be divisible by the window size ", ws, " (or turn on autopad)");
 
   const int64_t folded_rows = q_in.numel() / (orig_n * d);
+  const double scale = options.scale().value_or(std::pow(static_cast<double>(d), -0.5));
   if (mask_in.defined()) {
     TORCH_CHECK(mask_in.scalar_type() == at::kBool, "LocalAttention: mask must be a bool tensor, got ",
                 mask_in.scalar_type());
@@ -299,49 +300,46 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
   }
 
 #if COLT5_HAS_SDPA
-  // Exact windows with a key mask: the sliding window below with the mask as
-  // a score bias (exact_windows_masked). (b, h, n, d) inputs with a (b, n)
-  // mask are read as (b, n, h, d) views; other inputs as (rows, n, 1, d) with
-  // the mask's rows spread over the heads folded after them.
-  if (options.sliding_window() && options.exact_windowsize() && mask_in.defined() && !rel_pos && d + 8 <= 256 &&
-      flash_supports(q_in, k_in, v_in, d)) {
-    const double scale = options.scale().value_or(std::pow(static_cast<double>(d), -0.5));
-    const bool by_head = q_in.dim() == 4 && mask_in.size(0) == q_in.size(0);
+  // Exact windows are a sliding window over the sequence: query t sees keys
+  // t - window * look_backward .. t + window * look_forward (.. t when causal).
+  // The flash kernel's sliding window does that with no look-around and no
+  // mask tensor, reading q, k and v in (batch, seq, heads, dim) order: (b, h,
+  // n, d) inputs (LocalMHA's layout) with a (b, n) mask or none as transposed
+  // views (no copy), other inputs as (rows, n, 1, d) with the mask's rows
+  // spread over the heads folded after them. A key mask enters as a score
+  // bias (exact_windows_masked).
+  const bool sliding = options.exact_windowsize() && !rel_pos && flash_supports(q_in, k_in, v_in, d) &&
+                       (mask_in.defined() ? options.sliding_window() && d + 8 <= 256
+                                          : options.sliding_window() || options.causal());
+  if (sliding) {
+    const bool causal = options.causal();
+    const bool by_head = q_in.dim() == 4 && (!mask_in.defined() || mask_in.size(0) == q_in.size(0));
     auto seq_major = [&](const torch::Tensor& t) {
       return by_head ? t.transpose(1, 2) : t.reshape({folded_rows, orig_n, 1, d});
     };
-    torch::Tensor key_mask = mask_in;
-    if (!by_head && mask_in.size(0) != folded_rows) {
-      const int64_t per = folded_rows / mask_in.size(0);
-      key_mask = mask_in.unsqueeze(1).expand({mask_in.size(0), per, orig_n}).reshape({folded_rows, orig_n});
+    torch::Tensor out;
+    if (mask_in.defined()) {
+      torch::Tensor key_mask = mask_in;
+      if (!by_head && mask_in.size(0) != folded_rows) {
+        const int64_t per = folded_rows / mask_in.size(0);
+        key_mask = mask_in.unsqueeze(1).expand({mask_in.size(0), per, orig_n}).reshape({folded_rows, orig_n});
+      }
+      out = exact_windows_masked(seq_major(q_in), seq_major(k_in), seq_major(v_in), key_mask, ws, back, fwd, causal,
+                                 scale);
+    } else {
+      // Not causal, an autopadded sequence keeps its zero keys/values (they
+      // are visible to the last queries, as in the windows); causal, they
+      // come after every real query and the sequence is used as it is.
+      const int64_t n_pad = causal || !options.autopad() ? orig_n : (orig_n + ws - 1) / ws * ws;
+      auto padded = [&](const torch::Tensor& t) {
+        torch::Tensor s = seq_major(t);
+        return n_pad == orig_n ? s : torch::constant_pad_nd(s, {0, 0, 0, 0, 0, n_pad - orig_n}, 0);
+      };
+      out = std::get<0>(at::_flash_attention_forward(padded(q_in), padded(k_in), padded(v_in), {}, {}, n_pad, n_pad,
+                                                     0.0, causal, false, scale, ws * back, causal ? 0 : ws * fwd));
+      if (n_pad != orig_n) out = out.narrow(1, 0, orig_n);
     }
-    auto out = exact_windows_masked(seq_major(q_in), seq_major(k_in), seq_major(v_in), key_mask, ws, back, fwd,
-                                    options.causal(), scale);
     return by_head ? out.transpose(1, 2) : out.reshape(q_in.sizes());
-  }
-
-  // Exact windows without a key mask are a sliding window over the sequence:
-  // query t sees keys t - window * look_backward .. t + window * look_forward
-  // (.. t when causal). The flash kernel's sliding window does that with no
-  // mask and no look-around, reading q, k and v in (batch, seq, heads, dim)
-  // order (for (b, h, n, d) inputs, LocalMHA's layout, a transposed view: no
-  // copy). Not causal, an autopadded sequence keeps its zero keys/values
-  // (they are visible to the last queries, as in the windows); causal, they
-  // come after every real query and the sequence is used as it is.
-  if ((options.sliding_window() || options.causal()) && options.exact_windowsize() && !mask_in.defined() &&
-      !rel_pos && flash_supports(q_in, k_in, v_in, d)) {
-    const bool causal = options.causal();
-    const int64_t n_pad = causal || !options.autopad() ? orig_n : (orig_n + ws - 1) / ws * ws;
-    auto seq_major = [&](const torch::Tensor& t) {
-      torch::Tensor s = t.dim() == 4 ? t.transpose(1, 2) : t.reshape({-1, orig_n, 1, d});
-      return n_pad == orig_n ? s : torch::constant_pad_nd(s, {0, 0, 0, 0, 0, n_pad - orig_n}, 0);
-    };
-    const double scale = options.scale().value_or(std::pow(static_cast<double>(d), -0.5));
-    auto out = std::get<0>(at::_flash_attention_forward(seq_major(q_in), seq_major(k_in), seq_major(v_in), {}, {}, n_pad,
-                                                        n_pad, 0.0, causal, false, scale, ws * back,
-                                                        causal ? 0 : ws * fwd));
-    if (n_pad != orig_n) out = out.narrow(1, 0, orig_n);
-    return q_in.dim() == 4 ? out.transpose(1, 2) : out.reshape(q_in.sizes());
   }
 #endif
   auto q = q_in.reshape({-1, orig_n, d});
@@ -353,7 +351,6 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
     v = pad_to_multiple(v, ws, -2, 0);
   }
   const int64_t B = q.size(0), n = q.size(1), windows = n / ws;
-  const double scale = options.scale().value_or(std::pow(static_cast<double>(d), -0.5));
 
 #if COLT5_HAS_SDPA
   const bool fused = q.scalar_type() != torch::kDouble;

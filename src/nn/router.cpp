@@ -11,6 +11,7 @@
 
 #include "colt5/coor_descent.h"
 #include "kernels/coor_descent.h"
+#include "ops/row_dtype.h"
 #include "nn/route_views.h"
 #include "ops/as_type.h"
 
@@ -96,9 +97,7 @@ class RoutingDotFunction : public torch::autograd::Function<RoutingDotFunction> 
     torch::Tensor t32 = as_type(tokens, torch::kFloat).contiguous();
     auto f32 = x.options().dtype(torch::kFloat);
     torch::Tensor dots = torch::empty({n, r}, f32), norms = torch::empty({n, 1}, f32);
-    const auto dtype = x.scalar_type() == torch::kFloat  ? kernels::RowDtype::f32
-                       : x.scalar_type() == torch::kHalf ? kernels::RowDtype::f16
-                                                         : kernels::RowDtype::bf16;
+    const kernels::RowDtype dtype = row_dtype(x.scalar_type());
     c10::cuda::CUDAGuard guard(x.device());
     kernels::row_dot_norm_cuda(x.data_ptr(), dtype, t32.data_ptr<float>(), n, d, r, dots.data_ptr<float>(),
                                norms.data_ptr<float>(), at::cuda::getCurrentCUDAStream().stream());
