@@ -78,3 +78,52 @@ TEST(Autocast, AutoregressiveAndCrossAttentionUnderBFloat16Autocast) {
   EXPECT_LT(max_rel_error(out_ar.detach(), ref_ar), 0.05);
   EXPECT_LT(max_rel_error(out_cross.detach(), ref_cross), 0.05);
 }
+
+// A norm that feeds a matrix product (FeedForward's, Attention's) returns the
+// autocast dtype: exactly the float32 output cast as the product would cast
+// it, and exactly the gradients that flow back through that cast.
+TEST(Autocast, RMSNormAutocastOutputIsTheCastFloat32Output) {
+  using namespace colt5::nn;
+  torch::manual_seed(24);
+  RMSNorm cast(RMSNormOptions(48).autocast_output(true)), plain(48);
+  {
+    torch::NoGradGuard no_grad;
+    plain->gamma.copy_(torch::randn({48}));
+    cast->gamma.copy_(plain->gamma);
+  }
+  torch::Tensor x = torch::randn({3, 20, 48}) * 3;
+  torch::Tensor xa = x.clone().requires_grad_(true), xb = x.clone().requires_grad_(true);
+  torch::Tensor a, b;
+  {
+    CpuAutocast autocast;
+    a = cast->forward(xa);
+    b = plain->forward(xb);
+  }
+  ASSERT_EQ(a.scalar_type(), torch::kBFloat16);
+  ASSERT_EQ(b.scalar_type(), torch::kFloat);
+  torch::Tensor b16 = b.to(torch::kBFloat16);
+  EXPECT_TRUE(torch::equal(a, b16));
+  torch::Tensor gy = torch::randn({3, 20, 48}).to(torch::kBFloat16);
+  a.backward(gy);
+  b16.backward(gy);
+  EXPECT_TRUE(torch::equal(xa.grad(), xb.grad()));
+  EXPECT_TRUE(torch::equal(cast->gamma.grad(), plain->gamma.grad()));
+  // Outside autocast, and for float64, the option changes nothing.
+  EXPECT_EQ(cast->forward(x).scalar_type(), torch::kFloat);
+  {
+    CpuAutocast autocast;
+    cast->to(torch::kDouble);
+    EXPECT_EQ(cast->forward(x.to(torch::kDouble)).scalar_type(), torch::kDouble);
+  }
+  // FeedForward's norm feeds its first projection: the feedforward's output
+  // under autocast is unchanged by the option.
+  FeedForward ff(FeedForwardOptions(48).mult(2));
+  torch::Tensor with, without;
+  {
+    CpuAutocast autocast;
+    with = ff->forward(x);
+    ff->norm->options.autocast_output(false);
+    without = ff->forward(x);
+  }
+  EXPECT_TRUE(torch::equal(with, without));
+}

@@ -176,9 +176,11 @@ void gathered_attention_forward_cuda(const GatheredAttentionParams& p, void* str
 void gathered_attention_backward_cuda(const GatheredAttentionParams& p, void* stream);
 
 // RMSNorm rows of x [rows, d] (rms_norm_cuda.cu): y = x * f * gamma with
-// f = scale / max(|x|, eps); the forward writes y (float32 where gamma is,
-// else x's type) and norms[rows] = |x| (float32); the backward reads them
-// with grad_y (y's type), writes grad_x (x's type) and, when
+// f = scale / max(|x|, eps); the forward writes y (in y_dtype: the promoted
+// type rms_norm_promoted(x, gamma), or float16/bfloat16 where gamma is
+// float32 and x is float32 or of that type, as an autocast region's next
+// matrix product would cast it) and norms[rows] = |x| (float32); the backward
+// reads them with grad_y (y's type), writes grad_x (x's type) and, when
 // grad_gamma_partial is set, rms_norm_partials(rows) rows of d float32 partial
 // sums of the gamma gradient (to be summed over the rows). Needs
 // d <= kRmsNormMaxWidth and gamma float32 or of x's type.
@@ -193,9 +195,10 @@ struct RmsNormParams {
   float* grad_gamma_partial = nullptr;
   int64_t rows = 0, d = 0;
   float scale = 1.f, eps = 1e-12f;
-  RowDtype x_dtype = RowDtype::f32, gamma_dtype = RowDtype::f32;
+  RowDtype x_dtype = RowDtype::f32, gamma_dtype = RowDtype::f32, y_dtype = RowDtype::f32;
 };
-bool rms_norm_supports(int64_t d, RowDtype x, RowDtype gamma);
+RowDtype rms_norm_promoted(RowDtype x, RowDtype gamma);
+bool rms_norm_supports(int64_t d, RowDtype x, RowDtype gamma, RowDtype y);
 int64_t rms_norm_partials(int64_t rows);
 void rms_norm_forward_cuda(const RmsNormParams& p, void* stream);
 void rms_norm_backward_cuda(const RmsNormParams& p, void* stream);

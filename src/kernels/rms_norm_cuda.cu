@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "kernels/coor_descent.h"
 #include "kernels/cuda_convert.cuh"
@@ -169,35 +170,45 @@ void by_width(const RmsNormParams& p, bool backward, cudaStream_t s) {
     launch<TX, TG, TY, 64>(p, backward, s);
 }
 
+// Gamma float32: y float32 (the promoted type), or 16-bit from float32
+// arithmetic (an autocast region's dtype): any 16-bit type for float32 x,
+// x's own type for 16-bit x (rms_norm_supports).
 template <typename TX>
-void by_gamma(const RmsNormParams& p, bool backward, cudaStream_t s) {
-  // y takes the promoted type of x and gamma: gamma's when it is float32 (or
-  // x is float32), x's when both are 16-bit of the same type.
-  if (p.gamma_dtype == RowDtype::f32)
-    by_width<TX, float, float>(p, backward, s);
-  else
-    by_width<TX, TX, TX>(p, backward, s);
+void float_gamma(const RmsNormParams& p, bool backward, cudaStream_t s) {
+  if (p.y_dtype == RowDtype::f32) return by_width<TX, float, float>(p, backward, s);
+  if constexpr (std::is_same<TX, float>::value) {
+    if (p.y_dtype == RowDtype::bf16) return by_width<float, float, __nv_bfloat16>(p, backward, s);
+    return by_width<float, float, __half>(p, backward, s);
+  } else {
+    return by_width<TX, float, TX>(p, backward, s);
+  }
 }
 
 void run(const RmsNormParams& p, bool backward, void* stream) {
   if (p.rows == 0) return;
-  if (!rms_norm_supports(p.d, p.x_dtype, p.gamma_dtype))
+  if (!rms_norm_supports(p.d, p.x_dtype, p.gamma_dtype, p.y_dtype))
     throw std::invalid_argument("RMSNorm CUDA kernel: unsupported width or dtypes");
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (p.x_dtype) {
     case RowDtype::f32:
-      return by_width<float, float, float>(p, backward, s);
+      return float_gamma<float>(p, backward, s);
     case RowDtype::f16:
-      return by_gamma<__half>(p, backward, s);
+      if (p.gamma_dtype == RowDtype::f32) return float_gamma<__half>(p, backward, s);
+      return by_width<__half, __half, __half>(p, backward, s);
     case RowDtype::bf16:
-      return by_gamma<__nv_bfloat16>(p, backward, s);
+      if (p.gamma_dtype == RowDtype::f32) return float_gamma<__nv_bfloat16>(p, backward, s);
+      return by_width<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16>(p, backward, s);
   }
 }
 
 }  // namespace
 
-bool rms_norm_supports(int64_t d, RowDtype x, RowDtype gamma) {
-  return d >= 1 && d <= kRmsNormMaxWidth && (gamma == RowDtype::f32 || gamma == x);
+RowDtype rms_norm_promoted(RowDtype x, RowDtype gamma) { return gamma == RowDtype::f32 ? gamma : x; }
+
+bool rms_norm_supports(int64_t d, RowDtype x, RowDtype gamma, RowDtype y) {
+  if (d < 1 || d > kRmsNormMaxWidth || (gamma != RowDtype::f32 && gamma != x)) return false;
+  // y: the promoted type, or 16-bit from float32 arithmetic with x float32 or of y's type.
+  return y == rms_norm_promoted(x, gamma) || (gamma == RowDtype::f32 && y != RowDtype::f32 && (x == RowDtype::f32 || x == y));
 }
 
 int64_t rms_norm_partials(int64_t rows) { return rows == 0 ? 0 : static_cast<int64_t>(blocks_for(rows)) * kWarps; }

@@ -164,7 +164,7 @@ AttentionImpl::AttentionImpl(const AttentionOptions& options_) : options(options
 void AttentionImpl::reset() {
   check_heads("Attention", options.dim(), options.dim_head(), options.heads());
   const int64_t hidden = options.dim_head() * options.heads();
-  norm = register_module("norm", RMSNorm(options.dim()));
+  norm = register_module("norm", RMSNorm(RMSNormOptions(options.dim()).autocast_output(true)));
   null_kv = register_parameter("null_kv", torch::randn({2, options.heads(), options.dim_head()}));
   to_q = register_module("to_q", torch::nn::Linear(torch::nn::LinearOptions(options.dim(), hidden).bias(false)));
   to_kv = register_module("to_kv", torch::nn::Linear(torch::nn::LinearOptions(options.dim(), hidden * 2).bias(false)));
@@ -216,7 +216,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
                 "Attention: normalized_scores_kv must be (", batch, ", ", m, ") or (", batch, ", ", routes, ", ", m,
                 ") to match the context, got ", scores_kv_in.sizes());
     // Scores may be float32 for a reduced-precision module; the products stay in the module's dtype.
-    scores_kv = as_type(s.reshape({batch, routes, 1, m, 1}), context.scalar_type());
+    scores_kv = as_type(s.reshape({batch, routes, 1, m, 1}), x.scalar_type());
   }
 
   auto q = project_queries(*this, xn, scores_q);
@@ -387,7 +387,7 @@ void SelfAttentionImpl::reset() {
   check_heads("SelfAttention", options.dim(), options.dim_head(), options.heads());
   const int64_t hidden = options.dim_head() * options.heads();
   norm = nullptr;
-  if (options.prenorm()) norm = register_module("norm", RMSNorm(options.dim()));
+  if (options.prenorm()) norm = register_module("norm", RMSNorm(RMSNormOptions(options.dim()).autocast_output(true)));
   to_qkv =
       register_module("to_qkv", torch::nn::Linear(torch::nn::LinearOptions(options.dim(), hidden * 3).bias(false)));
   to_out = register_module("to_out", torch::nn::Linear(torch::nn::LinearOptions(hidden, options.dim()).bias(false)));

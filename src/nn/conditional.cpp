@@ -60,6 +60,25 @@ torch::Tensor scatter_queries(const CoordinateDescentRouterImpl& router, const t
   return router.route_back(as_type(base, dt), as_type(routed_out, dt), indices);
 }
 
+// a + b (b may be undefined) + the heavy output: null_q_token (or zeros)
+// everywhere, the routed outputs at their rows. One pass over the tokens for
+// the sums; the routed rows then add (routed - null) in place (the same up
+// to rounding).
+torch::Tensor add_heavy_output(const torch::Tensor& null_q_token, const torch::Tensor& a, const torch::Tensor& b,
+                               const torch::Tensor& routed_out, const torch::Tensor& indices) {
+  torch::Tensor out = b.defined() ? torch::add(a, b) : torch::Tensor();
+  torch::Tensor null = null_q_token.defined() ? null_q_token.view({1, 1, -1}) : torch::Tensor();
+  if (null.defined()) out = out.defined() ? out.add_(null) : a + null;
+  // (a fresh tensor in the promoted type, to add the routed rows into)
+  const auto dt = at::promote_types(out.defined() ? out.scalar_type() : a.scalar_type(), routed_out.scalar_type());
+  if (!out.defined() || out.scalar_type() != dt) out = (out.defined() ? out : a).to(dt, /*non_blocking=*/false,
+                                                                                    /*copy=*/true);
+  torch::Tensor src = as_type(routed_out, dt);
+  if (null.defined()) src = src - as_type(null, dt);
+  auto idx = indices.unsqueeze(-1).expand_as(src);
+  return out.scatter_add_(1, idx, src);
+}
+
 // Rotary frequencies at the given positions: [b, k] -> [b, 1, k, d]; [b, r, k] -> [b, r, 1, k, d].
 torch::Tensor rotary_at(const torch::Tensor& freqs, const torch::Tensor& indices) {
   auto shape = indices.sizes().vec();
@@ -139,8 +158,12 @@ torch::Tensor heavy_routed_attention(CoordinateDescentRouterImpl& q_router, Coor
     torch::Tensor kv_scores = kv.indices.defined() ? kv.scores : torch::Tensor();
     routed_out = heavy_attn.forward(q.routed_tokens, kv.routed_tokens, kv.routed_mask, kv_scores, scores_q, rotary);
   }
-  if (!q.indices.defined()) return routed_out;  // every query took the heavy branch with score 1
+  if (!q.indices.defined()) {  // every query took the heavy branch with score 1
+    if (!in.plus_a.defined()) return routed_out;
+    return in.plus_b.defined() ? torch::add(in.plus_a, in.plus_b).add_(routed_out) : in.plus_a + routed_out;
+  }
   routed_out = routed_out * q.scores.unsqueeze(-1);
+  if (in.plus_a.defined()) return add_heavy_output(null_q_token, in.plus_a, in.plus_b, routed_out, q.indices);
   return scatter_queries(q_router, null_q_token, in.queries, routed_out, q.indices);
 }
 
@@ -169,6 +192,16 @@ void ConditionalRoutedFeedForwardImpl::reset() {
 
 torch::Tensor ConditionalRoutedFeedForwardImpl::forward(const torch::Tensor& x, const torch::Tensor& mask,
                                                         c10::optional<int64_t> num_heavy_tokens) {
+  return forward_plus(x, mask, num_heavy_tokens, /*residual=*/false);
+}
+
+torch::Tensor ConditionalRoutedFeedForwardImpl::residual_forward(const torch::Tensor& x, const torch::Tensor& mask,
+                                                                 c10::optional<int64_t> num_heavy_tokens) {
+  return forward_plus(x, mask, num_heavy_tokens, /*residual=*/true);
+}
+
+torch::Tensor ConditionalRoutedFeedForwardImpl::forward_plus(const torch::Tensor& x, const torch::Tensor& mask,
+                                                             c10::optional<int64_t> num_heavy_tokens, bool residual) {
   const char* m = "ConditionalRoutedFeedForward";
   check_tokens(m, "x", x, options.dim());
   check_mask(m, "mask", mask, x, "x");
@@ -178,11 +211,15 @@ torch::Tensor ConditionalRoutedFeedForwardImpl::forward(const torch::Tensor& x, 
   torch::Tensor light_out = light_ff(x);
   RouterOutput r = router(x, k, mask);
   torch::Tensor routed_out = heavy_ff(r.routed_tokens) * r.scores.unsqueeze(-1);
-  if (!r.indices.defined()) return light_out + routed_out;
-  // light_out plus the heavy outputs at the routed positions (indices of a row are distinct).
+  if (!r.indices.defined()) return residual ? torch::add(x, light_out).add_(routed_out) : light_out + routed_out;
+  // light_out (plus x) and the heavy outputs added at the routed positions
+  // (indices of a row are distinct): one pass over the tokens for the sum,
+  // the routed rows added into it in place.
   auto idx = r.indices.unsqueeze(-1).expand_as(routed_out);
-  const auto dt = at::promote_types(light_out.scalar_type(), routed_out.scalar_type());  // differ under autocast
-  return as_type(light_out, dt).scatter_add(1, idx, as_type(routed_out, dt));
+  const auto dt = at::promote_types(residual ? x.scalar_type() : light_out.scalar_type(),
+                                    routed_out.scalar_type());  // differ under autocast
+  torch::Tensor out = residual ? torch::add(x, light_out) : light_out.to(dt, false, /*copy=*/true);
+  return as_type(out, dt).scatter_add_(1, idx, as_type(routed_out, dt));
 }
 
 // ================================================================== attention
@@ -215,6 +252,18 @@ void ConditionalRoutedAttentionImpl::reset() {
 torch::Tensor ConditionalRoutedAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& mask,
                                                       c10::optional<int64_t> num_heavy_tokens_q,
                                                       c10::optional<int64_t> num_heavy_tokens_kv) {
+  return forward_plus(x, mask, num_heavy_tokens_q, num_heavy_tokens_kv, /*residual=*/false);
+}
+
+torch::Tensor ConditionalRoutedAttentionImpl::residual_forward(const torch::Tensor& x, const torch::Tensor& mask,
+                                                               c10::optional<int64_t> num_heavy_tokens_q,
+                                                               c10::optional<int64_t> num_heavy_tokens_kv) {
+  return forward_plus(x, mask, num_heavy_tokens_q, num_heavy_tokens_kv, /*residual=*/true);
+}
+
+torch::Tensor ConditionalRoutedAttentionImpl::forward_plus(const torch::Tensor& x, const torch::Tensor& mask,
+                                                           c10::optional<int64_t> num_heavy_tokens_q,
+                                                           c10::optional<int64_t> num_heavy_tokens_kv, bool residual) {
   const char* m = "ConditionalRoutedAttention";
   check_tokens(m, "x", x, options.dim());
   check_mask(m, "mask", mask, x, "x");
@@ -232,8 +281,14 @@ torch::Tensor ConditionalRoutedAttentionImpl::forward(const torch::Tensor& x, co
   in.num_kv = kkv;
   in.multiply_queries_by_score = options.multiply_queries_by_score();
   if (rotary_emb) in.q_freqs = in.kv_freqs = rotary_emb(x.size(1));
-  torch::Tensor heavy_out = heavy_routed_attention(*q_router, *kv_router, *heavy_attn, null_q_token, in);
-  return light_out.defined() ? light_out + heavy_out : heavy_out;
+  // The light output (and x) and the heavy output summed in one pass.
+  if (residual) {
+    in.plus_a = x;
+    in.plus_b = light_out;
+  } else {
+    in.plus_a = light_out;
+  }
+  return heavy_routed_attention(*q_router, *kv_router, *heavy_attn, null_q_token, in);
 }
 
 // ====================================================================== block
@@ -253,8 +308,8 @@ torch::Tensor ConditionalRoutedTransformerBlockImpl::forward(const torch::Tensor
                                                              c10::optional<int64_t> num_heavy_attn_tokens_q,
                                                              c10::optional<int64_t> num_heavy_attn_tokens_kv,
                                                              c10::optional<int64_t> num_heavy_ff_tokens) {
-  torch::Tensor h = conditional_attn(x, mask, num_heavy_attn_tokens_q, num_heavy_attn_tokens_kv) + x;
-  return conditional_ff(h, mask, num_heavy_ff_tokens) + h;
+  torch::Tensor h = conditional_attn->residual_forward(x, mask, num_heavy_attn_tokens_q, num_heavy_attn_tokens_kv);
+  return conditional_ff->residual_forward(h, mask, num_heavy_ff_tokens);
 }
 
 // =================================================== autoregressive attention

@@ -48,11 +48,18 @@ struct HeavyBranchInputs {
   // sum of the lengths.
   std::vector<int64_t> context_view_lengths;
   int64_t context_view_groups = 1;
+  // When defined ([b, n, dim] each; plus_b may stay undefined): the result is
+  // plus_a + plus_b + the heavy output, summed in one pass over the tokens and
+  // the routed rows added in place (the light branch and the residual of a
+  // block), rather than the heavy output written out at every position first.
+  torch::Tensor plus_a;
+  torch::Tensor plus_b;
 };
 
 // The heavy output at every query position, [b, n, dim]: the routed queries'
 // attention outputs times their scores, null_q_token (or zeros when undefined)
-// elsewhere. Unrouted inputs (no longer than the token count) attend as they are.
+// elsewhere (plus in.plus_a and in.plus_b where set). Unrouted inputs (no
+// longer than the token count) attend as they are.
 torch::Tensor heavy_routed_attention(CoordinateDescentRouterImpl& q_router, CoordinateDescentRouterImpl& kv_router,
                                      AttentionImpl& heavy_attn, const torch::Tensor& null_q_token,
                                      const HeavyBranchInputs& in);

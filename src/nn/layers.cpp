@@ -5,6 +5,7 @@
 
 #include <cmath>
 
+#include "colt5/compat.h"
 #include "ops/as_type.h"
 
 #ifdef COLT5_WITH_CUDA
@@ -30,6 +31,10 @@ namespace {
 // for the composite. Not differentiable twice. On CUDA (float32, float16,
 // bfloat16; rows up to 2048 wide) one kernel each way
 // (kernels/rms_norm_cuda.cu), keeping x and the row norms for the backward.
+// out_dtype (undefined: the promoted type of x and gamma) is an autocast
+// region's 16-bit dtype where the output goes straight into a matrix product
+// that would cast it: the kernel rounds its float32 result once, as the cast
+// would, and takes the 16-bit gradient as it comes.
 class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
  public:
   static constexpr double kEps = 1e-12;
@@ -37,11 +42,14 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
 #ifdef COLT5_WITH_CUDA
   // The kernel's parameters for x and gamma, or false where the kernel does
   // not apply (the composite runs).
-  static bool fused(const torch::Tensor& x, const torch::Tensor& gamma, double scale, kernels::RmsNormParams& p) {
+  static bool fused(const torch::Tensor& x, const torch::Tensor& gamma, at::ScalarType y_dtype, double scale,
+                    kernels::RmsNormParams& p) {
     if (!x.is_cuda() || gamma.device() != x.device() || gamma.dim() != 1) return false;
-    if (!row_dtype(x.scalar_type(), p.x_dtype) || !row_dtype(gamma.scalar_type(), p.gamma_dtype)) return false;
+    if (!row_dtype(x.scalar_type(), p.x_dtype) || !row_dtype(gamma.scalar_type(), p.gamma_dtype) ||
+        !row_dtype(y_dtype, p.y_dtype))
+      return false;
     p.d = gamma.size(0);
-    if (!kernels::rms_norm_supports(p.d, p.x_dtype, p.gamma_dtype)) return false;
+    if (!kernels::rms_norm_supports(p.d, p.x_dtype, p.gamma_dtype, p.y_dtype)) return false;
     p.rows = x.numel() / p.d;
     p.scale = static_cast<float>(scale);
     p.eps = static_cast<float>(kEps);
@@ -50,14 +58,15 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
 #endif
 
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
-                               const torch::Tensor& gamma, double scale, bool cuda_kernel) {
+                               const torch::Tensor& gamma, double scale, bool cuda_kernel, int64_t out_dtype) {
+    const at::ScalarType promoted = at::promote_types(x.scalar_type(), gamma.scalar_type());
+    const at::ScalarType y_dtype = out_dtype < 0 ? promoted : static_cast<at::ScalarType>(out_dtype);
 #ifdef COLT5_WITH_CUDA
     kernels::RmsNormParams p;
-    if (cuda_kernel && fused(x, gamma, scale, p)) {
+    if (cuda_kernel && fused(x, gamma, y_dtype, scale, p)) {
       c10::cuda::CUDAGuard guard(x.device());
       torch::Tensor xc = x.contiguous(), g = gamma.contiguous();
-      torch::Tensor y = torch::empty(x.sizes(), x.options().dtype(at::promote_types(x.scalar_type(),
-                                                                                      gamma.scalar_type())));
+      torch::Tensor y = torch::empty(x.sizes(), x.options().dtype(y_dtype));
       torch::Tensor norms = torch::empty({p.rows}, x.options().dtype(at::kFloat));
       p.x = xc.data_ptr();
       p.gamma = g.data_ptr();
@@ -66,7 +75,7 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
       kernels::rms_norm_forward_cuda(p, at::cuda::getCurrentCUDAStream().stream());
       ctx->save_for_backward({xc, g, norms});
       ctx->saved_data["scale"] = scale;
-      ctx->saved_data["fused"] = true;
+      ctx->saved_data["fused"] = static_cast<int64_t>(y_dtype);
       return y;
     }
 #else
@@ -80,7 +89,7 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
     ctx->save_for_backward({xhat, gamma, f, n});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
-    return xhat * gamma;
+    return as_type(xhat * gamma, y_dtype);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -92,10 +101,10 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
 #ifdef COLT5_WITH_CUDA
     if (ctx->saved_data.count("fused")) {
       const torch::Tensor &x = saved[0], &gamma = saved[1], &norms = saved[2];
+      const auto y_dtype = static_cast<at::ScalarType>(ctx->saved_data["fused"].toInt());
       kernels::RmsNormParams p;
-      TORCH_INTERNAL_ASSERT(fused(x, gamma, scale, p));
+      TORCH_INTERNAL_ASSERT(fused(x, gamma, y_dtype, scale, p));
       c10::cuda::CUDAGuard guard(x.device());
-      const auto y_dtype = at::promote_types(x.scalar_type(), gamma.scalar_type());
       torch::Tensor gy = as_type(grads[0], y_dtype).contiguous();
       torch::Tensor dx = torch::empty(x.sizes(), x.options());
       torch::Tensor partial;
@@ -110,7 +119,8 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
       kernels::rms_norm_backward_cuda(p, at::cuda::getCurrentCUDAStream().stream());
       torch::Tensor dgamma;
       if (partial.defined()) dgamma = as_type(partial.sum(0), gamma.scalar_type());
-      return {ctx->needs_input_grad(0) ? dx : torch::Tensor(), dgamma, torch::Tensor(), torch::Tensor()};
+      return {ctx->needs_input_grad(0) ? dx : torch::Tensor(), dgamma, torch::Tensor(), torch::Tensor(),
+              torch::Tensor()};
     }
 #endif
     const torch::Tensor &xhat = saved[0], &gamma = saved[1], &f = saved[2], &n = saved[3];
@@ -127,7 +137,7 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
       dot = torch::where(n > kEps, dot, torch::zeros_like(dot)) / (scale * scale);
       dx = as_type(dxhat.sub_(xhat * dot).mul_(f), x_dtype);
     }
-    return {dx, dgamma, torch::Tensor(), torch::Tensor()};
+    return {dx, dgamma, torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -151,7 +161,16 @@ torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
   const double scale = std::sqrt(static_cast<double>(options.dim()));
   // F.normalize: x / max(||x||, 1e-12); the row factor and sqrt(dim) are
   // combined before touching x (two passes over x instead of three).
-  return RMSNormFunction::apply(x, gamma, scale, options.cuda_kernel());
+  // Under autocast, where the output feeds a matrix product (autocast_output),
+  // it comes in the region's dtype, rounded once from float32 as the product's
+  // own cast would (float32 inputs only: autocast leaves float64 alone).
+  int64_t out_dtype = -1;
+  if (options.autocast_output() && at::promote_types(x.scalar_type(), gamma.scalar_type()) == at::kFloat &&
+      compat::autocast_enabled(x.device().type())) {
+    const at::ScalarType dt = compat::autocast_dtype(x.device().type());
+    if (dt == at::kBFloat16 || dt == at::kHalf) out_dtype = static_cast<int64_t>(dt);
+  }
+  return RMSNormFunction::apply(x, gamma, scale, options.cuda_kernel(), out_dtype);
 }
 
 // ---------------------------------------------------------------- FeedForward
@@ -169,7 +188,7 @@ void FeedForwardImpl::reset() {
   const int64_t hidden = hidden_dim();
   TORCH_CHECK(hidden > 0, "FeedForward: int(dim * mult) = int(", options.dim(), " * ", options.mult(),
               ") is 0; the hidden layer would be empty");
-  norm = register_module("0", RMSNorm(options.dim()));
+  norm = register_module("0", RMSNorm(RMSNormOptions(options.dim()).autocast_output(true)));
   proj_in = register_module("1", torch::nn::Linear(options.dim(), hidden));
   act = register_module("2", torch::nn::GELU());
   proj_out = register_module("3", torch::nn::Linear(hidden, options.dim()));

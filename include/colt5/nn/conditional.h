@@ -49,6 +49,10 @@ class ConditionalRoutedFeedForwardImpl : public torch::nn::Cloneable<Conditional
   // x: (b, n, dim); mask: bool (b, n) or undefined; num_heavy_tokens overrides the option.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask = {},
                         c10::optional<int64_t> num_heavy_tokens = c10::nullopt);
+  // x + forward(x) (a residual block's feedforward), the sums made in one pass
+  // over the tokens (equal to x + forward(x) up to rounding).
+  torch::Tensor residual_forward(const torch::Tensor& x, const torch::Tensor& mask = {},
+                                 c10::optional<int64_t> num_heavy_tokens = c10::nullopt);
 
  protected:
   FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())},
@@ -57,6 +61,10 @@ class ConditionalRoutedFeedForwardImpl : public torch::nn::Cloneable<Conditional
  public:
   ConditionalRoutedFeedForwardOptions options;
   CoordinateDescentRouter router{nullptr};
+  // (forward, or residual_forward when residual)
+  torch::Tensor forward_plus(const torch::Tensor& x, const torch::Tensor& mask, c10::optional<int64_t> num_heavy_tokens,
+                             bool residual);
+
   FeedForward light_ff{nullptr};
   FeedForward heavy_ff{nullptr};
 };
@@ -95,6 +103,11 @@ class ConditionalRoutedAttentionImpl : public torch::nn::Cloneable<ConditionalRo
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask = {},
                         c10::optional<int64_t> num_heavy_tokens_q = c10::nullopt,
                         c10::optional<int64_t> num_heavy_tokens_kv = c10::nullopt);
+  // x + forward(x) (a residual block's attention), the light output, x and the
+  // heavy output summed in one pass over the tokens (equal up to rounding).
+  torch::Tensor residual_forward(const torch::Tensor& x, const torch::Tensor& mask = {},
+                                 c10::optional<int64_t> num_heavy_tokens_q = c10::nullopt,
+                                 c10::optional<int64_t> num_heavy_tokens_kv = c10::nullopt);
 
  protected:
   FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())},
@@ -103,6 +116,10 @@ class ConditionalRoutedAttentionImpl : public torch::nn::Cloneable<ConditionalRo
 
  public:
   ConditionalRoutedAttentionOptions options;
+  // (forward, or residual_forward when residual)
+  torch::Tensor forward_plus(const torch::Tensor& x, const torch::Tensor& mask,
+                             c10::optional<int64_t> num_heavy_tokens_q, c10::optional<int64_t> num_heavy_tokens_kv,
+                             bool residual);
   LocalMHA light_attn{nullptr};  // null without has_light_attn
   torch::Tensor null_q_token;    // (dim); undefined without use_null_q_tokens
   CoordinateDescentRouter q_router{nullptr};

@@ -19,6 +19,13 @@ struct RMSNormOptions {
   /// and one backward instead of the composite (the same results to rounding;
   /// false: the composite, for comparison).
   TORCH_ARG(bool, cuda_kernel) = true;
+  /// Under autocast (CUDA or CPU, bfloat16 or float16) with float32 x and
+  /// gamma: return the output in the autocast dtype, as the matrix product it
+  /// feeds would cast it (the same values; on CUDA the kernel writes the
+  /// 16-bit rows directly, saving a float32 write and a cast each way).
+  /// false: the output stays float32 under autocast. FeedForward and
+  /// Attention set it for their norms, whose outputs only feed projections.
+  TORCH_ARG(bool, autocast_output) = false;
 };
 
 // l2-normalizes the last dimension (norm clamped at 1e-12, as F.normalize),
