@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "colt5/coor_descent.h"
+#include "colt5/cuda_graph.h"
 #include "colt5/nn/conditional.h"
 #include "colt5/compat.h"
 #include "colt5/nn/image.h"
@@ -40,7 +41,6 @@
 
 #ifdef COLT5_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -91,18 +91,7 @@ Measure time_cuda(const std::function<void()>& f, int reps = 10) {
 // The step captured once in a CUDA graph and replayed: the GPU's time without
 // the host's launch overhead (shapes are static, the step makes no host sync).
 Measure time_graph(const std::function<void()>& step) {
-  at::cuda::CUDAStream side = at::cuda::getStreamFromPool();
-  at::cuda::CUDAGraph graph;
-  {
-    at::cuda::CUDAStreamGuard guard(side);
-    step();
-    step();
-    side.synchronize();
-    graph.capture_begin();
-    step();
-    graph.capture_end();
-  }
-  torch::cuda::synchronize();
+  colt5::CapturedStep graph(step);
   return time_cuda([&] { graph.replay(); });
 }
 

@@ -3,7 +3,6 @@
 #include <torch/torch.h>
 #ifdef COLT5_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
@@ -21,6 +20,7 @@
 #include <random>
 #include <vector>
 
+#include "colt5/cuda_graph.h"
 #include "program/train.h"
 
 namespace colt5 {
@@ -188,18 +188,7 @@ double peak_memory_mib(bool cuda) {
 // launch overhead. The step must make no host synchronization.
 double time_graph_ms(const std::function<void()>& step, int64_t iters) {
 #ifdef COLT5_WITH_CUDA
-  at::cuda::CUDAStream side = at::cuda::getStreamFromPool();
-  at::cuda::CUDAGraph graph;
-  {
-    at::cuda::CUDAStreamGuard guard(side);
-    step();
-    step();
-    side.synchronize();
-    graph.capture_begin();
-    step();
-    graph.capture_end();
-  }
-  torch::cuda::synchronize();
+  colt5::CapturedStep graph(step);
   graph.replay();  // the first replay uploads the graph
   return time_ms([&] { graph.replay(); }, iters, true);
 #else

@@ -5,7 +5,6 @@
 #include <ATen/autocast_mode.h>
 #ifdef COLT5_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
@@ -15,6 +14,7 @@
 #include <exception>
 #include <sstream>
 
+#include "colt5/cuda_graph.h"
 #include "colt5/compat.h"
 #include "program/plot.h"
 
@@ -242,10 +242,8 @@ void check_cuda_graph(const TrainConfig& t, const TrainOptions& o) {
 // loss and every parameter's gradient into fixed tensors (the parameters'
 // .grad(), which must not be reset between steps), the optimizer steps eagerly.
 struct Trainer::GraphedStep {
-#ifdef COLT5_WITH_CUDA
   torch::Tensor tokens, targets, loss;  // loss: defined once the step is captured
-  at::cuda::CUDAGraph graph;
-#endif
+  std::unique_ptr<colt5::CapturedStep> graph;
 };
 
 Trainer::Trainer(ModelConfig m, TrainConfig t, TrainOptions o) : m_(std::move(m)), t_(std::move(t)), o_(std::move(o)) {}
@@ -431,25 +429,18 @@ double Trainer::graphed_step(int64_t step) {
     // Warm-up on the capturing stream (lazy initializations stay out of the
     // graph), then the capture, with the gradients unset: the backward
     // allocates them in the graph's memory and every replay rewrites them.
-    at::cuda::CUDAStream side = at::cuda::getStreamFromPool(false, device_.index());
-    {
-      at::cuda::CUDAStreamGuard guard(side);
-      auto unset_grads = [&] {
-        for (auto& p : params_) p.mutable_grad() = torch::Tensor();
-      };
-      for (int i = 0; i < 2; ++i) {
-        unset_grads();
-        compute().backward();
-      }
-      side.synchronize();
-      unset_grads();
-      g.graph.capture_begin();
-      torch::Tensor loss = compute();
-      loss.backward();
-      g.graph.capture_end();
-      g.loss = loss;
-    }
-    torch::cuda::synchronize();
+    c10::cuda::CUDAGuard on_device(device_);
+    torch::Tensor loss;
+    auto unset_grads = [&] {
+      for (auto& p : params_) p.mutable_grad() = torch::Tensor();
+    };
+    g.graph = std::make_unique<colt5::CapturedStep>(
+        [&] {
+          loss = compute();
+          loss.backward();
+        },
+        2, unset_grads);
+    g.loss = loss;  // the captured run's: every replay rewrites it
   } else {
     if (b.tokens.sizes() != g.tokens.sizes() || b.targets.sizes() != g.targets.sizes())
       throw std::runtime_error("--cuda-graph: batch of step " + std::to_string(step) + " has another shape than the "
@@ -457,7 +448,7 @@ double Trainer::graphed_step(int64_t step) {
     g.tokens.copy_(b.tokens);
     g.targets.copy_(b.targets);
   }
-  g.graph.replay();
+  g.graph->replay();
   return g.loss.item<double>();
 #else
   (void)step;

@@ -8,6 +8,7 @@
 #include <torch/torch.h>
 
 #include "colt5/compat.h"
+#include "colt5/cuda_graph.h"
 #include "colt5/nn/conditional.h"
 #include "support/support.h"
 #include "colt5/nn/image.h"
@@ -520,23 +521,14 @@ template <typename Module, typename Fwd>
 void check_graph_capture(Module& m, torch::Tensor x, Fwd fwd) {
   torch::Tensor gy = torch::randn_like(x);
   x.requires_grad_(true);
-  at::cuda::CUDAStream side = at::cuda::getStreamFromPool();
-  side.stream();
-  {
-    at::cuda::CUDAStreamGuard guard(side);
-    for (int i = 0; i < 3; ++i) training_step(m, x, gy, fwd);  // warm-up on the side stream
-  }
-  torch::cuda::synchronize();
-  at::cuda::CUDAGraph graph;
+  // (colt5::CapturedStep: warm-up on a side stream, gradients unset before the
+  // capture so that the captured backward allocates and rewrites them)
   std::vector<torch::Tensor> captured;
-  {
-    at::cuda::CUDAStreamGuard guard(side);
+  auto unset_grads = [&] {
     for (auto& p : m->parameters()) p.mutable_grad() = torch::Tensor();
     x.mutable_grad() = torch::Tensor();
-    graph.capture_begin();
-    captured = training_step(m, x, gy, fwd);
-    graph.capture_end();
-  }
+  };
+  colt5::CapturedStep graph([&] { captured = training_step(m, x, gy, fwd); }, 3, unset_grads);
   torch::Tensor fresh = torch::randn_like(x);
   {
     torch::NoGradGuard no_grad;
