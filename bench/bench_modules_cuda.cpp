@@ -88,6 +88,24 @@ Measure time_cuda(const std::function<void()>& f, int reps = 10) {
   return {t[t.size() / 2], static_cast<double>(stats.allocated_bytes[0].peak) / (1024.0 * 1024 * 1024)};
 }
 
+// a and b in alternation, three rounds of time_cuda each: the median of the
+// rounds' medians, so that drifting clocks or host load hit both alike.
+std::pair<Measure, Measure> alternate(const std::function<void()>& a, const std::function<void()>& b) {
+  std::vector<double> ta, tb;
+  Measure ma{}, mb{};
+  for (int round = 0; round < 3; ++round) {
+    ma = time_cuda(a);
+    ta.push_back(ma.ms);
+    mb = time_cuda(b);
+    tb.push_back(mb.ms);
+  }
+  std::sort(ta.begin(), ta.end());
+  std::sort(tb.begin(), tb.end());
+  ma.ms = ta[1];
+  mb.ms = tb[1];
+  return {ma, mb};
+}
+
 // The step captured once in a CUDA graph and replayed: the GPU's time without
 // the host's launch overhead (shapes are static, the step makes no host sync).
 Measure time_graph(const std::function<void()>& step) {
@@ -713,25 +731,54 @@ int main(int argc, char** argv) {
         row(name + ", no mask", "fwd+bwd", time_cuda(unmasked), dn, "no padding mask");
       }
       if (n <= 32768) {
-        // The light attention's exact windows on the windowed path with an
-        // additive mask (before the sliding window), same run.
+        // Each default against the path it replaced, same run, measured in
+        // alternation (three rounds; the median of the rounds' medians).
         auto& la = block->conditional_attn->light_attn->attn_fn->options;
-        const bool by_default = la.sliding_window();
-        la.sliding_window(true);
-        row(name + ", sliding-window local attn", "fwd+bwd", time_cuda(step), dn, "flash sliding window");
-        la.sliding_window(false);
-        row(name + ", windowed local attn", "fwd+bwd", time_cuda(step), dn, "exact windows as masked windows");
-        la.sliding_window(by_default);
-        // RMSNorm's CUDA kernels on and off (the composite), same run.
-        auto rms_kernel = [&](bool on) {
+        auto for_norms = [&](const std::function<void(RMSNormOptions&)>& set) {
           for (const auto& m : block->modules())
-            if (auto* r = dynamic_cast<RMSNormImpl*>(m.get())) r->options.cuda_kernel(on);
+            if (auto* r = dynamic_cast<RMSNormImpl*>(m.get())) set(r->options);
         };
-        rms_kernel(true);
-        row(name + ", RMSNorm kernel", "fwd+bwd", time_cuda(step), dn, "RMSNorm on its CUDA kernels");
-        rms_kernel(false);
-        row(name + ", RMSNorm composite", "fwd+bwd", time_cuda(step), dn, "RMSNorm as LibTorch operators");
-        rms_kernel(RMSNormOptions(1).cuda_kernel());
+        auto with = [&](std::function<void()> set) {
+          return [set = std::move(set), &step] {
+            set();
+            step();
+          };
+        };
+        const RMSNormOptions norm_default(1);
+        auto restore = [&] {
+          la.sliding_window(LocalAttentionOptions(64).sliding_window());
+          for_norms([&](RMSNormOptions& o) { o.cuda_kernel(norm_default.cuda_kernel()); });
+        };
+        auto pair = [&](const std::string& what_a, const std::string& note_a, const std::function<void()>& a,
+                        const std::string& what_b, const std::string& note_b, const std::function<void()>& b) {
+          const auto [ma, mb] = alternate(a, b);
+          row(name + ", " + what_a, "fwd+bwd", ma, dn, note_a.c_str());
+          row(name + ", " + what_b, "fwd+bwd", mb, dn, note_b.c_str());
+          restore();
+        };
+        pair("sliding-window local attn", "flash sliding window", with([&] { la.sliding_window(true); }),
+             "windowed local attn", "exact windows as masked windows", with([&] { la.sliding_window(false); }));
+        pair("RMSNorm kernel", "RMSNorm on its CUDA kernels",
+             with([&] { for_norms([](RMSNormOptions& o) { o.cuda_kernel(true); }); }), "RMSNorm composite",
+             "RMSNorm as LibTorch operators", with([&] { for_norms([](RMSNormOptions& o) { o.cuda_kernel(false); }); }));
+        // The projections' norms in bf16 (autocast_output) or float32 then cast.
+        std::vector<bool> cast_default;
+        for_norms([&](RMSNormOptions& o) { cast_default.push_back(o.autocast_output()); });
+        auto norms_cast = [&](bool on) {
+          size_t i = 0;
+          for_norms([&](RMSNormOptions& o) { o.autocast_output(on && cast_default[i++]); });
+        };
+        pair("norms out in bf16", "projections' norms write bf16", with([&] { norms_cast(true); }),
+             "norms out in fp32", "norms write fp32, the projections cast", with([&] { norms_cast(false); }));
+        norms_cast(true);
+        // The block's sums: residual_forward (one pass, routed rows in place)
+        // against forward(x) + x with the heavy output written out.
+        auto earlier_sums = train_step([&] {
+          torch::Tensor h = block->conditional_attn->forward(xg, mask) + xg;
+          return block->conditional_ff->forward(h, mask) + h;
+        });
+        pair("residual_forward", "light + heavy + x in one pass", step, "forward + x",
+             "heavy output written out, then added", earlier_sums);
       }
       if (n <= 32768) row(name, "graph", time_graph(step), dn, "fwd+bwd replayed from a CUDA graph");
       if (n == 32768) {
