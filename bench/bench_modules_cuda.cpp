@@ -761,6 +761,12 @@ int main(int argc, char** argv) {
         pair("RMSNorm kernel", "RMSNorm on its CUDA kernels",
              with([&] { for_norms([](RMSNormOptions& o) { o.cuda_kernel(true); }); }), "RMSNorm composite",
              "RMSNorm as LibTorch operators", with([&] { for_norms([](RMSNormOptions& o) { o.cuda_kernel(false); }); }));
+        // The light attention's LayerNorm on colt5's kernel (bf16 out) or the LayerNorm module.
+        auto& mha = block->conditional_attn->light_attn->options;
+        pair("LayerNorm kernel", "light attention's norm on colt5's kernel, bf16 out",
+             with([&] { mha.fused_norm(true); }), "LayerNorm module", "torch::nn::LayerNorm, fp32 out then cast",
+             with([&] { mha.fused_norm(false); }));
+        mha.fused_norm(true);
         // The projections' norms in bf16 (autocast_output) or float32 then cast.
         std::vector<bool> cast_default;
         for_norms([&](RMSNormOptions& o) { cast_default.push_back(o.autocast_output()); });

@@ -127,3 +127,36 @@ TEST(Autocast, RMSNormAutocastOutputIsTheCastFloat32Output) {
   }
   EXPECT_TRUE(torch::equal(with, without));
 }
+
+// colt5::nn::layer_norm off CUDA is torch::layer_norm; with autocast_output,
+// under autocast its output is that result cast to the autocast dtype; and
+// LocalMHA's fused_norm changes nothing under autocast on the CPU.
+TEST(Autocast, LayerNormAutocastOutputIsTheCastOutput) {
+  using namespace colt5::nn;
+  torch::manual_seed(25);
+  torch::nn::LayerNorm ln(torch::nn::LayerNormOptions({40}));
+  {
+    torch::NoGradGuard no_grad;
+    ln->weight.copy_(torch::randn({40}));
+    ln->bias.copy_(torch::randn({40}));
+  }
+  torch::Tensor x = torch::randn({3, 9, 40}) * 2 + 1;
+  EXPECT_TRUE(torch::equal(layer_norm(x, ln->weight, ln->bias, 1e-5), ln->forward(x)));
+  torch::Tensor a, b;
+  {
+    CpuAutocast autocast;
+    a = layer_norm(x, ln->weight, ln->bias, 1e-5, /*autocast_output=*/true);
+    b = ln->forward(x);
+  }
+  ASSERT_EQ(a.scalar_type(), torch::kBFloat16);
+  EXPECT_TRUE(torch::equal(a, b.to(torch::kBFloat16)));
+  LocalMHA mha(LocalMHAOptions(40, 8).dim_head(8).heads(2).prenorm(true).use_rotary_pos_emb(false));
+  torch::Tensor with, without;
+  {
+    CpuAutocast autocast;
+    with = mha->forward(x);
+    mha->options.fused_norm(false);
+    without = mha->forward(x);
+  }
+  EXPECT_TRUE(torch::equal(with, without));
+}

@@ -183,7 +183,11 @@ void gathered_attention_backward_cuda(const GatheredAttentionParams& p, void* st
 // reads them with grad_y (y's type), writes grad_x (x's type) and, when
 // grad_gamma_partial is set, rms_norm_partials(rows) rows of d float32 partial
 // sums of the gamma gradient (to be summed over the rows). Needs
-// d <= kRmsNormMaxWidth and gamma float32 or of x's type.
+// d <= kRmsNormMaxWidth and gamma float32 or of x's type. With layer_norm:
+// y = (x - mean) * rstd * gamma + beta, rstd = 1 / sqrt(var + eps) (biased
+// variance, as LayerNorm), norms[rows] = rstd and means[rows] = mean; the
+// backward also writes grad_beta_partial (same layout) when set; beta has
+// gamma's type.
 constexpr int64_t kRmsNormMaxWidth = 2048;
 struct RmsNormParams {
   const void* x = nullptr;
@@ -193,6 +197,10 @@ struct RmsNormParams {
   const void* grad_y = nullptr;
   void* grad_x = nullptr;
   float* grad_gamma_partial = nullptr;
+  bool layer_norm = false;
+  const void* beta = nullptr;
+  float* means = nullptr;
+  float* grad_beta_partial = nullptr;
   int64_t rows = 0, d = 0;
   float scale = 1.f, eps = 1e-12f;
   RowDtype x_dtype = RowDtype::f32, gamma_dtype = RowDtype::f32, y_dtype = RowDtype::f32;

@@ -1,13 +1,17 @@
-// RMSNorm on CUDA, forward and backward, one warp per row with the row in
-// registers: the forward reads x once and writes y and the row's norm; the
-// backward reads x, dy and the norm once, writes dx and, per warp, its share
-// of the gamma gradient (summed over the warps afterwards, in a fixed order).
+// RMSNorm and LayerNorm on CUDA, forward and backward, one warp per row with
+// the row in registers: the forward reads x once and writes y and the row's
+// statistics; the backward reads x, dy and the statistics once, writes dx and,
+// per warp, its share of the gamma (and beta) gradient (summed over the warps
+// afterwards, in a fixed order).
 // The composite it replaces launches six kernels forward and ten backward and
 // keeps a normalized copy of x for the backward; this keeps one float per row.
 //   y = x * f * gamma, f = scale / max(|x|, eps)
 //   dx = f * (dxhat - xhat * <dxhat, xhat> / scale^2) with xhat = x * f and
 //   dxhat = dy * gamma (dx = f * dxhat where |x| <= eps: f is constant there)
 //   dgamma = sum over rows of dy * xhat
+// LayerNorm: xhat = (x - mean) * rstd, rstd = 1 / sqrt(var + eps), y = xhat *
+// gamma + beta; dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),
+// dbeta = sum over rows of dy.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -33,80 +37,122 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// J: elements per lane (columns lane + 32 j, j < J; d <= 32 J).
-template <typename TX, typename TG, typename TY, int J>
+// J: elements per lane (columns lane + 32 j, j < J; d <= 32 J). LN: layer
+// normalization (y = (x - mean) * rstd * gamma + beta; stats = rstd, means),
+// else RMSNorm (stats = |x|).
+template <typename TX, typename TG, typename TY, int J, bool LN>
 __global__ void __launch_bounds__(kWarps * 32)
-    rms_norm_forward_kernel(const TX* __restrict__ x, const TG* __restrict__ gamma, TY* __restrict__ y,
-                            float* __restrict__ norms, int64_t rows, int d, float scale, float eps) {
+    norm_forward_kernel(const TX* __restrict__ x, const TG* __restrict__ gamma, const TG* __restrict__ beta,
+                        TY* __restrict__ y, float* __restrict__ stats, float* __restrict__ means, int64_t rows, int d,
+                        float scale, float eps) {
   const int lane = threadIdx.x & 31;
-  float g[J];
+  float g[J], bt[J];
 #pragma unroll
   for (int j = 0; j < J; ++j) {
     const int c = lane + 32 * j;
     g[j] = c < d ? to_float<TG>(gamma[c]) : 0.f;
+    bt[j] = LN && c < d ? to_float<TG>(beta[c]) : 0.f;
   }
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); row < rows; row += stride) {
     const TX* xr = x + row * d;
     float v[J];
-    float ss = 0.f;
 #pragma unroll
     for (int j = 0; j < J; ++j) {
       const int c = lane + 32 * j;
       v[j] = c < d ? to_float<TX>(xr[c]) : 0.f;
-      ss += v[j] * v[j];
     }
-    const float n = sqrtf(warp_sum(ss));
-    if (lane == 0) norms[row] = n;
-    const float f = scale / fmaxf(n, eps);
+    float shift = 0.f, f;
+    if (LN) {
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < J; ++j) sum += v[j];
+      shift = warp_sum(sum) / d;
+      float ss = 0.f;
+#pragma unroll
+      for (int j = 0; j < J; ++j) {
+        const float t = lane + 32 * j < d ? v[j] - shift : 0.f;
+        ss += t * t;
+      }
+      f = rsqrtf(warp_sum(ss) / d + eps);
+      if (lane == 0) {
+        stats[row] = f;
+        means[row] = shift;
+      }
+    } else {
+      float ss = 0.f;
+#pragma unroll
+      for (int j = 0; j < J; ++j) ss += v[j] * v[j];
+      const float n = sqrtf(warp_sum(ss));
+      if (lane == 0) stats[row] = n;
+      f = scale / fmaxf(n, eps);
+    }
     TY* yr = y + row * d;
 #pragma unroll
     for (int j = 0; j < J; ++j) {
       const int c = lane + 32 * j;
-      if (c < d) yr[c] = from_float<TY>(v[j] * f * g[j]);
+      if (c < d) yr[c] = from_float<TY>(LN ? (v[j] - shift) * f * g[j] + bt[j] : v[j] * f * g[j]);
     }
   }
 }
 
-template <typename TX, typename TG, typename TY, int J>
+template <typename TX, typename TG, typename TY, int J, bool LN>
 __global__ void __launch_bounds__(kWarps * 32)
-    rms_norm_backward_kernel(const TX* __restrict__ x, const TG* __restrict__ gamma, const TY* __restrict__ dy,
-                             const float* __restrict__ norms, TX* __restrict__ dx, float* __restrict__ dgamma_partial,
-                             int64_t rows, int d, float scale, float eps) {
+    norm_backward_kernel(const TX* __restrict__ x, const TG* __restrict__ gamma, const TY* __restrict__ dy,
+                         const float* __restrict__ stats, const float* __restrict__ means, TX* __restrict__ dx,
+                         float* __restrict__ dgamma_partial, float* __restrict__ dbeta_partial, int64_t rows, int d,
+                         float scale, float eps) {
   const int lane = threadIdx.x & 31;
-  float g[J], acc[J];
+  float g[J], acc[J], acc_b[J];
 #pragma unroll
   for (int j = 0; j < J; ++j) {
     const int c = lane + 32 * j;
     g[j] = c < d ? to_float<TG>(gamma[c]) : 0.f;
     acc[j] = 0.f;
+    acc_b[j] = 0.f;
   }
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
   const float inv_scale2 = 1.f / (scale * scale);
   for (int64_t row = warp; row < rows; row += stride) {
-    const float n = norms[row];
-    const float f = scale / fmaxf(n, eps);
+    float f, shift = 0.f;
+    bool live = true;
+    if (LN) {
+      f = stats[row];
+      shift = means[row];
+    } else {
+      const float n = stats[row];
+      f = scale / fmaxf(n, eps);
+      live = n > eps;
+    }
     const TX* xr = x + row * d;
     const TY* dyr = dy + row * d;
     float xh[J], dxh[J];
-    float dot = 0.f;
+    float dot = 0.f, sum = 0.f;
 #pragma unroll
     for (int j = 0; j < J; ++j) {
       const int c = lane + 32 * j;
       const float xv = c < d ? to_float<TX>(xr[c]) : 0.f;
       const float gv = c < d ? to_float<TY>(dyr[c]) : 0.f;
-      xh[j] = xv * f;
+      xh[j] = c < d ? (xv - shift) * f : 0.f;
       dxh[j] = gv * g[j];
       acc[j] += gv * xh[j];
+      if (LN) acc_b[j] += gv;
       dot += dxh[j] * xh[j];
+      sum += dxh[j];
     }
-    dot = n > eps ? warp_sum(dot) * inv_scale2 : 0.f;
+    float mean_dxh = 0.f;
+    if (LN) {
+      dot = warp_sum(dot) / d;
+      mean_dxh = warp_sum(sum) / d;
+    } else {
+      dot = live ? warp_sum(dot) * inv_scale2 : 0.f;
+    }
     TX* dxr = dx + row * d;
 #pragma unroll
     for (int j = 0; j < J; ++j) {
       const int c = lane + 32 * j;
-      if (c < d) dxr[c] = from_float<TX>(f * (dxh[j] - xh[j] * dot));
+      if (c < d) dxr[c] = from_float<TX>(f * (dxh[j] - mean_dxh - xh[j] * dot));
     }
   }
   if (dgamma_partial) {
@@ -115,6 +161,14 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (int j = 0; j < J; ++j) {
       const int c = lane + 32 * j;
       if (c < d) out[c] = acc[j];
+    }
+  }
+  if (LN && dbeta_partial) {
+    float* out = dbeta_partial + warp * d;
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+      const int c = lane + 32 * j;
+      if (c < d) out[c] = acc_b[j];
     }
   }
 }
@@ -139,35 +193,43 @@ void check(cudaError_t e, const char* what) {
                                                  cudaGetErrorString(e));
 }
 
-template <typename TX, typename TG, typename TY, int J>
+template <typename TX, typename TG, typename TY, int J, bool LN>
 void launch(const RmsNormParams& p, bool backward, cudaStream_t s) {
   const int blocks = blocks_for(p.rows);
   const int d = static_cast<int>(p.d);
   if (!backward) {
-    rms_norm_forward_kernel<TX, TG, TY, J><<<blocks, kWarps * 32, 0, s>>>(
-        static_cast<const TX*>(p.x), static_cast<const TG*>(p.gamma), static_cast<TY*>(p.y), p.norms, p.rows, d,
-        p.scale, p.eps);
+    norm_forward_kernel<TX, TG, TY, J, LN><<<blocks, kWarps * 32, 0, s>>>(
+        static_cast<const TX*>(p.x), static_cast<const TG*>(p.gamma), static_cast<const TG*>(p.beta),
+        static_cast<TY*>(p.y), p.norms, p.means, p.rows, d, p.scale, p.eps);
   } else {
-    rms_norm_backward_kernel<TX, TG, TY, J><<<blocks, kWarps * 32, 0, s>>>(
+    norm_backward_kernel<TX, TG, TY, J, LN><<<blocks, kWarps * 32, 0, s>>>(
         static_cast<const TX*>(p.x), static_cast<const TG*>(p.gamma), static_cast<const TY*>(p.grad_y),
-        const_cast<const float*>(p.norms), static_cast<TX*>(p.grad_x), p.grad_gamma_partial, p.rows, d, p.scale,
-        p.eps);
+        const_cast<const float*>(p.norms), const_cast<const float*>(p.means), static_cast<TX*>(p.grad_x),
+        p.grad_gamma_partial, p.grad_beta_partial, p.rows, d, p.scale, p.eps);
   }
   check(cudaGetLastError(), backward ? "backward" : "forward");
 }
 
+template <typename TX, typename TG, typename TY, bool LN>
+void by_width_as(const RmsNormParams& p, bool backward, cudaStream_t s) {
+  if (p.d <= 128)
+    launch<TX, TG, TY, 4, LN>(p, backward, s);
+  else if (p.d <= 256)
+    launch<TX, TG, TY, 8, LN>(p, backward, s);
+  else if (p.d <= 512)
+    launch<TX, TG, TY, 16, LN>(p, backward, s);
+  else if (p.d <= 1024)
+    launch<TX, TG, TY, 32, LN>(p, backward, s);
+  else
+    launch<TX, TG, TY, 64, LN>(p, backward, s);
+}
+
 template <typename TX, typename TG, typename TY>
 void by_width(const RmsNormParams& p, bool backward, cudaStream_t s) {
-  if (p.d <= 128)
-    launch<TX, TG, TY, 4>(p, backward, s);
-  else if (p.d <= 256)
-    launch<TX, TG, TY, 8>(p, backward, s);
-  else if (p.d <= 512)
-    launch<TX, TG, TY, 16>(p, backward, s);
-  else if (p.d <= 1024)
-    launch<TX, TG, TY, 32>(p, backward, s);
+  if (p.layer_norm)
+    by_width_as<TX, TG, TY, true>(p, backward, s);
   else
-    launch<TX, TG, TY, 64>(p, backward, s);
+    by_width_as<TX, TG, TY, false>(p, backward, s);
 }
 
 // Gamma float32: y float32 (the promoted type), or 16-bit from float32

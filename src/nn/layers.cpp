@@ -141,7 +141,117 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
   }
 };
 
+#ifdef COLT5_WITH_CUDA
+// LayerNorm with weight and bias on the CUDA kernels (the caller checked
+// layer_norm_params); out of a [rows, d] x: y in y_dtype, and per row rstd
+// and mean for the backward. Not differentiable twice.
+class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
+ public:
+  static bool params(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+                     at::ScalarType y_dtype, double eps, kernels::RmsNormParams& p) {
+    if (!x.is_cuda() || !weight.defined() || !bias.defined() || weight.dim() != 1 || bias.dim() != 1 ||
+        weight.device() != x.device() || bias.device() != x.device() || bias.scalar_type() != weight.scalar_type() ||
+        bias.size(0) != weight.size(0))
+      return false;
+    if (!row_dtype(x.scalar_type(), p.x_dtype) || !row_dtype(weight.scalar_type(), p.gamma_dtype) ||
+        !row_dtype(y_dtype, p.y_dtype))
+      return false;
+    p.d = weight.size(0);
+    if (!kernels::rms_norm_supports(p.d, p.x_dtype, p.gamma_dtype, p.y_dtype)) return false;
+    p.rows = x.numel() / p.d;
+    p.eps = static_cast<float>(eps);
+    p.layer_norm = true;
+    return true;
+  }
+
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& weight, const torch::Tensor& bias, double eps, int64_t y_dtype_in) {
+    const auto y_dtype = static_cast<at::ScalarType>(y_dtype_in);
+    kernels::RmsNormParams p;
+    TORCH_INTERNAL_ASSERT(params(x, weight, bias, y_dtype, eps, p));
+    c10::cuda::CUDAGuard guard(x.device());
+    torch::Tensor xc = x.contiguous(), w = weight.contiguous(), b = bias.contiguous();
+    torch::Tensor y = torch::empty(x.sizes(), x.options().dtype(y_dtype));
+    torch::Tensor rstd = torch::empty({p.rows}, x.options().dtype(at::kFloat));
+    torch::Tensor mean = torch::empty({p.rows}, x.options().dtype(at::kFloat));
+    p.x = xc.data_ptr();
+    p.gamma = w.data_ptr();
+    p.beta = b.data_ptr();
+    p.y = y.data_ptr();
+    p.norms = rstd.data_ptr<float>();
+    p.means = mean.data_ptr<float>();
+    kernels::rms_norm_forward_cuda(p, at::cuda::getCurrentCUDAStream().stream());
+    ctx->save_for_backward({xc, w, b, rstd, mean});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["y_dtype"] = y_dtype_in;
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    TORCH_CHECK(!torch::GradMode::is_enabled(),
+                "LayerNorm: its backward is not differentiable (call backward without create_graph)");
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor &x = saved[0], &w = saved[1], &b = saved[2], &rstd = saved[3], &mean = saved[4];
+    const auto y_dtype = static_cast<at::ScalarType>(ctx->saved_data["y_dtype"].toInt());
+    kernels::RmsNormParams p;
+    TORCH_INTERNAL_ASSERT(params(x, w, b, y_dtype, ctx->saved_data["eps"].toDouble(), p));
+    c10::cuda::CUDAGuard guard(x.device());
+    torch::Tensor gy = as_type(grads[0], y_dtype).contiguous();
+    torch::Tensor dx = torch::empty(x.sizes(), x.options());
+    const bool need_w = ctx->needs_input_grad(1), need_b = ctx->needs_input_grad(2);
+    const int64_t parts = kernels::rms_norm_partials(p.rows);
+    torch::Tensor pw, pb;
+    if (need_w) pw = torch::empty({parts, p.d}, x.options().dtype(at::kFloat));
+    if (need_b) pb = torch::empty({parts, p.d}, x.options().dtype(at::kFloat));
+    p.x = x.data_ptr();
+    p.gamma = w.data_ptr();
+    p.beta = b.data_ptr();
+    p.norms = const_cast<float*>(rstd.data_ptr<float>());
+    p.means = const_cast<float*>(mean.data_ptr<float>());
+    p.grad_y = gy.data_ptr();
+    p.grad_x = dx.data_ptr();
+    p.grad_gamma_partial = need_w ? pw.data_ptr<float>() : nullptr;
+    p.grad_beta_partial = need_b ? pb.data_ptr<float>() : nullptr;
+    kernels::rms_norm_backward_cuda(p, at::cuda::getCurrentCUDAStream().stream());
+    torch::Tensor dw = need_w ? as_type(pw.sum(0), w.scalar_type()) : torch::Tensor();
+    torch::Tensor db = need_b ? as_type(pb.sum(0), b.scalar_type()) : torch::Tensor();
+    return {ctx->needs_input_grad(0) ? dx : torch::Tensor(), dw, db, torch::Tensor(), torch::Tensor()};
+  }
+};
+#endif
+
+// The output dtype of a norm whose output feeds a matrix product: under
+// autocast with float32 x and parameters, the autocast dtype (rounded once
+// from float32, as the product's own cast would); -1 (the promoted type)
+// otherwise. Autocast leaves float64 alone.
+int64_t autocast_output_dtype(const torch::Tensor& x, const torch::Tensor& param) {
+  if (at::promote_types(x.scalar_type(), param.scalar_type()) != at::kFloat ||
+      !compat::autocast_enabled(x.device().type()))
+    return -1;
+  const at::ScalarType dt = compat::autocast_dtype(x.device().type());
+  return dt == at::kBFloat16 || dt == at::kHalf ? static_cast<int64_t>(dt) : -1;
+}
+
 }  // namespace
+
+torch::Tensor layer_norm(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias, double eps,
+                         bool autocast_output, bool cuda_kernel) {
+  const int64_t out = autocast_output && weight.defined() ? autocast_output_dtype(x, weight) : -1;
+#ifdef COLT5_WITH_CUDA
+  if (cuda_kernel && weight.defined()) {
+    const at::ScalarType y_dtype =
+        out < 0 ? at::promote_types(x.scalar_type(), weight.scalar_type()) : static_cast<at::ScalarType>(out);
+    kernels::RmsNormParams p;
+    if (LayerNormFunction::params(x, weight, bias, y_dtype, eps, p))
+      return LayerNormFunction::apply(x, weight, bias, eps, static_cast<int64_t>(y_dtype));
+  }
+#else
+  (void)cuda_kernel;
+#endif
+  torch::Tensor y = torch::layer_norm(x, {x.size(-1)}, weight, bias, eps);
+  return out < 0 ? y : as_type(y, static_cast<at::ScalarType>(out));
+}
 
 RMSNormImpl::RMSNormImpl(const RMSNormOptions& options_) : options(options_) { reset(); }
 
@@ -164,12 +274,7 @@ torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
   // Under autocast, where the output feeds a matrix product (autocast_output),
   // it comes in the region's dtype, rounded once from float32 as the product's
   // own cast would (float32 inputs only: autocast leaves float64 alone).
-  int64_t out_dtype = -1;
-  if (options.autocast_output() && at::promote_types(x.scalar_type(), gamma.scalar_type()) == at::kFloat &&
-      compat::autocast_enabled(x.device().type())) {
-    const at::ScalarType dt = compat::autocast_dtype(x.device().type());
-    if (dt == at::kBFloat16 || dt == at::kHalf) out_dtype = static_cast<int64_t>(dt);
-  }
+  const int64_t out_dtype = options.autocast_output() ? autocast_output_dtype(x, gamma) : -1;
   return RMSNormFunction::apply(x, gamma, scale, options.cuda_kernel(), out_dtype);
 }
 

@@ -557,7 +557,13 @@ torch::Tensor LocalMHAImpl::forward(const torch::Tensor& x_in, const torch::Tens
     TORCH_CHECK(mask.dim() == 2 && mask.size(0) == b && mask.size(1) == n, "LocalMHA: mask must be (", b, ", ", n,
                 ") to match x, got ", mask.sizes());
   }
-  auto x = norm ? norm->forward(x_in) : x_in;
+  torch::Tensor x = x_in;
+  if (norm) {
+    const auto& o = norm->options;
+    x = options.fused_norm() && o.elementwise_affine()
+            ? layer_norm(x_in, norm->weight, norm->bias, o.eps(), /*autocast_output=*/true, /*cuda_kernel=*/true)
+            : norm->forward(x_in);
+  }
   auto qkv = to_qkv->forward(x).chunk(3, -1);
   auto split = [&](const torch::Tensor& t) { return t.reshape({b, n, h, dh}).transpose(1, 2); };
   auto out = attn_fn->forward(split(qkv[0]), split(qkv[1]), split(qkv[2]), mask);

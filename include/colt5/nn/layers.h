@@ -46,6 +46,15 @@ class RMSNormImpl : public torch::nn::Cloneable<RMSNormImpl> {
 };
 TORCH_MODULE(RMSNorm);
 
+// Layer normalization over the last dimension with torch::nn::LayerNorm's
+// weight and bias (eps: its option). On CUDA with cuda_kernel (float32,
+// float16, bfloat16 rows up to 2048 wide; weight and bias float32 or of x's
+// type) one kernel forward and one backward, keeping x and two floats per row;
+// elsewhere torch::layer_norm. With autocast_output, under autocast the output
+// comes in the autocast dtype (see RMSNormOptions::autocast_output).
+torch::Tensor layer_norm(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+                         double eps = 1e-5, bool autocast_output = false, bool cuda_kernel = true);
+
 // ---------------------------------------------------------------- FeedForward
 
 struct FeedForwardOptions {

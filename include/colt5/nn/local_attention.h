@@ -153,6 +153,10 @@ struct LocalMHAOptions {
   TORCH_ARG(bool, use_xpos) = false;
   /// xpos scale base; nullopt means the window size times 2.
   TORCH_ARG(c10::optional<int64_t>, xpos_scale_base) = c10::nullopt;
+  /// The prenorm (a torch::nn::LayerNorm's parameters) through colt5::nn::layer_norm:
+  /// on CUDA one kernel each way, and under autocast its output in the autocast
+  /// dtype, as the projection it feeds would cast it (false: the LayerNorm module's own).
+  TORCH_ARG(bool, fused_norm) = true;
 };
 
 // Parameters: norm.weight, norm.bias (prenorm), to_qkv.weight, to_out.weight,
