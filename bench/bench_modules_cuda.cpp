@@ -754,6 +754,10 @@ int main(int argc, char** argv) {
           const auto [ma, mb] = alternate(a, b);
           row(name + ", " + what_a, "fwd+bwd", ma, dn, note_a.c_str());
           row(name + ", " + what_b, "fwd+bwd", mb, dn, note_b.c_str());
+          // From CUDA graphs: the GPU's time alone (about 2 % run to run,
+          // against 10-25 % for the eager steps).
+          row(name + ", " + what_a, "graph", time_graph(a), dn, "");
+          row(name + ", " + what_b, "graph", time_graph(b), dn, "");
           restore();
         };
         pair("sliding-window local attn", "flash sliding window", with([&] { la.sliding_window(true); }),

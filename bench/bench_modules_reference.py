@@ -66,15 +66,24 @@ def row(work, pass_, result):
         print(f"{work:<52} {pass_:<8} {ms:9.2f} {peak:8.2f}", flush=True)
 
 
+def describe(e):
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:120] if msg else ''}"
+
+
 def attempt(device, runs, f):
     try:
-        return measure(device, runs, f)
-    except Exception as e:  # the reference's own failure is the result
-        msg = str(e).strip().splitlines()
-        return f"{type(e).__name__}: {msg[0][:120] if msg else ''}"
-    finally:
+        result = measure(device, runs, f)
         if device.type == "cuda":
+            torch.cuda.synchronize()
+    except Exception as e:  # the reference's own failure is the result
+        result = describe(e)
+    if device.type == "cuda":
+        try:
             torch.cuda.empty_cache()
+        except Exception as e:  # a device-side assert surfaces at the next call
+            return describe(e) + " (the CUDA context is lost: later rows cannot run)"
+    return result
 
 
 def main():
