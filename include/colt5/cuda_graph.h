@@ -20,7 +20,7 @@ class CapturedStep {
   // captured run created (its loss, the gradients) keep their memory and are
   // rewritten by each replay; inputs are fed by copying into the tensors the
   // step read while captured. Throws where colt5 was built without CUDA or
-  // the step cannot be captured (a host synchronization, a CPU tensor).
+  // the step cannot be captured (for example, it synchronizes with the host).
   explicit CapturedStep(const std::function<void()>& step, int warmup = 2,
                         const std::function<void()>& before_each = {});
   ~CapturedStep();
