@@ -744,10 +744,16 @@ int main(int argc, char** argv) {
             step();
           };
         };
-        const RMSNormOptions norm_default(1);
+        auto& mha = block->conditional_attn->light_attn->options;
+        // The settings as built, put back after each pair.
+        const bool sliding_built = la.sliding_window(), fused_built = mha.fused_norm();
+        std::vector<RMSNormOptions> norms_built;
+        for_norms([&](RMSNormOptions& o) { norms_built.push_back(o); });
         auto restore = [&] {
-          la.sliding_window(LocalAttentionOptions(64).sliding_window());
-          for_norms([&](RMSNormOptions& o) { o.cuda_kernel(norm_default.cuda_kernel()); });
+          la.sliding_window(sliding_built);
+          mha.fused_norm(fused_built);
+          size_t i = 0;
+          for_norms([&](RMSNormOptions& o) { o = norms_built[i++]; });
         };
         auto pair = [&](const std::string& what_a, const std::string& note_a, const std::function<void()>& a,
                         const std::string& what_b, const std::string& note_b, const std::function<void()>& b) {
@@ -766,21 +772,16 @@ int main(int argc, char** argv) {
              with([&] { for_norms([](RMSNormOptions& o) { o.cuda_kernel(true); }); }), "RMSNorm composite",
              "RMSNorm as LibTorch operators", with([&] { for_norms([](RMSNormOptions& o) { o.cuda_kernel(false); }); }));
         // The light attention's LayerNorm on colt5's kernel (bf16 out) or the LayerNorm module.
-        auto& mha = block->conditional_attn->light_attn->options;
         pair("LayerNorm kernel", "light attention's norm on colt5's kernel, bf16 out",
              with([&] { mha.fused_norm(true); }), "LayerNorm module", "torch::nn::LayerNorm, fp32 out then cast",
              with([&] { mha.fused_norm(false); }));
-        mha.fused_norm(true);
-        // The projections' norms in bf16 (autocast_output) or float32 then cast.
-        std::vector<bool> cast_default;
-        for_norms([&](RMSNormOptions& o) { cast_default.push_back(o.autocast_output()); });
+        // The projections' norms in bf16 (autocast_output, where set as built) or float32 then cast.
         auto norms_cast = [&](bool on) {
           size_t i = 0;
-          for_norms([&](RMSNormOptions& o) { o.autocast_output(on && cast_default[i++]); });
+          for_norms([&](RMSNormOptions& o) { o.autocast_output(on && norms_built[i++].autocast_output()); });
         };
         pair("norms out in bf16", "projections' norms write bf16", with([&] { norms_cast(true); }),
              "norms out in fp32", "norms write fp32, the projections cast", with([&] { norms_cast(false); }));
-        norms_cast(true);
         // The block's sums: residual_forward (one pass, routed rows in place)
         // against forward(x) + x with the heavy output written out.
         auto earlier_sums = train_step([&] {

@@ -66,13 +66,13 @@ torch::Tensor scatter_queries(const CoordinateDescentRouterImpl& router, const t
 // to rounding).
 torch::Tensor add_heavy_output(const torch::Tensor& null_q_token, const torch::Tensor& a, const torch::Tensor& b,
                                const torch::Tensor& routed_out, const torch::Tensor& indices) {
-  torch::Tensor out = b.defined() ? torch::add(a, b) : torch::Tensor();
   torch::Tensor null = null_q_token.defined() ? null_q_token.view({1, 1, -1}) : torch::Tensor();
+  // A fresh tensor (the routed rows are added into it in place).
+  torch::Tensor out = b.defined() ? torch::add(a, b) : torch::Tensor();
   if (null.defined()) out = out.defined() ? out.add_(null) : a + null;
-  // (a fresh tensor in the promoted type, to add the routed rows into)
-  const auto dt = at::promote_types(out.defined() ? out.scalar_type() : a.scalar_type(), routed_out.scalar_type());
-  if (!out.defined() || out.scalar_type() != dt) out = (out.defined() ? out : a).to(dt, /*non_blocking=*/false,
-                                                                                    /*copy=*/true);
+  if (!out.defined()) out = a.to(at::promote_types(a.scalar_type(), routed_out.scalar_type()), false, /*copy=*/true);
+  const auto dt = at::promote_types(out.scalar_type(), routed_out.scalar_type());
+  out = as_type(out, dt);
   torch::Tensor src = as_type(routed_out, dt);
   if (null.defined()) src = src - as_type(null, dt);
   auto idx = indices.unsqueeze(-1).expand_as(src);
@@ -218,8 +218,8 @@ torch::Tensor ConditionalRoutedFeedForwardImpl::forward_plus(const torch::Tensor
   auto idx = r.indices.unsqueeze(-1).expand_as(routed_out);
   const auto dt = at::promote_types(residual ? x.scalar_type() : light_out.scalar_type(),
                                     routed_out.scalar_type());  // differ under autocast
-  torch::Tensor out = residual ? torch::add(x, light_out) : light_out.to(dt, false, /*copy=*/true);
-  return as_type(out, dt).scatter_add_(1, idx, as_type(routed_out, dt));
+  torch::Tensor out = residual ? as_type(torch::add(x, light_out), dt) : light_out.to(dt, false, /*copy=*/true);
+  return out.scatter_add_(1, idx, as_type(routed_out, dt));
 }
 
 // ================================================================== attention

@@ -35,6 +35,22 @@ namespace {
 // region's 16-bit dtype where the output goes straight into a matrix product
 // that would cast it: the kernel rounds its float32 result once, as the cast
 // would, and takes the 16-bit gradient as it comes.
+#ifdef COLT5_WITH_CUDA
+// The norm kernels' shape and dtypes for x [..., d], gamma [d] and y_dtype, or
+// false where the kernels do not apply.
+bool norm_kernel_params(const torch::Tensor& x, const torch::Tensor& gamma, at::ScalarType y_dtype,
+                        kernels::RmsNormParams& p) {
+  if (!x.is_cuda() || gamma.device() != x.device() || gamma.dim() != 1) return false;
+  if (!row_dtype(x.scalar_type(), p.x_dtype) || !row_dtype(gamma.scalar_type(), p.gamma_dtype) ||
+      !row_dtype(y_dtype, p.y_dtype))
+    return false;
+  p.d = gamma.size(0);
+  if (!kernels::rms_norm_supports(p.d, p.x_dtype, p.gamma_dtype, p.y_dtype)) return false;
+  p.rows = x.numel() / p.d;
+  return true;
+}
+#endif
+
 class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
  public:
   static constexpr double kEps = 1e-12;
@@ -44,13 +60,7 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
   // not apply (the composite runs).
   static bool fused(const torch::Tensor& x, const torch::Tensor& gamma, at::ScalarType y_dtype, double scale,
                     kernels::RmsNormParams& p) {
-    if (!x.is_cuda() || gamma.device() != x.device() || gamma.dim() != 1) return false;
-    if (!row_dtype(x.scalar_type(), p.x_dtype) || !row_dtype(gamma.scalar_type(), p.gamma_dtype) ||
-        !row_dtype(y_dtype, p.y_dtype))
-      return false;
-    p.d = gamma.size(0);
-    if (!kernels::rms_norm_supports(p.d, p.x_dtype, p.gamma_dtype, p.y_dtype)) return false;
-    p.rows = x.numel() / p.d;
+    if (!norm_kernel_params(x, gamma, y_dtype, p)) return false;
     p.scale = static_cast<float>(scale);
     p.eps = static_cast<float>(kEps);
     return true;
@@ -142,23 +152,17 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
 };
 
 #ifdef COLT5_WITH_CUDA
-// LayerNorm with weight and bias on the CUDA kernels (the caller checked
-// layer_norm_params); out of a [rows, d] x: y in y_dtype, and per row rstd
-// and mean for the backward. Not differentiable twice.
+// LayerNorm with weight and bias on the CUDA kernels (layer_norm checked
+// params first); out of a [rows, d] x: y in y_dtype, and per row rstd and
+// mean for the backward. Not differentiable twice.
 class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
  public:
   static bool params(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
                      at::ScalarType y_dtype, double eps, kernels::RmsNormParams& p) {
-    if (!x.is_cuda() || !weight.defined() || !bias.defined() || weight.dim() != 1 || bias.dim() != 1 ||
-        weight.device() != x.device() || bias.device() != x.device() || bias.scalar_type() != weight.scalar_type() ||
-        bias.size(0) != weight.size(0))
+    if (!weight.defined() || !bias.defined() || bias.dim() != 1 || bias.device() != weight.device() ||
+        bias.scalar_type() != weight.scalar_type() || bias.size(0) != weight.size(0) ||
+        !norm_kernel_params(x, weight, y_dtype, p))
       return false;
-    if (!row_dtype(x.scalar_type(), p.x_dtype) || !row_dtype(weight.scalar_type(), p.gamma_dtype) ||
-        !row_dtype(y_dtype, p.y_dtype))
-      return false;
-    p.d = weight.size(0);
-    if (!kernels::rms_norm_supports(p.d, p.x_dtype, p.gamma_dtype, p.y_dtype)) return false;
-    p.rows = x.numel() / p.d;
     p.eps = static_cast<float>(eps);
     p.layer_norm = true;
     return true;
