@@ -746,12 +746,13 @@ int main(int argc, char** argv) {
         };
         auto& mha = block->conditional_attn->light_attn->options;
         // The settings as built, put back after each pair.
-        const bool sliding_built = la.sliding_window(), fused_built = mha.fused_norm();
+        const bool sliding_built = la.sliding_window(), fused_built = mha.fused_norm(), packed_built = mha.packed_qkv();
         std::vector<RMSNormOptions> norms_built;
         for_norms([&](RMSNormOptions& o) { norms_built.push_back(o); });
         auto restore = [&] {
           la.sliding_window(sliding_built);
           mha.fused_norm(fused_built);
+          mha.packed_qkv(packed_built);
           size_t i = 0;
           for_norms([&](RMSNormOptions& o) { o = norms_built[i++]; });
         };
@@ -768,6 +769,11 @@ int main(int argc, char** argv) {
         };
         pair("sliding-window local attn", "flash sliding window", with([&] { la.sliding_window(true); }),
              "windowed local attn", "exact windows as masked windows", with([&] { la.sliding_window(false); }));
+        // The masked sliding window from the packed projection (colt5's kernels
+        // each way) or from q, k, v views (LibTorch's concatenations and copies).
+        pair("packed q/k/v", "masked sliding window from the packed projection",
+             with([&] { mha.packed_qkv(true); }), "q/k/v views", "masked sliding window from q, k, v views",
+             with([&] { mha.packed_qkv(false); }));
         pair("RMSNorm kernel", "RMSNorm on its CUDA kernels",
              with([&] { for_norms([](RMSNormOptions& o) { o.cuda_kernel(true); }); }), "RMSNorm composite",
              "RMSNorm as LibTorch operators", with([&] { for_norms([](RMSNormOptions& o) { o.cuda_kernel(false); }); }));

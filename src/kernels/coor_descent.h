@@ -175,6 +175,36 @@ bool gathered_attention_supports(int64_t dim_head);
 void gathered_attention_forward_cuda(const GatheredAttentionParams& p, void* stream);
 void gathered_attention_backward_cuda(const GatheredAttentionParams& p, void* stream);
 
+// The masked sliding window's packing around the flash kernel
+// (sliding_window_cuda.cu; float16/bfloat16, d a multiple of 8, d + 8 <= 256):
+// seen[b, t] whether query t sees a visible key; the packed projection
+// qkv (batch, n, 3, heads, d) into wide (3, batch, n, heads, d + 8), the 8
+// more dimensions carrying the key mask as a score bias (q: 1, k: 0 or
+// -hidden_bias); float32 window sums (batch, windows, heads * d) of rows
+// row_stride elements apart, of every row or (seen given) of the blind rows;
+// the kernel's output (batch, n, heads, d + 8) into y (batch, n, heads * d),
+// blind queries taking their look-around's mean from the window sums of v;
+// the output gradient into the kernel's layout (zero for blind queries); the
+// kernel's gradients into dqkv (batch, n, 3, heads, d), v's with the blind
+// queries' share from the window sums of their gradients.
+struct SlidingMaskParams {
+  int64_t batch = 0, n = 0, heads = 0, d = 0;
+  int64_t ws = 1, back = 0, fwd = 0;
+  bool causal = false;
+  float hidden_bias = 30000.f;
+  RowDtype dtype = RowDtype::bf16;
+};
+bool sliding_mask_supports(int64_t d, RowDtype dtype);
+void sliding_seen_cuda(const SlidingMaskParams& p, const bool* mask, bool* seen, void* stream);
+void sliding_pack_qkv_cuda(const SlidingMaskParams& p, const void* qkv, const bool* mask, void* wide, void* stream);
+void sliding_window_sums_cuda(const SlidingMaskParams& p, const void* src, int64_t row_stride, const bool* seen,
+                              float* sums, void* stream);
+void sliding_unpack_out_cuda(const SlidingMaskParams& p, const void* out8, const bool* seen, const float* sums,
+                             void* y, void* stream);
+void sliding_pack_grad_cuda(const SlidingMaskParams& p, const void* gy, const bool* seen, void* g8, void* stream);
+void sliding_unpack_grads_cuda(const SlidingMaskParams& p, const void* dq8, const void* dk8, const void* dv8,
+                               const float* blind_sums, void* dqkv, void* stream);
+
 // RMSNorm rows of x [rows, d] (rms_norm_cuda.cu): y = x * f * gamma with
 // f = scale / max(|x|, eps); the forward writes y (in y_dtype: the promoted
 // type rms_norm_promoted(x, gamma), or float16/bfloat16 where gamma is

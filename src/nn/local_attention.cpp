@@ -15,8 +15,11 @@
 
 #ifdef COLT5_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
+
+#include "ops/row_dtype.h"
 #endif
 
 namespace colt5 {
@@ -188,6 +191,102 @@ torch::Tensor exact_windows_masked(const torch::Tensor& q, const torch::Tensor& 
   return torch::where(seen.view({rows, n, 1, 1}), out, mean);
 }
 
+#endif
+
+#if COLT5_HAS_SDPA && defined(COLT5_WITH_CUDA)
+// exact_windows_masked for LocalMHA's packed projection, its data movement on
+// colt5's kernels (sliding_window_cuda.cu): q, k and v go from qkv (b, n,
+// 3 * heads * d) into one buffer of heads d + 8 wide (the key mask as the
+// score bias) in one kernel, the output comes back as (b, n, heads * d) with
+// the blind queries' means in one more, and the backward does the same in
+// reverse, writing the projection's gradient (b, n, 3 * heads * d) directly.
+// The same flash kernel on the same inputs: the outputs are those of
+// exact_windows_masked.
+class SlidingMaskedQKVFunction : public torch::autograd::Function<SlidingMaskedQKVFunction> {
+ public:
+  static kernels::SlidingMaskParams params(int64_t b, int64_t n, at::ScalarType dtype, int64_t heads, int64_t d,
+                                           int64_t ws, int64_t back, int64_t fwd, bool causal) {
+    kernels::SlidingMaskParams p;
+    p.batch = b;
+    p.n = n;
+    p.heads = heads;
+    p.d = d;
+    p.ws = ws;
+    p.back = back;
+    p.fwd = fwd;
+    p.causal = causal;
+    p.hidden_bias = static_cast<float>(kHiddenKey);
+    p.dtype = row_dtype(dtype);
+    return p;
+  }
+
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& qkv_in,
+                               const torch::Tensor& mask, int64_t heads, int64_t d, int64_t ws, int64_t back,
+                               int64_t fwd, bool causal, double scale) {
+    c10::cuda::CUDAGuard guard(qkv_in.device());
+    void* stream = c10::cuda::getCurrentCUDAStream().stream();
+    torch::Tensor qkv = qkv_in.contiguous(), m = mask.contiguous();
+    const auto p = params(qkv.size(0), qkv.size(1), qkv.scalar_type(), heads, d, ws, back, fwd, causal);
+    const int64_t b = p.batch, n = p.n, windows = (n + ws - 1) / ws;
+    torch::Tensor seen = torch::empty({b, n}, m.options());
+    kernels::sliding_seen_cuda(p, m.data_ptr<bool>(), seen.data_ptr<bool>(), stream);
+    torch::Tensor wide = torch::empty({3, b, n, heads, d + 8}, qkv.options());
+    kernels::sliding_pack_qkv_cuda(p, qkv.data_ptr(), m.data_ptr<bool>(), wide.data_ptr(), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto flash = at::_flash_attention_forward(wide[0], wide[1], wide[2], {}, {}, n, n, 0.0, causal, false, scale,
+                                              ws * back, causal ? 0 : ws * fwd);
+    torch::Tensor out8 = std::get<0>(flash);
+    torch::Tensor sums = torch::empty({b, windows, heads * d}, qkv.options().dtype(torch::kFloat));
+    const auto* v = static_cast<const char*>(qkv.data_ptr()) + 2 * heads * d * qkv.element_size();
+    kernels::sliding_window_sums_cuda(p, v, 3 * heads * d, nullptr, sums.data_ptr<float>(), stream);
+    torch::Tensor y = torch::empty({b, n, heads * d}, qkv.options());
+    kernels::sliding_unpack_out_cuda(p, out8.data_ptr(), seen.data_ptr<bool>(), sums.data_ptr<float>(), y.data_ptr(),
+                                     stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ctx->save_for_backward({wide, out8, std::get<1>(flash), std::get<2>(flash), std::get<3>(flash), seen});
+    ctx->saved_data["heads"] = heads;
+    ctx->saved_data["d"] = d;
+    ctx->saved_data["ws"] = ws;
+    ctx->saved_data["back"] = back;
+    ctx->saved_data["fwd"] = fwd;
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["scale"] = scale;
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const torch::Tensor &wide = saved[0], &out8 = saved[1], &lse = saved[2], &rng = saved[3], &unused = saved[4],
+                        &seen = saved[5];
+    const int64_t heads = ctx->saved_data["heads"].toInt(), d = ctx->saved_data["d"].toInt();
+    const int64_t ws = ctx->saved_data["ws"].toInt(), back = ctx->saved_data["back"].toInt(),
+                  fwd = ctx->saved_data["fwd"].toInt();
+    const bool causal = ctx->saved_data["causal"].toBool();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const int64_t b = wide.size(1), n = wide.size(2), windows = (n + ws - 1) / ws;
+    c10::cuda::CUDAGuard guard(wide.device());
+    void* stream = c10::cuda::getCurrentCUDAStream().stream();
+    torch::Tensor gy = grads[0].to(wide.scalar_type()).contiguous();
+    const auto p = params(b, n, wide.scalar_type(), heads, d, ws, back, fwd, causal);
+    torch::Tensor g8 = torch::empty({b, n, heads, d + 8}, wide.options());
+    kernels::sliding_pack_grad_cuda(p, gy.data_ptr(), seen.data_ptr<bool>(), g8.data_ptr(), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto g = at::_flash_attention_backward(g8, wide[0], wide[1], wide[2], out8, lse, {}, {}, n, n, 0.0, causal, rng,
+                                           unused, scale, ws * back, causal ? 0 : ws * fwd);
+    torch::Tensor blind = torch::empty({b, windows, heads * d}, wide.options().dtype(torch::kFloat));
+    kernels::sliding_window_sums_cuda(p, gy.data_ptr(), heads * d, seen.data_ptr<bool>(), blind.data_ptr<float>(),
+                                      stream);
+    torch::Tensor dqkv = torch::empty({b, n, 3 * heads * d}, wide.options());
+    const torch::Tensor dq = std::get<0>(g).contiguous(), dk = std::get<1>(g).contiguous(),
+                        dv = std::get<2>(g).contiguous();
+    kernels::sliding_unpack_grads_cuda(p, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), blind.data_ptr<float>(),
+                                       dqkv.data_ptr(), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {dqkv, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(),
+            torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
 #endif
 
 // Zero-pads dimension `dim` of t up to a multiple of `multiple`.
@@ -564,7 +663,23 @@ torch::Tensor LocalMHAImpl::forward(const torch::Tensor& x_in, const torch::Tens
             ? layer_norm(x_in, norm->weight, norm->bias, o.eps(), /*autocast_output=*/true, /*cuda_kernel=*/true)
             : norm->forward(x_in);
   }
-  auto qkv = to_qkv->forward(x).chunk(3, -1);
+  torch::Tensor projected = to_qkv->forward(x);
+#if COLT5_HAS_SDPA && defined(COLT5_WITH_CUDA)
+  {
+    const auto& ao = attn_fn->options;
+    kernels::RowDtype rd;
+    if (options.packed_qkv() && mask.defined() && projected.is_cuda() && mask.device() == projected.device() &&
+        ao.exact_windowsize() && ao.sliding_window() && !attn_fn->rel_pos && (ao.autopad() || n % ao.window_size() == 0) &&
+        row_dtype(projected.scalar_type(), rd) && kernels::sliding_mask_supports(dh, rd)) {
+      RECORD_USER_SCOPE("colt5::local_attention");
+      const double scale = ao.scale().value_or(std::pow(static_cast<double>(dh), -0.5));
+      torch::Tensor out = SlidingMaskedQKVFunction::apply(projected, mask, h, dh, ao.window_size(), ao.look_backward(),
+                                                          attn_fn->look_forward(), ao.causal(), scale);
+      return to_out->forward(out);
+    }
+  }
+#endif
+  auto qkv = projected.chunk(3, -1);
   auto split = [&](const torch::Tensor& t) { return t.reshape({b, n, h, dh}).transpose(1, 2); };
   auto out = attn_fn->forward(split(qkv[0]), split(qkv[1]), split(qkv[2]), mask);
   return to_out->forward(out.transpose(1, 2).reshape({b, n, h * dh}));

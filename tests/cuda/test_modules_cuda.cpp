@@ -473,11 +473,17 @@ TEST(CudaModules, LocalAttentionWindowsMatchTheCpuFloat64) {
           torch::Tensor g = torch::randn_like(out64);
           out64.backward(g);
           // Exact windows: the flash kernel's sliding window and the windowed path.
-          for (bool sliding : exact ? std::vector<bool>{true, false} : std::vector<bool>{true}) {
-            SCOPED_TRACE(sliding ? "sliding window" : "windowed path");
+          // With a mask in half precision, the sliding window from the packed
+          // projection (packed_qkv) and from q, k, v views.
+          std::vector<std::pair<bool, bool>> paths{{true, true}};
+          if (exact) paths.push_back({false, true});
+          if (exact && masked && dtype != torch::kFloat) paths.push_back({true, false});
+          for (auto [sliding, packed] : paths) {
+            SCOPED_TRACE(!sliding ? "windowed path" : packed ? "sliding window" : "sliding window, q/k/v views");
             auto dev = std::dynamic_pointer_cast<LocalMHAImpl>(attn->clone());
             dev->to(cuda(), dtype);
             dev->attn_fn->options.sliding_window(sliding);
+            dev->options.packed_qkv(packed);
             torch::Tensor xd = x.to(cuda(), dtype).requires_grad_(true);
             torch::Tensor out = dev->forward(xd, masked ? mask.to(cuda()) : mask);
             out.backward(g.to(cuda(), dtype));
@@ -487,6 +493,75 @@ TEST(CudaModules, LocalAttentionWindowsMatchTheCpuFloat64) {
             EXPECT_TRUE(torch::isfinite(xd.grad()).all().item<bool>());
           }
           ref->zero_grad();
+        }
+      }
+    }
+  }
+}
+
+// LocalMHA's packed path (packed_qkv: q, k, v from the projection into the
+// flash kernel's buffer and the gradients back, on colt5's kernels) against
+// LocalAttention's path over q, k, v views, which runs the same flash kernel
+// on the same inputs: outputs and every gradient bit for bit where no query is
+// blind; with blind queries (a hidden stretch, a fully hidden row), whose
+// means and mean gradients are summed in another order, within rounding. bf16
+// and f16 modules, float32 under autocast (the block's case), causal and not,
+// ragged lengths (autopadded), 2 heads of 64 and 3 of 40.
+TEST(CudaModules, LocalMHAPackedQKVMatchesTheViewsPath) {
+  torch::manual_seed(31);
+  for (bool causal : {false, true}) {
+    for (int64_t dh : {64, 40}) {
+      LocalMHA attn(LocalMHAOptions(96, 32)
+                        .dim_head(dh)
+                        .heads(dh == 64 ? 2 : 3)
+                        .causal(causal)
+                        .exact_windowsize(true)
+                        .prenorm(true)
+                        .look_backward(1)
+                        .look_forward(causal ? 0 : 1)
+                        .use_rotary_pos_emb(false));
+      for (int blind : {0, 1}) {
+        for (int64_t n : {1, 33, 1000}) {
+          for (int kind : {0, 1, 2}) {  // bf16 module, f16 module, float32 under bf16 autocast
+            SCOPED_TRACE("causal " + std::to_string(causal) + " dh " + std::to_string(dh) + " blind " +
+                         std::to_string(blind) + " n " + std::to_string(n) + " kind " + std::to_string(kind));
+            const auto dtype = kind == 0 ? torch::kBFloat16 : kind == 1 ? torch::kHalf : torch::kFloat;
+            torch::Tensor x = torch::randn({2, n, 96}, torch::TensorOptions(cuda()).dtype(dtype));
+            torch::Tensor mask = torch::rand({2, n}, torch::TensorOptions(cuda())) > 0.05;
+            if (blind) {
+              mask.select(0, 1).fill_(false);
+              if (n >= 1000) mask.select(0, 0).narrow(0, 200, 300).fill_(false);
+            }
+            torch::Tensor g = torch::randn({2, n, 96}, x.options());
+            std::vector<torch::Tensor> outs, grads;
+            for (bool packed : {true, false}) {
+              auto dev = std::dynamic_pointer_cast<LocalMHAImpl>(attn->clone());
+              dev->to(cuda(), dtype);
+              dev->options.packed_qkv(packed);
+              torch::Tensor xd = x.clone().requires_grad_(true);
+              torch::Tensor out;
+              {
+                Region region(torch::kBFloat16, kind == 2);
+                out = dev->forward(xd, mask);
+              }
+              out.backward(g.to(out.scalar_type()));
+              outs.push_back(out);
+              grads.push_back(xd.grad());
+              grads.push_back(dev->to_qkv->weight.grad());
+              grads.push_back(dev->to_out->weight.grad());
+            }
+            ASSERT_EQ(outs[0].scalar_type(), outs[1].scalar_type());
+            EXPECT_TRUE(torch::isfinite(outs[0]).all().item<bool>());
+            if (!blind) {
+              EXPECT_TRUE(torch::equal(outs[0], outs[1]));
+              for (int i = 0; i < 3; ++i) EXPECT_TRUE(torch::equal(grads[i], grads[i + 3])) << "gradient " << i;
+            } else {
+              EXPECT_LT(max_rel_error(outs[0].to(torch::kDouble), outs[1].to(torch::kDouble)), 1e-2);
+              for (int i = 0; i < 3; ++i)
+                EXPECT_LT(max_rel_error(grads[i].to(torch::kDouble), grads[i + 3].to(torch::kDouble)), 2e-2)
+                    << "gradient " << i;
+            }
+          }
         }
       }
     }

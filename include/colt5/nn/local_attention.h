@@ -157,6 +157,13 @@ struct LocalMHAOptions {
   /// on CUDA one kernel each way, and under autocast its output in the autocast
   /// dtype, as the projection it feeds would cast it (false: the LayerNorm module's own).
   TORCH_ARG(bool, fused_norm) = true;
+  /// With a key mask, on CUDA in float16/bfloat16, where the attention takes the
+  /// flash kernel's sliding window (exact windows, no rotary embedding, heads a
+  /// multiple of 8 up to 248): q, k and v go from the projection to the kernel,
+  /// and their gradients back into the projection's gradient, in one kernel
+  /// each way (false: LocalAttention's path over q, k and v views; the same
+  /// outputs).
+  TORCH_ARG(bool, packed_qkv) = true;
 };
 
 // Parameters: norm.weight, norm.bias (prenorm), to_qkv.weight, to_out.weight,
