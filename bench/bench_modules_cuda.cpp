@@ -747,12 +747,15 @@ int main(int argc, char** argv) {
         auto& mha = block->conditional_attn->light_attn->options;
         // The settings as built, put back after each pair.
         const bool sliding_built = la.sliding_window(), fused_built = mha.fused_norm(), packed_built = mha.packed_qkv();
+        auto& attn_opts = block->conditional_attn->options;
+        const bool joint_built = attn_opts.joint_routing();
         std::vector<RMSNormOptions> norms_built;
         for_norms([&](RMSNormOptions& o) { norms_built.push_back(o); });
         auto restore = [&] {
           la.sliding_window(sliding_built);
           mha.fused_norm(fused_built);
           mha.packed_qkv(packed_built);
+          attn_opts.joint_routing(joint_built);
           size_t i = 0;
           for_norms([&](RMSNormOptions& o) { o = norms_built[i++]; });
         };
@@ -774,6 +777,11 @@ int main(int argc, char** argv) {
         pair("packed q/k/v", "masked sliding window from the packed projection",
              with([&] { mha.packed_qkv(true); }), "q/k/v views", "masked sliding window from q, k, v views",
              with([&] { mha.packed_qkv(false); }));
+        // The query and key/value routers' scores in one read of x and their rows
+        // in one gather, or each router on its own.
+        pair("joint routing", "q and kv routers: one scores kernel, one gather",
+             with([&] { attn_opts.joint_routing(true); }), "separate routers", "each router scores and gathers x",
+             with([&] { attn_opts.joint_routing(false); }));
         pair("RMSNorm kernel", "RMSNorm on its CUDA kernels",
              with([&] { for_norms([](RMSNormOptions& o) { o.cuda_kernel(true); }); }), "RMSNorm composite",
              "RMSNorm as LibTorch operators", with([&] { for_norms([](RMSNormOptions& o) { o.cuda_kernel(false); }); }));

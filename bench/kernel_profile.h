@@ -5,6 +5,9 @@
 // forward operator its autograd node came from ("bwd colt5::..."), found by
 // the autograd sequence number. Kernel times are the GPU's own (no launch
 // overhead); their sum against the step's wall time shows how busy the GPU was.
+// The longest launch sites name the operator that launched each kernel and
+// the autograd node being evaluated (a backward, or the engine summing the
+// gradients of a tensor used more than once).
 // Used by bench_modules_cuda (LibTorch 2 with CUDA only).
 #pragma once
 
@@ -99,6 +102,9 @@ inline void kernel_profile(const char* title, const std::function<void()>& step,
     }
   std::map<std::string, std::pair<double, int>> scopes;  // ms, kernels
   std::map<std::string, std::pair<double, int>> kernels;
+  // Launch sites: scope | autograd node being evaluated | operator | kernel.
+  std::map<std::string, std::pair<double, int>> sites;
+  const std::string evaluate = "autograd::engine::evaluate_function: ";
   double gpu_ms = 0;
   for (const auto& d : device) {
     const double ms = d.ns / 1e6;
@@ -125,6 +131,16 @@ inline void kernel_profile(const char* title, const std::function<void()>& step,
     }
     scopes[scope].first += ms;
     scopes[scope].second += 1;
+    std::string site = scope + " | ";
+    if (it != by_correlation.end()) {
+      const HostEvent& op = host[it->second];
+      const HostEvent* node = innermost(by_thread[op.thread], op.start,
+                                        [&](const HostEvent& h) { return starts_with(h.name, evaluate.c_str()); });
+      site += (node ? node->name.substr(evaluate.size()) : std::string("-")) + " | " + op.name;
+    }
+    site += " | " + d.name.substr(0, 48);
+    sites[site].first += ms;
+    sites[site].second += 1;
     std::string k = d.name.size() > 90 ? d.name.substr(0, 87) + "..." : d.name;
     kernels[k].first += ms;
     kernels[k].second += 1;
@@ -145,6 +161,13 @@ inline void kernel_profile(const char* title, const std::function<void()>& step,
   std::printf("  longest kernels (GPU ms per step, launches per step):\n");
   for (int i = 0; i < top && i < static_cast<int>(order.size()); ++i)
     std::printf("  %8.3f %6.1f  %s\n", order[i].first / runs, kernels[order[i].second].second / double(runs),
+                order[i].second.c_str());
+  order.clear();
+  for (const auto& [k, v] : sites) order.push_back({v.first, k});
+  std::sort(order.rbegin(), order.rend());
+  std::printf("  longest launch sites (GPU ms per step, launches per step; scope | autograd node | operator | kernel):\n");
+  for (int i = 0; i < 2 * top && i < static_cast<int>(order.size()); ++i)
+    std::printf("  %8.3f %6.1f  %s\n", order[i].first / runs, sites[order[i].second].second / double(runs),
                 order[i].second.c_str());
 }
 

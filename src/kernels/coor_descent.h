@@ -138,6 +138,27 @@ enum class RowDtype { f32, f16, bf16 };
 constexpr int64_t kRowDotMaxTokenFloats = 12288;
 void row_dot_norm_cuda(const void* x, RowDtype dtype, const float* tokens, int64_t rows, int64_t d, int64_t r,
                        float* dots, float* norms, void* stream);
+// Its backward in one read of x: grad_x[row] = sum_q grad_dots[row, q] *
+// tokens[q] + grad_norms[row] / norms[row] * x[row] (0 where the norm is 0; a
+// null grad_dots or grad_norms adds nothing; grad_x null: not written), in x's
+// dtype; grad_tokens_partial (null: not written): row_dot_norm_backward_partials
+// (rows) blocks of r x d float32 partial sums of the tokens' gradient, to be
+// summed over the blocks. Needs d * element size a multiple of 16 (at most
+// 32 KiB) and x 16-byte aligned (row_dot_norm_backward_supports).
+struct RowDotBackwardParams {
+  const void* x = nullptr;
+  RowDtype dtype = RowDtype::f32;
+  const float* tokens = nullptr;
+  const float* grad_dots = nullptr;
+  const float* grad_norms = nullptr;
+  const float* norms = nullptr;
+  void* grad_x = nullptr;
+  float* grad_tokens_partial = nullptr;
+  int64_t rows = 0, d = 0, r = 1;
+};
+bool row_dot_norm_backward_supports(const void* x, RowDtype dtype, int64_t d, int64_t r);
+int64_t row_dot_norm_backward_partials(int64_t rows);
+void row_dot_norm_backward_cuda(const RowDotBackwardParams& p, void* stream);
 
 // Attention over keys/values read by index from a table of projected rows
 // (gathered_attention_cuda.cu). Group g (= batch row * routes + route) has

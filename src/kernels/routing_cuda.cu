@@ -119,7 +119,131 @@ void launch_r(const T* x, const float* t, int64_t rows, int64_t d, int64_t r, fl
   }
 }
 
+// The backward of the routing scores, one read of x: gx[row] = sum_q
+// g_dots[row, q] * t[q] + coef * x[row] with coef = g_norms[row] / norms[row]
+// (0 where the norm is 0; no term where g_dots or g_norms is null), and
+// gt_partial[block, q, :] = the block's rows' sum of g_dots[row, q] * x[row].
+// A block works on one row at a time, each thread on G 16-byte pieces of it,
+// the tokens' matching pieces and the partial sums in registers.
+template <typename T, int R, int G>
+__global__ void row_dot_norm_backward_kernel(const T* __restrict__ x, const float* __restrict__ t,
+                                             const float* __restrict__ g_dots, const float* __restrict__ g_norms,
+                                             const float* __restrict__ norms, int64_t rows, int64_t d,
+                                             T* __restrict__ gx, float* __restrict__ gt_partial) {
+  constexpr int E = 16 / sizeof(T);
+  const int64_t pieces = d / E;
+  float tv[G][R][E], acc[G][R][E];
+#pragma unroll
+  for (int k = 0; k < G; ++k) {
+    const int64_t p = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+#pragma unroll
+    for (int q = 0; q < R; ++q)
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        tv[k][q][e] = p < pieces ? t[q * d + p * E + e] : 0.f;
+        acc[k][q][e] = 0.f;
+      }
+  }
+#pragma unroll 2
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    float gd[R];
+#pragma unroll
+    for (int q = 0; q < R; ++q) gd[q] = g_dots ? g_dots[row * R + q] : 0.f;
+    float coef = 0.f;
+    if (g_norms) {
+      const float nr = norms[row];
+      coef = nr > 0.f ? g_norms[row] / nr : 0.f;
+    }
+#pragma unroll
+    for (int k = 0; k < G; ++k) {
+      const int64_t p = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+      if (p >= pieces) continue;
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(x + row * d) + p);
+      const T* xe = reinterpret_cast<const T*>(&raw);
+      uint4 out_raw;
+      T* oe = reinterpret_cast<T*>(&out_raw);
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        const float v = to_float<T>(xe[e]);
+        float o = coef * v;
+#pragma unroll
+        for (int q = 0; q < R; ++q) {
+          o += gd[q] * tv[k][q][e];
+          acc[k][q][e] += gd[q] * v;
+        }
+        oe[e] = from_float<T>(o);
+      }
+      if (gx) reinterpret_cast<uint4*>(gx + row * d)[p] = out_raw;
+    }
+  }
+  if (!gt_partial) return;
+#pragma unroll
+  for (int k = 0; k < G; ++k) {
+    const int64_t p = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+    if (p >= pieces) continue;
+#pragma unroll
+    for (int q = 0; q < R; ++q)
+#pragma unroll
+      for (int e = 0; e < E; ++e) gt_partial[(blockIdx.x * R + q) * d + p * E + e] = acc[k][q][e];
+  }
+}
+
+int64_t backward_blocks(int64_t rows) {
+  int dev = 0, sms = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  return std::max<int64_t>(1, std::min<int64_t>(rows, int64_t{sms} * 8));
+}
+
+template <typename T, int R>
+void launch_backward(const RowDotBackwardParams& p, cudaStream_t st) {
+  constexpr int E = 16 / sizeof(T);
+  const int64_t pieces = p.d / E;
+  const int64_t blocks = backward_blocks(p.rows);
+  const auto* x = static_cast<const T*>(p.x);
+  auto* gx = static_cast<T*>(p.grad_x);
+  if (pieces <= 1024) {
+    const int threads = static_cast<int>((pieces + 31) / 32 * 32);
+    row_dot_norm_backward_kernel<T, R, 1><<<static_cast<unsigned>(blocks), threads, 0, st>>>(
+        x, p.tokens, p.grad_dots, p.grad_norms, p.norms, p.rows, p.d, gx, p.grad_tokens_partial);
+  } else {
+    const int threads = static_cast<int>(((pieces + 1) / 2 + 31) / 32 * 32);
+    row_dot_norm_backward_kernel<T, R, 2><<<static_cast<unsigned>(blocks), threads, 0, st>>>(
+        x, p.tokens, p.grad_dots, p.grad_norms, p.norms, p.rows, p.d, gx, p.grad_tokens_partial);
+  }
+  check(cudaGetLastError(), "row_dot_norm_backward_kernel launch");
+}
+
+template <typename T>
+void launch_backward_r(const RowDotBackwardParams& p, cudaStream_t st) {
+  switch (p.r) {
+    case 1: return launch_backward<T, 1>(p, st);
+    case 2: return launch_backward<T, 2>(p, st);
+    case 3: return launch_backward<T, 3>(p, st);
+    case 4: return launch_backward<T, 4>(p, st);
+    default: throw std::runtime_error("colt5 CUDA routing scores: at most 4 routing tokens, got " + std::to_string(p.r));
+  }
+}
+
 }  // namespace
+
+bool row_dot_norm_backward_supports(const void* x, RowDtype dtype, int64_t d, int64_t r) {
+  const int64_t size = dtype == RowDtype::f32 ? 4 : 2;
+  return r >= 1 && r <= 4 && d >= 1 && (d * size) % 16 == 0 && (d * size) / 16 <= 2048 &&
+         reinterpret_cast<uintptr_t>(x) % 16 == 0;
+}
+
+int64_t row_dot_norm_backward_partials(int64_t rows) { return rows == 0 ? 0 : backward_blocks(rows); }
+
+void row_dot_norm_backward_cuda(const RowDotBackwardParams& p, void* stream) {
+  if (p.rows == 0) return;
+  const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  switch (p.dtype) {
+    case RowDtype::f32: return launch_backward_r<float>(p, st);
+    case RowDtype::f16: return launch_backward_r<__half>(p, st);
+    case RowDtype::bf16: return launch_backward_r<__nv_bfloat16>(p, st);
+  }
+}
 
 void row_dot_norm_cuda(const void* x, RowDtype dtype, const float* tokens, int64_t rows, int64_t d, int64_t r,
                        float* dots, float* norms, void* stream) {

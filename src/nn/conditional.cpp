@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "nn/attention_core.h"
@@ -110,11 +111,18 @@ torch::Tensor heavy_routed_attention(CoordinateDescentRouterImpl& q_router, Coor
                                      AttentionImpl& heavy_attn, const torch::Tensor& null_q_token,
                                      const HeavyBranchInputs& in) {
   RECORD_USER_SCOPE("colt5::heavy_branch");
-  RouterOutput q = q_router.forward(in.queries, in.num_q, in.query_mask, in.random_route);
   const bool once = in.project_context_once;
-  RouterOutput kv = route_prefix_views(kv_router, in.context, in.num_kv, in.context_mask, in.context_view_lengths,
-                                       in.context_view_groups, in.random_route, /*keep_one_route_dim=*/once,
-                                       /*gather_tokens=*/!once);
+  RouterOutput q, kv;
+  if (in.joint_routing && !once && in.queries.is_same(in.context) &&
+      (in.query_mask.defined() ? in.query_mask.is_same(in.context_mask) : !in.context_mask.defined())) {
+    std::tie(q, kv) = route_pair(q_router, kv_router, in.queries, in.num_q, in.num_kv, in.query_mask, in.random_route,
+                                 /*joint_scores=*/true);
+  } else {
+    q = q_router.forward(in.queries, in.num_q, in.query_mask, in.random_route);
+    kv = route_prefix_views(kv_router, in.context, in.num_kv, in.context_mask, in.context_view_lengths,
+                            in.context_view_groups, in.random_route, /*keep_one_route_dim=*/once,
+                            /*gather_tokens=*/!once);
+  }
 
   std::pair<torch::Tensor, torch::Tensor> rotary;
   if (in.q_freqs.defined()) {
@@ -280,6 +288,7 @@ torch::Tensor ConditionalRoutedAttentionImpl::forward_plus(const torch::Tensor& 
   in.num_q = kq;
   in.num_kv = kkv;
   in.multiply_queries_by_score = options.multiply_queries_by_score();
+  in.joint_routing = options.joint_routing();
   if (rotary_emb) in.q_freqs = in.kv_freqs = rotary_emb(x.size(1));
   // The light output (and x) and the heavy output summed in one pass.
   if (residual) {

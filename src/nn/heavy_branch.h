@@ -54,6 +54,9 @@ struct HeavyBranchInputs {
   // block), rather than the heavy output written out at every position first.
   torch::Tensor plus_a;
   torch::Tensor plus_b;
+  // Queries and context the same tensor under the same mask (self-attention):
+  // route both with route_pair's joint scores and gather where it applies.
+  bool joint_routing = false;
 };
 
 // The heavy output at every query position, [b, n, dim]: the routed queries'

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "colt5/nn/router.h"
@@ -22,6 +23,20 @@ namespace nn {
 RouterOutput route_prefix_views(CoordinateDescentRouterImpl& router, const torch::Tensor& x, int64_t num_tokens,
                                 const torch::Tensor& mask, const std::vector<int64_t>& lengths, int64_t groups,
                                 bool random_route, bool keep_one_route_dim, bool gather_tokens);
+
+// q_router.forward(x, num_q, mask, random_route) and kv_router.forward(x,
+// num_kv, mask, random_route) of the same x (self-attention's routers). With
+// joint_scores, where both score x with their own tokens on CUDA's routing
+// kernel over the whole sequence (no route blocks, at most 4 tokens in all),
+// both routers' scores come from one read of x (one kernel forward, one
+// backward) and their routed rows from one gather: the backward writes one
+// gradient of x for the two instead of four to be added. The same routing;
+// the gradients equal up to the order of the additions. Otherwise the two
+// calls.
+std::pair<RouterOutput, RouterOutput> route_pair(CoordinateDescentRouterImpl& q_router,
+                                                 CoordinateDescentRouterImpl& kv_router, const torch::Tensor& x,
+                                                 int64_t num_q, int64_t num_kv, const torch::Tensor& mask,
+                                                 bool random_route, bool joint_scores);
 
 }  // namespace nn
 }  // namespace colt5

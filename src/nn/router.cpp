@@ -112,6 +112,40 @@ class RoutingDotFunction : public torch::autograd::Function<RoutingDotFunction> 
     const torch::Tensor &x = saved[0], &t32 = saved[1], &norms = saved[2];
     const auto tokens_dtype = static_cast<torch::ScalarType>(ctx->saved_data["tokens_dtype"].toInt());
     const torch::Tensor &g_dots = grads[0], &g_norms = grads[1];
+    const kernels::RowDtype dtype = row_dtype(x.scalar_type());
+    const int64_t n = x.size(0), d = x.size(1), r = t32.size(0);
+    if (kernels::row_dot_norm_backward_supports(x.data_ptr(), dtype, d, r)) {
+      // One kernel: x read once, grad x written once, the tokens' gradient as
+      // per-block partial sums.
+      c10::cuda::CUDAGuard guard(x.device());
+      kernels::RowDotBackwardParams p;
+      p.x = x.data_ptr();
+      p.dtype = dtype;
+      p.tokens = t32.data_ptr<float>();
+      p.norms = norms.data_ptr<float>();
+      p.rows = n;
+      p.d = d;
+      p.r = r;
+      torch::Tensor gd = g_dots.defined() ? as_type(g_dots, torch::kFloat).contiguous() : torch::Tensor();
+      torch::Tensor gn = g_norms.defined() ? as_type(g_norms, torch::kFloat).contiguous() : torch::Tensor();
+      if (gd.defined()) p.grad_dots = gd.data_ptr<float>();
+      if (gn.defined()) p.grad_norms = gn.data_ptr<float>();
+      torch::Tensor gx, partial;
+      if (ctx->needs_input_grad(0) && (gd.defined() || gn.defined())) {
+        gx = torch::empty_like(x);
+        p.grad_x = gx.data_ptr();
+      }
+      if (ctx->needs_input_grad(1) && gd.defined()) {
+        partial = torch::empty({kernels::row_dot_norm_backward_partials(n), r, d}, t32.options());
+        p.grad_tokens_partial = partial.data_ptr<float>();
+      }
+      if (p.grad_x || p.grad_tokens_partial) {
+        kernels::row_dot_norm_backward_cuda(p, at::cuda::getCurrentCUDAStream().stream());
+      }
+      torch::Tensor gt;
+      if (partial.defined()) gt = as_type(n == 0 ? torch::zeros({r, d}, t32.options()) : partial.sum(0), tokens_dtype);
+      return {gx, gt};
+    }
     torch::Tensor x32 = as_type(x, torch::kFloat);
     torch::Tensor gx, gt;
     if (g_dots.defined()) {
@@ -259,7 +293,7 @@ namespace {
 RouterOutput route_impl(CoordinateDescentRouterImpl& self, const torch::Tensor& x, int64_t num_tokens,
                         const torch::Tensor& mask, bool random_route, const torch::Tensor& routing_tokens,
                         bool keep_one_route_dim, bool gather_tokens, const std::vector<int64_t>* view_lengths,
-                        int64_t groups) {
+                        int64_t groups, const torch::Tensor& scores_in = {}) {
   RECORD_USER_SCOPE("colt5::router");
   const auto& o = self.options;
   check_router_input(o, x, num_tokens, mask);
@@ -290,7 +324,8 @@ RouterOutput route_impl(CoordinateDescentRouterImpl& self, const torch::Tensor& 
     if (toks.dim() == 3) toks = toks.repeat_interleave(num_blocks, 0);
     len = w;
   }
-  const torch::Tensor s_rows = routing_scores(o, xs, toks);  // [b * num_blocks, r, len]
+  // [b * num_blocks, r, len]; given by route_pair for a whole-sequence router.
+  const torch::Tensor s_rows = scores_in.defined() ? scores_in : routing_scores(o, xs, toks);
 
   const double effective_k = std::min(static_cast<double>(k) * o.fetch_k_ratio(), static_cast<double>(len));
   auto cd = CoorDescentOptions()
@@ -401,6 +436,66 @@ RouterOutput route_prefix_views(CoordinateDescentRouterImpl& router, const torch
   TORCH_CHECK(groups >= 1, "route_prefix_views: groups must be positive, got ", groups);
   return route_impl(router, x, num_tokens, mask, random_route, {}, keep_one_route_dim, gather_tokens, &lengths,
                     groups);
+}
+
+std::pair<RouterOutput, RouterOutput> route_pair(CoordinateDescentRouterImpl& q_router,
+                                                 CoordinateDescentRouterImpl& kv_router, const torch::Tensor& x,
+                                                 int64_t num_q, int64_t num_kv, const torch::Tensor& mask,
+                                                 bool random_route, bool joint_scores) {
+  auto separately = [&] {
+    return std::make_pair(q_router.forward(x, num_q, mask, random_route), kv_router.forward(x, num_kv, mask, random_route));
+  };
+#ifdef COLT5_WITH_CUDA
+  const auto &oq = q_router.options, &okv = kv_router.options;
+  const bool joint = joint_scores && x.defined() && x.dim() == 3 &&
+                     !oq.learned_routing_tokens() && !okv.learned_routing_tokens() && !oq.route_block_size() &&
+                     !okv.route_block_size() && (!mask.defined() || mask.dim() == 2) && num_q >= 1 && num_kv >= 1 &&
+                     x.size(1) > num_q && x.size(1) > num_kv && q_router.routing_token.defined() &&
+                     kv_router.routing_token.defined() && oq.num_routing_tokens() + okv.num_routing_tokens() <= 4 &&
+                     x.size(2) == oq.dim() && x.size(2) == okv.dim() &&
+                     routing_dot_applies(x, torch::cat({q_router.routing_token, kv_router.routing_token}, 0));
+  if (!joint) return separately();
+  check_router_input(oq, x, num_q, mask);
+  check_router_input(okv, x, num_kv, mask);
+  (void)routing_tokens_of(oq, q_router.routing_token, {}, x);
+  (void)routing_tokens_of(okv, kv_router.routing_token, {}, x);
+  // Both routers' scores from one read of x: their (normalized) tokens side
+  // by side in one call of the routing-scores kernel, so the backward writes
+  // one gradient of x instead of two to be added.
+  torch::Tensor scores[2];
+  {
+    RECORD_USER_SCOPE("colt5::routing_scores");
+    auto tokens_of = [&](const RouterOptions& o, const torch::Tensor& t) {
+      return o.cosine_sim_routing() ? l2norm(as_type(t, torch::kFloat)) * o.cosine_sim_scale() : as_type(t, torch::kFloat);
+    };
+    const int64_t b = x.size(0), n = x.size(1), d = x.size(2), rq = oq.num_routing_tokens();
+    torch::Tensor t = torch::cat({tokens_of(oq, q_router.routing_token), tokens_of(okv, kv_router.routing_token)}, 0);
+    auto out = RoutingDotFunction::apply(x.reshape({b * n, d}).contiguous(), t);
+    const RouterOptions* opts[2] = {&oq, &okv};
+    const int64_t first[2] = {0, rq}, count[2] = {rq, okv.num_routing_tokens()};
+    for (int i = 0; i < 2; ++i) {
+      torch::Tensor dots = out[0].narrow(1, first[i], count[i]);
+      if (opts[i]->cosine_sim_routing()) dots = dots / out[1].clamp_min(1e-12);
+      scores[i] = dots.view({b, n, count[i]}).transpose(1, 2);
+    }
+  }
+  RouterOutput q = route_impl(q_router, x, num_q, mask, random_route, {}, false, /*gather_tokens=*/false, nullptr, 1,
+                              scores[0]);
+  RouterOutput kv = route_impl(kv_router, x, num_kv, mask, random_route, {}, false, /*gather_tokens=*/false, nullptr, 1,
+                               scores[1]);
+  // Both routers' rows in one gather (one gradient of x in the backward).
+  const int64_t n = x.size(1);
+  torch::Tensor fq = flat_positions(q.indices, n), fkv = flat_positions(kv.indices, n);
+  torch::Tensor rows = x.reshape({x.size(0) * n, x.size(2)}).index_select(0, torch::cat({fq, fkv}));
+  std::vector<int64_t> q_shape = q.indices.sizes().vec(), kv_shape = kv.indices.sizes().vec();
+  q_shape.push_back(x.size(2));
+  kv_shape.push_back(x.size(2));
+  q.routed_tokens = rows.narrow(0, 0, fq.size(0)).view(q_shape);
+  kv.routed_tokens = rows.narrow(0, fq.size(0), fkv.size(0)).view(kv_shape);
+  return {q, kv};
+#else
+  return separately();
+#endif
 }
 
 torch::Tensor CoordinateDescentRouterImpl::route_back(const torch::Tensor& src, const torch::Tensor& routed_tokens,

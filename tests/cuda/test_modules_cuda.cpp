@@ -63,10 +63,12 @@ TEST(CudaModules, RouterRoutesTheSameTokensAsTheCpu) {
 // backward) against the float64 router on the CPU: the same tokens, scores and
 // gradients for x and the routing tokens; dot-product and cosine routing,
 // float32 and bfloat16 inputs, one and two routing tokens, a ragged width (the
-// kernel's unvectorized path) and a mask.
+// kernel's unvectorized path; the backward's composite), widths whose pieces
+// fill a block partly (1032) and twice (4104, float32) in the backward kernel,
+// and a mask.
 TEST(CudaModules, RouterGradientsMatchTheCpuFloat64) {
   torch::manual_seed(18);
-  for (int64_t dim : {64, 37}) {
+  for (int64_t dim : {64, 37, 1032, 4104}) {
     for (bool cosine : {false, true}) {
       for (int64_t routes : {1, 2}) {
         for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
@@ -562,6 +564,60 @@ TEST(CudaModules, LocalMHAPackedQKVMatchesTheViewsPath) {
                     << "gradient " << i;
             }
           }
+        }
+      }
+    }
+  }
+}
+
+// Self-attention's two routers scoring x in one read and gathering in one
+// (ConditionalRoutedAttentionOptions::joint_routing) against each router on
+// its own: the same scores give the same routing and outputs; the gradients
+// differ only in the order of their additions. Dot-product and cosine
+// routing, one and two key/value routes, with and without a mask, float32
+// and under bf16 autocast.
+TEST(CudaModules, JointRoutingMatchesSeparateRouters) {
+  torch::manual_seed(32);
+  for (bool cosine : {false, true}) {
+    for (int64_t routes : {1, 2}) {
+      ConditionalRoutedAttention attn(ConditionalRoutedAttentionOptions(128, 96, 64)
+                                          .light_window_size(32)
+                                          .light_heads(2)
+                                          .light_dim_head(32)
+                                          .heavy_heads(4)
+                                          .heavy_dim_head(32)
+                                          .num_routed_kv(routes)
+                                          .router_kwargs(RouterKwargs().cosine_sim_routing(cosine)));
+      attn->to(cuda());
+      for (bool masked : {false, true}) {
+        for (bool bf16 : {false, true}) {
+          SCOPED_TRACE("cosine " + std::to_string(cosine) + " routes " + std::to_string(routes) + " masked " +
+                       std::to_string(masked) + " bf16 " + std::to_string(bf16));
+          auto opts = torch::TensorOptions(cuda());
+          torch::Tensor x = torch::randn({2, 700, 128}, opts);
+          torch::Tensor mask = masked ? torch::rand({2, 700}, opts) > 0.2 : torch::Tensor();
+          torch::Tensor g = torch::randn({2, 700, 128}, opts);
+          std::vector<torch::Tensor> got;
+          for (bool joint : {true, false}) {
+            auto m = std::dynamic_pointer_cast<ConditionalRoutedAttentionImpl>(attn->clone());
+            m->options.joint_routing(joint);
+            torch::Tensor xd = x.clone().requires_grad_(true);
+            torch::Tensor out;
+            {
+              Region region(torch::kBFloat16, bf16);
+              out = m->forward(xd, mask);
+            }
+            out.backward(g.to(out.scalar_type()));
+            got.push_back(out.to(torch::kFloat));
+            got.push_back(xd.grad());
+            got.push_back(m->q_router->routing_token.grad());
+            got.push_back(m->kv_router->routing_token.grad());
+          }
+          EXPECT_TRUE(torch::equal(got[0], got[4]));
+          const double tol = bf16 ? 1e-2 : 1e-5;
+          EXPECT_LT(max_rel_error(got[1], got[5]), tol) << "x gradient";
+          EXPECT_LT(max_rel_error(got[2], got[6]), tol) << "query router gradient";
+          EXPECT_LT(max_rel_error(got[3], got[7]), tol) << "key/value router gradient";
         }
       }
     }

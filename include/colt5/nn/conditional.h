@@ -91,6 +91,13 @@ struct ConditionalRoutedAttentionOptions {
   // clang-format on
   COLT5_ATTN_MODULE_OPTIONS(COLT5_DECLARE_OPTION)
   COLT5_OPTIONS_VISITOR(COLT5_ATTN_MODULE_OPTIONS)
+  /// On CUDA, the query and key/value routers score x in one read (one kernel
+  /// each way) and gather their routed rows in one gather, where both route
+  /// the whole sequence with their own tokens (at most 4 between them): one
+  /// gradient of x from the routers instead of four added (false: each router
+  /// on its own; the same routing, gradients equal up to rounding). Not a
+  /// model setting: not saved with the options.
+  TORCH_ARG(bool, joint_routing) = true;
 };
 
 class ConditionalRoutedAttentionImpl : public torch::nn::Cloneable<ConditionalRoutedAttentionImpl> {
