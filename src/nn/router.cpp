@@ -293,9 +293,10 @@ namespace {
 RouterOutput route_impl(CoordinateDescentRouterImpl& self, const torch::Tensor& x, int64_t num_tokens,
                         const torch::Tensor& mask, bool random_route, const torch::Tensor& routing_tokens,
                         bool keep_one_route_dim, bool gather_tokens, const std::vector<int64_t>* view_lengths,
-                        int64_t groups, const torch::Tensor& scores_in = {}) {
+                        int64_t groups, const torch::Tensor& scores_in = {},
+                        const CoordinateDescentRouterOptions* options_in = nullptr) {
   RECORD_USER_SCOPE("colt5::router");
-  const auto& o = self.options;
+  const auto& o = options_in ? *options_in : self.options;
   check_router_input(o, x, num_tokens, mask);
   const torch::Tensor tokens = routing_tokens_of(o, self.routing_token, routing_tokens, x);
   const int64_t r = o.num_routing_tokens();
@@ -434,8 +435,7 @@ RouterOutput route_prefix_views(CoordinateDescentRouterImpl& router, const torch
                                 const torch::Tensor& mask, const std::vector<int64_t>& lengths, int64_t groups,
                                 bool random_route, bool keep_one_route_dim, bool gather_tokens) {
   TORCH_CHECK(groups >= 1, "route_prefix_views: groups must be positive, got ", groups);
-  return route_impl(router, x, num_tokens, mask, random_route, {}, keep_one_route_dim, gather_tokens, &lengths,
-                    groups);
+  return route_impl(router, x, num_tokens, mask, random_route, {}, keep_one_route_dim, gather_tokens, &lengths, groups);
 }
 
 std::pair<RouterOutput, RouterOutput> route_pair(CoordinateDescentRouterImpl& q_router,
@@ -443,16 +443,17 @@ std::pair<RouterOutput, RouterOutput> route_pair(CoordinateDescentRouterImpl& q_
                                                  int64_t num_q, int64_t num_kv, const torch::Tensor& mask,
                                                  bool random_route, bool joint_scores) {
   auto separately = [&] {
-    return std::make_pair(q_router.forward(x, num_q, mask, random_route), kv_router.forward(x, num_kv, mask, random_route));
+    return std::make_pair(q_router.forward(x, num_q, mask, random_route),
+                          kv_router.forward(x, num_kv, mask, random_route));
   };
 #ifdef COLT5_WITH_CUDA
   const auto &oq = q_router.options, &okv = kv_router.options;
-  const bool joint = joint_scores && x.defined() && x.dim() == 3 &&
-                     !oq.learned_routing_tokens() && !okv.learned_routing_tokens() && !oq.route_block_size() &&
-                     !okv.route_block_size() && (!mask.defined() || mask.dim() == 2) && num_q >= 1 && num_kv >= 1 &&
-                     x.size(1) > num_q && x.size(1) > num_kv && q_router.routing_token.defined() &&
-                     kv_router.routing_token.defined() && oq.num_routing_tokens() + okv.num_routing_tokens() <= 4 &&
-                     x.size(2) == oq.dim() && x.size(2) == okv.dim() &&
+  const bool joint = joint_scores && x.defined() && x.dim() == 3 && !oq.learned_routing_tokens() &&
+                     !okv.learned_routing_tokens() && !oq.route_block_size() && !okv.route_block_size() &&
+                     (!mask.defined() || mask.dim() == 2) && num_q >= 1 && num_kv >= 1 && x.size(1) > num_q &&
+                     x.size(1) > num_kv && q_router.routing_token.defined() && kv_router.routing_token.defined() &&
+                     oq.num_routing_tokens() + okv.num_routing_tokens() <= 4 && x.size(2) == oq.dim() &&
+                     x.size(2) == okv.dim() &&
                      routing_dot_applies(x, torch::cat({q_router.routing_token, kv_router.routing_token}, 0));
   if (!joint) return separately();
   check_router_input(oq, x, num_q, mask);
@@ -466,7 +467,8 @@ std::pair<RouterOutput, RouterOutput> route_pair(CoordinateDescentRouterImpl& q_
   {
     RECORD_USER_SCOPE("colt5::routing_scores");
     auto tokens_of = [&](const RouterOptions& o, const torch::Tensor& t) {
-      return o.cosine_sim_routing() ? l2norm(as_type(t, torch::kFloat)) * o.cosine_sim_scale() : as_type(t, torch::kFloat);
+      return o.cosine_sim_routing() ? l2norm(as_type(t, torch::kFloat)) * o.cosine_sim_scale()
+                                    : as_type(t, torch::kFloat);
     };
     const int64_t b = x.size(0), n = x.size(1), d = x.size(2), rq = oq.num_routing_tokens();
     torch::Tensor t = torch::cat({tokens_of(oq, q_router.routing_token), tokens_of(okv, kv_router.routing_token)}, 0);
@@ -479,10 +481,36 @@ std::pair<RouterOutput, RouterOutput> route_pair(CoordinateDescentRouterImpl& q_
       scores[i] = dots.view({b, n, count[i]}).transpose(1, 2);
     }
   }
-  RouterOutput q = route_impl(q_router, x, num_q, mask, random_route, {}, false, /*gather_tokens=*/false, nullptr, 1,
-                              scores[0]);
-  RouterOutput kv = route_impl(kv_router, x, num_kv, mask, random_route, {}, false, /*gather_tokens=*/false, nullptr, 1,
-                               scores[1]);
+  RouterOutput q, kv;
+  const bool same_descent =
+      num_q == num_kv && oq.n_iters() == okv.n_iters() && oq.fetch_k_ratio() == okv.fetch_k_ratio() &&
+      oq.eps() == okv.eps() && oq.eps_decay() == okv.eps_decay() && oq.eps_init() == okv.eps_init() &&
+      oq.checkpoint_segments() == okv.checkpoint_segments() && oq.straight_through() == okv.straight_through();
+  if (same_descent) {
+    // The same k and schedule: both routers' rows through one coordinate
+    // descent and one top-k (each row's routing is its own; one launch for
+    // the rows of both), then split by route.
+    const int64_t rq = oq.num_routing_tokens(), rkv = okv.num_routing_tokens();
+    CoordinateDescentRouterOptions both = oq;
+    both.num_routing_tokens(rq + rkv);
+    RouterOutput all = route_impl(q_router, x, num_q, mask, random_route, {}, /*keep_one_route_dim=*/true,
+                                  /*gather_tokens=*/false, nullptr, 1, torch::cat({scores[0], scores[1]}, 1), &both);
+    auto part = [&](const torch::Tensor& t, int64_t first, int64_t count) {
+      if (!t.defined()) return t;
+      torch::Tensor p = t.narrow(1, first, count);
+      return (count == 1 ? p.squeeze(1) : p).contiguous();
+    };
+    q.indices = part(all.indices, 0, rq);
+    q.scores = part(all.scores, 0, rq);
+    q.routed_mask = part(all.routed_mask, 0, rq);
+    kv.indices = part(all.indices, rq, rkv);
+    kv.scores = part(all.scores, rq, rkv);
+    kv.routed_mask = part(all.routed_mask, rq, rkv);
+  } else {
+    q = route_impl(q_router, x, num_q, mask, random_route, {}, false, /*gather_tokens=*/false, nullptr, 1, scores[0]);
+    kv =
+        route_impl(kv_router, x, num_kv, mask, random_route, {}, false, /*gather_tokens=*/false, nullptr, 1, scores[1]);
+  }
   // Both routers' rows in one gather (one gradient of x in the backward).
   const int64_t n = x.size(1);
   torch::Tensor fq = flat_positions(q.indices, n), fkv = flat_positions(kv.indices, n);

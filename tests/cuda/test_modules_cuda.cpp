@@ -51,9 +51,9 @@ TEST(CudaModules, RouterRoutesTheSameTokensAsTheCpu) {
       auto a = cpu->forward(x, 256, mask);
       auto b = gpu->forward(x.to(cuda()), 256, mask.to(cuda()));
       EXPECT_TRUE(torch::equal(routed_set(a.indices), routed_set(b.indices)));
-      EXPECT_LT(max_rel_error(in_index_order(b.routed_tokens, b.indices).cpu(),
-                              in_index_order(a.routed_tokens, a.indices)),
-                1e-6);
+      EXPECT_LT(
+          max_rel_error(in_index_order(b.routed_tokens, b.indices).cpu(), in_index_order(a.routed_tokens, a.indices)),
+          1e-6);
       EXPECT_LT(max_rel_error(in_index_order(b.scores, b.indices).cpu(), in_index_order(a.scores, a.indices)), 1e-3);
     }
   }
@@ -122,16 +122,19 @@ TEST(CudaModules, GatheredAttentionKernelMatchesTheCpuFloat64) {
     int64_t dh, routes, n, m;
     bool keys_scaled, masked;
   };
-  const Case cases[] = {{64, 2, 32, 100, false, true},  {16, 1, 40, 70, true, true}, {128, 2, 5, 33, true, false},
-                        {64, 1, 1, 1, false, false},    {32, 2, 70, 64, false, true}};
+  const Case cases[] = {{64, 2, 32, 100, false, true},
+                        {16, 1, 40, 70, true, true},
+                        {128, 2, 5, 33, true, false},
+                        {64, 1, 1, 1, false, false},
+                        {32, 2, 70, 64, false, true}};
   for (const Case& c : cases) {
     for (auto dtype : {torch::kFloat, torch::kBFloat16, torch::kHalf}) {
-      SCOPED_TRACE("dh " + std::to_string(c.dh) + " routes " + std::to_string(c.routes) + " n " +
-                   std::to_string(c.n) + " m " + std::to_string(c.m) + " keys_scaled " +
-                   std::to_string(c.keys_scaled) + " " + c10::toString(dtype));
+      SCOPED_TRACE("dh " + std::to_string(c.dh) + " routes " + std::to_string(c.routes) + " n " + std::to_string(c.n) +
+                   " m " + std::to_string(c.m) + " keys_scaled " + std::to_string(c.keys_scaled) + " " +
+                   c10::toString(dtype));
       const int64_t heads = 2 * c.routes, dim = 48, batch = 3, table_rows = 50 * c.routes;
-      Attention ref(AttentionOptions(dim).dim_head(c.dh).heads(heads).multiply_keys_by_score(c.keys_scaled)
-                        .use_flash(true));
+      Attention ref(
+          AttentionOptions(dim).dim_head(c.dh).heads(heads).multiply_keys_by_score(c.keys_scaled).use_flash(true));
       ref->to(torch::kDouble);
       auto gpu = std::dynamic_pointer_cast<AttentionImpl>(ref->clone(cuda()));
       gpu->to(dtype);
@@ -183,10 +186,10 @@ TEST(CudaModules, RMSNormKernelMatchesTheCpuFloat64) {
     int64_t d;
     torch::Dtype x, gamma;
   };
-  const Case cases[] = {{512, torch::kFloat, torch::kFloat},         {100, torch::kFloat, torch::kFloat},
-                        {2048, torch::kFloat, torch::kFloat},        {3000, torch::kFloat, torch::kFloat},
-                        {512, torch::kBFloat16, torch::kFloat},      {7, torch::kHalf, torch::kFloat},
-                        {512, torch::kBFloat16, torch::kBFloat16},   {1000, torch::kHalf, torch::kHalf}};
+  const Case cases[] = {{512, torch::kFloat, torch::kFloat},       {100, torch::kFloat, torch::kFloat},
+                        {2048, torch::kFloat, torch::kFloat},      {3000, torch::kFloat, torch::kFloat},
+                        {512, torch::kBFloat16, torch::kFloat},    {7, torch::kHalf, torch::kFloat},
+                        {512, torch::kBFloat16, torch::kBFloat16}, {1000, torch::kHalf, torch::kHalf}};
   for (const Case& c : cases) {
     for (int64_t rows : {0, 37, 1000}) {
       SCOPED_TRACE("d " + std::to_string(c.d) + " rows " + std::to_string(rows) + " x " + c10::toString(c.x) +
@@ -575,49 +578,52 @@ TEST(CudaModules, LocalMHAPackedQKVMatchesTheViewsPath) {
 // its own: the same scores give the same routing and outputs; the gradients
 // differ only in the order of their additions. Dot-product and cosine
 // routing, one and two key/value routes, with and without a mask, float32
-// and under bf16 autocast.
+// and under bf16 autocast; as many queries as keys/values routed (both
+// routers' rows in one coordinate descent and top-k) or not.
 TEST(CudaModules, JointRoutingMatchesSeparateRouters) {
   torch::manual_seed(32);
   for (bool cosine : {false, true}) {
     for (int64_t routes : {1, 2}) {
-      ConditionalRoutedAttention attn(ConditionalRoutedAttentionOptions(128, 96, 64)
-                                          .light_window_size(32)
-                                          .light_heads(2)
-                                          .light_dim_head(32)
-                                          .heavy_heads(4)
-                                          .heavy_dim_head(32)
-                                          .num_routed_kv(routes)
-                                          .router_kwargs(RouterKwargs().cosine_sim_routing(cosine)));
-      attn->to(cuda());
-      for (bool masked : {false, true}) {
-        for (bool bf16 : {false, true}) {
-          SCOPED_TRACE("cosine " + std::to_string(cosine) + " routes " + std::to_string(routes) + " masked " +
-                       std::to_string(masked) + " bf16 " + std::to_string(bf16));
-          auto opts = torch::TensorOptions(cuda());
-          torch::Tensor x = torch::randn({2, 700, 128}, opts);
-          torch::Tensor mask = masked ? torch::rand({2, 700}, opts) > 0.2 : torch::Tensor();
-          torch::Tensor g = torch::randn({2, 700, 128}, opts);
-          std::vector<torch::Tensor> got;
-          for (bool joint : {true, false}) {
-            auto m = std::dynamic_pointer_cast<ConditionalRoutedAttentionImpl>(attn->clone());
-            m->options.joint_routing(joint);
-            torch::Tensor xd = x.clone().requires_grad_(true);
-            torch::Tensor out;
-            {
-              Region region(torch::kBFloat16, bf16);
-              out = m->forward(xd, mask);
+      for (int64_t kq : {96, 64}) {
+        ConditionalRoutedAttention attn(ConditionalRoutedAttentionOptions(128, kq, 64)
+                                            .light_window_size(32)
+                                            .light_heads(2)
+                                            .light_dim_head(32)
+                                            .heavy_heads(4)
+                                            .heavy_dim_head(32)
+                                            .num_routed_kv(routes)
+                                            .router_kwargs(RouterKwargs().cosine_sim_routing(cosine)));
+        attn->to(cuda());
+        for (bool masked : {false, true}) {
+          for (bool bf16 : {false, true}) {
+            SCOPED_TRACE("cosine " + std::to_string(cosine) + " routes " + std::to_string(routes) + " kq " +
+                         std::to_string(kq) + " masked " + std::to_string(masked) + " bf16 " + std::to_string(bf16));
+            auto opts = torch::TensorOptions(cuda());
+            torch::Tensor x = torch::randn({2, 700, 128}, opts);
+            torch::Tensor mask = masked ? torch::rand({2, 700}, opts) > 0.2 : torch::Tensor();
+            torch::Tensor g = torch::randn({2, 700, 128}, opts);
+            std::vector<torch::Tensor> got;
+            for (bool joint : {true, false}) {
+              auto m = std::dynamic_pointer_cast<ConditionalRoutedAttentionImpl>(attn->clone());
+              m->options.joint_routing(joint);
+              torch::Tensor xd = x.clone().requires_grad_(true);
+              torch::Tensor out;
+              {
+                Region region(torch::kBFloat16, bf16);
+                out = m->forward(xd, mask);
+              }
+              out.backward(g.to(out.scalar_type()));
+              got.push_back(out.to(torch::kFloat));
+              got.push_back(xd.grad());
+              got.push_back(m->q_router->routing_token.grad());
+              got.push_back(m->kv_router->routing_token.grad());
             }
-            out.backward(g.to(out.scalar_type()));
-            got.push_back(out.to(torch::kFloat));
-            got.push_back(xd.grad());
-            got.push_back(m->q_router->routing_token.grad());
-            got.push_back(m->kv_router->routing_token.grad());
+            EXPECT_TRUE(torch::equal(got[0], got[4]));
+            const double tol = bf16 ? 1e-2 : 1e-5;
+            EXPECT_LT(max_rel_error(got[1], got[5]), tol) << "x gradient";
+            EXPECT_LT(max_rel_error(got[2], got[6]), tol) << "query router gradient";
+            EXPECT_LT(max_rel_error(got[3], got[7]), tol) << "key/value router gradient";
           }
-          EXPECT_TRUE(torch::equal(got[0], got[4]));
-          const double tol = bf16 ? 1e-2 : 1e-5;
-          EXPECT_LT(max_rel_error(got[1], got[5]), tol) << "x gradient";
-          EXPECT_LT(max_rel_error(got[2], got[6]), tol) << "query router gradient";
-          EXPECT_LT(max_rel_error(got[3], got[7]), tol) << "key/value router gradient";
         }
       }
     }
