@@ -109,8 +109,17 @@ std::pair<Measure, Measure> alternate(const std::function<void()>& a, const std:
 // The step captured once in a CUDA graph and replayed: the GPU's time without
 // the host's launch overhead (shapes are static, the step makes no host sync).
 Measure time_graph(const std::function<void()>& step) {
-  colt5::CapturedStep graph(step);
-  return time_cuda([&] { graph.replay(); });
+  Measure m;
+  {
+    colt5::CapturedStep graph(step);
+    m = time_cuda([&] { graph.replay(); });
+  }
+  // A graph's private memory pool, released with the graph, stays cached for
+  // that pool alone: hand it back, or dozens of captures in one process
+  // (the block's default/replaced pairs) fill an 80 GB card.
+  torch::cuda::synchronize();
+  c10::cuda::CUDACachingAllocator::emptyCache();
+  return m;
 }
 
 class Autocast {
