@@ -453,8 +453,9 @@ std::pair<RouterOutput, RouterOutput> route_pair(CoordinateDescentRouterImpl& q_
                      (!mask.defined() || mask.dim() == 2) && num_q >= 1 && num_kv >= 1 && x.size(1) > num_q &&
                      x.size(1) > num_kv && q_router.routing_token.defined() && kv_router.routing_token.defined() &&
                      oq.num_routing_tokens() + okv.num_routing_tokens() <= 4 && x.size(2) == oq.dim() &&
-                     x.size(2) == okv.dim() &&
-                     routing_dot_applies(x, torch::cat({q_router.routing_token, kv_router.routing_token}, 0));
+                     x.size(2) == okv.dim() && routing_dot_applies(x, q_router.routing_token) &&
+                     routing_dot_applies(x, kv_router.routing_token) &&
+                     (oq.num_routing_tokens() + okv.num_routing_tokens()) * x.size(2) <= kernels::kRowDotMaxTokenFloats;
   if (!joint) return separately();
   check_router_input(oq, x, num_q, mask);
   check_router_input(okv, x, num_kv, mask);
