@@ -84,6 +84,24 @@ __global__ void window_sums_kernel(SlidingMaskParams p, const T* __restrict__ sr
   }
 }
 
+// acc[e] = the sum over windows u = lo .. hi of sums[b, u, col + e] (float32
+// window sums, batch x windows x width), `outside` for each u beyond an end.
+__device__ __forceinline__ void sum_windows(const float* __restrict__ sums, int64_t b, int64_t windows, int64_t width,
+                                            int64_t col, int64_t lo, int64_t hi, float outside, float acc[8]) {
+#pragma unroll
+  for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+  for (int64_t u = lo; u <= hi; ++u) {
+    if (u < 0 || u >= windows) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] += outside;
+      continue;
+    }
+    const float* s = sums + (b * windows + u) * width + col;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] += s[e];
+  }
+}
+
 // y (batch, n, heads * d): the flash output's first d of each head where the
 // query sees a key; else its window's look-around mean, the window sums of
 // windows w - back .. w + fwd (-ws for each beyond an end: slots of value -1)
@@ -103,14 +121,7 @@ __global__ void unpack_out_kernel(SlidingMaskParams p, const T* __restrict__ out
     const int64_t width = p.heads * p.d, col = h * p.d + c * 8;
     const float span = static_cast<float>((p.back + p.fwd + 1) * p.ws);
     float acc[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) acc[e] = 0.f;
-    for (int64_t u = w - p.back; u <= w + p.fwd; ++u) {
-      const bool inside = u >= 0 && u < windows;
-      const float* s = sums + (b * windows + u) * width + col;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[e] += inside ? s[e] : -static_cast<float>(p.ws);
-    }
+    sum_windows(sums, b, windows, width, col, w - p.back, w + p.fwd, -static_cast<float>(p.ws), acc);
 #pragma unroll
     for (int e = 0; e < 8; ++e) out.v[e] = from_float<T>(acc[e] / span);
   }
@@ -157,14 +168,7 @@ __global__ void unpack_grads_kernel(SlidingMaskParams p, const T* __restrict__ d
     const int64_t width = p.heads * p.d, col = h * p.d + c * 8;
     const float span = static_cast<float>((p.back + p.fwd + 1) * p.ws);
     float acc[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) acc[e] = 0.f;
-    for (int64_t u = w - p.fwd; u <= w + p.back; ++u) {
-      if (u < 0 || u >= windows) continue;
-      const float* s = blind_sums + (b * windows + u) * width + col;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[e] += s[e];
-    }
+    sum_windows(blind_sums, b, windows, width, col, w - p.fwd, w + p.back, 0.f, acc);
     // Where no blind query reaches, the sums are 0 and the conversion round
     // trip leaves the kernel's gradient as it is.
 #pragma unroll
