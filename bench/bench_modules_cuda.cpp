@@ -308,13 +308,12 @@ std::array<torch::Tensor, 3> local_qkv(LocalMHAImpl& la, const torch::Tensor& x)
 // qkv projection, the windowed core once per (name, key mask) of `cores`, and
 // the output projection.
 void local_mha_phases(std::vector<Phase>& ph, LocalMHAImpl& la, const torch::Tensor& x, const torch::Tensor& xs,
-                      const std::vector<std::pair<std::string, torch::Tensor>>& cores) {
+                      const std::vector<std::pair<std::string, torch::Tensor> >& cores) {
   const int64_t b = x.size(0), n = x.size(1), h = la.options.heads(), dh = la.options.dim_head();
   ph.push_back(phase("  of which: norm + qkv projection", [&] { return la.to_qkv->forward(la.norm->forward(xs)); }));
   const std::array<torch::Tensor, 3> qkv = local_qkv(la, x);
   const torch::Tensor &q = qkv[0], &k = qkv[1], &v = qkv[2];
-  for (const auto& [name, mask] : cores)
-    ph.push_back(phase(name, [&] { return la.attn_fn->forward(q, k, v, mask); }));
+  for (const auto& [name, mask] : cores) ph.push_back(phase(name, [&] { return la.attn_fn->forward(q, k, v, mask); }));
   torch::Tensor o = torch::randn({b, n, h * dh}, x.options()).requires_grad_(true);
   ph.push_back(phase("  of which: output projection", [&] { return la.to_out->forward(o); }));
 }
@@ -336,10 +335,9 @@ void sdpa_backends(LocalMHAImpl& la, const torch::Tensor& x, const torch::Tensor
     const char* name;
     std::function<torch::Tensor()> f;
   };
-  const Work works[] = {
-      {"local core, padding mask", [&] { return la.attn_fn->forward(q, k, v, mask); }},
-      {"local core, no mask", [&] { return la.attn_fn->forward(q, k, v, {}); }},
-      {"dense attention, same length", [&] { return at::scaled_dot_product_attention(q, k, v); }}};
+  const Work works[] = {{"local core, padding mask", [&] { return la.attn_fn->forward(q, k, v, mask); }},
+                        {"local core, no mask", [&] { return la.attn_fn->forward(q, k, v, {}); }},
+                        {"dense attention, same length", [&] { return at::scaled_dot_product_attention(q, k, v); }}};
   struct Cfg {
     const char* name;
     bool flash, eff, cudnn, math, fa3;
@@ -492,7 +490,7 @@ void profile_autoregressive(ConditionalRoutedAutoregressiveAttentionImpl& m, con
     for (int64_t v = 1; v < windows; ++v) view_lengths.push_back(v * w);
     for (int64_t groups : {2, 4, 8}) {
       ph.push_back(phase("  (the same in " + std::to_string(groups) + " groups over their prefixes)", [&, view_lengths,
-                                                                                                   groups] {
+                                                                                                       groups] {
         return colt5::nn::route_prefix_views(*m.kv_router, xp, kkv, kv_mask, view_lengths, groups, false, true, false)
             .scores;
       }));
@@ -513,8 +511,7 @@ void profile_autoregressive(ConditionalRoutedAutoregressiveAttentionImpl& m, con
     ph.push_back(phase("kv router top-k: selection", [&] { return topk_by(sc, tb, pm8, kkv, TopkCudaPath::select); }));
     ph.push_back(phase("  (the same by a bitonic sort per row)",
                        [&] { return topk_by(sc, tb, pm8, kkv, TopkCudaPath::bitonic); }));
-    ph.push_back(
-        phase("  (the same by radix sorts)", [&] { return topk_by(sc, tb, pm8, kkv, TopkCudaPath::sorts); }));
+    ph.push_back(phase("  (the same by radix sorts)", [&] { return topk_by(sc, tb, pm8, kkv, TopkCudaPath::sorts); }));
     ph.push_back(phase("q router top-k: selection", [&] { return topk_by(qs, qt, {}, kq, TopkCudaPath::select); }));
     ph.push_back(phase("  (the same by a bitonic sort per row)",
                        [&] { return topk_by(qs, qt, {}, kq, TopkCudaPath::bitonic); }));
@@ -627,7 +624,8 @@ int kernel_profiles(const std::function<bool(const char*)>& want) {
       colt5_bench::kernel_profile(("block 2x" + std::to_string(n) + "x512, all-true mask, fwd+bwd").c_str(),
                                   train_step([&] { return block->forward(x, mask); }));
       if (n == 32768)
-        colt5_bench::kernel_profile("block 2x32768x512, no mask, fwd+bwd", train_step([&] { return block->forward(x); }));
+        colt5_bench::kernel_profile("block 2x32768x512, no mask, fwd+bwd",
+                                    train_step([&] { return block->forward(x); }));
     }
   }
   if (want("autoregressive")) {
@@ -783,9 +781,8 @@ int main(int argc, char** argv) {
              "windowed local attn", "exact windows as masked windows", with([&] { la.sliding_window(false); }));
         // The masked sliding window from the packed projection (colt5's kernels
         // each way) or from q, k, v views (LibTorch's concatenations and copies).
-        pair("packed q/k/v", "masked sliding window from the packed projection",
-             with([&] { mha.packed_qkv(true); }), "q/k/v views", "masked sliding window from q, k, v views",
-             with([&] { mha.packed_qkv(false); }));
+        pair("packed q/k/v", "masked sliding window from the packed projection", with([&] { mha.packed_qkv(true); }),
+             "q/k/v views", "masked sliding window from q, k, v views", with([&] { mha.packed_qkv(false); }));
         // The query and key/value routers' scores in one read of x and their rows
         // in one gather, or each router on its own.
         pair("joint routing", "q and kv routers: one scores kernel, one gather",
@@ -793,7 +790,8 @@ int main(int argc, char** argv) {
              with([&] { attn_opts.joint_routing(false); }));
         pair("RMSNorm kernel", "RMSNorm on its CUDA kernels",
              with([&] { for_norms([](RMSNormOptions& o) { o.cuda_kernel(true); }); }), "RMSNorm composite",
-             "RMSNorm as LibTorch operators", with([&] { for_norms([](RMSNormOptions& o) { o.cuda_kernel(false); }); }));
+             "RMSNorm as LibTorch operators",
+             with([&] { for_norms([](RMSNormOptions& o) { o.cuda_kernel(false); }); }));
         // The light attention's LayerNorm on colt5's kernel (bf16 out) or the LayerNorm module.
         pair("LayerNorm kernel", "light attention's norm on colt5's kernel, bf16 out",
              with([&] { mha.fused_norm(true); }), "LayerNorm module", "torch::nn::LayerNorm, fp32 out then cast",
@@ -803,8 +801,8 @@ int main(int argc, char** argv) {
           size_t i = 0;
           for_norms([&](RMSNormOptions& o) { o.autocast_output(on && norms_built[i++].autocast_output()); });
         };
-        pair("norms out in bf16", "projections' norms write bf16", with([&] { norms_cast(true); }),
-             "norms out in fp32", "norms write fp32, the projections cast", with([&] { norms_cast(false); }));
+        pair("norms out in bf16", "projections' norms write bf16", with([&] { norms_cast(true); }), "norms out in fp32",
+             "norms write fp32, the projections cast", with([&] { norms_cast(false); }));
         // The block's sums: residual_forward (one pass, routed rows in place)
         // against forward(x) + x with the heavy output written out.
         auto earlier_sums = train_step([&] {
@@ -860,6 +858,25 @@ int main(int argc, char** argv) {
       const double dn = dense_ms(2, 8, n, n, true, true);
       row(name, "fwd+bwd", fb, dn, note);
       row(name, "graph", time_graph(step), dn, "fwd+bwd replayed from a CUDA graph");
+      {
+        // The light branch's causal windows as two flash calls on views of the
+        // projection (LocalMHAOptions::split_causal_windows) or as look-around
+        // windows (q, k, v copies, keys unfolded), in alternation and from graphs.
+        auto& mha = attn->light_attn->options;
+        const bool built = mha.split_causal_windows();
+        auto with = [&](bool on) {
+          return [&mha, &step, on] {
+            mha.split_causal_windows(on);
+            step();
+          };
+        };
+        const auto [ma, mb] = alternate(with(true), with(false));
+        row(name + ", windows from the projection", "fwd+bwd", ma, dn, "two flash calls on views, one merge kernel");
+        row(name + ", look-around windows", "fwd+bwd", mb, dn, "q/k/v copies, keys unfolded");
+        row(name + ", windows from the projection", "graph", time_graph(with(true)), dn, "");
+        row(name + ", look-around windows", "graph", time_graph(with(false)), dn, "");
+        mha.split_causal_windows(built);
+      }
       double diff = 0;
       {
         // The kv router's windows all over the whole sequence (kv_route_groups
@@ -945,6 +962,7 @@ int main(int argc, char** argv) {
     };
     const Shape shapes[] = {{"block router 2x8192", 2, 8192, 1024, false},
                             {"block router 2x32768", 2, 32768, 1024, false},
+                            {"block routers 4x32768 (joint)", 4, 32768, 1024, false},
                             {"block router 2x262144", 2, 262144, 1024, false},
                             {"autoregr. kv 252x8192 (8k)", 252, 8192, 1024, true},
                             {"autoregr. kv 1020x32768 (32k)", 1020, 32768, 1024, true},
@@ -954,13 +972,18 @@ int main(int argc, char** argv) {
       torch::Tensor m8;
       if (sh.masked) m8 = (torch::rand({sh.rows, sh.cols}, f32) < 0.5).contiguous().view(torch::kByte);
       const torch::Tensor want_idx = topk_by(sc, tb, m8, sh.k, TopkCudaPath::sorts);
-      for (TopkCudaPath path : {TopkCudaPath::select, TopkCudaPath::bitonic, TopkCudaPath::sorts}) {
+      for (TopkCudaPath path :
+           {TopkCudaPath::select, TopkCudaPath::chunked, TopkCudaPath::bitonic, TopkCudaPath::sorts}) {
         if (path == TopkCudaPath::bitonic && sh.cols > 8192) continue;
+        if (path == TopkCudaPath::chunked && sh.rows > 32) continue;  // it is the selection there
         if (!torch::equal(topk_by(sc, tb, m8, sh.k, path), want_idx)) {
           std::fprintf(stderr, "top-k %s: path %d differs from the radix sorts\n", sh.what, static_cast<int>(path));
           return 1;
         }
-        const char* pname = path == TopkCudaPath::select ? "select" : path == TopkCudaPath::bitonic ? "bitonic" : "sorts";
+        const char* pname = path == TopkCudaPath::select    ? "select"
+                            : path == TopkCudaPath::chunked ? "chunked"
+                            : path == TopkCudaPath::bitonic ? "bitonic"
+                                                            : "sorts";
         row(std::string("  top-k ") + sh.what + ", k " + std::to_string(sh.k) + ": " + pname, "fwd",
             time_cuda([&] { topk_by(sc, tb, m8, sh.k, path); }), -1, "");
       }

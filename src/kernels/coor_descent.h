@@ -122,6 +122,12 @@ enum class TopkCudaPath {
   bitonic,
   // cub's segmented or device-wide radix sorts.
   sorts,
+  // The selection over chunks of each row (a block per chunk, so that a few
+  // long rows fill the GPU), then a sort of the chunks' candidates per row in
+  // shared memory: where 4 chunks or more of at least 4k and 2048 entries fit
+  // (k * chunks <= 4096); otherwise the selection. By name only: automatic
+  // does not take it.
+  chunked,
 };
 // The k first entries of each row in the order: kept before masked, score
 // descending, tiebreak descending, position ascending. Every path gives the
@@ -220,11 +226,27 @@ void sliding_seen_cuda(const SlidingMaskParams& p, const bool* mask, bool* seen,
 void sliding_pack_qkv_cuda(const SlidingMaskParams& p, const void* qkv, const bool* mask, void* wide, void* stream);
 void sliding_window_sums_cuda(const SlidingMaskParams& p, const void* src, int64_t row_stride, const bool* seen,
                               float* sums, void* stream);
-void sliding_unpack_out_cuda(const SlidingMaskParams& p, const void* out8, const bool* seen, const float* sums,
-                             void* y, void* stream);
+void sliding_unpack_out_cuda(const SlidingMaskParams& p, const void* out8, const bool* seen, const float* sums, void* y,
+                             void* stream);
 void sliding_pack_grad_cuda(const SlidingMaskParams& p, const void* gy, const bool* seen, void* g8, void* stream);
 void sliding_unpack_grads_cuda(const SlidingMaskParams& p, const void* dq8, const void* dk8, const void* dv8,
                                const float* blind_sums, void* dqkv, void* stream);
+
+// Causal windows of one look-back around two flash calls (sliding_window_cuda.cu;
+// float16/bfloat16, d a multiple of 8 up to 256, n a multiple of ws; the
+// params' mask fields unused): A, every window of the flattened (batch * n)
+// rows over its own keys, causal; B, window g over window g - 1 for g >= 1.
+// The merge writes y (batch, n, heads, d) from A's and B's outputs and
+// log-sum-exps ((windows, heads, ws) float32, B's one window fewer and one
+// window on), the joint log-sum-exp `lse` and `lse_b` for B's backward (+inf
+// where a window's partner is in another sequence: no share). The gradients'
+// kernel adds A's and B's (rows of heads * d; B's q rows one window on) into
+// dqkv (batch, n, 3, heads, d).
+bool causal_windows_supports(int64_t d, RowDtype dtype);
+void causal_windows_merge_cuda(const SlidingMaskParams& p, const void* oa, const void* ob, const float* lse_a,
+                               const float* lse_b_in, void* y, float* lse, float* lse_b, void* stream);
+void causal_windows_grads_cuda(const SlidingMaskParams& p, const void* dqa, const void* dka, const void* dva,
+                               const void* dqb, const void* dkb, const void* dvb, void* dqkv, void* stream);
 
 // RMSNorm rows of x [rows, d] (rms_norm_cuda.cu): y = x * f * gamma with
 // f = scale / max(|x|, eps); the forward writes y (in y_dtype: the promoted

@@ -1034,8 +1034,8 @@ using RowTopkKernel = void (*)(const float*, const float*, const uint8_t*, int64
 // One block per row of `Kernel` (topk_bitonic_kernel, topk_select_kernel),
 // with n2 entries of shared memory (at most kBitonicMaxCols).
 template <RowTopkKernel Kernel>
-void launch_row_topk(int threads, int n2, const float* scores, const float* tiebreak, const uint8_t* mask,
-                     int64_t rows, int64_t cols, int64_t k, int64_t* indices, cudaStream_t st) {
+void launch_row_topk(int threads, int n2, const float* scores, const float* tiebreak, const uint8_t* mask, int64_t rows,
+                     int64_t cols, int64_t k, int64_t* indices, cudaStream_t st) {
   static const bool once = [] {
     CD_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(kBitonicMaxCols * sizeof(RankEntry))));
@@ -1045,10 +1045,9 @@ void launch_row_topk(int threads, int n2, const float* scores, const float* tieb
   const size_t smem = static_cast<size_t>(n2) * sizeof(RankEntry);
   for (int64_t r0 = 0; r0 < rows; r0 += 65535 * 1024) {  // grid x is far larger; one launch in practice
     const int64_t nr = std::min<int64_t>(rows - r0, 65535 * 1024);
-    Kernel<<<static_cast<unsigned>(nr), threads, smem, st>>>(scores + r0 * cols,
-                                                             tiebreak ? tiebreak + r0 * cols : nullptr,
-                                                             mask ? mask + r0 * cols : nullptr, cols, k, n2,
-                                                             indices + r0 * k);
+    Kernel<<<static_cast<unsigned>(nr), threads, smem, st>>>(
+        scores + r0 * cols, tiebreak ? tiebreak + r0 * cols : nullptr, mask ? mask + r0 * cols : nullptr, cols, k, n2,
+        indices + r0 * k);
     CD_CHECK(cudaGetLastError());
   }
 }
@@ -1077,9 +1076,13 @@ constexpr int kSelectThreads = 1024;
 constexpr int64_t kSelectMaxK = kBitonicMaxCols;  // its k entries sort in shared memory
 constexpr int kSelectUnroll = 8;
 
-__global__ void __launch_bounds__(kSelectThreads)
-    topk_select_kernel(const float* scores, const float* tiebreak, const uint8_t* mask, int64_t cols, int64_t k,
-                       int n2, int64_t* indices) {
+// The selection of one row (or, Chunked, of one chunk of a row: the
+// chunk's k entries, positions in the whole row, unsorted into `cand`, padded
+// with entries after every real one where the chunk is shorter than k).
+template <bool Chunked>
+__device__ __forceinline__ void topk_select_row(const float* scores, const float* tiebreak, const uint8_t* mask,
+                                                int64_t row_cols, int64_t k_in, int n2, int64_t* indices,
+                                                int64_t chunks, int64_t chunk_len, RankEntry* cand) {
   using BlockScan = cub::BlockScan<int, kSelectThreads>;
   extern __shared__ unsigned long long select_smem[];
   RankEntry* e = reinterpret_cast<RankEntry*>(select_smem);
@@ -1090,10 +1093,14 @@ __global__ void __launch_bounds__(kSelectThreads)
   __shared__ unsigned long long s_pa, s_ma;
   __shared__ unsigned s_pt, s_mt;
   __shared__ int s_need, s_stop, s_count;
-  const int64_t row = blockIdx.x;
-  const float* sr = scores + row * cols;
-  const float* tr = tiebreak ? tiebreak + row * cols : nullptr;
-  const uint8_t* mr = mask ? mask + row * cols : nullptr;
+  const int64_t row = Chunked ? blockIdx.x / chunks : blockIdx.x;
+  const int64_t first = Chunked ? (blockIdx.x % chunks) * chunk_len : 0;
+  const int64_t cols = Chunked ? (row_cols - first < chunk_len ? row_cols - first : chunk_len) : row_cols;
+  const int64_t k = k_in < cols ? k_in : cols;
+  const float* sr = scores + row * row_cols + first;
+  const float* tr = tiebreak ? tiebreak + row * row_cols + first : nullptr;
+  const uint8_t* mr = mask ? mask + row * row_cols + first : nullptr;
+  RankEntry* dst = Chunked ? cand + blockIdx.x * k_in : e;
   const int tid = threadIdx.x, lane = tid & 31;
   if (tid == 0) {
     s_pa = s_ma = 0;
@@ -1216,7 +1223,12 @@ __global__ void __launch_bounds__(kSelectThreads)
       group_seen += total;
       __syncthreads();  // scan_tmp is reused
     }
-    if (take) e[atomicAdd(&s_count, 1)] = v;
+    if (Chunked) v.b += static_cast<unsigned long long>(first);  // the position in the whole row
+    if (take) dst[atomicAdd(&s_count, 1)] = v;
+  }
+  if (Chunked) {
+    for (int64_t i = k + tid; i < k_in; i += blockDim.x) dst[i] = RankEntry{~0ull, ~0ull};
+    return;
   }
   __syncthreads();
   for (int i = static_cast<int>(k) + tid; i < n2; i += blockDim.x) e[i] = RankEntry{~0ull, ~0ull};
@@ -1225,10 +1237,74 @@ __global__ void __launch_bounds__(kSelectThreads)
   for (int64_t i = tid; i < k; i += blockDim.x) indices[row * k + i] = static_cast<int64_t>(e[i].b & 0xffffffffull);
 }
 
-void topk_select(const float* scores, const float* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols,
-                 int64_t k, int64_t* indices, cudaStream_t st) {
+__global__ void __launch_bounds__(kSelectThreads)
+    topk_select_kernel(const float* scores, const float* tiebreak, const uint8_t* mask, int64_t cols, int64_t k, int n2,
+                       int64_t* indices) {
+  topk_select_row<false>(scores, tiebreak, mask, cols, k, n2, indices, 1, cols, nullptr);
+}
+
+// Top-k of a few long rows: the selection of each chunk of a row (a block per
+// chunk, `chunks` per row), then a bitonic sort per row of its chunks' k
+// candidates each in shared memory. A row's k first entries are among its
+// chunks' k first (the order is total), so the result is the selection's.
+constexpr int64_t kChunkedMaxCandidates = 4096;  // 64 KiB of entries per row
+
+__global__ void __launch_bounds__(kSelectThreads)
+    topk_chunk_select_kernel(const float* scores, const float* tiebreak, const uint8_t* mask, int64_t cols, int64_t k,
+                             int64_t chunks, int64_t chunk_len, RankEntry* cand) {
+  topk_select_row<true>(scores, tiebreak, mask, cols, k, 0, nullptr, chunks, chunk_len, cand);
+}
+
+__global__ void __launch_bounds__(kBitonicThreads)
+    topk_candidates_kernel(const RankEntry* cand, int64_t per_row, int64_t k, int n2, int64_t* indices) {
+  extern __shared__ unsigned long long cand_smem[];
+  RankEntry* e = reinterpret_cast<RankEntry*>(cand_smem);
+  const int64_t row = blockIdx.x;
+  for (int i = threadIdx.x; i < n2; i += blockDim.x)
+    e[i] = i < per_row ? cand[row * per_row + i] : RankEntry{~0ull, ~0ull};
+  __syncthreads();
+  bitonic_sort_shared(e, n2);
+  for (int64_t i = threadIdx.x; i < k; i += blockDim.x)
+    indices[row * k + i] = static_cast<int64_t>(e[i].b & 0xffffffffull);
+}
+
+void topk_select(const float* scores, const float* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols, int64_t k,
+                 int64_t* indices, cudaStream_t st) {
   launch_row_topk<topk_select_kernel>(kSelectThreads, pow2_at_least(k), scores, tiebreak, mask, rows, cols, k, indices,
                                       st);
+}
+
+// Chunks per row for the chunked selection: a power of two from 4 with every
+// chunk at least 4k and 2048 long, all chunks' candidates in shared memory and
+// about two blocks per multiprocessor at most; 0 where fewer than 4 fit.
+int64_t topk_chunks(int64_t rows, int64_t cols, int64_t k) {
+  int64_t c = 0;
+  for (int64_t t = 4; t * k <= kChunkedMaxCandidates && cols / t >= std::max<int64_t>(4 * k, 2048) && rows * t <= 264;
+       t *= 2)
+    c = t;
+  return c;
+}
+
+void topk_chunked(const float* scores, const float* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols,
+                  int64_t k, int64_t chunks, int64_t* indices, cudaStream_t st) {
+  static const bool once = [] {
+    CD_CHECK(cudaFuncSetAttribute(topk_candidates_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(kChunkedMaxCandidates * sizeof(RankEntry))));
+    return true;
+  }();
+  (void)once;
+  const int64_t chunk_len = (cols + chunks - 1) / chunks, per_row = chunks * k;
+  RankEntry* c = nullptr;
+  CD_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&c), static_cast<size_t>(rows * per_row) * sizeof(RankEntry), st));
+  topk_chunk_select_kernel<<<static_cast<unsigned>(rows * chunks), kSelectThreads, 0, st>>>(
+      scores, tiebreak, mask, cols, k, chunks, chunk_len, c);
+  cudaError_t err = cudaGetLastError();
+  const int n2 = pow2_at_least(per_row);
+  topk_candidates_kernel<<<static_cast<unsigned>(rows), kBitonicThreads, static_cast<size_t>(n2) * sizeof(RankEntry),
+                           st>>>(c, per_row, k, n2, indices);
+  if (err == cudaSuccess) err = cudaGetLastError();
+  (void)cudaFreeAsync(c, st);
+  CD_CHECK(err);
 }
 
 template <typename T>
@@ -1266,6 +1342,13 @@ void topk_tiebreak_cuda(const T* scores, const T* tiebreak, const uint8_t* mask,
   if constexpr (std::is_same_v<T, float>) {
     // Positions travel in 32 bits.
     const bool can_select = k <= cd_cuda::kSelectMaxK && cols < (int64_t(1) << 31);
+    // By name only (TopkCudaPath::chunked).
+    const int64_t chunks = can_select ? cd_cuda::topk_chunks(rows, cols, k) : 0;
+    if (chunks > 0 && path == TopkCudaPath::chunked) {
+      cd_cuda::topk_chunked(scores, tiebreak, mask, rows, cols, k, chunks, indices, st);
+      return;
+    }
+    if (path == TopkCudaPath::chunked) path = TopkCudaPath::select;
     // A block per row: a few very long rows leave the GPU idle, where the
     // device-wide sorts are faster (2 rows of 262144: 0.58 against 0.27 ms).
     const bool select_pays = cols <= 65536 || rows >= 8;

@@ -4,6 +4,8 @@
 // a score bias, the output back into the projection's layout with the blind
 // queries' look-around means, and the same two ways for the gradients. Each
 // kernel moves 16 bytes (8 elements) per thread; head widths are multiples of 8.
+// Also the causal windows' merge of two flash calls and their gradients' sum
+// (LocalMHA without a mask, causal, one window of look-back).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -177,6 +179,88 @@ __global__ void unpack_grads_kernel(SlidingMaskParams p, const T* __restrict__ d
   *reinterpret_cast<uint4*>(dqkv + ((row * 3 + part) * p.heads + h) * p.d + c * 8) = out.raw;
 }
 
+// Causal windows of one look-back (LocalMHA, the autoregressive light branch)
+// as two flash calls over views of the packed projection: A, each window over
+// its own keys (causal); B, the flattened (batch * n) rows' window g over
+// window g - 1 (no limit), for g = 1 .. batch * windows - 1. A pair whose
+// windows belong to different sequences (g the first window of its sequence)
+// is excluded: no weight in the output, +inf in B's log-sum-exp so that B's
+// backward gives it no gradient.
+
+// y = wa * oa + wb * ob per (row, head) with wa, wb the two calls' shares of
+// the softmax (from their log-sum-exps); lse (batch * windows, heads, ws) of
+// both together, lse_b (batch * windows - 1, heads, ws) the same for B's rows
+// (+inf where excluded).
+template <typename T>
+__global__ void windows_merge_kernel(SlidingMaskParams p, const T* __restrict__ oa, const T* __restrict__ ob,
+                                     const float* __restrict__ lse_a, const float* __restrict__ lse_bin,
+                                     T* __restrict__ y, float* __restrict__ lse, float* __restrict__ lse_b) {
+  const int64_t chunks = p.d / 8, rows = p.batch * p.n, windows = p.n / p.ws;
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= rows * p.heads * chunks) return;
+  const int64_t c = i % chunks, h = (i / chunks) % p.heads, row = i / (chunks * p.heads);
+  const int64_t g = row / p.ws, r = row % p.ws;
+  const int64_t at_a = (g * p.heads + h) * p.ws + r, at_b = at_a - p.heads * p.ws;  // B's window g - 1
+  const float la = lse_a[at_a];
+  const int64_t off = (row * p.heads + h) * p.d + c * 8;
+  Pack8<T> a;
+  a.raw = *reinterpret_cast<const uint4*>(oa + off);
+  if (g % windows == 0) {  // no partner in this sequence
+    if (c == 0) {
+      lse[at_a] = la;
+      if (g > 0) lse_b[at_b] = INFINITY;
+    }
+    *reinterpret_cast<uint4*>(y + off) = a.raw;
+    return;
+  }
+  const float lb = lse_bin[at_b], m = fmaxf(la, lb);
+  const float ea = __expf(la - m), eb = __expf(lb - m), s = ea + eb;
+  const float wa = ea / s, wb = eb / s;
+  Pack8<T> b, out;
+  b.raw = *reinterpret_cast<const uint4*>(ob + off - p.ws * p.heads * p.d);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) out.v[e] = from_float<T>(wa * to_float<T>(a.v[e]) + wb * to_float<T>(b.v[e]));
+  *reinterpret_cast<uint4*>(y + off) = out.raw;
+  if (c == 0) {
+    const float l = m + __logf(s);
+    lse[at_a] = l;
+    lse_b[at_b] = l;
+  }
+}
+
+// dqkv (batch, n, 3, heads, d) from both calls' gradients (rows of heads * d):
+// q's from A's row and B's row - ws (B's queries start one window in), k's and
+// v's from A's row and B's same row (B's keys start at row 0 and end one
+// window before the last row).
+template <typename T>
+__global__ void windows_grads_kernel(SlidingMaskParams p, const T* __restrict__ dqa, const T* __restrict__ dka,
+                                     const T* __restrict__ dva, const T* __restrict__ dqb, const T* __restrict__ dkb,
+                                     const T* __restrict__ dvb, T* __restrict__ dqkv) {
+  const int64_t chunks = p.d / 8, rows = p.batch * p.n, width = p.heads * p.d;
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= rows * 3 * width / 8) return;
+  const int64_t c = i % chunks, h = (i / chunks) % p.heads, part = (i / (chunks * p.heads)) % 3,
+                row = i / (chunks * p.heads * 3);
+  const int64_t col = h * p.d + c * 8;
+  const T* a = part == 0 ? dqa : (part == 1 ? dka : dva);
+  const T* b = part == 0 ? dqb : (part == 1 ? dkb : dvb);
+  const int64_t brow = part == 0 ? row - p.ws : row;
+  Pack8<T> x, out;
+  x.raw = *reinterpret_cast<const uint4*>(a + row * width + col);
+  float acc[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) acc[e] = to_float<T>(x.v[e]);
+  if (brow >= 0 && brow < rows - p.ws) {
+    Pack8<T> z;
+    z.raw = *reinterpret_cast<const uint4*>(b + brow * width + col);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] += to_float<T>(z.v[e]);
+  }
+#pragma unroll
+  for (int e = 0; e < 8; ++e) out.v[e] = from_float<T>(acc[e]);
+  *reinterpret_cast<uint4*>(dqkv + (row * 3 + part) * width + col) = out.raw;
+}
+
 template <template <typename> class Launch, typename... Args>
 void dispatch16(RowDtype dtype, Args&&... args) {
   if (dtype == RowDtype::bf16)
@@ -233,7 +317,44 @@ struct UnpackGrads {
   }
 };
 
+template <typename T>
+struct WindowsMerge {
+  static void run(const SlidingMaskParams& p, const void* oa, const void* ob, const float* lse_a, const float* lse_b_in,
+                  void* y, float* lse, float* lse_b, cudaStream_t s) {
+    const int64_t items = p.batch * p.n * p.heads * (p.d / 8);
+    windows_merge_kernel<T><<<grid_for(items), kThreads, 0, s>>>(
+        p, static_cast<const T*>(oa), static_cast<const T*>(ob), lse_a, lse_b_in, static_cast<T*>(y), lse, lse_b);
+  }
+};
+
+template <typename T>
+struct WindowsGrads {
+  static void run(const SlidingMaskParams& p, const void* dqa, const void* dka, const void* dva, const void* dqb,
+                  const void* dkb, const void* dvb, void* dqkv, cudaStream_t s) {
+    const int64_t items = p.batch * p.n * 3 * p.heads * (p.d / 8);
+    windows_grads_kernel<T><<<grid_for(items), kThreads, 0, s>>>(
+        p, static_cast<const T*>(dqa), static_cast<const T*>(dka), static_cast<const T*>(dva),
+        static_cast<const T*>(dqb), static_cast<const T*>(dkb), static_cast<const T*>(dvb), static_cast<T*>(dqkv));
+  }
+};
+
 }  // namespace
+
+bool causal_windows_supports(int64_t d, RowDtype dtype) {
+  return (dtype == RowDtype::bf16 || dtype == RowDtype::f16) && d > 0 && d % 8 == 0 && d <= 256;
+}
+
+void causal_windows_merge_cuda(const SlidingMaskParams& p, const void* oa, const void* ob, const float* lse_a,
+                               const float* lse_b_in, void* y, float* lse, float* lse_b, void* stream) {
+  if (p.batch * p.n == 0) return;
+  dispatch16<WindowsMerge>(p.dtype, p, oa, ob, lse_a, lse_b_in, y, lse, lse_b, static_cast<cudaStream_t>(stream));
+}
+
+void causal_windows_grads_cuda(const SlidingMaskParams& p, const void* dqa, const void* dka, const void* dva,
+                               const void* dqb, const void* dkb, const void* dvb, void* dqkv, void* stream) {
+  if (p.batch * p.n == 0) return;
+  dispatch16<WindowsGrads>(p.dtype, p, dqa, dka, dva, dqb, dkb, dvb, dqkv, static_cast<cudaStream_t>(stream));
+}
 
 bool sliding_mask_supports(int64_t d, RowDtype dtype) {
   return (dtype == RowDtype::bf16 || dtype == RowDtype::f16) && d > 0 && d % 8 == 0 && d + 8 <= 256;
@@ -255,8 +376,8 @@ void sliding_window_sums_cuda(const SlidingMaskParams& p, const void* src, int64
   dispatch16<WindowSums>(p.dtype, p, src, row_stride, seen, sums, static_cast<cudaStream_t>(stream));
 }
 
-void sliding_unpack_out_cuda(const SlidingMaskParams& p, const void* out8, const bool* seen, const float* sums,
-                             void* y, void* stream) {
+void sliding_unpack_out_cuda(const SlidingMaskParams& p, const void* out8, const bool* seen, const float* sums, void* y,
+                             void* stream) {
   if (p.batch * p.n == 0) return;
   dispatch16<UnpackOut>(p.dtype, p, out8, seen, sums, y, static_cast<cudaStream_t>(stream));
 }

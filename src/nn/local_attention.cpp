@@ -33,10 +33,10 @@ struct WindowMaskSet {
   int64_t n = -1;
   c10::Device device{c10::kCPU};
   c10::StreamId stream = 0;
-  bool inference = false;  // built under c10::InferenceMode (inference tensors, which autograd may not save)
-  torch::Tensor pad;       // (1, windows, 1, span) bool: slots outside the sequence
-  torch::Tensor limit;     // (1, 1, ws, span) bool: causal or exact-window limits; undefined if none
-  torch::Tensor allow;     // !limit
+  bool inference = false;    // built under c10::InferenceMode (inference tensors, which autograd may not save)
+  torch::Tensor pad;         // (1, windows, 1, span) bool: slots outside the sequence
+  torch::Tensor limit;       // (1, 1, ws, span) bool: causal or exact-window limits; undefined if none
+  torch::Tensor allow;       // !limit
   torch::Tensor fill, zero;  // 0-d, the hidden entries' additive value and 0, in the queries' dtype
 };
 
@@ -114,8 +114,8 @@ bool flash_supports(const torch::Tensor& q, const torch::Tensor& k, const torch:
 // as hiding the padding slots). Causal windows use the lower-right causal
 // limit of the fused flash kernel: query i of a window with L keys sees keys
 // j <= i + L - ws. q: (B, windows, ws, d), already unscaled; k, v: (B, n, d).
-torch::Tensor windows_without_mask(const torch::Tensor& bq, const torch::Tensor& k, const torch::Tensor& v, int64_t back,
-                                   int64_t fwd, bool causal, double scale) {
+torch::Tensor windows_without_mask(const torch::Tensor& bq, const torch::Tensor& k, const torch::Tensor& v,
+                                   int64_t back, int64_t fwd, bool causal, double scale) {
   const int64_t windows = bq.size(1), ws = bq.size(2);
   auto attend = [&](const torch::Tensor& q, const torch::Tensor& kk, const torch::Tensor& vv) {
     if (!causal) return at::scaled_dot_product_attention(q, kk, vv, {}, 0.0, false, scale);
@@ -283,8 +283,113 @@ class SlidingMaskedQKVFunction : public torch::autograd::Function<SlidingMaskedQ
     kernels::sliding_unpack_grads_cuda(p, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), blind.data_ptr<float>(),
                                        dqkv.data_ptr(), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return {dqkv, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(),
-            torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    return {dqkv,
+            torch::Tensor(),
+            torch::Tensor(),
+            torch::Tensor(),
+            torch::Tensor(),
+            torch::Tensor(),
+            torch::Tensor(),
+            torch::Tensor(),
+            torch::Tensor()};
+  }
+};
+#endif
+
+#if COLT5_HAS_SDPA && defined(COLT5_WITH_CUDA)
+// Causal windows of one look-back without a mask (the autoregressive light
+// branch) straight from LocalMHA's packed projection: query t of window w sees
+// window w - 1 whole and window w up to t. Two flash calls over views of qkv
+// (no copy): A, every window over its own keys, causal; B, over the flattened
+// (batch * n) rows, window g's queries over window g - 1's keys, whole. One
+// kernel merges the two by their log-sum-exps (a window whose partner is in
+// another sequence, or none, keeps A's alone) into (b, n, heads * d). The
+// backward runs each call's flash backward with the merged output and
+// log-sum-exp (which makes each the exact gradient of its part; B's excluded
+// pairs get +inf and so nothing) and one kernel sums them into the
+// projection's gradient. The same attention as the look-around windows.
+class CausalWindowsFunction : public torch::autograd::Function<CausalWindowsFunction> {
+ public:
+  static kernels::SlidingMaskParams params(int64_t b, int64_t n, at::ScalarType dtype, int64_t heads, int64_t d,
+                                           int64_t ws) {
+    kernels::SlidingMaskParams p;
+    p.batch = b;
+    p.n = n;
+    p.heads = heads;
+    p.d = d;
+    p.ws = ws;
+    p.back = 1;
+    p.causal = true;
+    p.dtype = row_dtype(dtype);
+    return p;
+  }
+
+  // q, k, v of qkv (b, n, 3 * heads * d) as (windows, ws, heads, d) views of
+  // rows [first, first + windows * ws) of the flattened sequence.
+  static torch::Tensor part(const torch::Tensor& qkv, int64_t which, int64_t heads, int64_t d, int64_t ws,
+                            int64_t first, int64_t windows) {
+    const int64_t rows = qkv.size(0) * qkv.size(1);
+    return qkv.view({rows, 3, heads, d}).select(1, which).narrow(0, first, windows * ws).view({windows, ws, heads, d});
+  }
+
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& qkv_in, int64_t heads,
+                               int64_t d, int64_t ws, double scale) {
+    c10::cuda::CUDAGuard guard(qkv_in.device());
+    void* stream = c10::cuda::getCurrentCUDAStream().stream();
+    torch::Tensor qkv = qkv_in.contiguous();
+    const int64_t b = qkv.size(0), n = qkv.size(1), g = b * n / ws;
+    auto a = at::_flash_attention_forward(part(qkv, 0, heads, d, ws, 0, g), part(qkv, 1, heads, d, ws, 0, g),
+                                          part(qkv, 2, heads, d, ws, 0, g), {}, {}, ws, ws, 0.0, true, false, scale);
+    auto bb =
+        at::_flash_attention_forward(part(qkv, 0, heads, d, ws, ws, g - 1), part(qkv, 1, heads, d, ws, 0, g - 1),
+                                     part(qkv, 2, heads, d, ws, 0, g - 1), {}, {}, ws, ws, 0.0, false, false, scale);
+    const auto p = params(b, n, qkv.scalar_type(), heads, d, ws);
+    torch::Tensor y = torch::empty({b, n, heads * d}, qkv.options());
+    auto fo = qkv.options().dtype(torch::kFloat);
+    torch::Tensor lse = torch::empty({g, heads, ws}, fo), lse_b = torch::empty({g - 1, heads, ws}, fo);
+    const torch::Tensor oa = std::get<0>(a).contiguous(), ob = std::get<0>(bb).contiguous();
+    const torch::Tensor la = std::get<1>(a).contiguous(), lb = std::get<1>(bb).contiguous();
+    kernels::causal_windows_merge_cuda(p, oa.data_ptr(), ob.data_ptr(), la.data_ptr<float>(), lb.data_ptr<float>(),
+                                       y.data_ptr(), lse.data_ptr<float>(), lse_b.data_ptr<float>(), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ctx->save_for_backward({qkv, y, lse, lse_b, std::get<2>(a), std::get<3>(a), std::get<2>(bb), std::get<3>(bb)});
+    ctx->saved_data["heads"] = heads;
+    ctx->saved_data["d"] = d;
+    ctx->saved_data["ws"] = ws;
+    ctx->saved_data["scale"] = scale;
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const torch::Tensor &qkv = saved[0], &y = saved[1], &lse = saved[2], &lse_b = saved[3];
+    const int64_t heads = ctx->saved_data["heads"].toInt(), d = ctx->saved_data["d"].toInt(),
+                  ws = ctx->saved_data["ws"].toInt();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const int64_t b = qkv.size(0), n = qkv.size(1), g = b * n / ws;
+    c10::cuda::CUDAGuard guard(qkv.device());
+    void* stream = c10::cuda::getCurrentCUDAStream().stream();
+    torch::Tensor gy = grads[0].to(qkv.scalar_type()).contiguous();
+    auto windows = [&](const torch::Tensor& t, int64_t first, int64_t count) {  // (b, n, heads * d) rows
+      return t.view({b * n, heads, d}).narrow(0, first, count * ws).view({count, ws, heads, d});
+    };
+    auto ga = at::_flash_attention_backward(
+        windows(gy, 0, g), part(qkv, 0, heads, d, ws, 0, g), part(qkv, 1, heads, d, ws, 0, g),
+        part(qkv, 2, heads, d, ws, 0, g), windows(y, 0, g), lse, {}, {}, ws, ws, 0.0, true, saved[4], saved[5], scale);
+    auto gb = at::_flash_attention_backward(windows(gy, ws, g - 1), part(qkv, 0, heads, d, ws, ws, g - 1),
+                                            part(qkv, 1, heads, d, ws, 0, g - 1), part(qkv, 2, heads, d, ws, 0, g - 1),
+                                            windows(y, ws, g - 1), lse_b, {}, {}, ws, ws, 0.0, false, saved[6],
+                                            saved[7], scale);
+    const torch::Tensor dqa = std::get<0>(ga).contiguous(), dka = std::get<1>(ga).contiguous(),
+                        dva = std::get<2>(ga).contiguous(), dqb = std::get<0>(gb).contiguous(),
+                        dkb = std::get<1>(gb).contiguous(), dvb = std::get<2>(gb).contiguous();
+    torch::Tensor dqkv = torch::empty({b, n, 3 * heads * d}, qkv.options());
+    kernels::causal_windows_grads_cuda(params(b, n, qkv.scalar_type(), heads, d, ws), dqa.data_ptr(), dka.data_ptr(),
+                                       dva.data_ptr(), dqb.data_ptr(), dkb.data_ptr(), dvb.data_ptr(), dqkv.data_ptr(),
+                                       stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {dqkv, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 #endif
@@ -407,9 +512,9 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
   // views (no copy), other inputs as (rows, n, 1, d) with the mask's rows
   // spread over the heads folded after them. A key mask enters as a score
   // bias (exact_windows_masked).
-  const bool sliding = options.exact_windowsize() && !rel_pos && flash_supports(q_in, k_in, v_in, d) &&
-                       (mask_in.defined() ? options.sliding_window() && d + 8 <= 256
-                                          : options.sliding_window() || options.causal());
+  const bool sliding =
+      options.exact_windowsize() && !rel_pos && flash_supports(q_in, k_in, v_in, d) &&
+      (mask_in.defined() ? options.sliding_window() && d + 8 <= 256 : options.sliding_window() || options.causal());
   if (sliding) {
     const bool causal = options.causal();
     const bool by_head = q_in.dim() == 4 && (!mask_in.defined() || mask_in.size(0) == q_in.size(0));
@@ -537,8 +642,8 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
     // In the fused path the value is finite in bf16 too, where autocast may
     // cast it: bf16's most negative value for float32 and bf16, float16's for
     // float16.
-    const double fill = !fused || bq.scalar_type() == torch::kHalf ? most_negative(bq.scalar_type())
-                                                                    : most_negative(torch::kBFloat16);
+    const double fill =
+        !fused || bq.scalar_type() == torch::kHalf ? most_negative(bq.scalar_type()) : most_negative(torch::kBFloat16);
     masks.fill = torch::full({}, fill, bq.options());
     masks.zero = torch::zeros({}, bq.options());
   }
@@ -594,16 +699,14 @@ torch::Tensor LocalAttentionImpl::forward(const torch::Tensor& q_in, const torch
     out = at::scaled_dot_product_attention(bq, bk, bv, additive, 0.0, false, sdpa_scale);
     if (seen.defined()) {
       // (mask rows, heads, windows, ws, d): blind queries take the mean of their look-around.
-      auto by_row = [&](const torch::Tensor& t) {
-        return t.view({mask_rows, heads_per_mask, windows, t.size(2), d});
-      };
+      auto by_row = [&](const torch::Tensor& t) { return t.view({mask_rows, heads_per_mask, windows, t.size(2), d}); };
       out = torch::where(seen.unsqueeze(1), by_row(out), by_row(bv.mean(-2, /*keepdim=*/true)));
     }
     out = out.reshape({B, n, d});
   }
 #endif
   if (!out.defined()) {
-    torch::Tensor hidden = visible.defined() ? per_row(visible.logical_not())
+    torch::Tensor hidden = visible.defined()  ? per_row(visible.logical_not())
                            : limits.defined() ? pad_slots.logical_or(limits)
                                               : pad_slots;
     auto sim = torch::matmul(bq, bk.transpose(-1, -2)).masked_fill(hidden, fill_t);
@@ -669,13 +772,26 @@ torch::Tensor LocalMHAImpl::forward(const torch::Tensor& x_in, const torch::Tens
     const auto& ao = attn_fn->options;
     kernels::RowDtype rd;
     if (options.packed_qkv() && mask.defined() && projected.is_cuda() && mask.device() == projected.device() &&
-        ao.exact_windowsize() && ao.sliding_window() && !attn_fn->rel_pos && (ao.autopad() || n % ao.window_size() == 0) &&
-        row_dtype(projected.scalar_type(), rd) && kernels::sliding_mask_supports(dh, rd)) {
+        ao.exact_windowsize() && ao.sliding_window() && !attn_fn->rel_pos &&
+        (ao.autopad() || n % ao.window_size() == 0) && row_dtype(projected.scalar_type(), rd) &&
+        kernels::sliding_mask_supports(dh, rd)) {
       RECORD_USER_SCOPE("colt5::local_attention");
       const double scale = ao.scale().value_or(std::pow(static_cast<double>(dh), -0.5));
       torch::Tensor out = SlidingMaskedQKVFunction::apply(projected, mask, h, dh, ao.window_size(), ao.look_backward(),
                                                           attn_fn->look_forward(), ao.causal(), scale);
       return to_out->forward(out);
+    }
+  }
+  {
+    const auto& ao = attn_fn->options;
+    kernels::RowDtype rd;
+    if (options.split_causal_windows() && !mask.defined() && projected.is_cuda() && ao.causal() &&
+        !ao.exact_windowsize() && ao.look_backward() == 1 && attn_fn->look_forward() == 0 && !attn_fn->rel_pos &&
+        n % ao.window_size() == 0 && n / ao.window_size() >= 2 && row_dtype(projected.scalar_type(), rd) &&
+        kernels::causal_windows_supports(dh, rd)) {
+      RECORD_USER_SCOPE("colt5::local_attention");
+      const double scale = ao.scale().value_or(std::pow(static_cast<double>(dh), -0.5));
+      return to_out->forward(CausalWindowsFunction::apply(projected, h, dh, ao.window_size(), scale));
     }
   }
 #endif

@@ -321,8 +321,14 @@ TEST(CoorDescentCuda, TopkManyLongRows) {
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE(seed);
   torch::manual_seed(seed);
-  for (auto shape : {std::pair<int64_t, int64_t>{16, 131072}, {37, 2048}, {3, 300000}, {600, 4096}, {252, 8192},
-                     {5, 8193}, {130, 128}, {9, 5000}}) {
+  for (auto shape : {std::pair<int64_t, int64_t>{16, 131072},
+                     {37, 2048},
+                     {3, 300000},
+                     {600, 4096},
+                     {252, 8192},
+                     {5, 8193},
+                     {130, 128},
+                     {9, 5000}}) {
     SCOPED_TRACE(std::to_string(shape.first) + "x" + std::to_string(shape.second));
     auto o = torch::TensorOptions().device(cuda());
     torch::Tensor sc = torch::round(torch::randn({shape.first, shape.second}, o) * 8) / 8;
@@ -348,8 +354,11 @@ TEST(CoorDescentCuda, TopkEveryPathMatchesTheCpu) {
   struct Shape {
     int64_t rows, cols, k;
   };
+  // 16 x 131072 (k 128), 2 x 262144 (k 1024), 1 x 70001 (k 3, a short last
+  // chunk) and 3 x 40000 (k 500) also take the chunked selection.
   const Shape shapes[] = {{16, 131072, 128}, {2, 8192, 2048}, {252, 8192, 1024}, {126, 128, 32}, {3, 300000, 8192},
-                          {5, 20000, 1},     {7, 33, 9},      {4, 4096, 4096},   {1, 1, 1},       {9, 5000, 1250}};
+                          {5, 20000, 1},     {7, 33, 9},      {4, 4096, 4096},   {1, 1, 1},      {9, 5000, 1250},
+                          {2, 262144, 1024}, {1, 70001, 3},   {3, 40000, 500}};
   auto o = torch::TensorOptions().device(cuda());
   for (const Shape& sh : shapes) {
     SCOPED_TRACE(std::to_string(sh.rows) + "x" + std::to_string(sh.cols) + " k " + std::to_string(sh.k));
@@ -375,8 +384,8 @@ TEST(CoorDescentCuda, TopkEveryPathMatchesTheCpu) {
       const torch::Tensor ref = colt5::topk_indices(in.s.cpu(), sh.k, in.t.defined() ? in.t.cpu() : torch::Tensor(),
                                                     in.m.defined() ? in.m.cpu() : torch::Tensor());
       const torch::Tensor m8 = in.m.defined() ? in.m.contiguous().view(torch::kByte) : torch::Tensor();
-      for (TopkCudaPath path :
-           {TopkCudaPath::automatic, TopkCudaPath::select, TopkCudaPath::bitonic, TopkCudaPath::sorts}) {
+      for (TopkCudaPath path : {TopkCudaPath::automatic, TopkCudaPath::select, TopkCudaPath::bitonic,
+                                TopkCudaPath::sorts, TopkCudaPath::chunked}) {
         SCOPED_TRACE(static_cast<int>(path));
         torch::Tensor got = torch::full({sh.rows, sh.k}, -1, o.dtype(torch::kLong));
         colt5::kernels::topk_tiebreak_cuda<float>(

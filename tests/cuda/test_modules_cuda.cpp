@@ -573,6 +573,67 @@ TEST(CudaModules, LocalMHAPackedQKVMatchesTheViewsPath) {
   }
 }
 
+// LocalMHA's causal windows of one look-back without a mask (the
+// autoregressive light branch) as two flash calls on views of the projection,
+// merged by their log-sum-exps (LocalMHAOptions::split_causal_windows),
+// against the look-around windows' path and
+// against float64 on the CPU: outputs and every gradient, bf16 and f16
+// modules and float32 under bf16 autocast, one and three sequences (whose
+// first windows must not see the sequence before), 2 to 32 windows.
+TEST(CudaModules, LocalMHACausalWindowsMatchTheViewsPath) {
+  torch::manual_seed(36);
+  for (int64_t dh : {64, 40}) {
+    LocalMHA attn(LocalMHAOptions(96, 32)
+                      .dim_head(dh)
+                      .heads(dh == 64 ? 2 : 3)
+                      .causal(true)
+                      .prenorm(true)
+                      .use_rotary_pos_emb(false));
+    for (int64_t b : {1, 3}) {
+      for (int64_t n : {64, 160, 1024}) {
+        torch::Tensor x64 = torch::randn({b, n, 96}, torch::kDouble), g64 = torch::randn({b, n, 96}, torch::kDouble);
+        auto cpu = std::dynamic_pointer_cast<LocalMHAImpl>(attn->clone());
+        cpu->to(torch::kDouble);
+        torch::Tensor xc = x64.clone().requires_grad_(true);
+        torch::Tensor want = cpu->forward(xc);
+        want.backward(g64);
+        const std::vector<torch::Tensor> want_grads{xc.grad(), cpu->to_qkv->weight.grad(), cpu->to_out->weight.grad()};
+        for (int kind : {0, 1, 2}) {  // bf16 module, f16 module, float32 under bf16 autocast
+          SCOPED_TRACE("dh " + std::to_string(dh) + " b " + std::to_string(b) + " n " + std::to_string(n) + " kind " +
+                       std::to_string(kind));
+          const auto dtype = kind == 0 ? torch::kBFloat16 : kind == 1 ? torch::kHalf : torch::kFloat;
+          std::vector<torch::Tensor> outs, grads;
+          for (bool packed : {true, false}) {
+            auto dev = std::dynamic_pointer_cast<LocalMHAImpl>(attn->clone());
+            dev->to(cuda(), dtype);
+            dev->options.split_causal_windows(packed);
+            torch::Tensor xd = x64.to(cuda(), dtype).requires_grad_(true);
+            torch::Tensor out;
+            {
+              Region region(torch::kBFloat16, kind == 2);
+              out = dev->forward(xd);
+            }
+            out.backward(g64.to(cuda(), out.scalar_type()));
+            outs.push_back(out.to(torch::kCPU, torch::kDouble));
+            grads.push_back(xd.grad().to(torch::kCPU, torch::kDouble));
+            grads.push_back(dev->to_qkv->weight.grad().to(torch::kCPU, torch::kDouble));
+            grads.push_back(dev->to_out->weight.grad().to(torch::kCPU, torch::kDouble));
+          }
+          EXPECT_TRUE(torch::isfinite(outs[0]).all().item<bool>());
+          const double tol = kind == 1 ? 1e-2 : 3e-2;
+          EXPECT_LT(max_rel_error(outs[0], outs[1]), tol);
+          for (int p = 0; p < 2; ++p) EXPECT_LT(max_rel_error(outs[p], want), tol) << "path " << p;
+          for (int i = 0; i < 3; ++i) {
+            EXPECT_LT(max_rel_error(grads[i], grads[i + 3]), 3 * tol) << "gradient " << i;
+            for (int p = 0; p < 2; ++p)
+              EXPECT_LT(max_rel_error(grads[3 * p + i], want_grads[i]), 3 * tol) << "path " << p << " gradient " << i;
+          }
+        }
+      }
+    }
+  }
+}
+
 // Self-attention's two routers scoring x in one read and gathering in one
 // (ConditionalRoutedAttentionOptions::joint_routing) against each router on
 // its own: the same scores give the same routing and outputs; the gradients
