@@ -1234,7 +1234,7 @@ __device__ __forceinline__ void topk_select_row(const float* scores, const float
   for (int i = static_cast<int>(k) + tid; i < n2; i += blockDim.x) e[i] = RankEntry{~0ull, ~0ull};
   __syncthreads();
   bitonic_sort_shared(e, n2);
-  for (int64_t i = tid; i < k; i += blockDim.x) indices[row * k + i] = static_cast<int64_t>(e[i].b & 0xffffffffull);
+  for (int64_t i = tid; i < k; i += blockDim.x) indices[row * k_in + i] = static_cast<int64_t>(e[i].b & 0xffffffffull);
 }
 
 __global__ void __launch_bounds__(kSelectThreads)

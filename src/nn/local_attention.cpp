@@ -349,6 +349,10 @@ class CausalWindowsFunction : public torch::autograd::Function<CausalWindowsFunc
     torch::Tensor lse = torch::empty({g, heads, ws}, fo), lse_b = torch::empty({g - 1, heads, ws}, fo);
     const torch::Tensor oa = std::get<0>(a).contiguous(), ob = std::get<0>(bb).contiguous();
     const torch::Tensor la = std::get<1>(a).contiguous(), lb = std::get<1>(bb).contiguous();
+    TORCH_CHECK(
+        la.sizes() == torch::IntArrayRef({g, heads, ws}) && lb.sizes() == torch::IntArrayRef({g - 1, heads, ws}),
+        "LocalMHA: the flash kernel's log-sum-exp is ", la.sizes(), ", expected (", g, ", ", heads, ", ", ws,
+        "); set split_causal_windows(false)");
     kernels::causal_windows_merge_cuda(p, oa.data_ptr(), ob.data_ptr(), la.data_ptr<float>(), lb.data_ptr<float>(),
                                        y.data_ptr(), lse.data_ptr<float>(), lse_b.data_ptr<float>(), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
