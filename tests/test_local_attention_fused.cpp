@@ -3,14 +3,20 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <string>
+#include <vector>
+
+#include "colt5/compat.h"
 #include "colt5/nn/local_attention.h"
 #include "support/support.h"
 
+using colt5::testing::graph_has;
 using colt5::testing::max_rel_error;
 
 namespace {
 
 using namespace colt5::nn;
+
 }  // namespace
 
 TEST(LocalAttentionFused, Float32AgreesWithFloat64InEveryConfiguration) {
@@ -105,6 +111,57 @@ TEST(LocalAttentionFused, UnmaskedWindowsAgreeWithFloat64) {
       EXPECT_LT(max_rel_error(x32.grad(), x64.grad()), 1e-4);
       attn->zero_grad();
       attn64->zero_grad();
+    }
+  }
+}
+
+// LocalMHA's causal windows of one look-back as two flash calls on views of
+// the projection merged by their log-sum-exps (split_causal_windows; on the
+// CPU LibTorch's flash kernel) against the look-around windows: float64 to
+// 1e-12 and float32 to 1e-5, the output and the gradients of x and both
+// projections; one and three sequences (a sequence's first window must not
+// see the one before it), 2 to 8 windows, heads 8 and 6 wide. A length that
+// is not a multiple of the window, rotary embedding or a mask keep the
+// look-around windows (as does LibTorch 1.13, which has no flash kernel).
+TEST(LocalAttentionFused, SplitCausalWindowsMatchTheLookAroundWindows) {
+  torch::manual_seed(44);
+  for (int64_t dh : {8, 6}) {
+    for (bool rotary : {false, true}) {
+      LocalMHA attn(LocalMHAOptions(32, 8)
+                        .dim_head(dh)
+                        .heads(4)
+                        .causal(true)
+                        .prenorm(true)
+                        .exact_windowsize(false)
+                        .use_rotary_pos_emb(rotary));
+      for (auto dtype : {torch::kDouble, torch::kFloat}) {
+        for (int64_t b : {1, 3}) {
+          for (int64_t n : {16, 40, 64, 29}) {
+            for (bool masked : {false, true}) {
+              SCOPED_TRACE("dh " + std::to_string(dh) + " rotary " + std::to_string(rotary) + " dtype " +
+                           std::string(c10::toString(dtype)) + " b " + std::to_string(b) + " n " + std::to_string(n) +
+                           " masked " + std::to_string(masked));
+              torch::Tensor x = torch::randn({b, n, 32}, dtype), g = torch::randn({b, n, 32}, dtype);
+              torch::Tensor mask = masked ? torch::rand({b, n}) > 0.2 : torch::Tensor();
+              std::vector<torch::Tensor> got[2];
+              for (bool split : {false, true}) {
+                auto m = std::dynamic_pointer_cast<LocalMHAImpl>(attn->clone());
+                m->to(dtype);
+                m->options.split_causal_windows(split);
+                torch::Tensor xs = x.clone().requires_grad_(true);
+                torch::Tensor out = m->forward(xs, mask);
+                const bool takes = COLT5_HAS_SDPA && split && !rotary && !masked && n % 8 == 0;
+                EXPECT_EQ(graph_has(out, "CausalWindowsFunction"), takes);
+                out.backward(g);
+                got[split] = {out, xs.grad(), m->to_qkv->weight.grad(), m->to_out->weight.grad()};
+              }
+              const double tol = dtype == torch::kDouble ? 1e-12 : 1e-5;
+              for (size_t i = 0; i < got[0].size(); ++i)
+                EXPECT_LT(max_rel_error(got[1][i], got[0][i]), i == 0 ? tol : 10 * tol) << "tensor " << i;
+            }
+          }
+        }
+      }
     }
   }
 }

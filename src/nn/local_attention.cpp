@@ -296,34 +296,23 @@ class SlidingMaskedQKVFunction : public torch::autograd::Function<SlidingMaskedQ
 };
 #endif
 
-#if COLT5_HAS_SDPA && defined(COLT5_WITH_CUDA)
+#if COLT5_HAS_SDPA
 // Causal windows of one look-back without a mask (the autoregressive light
 // branch) straight from LocalMHA's packed projection: query t of window w sees
 // window w - 1 whole and window w up to t. Two flash calls over views of qkv
 // (no copy): A, every window over its own keys, causal; B, over the flattened
-// (batch * n) rows, window g's queries over window g - 1's keys, whole. One
-// kernel merges the two by their log-sum-exps (a window whose partner is in
-// another sequence, or none, keeps A's alone) into (b, n, heads * d). The
-// backward runs each call's flash backward with the merged output and
-// log-sum-exp (which makes each the exact gradient of its part; B's excluded
-// pairs get +inf and so nothing) and one kernel sums them into the
-// projection's gradient. The same attention as the look-around windows.
+// (batch * n) rows, window g's queries over window g - 1's keys, whole. The
+// two are merged by their log-sum-exps (a window whose partner is in another
+// sequence, or none, keeps A's alone) into (b, n, heads * d). The backward
+// runs each call's flash backward with the merged output and log-sum-exp
+// (which makes each the exact gradient of its part; B's excluded pairs get
+// +inf and so nothing) and sums them into the projection's gradient. The same
+// attention as the look-around windows. On CUDA (float16/bfloat16) the flash
+// kernel with the merge and the sum in one kernel each
+// (sliding_window_cuda.cu); on the CPU LibTorch's CPU flash kernel (any
+// floating type) with both as tensor operations.
 class CausalWindowsFunction : public torch::autograd::Function<CausalWindowsFunction> {
  public:
-  static kernels::SlidingMaskParams params(int64_t b, int64_t n, at::ScalarType dtype, int64_t heads, int64_t d,
-                                           int64_t ws) {
-    kernels::SlidingMaskParams p;
-    p.batch = b;
-    p.n = n;
-    p.heads = heads;
-    p.d = d;
-    p.ws = ws;
-    p.back = 1;
-    p.causal = true;
-    p.dtype = row_dtype(dtype);
-    return p;
-  }
-
   // q, k, v of qkv (b, n, 3 * heads * d) as (windows, ws, heads, d) views of
   // rows [first, first + windows * ws) of the flattened sequence.
   static torch::Tensor part(const torch::Tensor& qkv, int64_t which, int64_t heads, int64_t d, int64_t ws,
@@ -332,31 +321,69 @@ class CausalWindowsFunction : public torch::autograd::Function<CausalWindowsFunc
     return qkv.view({rows, 3, heads, d}).select(1, which).narrow(0, first, windows * ws).view({windows, ws, heads, d});
   }
 
+  // The same for rows of (b, n, heads * d).
+  static torch::Tensor rows_of(const torch::Tensor& t, int64_t heads, int64_t d, int64_t ws, int64_t first,
+                               int64_t windows) {
+    return t.view({t.size(0) * t.size(1), heads, d}).narrow(0, first, windows * ws).view({windows, ws, heads, d});
+  }
+
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& qkv_in, int64_t heads,
                                int64_t d, int64_t ws, double scale) {
-    c10::cuda::CUDAGuard guard(qkv_in.device());
-    void* stream = c10::cuda::getCurrentCUDAStream().stream();
     torch::Tensor qkv = qkv_in.contiguous();
     const int64_t b = qkv.size(0), n = qkv.size(1), g = b * n / ws;
-    auto a = at::_flash_attention_forward(part(qkv, 0, heads, d, ws, 0, g), part(qkv, 1, heads, d, ws, 0, g),
-                                          part(qkv, 2, heads, d, ws, 0, g), {}, {}, ws, ws, 0.0, true, false, scale);
-    auto bb =
-        at::_flash_attention_forward(part(qkv, 0, heads, d, ws, ws, g - 1), part(qkv, 1, heads, d, ws, 0, g - 1),
-                                     part(qkv, 2, heads, d, ws, 0, g - 1), {}, {}, ws, ws, 0.0, false, false, scale);
-    const auto p = params(b, n, qkv.scalar_type(), heads, d, ws);
-    torch::Tensor y = torch::empty({b, n, heads * d}, qkv.options());
-    auto fo = qkv.options().dtype(torch::kFloat);
-    torch::Tensor lse = torch::empty({g, heads, ws}, fo), lse_b = torch::empty({g - 1, heads, ws}, fo);
-    const torch::Tensor oa = std::get<0>(a).contiguous(), ob = std::get<0>(bb).contiguous();
-    const torch::Tensor la = std::get<1>(a).contiguous(), lb = std::get<1>(bb).contiguous();
-    TORCH_CHECK(
-        la.sizes() == torch::IntArrayRef({g, heads, ws}) && lb.sizes() == torch::IntArrayRef({g - 1, heads, ws}),
-        "LocalMHA: the flash kernel's log-sum-exp is ", la.sizes(), ", expected (", g, ", ", heads, ", ", ws,
-        "); set split_causal_windows(false)");
-    kernels::causal_windows_merge_cuda(p, oa.data_ptr(), ob.data_ptr(), la.data_ptr<float>(), lb.data_ptr<float>(),
-                                       y.data_ptr(), lse.data_ptr<float>(), lse_b.data_ptr<float>(), stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    ctx->save_for_backward({qkv, y, lse, lse_b, std::get<2>(a), std::get<3>(a), std::get<2>(bb), std::get<3>(bb)});
+    auto q = [&](int64_t which, int64_t first, int64_t count) { return part(qkv, which, heads, d, ws, first, count); };
+    torch::Tensor y, lse, lse_b;
+    std::vector<torch::Tensor> rng;
+    if (qkv.is_cuda()) {
+#ifdef COLT5_WITH_CUDA
+      c10::cuda::CUDAGuard guard(qkv.device());
+      auto a =
+          at::_flash_attention_forward(q(0, 0, g), q(1, 0, g), q(2, 0, g), {}, {}, ws, ws, 0.0, true, false, scale);
+      auto bb = at::_flash_attention_forward(q(0, ws, g - 1), q(1, 0, g - 1), q(2, 0, g - 1), {}, {}, ws, ws, 0.0,
+                                             false, false, scale);
+      const torch::Tensor oa = std::get<0>(a).contiguous(), ob = std::get<0>(bb).contiguous();
+      const torch::Tensor la = std::get<1>(a).contiguous(), lb = std::get<1>(bb).contiguous();
+      TORCH_CHECK(
+          la.sizes() == torch::IntArrayRef({g, heads, ws}) && lb.sizes() == torch::IntArrayRef({g - 1, heads, ws}),
+          "LocalMHA: the flash kernel's log-sum-exp is ", la.sizes(), ", expected (", g, ", ", heads, ", ", ws,
+          "); set split_causal_windows(false)");
+      y = torch::empty({b, n, heads * d}, qkv.options());
+      lse = torch::empty({g, heads, ws}, la.options());
+      lse_b = torch::empty({g - 1, heads, ws}, la.options());
+      kernels::causal_windows_merge_cuda(params(b, n, qkv.scalar_type(), heads, d, ws), oa.data_ptr(), ob.data_ptr(),
+                                         la.data_ptr<float>(), lb.data_ptr<float>(), y.data_ptr(),
+                                         lse.data_ptr<float>(), lse_b.data_ptr<float>(),
+                                         c10::cuda::getCurrentCUDAStream().stream());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      rng = {std::get<2>(a), std::get<3>(a), std::get<2>(bb), std::get<3>(bb)};
+#endif
+    } else {
+      // LibTorch's CPU flash kernel takes (batch, heads, seq, d).
+      auto t = [](const torch::Tensor& v) { return v.transpose(1, 2); };
+      auto a = at::_scaled_dot_product_flash_attention_for_cpu(t(q(0, 0, g)), t(q(1, 0, g)), t(q(2, 0, g)), 0.0, true,
+                                                               {}, scale);
+      auto bb = at::_scaled_dot_product_flash_attention_for_cpu(t(q(0, ws, g - 1)), t(q(1, 0, g - 1)),
+                                                                t(q(2, 0, g - 1)), 0.0, false, {}, scale);
+      const torch::Tensor &la = std::get<1>(a), &lb = std::get<1>(bb);
+      const double inf = std::numeric_limits<double>::infinity();
+      // B's log-sum-exp on A's windows (window g - 1's on window g), -inf
+      // where a window has no partner.
+      torch::Tensor lb_on_a = torch::full({g, heads, ws}, -inf, la.options());
+      lb_on_a.narrow(0, 1, g - 1).copy_(lb);
+      lb_on_a.view({b, g / b, heads, ws}).select(1, 0).fill_(-inf);
+      lse = torch::logaddexp(la, lb_on_a);
+      torch::Tensor ob_on_a = torch::zeros_like(std::get<0>(a));
+      ob_on_a.narrow(0, 1, g - 1).copy_(std::get<0>(bb));
+      torch::Tensor out =
+          std::get<0>(a) * (la - lse).exp().unsqueeze(-1) + ob_on_a * (lb_on_a - lse).exp().unsqueeze(-1);
+      y = t(out).to(qkv.scalar_type()).reshape({b, n, heads * d});
+      torch::Tensor lse_excl = lse.clone();
+      lse_excl.view({b, g / b, heads, ws}).select(1, 0).fill_(inf);
+      lse_b = lse_excl.narrow(0, 1, g - 1);
+    }
+    std::vector<torch::Tensor> saved{qkv, y, lse, lse_b};
+    saved.insert(saved.end(), rng.begin(), rng.end());
+    ctx->save_for_backward(saved);
     ctx->saved_data["heads"] = heads;
     ctx->saved_data["d"] = d;
     ctx->saved_data["ws"] = ws;
@@ -372,29 +399,62 @@ class CausalWindowsFunction : public torch::autograd::Function<CausalWindowsFunc
                   ws = ctx->saved_data["ws"].toInt();
     const double scale = ctx->saved_data["scale"].toDouble();
     const int64_t b = qkv.size(0), n = qkv.size(1), g = b * n / ws;
-    c10::cuda::CUDAGuard guard(qkv.device());
-    void* stream = c10::cuda::getCurrentCUDAStream().stream();
     torch::Tensor gy = grads[0].to(qkv.scalar_type()).contiguous();
-    auto windows = [&](const torch::Tensor& t, int64_t first, int64_t count) {  // (b, n, heads * d) rows
-      return t.view({b * n, heads, d}).narrow(0, first, count * ws).view({count, ws, heads, d});
+    auto q = [&](int64_t which, int64_t first, int64_t count) { return part(qkv, which, heads, d, ws, first, count); };
+    auto rows = [&](const torch::Tensor& t, int64_t first, int64_t count) {
+      return rows_of(t, heads, d, ws, first, count);
     };
-    auto ga = at::_flash_attention_backward(
-        windows(gy, 0, g), part(qkv, 0, heads, d, ws, 0, g), part(qkv, 1, heads, d, ws, 0, g),
-        part(qkv, 2, heads, d, ws, 0, g), windows(y, 0, g), lse, {}, {}, ws, ws, 0.0, true, saved[4], saved[5], scale);
-    auto gb = at::_flash_attention_backward(windows(gy, ws, g - 1), part(qkv, 0, heads, d, ws, ws, g - 1),
-                                            part(qkv, 1, heads, d, ws, 0, g - 1), part(qkv, 2, heads, d, ws, 0, g - 1),
-                                            windows(y, ws, g - 1), lse_b, {}, {}, ws, ws, 0.0, false, saved[6],
-                                            saved[7], scale);
-    const torch::Tensor dqa = std::get<0>(ga).contiguous(), dka = std::get<1>(ga).contiguous(),
-                        dva = std::get<2>(ga).contiguous(), dqb = std::get<0>(gb).contiguous(),
-                        dkb = std::get<1>(gb).contiguous(), dvb = std::get<2>(gb).contiguous();
-    torch::Tensor dqkv = torch::empty({b, n, 3 * heads * d}, qkv.options());
-    kernels::causal_windows_grads_cuda(params(b, n, qkv.scalar_type(), heads, d, ws), dqa.data_ptr(), dka.data_ptr(),
-                                       dva.data_ptr(), dqb.data_ptr(), dkb.data_ptr(), dvb.data_ptr(), dqkv.data_ptr(),
-                                       stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    torch::Tensor dqkv;
+    if (qkv.is_cuda()) {
+#ifdef COLT5_WITH_CUDA
+      c10::cuda::CUDAGuard guard(qkv.device());
+      auto ga = at::_flash_attention_backward(rows(gy, 0, g), q(0, 0, g), q(1, 0, g), q(2, 0, g), rows(y, 0, g), lse,
+                                              {}, {}, ws, ws, 0.0, true, saved[4], saved[5], scale);
+      auto gb = at::_flash_attention_backward(rows(gy, ws, g - 1), q(0, ws, g - 1), q(1, 0, g - 1), q(2, 0, g - 1),
+                                              rows(y, ws, g - 1), lse_b, {}, {}, ws, ws, 0.0, false, saved[6], saved[7],
+                                              scale);
+      const torch::Tensor dqa = std::get<0>(ga).contiguous(), dka = std::get<1>(ga).contiguous(),
+                          dva = std::get<2>(ga).contiguous(), dqb = std::get<0>(gb).contiguous(),
+                          dkb = std::get<1>(gb).contiguous(), dvb = std::get<2>(gb).contiguous();
+      dqkv = torch::empty({b, n, 3 * heads * d}, qkv.options());
+      kernels::causal_windows_grads_cuda(params(b, n, qkv.scalar_type(), heads, d, ws), dqa.data_ptr(), dka.data_ptr(),
+                                         dva.data_ptr(), dqb.data_ptr(), dkb.data_ptr(), dvb.data_ptr(),
+                                         dqkv.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+    } else {
+      auto t = [](const torch::Tensor& v) { return v.transpose(1, 2); };
+      auto ga = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+          t(rows(gy, 0, g)), t(q(0, 0, g)), t(q(1, 0, g)), t(q(2, 0, g)), t(rows(y, 0, g)), lse, 0.0, true, {}, scale);
+      auto gb = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+          t(rows(gy, ws, g - 1)), t(q(0, ws, g - 1)), t(q(1, 0, g - 1)), t(q(2, 0, g - 1)), t(rows(y, ws, g - 1)),
+          lse_b, 0.0, false, {}, scale);
+      // (windows, heads, ws, d) gradients; B's queries are one window on,
+      // its keys and values one window back.
+      torch::Tensor dq = std::get<0>(ga).clone(), dk = std::get<1>(ga).clone(), dv = std::get<2>(ga).clone();
+      dq.narrow(0, 1, g - 1).add_(std::get<0>(gb));
+      dk.narrow(0, 0, g - 1).add_(std::get<1>(gb));
+      dv.narrow(0, 0, g - 1).add_(std::get<2>(gb));
+      dqkv = torch::stack({t(dq), t(dk), t(dv)}, 2).to(qkv.scalar_type()).reshape({b, n, 3 * heads * d});
+    }
     return {dqkv, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
+
+#ifdef COLT5_WITH_CUDA
+  static kernels::SlidingMaskParams params(int64_t b, int64_t n, at::ScalarType dtype, int64_t heads, int64_t d,
+                                           int64_t ws) {
+    kernels::SlidingMaskParams p;
+    p.batch = b;
+    p.n = n;
+    p.heads = heads;
+    p.d = d;
+    p.ws = ws;
+    p.back = 1;
+    p.causal = true;
+    p.dtype = row_dtype(dtype);
+    return p;
+  }
+#endif
 };
 #endif
 
@@ -786,13 +846,19 @@ torch::Tensor LocalMHAImpl::forward(const torch::Tensor& x_in, const torch::Tens
       return to_out->forward(out);
     }
   }
+#endif
+#if COLT5_HAS_SDPA
   {
     const auto& ao = attn_fn->options;
+    bool kernels_take = !projected.is_cuda() && at::isFloatingType(projected.scalar_type());
+#ifdef COLT5_WITH_CUDA
     kernels::RowDtype rd;
-    if (options.split_causal_windows() && !mask.defined() && projected.is_cuda() && ao.causal() &&
-        !ao.exact_windowsize() && ao.look_backward() == 1 && attn_fn->look_forward() == 0 && !attn_fn->rel_pos &&
-        n % ao.window_size() == 0 && n / ao.window_size() >= 2 && row_dtype(projected.scalar_type(), rd) &&
-        kernels::causal_windows_supports(dh, rd)) {
+    if (projected.is_cuda())
+      kernels_take = row_dtype(projected.scalar_type(), rd) && kernels::causal_windows_supports(dh, rd);
+#endif
+    if (options.split_causal_windows() && !mask.defined() && kernels_take && ao.causal() && !ao.exact_windowsize() &&
+        ao.look_backward() == 1 && attn_fn->look_forward() == 0 && !attn_fn->rel_pos && n % ao.window_size() == 0 &&
+        n / ao.window_size() >= 2) {
       RECORD_USER_SCOPE("colt5::local_attention");
       const double scale = ao.scale().value_or(std::pow(static_cast<double>(dh), -0.5));
       return to_out->forward(CausalWindowsFunction::apply(projected, h, dh, ao.window_size(), scale));

@@ -588,6 +588,7 @@ TEST(CudaModules, LocalMHACausalWindowsMatchTheViewsPath) {
                       .heads(dh == 64 ? 2 : 3)
                       .causal(true)
                       .prenorm(true)
+                      .exact_windowsize(false)
                       .use_rotary_pos_emb(false));
     for (int64_t b : {1, 3}) {
       for (int64_t n : {64, 160, 1024}) {
@@ -613,6 +614,7 @@ TEST(CudaModules, LocalMHACausalWindowsMatchTheViewsPath) {
               Region region(torch::kBFloat16, kind == 2);
               out = dev->forward(xd);
             }
+            EXPECT_EQ(colt5::testing::graph_has(out, "CausalWindowsFunction"), packed);
             out.backward(g64.to(cuda(), out.scalar_type()));
             outs.push_back(out.to(torch::kCPU, torch::kDouble));
             grads.push_back(xd.grad().to(torch::kCPU, torch::kDouble));

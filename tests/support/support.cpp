@@ -5,6 +5,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <set>
+#include <vector>
 
 #include "colt5/nn/options.h"
 
@@ -23,6 +26,19 @@ double norm_rel_error(const at::Tensor& got, const at::Tensor& want, double floo
   const torch::Tensor x = got.detach().to(torch::kCPU, torch::kDouble);
   const torch::Tensor y = want.detach().to(torch::kCPU, torch::kDouble);
   return (x - y).norm().item<double>() / std::max(y.norm().item<double>(), floor);
+}
+
+bool graph_has(const at::Tensor& t, const std::string& what) {
+  std::vector<std::shared_ptr<torch::autograd::Node>> todo{t.grad_fn()};
+  std::set<const torch::autograd::Node*> seen;
+  while (!todo.empty()) {
+    std::shared_ptr<torch::autograd::Node> node = todo.back();
+    todo.pop_back();
+    if (!node || !seen.insert(node.get()).second) continue;
+    if (node->name().find(what) != std::string::npos) return true;
+    for (const auto& edge : node->next_edges()) todo.push_back(edge.function);
+  }
+  return false;
 }
 
 std::string error_message(const std::function<void()>& f) {

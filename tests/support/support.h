@@ -28,6 +28,10 @@ double norm_rel_error(const at::Tensor& got, const at::Tensor& want, double floo
 // f does not throw.
 std::string error_message(const std::function<void()>& f);
 
+// Whether the autograd graph behind t has a node whose name contains `what`
+// (a custom function's node carries its class name): which path a module took.
+bool graph_has(const at::Tensor& t, const std::string& what);
+
 // Coordinate descent written with plain LibTorch ops (logsumexp and relu per
 // iteration), differentiated by autograd. k: one value per row (shape
 // s.shape[:-1]); mask: bool, the shape of s, or undefined.

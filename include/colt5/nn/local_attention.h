@@ -164,13 +164,15 @@ struct LocalMHAOptions {
   /// each way (false: LocalAttention's path over q, k and v views; the same
   /// outputs).
   TORCH_ARG(bool, packed_qkv) = true;
-  /// Without a mask, on CUDA in float16/bfloat16, causal windows of one
-  /// look-back (not exact, no rotary embedding, the length a multiple of the
-  /// window, heads a multiple of 8 up to 256) as two flash calls on views of
-  /// the projection, merged by their log-sum-exps in one kernel, and their
-  /// gradients summed into the projection's gradient in one more (no copies
-  /// of q, k and v, no unfolded keys). The same attention either way; false
-  /// (the default): the look-around windows.
+  /// Without a mask, causal windows of one look-back (not exact, no rotary
+  /// embedding, the length a multiple of the window) as two flash calls on
+  /// views of the projection, merged by their log-sum-exps, their gradients
+  /// summed into the projection's gradient: no copies of q, k and v, no
+  /// unfolded keys. On CUDA in float16/bfloat16 (heads a multiple of 8 up to
+  /// 256) the merge and the sum are one kernel each; on the CPU (LibTorch 2.x,
+  /// any floating type) LibTorch's CPU flash kernel with tensor operations.
+  /// The same attention either way; false (the default): the look-around
+  /// windows.
   TORCH_ARG(bool, split_causal_windows) = false;
 };
 
