@@ -863,7 +863,7 @@ int main(int argc, char** argv) {
         // projection (LocalMHAOptions::split_causal_windows) or as look-around
         // windows (q, k, v copies, keys unfolded), in alternation and from graphs.
         auto& mha = attn->light_attn->options;
-        const bool built = mha.split_causal_windows();
+        const c10::optional<bool> built = mha.split_causal_windows();
         auto with = [&](bool on) {
           return [&mha, &step, on] {
             mha.split_causal_windows(on);

@@ -155,6 +155,13 @@ TEST(LocalAttentionFused, SplitCausalWindowsMatchTheLookAroundWindows) {
                 out.backward(g);
                 got[split] = {out, xs.grad(), m->to_qkv->weight.grad(), m->to_out->weight.grad()};
               }
+              {
+                // The default (nullopt) keeps the look-around windows on the CPU.
+                auto m = std::dynamic_pointer_cast<LocalMHAImpl>(attn->clone());
+                m->to(dtype);
+                EXPECT_FALSE(m->options.split_causal_windows().has_value());
+                EXPECT_FALSE(graph_has(m->forward(x.clone().requires_grad_(true), mask), "CausalWindowsFunction"));
+              }
               const double tol = dtype == torch::kDouble ? 1e-12 : 1e-5;
               for (size_t i = 0; i < got[0].size(); ++i)
                 EXPECT_LT(max_rel_error(got[1][i], got[0][i]), i == 0 ? tol : 10 * tol) << "tensor " << i;

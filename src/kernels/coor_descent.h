@@ -112,7 +112,9 @@ enum class TopkCudaPath {
   // top-k by path): 252 rows of 8192, k 1024: 0.10 ms (bitonic 0.35, sorts
   // 0.64); 1020 rows of 32768: 0.81 (sorts 6.3); 2 rows of 8192: 0.05
   // (bitonic 0.18); 16 rows of 131072, k 128: 0.29 (sorts 0.59); but 2 rows
-  // of 262144: 0.58 (sorts 0.27).
+  // of 262144: 0.58 (sorts 0.27). Where the selection would run on rows
+  // longer than 65536, its chunked form (16 rows of 131072: 0.13 ms on an
+  // H100).
   automatic,
   // One kernel per row: a radix selection of the k-th key, then a bitonic sort
   // of the k entries in shared memory (k <= 8192; otherwise the sorts).
@@ -125,8 +127,8 @@ enum class TopkCudaPath {
   // The selection over chunks of each row (a block per chunk, so that a few
   // long rows fill the GPU), then a sort of the chunks' candidates per row in
   // shared memory: where 4 chunks or more of at least 4k and 2048 entries fit
-  // (k * chunks <= 4096); otherwise the selection. By name only: automatic
-  // does not take it.
+  // (k * chunks <= 4096); otherwise the selection. Automatic takes it where
+  // it would take the selection on rows longer than 65536.
   chunked,
 };
 // The k first entries of each row in the order: kept before masked, score

@@ -1342,16 +1342,21 @@ void topk_tiebreak_cuda(const T* scores, const T* tiebreak, const uint8_t* mask,
   if constexpr (std::is_same_v<T, float>) {
     // Positions travel in 32 bits.
     const bool can_select = k <= cd_cuda::kSelectMaxK && cols < (int64_t(1) << 31);
-    // By name only (TopkCudaPath::chunked).
+    // A block per row: a few very long rows leave the GPU idle, where the
+    // device-wide sorts are faster (2 rows of 262144: 0.58 against 0.27 ms).
+    const bool select_pays = cols <= 65536 || rows >= 8;
+    // Where the selection would run on rows longer than 65536, its chunked
+    // form fills the GPU (16 rows of 131072, k 128, on an H100: 0.13 against
+    // 0.29 ms); on shorter rows the second pass costs more than it saves (2
+    // rows of 32768, k 1024: 0.15 against 0.10), and on 2 rows of 262144 the
+    // sorts stay ahead (0.24 against 0.27).
     const int64_t chunks = can_select ? cd_cuda::topk_chunks(rows, cols, k) : 0;
-    if (chunks > 0 && path == TopkCudaPath::chunked) {
+    if (chunks > 0 &&
+        (path == TopkCudaPath::chunked || (path == TopkCudaPath::automatic && cols > 65536 && select_pays))) {
       cd_cuda::topk_chunked(scores, tiebreak, mask, rows, cols, k, chunks, indices, st);
       return;
     }
     if (path == TopkCudaPath::chunked) path = TopkCudaPath::select;
-    // A block per row: a few very long rows leave the GPU idle, where the
-    // device-wide sorts are faster (2 rows of 262144: 0.58 against 0.27 ms).
-    const bool select_pays = cols <= 65536 || rows >= 8;
     if (can_select && (path == TopkCudaPath::select || (path == TopkCudaPath::automatic && select_pays))) {
       cd_cuda::topk_select(scores, tiebreak, mask, rows, cols, k, indices, st);
       return;

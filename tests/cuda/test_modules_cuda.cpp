@@ -621,6 +621,14 @@ TEST(CudaModules, LocalMHACausalWindowsMatchTheViewsPath) {
             grads.push_back(dev->to_qkv->weight.grad().to(torch::kCPU, torch::kDouble));
             grads.push_back(dev->to_out->weight.grad().to(torch::kCPU, torch::kDouble));
           }
+          {
+            // The default (nullopt) takes the split windows on CUDA.
+            auto dev = std::dynamic_pointer_cast<LocalMHAImpl>(attn->clone());
+            dev->to(cuda(), dtype);
+            Region region(torch::kBFloat16, kind == 2);
+            EXPECT_TRUE(colt5::testing::graph_has(dev->forward(x64.to(cuda(), dtype).requires_grad_(true)),
+                                                  "CausalWindowsFunction"));
+          }
           EXPECT_TRUE(torch::isfinite(outs[0]).all().item<bool>());
           const double tol = kind == 1 ? 1e-2 : 3e-2;
           EXPECT_LT(max_rel_error(outs[0], outs[1]), tol);
