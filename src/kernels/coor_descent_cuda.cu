@@ -569,8 +569,8 @@ struct KernelSet {
 // Dynamic shared memory a kernel gets without raising its limit.
 constexpr size_t kDefaultSmemLimit = 48 * 1024;
 
-template <typename Arg>
-void allow_smem(void (*fn)(Arg, GridWork), size_t smem) {
+template <typename... Args>
+void allow_smem(void (*fn)(Args...), size_t smem) {
   if (smem > kDefaultSmemLimit)
     CD_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
 }
@@ -1012,6 +1012,13 @@ __device__ void bitonic_sort_shared(RankEntry* e, int n2) {
   }
 }
 
+// Sorts the n2 entries of e (every thread of the block takes part) and writes
+// the first k positions to out.
+__device__ void sort_write_first(RankEntry* e, int n2, int64_t k, int64_t* out) {
+  bitonic_sort_shared(e, n2);
+  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) out[i] = static_cast<int64_t>(e[i].b & 0xffffffffull);
+}
+
 __global__ void __launch_bounds__(kBitonicThreads)
     topk_bitonic_kernel(const float* scores, const float* tiebreak, const uint8_t* mask, int64_t cols, int64_t k,
                         int n2, int64_t* indices) {
@@ -1024,9 +1031,7 @@ __global__ void __launch_bounds__(kBitonicThreads)
   for (int i = threadIdx.x; i < n2; i += blockDim.x)  // padding after every real entry
     e[i] = i < cols ? rank_entry(sr, tr, mr, i) : RankEntry{~0ull, ~0ull};
   __syncthreads();
-  bitonic_sort_shared(e, n2);
-  for (int64_t i = threadIdx.x; i < k; i += blockDim.x)
-    indices[row * k + i] = static_cast<int64_t>(e[i].b & 0xffffffffull);
+  sort_write_first(e, n2, k, indices + row * k);
 }
 
 using RowTopkKernel = void (*)(const float*, const float*, const uint8_t*, int64_t, int64_t, int, int64_t*);
@@ -1036,13 +1041,8 @@ using RowTopkKernel = void (*)(const float*, const float*, const uint8_t*, int64
 template <RowTopkKernel Kernel>
 void launch_row_topk(int threads, int n2, const float* scores, const float* tiebreak, const uint8_t* mask, int64_t rows,
                      int64_t cols, int64_t k, int64_t* indices, cudaStream_t st) {
-  static const bool once = [] {
-    CD_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(kBitonicMaxCols * sizeof(RankEntry))));
-    return true;
-  }();
-  (void)once;
   const size_t smem = static_cast<size_t>(n2) * sizeof(RankEntry);
+  allow_smem(Kernel, smem);
   for (int64_t r0 = 0; r0 < rows; r0 += 65535 * 1024) {  // grid x is far larger; one launch in practice
     const int64_t nr = std::min<int64_t>(rows - r0, 65535 * 1024);
     Kernel<<<static_cast<unsigned>(nr), threads, smem, st>>>(
@@ -1233,8 +1233,7 @@ __device__ __forceinline__ void topk_select_row(const float* scores, const float
   __syncthreads();
   for (int i = static_cast<int>(k) + tid; i < n2; i += blockDim.x) e[i] = RankEntry{~0ull, ~0ull};
   __syncthreads();
-  bitonic_sort_shared(e, n2);
-  for (int64_t i = tid; i < k; i += blockDim.x) indices[row * k_in + i] = static_cast<int64_t>(e[i].b & 0xffffffffull);
+  sort_write_first(e, n2, k, indices + row * k_in);
 }
 
 __global__ void __launch_bounds__(kSelectThreads)
@@ -1263,9 +1262,7 @@ __global__ void __launch_bounds__(kBitonicThreads)
   for (int i = threadIdx.x; i < n2; i += blockDim.x)
     e[i] = i < per_row ? cand[row * per_row + i] : RankEntry{~0ull, ~0ull};
   __syncthreads();
-  bitonic_sort_shared(e, n2);
-  for (int64_t i = threadIdx.x; i < k; i += blockDim.x)
-    indices[row * k + i] = static_cast<int64_t>(e[i].b & 0xffffffffull);
+  sort_write_first(e, n2, k, indices + row * k);
 }
 
 void topk_select(const float* scores, const float* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols, int64_t k,
@@ -1287,12 +1284,6 @@ int64_t topk_chunks(int64_t rows, int64_t cols, int64_t k) {
 
 void topk_chunked(const float* scores, const float* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols,
                   int64_t k, int64_t chunks, int64_t* indices, cudaStream_t st) {
-  static const bool once = [] {
-    CD_CHECK(cudaFuncSetAttribute(topk_candidates_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(kChunkedMaxCandidates * sizeof(RankEntry))));
-    return true;
-  }();
-  (void)once;
   const int64_t chunk_len = (cols + chunks - 1) / chunks, per_row = chunks * k;
   RankEntry* c = nullptr;
   CD_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&c), static_cast<size_t>(rows * per_row) * sizeof(RankEntry), st));
@@ -1300,8 +1291,9 @@ void topk_chunked(const float* scores, const float* tiebreak, const uint8_t* mas
       scores, tiebreak, mask, cols, k, chunks, chunk_len, c);
   cudaError_t err = cudaGetLastError();
   const int n2 = pow2_at_least(per_row);
-  topk_candidates_kernel<<<static_cast<unsigned>(rows), kBitonicThreads, static_cast<size_t>(n2) * sizeof(RankEntry),
-                           st>>>(c, per_row, k, n2, indices);
+  const size_t smem = static_cast<size_t>(n2) * sizeof(RankEntry);
+  allow_smem(topk_candidates_kernel, smem);
+  topk_candidates_kernel<<<static_cast<unsigned>(rows), kBitonicThreads, smem, st>>>(c, per_row, k, n2, indices);
   if (err == cudaSuccess) err = cudaGetLastError();
   (void)cudaFreeAsync(c, st);
   CD_CHECK(err);

@@ -350,10 +350,10 @@ class CausalWindowsFunction : public torch::autograd::Function<CausalWindowsFunc
       y = torch::empty({b, n, heads * d}, qkv.options());
       lse = torch::empty({g, heads, ws}, la.options());
       lse_b = torch::empty({g - 1, heads, ws}, la.options());
-      kernels::causal_windows_merge_cuda(params(b, n, qkv.scalar_type(), heads, d, ws), oa.data_ptr(), ob.data_ptr(),
-                                         la.data_ptr<float>(), lb.data_ptr<float>(), y.data_ptr(),
-                                         lse.data_ptr<float>(), lse_b.data_ptr<float>(),
-                                         c10::cuda::getCurrentCUDAStream().stream());
+      kernels::causal_windows_merge_cuda(
+          SlidingMaskedQKVFunction::params(b, n, qkv.scalar_type(), heads, d, ws, 1, 0, true), oa.data_ptr(),
+          ob.data_ptr(), la.data_ptr<float>(), lb.data_ptr<float>(), y.data_ptr(), lse.data_ptr<float>(),
+          lse_b.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       rng = {std::get<2>(a), std::get<3>(a), std::get<2>(bb), std::get<3>(bb)};
 #endif
@@ -372,10 +372,10 @@ class CausalWindowsFunction : public torch::autograd::Function<CausalWindowsFunc
       lb_on_a.narrow(0, 1, g - 1).copy_(lb);
       lb_on_a.view({b, g / b, heads, ws}).select(1, 0).fill_(-inf);
       lse = torch::logaddexp(la, lb_on_a);
-      torch::Tensor ob_on_a = torch::zeros_like(std::get<0>(a));
-      ob_on_a.narrow(0, 1, g - 1).copy_(std::get<0>(bb));
-      torch::Tensor out =
-          std::get<0>(a) * (la - lse).exp().unsqueeze(-1) + ob_on_a * (lb_on_a - lse).exp().unsqueeze(-1);
+      // A's share everywhere, B's (zero where excluded) added on windows 1 ..
+      torch::Tensor out = std::get<0>(a) * (la - lse).exp().unsqueeze(-1);
+      out.narrow(0, 1, g - 1)
+          .addcmul_(std::get<0>(bb), (lb_on_a.narrow(0, 1, g - 1) - lse.narrow(0, 1, g - 1)).exp().unsqueeze(-1));
       y = t(out).to(qkv.scalar_type()).reshape({b, n, heads * d});
       torch::Tensor lse_excl = lse.clone();
       lse_excl.view({b, g / b, heads, ws}).select(1, 0).fill_(inf);
@@ -417,9 +417,10 @@ class CausalWindowsFunction : public torch::autograd::Function<CausalWindowsFunc
                           dva = std::get<2>(ga).contiguous(), dqb = std::get<0>(gb).contiguous(),
                           dkb = std::get<1>(gb).contiguous(), dvb = std::get<2>(gb).contiguous();
       dqkv = torch::empty({b, n, 3 * heads * d}, qkv.options());
-      kernels::causal_windows_grads_cuda(params(b, n, qkv.scalar_type(), heads, d, ws), dqa.data_ptr(), dka.data_ptr(),
-                                         dva.data_ptr(), dqb.data_ptr(), dkb.data_ptr(), dvb.data_ptr(),
-                                         dqkv.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
+      kernels::causal_windows_grads_cuda(
+          SlidingMaskedQKVFunction::params(b, n, qkv.scalar_type(), heads, d, ws, 1, 0, true), dqa.data_ptr(),
+          dka.data_ptr(), dva.data_ptr(), dqb.data_ptr(), dkb.data_ptr(), dvb.data_ptr(), dqkv.data_ptr(),
+          c10::cuda::getCurrentCUDAStream().stream());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
 #endif
     } else {
@@ -439,22 +440,6 @@ class CausalWindowsFunction : public torch::autograd::Function<CausalWindowsFunc
     }
     return {dqkv, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
-
-#ifdef COLT5_WITH_CUDA
-  static kernels::SlidingMaskParams params(int64_t b, int64_t n, at::ScalarType dtype, int64_t heads, int64_t d,
-                                           int64_t ws) {
-    kernels::SlidingMaskParams p;
-    p.batch = b;
-    p.n = n;
-    p.heads = heads;
-    p.d = d;
-    p.ws = ws;
-    p.back = 1;
-    p.causal = true;
-    p.dtype = row_dtype(dtype);
-    return p;
-  }
-#endif
 };
 #endif
 
