@@ -225,6 +225,9 @@ std::unique_ptr<ProcessGroup> ProcessGroup::join(const DistOptions& o, const tor
   impl->device = device;
   impl->timeout_s = o.timeout_s;
   impl->name = device.is_cuda() ? "nccl" : "gloo";
+  // A peer that dies closes its sockets; a write to one must come back as an
+  // error (which the collective reports), not end this process by SIGPIPE.
+  ::signal(SIGPIPE, SIG_IGN);
   const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(o.timeout_s * 1000.0));
   const std::string where = o.master_addr + ":" + std::to_string(o.master_port);
   try {
