@@ -5,7 +5,8 @@
 // over the whole sequence (kv_route_groups 1) against the windows in groups
 // over the prefixes they see (the module's default, and 8 groups), in the same
 // run, after checking that the outputs agree; then the kv router alone (its
-// routing of every window's prefix view) by the same groupings.
+// routing of every window's prefix view) by the same groupings; then the light
+// branch alone, its causal windows split into two flash calls or look-around.
 //   bench_autoregressive_cpu [--runs N] [--batch B] [--seq N (repeatable)]
 #include <torch/torch.h>
 
@@ -63,9 +64,10 @@ int main(int argc, char** argv) {
                                                   .heavy_dim_head(64)
                                                   .heavy_heads(8)
                                                   .num_routed_kv(2));
-  std::printf("ConditionalRoutedAutoregressiveAttention, CPU float32, dim 512, window 128, heavy q 32, kv 1024 in 2 "
-              "routes, %d threads, median of %d runs\n",
-              torch::get_num_threads(), runs);
+  std::printf(
+      "ConditionalRoutedAutoregressiveAttention, CPU float32, dim 512, window 128, heavy q 32, kv 1024 in 2 "
+      "routes, %d threads, median of %d runs\n",
+      torch::get_num_threads(), runs);
   std::printf("%-8s %-22s %10s %12s %10s\n", "tokens", "kv routing", "fwd ms", "fwd+bwd ms", "÷ whole");
   for (int64_t n : lengths) {
     const torch::Tensor x = torch::randn({batch, n, 512});
@@ -133,5 +135,54 @@ int main(int argc, char** argv) {
     }
   }
   ar->kv_route_groups = 0;
+  // The light branch alone (the module's LocalMHA: causal windows of one
+  // look-back): as two flash calls on views of the projection
+  // (split_causal_windows) against look-around windows, in alternating rounds
+  // so that both see the same machine state.
+  std::printf(
+      "\nlight branch alone (LocalMHA, window 128, 8 x 64): split causal windows against look-around, "
+      "%d alternating rounds\n",
+      runs);
+  std::printf("%-8s %-14s %10s %12s %18s\n", "tokens", "windows", "fwd ms", "fwd+bwd ms", "module fwd+bwd ms");
+  auto& mha = ar->light_attn->options;
+  const c10::optional<bool> built = mha.split_causal_windows();
+  for (int64_t n : lengths) {
+    const torch::Tensor x = torch::randn({batch, n, 512});
+    {
+      torch::NoGradGuard ng;
+      mha.split_causal_windows(true);
+      const torch::Tensor a = ar->light_attn(x);
+      mha.split_causal_windows(false);
+      const torch::Tensor b = ar->light_attn(x);
+      if (const double e = colt5::testing::norm_rel_error(a, b); !(e < 1e-5)) {
+        std::fprintf(stderr, "bench_autoregressive_cpu: split and look-around windows differ by %.3g\n", e);
+        return 1;
+      }
+    }
+    torch::Tensor xg = x.clone().requires_grad_(true);
+    std::vector<double> fwd[2], fb[2], whole[2];
+    for (int round = 0; round < runs; ++round) {
+      for (int on = 1; on >= 0; --on) {
+        mha.split_causal_windows(on == 1);
+        fwd[on].push_back(median_ms(1, [&] {
+          torch::NoGradGuard ng;
+          ar->light_attn(x);
+        }));
+        fb[on].push_back(median_ms(1, [&] { ar->light_attn(xg).sum().backward(); }));
+        whole[on].push_back(median_ms(1, [&] { ar(xg).sum().backward(); }));
+      }
+    }
+    for (int on = 1; on >= 0; --on) {
+      std::sort(fwd[on].begin(), fwd[on].end());
+      std::sort(fb[on].begin(), fb[on].end());
+      std::sort(whole[on].begin(), whole[on].end());
+      std::printf("%-8lld %-14s %10.1f %12.1f %18.1f   (fwd %.1f-%.1f, fwd+bwd %.1f-%.1f, module %.1f-%.1f)\n",
+                  (long long)n, on ? "split" : "look-around", fwd[on][fwd[on].size() / 2], fb[on][fb[on].size() / 2],
+                  whole[on][whole[on].size() / 2], fwd[on].front(), fwd[on].back(), fb[on].front(), fb[on].back(),
+                  whole[on].front(), whole[on].back());
+      std::fflush(stdout);
+    }
+  }
+  mha.split_causal_windows(built);
   return 0;
 }

@@ -841,9 +841,12 @@ torch::Tensor LocalMHAImpl::forward(const torch::Tensor& x_in, const torch::Tens
     if (projected.is_cuda())
       kernels_take = row_dtype(projected.scalar_type(), rd) && kernels::causal_windows_supports(dh, rd);
 #endif
-    if (options.split_causal_windows().value_or(projected.is_cuda()) && !mask.defined() && kernels_take &&
-        ao.causal() && !ao.exact_windowsize() && ao.look_backward() == 1 && attn_fn->look_forward() == 0 &&
-        !attn_fn->rel_pos && n % ao.window_size() == 0 && n / ao.window_size() >= 2) {
+    // nullopt: on CUDA; on the CPU only where gradients are recorded (its
+    // forward alone is no faster than the look-around windows).
+    const bool split_by_default = projected.is_cuda() || projected.requires_grad();
+    if (options.split_causal_windows().value_or(split_by_default) && !mask.defined() && kernels_take && ao.causal() &&
+        !ao.exact_windowsize() && ao.look_backward() == 1 && attn_fn->look_forward() == 0 && !attn_fn->rel_pos &&
+        n % ao.window_size() == 0 && n / ao.window_size() >= 2) {
       RECORD_USER_SCOPE("colt5::local_attention");
       const double scale = ao.scale().value_or(std::pow(static_cast<double>(dh), -0.5));
       return to_out->forward(CausalWindowsFunction::apply(projected, h, dh, ao.window_size(), scale));
