@@ -378,6 +378,20 @@ TEST(Distributed, ResumedTwoProcessRunEqualsUninterruptedAndAnyWorldSizeResumes)
   remove_tree(dir);
 }
 
+// Whether process pid ignores signal sig, from the SigIgn mask of
+// /proc/pid/status (hexadecimal, bit sig - 1).
+static bool ignores_signal(pid_t pid, int sig) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("SigIgn:", 0) != 0) continue;
+    const unsigned long long mask = std::stoull(line.substr(7), nullptr, 16);
+    return ((mask >> (sig - 1)) & 1ull) != 0;
+  }
+  ADD_FAILURE() << "no SigIgn line in /proc/" << pid << "/status";
+  return false;
+}
+
 TEST(Distributed, KilledWorkerEndsTheOtherWithinTheTimeoutAndTheCheckpointSurvives) {
   COLT5_REQUIRE_ENGINE();
   const std::string dir = temp_dir("killed");
@@ -393,6 +407,10 @@ TEST(Distributed, KilledWorkerEndsTheOtherWithinTheTimeoutAndTheCheckpointSurviv
   ASSERT_TRUE(wait_until([&] { return !list_checkpoints(dir + "/run").empty(); }, 120))
       << "no checkpoint within 120 s\n"
       << r0.stderr_text() << r1.stderr_text();
+  // A write to the dead peer's socket must come back as an error, not end
+  // rank 0 by SIGPIPE: the joined process ignores the signal (/proc's SigIgn
+  // mask, bit SIGPIPE - 1).
+  EXPECT_TRUE(ignores_signal(r0.pid, SIGPIPE)) << "rank 0 does not ignore SIGPIPE";
   ASSERT_EQ(::kill(r1.pid, SIGKILL), 0);
   Exit e1 = wait_for(r1, 30);
   EXPECT_TRUE(WIFSIGNALED(e1.status));
