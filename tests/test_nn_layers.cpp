@@ -11,6 +11,7 @@
 #include "colt5/nn/image.h"
 #include "colt5/nn/layers.h"
 #include "colt5/nn/local_attention.h"
+#include "nn/attention_core.h"
 #include "support/expect_error.h"
 
 using colt5::testing::expect_error;
@@ -676,3 +677,91 @@ TEST(NnLayers, ViTBadInputsNameTheProblem) {
 }
 
 }  // namespace
+
+namespace {
+
+// attend_gathered written out: every group's keys/values are its route's
+// null row and the table rows it names, values (and keys with
+// multiply_keys_by_score) times the scores, masked positions left out.
+torch::Tensor gathered_by_formula(AttentionImpl& a, const torch::Tensor& q, const torch::Tensor& proj,
+                                  const torch::Tensor& rows, const torch::Tensor& mask, const torch::Tensor& scores) {
+  const int64_t h = a.options.heads(), dh = a.options.dim_head();
+  const int64_t b = rows.size(0), routes = rows.size(1), hr = h / routes, n = q.size(2);
+  std::vector<torch::Tensor> outs;
+  for (int64_t bi = 0; bi < b; ++bi) {
+    std::vector<torch::Tensor> heads;
+    for (int64_t r = 0; r < routes; ++r) {
+      torch::Tensor kv = proj.index_select(0, rows[bi][r]).view({-1, hr, 2, dh});
+      torch::Tensor k = kv.select(2, 0), v = kv.select(2, 1);  // [m, hr, dh]
+      if (scores.defined()) {
+        torch::Tensor s = scores[bi][r].view({-1, 1, 1}).to(kv.scalar_type());
+        v = v * s;
+        if (a.options.multiply_keys_by_score()) k = k * s;
+      }
+      for (int64_t hh = 0; hh < hr; ++hh) {
+        const int64_t head = r * hr + hh;
+        torch::Tensor kk = torch::cat({a.null_kv[0][head].unsqueeze(0).to(k.scalar_type()), k.select(1, hh)}, 0);
+        torch::Tensor vv = torch::cat({a.null_kv[1][head].unsqueeze(0).to(v.scalar_type()), v.select(1, hh)}, 0);
+        torch::Tensor sim = torch::matmul(q[bi][head], kk.t()) * std::pow(static_cast<double>(dh), -0.5);
+        if (mask.defined()) {
+          torch::Tensor keep = torch::cat({torch::ones({1}, mask.options()), mask[bi][r]}, 0);
+          sim = sim.masked_fill(keep.logical_not().unsqueeze(0), -std::numeric_limits<double>::infinity());
+        }
+        heads.push_back(torch::matmul(sim.softmax(-1), vv));  // [n, dh]
+      }
+    }
+    outs.push_back(torch::stack(heads, 0).transpose(0, 1).reshape({n, h * dh}));
+  }
+  return a.to_out->forward(torch::stack(outs, 0));
+}
+
+}  // namespace
+
+// The CPU's gathered keys/values (one pass: gather, scores, layout) and its
+// backward against the formula: float64 to 1e-12 for the output and the
+// gradients of q, the table, the scores and the null keys/values; with and
+// without scores, keys scaled or not, a mask, and table rows that several
+// sets (and one set twice) name. Float32 and bfloat16 against float64.
+TEST(NnLayers, GatheredKeysValuesOnTheCpuMatchTheFormula) {
+  torch::manual_seed(71);
+  const int64_t b = 2, routes = 2, h = 4, dh = 8, n = 3, m = 6, table_rows = 9;
+  for (bool mult_keys : {false, true}) {
+    for (bool with_scores : {true, false}) {
+      for (bool masked : {false, true}) {
+        SCOPED_TRACE("mult_keys " + std::to_string(mult_keys) + " scores " + std::to_string(with_scores) + " masked " +
+                     std::to_string(masked));
+        Attention attn(AttentionOptions(16).dim_head(dh).heads(h).multiply_keys_by_score(mult_keys));
+        attn->to(torch::kDouble);
+        const torch::Tensor q0 = torch::randn({b, h, n, dh}, torch::kDouble);
+        const torch::Tensor proj0 = torch::randn({table_rows, h / routes * 2 * dh}, torch::kDouble);
+        torch::Tensor rows = torch::randint(table_rows, {b, routes, m}, torch::kLong);
+        rows[0][0][1] = rows[0][0][0];  // one set names a row twice
+        const torch::Tensor s0 = with_scores ? torch::rand({b, routes, m}, torch::kDouble) : torch::Tensor();
+        torch::Tensor mask = masked ? torch::rand({b, routes, m}) > 0.3 : torch::Tensor();
+        const torch::Tensor x = torch::zeros({b, n, 16}, torch::kDouble);
+        const torch::Tensor g = torch::randn({b, n, 16}, torch::kDouble);
+
+        auto run = [&](bool formula, at::ScalarType t) {
+          auto a = std::dynamic_pointer_cast<AttentionImpl>(attn->clone());
+          a->to(t);
+          auto leaf = [&](const torch::Tensor& v) { return v.to(t).clone().requires_grad_(true); };
+          torch::Tensor q = leaf(q0), proj = leaf(proj0);
+          torch::Tensor s = with_scores ? leaf(s0) : torch::Tensor();
+          torch::Tensor out = formula ? gathered_by_formula(*a, q, proj, rows, mask, s)
+                                      : attend_gathered(*a, x.to(t), q, proj, rows, mask, s, false);
+          out.backward(g.to(t));
+          std::vector<torch::Tensor> got{out, q.grad(), proj.grad(), a->null_kv.grad()};
+          if (with_scores) got.push_back(s.grad());
+          return got;
+        };
+        const auto want = run(true, torch::kDouble);
+        const auto got = run(false, torch::kDouble);
+        for (size_t i = 0; i < want.size(); ++i) EXPECT_LT(max_rel_error(got[i], want[i]), 1e-12) << "tensor " << i;
+        const auto f32 = run(false, torch::kFloat);
+        for (size_t i = 0; i < want.size(); ++i) EXPECT_LT(max_rel_error(f32[i], want[i]), 1e-5) << "float32 " << i;
+        const auto bf16 = run(false, torch::kBFloat16);
+        for (size_t i = 0; i < want.size(); ++i) EXPECT_LT(max_rel_error(bf16[i], want[i]), 5e-2) << "bfloat16 " << i;
+      }
+    }
+  }
+}

@@ -1,6 +1,10 @@
 #include "colt5/nn/attention.h"
 
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <ATen/record_function.h>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include <cmath>
 #include <limits>
@@ -15,7 +19,6 @@
 #ifdef COLT5_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/csrc/autograd/custom_function.h>
 
 #include "kernels/coor_descent.h"
 #endif
@@ -70,8 +73,13 @@ class GatheredAttentionFunction : public torch::autograd::Function<GatheredAtten
     p.grad_scores = scores.numel() ? gscores.data_ptr<float>() : nullptr;
     kernels::gathered_attention_backward_cuda(p, at::cuda::getCurrentCUDAStream().stream());
     auto wanted = [&](int i, const torch::Tensor& t) { return ctx->needs_input_grad(i) ? t : torch::Tensor(); };
-    return {wanted(0, as_type(gq, q.scalar_type())), wanted(1, as_type(gtable, table.scalar_type())), wanted(2, gnull),
-            wanted(3, gscores), {}, {}, {}};
+    return {wanted(0, as_type(gq, q.scalar_type())),
+            wanted(1, as_type(gtable, table.scalar_type())),
+            wanted(2, gnull),
+            wanted(3, gscores),
+            {},
+            {},
+            {}};
   }
 
  private:
@@ -106,6 +114,129 @@ bool gathered_kernel_applies(const torch::Tensor& q, const torch::Tensor& proj, 
          kernels::gathered_attention_supports(dh);
 }
 #endif
+
+// The CPU's gathered keys and values: row flat[g * m1 + j] of table
+// [T, hr * 2 * dh] (heads' keys and values side by side, as projected) for
+// group g's key/value j (j = 0 its null row), values times scores[g, j - 1]
+// (and keys with scale_keys; scores [G, m1 - 1] in table's dtype, or empty
+// for none), written into k and v [G, m1, hr, dh] (the caller views them as
+// [G, hr, m1, dh]; the attention's gradients come back in this layout). One
+// pass instead of a gather and the score product, the rows written in order;
+// the backward forms the scores' gradients in one pass and adds each row's
+// gradient into the table's in another (by column blocks, in parallel).
+class GatherKVFunction : public torch::autograd::Function<GatherKVFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& table,
+                                                const torch::Tensor& flat, const torch::Tensor& scores, int64_t groups,
+                                                int64_t m1, int64_t hr, bool scale_keys) {
+    const int64_t c = table.size(1), dh = c / (2 * hr);
+    torch::Tensor k = torch::empty({groups, m1, hr, dh}, table.options());
+    torch::Tensor v = torch::empty({groups, m1, hr, dh}, table.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, table.scalar_type(), "colt5_gather_kv", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* src = table.data_ptr<scalar_t>();
+      const int64_t* rows = flat.data_ptr<int64_t>();
+      const scalar_t* sc = scores.numel() ? scores.data_ptr<scalar_t>() : nullptr;
+      scalar_t* K = k.data_ptr<scalar_t>();
+      scalar_t* V = v.data_ptr<scalar_t>();
+      at::parallel_for(0, groups * m1, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t g = r / m1, j = r % m1;
+          const scalar_t* row = src + rows[r] * c;
+          const acc_t sv = (sc != nullptr && j > 0) ? static_cast<acc_t>(sc[g * (m1 - 1) + j - 1]) : acc_t(1);
+          const acc_t sk = scale_keys ? sv : acc_t(1);
+          for (int64_t h = 0; h < hr; ++h) {
+            const scalar_t* kr = row + h * 2 * dh;
+            const scalar_t* vr = kr + dh;
+            scalar_t* kd = K + (r * hr + h) * dh;
+            scalar_t* vd = V + (r * hr + h) * dh;
+            for (int64_t d = 0; d < dh; ++d) {
+              kd[d] = static_cast<scalar_t>(static_cast<acc_t>(kr[d]) * sk);
+              vd[d] = static_cast<scalar_t>(static_cast<acc_t>(vr[d]) * sv);
+            }
+          }
+        }
+      });
+    });
+    ctx->save_for_backward({table, flat, scores});
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["m1"] = m1;
+    ctx->saved_data["hr"] = hr;
+    ctx->saved_data["scale_keys"] = scale_keys;
+    return {k, v};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor &table = saved[0], &flat = saved[1], &scores = saved[2];
+    const int64_t groups = ctx->saved_data["groups"].toInt(), m1 = ctx->saved_data["m1"].toInt();
+    const int64_t hr = ctx->saved_data["hr"].toInt();
+    const bool scale_keys = ctx->saved_data["scale_keys"].toBool();
+    const int64_t c = table.size(1), dh = c / (2 * hr);
+    auto grad_of = [&](const torch::Tensor& g) {
+      return g.defined() ? g.to(table.scalar_type()).contiguous() : torch::zeros({groups, m1, hr, dh}, table.options());
+    };
+    const torch::Tensor gk = grad_of(grads[0]), gv = grad_of(grads[1]);
+    const int64_t n_rows = groups * m1;
+    torch::Tensor grad_scores = scores.numel() ? torch::empty_like(scores) : torch::Tensor();
+    // The table's gradient accumulates in the operations' precision (float
+    // for bfloat16/float16), column blocks in parallel: no two threads touch
+    // one element, and repeated rows simply add.
+    torch::Tensor grad_acc = torch::zeros(table.sizes(), table.options().dtype(at::toOpMathType(table.scalar_type())));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, table.scalar_type(), "colt5_gather_kv_backward", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* src = table.data_ptr<scalar_t>();
+      const int64_t* rows = flat.data_ptr<int64_t>();
+      const scalar_t* sc = scores.numel() ? scores.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* GK = gk.data_ptr<scalar_t>();
+      const scalar_t* GV = gv.data_ptr<scalar_t>();
+      if (sc != nullptr) {
+        scalar_t* GS = grad_scores.data_ptr<scalar_t>();
+        at::parallel_for(0, n_rows, 64, [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            const int64_t g = r / m1, j = r % m1;
+            if (j == 0) continue;
+            const scalar_t* row = src + rows[r] * c;
+            acc_t ds = 0;
+            for (int64_t h = 0; h < hr; ++h) {
+              const scalar_t* kr = row + h * 2 * dh;
+              const scalar_t* vr = kr + dh;
+              const scalar_t* gkr = GK + (r * hr + h) * dh;
+              const scalar_t* gvr = GV + (r * hr + h) * dh;
+              for (int64_t d = 0; d < dh; ++d) {
+                ds += static_cast<acc_t>(gvr[d]) * static_cast<acc_t>(vr[d]);
+                if (scale_keys) ds += static_cast<acc_t>(gkr[d]) * static_cast<acc_t>(kr[d]);
+              }
+            }
+            GS[g * (m1 - 1) + j - 1] = static_cast<scalar_t>(ds);
+          }
+        });
+      }
+      // Column blocks of 16 (or a head's dh whole where 16 does not divide it).
+      const int64_t block = dh % 16 == 0 ? 16 : dh, blocks = c / block;
+      acc_t* GT = grad_acc.data_ptr<acc_t>();
+      at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t r = 0; r < n_rows; ++r) {
+          const int64_t g = r / m1, j = r % m1;
+          const acc_t sv = (sc != nullptr && j > 0) ? static_cast<acc_t>(sc[g * (m1 - 1) + j - 1]) : acc_t(1);
+          const acc_t sk = scale_keys ? sv : acc_t(1);
+          acc_t* out = GT + rows[r] * c;
+          for (int64_t blk = b0; blk < b1; ++blk) {
+            const int64_t col = blk * block, h = col / (2 * dh), within = col % (2 * dh);
+            const bool is_v = within >= dh;
+            const scalar_t* gr = (is_v ? GV : GK) + (r * hr + h) * dh + (is_v ? within - dh : within);
+            const acc_t f = is_v ? sv : sk;
+            for (int64_t d = 0; d < block; ++d) out[col + d] += static_cast<acc_t>(gr[d]) * f;
+          }
+        }
+      });
+    });
+    torch::Tensor grad_table = grad_acc.to(table.scalar_type());
+    return {grad_table,      torch::Tensor(), grad_scores,    torch::Tensor(),
+            torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
 
 void check_floating(const torch::Tensor& t, const char* who, const char* name) {
   TORCH_CHECK(t.defined(), who, ": ", name, " is undefined");
@@ -358,15 +489,32 @@ torch::Tensor attend_gathered(AttentionImpl& a, const torch::Tensor& x, const to
   auto io = rows.options();
   torch::Tensor null_rows = (torch::arange(routes, io) + table_rows).view({1, routes, 1}).expand({batch, routes, 1});
   torch::Tensor flat = torch::cat({null_rows, rows}, 2).reshape({-1});
-  // (batch * routes, heads / routes, 1 + m, 2 * dim_head): a view of the gathered rows.
-  torch::Tensor kv = table.index_select(0, flat).view({batch * routes, 1 + m, hr, 2 * dh}).transpose(1, 2);
-  auto halves = kv.chunk(2, -1);
-  torch::Tensor k = halves[0], v = halves[1];
-  if (scores_kv.defined()) {
-    torch::Tensor s = torch::constant_pad_nd(as_type(scores_kv.reshape({batch * routes, 1, m, 1}), kv.scalar_type()),
-                                             {0, 0, 1, 0}, 1.0);
-    v = v * s;
-    if (a.options.multiply_keys_by_score()) k = k * s;
+  torch::Tensor k, v;
+  const bool recorded =
+      torch::GradMode::is_enabled() && (table.requires_grad() || (scores_kv.defined() && scores_kv.requires_grad()));
+  if (table.is_cpu() && recorded) {
+    // The keys and values gathered and scaled in one pass, and their gradients
+    // in two (for a forward alone the gather and the product below are no
+    // slower: the time goes to first touches of the new memory).
+    torch::Tensor s = scores_kv.defined()
+                          ? as_type(scores_kv.reshape({batch * routes, m}), table.scalar_type()).contiguous()
+                          : torch::empty({0}, table.options());
+    auto kv = GatherKVFunction::apply(table.contiguous(), as_type(flat, at::kLong).contiguous(), s, batch * routes,
+                                      1 + m, hr, scores_kv.defined() && a.options.multiply_keys_by_score());
+    k = kv[0].transpose(1, 2);
+    v = kv[1].transpose(1, 2);
+  } else {
+    // (batch * routes, heads / routes, 1 + m, 2 * dim_head): a view of the gathered rows.
+    torch::Tensor kv = table.index_select(0, flat).view({batch * routes, 1 + m, hr, 2 * dh}).transpose(1, 2);
+    auto halves = kv.chunk(2, -1);
+    k = halves[0];
+    v = halves[1];
+    if (scores_kv.defined()) {
+      torch::Tensor s = torch::constant_pad_nd(as_type(scores_kv.reshape({batch * routes, 1, m, 1}), kv.scalar_type()),
+                                               {0, 0, 1, 0}, 1.0);
+      v = v * s;
+      if (a.options.multiply_keys_by_score()) k = k * s;
+    }
   }
   torch::Tensor mask;
   if (mask_in.defined()) {

@@ -37,8 +37,10 @@ torch::Tensor attend_projected(AttentionImpl& a, const torch::Tensor& x, const t
 // into it, mask bool [b, routes, m] (or undefined), scores_kv [b, routes, m]
 // (or undefined). Each route's null key/value is appended to the table and
 // gathered as position 0 of every set, and the attention runs on the gathered
-// rows in place, with the routes folded into the batch: one copy of the
-// routed keys/values instead of a gather, a reshape and a concatenation.
+// rows with the routes folded into the batch. On the CPU where gradients are
+// recorded one pass gathers the rows and scales them by the scores (its
+// backward: one pass for the scores' gradients, one adding the rows' gradients
+// into the table's); elsewhere the gathered rows are viewed in place.
 // On CUDA (float32, float16 or bfloat16; head width 16, 32, 64 or 128) the
 // attention instead reads the rows by index in one kernel, forward and
 // backward, with no gathered copy at all, unless index_kernel is false.
