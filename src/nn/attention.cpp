@@ -115,6 +115,14 @@ bool gathered_kernel_applies(const torch::Tensor& q, const torch::Tensor& proj, 
 }
 #endif
 
+// Gathered row r's score: group r / m1's entry j - 1 for j = r % m1 > 0; 1
+// for the null row (j = 0) and where there are no scores.
+template <typename acc_t, typename scalar_t>
+acc_t gathered_row_score(const scalar_t* scores, int64_t r, int64_t m1) {
+  const int64_t j = r % m1;
+  return scores != nullptr && j > 0 ? static_cast<acc_t>(scores[r / m1 * (m1 - 1) + j - 1]) : acc_t(1);
+}
+
 // The CPU's gathered keys and values: row flat[g * m1 + j] of table
 // [T, hr * 2 * dh] (heads' keys and values side by side, as projected) for
 // group g's key/value j (j = 0 its null row), values times scores[g, j - 1]
@@ -141,10 +149,8 @@ class GatherKVFunction : public torch::autograd::Function<GatherKVFunction> {
       scalar_t* V = v.data_ptr<scalar_t>();
       at::parallel_for(0, groups * m1, 16, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
-          const int64_t g = r / m1, j = r % m1;
           const scalar_t* row = src + rows[r] * c;
-          const acc_t sv = (sc != nullptr && j > 0) ? static_cast<acc_t>(sc[g * (m1 - 1) + j - 1]) : acc_t(1);
-          const acc_t sk = scale_keys ? sv : acc_t(1);
+          const acc_t sv = gathered_row_score<acc_t>(sc, r, m1), sk = scale_keys ? sv : acc_t(1);
           for (int64_t h = 0; h < hr; ++h) {
             const scalar_t* kr = row + h * 2 * dh;
             const scalar_t* vr = kr + dh;
@@ -195,7 +201,7 @@ class GatherKVFunction : public torch::autograd::Function<GatherKVFunction> {
         scalar_t* GS = grad_scores.data_ptr<scalar_t>();
         at::parallel_for(0, n_rows, 64, [&](int64_t begin, int64_t end) {
           for (int64_t r = begin; r < end; ++r) {
-            const int64_t g = r / m1, j = r % m1;
+            const int64_t j = r % m1;
             if (j == 0) continue;
             const scalar_t* row = src + rows[r] * c;
             acc_t ds = 0;
@@ -209,7 +215,7 @@ class GatherKVFunction : public torch::autograd::Function<GatherKVFunction> {
                 if (scale_keys) ds += static_cast<acc_t>(gkr[d]) * static_cast<acc_t>(kr[d]);
               }
             }
-            GS[g * (m1 - 1) + j - 1] = static_cast<scalar_t>(ds);
+            GS[r / m1 * (m1 - 1) + j - 1] = static_cast<scalar_t>(ds);
           }
         });
       }
@@ -218,9 +224,7 @@ class GatherKVFunction : public torch::autograd::Function<GatherKVFunction> {
       acc_t* GT = grad_acc.data_ptr<acc_t>();
       at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t r = 0; r < n_rows; ++r) {
-          const int64_t g = r / m1, j = r % m1;
-          const acc_t sv = (sc != nullptr && j > 0) ? static_cast<acc_t>(sc[g * (m1 - 1) + j - 1]) : acc_t(1);
-          const acc_t sk = scale_keys ? sv : acc_t(1);
+          const acc_t sv = gathered_row_score<acc_t>(sc, r, m1), sk = scale_keys ? sv : acc_t(1);
           acc_t* out = GT + rows[r] * c;
           for (int64_t blk = b0; blk < b1; ++blk) {
             const int64_t col = blk * block, h = col / (2 * dh), within = col % (2 * dh);

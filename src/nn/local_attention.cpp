@@ -432,7 +432,8 @@ class CausalWindowsFunction : public torch::autograd::Function<CausalWindowsFunc
           lse_b, 0.0, false, {}, scale);
       // (windows, heads, ws, d) gradients; B's queries are one window on,
       // its keys and values one window back.
-      torch::Tensor dq = std::get<0>(ga).clone(), dk = std::get<1>(ga).clone(), dv = std::get<2>(ga).clone();
+      // A's gradients are this call's own tensors: B's are added to them in place.
+      torch::Tensor &dq = std::get<0>(ga), &dk = std::get<1>(ga), &dv = std::get<2>(ga);
       dq.narrow(0, 1, g - 1).add_(std::get<0>(gb));
       dk.narrow(0, 0, g - 1).add_(std::get<1>(gb));
       dv.narrow(0, 0, g - 1).add_(std::get<2>(gb));
