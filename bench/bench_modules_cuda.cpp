@@ -1011,6 +1011,19 @@ int main(int argc, char** argv) {
           dn_f, note);
       torch::Tensor xg = fmap.detach().requires_grad_(true);
       row(name, "fwd+bwd", time_cuda(train_step([&] { return attn->forward(xg); }, amp)), dn_b, note);
+      if (amp) {
+        // The routers one by one, as before joint routing (same run).
+        attn->options.joint_routing(false);
+        row(name + ", separate routers", "fwd", time_cuda([&] {
+              torch::NoGradGuard g;
+              Autocast ac(true);
+              attn->forward(fmap);
+            }),
+            dn_f, note);
+        row(name + ", separate routers", "fwd+bwd", time_cuda(train_step([&] { return attn->forward(xg); }, amp)), dn_b,
+            note);
+        attn->options.joint_routing(true);
+      }
     }
   }
   return 0;

@@ -88,7 +88,8 @@ torch::Tensor ConditionalRoutedImageAttentionImpl::forward(const torch::Tensor& 
   // light: full attention inside each window
   auto light_out = from_windows(light_attn(to_windows(x, ws)), b, H, W, ws);
 
-  // heavy: routed over every position of the map
+  // heavy: routed over every position of the map; the light output and the
+  // heavy one summed in one pass, the routed rows added in place
   auto tokens = x.reshape({b, H * W, dim});
   HeavyBranchInputs in;
   in.queries = in.context = tokens;
@@ -96,9 +97,9 @@ torch::Tensor ConditionalRoutedImageAttentionImpl::forward(const torch::Tensor& 
   in.num_q = kq;
   in.num_kv = kkv;
   in.multiply_queries_by_score = options.multiply_queries_by_score();
-  torch::Tensor heavy_out = heavy_routed_attention(*q_router, *kv_router, *heavy_attn, null_q_token, in);
-
-  auto out = light_out + heavy_out.reshape({b, H, W, dim});
+  in.joint_routing = options.joint_routing();
+  in.plus_a = light_out.reshape({b, H * W, dim});
+  auto out = heavy_routed_attention(*q_router, *kv_router, *heavy_attn, null_q_token, in).reshape({b, H, W, dim});
   return options.channel_first() ? out.permute({0, 3, 1, 2}) : out;
 }
 

@@ -701,6 +701,50 @@ TEST(CudaModules, JointRoutingMatchesSeparateRouters) {
   }
 }
 
+TEST(CudaModules, ImageJointRoutingMatchesSeparateRouters) {
+  // The image module's routers over the map's tokens: one read, one descent
+  // and one top-k for both, against each on its own.
+  torch::manual_seed(33);
+  for (bool masked : {false, true}) {
+    for (bool bf16 : {false, true}) {
+      SCOPED_TRACE("masked " + std::to_string(masked) + " bf16 " + std::to_string(bf16));
+      ConditionalRoutedImageAttention attn(ConditionalRoutedImageAttentionOptions(32, 96, 64)
+                                               .light_dim_head(16)
+                                               .light_heads(2)
+                                               .light_window_size(8)
+                                               .heavy_dim_head(16)
+                                               .heavy_heads(2)
+                                               .channel_first(true));
+      attn->to(cuda());
+      auto opts = torch::TensorOptions(cuda());
+      torch::Tensor x = torch::randn({2, 32, 24, 32}, opts);
+      torch::Tensor mask = masked ? torch::rand({2, 24, 32}, opts) > 0.2 : torch::Tensor();
+      torch::Tensor g = torch::randn({2, 32, 24, 32}, opts);
+      std::vector<torch::Tensor> got;
+      for (bool joint : {true, false}) {
+        auto m = std::dynamic_pointer_cast<ConditionalRoutedImageAttentionImpl>(attn->clone());
+        m->options.joint_routing(joint);
+        torch::Tensor xd = x.clone().requires_grad_(true);
+        torch::Tensor out;
+        {
+          Region region(torch::kBFloat16, bf16);
+          out = m->forward(xd, mask);
+        }
+        out.backward(g.to(out.scalar_type()));
+        got.push_back(out.to(torch::kFloat));
+        got.push_back(xd.grad());
+        got.push_back(m->q_router->routing_token.grad());
+        got.push_back(m->kv_router->routing_token.grad());
+      }
+      EXPECT_TRUE(torch::equal(got[0], got[4]));
+      const double tol = bf16 ? 1e-2 : 1e-5;
+      EXPECT_LT(max_rel_error(got[1], got[5]), tol) << "x gradient";
+      EXPECT_LT(max_rel_error(got[2], got[6]), tol) << "query router gradient";
+      EXPECT_LT(max_rel_error(got[3], got[7]), tol) << "key/value router gradient";
+    }
+  }
+}
+
 TEST(CudaModules, CrossAttentionOverAMillionTokenMemory) {
   // The seed README's cross-attention example: 1024 queries over 1,048,576 memories, 2 kv routes,
   // route blocks of 131072.

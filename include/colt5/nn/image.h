@@ -38,6 +38,12 @@ struct ConditionalRoutedImageAttentionOptions {
   // clang-format on
   COLT5_IMAGE_ATTN_MODULE_OPTIONS(COLT5_DECLARE_OPTION)
   COLT5_OPTIONS_VISITOR(COLT5_IMAGE_ATTN_MODULE_OPTIONS)
+  /// On CUDA, the query and key/value routers score the map's tokens in one
+  /// read and route them through one coordinate descent and one top-k where
+  /// their settings allow, as ConditionalRoutedAttentionOptions::joint_routing
+  /// (false: each router on its own; the same routing). Not a model setting:
+  /// not saved with the options.
+  TORCH_ARG(bool, joint_routing) = true;
 };
 
 // Light branch: SelfAttention (RMSNorm prenorm) inside each w x w window.
