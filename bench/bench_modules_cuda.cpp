@@ -964,6 +964,7 @@ int main(int argc, char** argv) {
                             {"block router 2x32768", 2, 32768, 1024, false},
                             {"block routers 4x32768 (joint)", 4, 32768, 1024, false},
                             {"block router 2x262144", 2, 262144, 1024, false},
+                            {"image routers 2x65536 (joint)", 2, 65536, 1024, false},
                             {"autoregr. kv 252x8192 (8k)", 252, 8192, 1024, true},
                             {"autoregr. kv 1020x32768 (32k)", 1020, 32768, 1024, true},
                             {"cross router 16x131072", 16, 131072, 128, false}};
