@@ -651,6 +651,35 @@ TEST(CudaModules, LocalMHACausalWindowsMatchTheViewsPath) {
 // routing, one and two key/value routes, with and without a mask, float32
 // and under bf16 autocast; as many queries as keys/values routed (both
 // routers' rows in one coordinate descent and top-k) or not.
+// A module with joint routing against a copy of it with separate routers:
+// the same output bit for bit, and the gradients of x and of both routers'
+// tokens within float32 (bf16 autocast) tolerance, for upstream gradient g.
+template <typename Impl>
+void expect_joint_routing_matches_separate(Impl& module, const torch::Tensor& x, const torch::Tensor& mask,
+                                           const torch::Tensor& g, bool bf16) {
+  std::vector<torch::Tensor> got;
+  for (bool joint : {true, false}) {
+    auto m = std::dynamic_pointer_cast<Impl>(module.clone());
+    m->options.joint_routing(joint);
+    torch::Tensor xd = x.clone().requires_grad_(true);
+    torch::Tensor out;
+    {
+      Region region(torch::kBFloat16, bf16);
+      out = m->forward(xd, mask);
+    }
+    out.backward(g.to(out.scalar_type()));
+    got.push_back(out.to(torch::kFloat));
+    got.push_back(xd.grad());
+    got.push_back(m->q_router->routing_token.grad());
+    got.push_back(m->kv_router->routing_token.grad());
+  }
+  EXPECT_TRUE(torch::equal(got[0], got[4]));
+  const double tol = bf16 ? 1e-2 : 1e-5;
+  EXPECT_LT(max_rel_error(got[1], got[5]), tol) << "x gradient";
+  EXPECT_LT(max_rel_error(got[2], got[6]), tol) << "query router gradient";
+  EXPECT_LT(max_rel_error(got[3], got[7]), tol) << "key/value router gradient";
+}
+
 TEST(CudaModules, JointRoutingMatchesSeparateRouters) {
   torch::manual_seed(32);
   for (bool cosine : {false, true}) {
@@ -672,28 +701,8 @@ TEST(CudaModules, JointRoutingMatchesSeparateRouters) {
             auto opts = torch::TensorOptions(cuda());
             torch::Tensor x = torch::randn({2, 700, 128}, opts);
             torch::Tensor mask = masked ? torch::rand({2, 700}, opts) > 0.2 : torch::Tensor();
-            torch::Tensor g = torch::randn({2, 700, 128}, opts);
-            std::vector<torch::Tensor> got;
-            for (bool joint : {true, false}) {
-              auto m = std::dynamic_pointer_cast<ConditionalRoutedAttentionImpl>(attn->clone());
-              m->options.joint_routing(joint);
-              torch::Tensor xd = x.clone().requires_grad_(true);
-              torch::Tensor out;
-              {
-                Region region(torch::kBFloat16, bf16);
-                out = m->forward(xd, mask);
-              }
-              out.backward(g.to(out.scalar_type()));
-              got.push_back(out.to(torch::kFloat));
-              got.push_back(xd.grad());
-              got.push_back(m->q_router->routing_token.grad());
-              got.push_back(m->kv_router->routing_token.grad());
-            }
-            EXPECT_TRUE(torch::equal(got[0], got[4]));
-            const double tol = bf16 ? 1e-2 : 1e-5;
-            EXPECT_LT(max_rel_error(got[1], got[5]), tol) << "x gradient";
-            EXPECT_LT(max_rel_error(got[2], got[6]), tol) << "query router gradient";
-            EXPECT_LT(max_rel_error(got[3], got[7]), tol) << "key/value router gradient";
+            expect_joint_routing_matches_separate<ConditionalRoutedAttentionImpl>(
+                *attn, x, mask, torch::randn({2, 700, 128}, opts), bf16);
           }
         }
       }
@@ -719,28 +728,8 @@ TEST(CudaModules, ImageJointRoutingMatchesSeparateRouters) {
       auto opts = torch::TensorOptions(cuda());
       torch::Tensor x = torch::randn({2, 32, 24, 32}, opts);
       torch::Tensor mask = masked ? torch::rand({2, 24, 32}, opts) > 0.2 : torch::Tensor();
-      torch::Tensor g = torch::randn({2, 32, 24, 32}, opts);
-      std::vector<torch::Tensor> got;
-      for (bool joint : {true, false}) {
-        auto m = std::dynamic_pointer_cast<ConditionalRoutedImageAttentionImpl>(attn->clone());
-        m->options.joint_routing(joint);
-        torch::Tensor xd = x.clone().requires_grad_(true);
-        torch::Tensor out;
-        {
-          Region region(torch::kBFloat16, bf16);
-          out = m->forward(xd, mask);
-        }
-        out.backward(g.to(out.scalar_type()));
-        got.push_back(out.to(torch::kFloat));
-        got.push_back(xd.grad());
-        got.push_back(m->q_router->routing_token.grad());
-        got.push_back(m->kv_router->routing_token.grad());
-      }
-      EXPECT_TRUE(torch::equal(got[0], got[4]));
-      const double tol = bf16 ? 1e-2 : 1e-5;
-      EXPECT_LT(max_rel_error(got[1], got[5]), tol) << "x gradient";
-      EXPECT_LT(max_rel_error(got[2], got[6]), tol) << "query router gradient";
-      EXPECT_LT(max_rel_error(got[3], got[7]), tol) << "key/value router gradient";
+      expect_joint_routing_matches_separate<ConditionalRoutedImageAttentionImpl>(
+          *attn, x, mask, torch::randn({2, 32, 24, 32}, opts), bf16);
     }
   }
 }
