@@ -102,6 +102,10 @@ int main(int argc, char** argv) {
       "[--rounds R]\n";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
+    if (a == "--help" || a == "-h") {
+      std::fputs(usage, stdout);
+      return 0;
+    }
     if (a == "--reference") {
       reference = true;
       continue;

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <functional>
 #include <string>
@@ -42,7 +43,27 @@ std::string cpu_name() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const double budget = argc > 1 ? std::atof(argv[1]) : 2.0;
+  const char* usage = "usage: bench_coor_descent_cpu [SECONDS]  (time budget per measurement, default 2)\n";
+  if (argc > 2) {
+    std::fputs(usage, stderr);
+    return 2;
+  }
+  double budget = 2.0;
+  if (argc == 2) {
+    const std::string a = argv[1];
+    if (a == "--help" || a == "-h") {
+      std::fputs(usage, stdout);
+      return 0;
+    }
+    char* end = nullptr;
+    budget = std::strtod(argv[1], &end);
+    if (end == argv[1] || *end != '\0' || !(budget > 0.0) || budget > 3600.0) {
+      std::fprintf(stderr,
+                   "bench_coor_descent_cpu: the time budget must be a number of seconds in (0, 3600], got '%s'\n%s",
+                   argv[1], usage);
+      return 2;
+    }
+  }
   torch::manual_seed(0);
   std::printf("coordinate descent, CPU: %s, %d threads, LibTorch %s\n", cpu_name().c_str(), at::get_num_threads(),
               TORCH_VERSION);

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <string>
 #include <utility>
@@ -145,6 +146,12 @@ struct Work {
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc > 1) {
+    const bool help = !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h");
+    if (!help) std::fprintf(stderr, "bench_coor_descent_cuda: unknown argument %s\n", argv[1]);
+    std::fputs("usage: bench_coor_descent_cuda  (no arguments)\n", help ? stdout : stderr);
+    return help ? 0 : 2;
+  }
   if (!torch::cuda::is_available()) {
     std::printf("bench_coor_descent_cuda: CUDA is unavailable on this machine.\n");
     return 0;
@@ -305,8 +312,6 @@ int main(int argc, char** argv) {
   std::printf(
       "(fused ms: kernels alone, CUDA-graph replay; fused API: colt5::coor_descent with autograd per call; "
       "ratio: plain / fused ms)\n");
-  (void)argc;
-  (void)argv;
   return 0;
 }
 #endif

@@ -664,7 +664,13 @@ int kernel_profiles(const std::function<bool(const char*)>& want) {
 int main(int argc, char** argv) {
   bool quick = false, profile = true, kernels = false;
   std::string only;
+  const char* usage =
+      "usage: bench_modules_cuda [--quick] [--no-profile] [--kernels] [--only block|autoregressive|cross|topk|image]\n";
   for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--help") || !std::strcmp(argv[i], "-h")) {
+      std::fputs(usage, stdout);
+      return 0;
+    }
     if (!std::strcmp(argv[i], "--quick")) {
       quick = true;
     } else if (!std::strcmp(argv[i], "--kernels")) {
@@ -677,10 +683,7 @@ int main(int argc, char** argv) {
                 !std::strcmp(argv[i + 1], "image"))) {
       only = argv[++i];
     } else {
-      std::fprintf(stderr,
-                   "bench_modules_cuda: unknown argument %s (flags: --quick, --no-profile, --kernels, --only "
-                   "block|autoregressive|cross|topk|image)\n",
-                   argv[i]);
+      std::fprintf(stderr, "bench_modules_cuda: unknown argument %s\n%s", argv[i], usage);
       return 2;
     }
   }
