@@ -86,13 +86,51 @@ namespace {
 using RouterOptions = CoordinateDescentRouterOptions;
 
 #ifdef COLT5_WITH_CUDA
+// The gradients of the rows gathered from x for the heavy branch, handed to
+// the routing scores' backward, which adds them into its own gradient of x:
+// autograd would otherwise write a zero gradient of x's size with the rows in
+// it and add that to the rest (two passes over x's size in float32).
+struct RowGradSink : torch::CustomClassHolder {
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> parts;  // (flat positions, their rows' gradients)
+};
+using RowGradSinkPtr = c10::intrusive_ptr<RowGradSink>;
+
+RowGradSinkPtr sink_of(torch::autograd::AutogradContext* ctx) {
+  return c10::static_intrusive_pointer_cast<RowGradSink>(ctx->saved_data["sink"].toCapsule());
+}
+
+// rows = x_alias[flat] (x_alias: the routing scores' alias of x, [N, d]); the
+// backward leaves the rows' gradients in the sink and gives x_alias none. The
+// routing scores' node runs after this one (it waits for every consumer of
+// its outputs), so it finds them there.
+class GatherRowsFunction : public torch::autograd::Function<GatherRowsFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x_alias,
+                               const torch::Tensor& flat, RowGradSinkPtr sink) {
+    ctx->save_for_backward({flat});
+    ctx->saved_data["sink"] = c10::IValue::make_capsule(sink);
+    return x_alias.index_select(0, flat);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    if (grads[0].defined()) sink_of(ctx)->parts.emplace_back(ctx->get_saved_variables()[0], grads[0]);
+    return {torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
 // x [N, d] (CUDA float32/float16/bfloat16, contiguous) against tokens [r, d]:
 // (x . tokens^T [N, r], |x| [N, 1]), both float32, from one read of x by the
-// routing-scores kernel; the backward is two matrix products.
+// routing-scores kernel, and x itself (an alias through this node, for
+// GatherRowsFunction); the backward is one kernel (two matrix products where
+// it does not apply), plus the gathered rows' gradients from the sink.
 class RoutingDotFunction : public torch::autograd::Function<RoutingDotFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
-                                                const torch::Tensor& tokens) {
+                                                const torch::Tensor& tokens, RowGradSinkPtr sink) {
+    // Unused outputs (the alias, whose gathers leave their gradients in the
+    // sink; the norms with dot-product routing) get no zero gradient.
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["sink"] = c10::IValue::make_capsule(sink);
     const int64_t n = x.size(0), d = x.size(1), r = tokens.size(0);
     torch::Tensor t32 = as_type(tokens, torch::kFloat).contiguous();
     auto f32 = x.options().dtype(torch::kFloat);
@@ -103,11 +141,25 @@ class RoutingDotFunction : public torch::autograd::Function<RoutingDotFunction> 
                                norms.data_ptr<float>(), at::cuda::getCurrentCUDAStream().stream());
     ctx->save_for_backward({x, t32, norms});
     ctx->saved_data["tokens_dtype"] = static_cast<int64_t>(tokens.scalar_type());
-    return {dots, norms};
+    return {dots, norms, x};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    auto [gx, gt] = scores_backward(ctx, grads);
+    const torch::Tensor& x = ctx->get_saved_variables()[0];
+    RowGradSinkPtr sink = sink_of(ctx);
+    if (ctx->needs_input_grad(0) && (grads[2].defined() || !sink->parts.empty())) {
+      if (!gx.defined()) gx = torch::zeros_like(x);
+      if (grads[2].defined()) gx.add_(grads[2]);
+      for (const auto& [flat, rows] : sink->parts) gx.index_add_(0, flat, as_type(rows, gx.scalar_type()));
+    }
+    sink->parts.clear();
+    return {gx, gt, torch::Tensor()};
+  }
+
+  static std::pair<torch::Tensor, torch::Tensor> scores_backward(torch::autograd::AutogradContext* ctx,
+                                                                 const torch::autograd::variable_list& grads) {
     const auto saved = ctx->get_saved_variables();
     const torch::Tensor &x = saved[0], &t32 = saved[1], &norms = saved[2];
     const auto tokens_dtype = static_cast<torch::ScalarType>(ctx->saved_data["tokens_dtype"].toInt());
@@ -161,6 +213,12 @@ class RoutingDotFunction : public torch::autograd::Function<RoutingDotFunction> 
     return {gx, gt};
   }
 };
+
+torch::Tensor gather_via_sink(const torch::Tensor& x_alias, const RowGradSinkPtr& sink, const torch::Tensor& flat,
+                              std::vector<int64_t> shape) {
+  shape.push_back(x_alias.size(1));
+  return GatherRowsFunction::apply(x_alias, flat, sink).view(shape);
+}
 #endif
 
 // Whether the routing-scores kernel takes x [N, d] and tokens [r, d].
@@ -239,7 +297,8 @@ RouterOutput route_all(const torch::Tensor& x, const torch::Tensor& mask, int64_
 
 // The routing scores of each row (and block) against each routing token, in
 // float32 at least: [rows, r, len].
-torch::Tensor routing_scores(const RouterOptions& o, const torch::Tensor& xs, const torch::Tensor& toks) {
+torch::Tensor routing_scores(const RouterOptions& o, const torch::Tensor& xs, const torch::Tensor& toks,
+                             torch::Tensor* x_rows = nullptr, void* sink_out = nullptr) {
   RECORD_USER_SCOPE("colt5::routing_scores");
   torch::Tensor s;
   if (routing_dot_applies(xs, toks)) {
@@ -249,10 +308,13 @@ torch::Tensor routing_scores(const RouterOptions& o, const torch::Tensor& xs, co
     // product is divided by the row's norm from the same read.
     const int64_t rows = xs.size(0), len = xs.size(1), d = xs.size(2), r = o.num_routing_tokens();
     torch::Tensor t = o.cosine_sim_routing() ? l2norm(as_type(toks, torch::kFloat)) * o.cosine_sim_scale() : toks;
-    auto out = RoutingDotFunction::apply(xs.reshape({rows * len, d}).contiguous(), t);
+    auto sink = c10::make_intrusive<RowGradSink>();
+    auto out = RoutingDotFunction::apply(xs.reshape({rows * len, d}).contiguous(), t, sink);
     torch::Tensor dots = out[0];
     if (o.cosine_sim_routing()) dots = dots / out[1].clamp_min(1e-12);
     s = dots.view({rows, len, r}).transpose(1, 2);
+    if (x_rows) *x_rows = out[2];
+    if (sink_out) *static_cast<RowGradSinkPtr*>(sink_out) = sink;
 #endif
   } else if (o.cosine_sim_routing()) {
     // normalize(x) . normalize(t) * scale, computed as (x . normalize(t) * scale) / max(|x|, 1e-12): x is
@@ -326,7 +388,15 @@ RouterOutput route_impl(CoordinateDescentRouterImpl& self, const torch::Tensor& 
     len = w;
   }
   // [b * num_blocks, r, len]; given by route_pair for a whole-sequence router.
-  const torch::Tensor s_rows = scores_in.defined() ? scores_in : routing_scores(o, xs, toks);
+  torch::Tensor x_rows;
+#ifdef COLT5_WITH_CUDA
+  RowGradSinkPtr sink;
+  void* sink_out = &sink;
+#else
+  void* sink_out = nullptr;
+#endif
+  const torch::Tensor s_rows = scores_in.defined() ? scores_in : routing_scores(o, xs, toks, &x_rows, sink_out);
+  if (o.route_block_size()) x_rows = torch::Tensor();
 
   const double effective_k = std::min(static_cast<double>(k) * o.fetch_k_ratio(), static_cast<double>(len));
   auto cd = CoorDescentOptions()
@@ -411,7 +481,14 @@ RouterOutput route_impl(CoordinateDescentRouterImpl& self, const torch::Tensor& 
       out.routed_mask = picked_mask.view(indices.sizes());
     const bool gather_mask = mask.defined() && !out.routed_mask.defined();
     torch::Tensor flat = gather_tokens || gather_mask ? flat_positions(indices, n) : torch::Tensor();
-    if (gather_tokens) out.routed_tokens = gather_rows(x, indices, flat);
+    if (gather_tokens) {
+#ifdef COLT5_WITH_CUDA
+      if (x_rows.defined())
+        out.routed_tokens = gather_via_sink(x_rows, sink, flat, indices.sizes().vec());
+      else
+#endif
+        out.routed_tokens = gather_rows(x, indices, flat);
+    }
     if (gather_mask) out.routed_mask = gather_rows(mask, indices, flat);
   } else {
     std::vector<int64_t> shape = indices.sizes().vec();
@@ -464,7 +541,8 @@ std::pair<RouterOutput, RouterOutput> route_pair(CoordinateDescentRouterImpl& q_
   // Both routers' scores from one read of x: their (normalized) tokens side
   // by side in one call of the routing-scores kernel, so the backward writes
   // one gradient of x instead of two to be added.
-  torch::Tensor scores[2];
+  torch::Tensor scores[2], x_rows;
+  auto sink = c10::make_intrusive<RowGradSink>();
   {
     RECORD_USER_SCOPE("colt5::routing_scores");
     auto tokens_of = [&](const RouterOptions& o, const torch::Tensor& t) {
@@ -473,7 +551,8 @@ std::pair<RouterOutput, RouterOutput> route_pair(CoordinateDescentRouterImpl& q_
     };
     const int64_t b = x.size(0), n = x.size(1), d = x.size(2), rq = oq.num_routing_tokens();
     torch::Tensor t = torch::cat({tokens_of(oq, q_router.routing_token), tokens_of(okv, kv_router.routing_token)}, 0);
-    auto out = RoutingDotFunction::apply(x.reshape({b * n, d}).contiguous(), t);
+    auto out = RoutingDotFunction::apply(x.reshape({b * n, d}).contiguous(), t, sink);
+    x_rows = out[2];
     const RouterOptions* opts[2] = {&oq, &okv};
     const int64_t first[2] = {0, rq}, count[2] = {rq, okv.num_routing_tokens()};
     for (int i = 0; i < 2; ++i) {
@@ -515,7 +594,7 @@ std::pair<RouterOutput, RouterOutput> route_pair(CoordinateDescentRouterImpl& q_
   // Both routers' rows in one gather (one gradient of x in the backward).
   const int64_t n = x.size(1);
   torch::Tensor fq = flat_positions(q.indices, n), fkv = flat_positions(kv.indices, n);
-  torch::Tensor rows = x.reshape({x.size(0) * n, x.size(2)}).index_select(0, torch::cat({fq, fkv}));
+  torch::Tensor rows = GatherRowsFunction::apply(x_rows, torch::cat({fq, fkv}), sink);
   std::vector<int64_t> q_shape = q.indices.sizes().vec(), kv_shape = kv.indices.sizes().vec();
   q_shape.push_back(x.size(2));
   kv_shape.push_back(x.size(2));
