@@ -204,6 +204,7 @@ double dense_ms(int64_t b, int64_t h, int64_t n, int64_t m, bool causal, bool ba
   return time_cuda(
              [&] {
                if (backward) {
+                 for (torch::Tensor* t : {&q, &k, &v}) t->mutable_grad().reset();
                  at::scaled_dot_product_attention(q, k, v, {}, 0.0, causal).backward(g);
                } else {
                  torch::NoGradGuard ng;
@@ -596,10 +597,21 @@ ConditionalRoutedImageAttentionOptions readme_image() {
       .channel_first(true);
 }
 
+// The tensors whose gradients a training step makes: the module's parameters
+// and the input.
+std::vector<torch::Tensor> leaves(const torch::nn::Module& m, const torch::Tensor& x) {
+  std::vector<torch::Tensor> l = m.parameters();
+  l.push_back(x);
+  return l;
+}
+
 // A training step: the forward under autocast (bf16 when amp), then the
-// backward of the output's sum.
-std::function<void()> train_step(std::function<torch::Tensor()> fwd, bool amp = true) {
-  return [fwd = std::move(fwd), amp] {
+// backward of the output's sum. The leaves' gradients are unset first, as
+// after an optimizer's zero_grad() (LibTorch's default, set_to_none), so the
+// step writes them rather than adding to the last step's.
+std::function<void()> train_step(std::function<torch::Tensor()> fwd, bool amp, std::vector<torch::Tensor> leaves) {
+  return [fwd = std::move(fwd), amp, leaves = std::move(leaves)] {
+    for (const torch::Tensor& t : leaves) t.mutable_grad().reset();
     torch::Tensor out;
     {
       Autocast ac(amp);
@@ -622,10 +634,10 @@ int kernel_profiles(const std::function<bool(const char*)>& want) {
       torch::Tensor x = torch::randn({2, n, 512}, f32).requires_grad_(true);
       torch::Tensor mask = torch::ones({2, n}, f32.dtype(torch::kBool));
       colt5_bench::kernel_profile(("block 2x" + std::to_string(n) + "x512, all-true mask, fwd+bwd").c_str(),
-                                  train_step([&] { return block->forward(x, mask); }));
+                                  train_step([&] { return block->forward(x, mask); }, true, leaves(*block, x)));
       if (n == 32768)
         colt5_bench::kernel_profile("block 2x32768x512, no mask, fwd+bwd",
-                                    train_step([&] { return block->forward(x); }));
+                                    train_step([&] { return block->forward(x); }, true, leaves(*block, x)));
     }
   }
   if (want("autoregressive")) {
@@ -635,7 +647,7 @@ int kernel_profiles(const std::function<bool(const char*)>& want) {
     for (int64_t n : {8192, 32768}) {
       torch::Tensor x = torch::randn({2, n, 512}, f32).requires_grad_(true);
       colt5_bench::kernel_profile(("autoregressive 2x" + std::to_string(n) + "x512, fwd+bwd").c_str(),
-                                  train_step([&] { return attn->forward(x); }));
+                                  train_step([&] { return attn->forward(x); }, true, leaves(*attn, x)));
     }
   }
   if (want("cross")) {
@@ -654,7 +666,8 @@ int kernel_profiles(const std::function<bool(const char*)>& want) {
     ConditionalRoutedImageAttention attn(readme_image());
     attn->to(dev);
     torch::Tensor fmap = torch::randn({1, 32, 256, 256}, f32).requires_grad_(true);
-    colt5_bench::kernel_profile("image 1x32x256x256, fwd+bwd", train_step([&] { return attn->forward(fmap); }));
+    colt5_bench::kernel_profile("image 1x32x256x256, fwd+bwd",
+                                train_step([&] { return attn->forward(fmap); }, true, leaves(*attn, fmap)));
   }
   return 0;
 }
@@ -720,7 +733,7 @@ int main(int argc, char** argv) {
       char note[96];
       std::snprintf(note, sizeof note, "bf16 vs fp32 %.1e", err);
       torch::Tensor xg = x.detach().requires_grad_(true);
-      auto step = train_step([&] { return block->forward(xg, mask); });
+      auto step = train_step([&] { return block->forward(xg, mask); }, true, leaves(*block, xg));
       const double dn = n <= 131072 ? dense_ms(2, 8, n, n, false, true, n > 32768 ? 3 : 10) : -1;
       if (n == 32768) {
         const Measure f = time_cuda([&] {
@@ -737,7 +750,7 @@ int main(int argc, char** argv) {
       row(name, "fwd+bwd", fb, dn, note2);
       if (n <= 32768) {
         // Without a padding mask the light branch's windows need no mask at all.
-        auto unmasked = train_step([&] { return block->forward(xg); });
+        auto unmasked = train_step([&] { return block->forward(xg); }, true, leaves(*block, xg));
         row(name + ", no mask", "fwd+bwd", time_cuda(unmasked), dn, "no padding mask");
       }
       if (n <= 32768) {
@@ -808,10 +821,12 @@ int main(int argc, char** argv) {
              "norms write fp32, the projections cast", with([&] { norms_cast(false); }));
         // The block's sums: residual_forward (one pass, routed rows in place)
         // against forward(x) + x with the heavy output written out.
-        auto earlier_sums = train_step([&] {
-          torch::Tensor h = block->conditional_attn->forward(xg, mask) + xg;
-          return block->conditional_ff->forward(h, mask) + h;
-        });
+        auto earlier_sums = train_step(
+            [&] {
+              torch::Tensor h = block->conditional_attn->forward(xg, mask) + xg;
+              return block->conditional_ff->forward(h, mask) + h;
+            },
+            true, leaves(*block, xg));
         pair("residual_forward", "light + heavy + x in one pass", step, "forward + x",
              "heavy output written out, then added", earlier_sums);
       }
@@ -837,7 +852,7 @@ int main(int argc, char** argv) {
       at::globalContext().setAllowTF32CuBLAS(tf32);
       at::globalContext().setAllowTF32CuDNN(tf32);
       row(std::string("block 2x32768x512, fp32, TF32 ") + (tf32 ? "on" : "off"), "fwd+bwd",
-          time_cuda([&] { block->forward(x, mask).sum().backward(); }), -1, "");
+          time_cuda(train_step([&] { return block->forward(x, mask); }, false, leaves(*block, x))), -1, "");
     }
     at::globalContext().setAllowTF32CuBLAS(false);
     at::globalContext().setAllowTF32CuDNN(true);
@@ -856,7 +871,7 @@ int main(int argc, char** argv) {
       char note[64];
       std::snprintf(note, sizeof note, "bf16 vs fp32 %.1e; dense causal", err);
       torch::Tensor xg = x.detach().requires_grad_(true);
-      auto step = train_step([&] { return attn->forward(xg); });
+      auto step = train_step([&] { return attn->forward(xg); }, true, leaves(*attn, xg));
       const Measure fb = time_cuda(step);
       const double dn = dense_ms(2, 8, n, n, true, true);
       row(name, "fwd+bwd", fb, dn, note);
@@ -897,8 +912,8 @@ int main(int argc, char** argv) {
         }
       }
       if (n == 8192) {
-        row("autoregressive 2x8192x512, fp32", "fwd+bwd", time_cuda([&] { attn->forward(xg).sum().backward(); }), -1,
-            "");
+        row("autoregressive 2x8192x512, fp32", "fwd+bwd",
+            time_cuda(train_step([&] { return attn->forward(xg); }, false, leaves(*attn, xg))), -1, "");
         std::printf("  host syncs in a training step: %s\n", host_syncs(step).c_str());
         if (profile) {
           const double tf = time_cuda([&] {
@@ -1014,8 +1029,12 @@ int main(int argc, char** argv) {
           }),
           dn_f, note);
       torch::Tensor xg = fmap.detach().requires_grad_(true);
-      row(name, "fwd+bwd", time_cuda(train_step([&] { return attn->forward(xg); }, amp)), dn_b, note);
+      auto step = train_step([&] { return attn->forward(xg); }, amp, leaves(*attn, xg));
+      row(name, "fwd+bwd", time_cuda(step), dn_b, note);
       if (amp) {
+        const std::string syncs = host_syncs(step);
+        std::printf("  host syncs in a training step: %s\n", syncs.c_str());
+        if (syncs == "none") row(name, "graph", time_graph(step), dn_b, "fwd+bwd replayed from a CUDA graph");
         // The routers one by one, as before joint routing (same run).
         attn->options.joint_routing(false);
         row(name + ", separate routers", "fwd", time_cuda([&] {
@@ -1024,8 +1043,8 @@ int main(int argc, char** argv) {
               attn->forward(fmap);
             }),
             dn_f, note);
-        row(name + ", separate routers", "fwd+bwd", time_cuda(train_step([&] { return attn->forward(xg); }, amp)), dn_b,
-            note);
+        row(name + ", separate routers", "fwd+bwd",
+            time_cuda(train_step([&] { return attn->forward(xg); }, amp, leaves(*attn, xg))), dn_b, note);
         attn->options.joint_routing(true);
       }
     }

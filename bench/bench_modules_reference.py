@@ -105,6 +105,13 @@ def main():
     print(f"{'work (reference)':<52} {'pass':<8} {'ms':>9} {'peak GiB':>8}")
     n_block, n_ar, n_mem, k = (32768, 8192, 1048576, 1024) if not a.small else (512, 512, 4096, 64)
 
+    def unset_grads(module, x):
+        # As after an optimizer's zero_grad() (set_to_none, the default): each
+        # timed step writes its gradients instead of adding to the last one's.
+        for p in module.parameters():
+            p.grad = None
+        x.grad = None
+
     # ---------------------------------------------------------------- block
     for triton in ([True, False] if cuda else [False]):
         torch.manual_seed(1)
@@ -123,10 +130,15 @@ def main():
                     block(x, mask=mask)
 
             row(work, "fwd", attempt(device, a.runs, fwd))
-            row(work, "fwd+bwd", attempt(device, a.runs, lambda: block(x, mask=mask).sum().backward()))
+            def step():
+                unset_grads(block, x)
+                block(x, mask=mask).sum().backward()
+
+            row(work, "fwd+bwd", attempt(device, a.runs, step))
         torch.backends.cuda.matmul.allow_tf32 = False
         if cuda:
             def amp_step():
+                unset_grads(block, x)
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     out = block(x, mask=mask)
                 out.float().sum().backward()
@@ -140,10 +152,14 @@ def main():
         512, num_heavy_tokens_q=32, num_heavy_tokens_kv=k, num_routed_kv=2, light_dim_head=64, light_heads=8,
         light_window_size=128, heavy_window_size=128, heavy_dim_head=64, heavy_heads=8, use_triton=cuda).to(device)
     x = torch.randn(2, n_ar, 512, device=device, requires_grad=True)
+    def ar_step():
+        unset_grads(ar, x)
+        ar(x).sum().backward()
+
     for tf32 in ([False, True] if cuda else [False]):
         torch.backends.cuda.matmul.allow_tf32 = tf32
         row(f"autoregressive 2x{n_ar}x512, fp32, TF32 {'on' if tf32 else 'off'}", "fwd+bwd",
-            attempt(device, a.runs, lambda: ar(x).sum().backward()))
+            attempt(device, a.runs, ar_step))
     torch.backends.cuda.matmul.allow_tf32 = False
     del ar, x
 
