@@ -312,7 +312,12 @@ torch::Tensor FeedForwardImpl::forward(const torch::Tensor& x) {
   TORCH_CHECK(x.defined(), "FeedForward: input x is undefined");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == options.dim(), "FeedForward: input x must end in dimension ", options.dim(),
               ", got shape ", x.sizes());
-  return proj_out->forward(torch::gelu(proj_in->forward(norm->forward(x))));
+  // torch::linear rather than the modules' forward: the C++ frontend's
+  // Linear adds the bias in a separate pass for inputs of more than two
+  // dimensions, where torch::linear folds them into one matrix product with
+  // the bias added in its epilogue (one write of the output instead of three).
+  const torch::Tensor hidden = torch::gelu(torch::linear(norm->forward(x), proj_in->weight, proj_in->bias));
+  return torch::linear(hidden, proj_out->weight, proj_out->bias);
 }
 
 // ---------------------------------------------------------------- rotary embedding
