@@ -523,6 +523,29 @@ TEST(NnLayers, LocalMHABadInputsNameTheProblem) {
   expect_error([&] { core(t, t, t); }, "divisible by the window size");
 }
 
+TEST(NnLayers, LocalMHAOutputBiasIsAddedAtEveryPosition) {
+  torch::manual_seed(12);
+  LocalMHA mha(routed_light(16, 8));
+  randomize(*mha);
+  mha->to(torch::kDouble);
+  auto x = torch::randn({2, 21, 16}, torch::kDouble);
+  auto mask = torch::rand({2, 21}) > 0.2;
+  auto bias = torch::randn({16}, torch::TensorOptions().dtype(torch::kDouble).requires_grad(true));
+  for (const bool masked : {false, true}) {
+    SCOPED_TRACE(masked ? "masked" : "no mask");
+    torch::Tensor m = masked ? mask : torch::Tensor();
+    auto want = mha(x, m) + bias;
+    auto got = mha->forward_with_output_bias(x, m, bias);
+    EXPECT_LT(max_rel_error(got.detach(), want.detach()), 1e-12);
+    auto g = torch::randn_like(got);
+    auto gb_got = torch::autograd::grad({got}, {bias}, {g})[0];
+    auto gb_want = torch::autograd::grad({want}, {bias}, {g})[0];
+    EXPECT_LT(max_rel_error(gb_got, gb_want), 1e-12);
+  }
+  expect_error([&] { mha->forward_with_output_bias(x, mask, torch::randn({15}, torch::kDouble)); },
+               "out_bias must be (16)");
+}
+
 // ---------------------------------------------------------------- image attention
 
 ConditionalRoutedImageAttentionOptions small_image_attn(int64_t dim, int64_t heavy_q, int64_t heavy_kv,

@@ -66,11 +66,11 @@ torch::Tensor scatter_queries(const CoordinateDescentRouterImpl& router, const t
 // the sums; the routed rows then add (routed - null) in place (the same up
 // to rounding).
 torch::Tensor add_heavy_output(const torch::Tensor& null_q_token, const torch::Tensor& a, const torch::Tensor& b,
-                               const torch::Tensor& routed_out, const torch::Tensor& indices) {
+                               bool b_has_null, const torch::Tensor& routed_out, const torch::Tensor& indices) {
   torch::Tensor null = null_q_token.defined() ? null_q_token.view({1, 1, -1}) : torch::Tensor();
   // A fresh tensor (the routed rows are added into it in place).
   torch::Tensor out = b.defined() ? torch::add(a, b) : torch::Tensor();
-  if (null.defined()) out = out.defined() ? out.add_(null) : a + null;
+  if (null.defined() && !(b.defined() && b_has_null)) out = out.defined() ? out.add_(null) : a + null;
   if (!out.defined()) out = a.to(at::promote_types(a.scalar_type(), routed_out.scalar_type()), false, /*copy=*/true);
   const auto dt = at::promote_types(out.scalar_type(), routed_out.scalar_type());
   out = as_type(out, dt);
@@ -167,11 +167,13 @@ torch::Tensor heavy_routed_attention(CoordinateDescentRouterImpl& q_router, Coor
     routed_out = heavy_attn.forward(q.routed_tokens, kv.routed_tokens, kv.routed_mask, kv_scores, scores_q, rotary);
   }
   if (!q.indices.defined()) {  // every query took the heavy branch with score 1
+    TORCH_CHECK(!in.plus_b_has_null, "heavy branch: plus_b holds the null token but every query is routed");
     if (!in.plus_a.defined()) return routed_out;
     return in.plus_b.defined() ? torch::add(in.plus_a, in.plus_b).add_(routed_out) : in.plus_a + routed_out;
   }
   routed_out = routed_out * q.scores.unsqueeze(-1);
-  if (in.plus_a.defined()) return add_heavy_output(null_q_token, in.plus_a, in.plus_b, routed_out, q.indices);
+  if (in.plus_a.defined())
+    return add_heavy_output(null_q_token, in.plus_a, in.plus_b, in.plus_b_has_null, routed_out, q.indices);
   return scatter_queries(q_router, null_q_token, in.queries, routed_out, q.indices);
 }
 
@@ -279,10 +281,16 @@ torch::Tensor ConditionalRoutedAttentionImpl::forward_plus(const torch::Tensor& 
   const int64_t kq = token_count(m, "num_heavy_tokens_q", num_heavy_tokens_q, options.num_heavy_tokens_q());
   const int64_t kkv = token_count(m, "num_heavy_tokens_kv", num_heavy_tokens_kv, options.num_heavy_tokens_kv());
 
-  torch::Tensor light_out;
-  if (light_attn) light_out = light_attn(x, mask);
-
   HeavyBranchInputs in;
+  torch::Tensor light_out;
+  if (light_attn) {
+    // In the residual sum, the null token every unrouted position gets rides
+    // on the light branch's output projection as its bias, where some query
+    // will be left unrouted (the routed ones subtract it again).
+    in.plus_b_has_null = residual && null_q_token.defined() && kq < x.size(1);
+    light_out = in.plus_b_has_null ? light_attn->forward_with_output_bias(x, mask, null_q_token) : light_attn(x, mask);
+  }
+
   in.queries = in.context = x;
   in.query_mask = in.context_mask = mask;
   in.num_q = kq;

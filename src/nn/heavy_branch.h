@@ -54,6 +54,10 @@ struct HeavyBranchInputs {
   // block), rather than the heavy output written out at every position first.
   torch::Tensor plus_a;
   torch::Tensor plus_b;
+  // plus_b already holds null_q_token at every position (added by the light
+  // branch's output projection): the sum adds it no more, and the routed rows
+  // still replace it with their outputs.
+  bool plus_b_has_null = false;
   // Queries and context the same tensor under the same mask (self-attention):
   // route both with route_pair's joint scores and gather where it applies.
   bool joint_routing = false;

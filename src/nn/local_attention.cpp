@@ -797,6 +797,11 @@ void LocalMHAImpl::pretty_print(std::ostream& stream) const {
 }
 
 torch::Tensor LocalMHAImpl::forward(const torch::Tensor& x_in, const torch::Tensor& mask) {
+  return forward_with_output_bias(x_in, mask, torch::Tensor());
+}
+
+torch::Tensor LocalMHAImpl::forward_with_output_bias(const torch::Tensor& x_in, const torch::Tensor& mask,
+                                                     const torch::Tensor& out_bias) {
   RECORD_USER_SCOPE("colt5::local_mha");
   TORCH_CHECK(x_in.defined(), "LocalMHA: x is undefined");
   TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), "LocalMHA: x must be floating point, got ", x_in.scalar_type());
@@ -809,6 +814,15 @@ torch::Tensor LocalMHAImpl::forward(const torch::Tensor& x_in, const torch::Tens
     TORCH_CHECK(mask.dim() == 2 && mask.size(0) == b && mask.size(1) == n, "LocalMHA: mask must be (", b, ", ", n,
                 ") to match x, got ", mask.sizes());
   }
+  if (out_bias.defined()) {
+    TORCH_CHECK(out_bias.dim() == 1 && out_bias.size(0) == options.dim(), "LocalMHA: out_bias must be (", options.dim(),
+                "), got ", out_bias.sizes());
+    TORCH_CHECK(out_bias.device() == to_out->weight.device(), "LocalMHA: out_bias is on ", out_bias.device(),
+                " but the module is on ", to_out->weight.device());
+  }
+  // The output projection, with the bias (if any) added by the matrix
+  // product's epilogue.
+  auto project_out = [&](const torch::Tensor& y) { return torch::linear(y, to_out->weight, out_bias); };
   torch::Tensor x = x_in;
   if (norm) {
     const auto& o = norm->options;
@@ -829,7 +843,7 @@ torch::Tensor LocalMHAImpl::forward(const torch::Tensor& x_in, const torch::Tens
       const double scale = ao.scale().value_or(std::pow(static_cast<double>(dh), -0.5));
       torch::Tensor out = SlidingMaskedQKVFunction::apply(projected, mask, h, dh, ao.window_size(), ao.look_backward(),
                                                           attn_fn->look_forward(), ao.causal(), scale);
-      return to_out->forward(out);
+      return project_out(out);
     }
   }
 #endif
@@ -850,14 +864,14 @@ torch::Tensor LocalMHAImpl::forward(const torch::Tensor& x_in, const torch::Tens
         n % ao.window_size() == 0 && n / ao.window_size() >= 2) {
       RECORD_USER_SCOPE("colt5::local_attention");
       const double scale = ao.scale().value_or(std::pow(static_cast<double>(dh), -0.5));
-      return to_out->forward(CausalWindowsFunction::apply(projected, h, dh, ao.window_size(), scale));
+      return project_out(CausalWindowsFunction::apply(projected, h, dh, ao.window_size(), scale));
     }
   }
 #endif
   auto qkv = projected.chunk(3, -1);
   auto split = [&](const torch::Tensor& t) { return t.reshape({b, n, h, dh}).transpose(1, 2); };
   auto out = attn_fn->forward(split(qkv[0]), split(qkv[1]), split(qkv[2]), mask);
-  return to_out->forward(out.transpose(1, 2).reshape({b, n, h * dh}));
+  return project_out(out.transpose(1, 2).reshape({b, n, h * dh}));
 }
 
 }  // namespace nn

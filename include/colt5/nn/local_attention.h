@@ -193,6 +193,10 @@ class LocalMHAImpl : public torch::nn::Cloneable<LocalMHAImpl> {
 
   // x: (b, n, dim); mask: optional bool (b, n), true = keep. Returns (b, n, dim).
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask = {});
+  // forward(x, mask) + out_bias (dim,) at every position, the bias added by the
+  // output projection's matrix product (no separate pass over the output).
+  torch::Tensor forward_with_output_bias(const torch::Tensor& x, const torch::Tensor& mask,
+                                         const torch::Tensor& out_bias);
 
  protected:
   FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())})
