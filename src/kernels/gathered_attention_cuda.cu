@@ -692,7 +692,10 @@ __global__ void __launch_bounds__(kThreads) gathered_attention_bwd_tc(GatheredAt
         const bool valid = k.valid[kk];
         const int64_t row = k.row[kk];
         float* dst = row < 0 ? p.grad_null + r * width + h * 2 * DH : p.grad_table + row * width + h * 2 * DH;
-        for (int d = sub * (DH / 4); d < (sub + 1) * (DH / 4); d += 4) {
+        // The key's four threads take interleaved 16-byte pieces, so each
+        // atomic instruction of a warp covers 64 contiguous bytes of a row
+        // (two 32-byte sectors) rather than four pieces 64 bytes apart.
+        for (int d = sub * 4; d < DH; d += 16) {
           float gv[4], gk[4];
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
