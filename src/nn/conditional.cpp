@@ -70,7 +70,7 @@ torch::Tensor add_heavy_output(const torch::Tensor& null_q_token, const torch::T
   torch::Tensor null = null_q_token.defined() ? null_q_token.view({1, 1, -1}) : torch::Tensor();
   // A fresh tensor (the routed rows are added into it in place).
   torch::Tensor out = b.defined() ? torch::add(a, b) : torch::Tensor();
-  if (null.defined() && !(b.defined() && b_has_null)) out = out.defined() ? out.add_(null) : a + null;
+  if (null.defined() && !b_has_null) out = out.defined() ? out.add_(null) : a + null;
   if (!out.defined()) out = a.to(at::promote_types(a.scalar_type(), routed_out.scalar_type()), false, /*copy=*/true);
   const auto dt = at::promote_types(out.scalar_type(), routed_out.scalar_type());
   out = as_type(out, dt);

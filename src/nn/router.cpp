@@ -85,7 +85,6 @@ namespace {
 
 using RouterOptions = CoordinateDescentRouterOptions;
 
-#ifdef COLT5_WITH_CUDA
 // The gradients of the rows gathered from x for the heavy branch, handed to
 // the routing scores' backward, which adds them into its own gradient of x:
 // autograd would otherwise write a zero gradient of x's size with the rows in
@@ -118,6 +117,21 @@ class GatherRowsFunction : public torch::autograd::Function<GatherRowsFunction> 
   }
 };
 
+// x's rows as the routing scores give them back (an alias of x through their
+// node, [N, d]) and the sink for the gradients of rows gathered from it;
+// undefined where the scores did not come from the routing-scores kernel.
+struct GatherSource {
+  torch::Tensor x_rows;
+  RowGradSinkPtr sink;
+};
+
+// x_rows[flat] viewed as shape + [d], its gradient left in the sink.
+torch::Tensor gather_via_sink(const GatherSource& src, const torch::Tensor& flat, std::vector<int64_t> shape) {
+  shape.push_back(src.x_rows.size(1));
+  return GatherRowsFunction::apply(src.x_rows, flat, src.sink).view(shape);
+}
+
+#ifdef COLT5_WITH_CUDA
 // x [N, d] (CUDA float32/float16/bfloat16, contiguous) against tokens [r, d]:
 // (x . tokens^T [N, r], |x| [N, 1]), both float32, from one read of x by the
 // routing-scores kernel, and x itself (an alias through this node, for
@@ -214,11 +228,6 @@ class RoutingDotFunction : public torch::autograd::Function<RoutingDotFunction> 
   }
 };
 
-torch::Tensor gather_via_sink(const torch::Tensor& x_alias, const RowGradSinkPtr& sink, const torch::Tensor& flat,
-                              std::vector<int64_t> shape) {
-  shape.push_back(x_alias.size(1));
-  return GatherRowsFunction::apply(x_alias, flat, sink).view(shape);
-}
 #endif
 
 // Whether the routing-scores kernel takes x [N, d] and tokens [r, d].
@@ -298,7 +307,7 @@ RouterOutput route_all(const torch::Tensor& x, const torch::Tensor& mask, int64_
 // The routing scores of each row (and block) against each routing token, in
 // float32 at least: [rows, r, len].
 torch::Tensor routing_scores(const RouterOptions& o, const torch::Tensor& xs, const torch::Tensor& toks,
-                             torch::Tensor* x_rows = nullptr, void* sink_out = nullptr) {
+                             GatherSource* gather = nullptr) {
   RECORD_USER_SCOPE("colt5::routing_scores");
   torch::Tensor s;
   if (routing_dot_applies(xs, toks)) {
@@ -313,8 +322,7 @@ torch::Tensor routing_scores(const RouterOptions& o, const torch::Tensor& xs, co
     torch::Tensor dots = out[0];
     if (o.cosine_sim_routing()) dots = dots / out[1].clamp_min(1e-12);
     s = dots.view({rows, len, r}).transpose(1, 2);
-    if (x_rows) *x_rows = out[2];
-    if (sink_out) *static_cast<RowGradSinkPtr*>(sink_out) = sink;
+    if (gather) *gather = {out[2], sink};
 #endif
   } else if (o.cosine_sim_routing()) {
     // normalize(x) . normalize(t) * scale, computed as (x . normalize(t) * scale) / max(|x|, 1e-12): x is
@@ -388,15 +396,10 @@ RouterOutput route_impl(CoordinateDescentRouterImpl& self, const torch::Tensor& 
     len = w;
   }
   // [b * num_blocks, r, len]; given by route_pair for a whole-sequence router.
-  torch::Tensor x_rows;
-#ifdef COLT5_WITH_CUDA
-  RowGradSinkPtr sink;
-  void* sink_out = &sink;
-#else
-  void* sink_out = nullptr;
-#endif
-  const torch::Tensor s_rows = scores_in.defined() ? scores_in : routing_scores(o, xs, toks, &x_rows, sink_out);
-  if (o.route_block_size()) x_rows = torch::Tensor();
+  // Blocked rows are not x's rows in x's order: no gathers from their alias.
+  GatherSource gather;
+  const torch::Tensor s_rows =
+      scores_in.defined() ? scores_in : routing_scores(o, xs, toks, o.route_block_size() ? nullptr : &gather);
 
   const double effective_k = std::min(static_cast<double>(k) * o.fetch_k_ratio(), static_cast<double>(len));
   auto cd = CoorDescentOptions()
@@ -481,14 +484,9 @@ RouterOutput route_impl(CoordinateDescentRouterImpl& self, const torch::Tensor& 
       out.routed_mask = picked_mask.view(indices.sizes());
     const bool gather_mask = mask.defined() && !out.routed_mask.defined();
     torch::Tensor flat = gather_tokens || gather_mask ? flat_positions(indices, n) : torch::Tensor();
-    if (gather_tokens) {
-#ifdef COLT5_WITH_CUDA
-      if (x_rows.defined())
-        out.routed_tokens = gather_via_sink(x_rows, sink, flat, indices.sizes().vec());
-      else
-#endif
-        out.routed_tokens = gather_rows(x, indices, flat);
-    }
+    if (gather_tokens)
+      out.routed_tokens = gather.x_rows.defined() ? gather_via_sink(gather, flat, indices.sizes().vec())
+                                                  : gather_rows(x, indices, flat);
     if (gather_mask) out.routed_mask = gather_rows(mask, indices, flat);
   } else {
     std::vector<int64_t> shape = indices.sizes().vec();

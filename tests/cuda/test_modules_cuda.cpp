@@ -644,13 +644,6 @@ TEST(CudaModules, LocalMHACausalWindowsMatchTheViewsPath) {
   }
 }
 
-// Self-attention's two routers scoring x in one read and gathering in one
-// (ConditionalRoutedAttentionOptions::joint_routing) against each router on
-// its own: the same scores give the same routing and outputs; the gradients
-// differ only in the order of their additions. Dot-product and cosine
-// routing, one and two key/value routes, with and without a mask, float32
-// and under bf16 autocast; as many queries as keys/values routed (both
-// routers' rows in one coordinate descent and top-k) or not.
 // A module with joint routing against a copy of it with separate routers:
 // the same output bit for bit, and the gradients of x and of both routers'
 // tokens within float32 (bf16 autocast) tolerance, for upstream gradient g.
@@ -680,6 +673,13 @@ void expect_joint_routing_matches_separate(Impl& module, const torch::Tensor& x,
   EXPECT_LT(max_rel_error(got[3], got[7]), tol) << "key/value router gradient";
 }
 
+// Self-attention's two routers scoring x in one read and gathering in one
+// (ConditionalRoutedAttentionOptions::joint_routing) against each router on
+// its own: the same scores give the same routing and outputs; the gradients
+// differ only in the order of their additions. Dot-product and cosine
+// routing, one and two key/value routes, with and without a mask, float32
+// and under bf16 autocast; as many queries as keys/values routed (both
+// routers' rows in one coordinate descent and top-k) or not.
 TEST(CudaModules, JointRoutingMatchesSeparateRouters) {
   torch::manual_seed(32);
   for (bool cosine : {false, true}) {
