@@ -80,6 +80,24 @@ torch::Tensor add_heavy_output(const torch::Tensor& null_q_token, const torch::T
   return out.scatter_add_(1, idx, src);
 }
 
+// Of every `per` consecutive rows of a routing, all but the first.
+torch::Tensor drop_first_rows(const torch::Tensor& t, int64_t per) {
+  if (!t.defined()) return t;
+  std::vector<int64_t> shape = t.sizes().vec();
+  TORCH_CHECK(per >= 2 && shape[0] % per == 0, "heavy branch: ", shape[0], " query rows are not whole groups of ", per);
+  shape[0] /= per;
+  shape.insert(shape.begin() + 1, per);
+  torch::Tensor kept = t.view(shape).narrow(1, 1, per - 1);
+  shape.erase(shape.begin() + 1);
+  shape[0] *= per - 1;
+  return kept.reshape(shape);
+}
+
+RouterOutput drop_first_rows(const RouterOutput& r, int64_t per) {
+  return {drop_first_rows(r.indices, per), drop_first_rows(r.scores, per), drop_first_rows(r.routed_tokens, per),
+          drop_first_rows(r.routed_mask, per)};
+}
+
 // Rotary frequencies at the given positions: [b, k] -> [b, 1, k, d]; [b, r, k] -> [b, r, 1, k, d].
 torch::Tensor rotary_at(const torch::Tensor& freqs, const torch::Tensor& indices) {
   auto shape = indices.sizes().vec();
@@ -107,9 +125,8 @@ AttentionOptions heavy_attention_options(int64_t dim, int64_t dim_head, int64_t 
       .use_flash(true);
 }
 
-torch::Tensor heavy_routed_attention(CoordinateDescentRouterImpl& q_router, CoordinateDescentRouterImpl& kv_router,
-                                     AttentionImpl& heavy_attn, const torch::Tensor& null_q_token,
-                                     const HeavyBranchInputs& in) {
+HeavyRoutedRows heavy_routed_rows(CoordinateDescentRouterImpl& q_router, CoordinateDescentRouterImpl& kv_router,
+                                  AttentionImpl& heavy_attn, const HeavyBranchInputs& in) {
   RECORD_USER_SCOPE("colt5::heavy_branch");
   const bool once = in.project_context_once;
   RouterOutput q, kv;
@@ -119,6 +136,7 @@ torch::Tensor heavy_routed_attention(CoordinateDescentRouterImpl& q_router, Coor
                                  /*joint_scores=*/true);
   } else {
     q = q_router.forward(in.queries, in.num_q, in.query_mask, in.random_route);
+    if (in.query_rows_dropping_first > 0) q = drop_first_rows(q, in.query_rows_dropping_first);
     kv = route_prefix_views(kv_router, in.context, in.num_kv, in.context_mask, in.context_view_lengths,
                             in.context_view_groups, in.random_route, /*keep_one_route_dim=*/once,
                             /*gather_tokens=*/!once);
@@ -166,15 +184,23 @@ torch::Tensor heavy_routed_attention(CoordinateDescentRouterImpl& q_router, Coor
     torch::Tensor kv_scores = kv.indices.defined() ? kv.scores : torch::Tensor();
     routed_out = heavy_attn.forward(q.routed_tokens, kv.routed_tokens, kv.routed_mask, kv_scores, scores_q, rotary);
   }
-  if (!q.indices.defined()) {  // every query took the heavy branch with score 1
+  if (!q.indices.defined()) return {routed_out, torch::Tensor()};  // every query routed, score 1
+  return {routed_out * q.scores.unsqueeze(-1), q.indices};
+}
+
+torch::Tensor heavy_routed_attention(CoordinateDescentRouterImpl& q_router, CoordinateDescentRouterImpl& kv_router,
+                                     AttentionImpl& heavy_attn, const torch::Tensor& null_q_token,
+                                     const HeavyBranchInputs& in) {
+  RECORD_USER_SCOPE("colt5::heavy_branch");
+  auto [routed_out, indices] = heavy_routed_rows(q_router, kv_router, heavy_attn, in);
+  if (!indices.defined()) {  // every query took the heavy branch with score 1
     TORCH_CHECK(!in.plus_b_has_null, "heavy branch: plus_b holds the null token but every query is routed");
     if (!in.plus_a.defined()) return routed_out;
     return in.plus_b.defined() ? torch::add(in.plus_a, in.plus_b).add_(routed_out) : in.plus_a + routed_out;
   }
-  routed_out = routed_out * q.scores.unsqueeze(-1);
   if (in.plus_a.defined())
-    return add_heavy_output(null_q_token, in.plus_a, in.plus_b, in.plus_b_has_null, routed_out, q.indices);
-  return scatter_queries(q_router, null_q_token, in.queries, routed_out, q.indices);
+    return add_heavy_output(null_q_token, in.plus_a, in.plus_b, in.plus_b_has_null, routed_out, indices);
+  return scatter_queries(q_router, null_q_token, in.queries, routed_out, indices);
 }
 
 // ================================================================ feedforward
@@ -379,13 +405,15 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward(const torch:
   torch::Tensor xp = padded == seq ? x : torch::constant_pad_nd(x, {0, 0, 0, padded - seq}, 0.0);
   auto bool_opts = torch::TensorOptions().dtype(torch::kBool).device(x.device());
 
-  // Queries: windows 1.. of each row, one batch row per window.
-  torch::Tensor q = xp.view({b, windows, w, d}).narrow(1, 1, windows - 1).reshape({rows, w, d});
-  torch::Tensor q_mask = (torch::arange(padded, torch::TensorOptions().dtype(torch::kLong).device(x.device())) < seq)
-                             .view({1, windows, w})
-                             .expand({b, windows, w})
-                             .narrow(1, 1, windows - 1)
-                             .reshape({rows, w});
+  // Queries: every window of each row, one batch row per window (a view of
+  // the sequence); window 0's routing is dropped (query_rows_dropping_first).
+  torch::Tensor q = xp.view({b * windows, w, d});
+  torch::Tensor q_mask;
+  if (padded != seq)
+    q_mask = (torch::arange(padded, torch::TensorOptions().dtype(torch::kLong).device(x.device())) < seq)
+                 .view({1, windows, w})
+                 .expand({b, windows, w})
+                 .reshape({b * windows, w});
 
   // Keys/values: for each window, the whole padded sequence masked to the
   // windows before it — one view of each row per window, routed without
@@ -400,6 +428,7 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward(const torch:
   HeavyBranchInputs in;
   in.queries = q;
   in.query_mask = q_mask;
+  in.query_rows_dropping_first = windows;
   in.context = xp;
   in.context_mask = kv_mask;
   in.num_q = kq;
@@ -424,11 +453,32 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward(const torch:
                      .expand({b, windows - 1, w, dh})
                      .reshape({rows, w, dh});
   }
-  torch::Tensor heavy_out = heavy_routed_attention(*q_router, *kv_router, *heavy_attn, null_q_token, in);
+  auto [routed_out, indices] = heavy_routed_rows(*q_router, *kv_router, *heavy_attn, in);
 
-  heavy_out = heavy_out.reshape({b, (windows - 1) * w, d}).narrow(1, 0, seq - w);
-  heavy_out = torch::constant_pad_nd(heavy_out, {0, 0, w, 0}, 0.0);
-  return light_out + heavy_out;
+  // The output: the light branch everywhere, plus from window 1 on the null
+  // query token, whose routed positions then add (heavy output - null). One
+  // pass over the tokens (and the routed rows added in place) rather than the
+  // heavy output written out per window, shifted by a window and added.
+  const int64_t kq_routed = routed_out.size(1);
+  if (!indices.defined())  // every query routed: all positions of windows 1..
+    indices = torch::arange(kq_routed, x.options().dtype(torch::kLong)).view({1, kq_routed}).expand({rows, kq_routed});
+  const auto long_opts = x.options().dtype(torch::kLong);
+  torch::Tensor window_start = torch::arange(1, windows, long_opts).mul_(w).view({1, windows - 1, 1});
+  torch::Tensor positions = (indices.view({b, windows - 1, kq_routed}) + window_start).view({b, -1});
+  torch::Tensor base = padded == seq ? light_out : torch::constant_pad_nd(light_out, {0, 0, 0, padded - seq}, 0.0);
+  torch::Tensor out, src = routed_out.reshape({b, -1, d});
+  if (null_q_token.defined()) {
+    torch::Tensor after_first = (torch::arange(padded, long_opts) >= w).to(null_q_token.scalar_type()).view({1, -1, 1});
+    torch::Tensor null = null_q_token.view({1, 1, d});
+    out = torch::addcmul(base, after_first, null);  // a fresh tensor: the routed rows go in in place
+    src = as_type(src, out.scalar_type()) - as_type(null, out.scalar_type());
+  } else {
+    // The type the heavy output would have had written out at every position (x's, or wider).
+    const auto dt = at::promote_types(at::promote_types(base.scalar_type(), src.scalar_type()), x.scalar_type());
+    out = base.to(dt, false, /*copy=*/true);
+  }
+  out.scatter_add_(1, positions.unsqueeze(-1).expand({b, positions.size(1), d}), as_type(src, out.scalar_type()));
+  return padded == seq ? out : out.narrow(1, 0, seq).contiguous();
 }
 
 // ============================================================ cross attention

@@ -58,6 +58,13 @@ struct HeavyBranchInputs {
   // branch's output projection): the sum adds it no more, and the routed rows
   // still replace it with their outputs.
   bool plus_b_has_null = false;
+  // When positive: queries (and query_mask, q_freqs) hold this many
+  // consecutive rows per context row of which the first is routed but takes
+  // no further part (the autoregressive module's window 0, which has no
+  // earlier window to attend to): the queries stay a view of the sequence
+  // rather than a copy of all but its first window, and only the first
+  // rows' routed tokens are dropped. q_freqs covers the kept rows only.
+  int64_t query_rows_dropping_first = 0;
   // Queries and context the same tensor under the same mask (self-attention):
   // route both with route_pair's joint scores and gather where it applies.
   bool joint_routing = false;
@@ -70,6 +77,17 @@ struct HeavyBranchInputs {
 torch::Tensor heavy_routed_attention(CoordinateDescentRouterImpl& q_router, CoordinateDescentRouterImpl& kv_router,
                                      AttentionImpl& heavy_attn, const torch::Tensor& null_q_token,
                                      const HeavyBranchInputs& in);
+
+// The routed queries' heavy outputs times their scores, [b, k, dim], and their
+// positions, int64 [b, k]; when every query was routed (no longer than the
+// token count), the outputs at every position (score 1) and undefined
+// positions. in.plus_a / in.plus_b are not used.
+struct HeavyRoutedRows {
+  torch::Tensor out;
+  torch::Tensor indices;
+};
+HeavyRoutedRows heavy_routed_rows(CoordinateDescentRouterImpl& q_router, CoordinateDescentRouterImpl& kv_router,
+                                  AttentionImpl& heavy_attn, const HeavyBranchInputs& in);
 
 // The heavy Attention's options, the same for every conditional module: fused
 // attention wherever LibTorch has it (use_flash_attn is accepted and implied).
