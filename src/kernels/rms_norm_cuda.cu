@@ -37,42 +37,97 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// J: elements per lane (columns lane + 32 j, j < J; d <= 32 J). LN: layer
-// normalization (y = (x - mean) * rstd * gamma + beta; stats = rstd, means),
-// else RMSNorm (stats = |x|).
-template <typename TX, typename TG, typename TY, int J, bool LN>
+// V consecutive elements of a row as float32 (V = 1, or 4: one 16-byte
+// load of float32, one 8-byte load of a 16-bit type), and back.
+template <typename T, int V>
+__device__ __forceinline__ void load_vec(const T* __restrict__ p, float (&o)[V]) {
+  if constexpr (V == 1) {
+    o[0] = to_float<T>(*p);
+  } else if constexpr (sizeof(T) == 4) {
+    static_assert(V == 4, "vectors of 4");
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    o[0] = v.x, o[1] = v.y, o[2] = v.z, o[3] = v.w;
+  } else {
+    static_assert(V == 4 && sizeof(T) == 2, "vectors of 4 16-bit elements");
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    const T* t = reinterpret_cast<const T*>(&u);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[e] = to_float<T>(t[e]);
+  }
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_vec(T* __restrict__ p, const float (&v)[V]) {
+  if constexpr (V == 1) {
+    *p = from_float<T>(v[0]);
+  } else if constexpr (sizeof(T) == 4) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  } else {
+    uint2 u;
+    T* t = reinterpret_cast<T*>(&u);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) t[e] = from_float<T>(v[e]);
+    *reinterpret_cast<uint2*>(p) = u;
+  }
+}
+
+// A lane's elements: J pieces of V consecutive columns, piece j at column
+// (lane + 32 j) V; d is a multiple of V, so a piece is all in the row or all
+// past its end. LN: layer normalization (y = (x - mean) * rstd * gamma + beta;
+// stats = rstd, means), else RMSNorm (stats = |x|).
+template <int V>
+__device__ __forceinline__ int piece_col(int lane, int j) {
+  return (lane + 32 * j) * V;
+}
+
+template <typename TX, typename TG, typename TY, int J, int V, bool LN>
 __global__ void __launch_bounds__(kWarps * 32)
     norm_forward_kernel(const TX* __restrict__ x, const TG* __restrict__ gamma, const TG* __restrict__ beta,
                         TY* __restrict__ y, float* __restrict__ stats, float* __restrict__ means, int64_t rows, int d,
                         float scale, float eps) {
   const int lane = threadIdx.x & 31;
-  float g[J], bt[J];
+  float g[J][V], bt[J][V];
 #pragma unroll
   for (int j = 0; j < J; ++j) {
-    const int c = lane + 32 * j;
-    g[j] = c < d ? to_float<TG>(gamma[c]) : 0.f;
-    bt[j] = LN && c < d ? to_float<TG>(beta[c]) : 0.f;
+    const int c = piece_col<V>(lane, j);
+#pragma unroll
+    for (int e = 0; e < V; ++e) g[j][e] = bt[j][e] = 0.f;
+    if (c < d) {
+      load_vec<TG, V>(gamma + c, g[j]);
+      if (LN) load_vec<TG, V>(beta + c, bt[j]);
+    }
   }
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); row < rows; row += stride) {
     const TX* xr = x + row * d;
-    float v[J];
+    float v[J][V];
 #pragma unroll
     for (int j = 0; j < J; ++j) {
-      const int c = lane + 32 * j;
-      v[j] = c < d ? to_float<TX>(xr[c]) : 0.f;
+      const int c = piece_col<V>(lane, j);
+      if (c < d) {
+        load_vec<TX, V>(xr + c, v[j]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) v[j][e] = 0.f;
+      }
     }
     float shift = 0.f, f;
     if (LN) {
       float sum = 0.f;
 #pragma unroll
-      for (int j = 0; j < J; ++j) sum += v[j];
+      for (int j = 0; j < J; ++j)
+#pragma unroll
+        for (int e = 0; e < V; ++e) sum += v[j][e];
       shift = warp_sum(sum) / d;
       float ss = 0.f;
 #pragma unroll
       for (int j = 0; j < J; ++j) {
-        const float t = lane + 32 * j < d ? v[j] - shift : 0.f;
-        ss += t * t;
+        const bool in = piece_col<V>(lane, j) < d;
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const float t = in ? v[j][e] - shift : 0.f;
+          ss += t * t;
+        }
       }
       f = rsqrtf(warp_sum(ss) / d + eps);
       if (lane == 0) {
@@ -82,7 +137,9 @@ __global__ void __launch_bounds__(kWarps * 32)
     } else {
       float ss = 0.f;
 #pragma unroll
-      for (int j = 0; j < J; ++j) ss += v[j] * v[j];
+      for (int j = 0; j < J; ++j)
+#pragma unroll
+        for (int e = 0; e < V; ++e) ss += v[j][e] * v[j][e];
       const float n = sqrtf(warp_sum(ss));
       if (lane == 0) stats[row] = n;
       f = scale / fmaxf(n, eps);
@@ -90,26 +147,30 @@ __global__ void __launch_bounds__(kWarps * 32)
     TY* yr = y + row * d;
 #pragma unroll
     for (int j = 0; j < J; ++j) {
-      const int c = lane + 32 * j;
-      if (c < d) yr[c] = from_float<TY>(LN ? (v[j] - shift) * f * g[j] + bt[j] : v[j] * f * g[j]);
+      const int c = piece_col<V>(lane, j);
+      if (c >= d) continue;
+      float out[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) out[e] = LN ? (v[j][e] - shift) * f * g[j][e] + bt[j][e] : v[j][e] * f * g[j][e];
+      store_vec<TY, V>(yr + c, out);
     }
   }
 }
 
-template <typename TX, typename TG, typename TY, int J, bool LN>
+template <typename TX, typename TG, typename TY, int J, int V, bool LN>
 __global__ void __launch_bounds__(kWarps * 32)
     norm_backward_kernel(const TX* __restrict__ x, const TG* __restrict__ gamma, const TY* __restrict__ dy,
                          const float* __restrict__ stats, const float* __restrict__ means, TX* __restrict__ dx,
                          float* __restrict__ dgamma_partial, float* __restrict__ dbeta_partial, int64_t rows, int d,
                          float scale, float eps) {
   const int lane = threadIdx.x & 31;
-  float g[J], acc[J], acc_b[J];
+  float g[J][V], acc[J][V], acc_b[J][V];
 #pragma unroll
   for (int j = 0; j < J; ++j) {
-    const int c = lane + 32 * j;
-    g[j] = c < d ? to_float<TG>(gamma[c]) : 0.f;
-    acc[j] = 0.f;
-    acc_b[j] = 0.f;
+    const int c = piece_col<V>(lane, j);
+#pragma unroll
+    for (int e = 0; e < V; ++e) g[j][e] = acc[j][e] = acc_b[j][e] = 0.f;
+    if (c < d) load_vec<TG, V>(gamma + c, g[j]);
   }
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
@@ -127,19 +188,26 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
     const TX* xr = x + row * d;
     const TY* dyr = dy + row * d;
-    float xh[J], dxh[J];
+    float xh[J][V], dxh[J][V];
     float dot = 0.f, sum = 0.f;
 #pragma unroll
     for (int j = 0; j < J; ++j) {
-      const int c = lane + 32 * j;
-      const float xv = c < d ? to_float<TX>(xr[c]) : 0.f;
-      const float gv = c < d ? to_float<TY>(dyr[c]) : 0.f;
-      xh[j] = c < d ? (xv - shift) * f : 0.f;
-      dxh[j] = gv * g[j];
-      acc[j] += gv * xh[j];
-      if (LN) acc_b[j] += gv;
-      dot += dxh[j] * xh[j];
-      sum += dxh[j];
+      const int c = piece_col<V>(lane, j);
+      float xv[V], gv[V];
+      if (c < d) {
+        load_vec<TX, V>(xr + c, xv);
+        load_vec<TY, V>(dyr + c, gv);
+      }
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        if (c >= d) xv[e] = gv[e] = 0.f;
+        xh[j][e] = c < d ? (xv[e] - shift) * f : 0.f;
+        dxh[j][e] = gv[e] * g[j][e];
+        acc[j][e] += gv[e] * xh[j][e];
+        if (LN) acc_b[j][e] += gv[e];
+        dot += dxh[j][e] * xh[j][e];
+        sum += dxh[j][e];
+      }
     }
     float mean_dxh = 0.f;
     if (LN) {
@@ -151,24 +219,32 @@ __global__ void __launch_bounds__(kWarps * 32)
     TX* dxr = dx + row * d;
 #pragma unroll
     for (int j = 0; j < J; ++j) {
-      const int c = lane + 32 * j;
-      if (c < d) dxr[c] = from_float<TX>(f * (dxh[j] - mean_dxh - xh[j] * dot));
+      const int c = piece_col<V>(lane, j);
+      if (c >= d) continue;
+      float out[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) out[e] = f * (dxh[j][e] - mean_dxh - xh[j][e] * dot);
+      store_vec<TX, V>(dxr + c, out);
     }
   }
   if (dgamma_partial) {
     float* out = dgamma_partial + warp * d;
 #pragma unroll
     for (int j = 0; j < J; ++j) {
-      const int c = lane + 32 * j;
-      if (c < d) out[c] = acc[j];
+      const int c = piece_col<V>(lane, j);
+#pragma unroll
+      for (int e = 0; e < V; ++e)
+        if (c < d) out[c + e] = acc[j][e];
     }
   }
   if (LN && dbeta_partial) {
     float* out = dbeta_partial + warp * d;
 #pragma unroll
     for (int j = 0; j < J; ++j) {
-      const int c = lane + 32 * j;
-      if (c < d) out[c] = acc_b[j];
+      const int c = piece_col<V>(lane, j);
+#pragma unroll
+      for (int e = 0; e < V; ++e)
+        if (c < d) out[c + e] = acc_b[j][e];
     }
   }
 }
@@ -189,20 +265,20 @@ int blocks_for(int64_t rows) {
 }
 
 void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw std::runtime_error(std::string("RMSNorm CUDA kernel (") + what + "): " +
-                                                 cudaGetErrorString(e));
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("RMSNorm CUDA kernel (") + what + "): " + cudaGetErrorString(e));
 }
 
-template <typename TX, typename TG, typename TY, int J, bool LN>
+template <typename TX, typename TG, typename TY, int J, int V, bool LN>
 void launch(const RmsNormParams& p, bool backward, cudaStream_t s) {
   const int blocks = blocks_for(p.rows);
   const int d = static_cast<int>(p.d);
   if (!backward) {
-    norm_forward_kernel<TX, TG, TY, J, LN><<<blocks, kWarps * 32, 0, s>>>(
+    norm_forward_kernel<TX, TG, TY, J, V, LN><<<blocks, kWarps * 32, 0, s>>>(
         static_cast<const TX*>(p.x), static_cast<const TG*>(p.gamma), static_cast<const TG*>(p.beta),
         static_cast<TY*>(p.y), p.norms, p.means, p.rows, d, p.scale, p.eps);
   } else {
-    norm_backward_kernel<TX, TG, TY, J, LN><<<blocks, kWarps * 32, 0, s>>>(
+    norm_backward_kernel<TX, TG, TY, J, V, LN><<<blocks, kWarps * 32, 0, s>>>(
         static_cast<const TX*>(p.x), static_cast<const TG*>(p.gamma), static_cast<const TY*>(p.grad_y),
         const_cast<const float*>(p.norms), const_cast<const float*>(p.means), static_cast<TX*>(p.grad_x),
         p.grad_gamma_partial, p.grad_beta_partial, p.rows, d, p.scale, p.eps);
@@ -210,18 +286,47 @@ void launch(const RmsNormParams& p, bool backward, cudaStream_t s) {
   check(cudaGetLastError(), backward ? "backward" : "forward");
 }
 
+// Whether every row of every array the kernel reads or writes starts at a
+// boundary of V elements (rows of a multiple of V, aligned base pointers).
+bool vectors_fit(const RmsNormParams& p, bool backward, int x_size, int g_size, int y_size) {
+  constexpr int V = 4;
+  auto aligned = [](const void* ptr, int bytes) {
+    return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % static_cast<uintptr_t>(bytes) == 0;
+  };
+  if (p.d % V != 0) return false;
+  bool ok = aligned(p.x, V * x_size) && aligned(p.gamma, V * g_size) && aligned(p.beta, V * g_size);
+  if (backward)
+    ok = ok && aligned(p.grad_y, V * y_size) && aligned(p.grad_x, V * x_size);
+  else
+    ok = ok && aligned(p.y, V * y_size);
+  return ok;
+}
+
 template <typename TX, typename TG, typename TY, bool LN>
 void by_width_as(const RmsNormParams& p, bool backward, cudaStream_t s) {
+  if (vectors_fit(p, backward, sizeof(TX), sizeof(TG), sizeof(TY))) {  // 4 consecutive elements per piece
+    if (p.d <= 128)
+      launch<TX, TG, TY, 1, 4, LN>(p, backward, s);
+    else if (p.d <= 256)
+      launch<TX, TG, TY, 2, 4, LN>(p, backward, s);
+    else if (p.d <= 512)
+      launch<TX, TG, TY, 4, 4, LN>(p, backward, s);
+    else if (p.d <= 1024)
+      launch<TX, TG, TY, 8, 4, LN>(p, backward, s);
+    else
+      launch<TX, TG, TY, 16, 4, LN>(p, backward, s);
+    return;
+  }
   if (p.d <= 128)
-    launch<TX, TG, TY, 4, LN>(p, backward, s);
+    launch<TX, TG, TY, 4, 1, LN>(p, backward, s);
   else if (p.d <= 256)
-    launch<TX, TG, TY, 8, LN>(p, backward, s);
+    launch<TX, TG, TY, 8, 1, LN>(p, backward, s);
   else if (p.d <= 512)
-    launch<TX, TG, TY, 16, LN>(p, backward, s);
+    launch<TX, TG, TY, 16, 1, LN>(p, backward, s);
   else if (p.d <= 1024)
-    launch<TX, TG, TY, 32, LN>(p, backward, s);
+    launch<TX, TG, TY, 32, 1, LN>(p, backward, s);
   else
-    launch<TX, TG, TY, 64, LN>(p, backward, s);
+    launch<TX, TG, TY, 64, 1, LN>(p, backward, s);
 }
 
 template <typename TX, typename TG, typename TY>
@@ -270,7 +375,8 @@ RowDtype rms_norm_promoted(RowDtype x, RowDtype gamma) { return gamma == RowDtyp
 bool rms_norm_supports(int64_t d, RowDtype x, RowDtype gamma, RowDtype y) {
   if (d < 1 || d > kRmsNormMaxWidth || (gamma != RowDtype::f32 && gamma != x)) return false;
   // y: the promoted type, or 16-bit from float32 arithmetic with x float32 or of y's type.
-  return y == rms_norm_promoted(x, gamma) || (gamma == RowDtype::f32 && y != RowDtype::f32 && (x == RowDtype::f32 || x == y));
+  return y == rms_norm_promoted(x, gamma) ||
+         (gamma == RowDtype::f32 && y != RowDtype::f32 && (x == RowDtype::f32 || x == y));
 }
 
 int64_t rms_norm_partials(int64_t rows) { return rows == 0 ? 0 : static_cast<int64_t>(blocks_for(rows)) * kWarps; }
