@@ -178,8 +178,10 @@ TEST(CudaModules, GatheredAttentionKernelMatchesTheCpuFloat64) {
 
 // RMSNorm's CUDA kernels (float32, float16, bfloat16 rows up to 2048 wide;
 // gamma float32 or of x's type) against the CPU composite in float64, forward
-// and both gradients, with a zero row, widths that are not multiples of 32,
-// a width past the kernel's (the composite runs) and no rows at all.
+// and both gradients, with a zero row, widths that are not multiples of 32
+// (100 and 1000: runs of four columns, the last partly past the row's end;
+// 7: single columns), rows not 16-byte aligned (single columns), a width past
+// the kernel's (the composite runs) and no rows at all.
 TEST(CudaModules, RMSNormKernelMatchesTheCpuFloat64) {
   torch::manual_seed(23);
   struct Case {
@@ -237,6 +239,30 @@ TEST(CudaModules, RMSNormKernelMatchesTheCpuFloat64) {
         composite->gamma.copy_(gamma);
       }
       EXPECT_LT(err(composite->forward(xd.detach()), b.detach().to(torch::kDouble).cpu()), tol);
+      if (rows == 37 && c.d == 512) {
+        // x one element into its storage (contiguous, not 16-byte aligned):
+        // the kernels take single columns rather than runs of four.
+        torch::Tensor store = torch::zeros({rows * c.d + 1}, xd.options());
+        {
+          torch::NoGradGuard no_grad;
+          store.narrow(0, 1, rows * c.d).copy_(xd.detach().reshape({-1}));
+        }
+        store.requires_grad_(true);
+        torch::Tensor xo = store.narrow(0, 1, rows * c.d).view({rows, c.d});
+        ASSERT_NE(reinterpret_cast<uintptr_t>(xo.data_ptr()) % 16, 0u);
+        gpu->zero_grad();
+        torch::Tensor bo = gpu->forward(xo);
+        (bo * gy.to(cuda(), bo.scalar_type())).sum().backward();
+        EXPECT_LT(err(bo, a), tol);
+        const torch::Tensor go = store.grad().narrow(0, 1, rows * c.d).view({rows, c.d});
+        if (zero_row) {
+          EXPECT_LT(err(go[0], x64.grad()[0]), tol);
+          EXPECT_LT(err(go.slice(0, 2), x64.grad().slice(0, 2)), tol);
+        } else {
+          EXPECT_LT(err(go, x64.grad()), tol);
+        }
+        EXPECT_LT(err(gpu->gamma.grad(), ref->gamma.grad()), tol);
+      }
     }
   }
 }
