@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "nn/heavy_branch.h"
+#include "nn/linear.h"
 
 namespace colt5 {
 namespace nn {
@@ -254,13 +255,13 @@ torch::Tensor ConditionalRoutedViTImpl::forward(const torch::Tensor& img) {
               ", height, width), got ", img.sizes());
   TORCH_CHECK(img.size(2) % patch[0] == 0 && img.size(3) % patch[1] == 0, m, ": image height and width (", img.size(2),
               " x ", img.size(3), ") must be divisible by the patch size ", options.patch_size());
-  // The patch embedding's steps one by one: its Linear through torch::linear,
+  // The patch embedding's steps one by one: its Linear through nn::linear,
   // which adds the bias inside the matrix product (see FeedForward).
   auto& embed = *to_patch_embedding;
   torch::Tensor x = embed.ptr<torch::nn::FunctionalImpl>(0)->forward(img);
   x = embed.ptr<torch::nn::LayerNormImpl>(1)->forward(x);
   const auto patch_proj = embed.ptr<torch::nn::LinearImpl>(2);
-  x = torch::linear(x, patch_proj->weight, patch_proj->bias);
+  x = linear(x, patch_proj->weight, patch_proj->bias);
   x = embed.ptr<torch::nn::LayerNormImpl>(3)->forward(x);
   x = x + posemb_sincos_2d(x);
   x = transformer->forward(x);

@@ -11,6 +11,7 @@
 #include "colt5/nn/layers.h"
 #include "colt5/compat.h"
 #include "nn/checks.h"
+#include "nn/linear.h"
 #include "nn/masking.h"
 
 #ifdef COLT5_WITH_CUDA
@@ -822,7 +823,7 @@ torch::Tensor LocalMHAImpl::forward_with_output_bias(const torch::Tensor& x_in, 
   }
   // The output projection, with the bias (if any) added by the matrix
   // product's epilogue.
-  auto project_out = [&](const torch::Tensor& y) { return torch::linear(y, to_out->weight, out_bias); };
+  auto project_out = [&](const torch::Tensor& y) { return linear(y, to_out->weight, out_bias); };
   torch::Tensor x = x_in;
   if (norm) {
     const auto& o = norm->options;

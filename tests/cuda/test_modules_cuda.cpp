@@ -285,6 +285,53 @@ struct Region {
 
 }  // namespace
 
+// FeedForward on CUDA (its linears' bias gradients by a product with a row of
+// ones in 16-bit types, by the sum otherwise) against float64 on the CPU:
+// bfloat16 and float16 modules, float32 under bf16 autocast and float32 alone,
+// 3-D and 2-D inputs, every parameter's gradient and x's; its output can be
+// modified in place (it is no view of the function that carries the bias's
+// gradient).
+TEST(CudaModules, FeedForwardBiasGradientsMatchTheCpuFloat64) {
+  torch::manual_seed(41);
+  for (int kind : {0, 1, 2, 3}) {  // bf16 module, f16 module, float32 under bf16 autocast, float32
+    for (bool three_d : {true, false}) {
+      SCOPED_TRACE("kind " + std::to_string(kind) + (three_d ? " 3-D" : " 2-D"));
+      FeedForward ref(FeedForwardOptions(64).mult(2));
+      ref->to(torch::kDouble);
+      FeedForward gpu(std::dynamic_pointer_cast<FeedForwardImpl>(ref->clone(cuda())));
+      const torch::Dtype dt = kind == 0 ? torch::kBFloat16 : kind == 1 ? torch::kHalf : torch::kFloat;
+      gpu->to(dt);
+      {
+        // The reference takes the GPU module's (rounded) parameters.
+        torch::NoGradGuard no_grad;
+        auto from = gpu->named_parameters();
+        for (auto& p : ref->named_parameters()) p.value().copy_(from[p.key()].to(torch::kDouble).cpu());
+      }
+      torch::Tensor x = three_d ? torch::randn({3, 129, 64}) : torch::randn({300, 64});
+      x = x.to(dt).to(torch::kDouble);
+      torch::Tensor gy = torch::randn(x.sizes(), torch::kDouble);
+      torch::Tensor x64 = x.clone().requires_grad_(true), xd = x.to(cuda(), dt).requires_grad_(true);
+      (ref->forward(x64) * gy).sum().backward();
+      torch::Tensor out;
+      {
+        Region region(at::kBFloat16, kind == 2);
+        out = gpu->forward(xd);
+      }
+      out.mul_(1.0);  // in place on the output: allowed
+      (out * gy.to(cuda(), out.scalar_type())).sum().backward();
+      const double tol = kind == 3 ? 1e-4 : 3e-2;
+      EXPECT_LT(max_rel_error(xd.grad().to(torch::kDouble).cpu(), x64.grad()), tol);
+      auto ref_params = ref->named_parameters();
+      for (const auto& p : gpu->named_parameters()) {
+        SCOPED_TRACE(p.key());
+        ASSERT_TRUE(p.value().grad().defined());
+        EXPECT_EQ(p.value().grad().scalar_type(), p.value().scalar_type());
+        EXPECT_LT(max_rel_error(p.value().grad().to(torch::kDouble).cpu(), ref_params[p.key()].grad()), tol);
+      }
+    }
+  }
+}
+
 // Under autocast, a norm that feeds a matrix product (autocast_output: the
 // norms of FeedForward, Attention and SelfAttention) returns the region's
 // 16-bit dtype: exactly the float32 output cast as the product would cast it,
