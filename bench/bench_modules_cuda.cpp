@@ -606,18 +606,25 @@ std::vector<torch::Tensor> leaves(const torch::nn::Module& m, const torch::Tenso
 }
 
 // A training step: the forward under autocast (bf16 when amp), then the
-// backward of the output's sum. The leaves' gradients are unset first, as
+// backward from a fixed random gradient of the output's shape (contiguous, as
+// a next layer or a loss hands back, and as the dense baseline gets; the sum's
+// gradient would be one value expanded over the output, which sends every
+// consumer down its strided paths). The leaves' gradients are unset first, as
 // after an optimizer's zero_grad() (LibTorch's default, set_to_none), so the
 // step writes them rather than adding to the last step's.
 std::function<void()> train_step(std::function<torch::Tensor()> fwd, bool amp, std::vector<torch::Tensor> leaves) {
-  return [fwd = std::move(fwd), amp, leaves = std::move(leaves)] {
+  auto grad = std::make_shared<torch::Tensor>();
+  return [fwd = std::move(fwd), amp, leaves = std::move(leaves), grad] {
     for (const torch::Tensor& t : leaves) t.mutable_grad().reset();
     torch::Tensor out;
     {
       Autocast ac(amp);
       out = fwd();
     }
-    out.sum().backward();
+    // Made on the first (eager) call, before any graph capture.
+    if (!grad->defined() || grad->sizes() != out.sizes() || grad->scalar_type() != out.scalar_type())
+      *grad = torch::randn_like(out);
+    out.backward(*grad);
   };
 }
 

@@ -120,6 +120,8 @@ def main():
             light_heads=8, light_window_size=128, heavy_dim_head=64, heavy_heads=8, use_triton=triton).to(device)
         x = torch.randn(2, n_block, 512, device=device, requires_grad=True)
         mask = torch.ones(2, n_block, dtype=torch.bool, device=device)
+        # The upstream gradient: fixed, random, contiguous (as bench_modules_cuda's).
+        g = torch.randn(2, n_block, 512, device=device)
         router = "Triton router" if triton else "plain router"
         for tf32 in ([False, True] if cuda else [False]):
             torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -132,7 +134,7 @@ def main():
             row(work, "fwd", attempt(device, a.runs, fwd))
             def step():
                 unset_grads(block, x)
-                block(x, mask=mask).sum().backward()
+                block(x, mask=mask).backward(g)
 
             row(work, "fwd+bwd", attempt(device, a.runs, step))
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -141,10 +143,10 @@ def main():
                 unset_grads(block, x)
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     out = block(x, mask=mask)
-                out.float().sum().backward()
+                out.backward(g.to(out.dtype))
 
             row(f"block 2x{n_block}x512, bf16 autocast, {router}", "fwd+bwd", attempt(device, a.runs, amp_step))
-        del block, x, mask
+        del block, x, mask, g
 
     # ------------------------------------------------------- autoregressive
     torch.manual_seed(2)
@@ -152,16 +154,17 @@ def main():
         512, num_heavy_tokens_q=32, num_heavy_tokens_kv=k, num_routed_kv=2, light_dim_head=64, light_heads=8,
         light_window_size=128, heavy_window_size=128, heavy_dim_head=64, heavy_heads=8, use_triton=cuda).to(device)
     x = torch.randn(2, n_ar, 512, device=device, requires_grad=True)
+    g = torch.randn(2, n_ar, 512, device=device)
     def ar_step():
         unset_grads(ar, x)
-        ar(x).sum().backward()
+        ar(x).backward(g)
 
     for tf32 in ([False, True] if cuda else [False]):
         torch.backends.cuda.matmul.allow_tf32 = tf32
         row(f"autoregressive 2x{n_ar}x512, fp32, TF32 {'on' if tf32 else 'off'}", "fwd+bwd",
             attempt(device, a.runs, ar_step))
     torch.backends.cuda.matmul.allow_tf32 = False
-    del ar, x
+    del ar, x, g
 
     # ---------------------------------------------------------------- cross
     torch.manual_seed(3)

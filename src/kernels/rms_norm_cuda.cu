@@ -1,8 +1,9 @@
 // RMSNorm and LayerNorm on CUDA, forward and backward, one warp per row with
 // the row in registers: the forward reads x once and writes y and the row's
 // statistics; the backward reads x, dy and the statistics once, writes dx and,
-// per warp, its share of the gamma (and beta) gradient (summed over the warps
-// afterwards, in a fixed order).
+// per block, its share of the gamma (and beta) gradient (its warps' shares
+// added in shared memory; the blocks' shares summed afterwards, in a fixed
+// order).
 // The composite it replaces launches six kernels forward and ten backward and
 // keeps a normalized copy of x for the backward; this keeps one float per row.
 //   y = x * f * gamma, f = scale / max(|x|, eps)
@@ -157,6 +158,27 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
+// The per-column sums of every warp's acc into out[0, d), through red (d
+// floats of shared memory), warp 0 first; every thread of the block calls it.
+template <int J, int V>
+__device__ __forceinline__ void block_sum(const float (&acc)[J][V], float* red, float* __restrict__ out, int d,
+                                          int lane) {
+  const int w = threadIdx.x >> 5;
+  for (int step = 0; step < kWarps; ++step) {
+    if (w == step) {
+#pragma unroll
+      for (int j = 0; j < J; ++j) {
+        const int c = piece_col<V>(lane, j);
+        if (c >= d) continue;
+#pragma unroll
+        for (int e = 0; e < V; ++e) red[c + e] = (step == 0 ? 0.f : red[c + e]) + acc[j][e];
+      }
+    }
+    __syncthreads();
+  }
+  for (int c = threadIdx.x; c < d; c += kWarps * 32) out[c] = red[c];
+}
+
 template <typename TX, typename TG, typename TY, int J, int V, bool LN>
 __global__ void __launch_bounds__(kWarps * 32)
     norm_backward_kernel(const TX* __restrict__ x, const TG* __restrict__ gamma, const TY* __restrict__ dy,
@@ -227,25 +249,13 @@ __global__ void __launch_bounds__(kWarps * 32)
       store_vec<TX, V>(dxr + c, out);
     }
   }
-  if (dgamma_partial) {
-    float* out = dgamma_partial + warp * d;
-#pragma unroll
-    for (int j = 0; j < J; ++j) {
-      const int c = piece_col<V>(lane, j);
-#pragma unroll
-      for (int e = 0; e < V; ++e)
-        if (c < d) out[c + e] = acc[j][e];
-    }
-  }
+  // The block's share of the gamma (and beta) gradient: its warps' sums
+  // added in shared memory in warp order, one row of partials per block.
+  extern __shared__ float red[];
+  if (dgamma_partial) block_sum<J, V>(acc, red, dgamma_partial + static_cast<int64_t>(blockIdx.x) * d, d, lane);
   if (LN && dbeta_partial) {
-    float* out = dbeta_partial + warp * d;
-#pragma unroll
-    for (int j = 0; j < J; ++j) {
-      const int c = piece_col<V>(lane, j);
-#pragma unroll
-      for (int e = 0; e < V; ++e)
-        if (c < d) out[c + e] = acc_b[j][e];
-    }
+    __syncthreads();  // red is reused
+    block_sum<J, V>(acc_b, red, dbeta_partial + static_cast<int64_t>(blockIdx.x) * d, d, lane);
   }
 }
 
@@ -278,7 +288,7 @@ void launch(const RmsNormParams& p, bool backward, cudaStream_t s) {
         static_cast<const TX*>(p.x), static_cast<const TG*>(p.gamma), static_cast<const TG*>(p.beta),
         static_cast<TY*>(p.y), p.norms, p.means, p.rows, d, p.scale, p.eps);
   } else {
-    norm_backward_kernel<TX, TG, TY, J, V, LN><<<blocks, kWarps * 32, 0, s>>>(
+    norm_backward_kernel<TX, TG, TY, J, V, LN><<<blocks, kWarps * 32, d * sizeof(float), s>>>(
         static_cast<const TX*>(p.x), static_cast<const TG*>(p.gamma), static_cast<const TY*>(p.grad_y),
         const_cast<const float*>(p.norms), const_cast<const float*>(p.means), static_cast<TX*>(p.grad_x),
         p.grad_gamma_partial, p.grad_beta_partial, p.rows, d, p.scale, p.eps);
@@ -379,7 +389,7 @@ bool rms_norm_supports(int64_t d, RowDtype x, RowDtype gamma, RowDtype y) {
          (gamma == RowDtype::f32 && y != RowDtype::f32 && (x == RowDtype::f32 || x == y));
 }
 
-int64_t rms_norm_partials(int64_t rows) { return rows == 0 ? 0 : static_cast<int64_t>(blocks_for(rows)) * kWarps; }
+int64_t rms_norm_partials(int64_t rows) { return rows == 0 ? 0 : static_cast<int64_t>(blocks_for(rows)); }
 
 void rms_norm_forward_cuda(const RmsNormParams& p, void* stream) { run(p, false, stream); }
 
