@@ -312,31 +312,28 @@ bool vectors_fit(const RmsNormParams& p, bool backward, int x_size, int g_size, 
   return ok;
 }
 
+// The kernel for d: J pieces of V columns per lane, J V covering the widths
+// up to 128, 256, 512, 1024 and 2048.
+template <typename TX, typename TG, typename TY, int V, bool LN>
+void by_width_in(const RmsNormParams& p, bool backward, cudaStream_t s) {
+  if (p.d <= 128)
+    launch<TX, TG, TY, 4 / V, V, LN>(p, backward, s);
+  else if (p.d <= 256)
+    launch<TX, TG, TY, 8 / V, V, LN>(p, backward, s);
+  else if (p.d <= 512)
+    launch<TX, TG, TY, 16 / V, V, LN>(p, backward, s);
+  else if (p.d <= 1024)
+    launch<TX, TG, TY, 32 / V, V, LN>(p, backward, s);
+  else
+    launch<TX, TG, TY, 64 / V, V, LN>(p, backward, s);
+}
+
 template <typename TX, typename TG, typename TY, bool LN>
 void by_width_as(const RmsNormParams& p, bool backward, cudaStream_t s) {
-  if (vectors_fit(p, backward, sizeof(TX), sizeof(TG), sizeof(TY))) {  // 4 consecutive elements per piece
-    if (p.d <= 128)
-      launch<TX, TG, TY, 1, 4, LN>(p, backward, s);
-    else if (p.d <= 256)
-      launch<TX, TG, TY, 2, 4, LN>(p, backward, s);
-    else if (p.d <= 512)
-      launch<TX, TG, TY, 4, 4, LN>(p, backward, s);
-    else if (p.d <= 1024)
-      launch<TX, TG, TY, 8, 4, LN>(p, backward, s);
-    else
-      launch<TX, TG, TY, 16, 4, LN>(p, backward, s);
-    return;
-  }
-  if (p.d <= 128)
-    launch<TX, TG, TY, 4, 1, LN>(p, backward, s);
-  else if (p.d <= 256)
-    launch<TX, TG, TY, 8, 1, LN>(p, backward, s);
-  else if (p.d <= 512)
-    launch<TX, TG, TY, 16, 1, LN>(p, backward, s);
-  else if (p.d <= 1024)
-    launch<TX, TG, TY, 32, 1, LN>(p, backward, s);
+  if (vectors_fit(p, backward, sizeof(TX), sizeof(TG), sizeof(TY)))
+    by_width_in<TX, TG, TY, 4, LN>(p, backward, s);  // runs of 4 consecutive columns
   else
-    launch<TX, TG, TY, 64, 1, LN>(p, backward, s);
+    by_width_in<TX, TG, TY, 1, LN>(p, backward, s);
 }
 
 template <typename TX, typename TG, typename TY>

@@ -404,13 +404,14 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward(const torch:
 
   torch::Tensor xp = padded == seq ? x : torch::constant_pad_nd(x, {0, 0, 0, padded - seq}, 0.0);
   auto bool_opts = torch::TensorOptions().dtype(torch::kBool).device(x.device());
+  const auto long_opts = torch::TensorOptions().dtype(torch::kLong).device(x.device());
 
   // Queries: every window of each row, one batch row per window (a view of
   // the sequence); window 0's routing is dropped (query_rows_dropping_first).
   torch::Tensor q = xp.view({b * windows, w, d});
   torch::Tensor q_mask;
   if (padded != seq)
-    q_mask = (torch::arange(padded, torch::TensorOptions().dtype(torch::kLong).device(x.device())) < seq)
+    q_mask = (torch::arange(padded, long_opts) < seq)
                  .view({1, windows, w})
                  .expand({b, windows, w})
                  .reshape({b * windows, w});
@@ -461,23 +462,22 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward(const torch:
   // heavy output written out per window, shifted by a window and added.
   const int64_t kq_routed = routed_out.size(1);
   if (!indices.defined())  // every query routed: all positions of windows 1..
-    indices = torch::arange(kq_routed, x.options().dtype(torch::kLong)).view({1, kq_routed}).expand({rows, kq_routed});
-  const auto long_opts = x.options().dtype(torch::kLong);
+    indices = torch::arange(kq_routed, long_opts).view({1, kq_routed}).expand({rows, kq_routed});
   torch::Tensor window_start = torch::arange(1, windows, long_opts).mul_(w).view({1, windows - 1, 1});
   torch::Tensor positions = (indices.view({b, windows - 1, kq_routed}) + window_start).view({b, -1});
   torch::Tensor base = padded == seq ? light_out : torch::constant_pad_nd(light_out, {0, 0, 0, padded - seq}, 0.0);
-  torch::Tensor out, src = routed_out.reshape({b, -1, d});
+  torch::Tensor out;
   if (null_q_token.defined()) {
     torch::Tensor after_first = (torch::arange(padded, long_opts) >= w).to(null_q_token.scalar_type()).view({1, -1, 1});
-    torch::Tensor null = null_q_token.view({1, 1, d});
-    out = torch::addcmul(base, after_first, null);  // a fresh tensor: the routed rows go in in place
-    src = as_type(src, out.scalar_type()) - as_type(null, out.scalar_type());
+    out = torch::addcmul(base, after_first, null_q_token.view({1, 1, d}));  // a fresh tensor: rows go in in place
   } else {
     // The type the heavy output would have had written out at every position (x's, or wider).
-    const auto dt = at::promote_types(at::promote_types(base.scalar_type(), src.scalar_type()), x.scalar_type());
+    const auto dt = at::promote_types(at::promote_types(base.scalar_type(), routed_out.scalar_type()), x.scalar_type());
     out = base.to(dt, false, /*copy=*/true);
   }
-  out.scatter_add_(1, positions.unsqueeze(-1).expand({b, positions.size(1), d}), as_type(src, out.scalar_type()));
+  torch::Tensor src = as_type(routed_out.reshape({b, -1, d}), out.scalar_type());
+  if (null_q_token.defined()) src = src - as_type(null_q_token, out.scalar_type());
+  out.scatter_add_(1, positions.unsqueeze(-1).expand({b, positions.size(1), d}), src);
   return padded == seq ? out : out.narrow(1, 0, seq).contiguous();
 }
 
