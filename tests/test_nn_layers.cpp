@@ -109,6 +109,62 @@ TEST(NnLayers, RMSNormBackwardMatchesAutogradOfTheFormula) {
                "not differentiable");
 }
 
+// forward_passing: the output of forward and x passed on (x's values and
+// storage), whose gradient joins the norm's: the same gradients as x used
+// directly twice, including where the passed x gets a strided gradient (a
+// sum's) or none.
+TEST(NnLayers, NormsPassXOnWithItsGradient) {
+  torch::manual_seed(3);
+  RMSNorm norm(16);
+  norm->to(torch::kDouble);
+  randomize(*norm);
+  FeedForward ff(FeedForwardOptions(16).mult(2));
+  ff->to(torch::kDouble);
+  randomize(*ff);
+  auto dopt = torch::TensorOptions().dtype(torch::kDouble).requires_grad(true);
+  torch::Tensor w = torch::randn({16}, dopt), b = torch::randn({16}, dopt);
+  auto x0 = torch::randn({3, 5, 16}, torch::kDouble);
+  auto gy = torch::randn({3, 5, 16}, torch::kDouble), gp = torch::randn({3, 5, 16}, torch::kDouble);
+  using Fn = std::function<std::pair<torch::Tensor, torch::Tensor>(const torch::Tensor&)>;
+  struct Case {
+    const char* name;
+    Fn fn;
+    std::vector<torch::Tensor> params;
+  };
+  const Case cases[] = {
+      {"RMSNorm", [&](const torch::Tensor& x) { return norm->forward_passing(x); }, norm->parameters()},
+      {"FeedForward", [&](const torch::Tensor& x) { return ff->forward_passing(x); }, ff->parameters()},
+      {"layer_norm",
+       [&](const torch::Tensor& x) {
+         torch::Tensor passed;
+         torch::Tensor y = colt5::nn::layer_norm(x, w, b, 1e-5, false, true, &passed);
+         return std::make_pair(y, passed);
+       },
+       {w, b}}};
+  for (const Case& c : cases) {
+    for (int use = 0; use < 3; ++use) {  // passed x: weighted, summed, unused
+      SCOPED_TRACE(std::string(c.name) + " use " + std::to_string(use));
+      auto loss = [&](const torch::Tensor& y, const torch::Tensor& passed) {
+        torch::Tensor l = (y * gy).sum();
+        if (use == 0) l = l + (passed * gp).sum();
+        if (use == 1) l = l + passed.sum();
+        return l;
+      };
+      auto x = x0.clone().requires_grad_(true), xr = x0.clone().requires_grad_(true);
+      auto [y, passed] = c.fn(x);
+      EXPECT_EQ(passed.data_ptr(), x.data_ptr());
+      EXPECT_TRUE(torch::equal(passed.detach(), x0));
+      std::vector<torch::Tensor> inputs{x}, inputs_r{xr};
+      inputs.insert(inputs.end(), c.params.begin(), c.params.end());
+      inputs_r.insert(inputs_r.end(), c.params.begin(), c.params.end());
+      auto got = torch::autograd::grad({loss(y, passed)}, inputs);
+      auto want = torch::autograd::grad({loss(c.fn(xr).first, xr)}, inputs_r);
+      ASSERT_EQ(got.size(), want.size());
+      for (size_t i = 0; i < got.size(); ++i) EXPECT_LT(max_rel_error(got[i], want[i]), 1e-12) << "input " << i;
+    }
+  }
+}
+
 TEST(NnLayers, FeedForwardNamesAndFormula) {
   torch::manual_seed(1);
   FeedForward ff(FeedForwardOptions(12).mult(0.5));

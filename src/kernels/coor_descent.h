@@ -161,6 +161,9 @@ struct RowDotBackwardParams {
   const float* grad_norms = nullptr;
   const float* norms = nullptr;
   void* grad_x = nullptr;
+  // Optional, x's dtype and layout, 16-byte aligned: added to grad_x (the
+  // gradient of x where it also flows past the scores, as a residual).
+  const void* grad_x_add = nullptr;
   float* grad_tokens_partial = nullptr;
   int64_t rows = 0, d = 0, r = 1;
 };
@@ -271,6 +274,9 @@ struct RmsNormParams {
   float* norms = nullptr;
   const void* grad_y = nullptr;
   void* grad_x = nullptr;
+  // Optional, x's dtype, rows of d: added to grad_x (the gradient of x where
+  // it also flows past the norm, as a residual).
+  const void* grad_x_add = nullptr;
   float* grad_gamma_partial = nullptr;
   bool layer_norm = false;
   const void* beta = nullptr;

@@ -13,6 +13,9 @@
 // LayerNorm: xhat = (x - mean) * rstd, rstd = 1 / sqrt(var + eps), y = xhat *
 // gamma + beta; dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),
 // dbeta = sum over rows of dy.
+// The backward adds an optional second gradient of x (dx_add) as it writes dx:
+// where x also flows past the norm (a residual), its gradient from there
+// joins the norm's in the same pass instead of in an addition of its own.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -182,9 +185,9 @@ __device__ __forceinline__ void block_sum(const float (&acc)[J][V], float* red, 
 template <typename TX, typename TG, typename TY, int J, int V, bool LN>
 __global__ void __launch_bounds__(kWarps * 32)
     norm_backward_kernel(const TX* __restrict__ x, const TG* __restrict__ gamma, const TY* __restrict__ dy,
-                         const float* __restrict__ stats, const float* __restrict__ means, TX* __restrict__ dx,
-                         float* __restrict__ dgamma_partial, float* __restrict__ dbeta_partial, int64_t rows, int d,
-                         float scale, float eps) {
+                         const float* __restrict__ stats, const float* __restrict__ means,
+                         const TX* __restrict__ dx_add, TX* __restrict__ dx, float* __restrict__ dgamma_partial,
+                         float* __restrict__ dbeta_partial, int64_t rows, int d, float scale, float eps) {
   const int lane = threadIdx.x & 31;
   float g[J][V], acc[J][V], acc_b[J][V];
 #pragma unroll
@@ -243,9 +246,10 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (int j = 0; j < J; ++j) {
       const int c = piece_col<V>(lane, j);
       if (c >= d) continue;
-      float out[V];
+      float out[V], add[V] = {};
+      if (dx_add) load_vec<TX, V>(dx_add + row * d + c, add);
 #pragma unroll
-      for (int e = 0; e < V; ++e) out[e] = f * (dxh[j][e] - mean_dxh - xh[j][e] * dot);
+      for (int e = 0; e < V; ++e) out[e] = f * (dxh[j][e] - mean_dxh - xh[j][e] * dot) + (dx_add ? add[e] : 0.f);
       store_vec<TX, V>(dxr + c, out);
     }
   }
@@ -290,8 +294,8 @@ void launch(const RmsNormParams& p, bool backward, cudaStream_t s) {
   } else {
     norm_backward_kernel<TX, TG, TY, J, V, LN><<<blocks, kWarps * 32, d * sizeof(float), s>>>(
         static_cast<const TX*>(p.x), static_cast<const TG*>(p.gamma), static_cast<const TY*>(p.grad_y),
-        const_cast<const float*>(p.norms), const_cast<const float*>(p.means), static_cast<TX*>(p.grad_x),
-        p.grad_gamma_partial, p.grad_beta_partial, p.rows, d, p.scale, p.eps);
+        const_cast<const float*>(p.norms), const_cast<const float*>(p.means), static_cast<const TX*>(p.grad_x_add),
+        static_cast<TX*>(p.grad_x), p.grad_gamma_partial, p.grad_beta_partial, p.rows, d, p.scale, p.eps);
   }
   check(cudaGetLastError(), backward ? "backward" : "forward");
 }
@@ -306,7 +310,7 @@ bool vectors_fit(const RmsNormParams& p, bool backward, int x_size, int g_size, 
   if (p.d % V != 0) return false;
   bool ok = aligned(p.x, V * x_size) && aligned(p.gamma, V * g_size) && aligned(p.beta, V * g_size);
   if (backward)
-    ok = ok && aligned(p.grad_y, V * y_size) && aligned(p.grad_x, V * x_size);
+    ok = ok && aligned(p.grad_y, V * y_size) && aligned(p.grad_x, V * x_size) && aligned(p.grad_x_add, V * x_size);
   else
     ok = ok && aligned(p.y, V * y_size);
   return ok;

@@ -111,11 +111,16 @@ template <typename T>
 void launch_r(const T* x, const float* t, int64_t rows, int64_t d, int64_t r, float* dots, float* norms,
               cudaStream_t st) {
   switch (r) {
-    case 1: return launch<T, 1>(x, t, rows, d, dots, norms, st);
-    case 2: return launch<T, 2>(x, t, rows, d, dots, norms, st);
-    case 3: return launch<T, 3>(x, t, rows, d, dots, norms, st);
-    case 4: return launch<T, 4>(x, t, rows, d, dots, norms, st);
-    default: throw std::runtime_error("colt5 CUDA routing scores: at most 4 routing tokens, got " + std::to_string(r));
+    case 1:
+      return launch<T, 1>(x, t, rows, d, dots, norms, st);
+    case 2:
+      return launch<T, 2>(x, t, rows, d, dots, norms, st);
+    case 3:
+      return launch<T, 3>(x, t, rows, d, dots, norms, st);
+    case 4:
+      return launch<T, 4>(x, t, rows, d, dots, norms, st);
+    default:
+      throw std::runtime_error("colt5 CUDA routing scores: at most 4 routing tokens, got " + std::to_string(r));
   }
 }
 
@@ -129,7 +134,8 @@ template <typename T, int R, int G>
 __global__ void row_dot_norm_backward_kernel(const T* __restrict__ x, const float* __restrict__ t,
                                              const float* __restrict__ g_dots, const float* __restrict__ g_norms,
                                              const float* __restrict__ norms, int64_t rows, int64_t d,
-                                             T* __restrict__ gx, float* __restrict__ gt_partial) {
+                                             const T* __restrict__ gx_add, T* __restrict__ gx,
+                                             float* __restrict__ gt_partial) {
   constexpr int E = 16 / sizeof(T);
   const int64_t pieces = d / E;
   float tv[G][R][E], acc[G][R][E];
@@ -160,12 +166,14 @@ __global__ void row_dot_norm_backward_kernel(const T* __restrict__ x, const floa
       if (p >= pieces) continue;
       const uint4 raw = __ldg(reinterpret_cast<const uint4*>(x + row * d) + p);
       const T* xe = reinterpret_cast<const T*>(&raw);
-      uint4 out_raw;
+      uint4 out_raw, add_raw = make_uint4(0, 0, 0, 0);
+      if (gx && gx_add) add_raw = __ldg(reinterpret_cast<const uint4*>(gx_add + row * d) + p);
       T* oe = reinterpret_cast<T*>(&out_raw);
+      const T* ae = reinterpret_cast<const T*>(&add_raw);
 #pragma unroll
       for (int e = 0; e < E; ++e) {
         const float v = to_float<T>(xe[e]);
-        float o = coef * v;
+        float o = coef * v + (gx_add ? to_float<T>(ae[e]) : 0.f);
 #pragma unroll
         for (int q = 0; q < R; ++q) {
           o += gd[q] * tv[k][q][e];
@@ -202,14 +210,15 @@ void launch_backward(const RowDotBackwardParams& p, cudaStream_t st) {
   const int64_t blocks = backward_blocks(p.rows);
   const auto* x = static_cast<const T*>(p.x);
   auto* gx = static_cast<T*>(p.grad_x);
+  const auto* gx_add = static_cast<const T*>(p.grad_x_add);
   if (pieces <= 1024) {
     const int threads = static_cast<int>((pieces + 31) / 32 * 32);
     row_dot_norm_backward_kernel<T, R, 1><<<static_cast<unsigned>(blocks), threads, 0, st>>>(
-        x, p.tokens, p.grad_dots, p.grad_norms, p.norms, p.rows, p.d, gx, p.grad_tokens_partial);
+        x, p.tokens, p.grad_dots, p.grad_norms, p.norms, p.rows, p.d, gx_add, gx, p.grad_tokens_partial);
   } else {
     const int threads = static_cast<int>(((pieces + 1) / 2 + 31) / 32 * 32);
     row_dot_norm_backward_kernel<T, R, 2><<<static_cast<unsigned>(blocks), threads, 0, st>>>(
-        x, p.tokens, p.grad_dots, p.grad_norms, p.norms, p.rows, p.d, gx, p.grad_tokens_partial);
+        x, p.tokens, p.grad_dots, p.grad_norms, p.norms, p.rows, p.d, gx_add, gx, p.grad_tokens_partial);
   }
   check(cudaGetLastError(), "row_dot_norm_backward_kernel launch");
 }
@@ -217,11 +226,16 @@ void launch_backward(const RowDotBackwardParams& p, cudaStream_t st) {
 template <typename T>
 void launch_backward_r(const RowDotBackwardParams& p, cudaStream_t st) {
   switch (p.r) {
-    case 1: return launch_backward<T, 1>(p, st);
-    case 2: return launch_backward<T, 2>(p, st);
-    case 3: return launch_backward<T, 3>(p, st);
-    case 4: return launch_backward<T, 4>(p, st);
-    default: throw std::runtime_error("colt5 CUDA routing scores: at most 4 routing tokens, got " + std::to_string(p.r));
+    case 1:
+      return launch_backward<T, 1>(p, st);
+    case 2:
+      return launch_backward<T, 2>(p, st);
+    case 3:
+      return launch_backward<T, 3>(p, st);
+    case 4:
+      return launch_backward<T, 4>(p, st);
+    default:
+      throw std::runtime_error("colt5 CUDA routing scores: at most 4 routing tokens, got " + std::to_string(p.r));
   }
 }
 
@@ -239,9 +253,12 @@ void row_dot_norm_backward_cuda(const RowDotBackwardParams& p, void* stream) {
   if (p.rows == 0) return;
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   switch (p.dtype) {
-    case RowDtype::f32: return launch_backward_r<float>(p, st);
-    case RowDtype::f16: return launch_backward_r<__half>(p, st);
-    case RowDtype::bf16: return launch_backward_r<__nv_bfloat16>(p, st);
+    case RowDtype::f32:
+      return launch_backward_r<float>(p, st);
+    case RowDtype::f16:
+      return launch_backward_r<__half>(p, st);
+    case RowDtype::bf16:
+      return launch_backward_r<__nv_bfloat16>(p, st);
   }
 }
 
@@ -253,9 +270,12 @@ void row_dot_norm_cuda(const void* x, RowDtype dtype, const float* tokens, int64
                              " floats exceed the shared-memory limit");
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case RowDtype::f32: return launch_r(static_cast<const float*>(x), tokens, rows, d, r, dots, norms, st);
-    case RowDtype::f16: return launch_r(static_cast<const __half*>(x), tokens, rows, d, r, dots, norms, st);
-    case RowDtype::bf16: return launch_r(static_cast<const __nv_bfloat16*>(x), tokens, rows, d, r, dots, norms, st);
+    case RowDtype::f32:
+      return launch_r(static_cast<const float*>(x), tokens, rows, d, r, dots, norms, st);
+    case RowDtype::f16:
+      return launch_r(static_cast<const __half*>(x), tokens, rows, d, r, dots, norms, st);
+    case RowDtype::bf16:
+      return launch_r(static_cast<const __nv_bfloat16*>(x), tokens, rows, d, r, dots, norms, st);
   }
 }
 

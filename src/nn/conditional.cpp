@@ -95,7 +95,7 @@ torch::Tensor drop_first_rows(const torch::Tensor& t, int64_t per) {
 
 RouterOutput drop_first_rows(const RouterOutput& r, int64_t per) {
   return {drop_first_rows(r.indices, per), drop_first_rows(r.scores, per), drop_first_rows(r.routed_tokens, per),
-          drop_first_rows(r.routed_mask, per)};
+          drop_first_rows(r.routed_mask, per), torch::Tensor()};
 }
 
 // Rotary frequencies at the given positions: [b, k] -> [b, 1, k, d]; [b, r, k] -> [b, r, 1, k, d].
@@ -184,22 +184,24 @@ HeavyRoutedRows heavy_routed_rows(CoordinateDescentRouterImpl& q_router, Coordin
     torch::Tensor kv_scores = kv.indices.defined() ? kv.scores : torch::Tensor();
     routed_out = heavy_attn.forward(q.routed_tokens, kv.routed_tokens, kv.routed_mask, kv_scores, scores_q, rotary);
   }
-  if (!q.indices.defined()) return {routed_out, torch::Tensor()};  // every query routed, score 1
-  return {routed_out * q.scores.unsqueeze(-1), q.indices};
+  if (!q.indices.defined()) return {routed_out, torch::Tensor(), torch::Tensor()};  // every query routed, score 1
+  return {routed_out * q.scores.unsqueeze(-1), q.indices, q.x_passed};
 }
 
 torch::Tensor heavy_routed_attention(CoordinateDescentRouterImpl& q_router, CoordinateDescentRouterImpl& kv_router,
                                      AttentionImpl& heavy_attn, const torch::Tensor& null_q_token,
                                      const HeavyBranchInputs& in) {
   RECORD_USER_SCOPE("colt5::heavy_branch");
-  auto [routed_out, indices] = heavy_routed_rows(q_router, kv_router, heavy_attn, in);
+  auto [routed_out, indices, x_passed] = heavy_routed_rows(q_router, kv_router, heavy_attn, in);
   if (!indices.defined()) {  // every query took the heavy branch with score 1
     TORCH_CHECK(!in.plus_b_has_null, "heavy branch: plus_b holds the null token but every query is routed");
     if (!in.plus_a.defined()) return routed_out;
     return in.plus_b.defined() ? torch::add(in.plus_a, in.plus_b).add_(routed_out) : in.plus_a + routed_out;
   }
-  if (in.plus_a.defined())
-    return add_heavy_output(null_q_token, in.plus_a, in.plus_b, in.plus_b_has_null, routed_out, indices);
+  if (in.plus_a.defined()) {
+    const torch::Tensor& a = x_passed.defined() && in.plus_a.is_same(in.queries) ? x_passed : in.plus_a;
+    return add_heavy_output(null_q_token, a, in.plus_b, in.plus_b_has_null, routed_out, indices);
+  }
   return scatter_queries(q_router, null_q_token, in.queries, routed_out, indices);
 }
 
@@ -244,17 +246,21 @@ torch::Tensor ConditionalRoutedFeedForwardImpl::forward_plus(const torch::Tensor
   check_matches_module(m, x, light_ff->proj_in->weight);
   const int64_t k = token_count(m, "num_heavy_tokens", num_heavy_tokens, options.num_heavy_tokens());
 
-  torch::Tensor light_out = light_ff(x);
-  RouterOutput r = router(x, k, mask);
+  // x passed on by the light feedforward's norm to the router, and by the
+  // router's scores to the residual sum: x's three uses give it one gradient,
+  // each backward kernel adding the one after it in its own pass.
+  auto [light_out, x_norm_passed] = light_ff->forward_passing(x);
+  RouterOutput r = router(x_norm_passed, k, mask);
+  const torch::Tensor xr = r.x_passed.defined() ? r.x_passed : x_norm_passed;
   torch::Tensor routed_out = heavy_ff(r.routed_tokens) * r.scores.unsqueeze(-1);
-  if (!r.indices.defined()) return residual ? torch::add(x, light_out).add_(routed_out) : light_out + routed_out;
+  if (!r.indices.defined()) return residual ? torch::add(xr, light_out).add_(routed_out) : light_out + routed_out;
   // light_out (plus x) and the heavy outputs added at the routed positions
   // (indices of a row are distinct): one pass over the tokens for the sum,
   // the routed rows added into it in place.
   auto idx = r.indices.unsqueeze(-1).expand_as(routed_out);
   const auto dt = at::promote_types(residual ? x.scalar_type() : light_out.scalar_type(),
                                     routed_out.scalar_type());  // differ under autocast
-  torch::Tensor out = residual ? as_type(torch::add(x, light_out), dt) : light_out.to(dt, false, /*copy=*/true);
+  torch::Tensor out = residual ? as_type(torch::add(xr, light_out), dt) : light_out.to(dt, false, /*copy=*/true);
   return out.scatter_add_(1, idx, as_type(routed_out, dt));
 }
 
@@ -309,15 +315,19 @@ torch::Tensor ConditionalRoutedAttentionImpl::forward_plus(const torch::Tensor& 
 
   HeavyBranchInputs in;
   torch::Tensor light_out;
+  // x passed on by the light attention's norm to the routers, and by the
+  // query router's scores to the residual sum (heavy_routed_attention): x's
+  // uses give it one gradient, each backward kernel adding the one after it.
+  torch::Tensor xp = x;
   if (light_attn) {
     // In the residual sum, the null token every unrouted position gets rides
     // on the light branch's output projection as its bias, where some query
     // will be left unrouted (the routed ones subtract it again).
     in.plus_b_has_null = residual && null_q_token.defined() && kq < x.size(1);
-    light_out = in.plus_b_has_null ? light_attn->forward_with_output_bias(x, mask, null_q_token) : light_attn(x, mask);
+    light_out = light_attn->forward_with_output_bias(x, mask, in.plus_b_has_null ? null_q_token : torch::Tensor(), &xp);
   }
 
-  in.queries = in.context = x;
+  in.queries = in.context = xp;
   in.query_mask = in.context_mask = mask;
   in.num_q = kq;
   in.num_kv = kkv;
@@ -326,7 +336,7 @@ torch::Tensor ConditionalRoutedAttentionImpl::forward_plus(const torch::Tensor& 
   if (rotary_emb) in.q_freqs = in.kv_freqs = rotary_emb(x.size(1));
   // The light output (and x) and the heavy output summed in one pass.
   if (residual) {
-    in.plus_a = x;
+    in.plus_a = xp;
     in.plus_b = light_out;
   } else {
     in.plus_a = light_out;
@@ -454,7 +464,8 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward(const torch:
                      .expand({b, windows - 1, w, dh})
                      .reshape({rows, w, dh});
   }
-  auto [routed_out, indices] = heavy_routed_rows(*q_router, *kv_router, *heavy_attn, in);
+  HeavyRoutedRows heavy = heavy_routed_rows(*q_router, *kv_router, *heavy_attn, in);
+  torch::Tensor routed_out = heavy.out, indices = heavy.indices;
 
   // The output: the light branch everywhere, plus from window 1 on the null
   // query token, whose routed positions then add (heavy output - null). One

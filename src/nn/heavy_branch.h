@@ -73,7 +73,9 @@ struct HeavyBranchInputs {
 // The heavy output at every query position, [b, n, dim]: the routed queries'
 // attention outputs times their scores, null_q_token (or zeros when undefined)
 // elsewhere (plus in.plus_a and in.plus_b where set). Unrouted inputs (no
-// longer than the token count) attend as they are.
+// longer than the token count) attend as they are. Where in.plus_a is
+// in.queries (a residual), the sum takes the queries as the query router
+// passes them on, so that their gradient joins the router's backward kernel.
 torch::Tensor heavy_routed_attention(CoordinateDescentRouterImpl& q_router, CoordinateDescentRouterImpl& kv_router,
                                      AttentionImpl& heavy_attn, const torch::Tensor& null_q_token,
                                      const HeavyBranchInputs& in);
@@ -81,10 +83,13 @@ torch::Tensor heavy_routed_attention(CoordinateDescentRouterImpl& q_router, Coor
 // The routed queries' heavy outputs times their scores, [b, k, dim], and their
 // positions, int64 [b, k]; when every query was routed (no longer than the
 // token count), the outputs at every position (score 1) and undefined
-// positions. in.plus_a / in.plus_b are not used.
+// positions. in.plus_a / in.plus_b are not used. x_passed: the queries as the
+// query router's scores node passes them on (RouterOutput::x_passed), or
+// undefined.
 struct HeavyRoutedRows {
   torch::Tensor out;
   torch::Tensor indices;
+  torch::Tensor x_passed;
 };
 HeavyRoutedRows heavy_routed_rows(CoordinateDescentRouterImpl& q_router, CoordinateDescentRouterImpl& kv_router,
                                   AttentionImpl& heavy_attn, const HeavyBranchInputs& in);

@@ -4,6 +4,8 @@
 #include <torch/autograd.h>
 
 #include <cmath>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "colt5/compat.h"
@@ -99,6 +101,14 @@ bool norm_kernel_params(const torch::Tensor& x, const torch::Tensor& gamma, at::
 }
 #endif
 
+// The gradient of x where a norm passed x on as its second output (a
+// residual's use of x), in x's dtype and contiguous for the backward kernel to
+// add into its own; undefined where x was not passed on or got no gradient.
+torch::Tensor passed_grad(const torch::autograd::variable_list& grads, const torch::Tensor& x) {
+  if (grads.size() < 2 || !grads[1].defined()) return torch::Tensor();
+  return as_type(grads[1], x.scalar_type()).contiguous();
+}
+
 class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
  public:
   static constexpr double kEps = 1e-12;
@@ -115,8 +125,14 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
   }
 #endif
 
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
-                               const torch::Tensor& gamma, double scale, bool cuda_kernel, int64_t out_dtype) {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                                                const torch::Tensor& gamma, double scale, bool cuda_kernel,
+                                                int64_t out_dtype, bool pass_x) {
+    // An unused output (x passed on) gets no gradient rather than zeros.
+    ctx->set_materialize_grads(false);
+    auto outputs = [&](const torch::Tensor& y) {
+      return pass_x ? torch::autograd::variable_list{y, x} : torch::autograd::variable_list{y};
+    };
     const at::ScalarType promoted = at::promote_types(x.scalar_type(), gamma.scalar_type());
     const at::ScalarType y_dtype = out_dtype < 0 ? promoted : static_cast<at::ScalarType>(out_dtype);
 #ifdef COLT5_WITH_CUDA
@@ -134,7 +150,7 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
       ctx->save_for_backward({xc, g, norms});
       ctx->saved_data["scale"] = scale;
       ctx->saved_data["fused"] = static_cast<int64_t>(y_dtype);
-      return y;
+      return outputs(y);
     }
 #else
     (void)cuda_kernel;
@@ -147,7 +163,8 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
     ctx->save_for_backward({xhat, gamma, f, n});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
-    return as_type(xhat * gamma, y_dtype);
+    ctx->saved_data["y_dtype"] = static_cast<int64_t>(y_dtype);
+    return outputs(as_type(xhat * gamma, y_dtype));
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -163,8 +180,11 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
       kernels::RmsNormParams p;
       TORCH_INTERNAL_ASSERT(fused(x, gamma, y_dtype, scale, p));
       c10::cuda::CUDAGuard guard(x.device());
-      torch::Tensor gy = as_type(grads[0], y_dtype).contiguous();
+      torch::Tensor gy = grads[0].defined() ? as_type(grads[0], y_dtype).contiguous()
+                                            : torch::zeros(x.sizes(), x.options().dtype(y_dtype));
       torch::Tensor dx = torch::empty(x.sizes(), x.options());
+      const torch::Tensor add = passed_grad(grads, x);
+      p.grad_x_add = add.defined() ? add.data_ptr() : nullptr;
       torch::Tensor partial;
       if (ctx->needs_input_grad(1))
         partial = torch::empty({kernels::rms_norm_partials(p.rows), p.d}, x.options().dtype(at::kFloat));
@@ -177,13 +197,18 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
       kernels::rms_norm_backward_cuda(p, at::cuda::getCurrentCUDAStream().stream());
       torch::Tensor dgamma;
       if (partial.defined()) dgamma = as_type(partial.sum(0), gamma.scalar_type());
-      return {ctx->needs_input_grad(0) ? dx : torch::Tensor(), dgamma, torch::Tensor(), torch::Tensor(),
+      return {ctx->needs_input_grad(0) ? dx : torch::Tensor(),
+              dgamma,
+              torch::Tensor(),
+              torch::Tensor(),
+              torch::Tensor(),
               torch::Tensor()};
     }
 #endif
     const torch::Tensor &xhat = saved[0], &gamma = saved[1], &f = saved[2], &n = saved[3];
     const auto x_dtype = static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt());
-    const torch::Tensor& g = grads[0];
+    const auto y_dtype = static_cast<at::ScalarType>(ctx->saved_data["y_dtype"].toInt());
+    const torch::Tensor g = grads[0].defined() ? grads[0] : torch::zeros(xhat.sizes(), xhat.options().dtype(y_dtype));
     torch::Tensor dx, dgamma;
     if (ctx->needs_input_grad(1)) {
       const int64_t d = gamma.size(0);
@@ -194,8 +219,9 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
       torch::Tensor dot = (dxhat * xhat).sum(-1, /*keepdim=*/true);
       dot = torch::where(n > kEps, dot, torch::zeros_like(dot)) / (scale * scale);
       dx = as_type(dxhat.sub_(xhat * dot).mul_(f), x_dtype);
+      if (grads.size() > 1 && grads[1].defined()) dx.add_(grads[1]);
     }
-    return {dx, dgamma, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    return {dx, dgamma, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -216,8 +242,10 @@ class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
     return true;
   }
 
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
-                               const torch::Tensor& weight, const torch::Tensor& bias, double eps, int64_t y_dtype_in) {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                                                const torch::Tensor& weight, const torch::Tensor& bias, double eps,
+                                                int64_t y_dtype_in, bool pass_x) {
+    ctx->set_materialize_grads(false);  // an unused output gets no gradient rather than zeros
     const auto y_dtype = static_cast<at::ScalarType>(y_dtype_in);
     kernels::RmsNormParams p;
     TORCH_INTERNAL_ASSERT(params(x, weight, bias, y_dtype, eps, p));
@@ -236,7 +264,7 @@ class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
     ctx->save_for_backward({xc, w, b, rstd, mean});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["y_dtype"] = y_dtype_in;
-    return y;
+    return pass_x ? torch::autograd::variable_list{y, x} : torch::autograd::variable_list{y};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -249,8 +277,11 @@ class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
     kernels::RmsNormParams p;
     TORCH_INTERNAL_ASSERT(params(x, w, b, y_dtype, ctx->saved_data["eps"].toDouble(), p));
     c10::cuda::CUDAGuard guard(x.device());
-    torch::Tensor gy = as_type(grads[0], y_dtype).contiguous();
+    torch::Tensor gy = grads[0].defined() ? as_type(grads[0], y_dtype).contiguous()
+                                          : torch::zeros(x.sizes(), x.options().dtype(y_dtype));
     torch::Tensor dx = torch::empty(x.sizes(), x.options());
+    const torch::Tensor add = passed_grad(grads, x);
+    p.grad_x_add = add.defined() ? add.data_ptr() : nullptr;
     const bool need_w = ctx->needs_input_grad(1), need_b = ctx->needs_input_grad(2);
     const int64_t parts = kernels::rms_norm_partials(p.rows);
     torch::Tensor pw, pb;
@@ -268,7 +299,7 @@ class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
     kernels::rms_norm_backward_cuda(p, at::cuda::getCurrentCUDAStream().stream());
     torch::Tensor dw = need_w ? as_type(pw.sum(0), w.scalar_type()) : torch::Tensor();
     torch::Tensor db = need_b ? as_type(pb.sum(0), b.scalar_type()) : torch::Tensor();
-    return {ctx->needs_input_grad(0) ? dx : torch::Tensor(), dw, db, torch::Tensor(), torch::Tensor()};
+    return {ctx->needs_input_grad(0) ? dx : torch::Tensor(), dw, db, torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 #endif
@@ -288,15 +319,19 @@ int64_t autocast_output_dtype(const torch::Tensor& x, const torch::Tensor& param
 }  // namespace
 
 torch::Tensor layer_norm(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias, double eps,
-                         bool autocast_output, bool cuda_kernel) {
+                         bool autocast_output, bool cuda_kernel, torch::Tensor* x_passed) {
+  if (x_passed) *x_passed = x;
   const int64_t out = autocast_output && weight.defined() ? autocast_output_dtype(x, weight) : -1;
 #ifdef COLT5_WITH_CUDA
   if (cuda_kernel && weight.defined()) {
     const at::ScalarType y_dtype =
         out < 0 ? at::promote_types(x.scalar_type(), weight.scalar_type()) : static_cast<at::ScalarType>(out);
     kernels::RmsNormParams p;
-    if (LayerNormFunction::params(x, weight, bias, y_dtype, eps, p))
-      return LayerNormFunction::apply(x, weight, bias, eps, static_cast<int64_t>(y_dtype));
+    if (LayerNormFunction::params(x, weight, bias, y_dtype, eps, p)) {
+      auto out = LayerNormFunction::apply(x, weight, bias, eps, static_cast<int64_t>(y_dtype), x_passed != nullptr);
+      if (x_passed) *x_passed = out[1];
+      return out[0];
+    }
   }
 #else
   (void)cuda_kernel;
@@ -316,7 +351,14 @@ void RMSNormImpl::pretty_print(std::ostream& stream) const {
   stream << "colt5::nn::RMSNorm(dim=" << options.dim() << ")";
 }
 
-torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
+torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) { return apply_norm(x, /*pass_x=*/false)[0]; }
+
+std::pair<torch::Tensor, torch::Tensor> RMSNormImpl::forward_passing(const torch::Tensor& x) {
+  auto out = apply_norm(x, /*pass_x=*/true);
+  return {out[0], out[1]};
+}
+
+std::vector<torch::Tensor> RMSNormImpl::apply_norm(const torch::Tensor& x, bool pass_x) {
   TORCH_CHECK(x.defined(), "RMSNorm: input x is undefined");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == options.dim(), "RMSNorm: input x must end in dimension ", options.dim(),
               ", got shape ", x.sizes());
@@ -327,7 +369,7 @@ torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
   // it comes in the region's dtype, rounded once from float32 as the product's
   // own cast would (float32 inputs only: autocast leaves float64 alone).
   const int64_t out_dtype = options.autocast_output() ? autocast_output_dtype(x, gamma) : -1;
-  return RMSNormFunction::apply(x, gamma, scale, options.cuda_kernel(), out_dtype);
+  return RMSNormFunction::apply(x, gamma, scale, options.cuda_kernel(), out_dtype, pass_x);
 }
 
 // ---------------------------------------------------------------- FeedForward
@@ -355,7 +397,15 @@ void FeedForwardImpl::pretty_print(std::ostream& stream) const {
   stream << "colt5::nn::FeedForward(dim=" << options.dim() << ", mult=" << options.mult() << ")";
 }
 
-torch::Tensor FeedForwardImpl::forward(const torch::Tensor& x) {
+torch::Tensor FeedForwardImpl::forward(const torch::Tensor& x) { return forward_impl(x, nullptr); }
+
+std::pair<torch::Tensor, torch::Tensor> FeedForwardImpl::forward_passing(const torch::Tensor& x) {
+  torch::Tensor x_passed;
+  torch::Tensor y = forward_impl(x, &x_passed);
+  return {y, x_passed};
+}
+
+torch::Tensor FeedForwardImpl::forward_impl(const torch::Tensor& x, torch::Tensor* x_passed) {
   RECORD_USER_SCOPE("colt5::feedforward");
   TORCH_CHECK(x.defined(), "FeedForward: input x is undefined");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == options.dim(), "FeedForward: input x must end in dimension ", options.dim(),
@@ -365,7 +415,12 @@ torch::Tensor FeedForwardImpl::forward(const torch::Tensor& x) {
   // dimensions, where torch::linear folds them into one matrix product with
   // the bias added in its epilogue (one write of the output instead of three).
   // (nn::linear: torch::linear with a faster bias gradient on CUDA.)
-  const torch::Tensor hidden = torch::gelu(linear(norm->forward(x), proj_in->weight, proj_in->bias));
+  torch::Tensor normed;
+  if (x_passed)
+    std::tie(normed, *x_passed) = norm->forward_passing(x);
+  else
+    normed = norm->forward(x);
+  const torch::Tensor hidden = torch::gelu(linear(normed, proj_in->weight, proj_in->bias));
   return linear(hidden, proj_out->weight, proj_out->bias);
 }
 

@@ -802,7 +802,7 @@ torch::Tensor LocalMHAImpl::forward(const torch::Tensor& x_in, const torch::Tens
 }
 
 torch::Tensor LocalMHAImpl::forward_with_output_bias(const torch::Tensor& x_in, const torch::Tensor& mask,
-                                                     const torch::Tensor& out_bias) {
+                                                     const torch::Tensor& out_bias, torch::Tensor* x_passed) {
   RECORD_USER_SCOPE("colt5::local_mha");
   TORCH_CHECK(x_in.defined(), "LocalMHA: x is undefined");
   TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), "LocalMHA: x must be floating point, got ", x_in.scalar_type());
@@ -825,10 +825,12 @@ torch::Tensor LocalMHAImpl::forward_with_output_bias(const torch::Tensor& x_in, 
   // product's epilogue.
   auto project_out = [&](const torch::Tensor& y) { return linear(y, to_out->weight, out_bias); };
   torch::Tensor x = x_in;
+  if (x_passed) *x_passed = x_in;
   if (norm) {
     const auto& o = norm->options;
     x = options.fused_norm() && o.elementwise_affine()
-            ? layer_norm(x_in, norm->weight, norm->bias, o.eps(), /*autocast_output=*/true, /*cuda_kernel=*/true)
+            ? layer_norm(x_in, norm->weight, norm->bias, o.eps(), /*autocast_output=*/true, /*cuda_kernel=*/true,
+                         x_passed)
             : norm->forward(x_in);
   }
   torch::Tensor projected = to_qkv->forward(x);

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -160,20 +161,23 @@ class RoutingDotFunction : public torch::autograd::Function<RoutingDotFunction> 
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    auto [gx, gt] = scores_backward(ctx, grads);
+    auto [gx, gt, passed_added] = scores_backward(ctx, grads);
     const torch::Tensor& x = ctx->get_saved_variables()[0];
     RowGradSinkPtr sink = sink_of(ctx);
-    if (ctx->needs_input_grad(0) && (grads[2].defined() || !sink->parts.empty())) {
+    const bool passed = grads[2].defined() && !passed_added;
+    if (ctx->needs_input_grad(0) && (passed || !sink->parts.empty())) {
       if (!gx.defined()) gx = torch::zeros_like(x);
-      if (grads[2].defined()) gx.add_(grads[2]);
+      if (passed) gx.add_(grads[2]);
       for (const auto& [flat, rows] : sink->parts) gx.index_add_(0, flat, as_type(rows, gx.scalar_type()));
     }
     sink->parts.clear();
     return {gx, gt, torch::Tensor()};
   }
 
-  static std::pair<torch::Tensor, torch::Tensor> scores_backward(torch::autograd::AutogradContext* ctx,
-                                                                 const torch::autograd::variable_list& grads) {
+  // (x's gradient, the tokens' gradient, whether x's gradient includes that of
+  // the alias, grads[2], added by the kernel).
+  static std::tuple<torch::Tensor, torch::Tensor, bool> scores_backward(torch::autograd::AutogradContext* ctx,
+                                                                        const torch::autograd::variable_list& grads) {
     const auto saved = ctx->get_saved_variables();
     const torch::Tensor &x = saved[0], &t32 = saved[1], &norms = saved[2];
     const auto tokens_dtype = static_cast<torch::ScalarType>(ctx->saved_data["tokens_dtype"].toInt());
@@ -196,10 +200,18 @@ class RoutingDotFunction : public torch::autograd::Function<RoutingDotFunction> 
       torch::Tensor gn = g_norms.defined() ? as_type(g_norms, torch::kFloat).contiguous() : torch::Tensor();
       if (gd.defined()) p.grad_dots = gd.data_ptr<float>();
       if (gn.defined()) p.grad_norms = gn.data_ptr<float>();
-      torch::Tensor gx, partial;
+      torch::Tensor gx, partial, passed;
       if (ctx->needs_input_grad(0) && (gd.defined() || gn.defined())) {
         gx = torch::empty_like(x);
         p.grad_x = gx.data_ptr();
+        // x's gradient from its uses past this node, added as gx is written.
+        if (grads[2].defined()) {
+          passed = as_type(grads[2], x.scalar_type()).contiguous();
+          if (reinterpret_cast<uintptr_t>(passed.data_ptr()) % 16 == 0)
+            p.grad_x_add = passed.data_ptr();
+          else
+            passed = torch::Tensor();
+        }
       }
       if (ctx->needs_input_grad(1) && gd.defined()) {
         partial = torch::empty({kernels::row_dot_norm_backward_partials(n), r, d}, t32.options());
@@ -210,7 +222,7 @@ class RoutingDotFunction : public torch::autograd::Function<RoutingDotFunction> 
       }
       torch::Tensor gt;
       if (partial.defined()) gt = as_type(partial.sum(0), tokens_dtype);  // zeros for no rows
-      return {gx, gt};
+      return {gx, gt, passed.defined()};
     }
     torch::Tensor x32 = as_type(x, torch::kFloat);
     torch::Tensor gx, gt;
@@ -224,7 +236,7 @@ class RoutingDotFunction : public torch::autograd::Function<RoutingDotFunction> 
       gx = gx.defined() ? gx + coef * x32 : coef * x32;
     }
     if (gx.defined()) gx = as_type(gx, x.scalar_type());
-    return {gx, gt};
+    return {gx, gt, false};
   }
 };
 
@@ -478,6 +490,7 @@ RouterOutput route_impl(CoordinateDescentRouterImpl& self, const torch::Tensor& 
   RouterOutput out;
   out.indices = indices;
   out.scores = as_type(selected, x.scalar_type());
+  if (gather.x_rows.defined()) out.x_passed = gather.x_rows.view(x.sizes());
   if (!viewed) {
     // One flat index for the tokens and the mask.
     if (mask.defined() && picked_mask.defined() && num_blocks == 1 && !o.route_block_size())
@@ -596,6 +609,7 @@ std::pair<RouterOutput, RouterOutput> route_pair(CoordinateDescentRouterImpl& q_
   std::vector<int64_t> q_shape = q.indices.sizes().vec(), kv_shape = kv.indices.sizes().vec();
   q_shape.push_back(x.size(2));
   kv_shape.push_back(x.size(2));
+  q.x_passed = x_rows.view(x.sizes());
   q.routed_tokens = rows.narrow(0, 0, fq.size(0)).view(q_shape);
   kv.routed_tokens = rows.narrow(0, fq.size(0), fkv.size(0)).view(kv_shape);
   return {q, kv};

@@ -451,6 +451,84 @@ TEST(CudaModules, LayerNormKernelMatchesTheCpuFloat64) {
   }
 }
 
+// x passed on by the norms' and the routing scores' nodes (RMSNorm::
+// forward_passing, layer_norm's x_passed, RouterOutput::x_passed), its
+// gradient added inside their backward kernels: x's gradient against float64
+// on the CPU with x used directly, where the passed x's gradient is a dense
+// tensor, a sum's expanded one, or none; float32 and bfloat16, widths that
+// take runs of four columns and single ones.
+TEST(CudaModules, PassedOnInputsAddTheirGradientInTheBackwardKernels) {
+  torch::manual_seed(43);
+  auto err = [](const torch::Tensor& got, const torch::Tensor& want) {
+    return colt5::testing::norm_rel_error(got.detach().to(torch::kDouble).cpu(), want.detach());
+  };
+  for (const auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    for (const int64_t d : {512, 7}) {
+      RMSNorm rms_ref(d), rms(RMSNormOptions(d).cuda_kernel(true));
+      torch::Tensor gamma = torch::randn({d}).to(torch::kDouble), w = torch::randn({d}).to(torch::kDouble),
+                    bias = torch::randn({d}).to(torch::kDouble);
+      CoordinateDescentRouter router_ref(CoordinateDescentRouterOptions(d).eps(1.0));
+      auto router = std::dynamic_pointer_cast<CoordinateDescentRouterImpl>(router_ref->clone(cuda()));
+      {
+        torch::NoGradGuard no_grad;
+        rms_ref->to(torch::kDouble);
+        rms_ref->gamma.copy_(gamma);
+        rms->to(cuda(), dtype);
+        rms->gamma.copy_(gamma);
+        router->to(dtype);
+        router_ref->to(torch::kDouble);
+        router_ref->routing_token.copy_(router->routing_token.detach().cpu().to(torch::kDouble));
+      }
+      torch::Tensor wd = w.to(cuda(), dtype), bd = bias.to(cuda(), dtype);
+      torch::Tensor x = torch::randn({2, 300, d}).to(dtype).to(torch::kDouble);
+      torch::Tensor gy = torch::randn({2, 300, d}, torch::kDouble), gp = torch::randn({2, 300, d}, torch::kDouble);
+      for (const char* kind : {"rms", "layer", "router"}) {
+        if (std::string(kind) == "router" && d % 8 != 0) continue;  // the routing kernel takes 16-byte rows
+        for (int use = 0; use < 3; ++use) {                         // passed x: weighted, summed, unused
+          SCOPED_TRACE(std::string(kind) + " d " + std::to_string(d) + " " + c10::toString(dtype) + " use " +
+                       std::to_string(use));
+          auto loss = [&](const torch::Tensor& y, const torch::Tensor& passed, const torch::Tensor& g_y) {
+            torch::Tensor l = (y.to(g_y.scalar_type()) * g_y).sum();
+            if (use == 0) l = l + (passed.to(g_y.scalar_type()) * gp.to(g_y.device(), g_y.scalar_type())).sum();
+            if (use == 1) l = l + passed.to(g_y.scalar_type()).sum();
+            return l;
+          };
+          torch::Tensor x64 = x.clone().requires_grad_(true), xd = x.to(cuda(), dtype).requires_grad_(true);
+          torch::Tensor y64, yd, passed;
+          if (std::string(kind) == "rms") {
+            y64 = rms_ref->forward(x64);
+            std::tie(yd, passed) = rms->forward_passing(xd);
+          } else if (std::string(kind) == "layer") {
+            y64 = torch::layer_norm(x64, {d}, w, bias, 1e-5);
+            yd = colt5::nn::layer_norm(xd, wd, bd, 1e-5, false, true, &passed);
+          } else {
+            auto a = router_ref->forward(x64, 64);
+            auto b = router->forward(xd, 64);
+            ASSERT_TRUE(b.x_passed.defined());
+            ASSERT_TRUE(torch::equal(routed_set(a.indices), routed_set(b.indices)));
+            // The scores in index order against a weight per position; the routed rows summed.
+            torch::Tensor wpos = torch::randn({2, 300}, torch::kDouble);
+            y64 = (a.scores * wpos.gather(-1, a.indices)).unsqueeze(-1) + a.routed_tokens;
+            yd = (b.scores.to(torch::kFloat) * wpos.to(cuda(), torch::kFloat).gather(-1, b.indices)).unsqueeze(-1) +
+                 b.routed_tokens.to(torch::kFloat);
+            y64 = in_index_order(y64, a.indices);
+            yd = in_index_order(yd, b.indices);
+            passed = b.x_passed;
+          }
+          ASSERT_TRUE(passed.defined());
+          EXPECT_EQ(passed.data_ptr(), xd.data_ptr());
+          EXPECT_EQ(passed.sizes(), xd.sizes());
+          const torch::Tensor g64 = gy.narrow(1, 0, y64.size(1)).narrow(2, 0, y64.size(2));
+          loss(y64, x64, g64).backward();
+          loss(yd, passed, g64.to(cuda(), torch::kFloat)).backward();
+          const double tol = dtype == torch::kFloat ? 1e-4 : 2e-2;
+          EXPECT_LT(err(xd.grad(), x64.grad()), tol);
+        }
+      }
+    }
+  }
+}
+
 TEST(CudaModules, SaturatedScoresBreakTiesLikeTheCpu) {
   // Many tokens saturate at exactly 1.0 with a large k: the set is decided by the tie-break.
   torch::manual_seed(12);
@@ -487,6 +565,15 @@ TEST(CudaModules, TransformerBlockMatchesTheCpuForwardAndBackward) {
   yc.backward(g);
   yg.backward(g.to(cuda(), torch::kFloat));
   EXPECT_LT(max_rel_error(xg.grad(), xc.grad()), 1e-3);
+  // Every parameter's gradient.
+  auto on_gpu = gpu->named_parameters();
+  for (const auto& item : cpu->named_parameters()) {
+    SCOPED_TRACE(item.key());
+    const torch::Tensor& want = item.value().grad();
+    const torch::Tensor& got = on_gpu[item.key()].grad();
+    ASSERT_EQ(got.defined(), want.defined());
+    if (want.defined()) EXPECT_LT(colt5::testing::norm_rel_error(got.to(torch::kDouble).cpu(), want), 1e-3);
+  }
 }
 
 TEST(CudaModules, BFloat16BlockStaysCloseToFloat32AndBackpropagates) {

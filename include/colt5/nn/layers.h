@@ -5,6 +5,8 @@
 #include <torch/nn.h>
 
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 namespace colt5 {
 namespace nn {
@@ -41,8 +43,18 @@ class RMSNormImpl : public torch::nn::Cloneable<RMSNormImpl> {
   // x: (..., dim) -> same shape.
   torch::Tensor forward(const torch::Tensor& x);
 
+  // (forward(x), x passed on): the second is x itself (the same values and
+  // storage) as an output of the norm's autograd node. Use it for x's other
+  // uses downstream (a residual sum, a router): their gradient of x then joins
+  // the norm's inside its backward (on CUDA, in the kernel's one pass) rather
+  // than in an addition of x's size of its own.
+  std::pair<torch::Tensor, torch::Tensor> forward_passing(const torch::Tensor& x);
+
   RMSNormOptions options;
   torch::Tensor gamma;
+
+ private:
+  std::vector<torch::Tensor> apply_norm(const torch::Tensor& x, bool pass_x);
 };
 TORCH_MODULE(RMSNorm);
 
@@ -51,9 +63,12 @@ TORCH_MODULE(RMSNorm);
 // float16, bfloat16 rows up to 2048 wide; weight and bias float32 or of x's
 // type) one kernel forward and one backward, keeping x and two floats per row;
 // elsewhere torch::layer_norm. With autocast_output, under autocast the output
-// comes in the autocast dtype (see RMSNormOptions::autocast_output).
+// comes in the autocast dtype (see RMSNormOptions::autocast_output). With
+// x_passed: x passed on through the norm's node, as RMSNorm::forward_passing
+// gives it (x itself where the kernel does not apply).
 torch::Tensor layer_norm(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
-                         double eps = 1e-5, bool autocast_output = false, bool cuda_kernel = true);
+                         double eps = 1e-5, bool autocast_output = false, bool cuda_kernel = true,
+                         torch::Tensor* x_passed = nullptr);
 
 // ---------------------------------------------------------------- FeedForward
 
@@ -81,11 +96,17 @@ class FeedForwardImpl : public torch::nn::Cloneable<FeedForwardImpl> {
   // x: (..., dim) -> same shape.
   torch::Tensor forward(const torch::Tensor& x);
 
+  // (forward(x), x passed on through the norm: RMSNorm::forward_passing).
+  std::pair<torch::Tensor, torch::Tensor> forward_passing(const torch::Tensor& x);
+
   FeedForwardOptions options;
   RMSNorm norm{nullptr};
   torch::nn::Linear proj_in{nullptr};
   torch::nn::GELU act{nullptr};
   torch::nn::Linear proj_out{nullptr};
+
+ private:
+  torch::Tensor forward_impl(const torch::Tensor& x, torch::Tensor* x_passed);
 };
 TORCH_MODULE(FeedForward);
 

@@ -195,8 +195,11 @@ class LocalMHAImpl : public torch::nn::Cloneable<LocalMHAImpl> {
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask = {});
   // forward(x, mask) + out_bias (dim,) at every position, the bias added by the
   // output projection's matrix product (no separate pass over the output).
+  // With x_passed: x passed on through the prenorm's node (see
+  // RMSNorm::forward_passing; x itself without a prenorm or its kernel), for
+  // x's other uses downstream.
   torch::Tensor forward_with_output_bias(const torch::Tensor& x, const torch::Tensor& mask,
-                                         const torch::Tensor& out_bias);
+                                         const torch::Tensor& out_bias, torch::Tensor* x_passed = nullptr);
 
  protected:
   FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())})

@@ -54,6 +54,12 @@ struct RouterOutput {
   torch::Tensor routed_tokens;
   // bool, the shape of scores; undefined when no mask was given.
   torch::Tensor routed_mask;
+  // (b, n, d): x passed on through the routing scores' autograd node, where
+  // the CUDA routing-scores kernel read x as given (undefined elsewhere). The
+  // same values and storage as x; use it for x's other uses downstream (a
+  // residual sum) and their gradient of x is added inside the scores'
+  // backward kernel rather than in an addition of x's size of its own.
+  torch::Tensor x_passed;
 };
 
 class CoordinateDescentRouterImpl : public torch::nn::Cloneable<CoordinateDescentRouterImpl> {
