@@ -628,8 +628,9 @@ std::function<void()> train_step(std::function<torch::Tensor()> fwd, bool amp, s
   };
 }
 
-// --kernels: each module's training step (bf16 autocast, README configs)
-// under the Kineto profiler, by colt5 scope and by kernel.
+// --kernels: each module's training step (bf16 autocast, README configs; the
+// block at 32k also in float32, TF32 off and on) under the Kineto profiler, by
+// colt5 scope and by kernel.
 int kernel_profiles(const std::function<bool(const char*)>& want) {
   const torch::Device dev(torch::kCUDA, 0);
   auto f32 = torch::TensorOptions(dev);
@@ -642,9 +643,20 @@ int kernel_profiles(const std::function<bool(const char*)>& want) {
       torch::Tensor mask = torch::ones({2, n}, f32.dtype(torch::kBool));
       colt5_bench::kernel_profile(("block 2x" + std::to_string(n) + "x512, all-true mask, fwd+bwd").c_str(),
                                   train_step([&] { return block->forward(x, mask); }, true, leaves(*block, x)));
-      if (n == 32768)
+      if (n == 32768) {
         colt5_bench::kernel_profile("block 2x32768x512, no mask, fwd+bwd",
                                     train_step([&] { return block->forward(x); }, true, leaves(*block, x)));
+        // float32 (no autocast), TF32 matrix products off and on.
+        for (bool tf32 : {false, true}) {
+          at::globalContext().setAllowTF32CuBLAS(tf32);
+          at::globalContext().setAllowTF32CuDNN(tf32);
+          colt5_bench::kernel_profile(
+              (std::string("block 2x32768x512, fp32, TF32 ") + (tf32 ? "on" : "off") + ", fwd+bwd").c_str(),
+              train_step([&] { return block->forward(x, mask); }, false, leaves(*block, x)));
+        }
+        at::globalContext().setAllowTF32CuBLAS(false);
+        at::globalContext().setAllowTF32CuDNN(true);
+      }
     }
   }
   if (want("autoregressive")) {

@@ -744,6 +744,26 @@ TEST(ConditionalResidual, ResidualForwardIsXPlusForward) {
     check([&](const torch::Tensor& t, bool r) { return r ? ff->residual_forward(t) : ff->forward(t); }, x,
           ff->parameters());
   }
+  // The autoregressive module: with and without the null token, whole
+  // windows, a ragged length, one window only.
+  for (const bool null_q : {true, false}) {
+    ConditionalRoutedAutoregressiveAttention ar(ConditionalRoutedAutoregressiveAttentionOptions(32, 6, 20)
+                                                    .light_dim_head(8)
+                                                    .light_heads(2)
+                                                    .light_window_size(12)
+                                                    .heavy_dim_head(8)
+                                                    .heavy_heads(4)
+                                                    .use_null_q_tokens(null_q)
+                                                    .rotary_emb(true)
+                                                    .router_kwargs(smooth_router()));
+    ar->to(torch::kDouble);
+    for (const int64_t n : {96, 100, 10}) {
+      SCOPED_TRACE("autoregressive, null q " + std::string(null_q ? "on" : "off") + ", length " + std::to_string(n));
+      torch::Tensor x = torch::randn({2, n, 32}, torch::kDouble);
+      check([&](const torch::Tensor& t, bool r) { return r ? ar->residual_forward(t) : ar->forward(t); }, x,
+            ar->parameters());
+    }
+  }
   // The block is attention then feedforward, each with its residual.
   ConditionalRoutedTransformerBlock block(ConditionalRoutedTransformerBlockOptions(32, 16, 24, 16)
                                               .light_dim_head(8)

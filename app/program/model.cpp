@@ -70,13 +70,15 @@ torch::Tensor DecoderBlockImpl::forward(torch::Tensor x) {
     case Arch::routed:
       break;
   }
-  x = attn->forward(x) + x;
-  return routed_ff(x) + x;
+  // Each routed module adds its residual in its output's pass (and on CUDA
+  // gives x one gradient from all its uses).
+  return routed_ff(attn->residual_forward(x));
 }
 
-// The feedforward routes inside each heavy window, not over the whole
-// sequence: a top-k over the whole sequence would let every token's routing
-// depend on all later tokens. Per window it has the attention's granularity.
+// x plus the routed feedforward of x. The feedforward routes inside each heavy
+// window, not over the whole sequence: a top-k over the whole sequence would
+// let every token's routing depend on all later tokens. Per window it has the
+// attention's granularity.
 torch::Tensor DecoderBlockImpl::routed_ff(const torch::Tensor& x) {
   const int64_t b = x.size(0), n = x.size(1), d = x.size(2), w = cfg_.heavy_window();
   const int64_t windows = (n + w - 1) / w, padded = windows * w;
@@ -88,7 +90,7 @@ torch::Tensor DecoderBlockImpl::routed_ff(const torch::Tensor& x) {
     mask.narrow(1, n, padded - n).fill_(false);
     mask = mask.reshape({b * windows, w});
   }
-  torch::Tensor out = ff->forward(xp.reshape({b * windows, w, d}), mask);
+  torch::Tensor out = ff->residual_forward(xp.reshape({b * windows, w, d}), mask);
   out = out.reshape({b, padded, d});
   return padded == n ? out : out.narrow(1, 0, n);
 }
@@ -122,8 +124,8 @@ torch::Tensor check_model_runs(LanguageModelImpl& model, const std::string& sour
   model.eval();
   const auto device = model.token_emb->weight.device();
   const int64_t n = std::min<int64_t>(model.cfg.max_seq_len, 16);
-  torch::Tensor tokens = torch::arange(n, torch::TensorOptions(device).dtype(torch::kLong)).remainder(model.cfg.vocab_size)
-                             .unsqueeze(0);
+  torch::Tensor tokens =
+      torch::arange(n, torch::TensorOptions(device).dtype(torch::kLong)).remainder(model.cfg.vocab_size).unsqueeze(0);
   torch::Tensor logits;
   std::string problem;
   try {
@@ -190,9 +192,15 @@ double estimate_parameters(const ModelConfig& m) {
   const double heavy_ff = 2.0 * d * std::ceil(d * m.ff.heavy_ff_mult());
   double block = 0;
   switch (m.arch) {
-    case Arch::light_only: block = 4 * d * light_inner + light_ff; break;
-    case Arch::dense: block = 4 * d * heavy_inner + heavy_ff; break;
-    case Arch::routed: block = 4 * d * light_inner + 4 * d * heavy_inner + light_ff + heavy_ff; break;
+    case Arch::light_only:
+      block = 4 * d * light_inner + light_ff;
+      break;
+    case Arch::dense:
+      block = 4 * d * heavy_inner + heavy_ff;
+      break;
+    case Arch::routed:
+      block = 4 * d * light_inner + 4 * d * heavy_inner + light_ff + heavy_ff;
+      break;
   }
   const double embeddings = static_cast<double>(2 * m.vocab_size + m.max_seq_len) * d;
   return block * static_cast<double>(m.depth) + embeddings;
@@ -234,8 +242,8 @@ void check_memory_fits(const ModelConfig& m, int64_t batch, int64_t seq_len, boo
   if (!std::isfinite(available) || e.bytes <= available) return;
   char params[32];
   std::snprintf(params, sizeof params, "%.3g", e.parameters);
-  throw UsageError(what + " cannot fit: it needs about " + gib(e.bytes) + " (estimated: " + params +
-                   " parameters" + (training ? " with their gradients and AdamW moments" : "") + ", and the " +
+  throw UsageError(what + " cannot fit: it needs about " + gib(e.bytes) + " (estimated: " + params + " parameters" +
+                   (training ? " with their gradients and AdamW moments" : "") + ", and the " +
                    (training ? "activations kept for the backward" : "activations") + " of " + std::to_string(batch) +
                    " x " + std::to_string(seq_len) + " tokens through " + std::to_string(m.depth) +
                    " layers of width " + std::to_string(m.dim()) + ") but " +

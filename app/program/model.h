@@ -46,6 +46,7 @@ class DecoderBlockImpl : public torch::nn::Module {
   colt5::nn::FeedForward plain_ff{nullptr};
 
  private:
+  // x + the routed feedforward of x, routed within each heavy window.
   torch::Tensor routed_ff(const torch::Tensor& x);
   ModelConfig cfg_;
 };

@@ -375,8 +375,11 @@ torch::Tensor project_queries(AttentionImpl& a, const torch::Tensor& xn, const t
   return q;
 }
 
-torch::Tensor project_keys_values(AttentionImpl& a, const torch::Tensor& context) {
-  return a.to_kv->forward(a.norm->forward(context));
+torch::Tensor project_keys_values(AttentionImpl& a, const torch::Tensor& context, torch::Tensor* context_passed) {
+  if (!context_passed) return a.to_kv->forward(a.norm->forward(context));
+  auto [normed, passed] = a.norm->forward_passing(context);
+  *context_passed = passed;
+  return a.to_kv->forward(normed);
 }
 
 torch::Tensor attend_projected(AttentionImpl& a, const torch::Tensor& x, const torch::Tensor& q_in,

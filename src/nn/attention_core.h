@@ -19,8 +19,10 @@ torch::Tensor project_queries(AttentionImpl& a, const torch::Tensor& xn, const t
 
 // Normalized and projected keys/values of every token of context [..., dim]:
 // [..., heads * 2 * dim_head], (route, head) blocks of 2 * dim_head (keys
-// first) in the order of to_kv's rows.
-torch::Tensor project_keys_values(AttentionImpl& a, const torch::Tensor& context);
+// first) in the order of to_kv's rows. With context_passed: the context as the
+// norm passes it on (RMSNorm::forward_passing), for its uses downstream.
+torch::Tensor project_keys_values(AttentionImpl& a, const torch::Tensor& context,
+                                  torch::Tensor* context_passed = nullptr);
 
 // Attention of projected queries q [b, heads, n, dim_head] over projected
 // keys/values kv [b, routes, heads / routes, m, 2 * dim_head]; x: the queries'

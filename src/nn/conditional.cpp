@@ -95,7 +95,7 @@ torch::Tensor drop_first_rows(const torch::Tensor& t, int64_t per) {
 
 RouterOutput drop_first_rows(const RouterOutput& r, int64_t per) {
   return {drop_first_rows(r.indices, per), drop_first_rows(r.scores, per), drop_first_rows(r.routed_tokens, per),
-          drop_first_rows(r.routed_mask, per), torch::Tensor()};
+          drop_first_rows(r.routed_mask, per), r.x_passed};
 }
 
 // Rotary frequencies at the given positions: [b, k] -> [b, 1, k, d]; [b, r, k] -> [b, r, 1, k, d].
@@ -130,6 +130,7 @@ HeavyRoutedRows heavy_routed_rows(CoordinateDescentRouterImpl& q_router, Coordin
   RECORD_USER_SCOPE("colt5::heavy_branch");
   const bool once = in.project_context_once;
   RouterOutput q, kv;
+  torch::Tensor context = in.context, context_passed;
   if (in.joint_routing && !once && in.queries.is_same(in.context) &&
       (in.query_mask.defined() ? in.query_mask.is_same(in.context_mask) : !in.context_mask.defined())) {
     std::tie(q, kv) = route_pair(q_router, kv_router, in.queries, in.num_q, in.num_kv, in.query_mask, in.random_route,
@@ -137,9 +138,12 @@ HeavyRoutedRows heavy_routed_rows(CoordinateDescentRouterImpl& q_router, Coordin
   } else {
     q = q_router.forward(in.queries, in.num_q, in.query_mask, in.random_route);
     if (in.query_rows_dropping_first > 0) q = drop_first_rows(q, in.query_rows_dropping_first);
-    kv = route_prefix_views(kv_router, in.context, in.num_kv, in.context_mask, in.context_view_lengths,
+    if (in.queries_view_context && q.x_passed.defined() && q.x_passed.numel() == in.context.numel())
+      context = q.x_passed.view(in.context.sizes());
+    kv = route_prefix_views(kv_router, context, in.num_kv, in.context_mask, in.context_view_lengths,
                             in.context_view_groups, in.random_route, /*keep_one_route_dim=*/once,
                             /*gather_tokens=*/!once);
+    if (in.queries_view_context && kv.x_passed.defined()) context = kv.x_passed;
   }
 
   std::pair<torch::Tensor, torch::Tensor> rotary;
@@ -166,7 +170,8 @@ HeavyRoutedRows heavy_routed_rows(CoordinateDescentRouterImpl& q_router, Coordin
     const int64_t bc = in.context.size(0), m = in.context.size(1);
     const int64_t rows = kv.indices.size(0), r = kv.indices.size(1), k = kv.indices.size(2);
     const int64_t views = rows / bc;
-    torch::Tensor proj = project_keys_values(heavy_attn, in.context).reshape({bc * m * r, h / r * 2 * dh});
+    torch::Tensor proj = project_keys_values(heavy_attn, context, in.queries_view_context ? &context_passed : nullptr)
+                             .reshape({bc * m * r, h / r * 2 * dh});
     auto io = kv.indices.options();
     torch::Tensor row_start = (torch::arange(bc, io) * m).view({bc, 1}).expand({bc, views}).reshape({rows, 1, 1});
     torch::Tensor table_rows = (row_start + kv.indices) * r + torch::arange(r, io).view({1, r, 1});  // [rows, r, k]
@@ -184,15 +189,16 @@ HeavyRoutedRows heavy_routed_rows(CoordinateDescentRouterImpl& q_router, Coordin
     torch::Tensor kv_scores = kv.indices.defined() ? kv.scores : torch::Tensor();
     routed_out = heavy_attn.forward(q.routed_tokens, kv.routed_tokens, kv.routed_mask, kv_scores, scores_q, rotary);
   }
-  if (!q.indices.defined()) return {routed_out, torch::Tensor(), torch::Tensor()};  // every query routed, score 1
-  return {routed_out * q.scores.unsqueeze(-1), q.indices, q.x_passed};
+  if (!q.indices.defined())
+    return {routed_out, torch::Tensor(), torch::Tensor(), context_passed};  // all routed, score 1
+  return {routed_out * q.scores.unsqueeze(-1), q.indices, q.x_passed, context_passed};
 }
 
 torch::Tensor heavy_routed_attention(CoordinateDescentRouterImpl& q_router, CoordinateDescentRouterImpl& kv_router,
                                      AttentionImpl& heavy_attn, const torch::Tensor& null_q_token,
                                      const HeavyBranchInputs& in) {
   RECORD_USER_SCOPE("colt5::heavy_branch");
-  auto [routed_out, indices, x_passed] = heavy_routed_rows(q_router, kv_router, heavy_attn, in);
+  auto [routed_out, indices, x_passed, context_passed] = heavy_routed_rows(q_router, kv_router, heavy_attn, in);
   if (!indices.defined()) {  // every query took the heavy branch with score 1
     TORCH_CHECK(!in.plus_b_has_null, "heavy branch: plus_b holds the null token but every query is routed");
     if (!in.plus_a.defined()) return routed_out;
@@ -395,6 +401,20 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward(const torch:
                                                                     c10::optional<int64_t> num_heavy_tokens_q,
                                                                     c10::optional<int64_t> num_heavy_tokens_kv,
                                                                     bool random_route) {
+  return forward_impl(x, num_heavy_tokens_q, num_heavy_tokens_kv, random_route, /*residual=*/false);
+}
+
+torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::residual_forward(const torch::Tensor& x,
+                                                                             c10::optional<int64_t> num_heavy_tokens_q,
+                                                                             c10::optional<int64_t> num_heavy_tokens_kv,
+                                                                             bool random_route) {
+  return forward_impl(x, num_heavy_tokens_q, num_heavy_tokens_kv, random_route, /*residual=*/true);
+}
+
+torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward_impl(const torch::Tensor& x,
+                                                                         c10::optional<int64_t> num_heavy_tokens_q,
+                                                                         c10::optional<int64_t> num_heavy_tokens_kv,
+                                                                         bool random_route, bool residual) {
   const char* m = "ConditionalRoutedAutoregressiveAttention";
   check_tokens(m, "x", x, options.dim());
   check_matches_module(m, x, heavy_attn->to_q->weight);
@@ -402,17 +422,22 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward(const torch:
   const int64_t kkv = token_count(m, "num_heavy_tokens_kv", num_heavy_tokens_kv, options.num_heavy_tokens_kv());
   TORCH_CHECK(kv_route_groups >= 0, m, ": kv_route_groups must be 0 (by length) or positive, got ", kv_route_groups);
 
-  torch::Tensor light_out = light_attn(x);
+  // x passed on by the light attention's norm to the query router, by its
+  // scores to the key/value router, and by that one's to the keys/values'
+  // projection (HeavyBranchInputs::queries_view_context): x's uses give it
+  // one gradient, each backward kernel adding the next one's.
+  torch::Tensor x1;
+  torch::Tensor light_out = light_attn->forward_with_output_bias(x, torch::Tensor(), torch::Tensor(), &x1);
 
   const int64_t b = x.size(0), seq = x.size(1), d = x.size(2);
   const int64_t w = options.heavy_window_size().value_or(options.light_window_size());
   const int64_t windows = (seq + w - 1) / w;
   // Window 0 has no earlier window to attend to: it gets the light branch only.
-  if (windows <= 1) return light_out;
+  if (windows <= 1) return residual ? torch::add(x1, light_out) : light_out;
   const int64_t padded = windows * w;
   const int64_t rows = b * (windows - 1);
 
-  torch::Tensor xp = padded == seq ? x : torch::constant_pad_nd(x, {0, 0, 0, padded - seq}, 0.0);
+  torch::Tensor xp = padded == seq ? x1 : torch::constant_pad_nd(x1, {0, 0, 0, padded - seq}, 0.0);
   auto bool_opts = torch::TensorOptions().dtype(torch::kBool).device(x.device());
   const auto long_opts = torch::TensorOptions().dtype(torch::kLong).device(x.device());
 
@@ -441,6 +466,7 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward(const torch:
   in.query_mask = q_mask;
   in.query_rows_dropping_first = windows;
   in.context = xp;
+  in.queries_view_context = true;
   in.context_mask = kv_mask;
   in.num_q = kq;
   in.num_kv = kkv;
@@ -478,9 +504,16 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward(const torch:
   torch::Tensor positions = (indices.view({b, windows - 1, kq_routed}) + window_start).view({b, -1});
   torch::Tensor base = padded == seq ? light_out : torch::constant_pad_nd(light_out, {0, 0, 0, padded - seq}, 0.0);
   torch::Tensor out;
+  // The residual: x as the keys/values' norm passes it on (the last of its
+  // uses), padded as the context is.
+  const torch::Tensor xr = heavy.context_passed.defined() ? heavy.context_passed : xp;
   if (null_q_token.defined()) {
     torch::Tensor after_first = (torch::arange(padded, long_opts) >= w).to(null_q_token.scalar_type()).view({1, -1, 1});
-    out = torch::addcmul(base, after_first, null_q_token.view({1, 1, d}));  // a fresh tensor: rows go in in place
+    torch::Tensor null = null_q_token.view({1, 1, d});
+    // Fresh tensors: the routed rows go in in place.
+    out = residual ? torch::add(xr, base).addcmul_(after_first, null) : torch::addcmul(base, after_first, null);
+  } else if (residual) {
+    out = torch::add(xr, base);
   } else {
     // The type the heavy output would have had written out at every position (x's, or wider).
     const auto dt = at::promote_types(at::promote_types(base.scalar_type(), routed_out.scalar_type()), x.scalar_type());

@@ -65,6 +65,13 @@ struct HeavyBranchInputs {
   // rather than a copy of all but its first window, and only the first
   // rows' routed tokens are dropped. q_freqs covers the kept rows only.
   int64_t query_rows_dropping_first = 0;
+  // The queries are a view of the whole context (the same elements in the
+  // same order, as the autoregressive module's windows): the keys/values are
+  // routed and projected from the context as the query router's scores node
+  // passes it on, and the key/value router's node passes it on to the
+  // projection's norm, so that x's uses give it one gradient (see
+  // RouterOutput::x_passed).
+  bool queries_view_context = false;
   // Queries and context the same tensor under the same mask (self-attention):
   // route both with route_pair's joint scores and gather where it applies.
   bool joint_routing = false;
@@ -85,11 +92,14 @@ torch::Tensor heavy_routed_attention(CoordinateDescentRouterImpl& q_router, Coor
 // token count), the outputs at every position (score 1) and undefined
 // positions. in.plus_a / in.plus_b are not used. x_passed: the queries as the
 // query router's scores node passes them on (RouterOutput::x_passed), or
-// undefined.
+// undefined; context_passed: with queries_view_context and
+// project_context_once, the context as the last of its uses (the keys/values'
+// norm) passes it on, or undefined.
 struct HeavyRoutedRows {
   torch::Tensor out;
   torch::Tensor indices;
   torch::Tensor x_passed;
+  torch::Tensor context_passed;
 };
 HeavyRoutedRows heavy_routed_rows(CoordinateDescentRouterImpl& q_router, CoordinateDescentRouterImpl& kv_router,
                                   AttentionImpl& heavy_attn, const HeavyBranchInputs& in);

@@ -576,6 +576,52 @@ TEST(CudaModules, TransformerBlockMatchesTheCpuForwardAndBackward) {
   }
 }
 
+// The autoregressive module's residual_forward in float32 on CUDA (the
+// gathered attention kernel; x passed on from the light branch's norm to the
+// routers, the keys/values' norm and the residual) against x + forward(x) in
+// float64 on the CPU:
+// the same tokens routed, the output, x's gradient and every parameter's; a
+// length of whole windows and a ragged one.
+TEST(CudaModules, AutoregressiveMatchesTheCpuForwardAndBackward) {
+  torch::manual_seed(19);
+  auto opts = ConditionalRoutedAutoregressiveAttentionOptions(64, 16, 96)
+                  .light_dim_head(16)
+                  .light_heads(4)
+                  .light_window_size(32)
+                  .heavy_dim_head(16)
+                  .heavy_heads(4)
+                  .rotary_emb(true)
+                  .router_kwargs(RouterKwargs().eps(1.0));
+  ConditionalRoutedAutoregressiveAttention cpu(opts);
+  cpu->to(torch::kDouble);
+  ConditionalRoutedAutoregressiveAttention gpu(
+      std::dynamic_pointer_cast<ConditionalRoutedAutoregressiveAttentionImpl>(cpu->clone(cuda())));
+  gpu->to(torch::kFloat);
+  for (const int64_t n : {512, 500}) {
+    SCOPED_TRACE("length " + std::to_string(n));
+    cpu->zero_grad();
+    gpu->zero_grad();
+    torch::Tensor x = torch::randn({2, n, 64}, torch::kDouble);
+    torch::Tensor xc = x.clone().requires_grad_(true);
+    torch::Tensor xg = x.to(cuda(), torch::kFloat).requires_grad_(true);
+    // residual_forward on the GPU (x's uses chained through the kernels) against x + forward(x) on the CPU.
+    torch::Tensor yc = xc + cpu->forward(xc), yg = gpu->residual_forward(xg);
+    EXPECT_LT(colt5::testing::norm_rel_error(yg.detach().to(torch::kDouble).cpu(), yc.detach()), 1e-4);
+    torch::Tensor g = torch::randn_like(x);
+    yc.backward(g);
+    yg.backward(g.to(cuda(), torch::kFloat));
+    EXPECT_LT(colt5::testing::norm_rel_error(xg.grad().to(torch::kDouble).cpu(), xc.grad()), 1e-3);
+    auto on_gpu = gpu->named_parameters();
+    for (const auto& item : cpu->named_parameters()) {
+      SCOPED_TRACE(item.key());
+      const torch::Tensor& want = item.value().grad();
+      const torch::Tensor& got = on_gpu[item.key()].grad();
+      ASSERT_EQ(got.defined(), want.defined());
+      if (want.defined()) EXPECT_LT(colt5::testing::norm_rel_error(got.to(torch::kDouble).cpu(), want), 1e-3);
+    }
+  }
+}
+
 TEST(CudaModules, BFloat16BlockStaysCloseToFloat32AndBackpropagates) {
   torch::manual_seed(14);
   ConditionalRoutedTransformerBlock block(ConditionalRoutedTransformerBlockOptions(128, 256, 256, 256)

@@ -228,9 +228,20 @@ class ConditionalRoutedAutoregressiveAttentionImpl
   torch::Tensor forward(const torch::Tensor& x, c10::optional<int64_t> num_heavy_tokens_q = c10::nullopt,
                         c10::optional<int64_t> num_heavy_tokens_kv = c10::nullopt, bool random_route = false);
 
+  // x + forward(x), the residual added in the output's one pass. On CUDA x's
+  // uses (the light branch's norm, both routers, the keys/values' norm and the
+  // residual) give it one gradient, each backward kernel adding the next
+  // one's, where x + forward(x) would add two gradients of x's size.
+  torch::Tensor residual_forward(const torch::Tensor& x, c10::optional<int64_t> num_heavy_tokens_q = c10::nullopt,
+                                 c10::optional<int64_t> num_heavy_tokens_kv = c10::nullopt, bool random_route = false);
+
  protected:
   FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(c10::optional<int64_t>())},
                            {2, torch::nn::AnyValue(c10::optional<int64_t>())}, {3, torch::nn::AnyValue(false)})
+
+ private:
+  torch::Tensor forward_impl(const torch::Tensor& x, c10::optional<int64_t> num_heavy_tokens_q,
+                             c10::optional<int64_t> num_heavy_tokens_kv, bool random_route, bool residual);
 
  public:
   ConditionalRoutedAutoregressiveAttentionOptions options;
