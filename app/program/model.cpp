@@ -61,18 +61,26 @@ DecoderBlockImpl::DecoderBlockImpl(const ModelConfig& m) : cfg_(m) {
 
 torch::Tensor DecoderBlockImpl::forward(torch::Tensor x) {
   switch (cfg_.arch) {
-    case Arch::light_only:
-      x = light_attn->forward(x) + x;
-      return plain_ff->forward(x) + x;
+    case Arch::light_only: {
+      // x as the norms pass it on (one gradient of x from the norm and the
+      // residual, as the routed modules' residual forwards give it).
+      torch::Tensor x_passed;
+      torch::Tensor y = light_attn->forward_with_output_bias(x, {}, {}, &x_passed);
+      return plain_ff_residual(y + x_passed);
+    }
     case Arch::dense:
-      x = dense_attn->forward(x) + x;
-      return plain_ff->forward(x) + x;
+      return plain_ff_residual(dense_attn->forward(x) + x);
     case Arch::routed:
       break;
   }
   // Each routed module adds its residual in its output's pass (and on CUDA
   // gives x one gradient from all its uses).
   return routed_ff(attn->residual_forward(x));
+}
+
+torch::Tensor DecoderBlockImpl::plain_ff_residual(const torch::Tensor& x) {
+  auto [y, x_passed] = plain_ff->forward_passing(x);
+  return y + x_passed;
 }
 
 // x plus the routed feedforward of x. The feedforward routes inside each heavy

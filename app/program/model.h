@@ -48,6 +48,8 @@ class DecoderBlockImpl : public torch::nn::Module {
  private:
   // x + the routed feedforward of x, routed within each heavy window.
   torch::Tensor routed_ff(const torch::Tensor& x);
+  // x + the plain feedforward of x.
+  torch::Tensor plain_ff_residual(const torch::Tensor& x);
   ModelConfig cfg_;
 };
 TORCH_MODULE(DecoderBlock);
