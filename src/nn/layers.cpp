@@ -99,7 +99,6 @@ bool norm_kernel_params(const torch::Tensor& x, const torch::Tensor& gamma, at::
   p.rows = x.numel() / p.d;
   return true;
 }
-#endif
 
 // The gradient of x where a norm passed x on as its second output (a
 // residual's use of x), in x's dtype and contiguous for the backward kernel to
@@ -108,6 +107,7 @@ torch::Tensor passed_grad(const torch::autograd::variable_list& grads, const tor
   if (grads.size() < 2 || !grads[1].defined()) return torch::Tensor();
   return as_type(grads[1], x.scalar_type()).contiguous();
 }
+#endif
 
 class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
  public:
