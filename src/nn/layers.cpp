@@ -109,6 +109,11 @@ torch::Tensor passed_grad(const torch::autograd::variable_list& grads, const tor
 }
 #endif
 
+// A norm function's outputs: y, and x passed on through the node with pass_x.
+torch::autograd::variable_list norm_outputs(const torch::Tensor& y, const torch::Tensor& x, bool pass_x) {
+  return pass_x ? torch::autograd::variable_list{y, x} : torch::autograd::variable_list{y};
+}
+
 class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
  public:
   static constexpr double kEps = 1e-12;
@@ -130,9 +135,6 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
                                                 int64_t out_dtype, bool pass_x) {
     // An unused output (x passed on) gets no gradient rather than zeros.
     ctx->set_materialize_grads(false);
-    auto outputs = [&](const torch::Tensor& y) {
-      return pass_x ? torch::autograd::variable_list{y, x} : torch::autograd::variable_list{y};
-    };
     const at::ScalarType promoted = at::promote_types(x.scalar_type(), gamma.scalar_type());
     const at::ScalarType y_dtype = out_dtype < 0 ? promoted : static_cast<at::ScalarType>(out_dtype);
 #ifdef COLT5_WITH_CUDA
@@ -150,7 +152,7 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
       ctx->save_for_backward({xc, g, norms});
       ctx->saved_data["scale"] = scale;
       ctx->saved_data["fused"] = static_cast<int64_t>(y_dtype);
-      return outputs(y);
+      return norm_outputs(y, x, pass_x);
     }
 #else
     (void)cuda_kernel;
@@ -164,7 +166,7 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
     ctx->saved_data["y_dtype"] = static_cast<int64_t>(y_dtype);
-    return outputs(as_type(xhat * gamma, y_dtype));
+    return norm_outputs(as_type(xhat * gamma, y_dtype), x, pass_x);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -264,7 +266,7 @@ class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
     ctx->save_for_backward({xc, w, b, rstd, mean});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["y_dtype"] = y_dtype_in;
-    return pass_x ? torch::autograd::variable_list{y, x} : torch::autograd::variable_list{y};
+    return norm_outputs(y, x, pass_x);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,

@@ -35,6 +35,19 @@ torch::Tensor in_index_order(const torch::Tensor& rows, const torch::Tensor& idx
   return rows.gather(-2, order.unsqueeze(-1).expand(rows.sizes()));
 }
 
+// Every parameter of the CUDA copy has a gradient where the CPU float64
+// module's has one, within tol (relative, in norm).
+void expect_parameter_grads_close(const torch::nn::Module& cpu, const torch::nn::Module& gpu, double tol) {
+  auto on_gpu = gpu.named_parameters();
+  for (const auto& item : cpu.named_parameters()) {
+    SCOPED_TRACE(item.key());
+    const torch::Tensor& want = item.value().grad();
+    const torch::Tensor& got = on_gpu[item.key()].grad();
+    ASSERT_EQ(got.defined(), want.defined());
+    if (want.defined()) EXPECT_LT(colt5::testing::norm_rel_error(got.to(torch::kDouble).cpu(), want), tol);
+  }
+}
+
 }  // namespace
 
 TEST(CudaModules, RouterRoutesTheSameTokensAsTheCpu) {
@@ -565,23 +578,14 @@ TEST(CudaModules, TransformerBlockMatchesTheCpuForwardAndBackward) {
   yc.backward(g);
   yg.backward(g.to(cuda(), torch::kFloat));
   EXPECT_LT(max_rel_error(xg.grad(), xc.grad()), 1e-3);
-  // Every parameter's gradient.
-  auto on_gpu = gpu->named_parameters();
-  for (const auto& item : cpu->named_parameters()) {
-    SCOPED_TRACE(item.key());
-    const torch::Tensor& want = item.value().grad();
-    const torch::Tensor& got = on_gpu[item.key()].grad();
-    ASSERT_EQ(got.defined(), want.defined());
-    if (want.defined()) EXPECT_LT(colt5::testing::norm_rel_error(got.to(torch::kDouble).cpu(), want), 1e-3);
-  }
+  expect_parameter_grads_close(*cpu, *gpu, 1e-3);
 }
 
 // The autoregressive module's residual_forward in float32 on CUDA (the
 // gathered attention kernel; x passed on from the light branch's norm to the
 // routers, the keys/values' norm and the residual) against x + forward(x) in
-// float64 on the CPU:
-// the same tokens routed, the output, x's gradient and every parameter's; a
-// length of whole windows and a ragged one.
+// float64 on the CPU: the output, x's gradient and every parameter's; a length
+// of whole windows and a ragged one.
 TEST(CudaModules, AutoregressiveMatchesTheCpuForwardAndBackward) {
   torch::manual_seed(19);
   auto opts = ConditionalRoutedAutoregressiveAttentionOptions(64, 16, 96)
@@ -611,14 +615,7 @@ TEST(CudaModules, AutoregressiveMatchesTheCpuForwardAndBackward) {
     yc.backward(g);
     yg.backward(g.to(cuda(), torch::kFloat));
     EXPECT_LT(colt5::testing::norm_rel_error(xg.grad().to(torch::kDouble).cpu(), xc.grad()), 1e-3);
-    auto on_gpu = gpu->named_parameters();
-    for (const auto& item : cpu->named_parameters()) {
-      SCOPED_TRACE(item.key());
-      const torch::Tensor& want = item.value().grad();
-      const torch::Tensor& got = on_gpu[item.key()].grad();
-      ASSERT_EQ(got.defined(), want.defined());
-      if (want.defined()) EXPECT_LT(colt5::testing::norm_rel_error(got.to(torch::kDouble).cpu(), want), 1e-3);
-    }
+    expect_parameter_grads_close(*cpu, *gpu, 1e-3);
   }
 }
 
