@@ -643,6 +643,12 @@ int kernel_profiles(const std::function<bool(const char*)>& want) {
       torch::Tensor mask = torch::ones({2, n}, f32.dtype(torch::kBool));
       colt5_bench::kernel_profile(("block 2x" + std::to_string(n) + "x512, all-true mask, fwd+bwd").c_str(),
                                   train_step([&] { return block->forward(x, mask); }, true, leaves(*block, x)));
+      // bf16 with the light attention on the band kernels.
+      auto& mha = block->conditional_attn->light_attn->options;
+      mha.band_attention(true);
+      colt5_bench::kernel_profile(("block 2x" + std::to_string(n) + "x512, band kernels, fwd+bwd").c_str(),
+                                  train_step([&] { return block->forward(x, mask); }, true, leaves(*block, x)));
+      mha.band_attention(c10::nullopt);
       if (n == 32768) {
         colt5_bench::kernel_profile("block 2x32768x512, no mask, fwd+bwd",
                                     train_step([&] { return block->forward(x); }, true, leaves(*block, x)));
@@ -789,6 +795,7 @@ int main(int argc, char** argv) {
         auto& mha = block->conditional_attn->light_attn->options;
         // The settings as built, put back after each pair.
         const bool sliding_built = la.sliding_window(), fused_built = mha.fused_norm(), packed_built = mha.packed_qkv();
+        const c10::optional<bool> band_built = mha.band_attention();
         auto& attn_opts = block->conditional_attn->options;
         const bool joint_built = attn_opts.joint_routing();
         std::vector<RMSNormOptions> norms_built;
@@ -797,6 +804,7 @@ int main(int argc, char** argv) {
           la.sliding_window(sliding_built);
           mha.fused_norm(fused_built);
           mha.packed_qkv(packed_built);
+          mha.band_attention(band_built);
           attn_opts.joint_routing(joint_built);
           size_t i = 0;
           for_norms([&](RMSNormOptions& o) { o = norms_built[i++]; });
@@ -814,6 +822,10 @@ int main(int argc, char** argv) {
         };
         pair("sliding-window local attn", "flash sliding window", with([&] { la.sliding_window(true); }),
              "windowed local attn", "exact windows as masked windows", with([&] { la.sliding_window(false); }));
+        // The exact windows on colt5's band kernels or the flash kernel's
+        // sliding window (the bf16 default).
+        pair("band kernels", "exact windows on colt5's band kernels", with([&] { mha.band_attention(true); }),
+             "flash sliding window", "the default in bf16", with([&] { mha.band_attention(false); }));
         // The masked sliding window from the packed projection (colt5's kernels
         // each way) or from q, k, v views (LibTorch's concatenations and copies).
         pair("packed q/k/v", "masked sliding window from the packed projection", with([&] { mha.packed_qkv(true); }),
@@ -867,11 +879,27 @@ int main(int argc, char** argv) {
     // float32, TF32 matrix products off (LibTorch's default) and on.
     torch::Tensor x = torch::randn({2, 32768, 512}, f32).requires_grad_(true);
     torch::Tensor mask = torch::ones({2, 32768}, f32.dtype(torch::kBool));
+    // The light attention on the band kernels (the float32 default) and on
+    // the windowed path (memory-efficient kernel over look-around windows).
+    auto& mha = block->conditional_attn->light_attn->options;
     for (bool tf32 : {false, true}) {
       at::globalContext().setAllowTF32CuBLAS(tf32);
       at::globalContext().setAllowTF32CuDNN(tf32);
-      row(std::string("block 2x32768x512, fp32, TF32 ") + (tf32 ? "on" : "off"), "fwd+bwd",
-          time_cuda(train_step([&] { return block->forward(x, mask); }, false, leaves(*block, x))), -1, "");
+      auto step = train_step([&] { return block->forward(x, mask); }, false, leaves(*block, x));
+      const std::string name = std::string("block 2x32768x512, fp32, TF32 ") + (tf32 ? "on" : "off");
+      const auto [band, windowed] = alternate(
+          [&] {
+            mha.band_attention(c10::nullopt);
+            step();
+          },
+          [&] {
+            mha.band_attention(false);
+            step();
+          });
+      row(name, "fwd+bwd", band, -1, "light attention on the band kernels");
+      row(name + ", windowed light attn", "fwd+bwd", windowed, -1, "memory-efficient kernel over look-arounds");
+      mha.band_attention(c10::nullopt);
+      row(name, "graph", time_graph(step), -1, "band kernels, replayed from a CUDA graph");
     }
     at::globalContext().setAllowTF32CuBLAS(false);
     at::globalContext().setAllowTF32CuDNN(true);

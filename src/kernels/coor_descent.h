@@ -208,7 +208,8 @@ void gathered_attention_forward_cuda(const GatheredAttentionParams& p, void* str
 void gathered_attention_backward_cuda(const GatheredAttentionParams& p, void* stream);
 
 // The masked sliding window's packing around the flash kernel
-// (sliding_window_cuda.cu; float16/bfloat16, d a multiple of 8, d + 8 <= 256):
+// (sliding_window_cuda.cu; float16/bfloat16, d a multiple of 8, d + 8 <= 256;
+// the window sums and seen flags also for float32):
 // seen[b, t] whether query t sees a visible key; the packed projection
 // qkv (batch, n, 3, heads, d) into wide (3, batch, n, heads, d + 8), the 8
 // more dimensions carrying the key mask as a score bias (q: 1, k: 0 or
@@ -236,6 +237,41 @@ void sliding_unpack_out_cuda(const SlidingMaskParams& p, const void* out8, const
 void sliding_pack_grad_cuda(const SlidingMaskParams& p, const void* gy, const bool* seen, void* g8, void* stream);
 void sliding_unpack_grads_cuda(const SlidingMaskParams& p, const void* dq8, const void* dk8, const void* dv8,
                                const float* blind_sums, void* dqkv, void* stream);
+
+// Exact sliding-window attention from the packed projection
+// (band_attention_cuda.cu; float32, float16, bfloat16; d 32 or 64; 64 +
+// ws * (back + fwd) keys at most 256): query t sees the keys t - ws * back ..
+// t + ws * fwd (.. t when causal) in the sequence that the mask (batch, n;
+// null: every key) keeps. qkv (batch, n, 3, heads, d); the forward writes y
+// (batch, n, heads * d) and lse (batch, heads, n; +inf for a query that sees
+// no key: it takes its look-around's mean from v_sums, the float32 window
+// sums of v as sliding_window_sums_cuda gives them); the backward takes
+// y_in, gy and lse, writes q's part of dqkv (batch, n, 3, heads, d), adds k's
+// and v's into dkv (batch, n, 2, heads, d; float32, zeroed by the caller),
+// then casts them into dqkv, v's with the blind queries' share (blind_sums:
+// window sums of gy over the blind rows; null where there is no mask).
+// Float32 products in TF32 where tf32, else as three TF32 products (float32
+// accuracy).
+struct BandAttentionParams {
+  const void* qkv = nullptr;
+  const bool* mask = nullptr;
+  const float* v_sums = nullptr;
+  void* y = nullptr;
+  float* lse = nullptr;
+  const void* y_in = nullptr;
+  const void* gy = nullptr;
+  void* dqkv = nullptr;
+  float* dkv = nullptr;
+  const float* blind_sums = nullptr;
+  int64_t batch = 0, n = 0, heads = 0, d = 0, ws = 1, back = 0, fwd = 0;
+  bool causal = false, tf32 = false;
+  float scale = 1.f;
+  RowDtype dtype = RowDtype::f32;
+};
+bool band_attention_supports(int64_t d, int64_t ws, int64_t back, int64_t fwd, bool causal, RowDtype dtype,
+                             int64_t batch, int64_t heads, int device);
+void band_attention_forward_cuda(const BandAttentionParams& p, void* stream);
+void band_attention_backward_cuda(const BandAttentionParams& p, void* stream);
 
 // Causal windows of one look-back around two flash calls (sliding_window_cuda.cu;
 // float16/bfloat16, d a multiple of 8 up to 256, n a multiple of ws; the

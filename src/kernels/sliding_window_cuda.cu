@@ -269,6 +269,14 @@ void dispatch16(RowDtype dtype, Args&&... args) {
     Launch<__half>::run(args...);
 }
 
+template <template <typename> class Launch, typename... Args>
+void dispatch_any(RowDtype dtype, Args&&... args) {
+  if (dtype == RowDtype::f32)
+    Launch<float>::run(args...);
+  else
+    dispatch16<Launch>(dtype, args...);
+}
+
 template <typename T>
 struct PackQkv {
   static void run(const SlidingMaskParams& p, const void* qkv, const bool* mask, void* wide, cudaStream_t s) {
@@ -373,7 +381,7 @@ void sliding_pack_qkv_cuda(const SlidingMaskParams& p, const void* qkv, const bo
 void sliding_window_sums_cuda(const SlidingMaskParams& p, const void* src, int64_t row_stride, const bool* seen,
                               float* sums, void* stream) {
   if (p.batch * p.n == 0) return;
-  dispatch16<WindowSums>(p.dtype, p, src, row_stride, seen, sums, static_cast<cudaStream_t>(stream));
+  dispatch_any<WindowSums>(p.dtype, p, src, row_stride, seen, sums, static_cast<cudaStream_t>(stream));
 }
 
 void sliding_unpack_out_cuda(const SlidingMaskParams& p, const void* out8, const bool* seen, const float* sums, void* y,

@@ -297,6 +297,133 @@ class SlidingMaskedQKVFunction : public torch::autograd::Function<SlidingMaskedQ
 };
 #endif
 
+#ifdef COLT5_WITH_CUDA
+// Exact windows (a key mask or none) straight from LocalMHA's packed
+// projection on colt5's band kernels (band_attention_cuda.cu): no packing,
+// no look-around and no copies of q, k and v around the kernels; y (b, n,
+// heads * d) out, the projection's gradient (b, n, 3 * heads * d) back. A
+// query whose window hides every key takes its look-around's mean (the
+// window sums of v), as exact_windows_masked does. Float32 products in TF32
+// where LibTorch allows TF32 matrix products (at the forward), else at
+// float32 accuracy.
+class BandAttentionFunction : public torch::autograd::Function<BandAttentionFunction> {
+ public:
+  static kernels::BandAttentionParams params(int64_t b, int64_t n, at::ScalarType dtype, int64_t heads, int64_t d,
+                                             int64_t ws, int64_t back, int64_t fwd, bool causal, double scale,
+                                             bool tf32) {
+    kernels::BandAttentionParams p;
+    p.batch = b;
+    p.n = n;
+    p.heads = heads;
+    p.d = d;
+    p.ws = ws;
+    p.back = back;
+    p.fwd = fwd;
+    p.causal = causal;
+    p.scale = static_cast<float>(scale);
+    p.tf32 = tf32;
+    p.dtype = row_dtype(dtype);
+    return p;
+  }
+
+  // The window sums' and seen flags' parameters (sliding_window_cuda.cu).
+  static kernels::SlidingMaskParams sums_params(const kernels::BandAttentionParams& p) {
+    kernels::SlidingMaskParams s;
+    s.batch = p.batch;
+    s.n = p.n;
+    s.heads = p.heads;
+    s.d = p.d;
+    s.ws = p.ws;
+    s.back = p.back;
+    s.fwd = p.fwd;
+    s.causal = p.causal;
+    s.dtype = p.dtype;
+    return s;
+  }
+
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& qkv_in,
+                               const torch::Tensor& mask, int64_t heads, int64_t d, int64_t ws, int64_t back,
+                               int64_t fwd, bool causal, double scale) {
+    c10::cuda::CUDAGuard guard(qkv_in.device());
+    void* stream = c10::cuda::getCurrentCUDAStream().stream();
+    torch::Tensor qkv = qkv_in.contiguous();
+    const bool tf32 = at::globalContext().allowTF32CuBLAS();
+    auto p = params(qkv.size(0), qkv.size(1), qkv.scalar_type(), heads, d, ws, back, fwd, causal, scale, tf32);
+    const int64_t windows = (p.n + ws - 1) / ws;
+    torch::Tensor m, sums;
+    const auto sp = sums_params(p);
+    if (mask.defined()) {
+      m = mask.contiguous();
+      p.mask = m.data_ptr<bool>();
+      sums = torch::empty({p.batch, windows, heads * d}, qkv.options().dtype(torch::kFloat));
+      const auto* v = static_cast<const char*>(qkv.data_ptr()) + 2 * heads * d * qkv.element_size();
+      kernels::sliding_window_sums_cuda(sp, v, 3 * heads * d, nullptr, sums.data_ptr<float>(), stream);
+      p.v_sums = sums.data_ptr<float>();
+    }
+    torch::Tensor y = torch::empty({p.batch, p.n, heads * d}, qkv.options());
+    torch::Tensor lse = torch::empty({p.batch, heads, p.n}, qkv.options().dtype(torch::kFloat));
+    p.qkv = qkv.data_ptr();
+    p.y = y.data_ptr();
+    p.lse = lse.data_ptr<float>();
+    kernels::band_attention_forward_cuda(p, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ctx->save_for_backward({qkv, y, lse, m});
+    ctx->saved_data["heads"] = heads;
+    ctx->saved_data["d"] = d;
+    ctx->saved_data["ws"] = ws;
+    ctx->saved_data["back"] = back;
+    ctx->saved_data["fwd"] = fwd;
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["tf32"] = tf32;
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const torch::Tensor &qkv = saved[0], &y = saved[1], &lse = saved[2], &m = saved[3];
+    const int64_t heads = ctx->saved_data["heads"].toInt(), d = ctx->saved_data["d"].toInt();
+    c10::cuda::CUDAGuard guard(qkv.device());
+    void* stream = c10::cuda::getCurrentCUDAStream().stream();
+    auto p = params(qkv.size(0), qkv.size(1), qkv.scalar_type(), heads, d, ctx->saved_data["ws"].toInt(),
+                    ctx->saved_data["back"].toInt(), ctx->saved_data["fwd"].toInt(), ctx->saved_data["causal"].toBool(),
+                    ctx->saved_data["scale"].toDouble(), ctx->saved_data["tf32"].toBool());
+    torch::Tensor gy = grads[0].to(qkv.scalar_type()).contiguous();
+    torch::Tensor blind;
+    if (m.defined()) {
+      const auto sp = sums_params(p);
+      torch::Tensor seen = torch::empty({p.batch, p.n}, m.options());
+      kernels::sliding_seen_cuda(sp, m.data_ptr<bool>(), seen.data_ptr<bool>(), stream);
+      blind = torch::empty({p.batch, (p.n + p.ws - 1) / p.ws, heads * d}, qkv.options().dtype(torch::kFloat));
+      kernels::sliding_window_sums_cuda(sp, gy.data_ptr(), heads * d, seen.data_ptr<bool>(), blind.data_ptr<float>(),
+                                        stream);
+      p.mask = m.data_ptr<bool>();
+      p.blind_sums = blind.data_ptr<float>();
+    }
+    torch::Tensor dqkv = torch::empty({p.batch, p.n, 3 * heads * d}, qkv.options());
+    torch::Tensor dkv = torch::zeros({p.batch, p.n, 2 * heads * d}, qkv.options().dtype(torch::kFloat));
+    p.qkv = qkv.data_ptr();
+    p.y_in = y.data_ptr();
+    p.gy = gy.data_ptr();
+    p.lse = const_cast<float*>(lse.data_ptr<float>());
+    p.dqkv = dqkv.data_ptr();
+    p.dkv = dkv.data_ptr<float>();
+    kernels::band_attention_backward_cuda(p, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {dqkv,
+            torch::Tensor(),
+            torch::Tensor(),
+            torch::Tensor(),
+            torch::Tensor(),
+            torch::Tensor(),
+            torch::Tensor(),
+            torch::Tensor(),
+            torch::Tensor()};
+  }
+};
+#endif
+
 #if COLT5_HAS_SDPA
 // Causal windows of one look-back without a mask (the autoregressive light
 // branch) straight from LocalMHA's packed projection: query t of window w sees
@@ -834,6 +961,25 @@ torch::Tensor LocalMHAImpl::forward_with_output_bias(const torch::Tensor& x_in, 
             : norm->forward(x_in);
   }
   torch::Tensor projected = to_qkv->forward(x);
+#ifdef COLT5_WITH_CUDA
+  {
+    const auto& ao = attn_fn->options;
+    kernels::RowDtype rd;
+    // Exact windows on the band kernels: float32 always (there is no flash
+    // kernel in float32); float16/bfloat16 where band_attention says so.
+    if (options.packed_qkv() && projected.is_cuda() && (!mask.defined() || mask.device() == projected.device()) &&
+        ao.exact_windowsize() && !attn_fn->rel_pos && (n % ao.window_size() == 0 || (mask.defined() && ao.autopad())) &&
+        row_dtype(projected.scalar_type(), rd) && options.band_attention().value_or(rd == kernels::RowDtype::f32) &&
+        kernels::band_attention_supports(dh, ao.window_size(), ao.look_backward(), attn_fn->look_forward(), ao.causal(),
+                                         rd, b, h, projected.device().index())) {
+      RECORD_USER_SCOPE("colt5::local_attention");
+      const double scale = ao.scale().value_or(std::pow(static_cast<double>(dh), -0.5));
+      torch::Tensor out = BandAttentionFunction::apply(projected, mask, h, dh, ao.window_size(), ao.look_backward(),
+                                                       attn_fn->look_forward(), ao.causal(), scale);
+      return project_out(out);
+    }
+  }
+#endif
 #if COLT5_HAS_SDPA && defined(COLT5_WITH_CUDA)
   {
     const auto& ao = attn_fn->options;

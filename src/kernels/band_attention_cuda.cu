@@ -1,0 +1,692 @@
+// Exact sliding-window attention straight from LocalMHA's packed projection:
+// query t sees the keys t - ws * back .. t + ws * fwd (.. t when causal) that
+// lie in the sequence and that the key mask keeps. One block takes 64 queries
+// of one (sequence, head): their keys are one contiguous band of at most 64 +
+// ws * (back + fwd) rows, small enough for the whole score block to stay in
+// shared memory, so the softmax is exact in one pass (no running maximum) and
+// nothing is packed, padded or copied around the kernel. The products run on
+// the tensor cores through WMMA: bfloat16/float16 inputs directly, float32
+// inputs in TF32 where LibTorch allows TF32 matrix products and otherwise as
+// three TF32 products (a = hi + lo, a b = hi hi + hi lo + lo hi), which keeps
+// float32 accuracy; every sum and the softmax in float32.
+//
+// The forward writes y (batch, n, heads * d) and the log-sum-exp of each
+// query's scaled scores (+inf where the query sees no key: it takes its
+// look-around's mean instead, from the window sums of v, as the reference's
+// softmax over equal scores gives). The backward recomputes the scores, writes
+// q's gradient into the projection's gradient and adds k's and v's into a
+// float32 buffer with 16-byte atomics (each key belongs to the bands of up to
+// back + fwd + 1 blocks); a last kernel casts them into the projection's
+// gradient, v's with the blind queries' share.
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <atomic>
+#include <cstdint>
+#include <type_traits>
+
+#include "kernels/coor_descent.h"
+#include "kernels/cuda_convert.cuh"
+
+namespace colt5 {
+namespace kernels {
+namespace {
+
+namespace wmma = nvcuda::wmma;
+
+constexpr int BQ = 64;  // queries per block
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kMaxKeys = 256;  // keys per block's band, at most
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// WMMA shapes: 16 x 16 tiles, k steps of 8 (TF32) or 16 (16-bit types).
+template <typename T>
+struct Mma {
+  static constexpr int K = 16;
+  using Elem = T;
+};
+template <>
+struct Mma<float> {
+  static constexpr int K = 8;
+  using Elem = wmma::precision::tf32;
+};
+
+template <typename T>
+using Acc = wmma::fragment<wmma::accumulator, 16, 16, Mma<T>::K, float>;
+
+// An operand fragment; for float32 with SPLIT also its rounding remainder.
+template <typename T, typename Use, typename Layout, bool SPLIT>
+struct Operand {
+  wmma::fragment<Use, 16, 16, Mma<T>::K, typename Mma<T>::Elem, Layout> hi;
+  wmma::fragment<Use, 16, 16, Mma<T>::K, typename Mma<T>::Elem, Layout> lo;
+
+  __device__ __forceinline__ void load(const T* p, unsigned ld) {
+    wmma::load_matrix_sync(hi, p, ld);
+    if constexpr (std::is_same<T, float>::value) {
+#pragma unroll
+      for (int i = 0; i < hi.num_elements; ++i) {
+        const float x = hi.x[i];
+        const float h = wmma::__float_to_tf32(x);
+        hi.x[i] = h;
+        if constexpr (SPLIT) lo.x[i] = wmma::__float_to_tf32(x - h);
+      }
+    }
+  }
+};
+
+template <typename T, typename LA, typename LB, bool SPLIT>
+__device__ __forceinline__ void mma(Acc<T>& c, const Operand<T, wmma::matrix_a, LA, SPLIT>& a,
+                                    const Operand<T, wmma::matrix_b, LB, SPLIT>& b) {
+  if constexpr (SPLIT) {
+    wmma::mma_sync(c, a.lo, b.hi, c);
+    wmma::mma_sync(c, a.hi, b.lo, c);
+  }
+  wmma::mma_sync(c, a.hi, b.hi, c);
+}
+
+template <typename T>
+constexpr int row_pad() {
+  return sizeof(T) == 4 ? 4 : 8;
+}
+
+// 8 consecutive elements from and to memory (16 bytes for 16-bit types, 32
+// for float32); `src` null gives zeros.
+template <typename T>
+__device__ __forceinline__ void copy8(T* dst, const T* src) {
+  constexpr int words = 8 * sizeof(T) / 16;
+#pragma unroll
+  for (int w = 0; w < words; ++w)
+    reinterpret_cast<uint4*>(dst)[w] = src ? reinterpret_cast<const uint4*>(src)[w] : make_uint4(0, 0, 0, 0);
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* dst, const float v[8]) {
+  if constexpr (std::is_same<T, float>::value) {
+    reinterpret_cast<float4*>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
+  } else {
+    union {
+      uint4 raw;
+      T e[8];
+    } out;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) out.e[e] = from_float<T>(v[e]);
+    *reinterpret_cast<uint4*>(dst) = out.raw;
+  }
+}
+
+__device__ __forceinline__ void add4(float* p, float4 v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float4*>(p), v);
+#else
+  atomicAdd(p, v.x);
+  atomicAdd(p + 1, v.y);
+  atomicAdd(p + 2, v.z);
+  atomicAdd(p + 3, v.w);
+#endif
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// acc[e] = the sum over windows u = lo .. hi of sums[b, u, col + e] (float32,
+// batch x windows x width), `outside` for each u beyond an end.
+__device__ __forceinline__ void sum_windows(const float* __restrict__ sums, int64_t b, int64_t windows, int64_t width,
+                                            int64_t col, int64_t lo, int64_t hi, float outside, float acc[8]) {
+#pragma unroll
+  for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+  for (int64_t u = lo; u <= hi; ++u) {
+    if (u < 0 || u >= windows) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] += outside;
+      continue;
+    }
+    const float* s = sums + (b * windows + u) * width + col;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] += s[e];
+  }
+}
+
+// One block's place: sequence b, head h, queries q0 .. q0 + 63 and their
+// band of keys k_lo .. k_lo + nk - 1, kt = nk rounded up to the tile.
+struct Band {
+  int64_t b, h, q0, k_lo, reach_back, reach_fwd;
+  int nk, kt;
+};
+
+__device__ __forceinline__ Band band_of(const BandAttentionParams& p) {
+  Band g;
+  g.b = blockIdx.z;
+  g.h = blockIdx.y;
+  g.q0 = static_cast<int64_t>(blockIdx.x) * BQ;
+  g.reach_back = p.ws * p.back;
+  g.reach_fwd = p.causal ? 0 : p.ws * p.fwd;
+  g.k_lo = g.q0 - g.reach_back > 0 ? g.q0 - g.reach_back : 0;
+  const int64_t end = g.q0 + BQ + g.reach_fwd < p.n ? g.q0 + BQ + g.reach_fwd : p.n;
+  g.nk = static_cast<int>(end - g.k_lo);
+  g.kt = (g.nk + 15) / 16 * 16;
+  return g;
+}
+
+// Rows of q/k/v (part 0/1/2) of the packed projection into shared memory
+// (ld elements apart), zeros past `valid` rows up to `rows`.
+template <typename T, int D>
+__device__ __forceinline__ void load_rows(const BandAttentionParams& p, const Band& g, int part, int64_t first,
+                                          int valid, int rows, T* dst, int ld) {
+  const T* qkv = static_cast<const T*>(p.qkv);
+  const int64_t stride = 3 * p.heads * D;
+  for (int i = threadIdx.x; i < rows * (D / 8); i += kThreads) {
+    const int r = i / (D / 8), c = (i % (D / 8)) * 8;
+    const T* src = r < valid ? qkv + (g.b * p.n + first + r) * stride + (part * p.heads + g.h) * D + c : nullptr;
+    copy8(dst + r * ld + c, src);
+  }
+}
+
+// Whether query t (row r of the block) may see key c of the band.
+__device__ __forceinline__ bool visible(const Band& g, const unsigned char* key_ok, int64_t t, int c) {
+  const int64_t j = g.k_lo + c;
+  return key_ok[c] && j >= t - g.reach_back && j <= t + g.reach_fwd;
+}
+
+// Shared memory of the forward: keys then values (kt_max x (D + pad)), the
+// scores (64 x (kt_max + 4) float32; q before them, the output after them),
+// for 16-bit types the probabilities in that type (64 x (kt_max + 8)), the
+// blind flags and the keys' mask.
+template <typename T, int D>
+size_t forward_smem(int kt_max) {
+  constexpr int LDT = D + row_pad<T>();
+  size_t bytes = static_cast<size_t>(kt_max) * LDT * sizeof(T) + static_cast<size_t>(BQ) * (kt_max + 4) * 4;
+  if (!std::is_same<T, float>::value) bytes += static_cast<size_t>(BQ) * (kt_max + 8) * sizeof(T);
+  return bytes + BQ * sizeof(int) + kt_max;
+}
+
+template <typename T, int D, bool SPLIT>
+__global__ void __launch_bounds__(kThreads) band_forward_kernel(BandAttentionParams p, int kt_max) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  constexpr int KS = Mma<T>::K, LDT = D + row_pad<T>();
+  const int ldS = kt_max + 4;
+  T* kv = reinterpret_cast<T*>(smem);
+  float* S = reinterpret_cast<float*>(smem + static_cast<size_t>(kt_max) * LDT * sizeof(T));
+  unsigned char* tail = reinterpret_cast<unsigned char*>(S + BQ * ldS);
+  T* P = reinterpret_cast<T*>(S);
+  int ldP = ldS;
+  if constexpr (!std::is_same<T, float>::value) {
+    P = reinterpret_cast<T*>(tail);
+    ldP = kt_max + 8;
+    tail += static_cast<size_t>(BQ) * ldP * sizeof(T);
+  }
+  int* blind = reinterpret_cast<int*>(tail);
+  unsigned char* key_ok = tail + BQ * sizeof(int);
+  T* qs = reinterpret_cast<T*>(S);  // q in the scores' place until they are written
+
+  const Band g = band_of(p);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t n = p.n;
+  const int q_valid = static_cast<int>(n - g.q0 < BQ ? n - g.q0 : BQ);
+
+  load_rows<T, D>(p, g, 0, g.q0, q_valid, BQ, qs, LDT);
+  load_rows<T, D>(p, g, 1, g.k_lo, g.nk, g.kt, kv, LDT);
+  for (int c = threadIdx.x; c < g.kt; c += kThreads) key_ok[c] = c < g.nk && (!p.mask || p.mask[g.b * n + g.k_lo + c]);
+  __syncthreads();
+
+  // Scores: warp pairs share a row tile of q (kept in registers).
+  const int rt = warp >> 1;
+  Operand<T, wmma::matrix_a, wmma::row_major, SPLIT> qf[D / KS];
+#pragma unroll
+  for (int s = 0; s < D / KS; ++s) qf[s].load(qs + rt * 16 * LDT + s * KS, LDT);
+  __syncthreads();
+  for (int ct = warp & 1; ct < g.kt / 16; ct += 2) {
+    Acc<T> c;
+    wmma::fill_fragment(c, 0.f);
+#pragma unroll
+    for (int s = 0; s < D / KS; ++s) {
+      Operand<T, wmma::matrix_b, wmma::col_major, SPLIT> kf;
+      kf.load(kv + ct * 16 * LDT + s * KS, LDT);
+      mma(c, qf[s], kf);
+    }
+    wmma::store_matrix_sync(S + rt * 16 * ldS + ct * 16, c, ldS, wmma::mem_row_major);
+  }
+  __syncthreads();
+
+  // Values in the keys' place; the softmax of each row (8 rows a warp).
+  load_rows<T, D>(p, g, 2, g.k_lo, g.nk, g.kt, kv, LDT);
+  const float scale2 = p.scale * kLog2e;
+  for (int r = warp * (BQ / kWarps); r < (warp + 1) * (BQ / kWarps); ++r) {
+    const int64_t t = g.q0 + r;
+    float* srow = S + r * ldS;
+    float m = -INFINITY;
+    for (int c = lane; c < g.kt; c += 32) {
+      const float s = t < n && visible(g, key_ok, t, c) ? srow[c] * scale2 : -INFINITY;
+      srow[c] = s;
+      m = fmaxf(m, s);
+    }
+    m = warp_max(m);
+    float sum = 0.f;
+    for (int c = lane; c < g.kt; c += 32) {
+      const float e = m == -INFINITY ? 0.f : exp2f(srow[c] - m);
+      srow[c] = e;
+      sum += e;
+    }
+    sum = warp_sum(sum);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    for (int c = lane; c < g.kt; c += 32) {
+      const float pr = srow[c] * inv;
+      if constexpr (std::is_same<T, float>::value)
+        srow[c] = pr;
+      else
+        P[r * ldP + c] = from_float<T>(pr);
+    }
+    if (lane == 0) {
+      blind[r] = m == -INFINITY;
+      if (t < n) p.lse[(g.b * p.heads + g.h) * n + t] = m == -INFINITY ? INFINITY : (m + log2f(sum)) * kLn2;
+    }
+  }
+  __syncthreads();
+
+  // Output tiles: each warp a row tile and D / 32 column tiles.
+  constexpr int TPW = D / 32;
+  Acc<T> o[TPW];
+#pragma unroll
+  for (int u = 0; u < TPW; ++u) wmma::fill_fragment(o[u], 0.f);
+  for (int s = 0; s < g.kt / KS; ++s) {
+    Operand<T, wmma::matrix_a, wmma::row_major, SPLIT> pf;
+    pf.load(P + rt * 16 * ldP + s * KS, ldP);
+#pragma unroll
+    for (int u = 0; u < TPW; ++u) {
+      Operand<T, wmma::matrix_b, wmma::row_major, SPLIT> vf;
+      vf.load(kv + s * KS * LDT + ((warp & 1) * TPW + u) * 16, LDT);
+      mma(o[u], pf, vf);
+    }
+  }
+  __syncthreads();
+  constexpr int LDO = D + 4;
+  float* stage = S;
+#pragma unroll
+  for (int u = 0; u < TPW; ++u)
+    wmma::store_matrix_sync(stage + rt * 16 * LDO + ((warp & 1) * TPW + u) * 16, o[u], LDO, wmma::mem_row_major);
+  __syncthreads();
+
+  T* y = static_cast<T*>(p.y);
+  const int64_t width = p.heads * D, windows = ceil_div(n, p.ws);
+  const float span = static_cast<float>((p.back + p.fwd + 1) * p.ws);
+  for (int i = threadIdx.x; i < q_valid * (D / 8); i += kThreads) {
+    const int r = i / (D / 8), c = (i % (D / 8)) * 8;
+    const int64_t t = g.q0 + r;
+    float v[8];
+    if (!blind[r]) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] = stage[r * LDO + c + e];
+    } else {
+      // The look-around's mean: windows w - back .. w + fwd (-1 per slot
+      // beyond an end) over the span.
+      const int64_t w = t / p.ws;
+      sum_windows(p.v_sums, g.b, windows, width, g.h * D + c, w - p.back, w + p.fwd, -static_cast<float>(p.ws), v);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] /= span;
+    }
+    store8(y + (g.b * n + t) * width + g.h * D + c, v);
+  }
+}
+
+// Shared memory of the backward: keys, values (kt_max rows each), q and the
+// output's gradient (64 rows each), the scores (64 x (kt_max + 4) float32),
+// for 16-bit types the probabilities then the scores' gradients in that type,
+// one 16 x 16 float32 tile per warp, each query's log-sum-exp (base 2) and
+// sum(dy * y), the keys' mask.
+template <typename T, int D>
+size_t backward_smem(int kt_max) {
+  constexpr int LDT = D + row_pad<T>();
+  size_t bytes =
+      (2 * static_cast<size_t>(kt_max) + 2 * BQ) * LDT * sizeof(T) + static_cast<size_t>(BQ) * (kt_max + 4) * 4;
+  if (!std::is_same<T, float>::value) bytes += static_cast<size_t>(BQ) * (kt_max + 8) * sizeof(T);
+  return bytes + kWarps * 256 * 4 + 2 * BQ * 4 + kt_max;
+}
+
+template <typename T, int D, bool SPLIT>
+__global__ void __launch_bounds__(kThreads) band_backward_kernel(BandAttentionParams p, int kt_max) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  constexpr int KS = Mma<T>::K, LDT = D + row_pad<T>();
+  const int ldS = kt_max + 4;
+  T* ks = reinterpret_cast<T*>(smem);
+  T* vs = ks + kt_max * LDT;
+  T* qs = vs + kt_max * LDT;
+  T* dos = qs + BQ * LDT;
+  float* S = reinterpret_cast<float*>(dos + BQ * LDT);
+  unsigned char* tail = reinterpret_cast<unsigned char*>(S + BQ * ldS);
+  T* P = reinterpret_cast<T*>(S);
+  int ldP = ldS;
+  if constexpr (!std::is_same<T, float>::value) {
+    P = reinterpret_cast<T*>(tail);
+    ldP = kt_max + 8;
+    tail += static_cast<size_t>(BQ) * ldP * sizeof(T);
+  }
+  float* scratch = reinterpret_cast<float*>(tail);
+  float* lse2 = scratch + kWarps * 256;
+  float* drow = lse2 + BQ;
+  unsigned char* key_ok = reinterpret_cast<unsigned char*>(drow + BQ);
+
+  const Band g = band_of(p);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t n = p.n, width = p.heads * D;
+  const int q_valid = static_cast<int>(n - g.q0 < BQ ? n - g.q0 : BQ);
+  const T* gy = static_cast<const T*>(p.gy);
+  const T* y = static_cast<const T*>(p.y_in);
+
+  load_rows<T, D>(p, g, 0, g.q0, q_valid, BQ, qs, LDT);
+  load_rows<T, D>(p, g, 1, g.k_lo, g.nk, g.kt, ks, LDT);
+  load_rows<T, D>(p, g, 2, g.k_lo, g.nk, g.kt, vs, LDT);
+  for (int c = threadIdx.x; c < g.kt; c += kThreads) key_ok[c] = c < g.nk && (!p.mask || p.mask[g.b * n + g.k_lo + c]);
+  // Each query's log-sum-exp and sum(dy * y) (8 rows a warp); a blind query
+  // (+inf) or a row past the end takes no gradient through the attention.
+  for (int r = warp * (BQ / kWarps); r < (warp + 1) * (BQ / kWarps); ++r) {
+    const int64_t t = g.q0 + r;
+    const float l = t < n ? p.lse[(g.b * p.heads + g.h) * n + t] : INFINITY;
+    float acc = 0.f;
+    if (l != INFINITY)
+      for (int c = lane; c < D; c += 32) {
+        const int64_t at = (g.b * n + t) * width + g.h * D + c;
+        acc += to_float(gy[at]) * to_float(y[at]);
+      }
+    acc = warp_sum(acc);
+    if (lane == 0) {
+      lse2[r] = l * kLog2e;
+      drow[r] = acc;
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < BQ * (D / 8); i += kThreads) {
+    const int r = i / (D / 8), c = (i % (D / 8)) * 8;
+    const bool live = r < q_valid && lse2[r] != INFINITY;
+    copy8(dos + r * LDT + c, live ? gy + (g.b * n + g.q0 + r) * width + g.h * D + c : nullptr);
+  }
+
+  // Scores, as in the forward.
+  const int rt = warp >> 1;
+  {
+    Operand<T, wmma::matrix_a, wmma::row_major, SPLIT> qf[D / KS];
+#pragma unroll
+    for (int s = 0; s < D / KS; ++s) qf[s].load(qs + rt * 16 * LDT + s * KS, LDT);
+    for (int ct = warp & 1; ct < g.kt / 16; ct += 2) {
+      Acc<T> c;
+      wmma::fill_fragment(c, 0.f);
+#pragma unroll
+      for (int s = 0; s < D / KS; ++s) {
+        Operand<T, wmma::matrix_b, wmma::col_major, SPLIT> kf;
+        kf.load(ks + ct * 16 * LDT + s * KS, LDT);
+        mma(c, qf[s], kf);
+      }
+      wmma::store_matrix_sync(S + rt * 16 * ldS + ct * 16, c, ldS, wmma::mem_row_major);
+    }
+  }
+  __syncthreads();
+
+  // Probabilities from the saved log-sum-exps.
+  const float scale2 = p.scale * kLog2e;
+  for (int r = warp * (BQ / kWarps); r < (warp + 1) * (BQ / kWarps); ++r) {
+    const int64_t t = g.q0 + r;
+    const float l = lse2[r];
+    float* srow = S + r * ldS;
+    for (int c = lane; c < g.kt; c += 32) {
+      const float pr = t < n && l != INFINITY && visible(g, key_ok, t, c) ? exp2f(srow[c] * scale2 - l) : 0.f;
+      if constexpr (std::is_same<T, float>::value) {
+        srow[c] = pr;
+      } else {
+        srow[c] = pr;
+        P[r * ldP + c] = from_float<T>(pr);
+      }
+    }
+  }
+  __syncthreads();
+
+  float* mine = scratch + warp * 256;
+  // Rows of a 16 x 16 float32 tile (in `mine`) added to rows of k's (0) or
+  // v's (1) gradient: key rows k_lo + kt0 .. + 15 that exist, columns ct0 ..
+  // ct0 + 15 of head h.
+  auto add_tile = [&](int part, int kt0, int ct0) {
+    __syncwarp();
+    const int rr = lane >> 1, cc = (lane & 1) * 8;
+    if (kt0 + rr < g.nk) {
+      float* dst = p.dkv + ((g.b * n + g.k_lo + kt0 + rr) * 2 + part) * width + g.h * D + ct0 + cc;
+      add4(dst,
+           make_float4(mine[rr * 16 + cc], mine[rr * 16 + cc + 1], mine[rr * 16 + cc + 2], mine[rr * 16 + cc + 3]));
+      add4(dst + 4,
+           make_float4(mine[rr * 16 + cc + 4], mine[rr * 16 + cc + 5], mine[rr * 16 + cc + 6], mine[rr * 16 + cc + 7]));
+    }
+    __syncwarp();
+  };
+  constexpr int CT = D / 16;
+  // Key-side products: dV = P^T dO and (below) dK = dS^T Q, a warp per key
+  // row tile, all D / 16 column tiles.
+  auto key_side = [&](const T* right, int part) {
+    for (int kt0 = warp * 16; kt0 < g.kt; kt0 += kWarps * 16) {
+      Acc<T> acc[CT];
+#pragma unroll
+      for (int u = 0; u < CT; ++u) wmma::fill_fragment(acc[u], 0.f);
+#pragma unroll
+      for (int s = 0; s < BQ / KS; ++s) {
+        Operand<T, wmma::matrix_a, wmma::col_major, SPLIT> a;
+        a.load(P + s * KS * ldP + kt0, ldP);
+#pragma unroll
+        for (int u = 0; u < CT; ++u) {
+          Operand<T, wmma::matrix_b, wmma::row_major, SPLIT> bf;
+          bf.load(right + s * KS * LDT + u * 16, LDT);
+          mma(acc[u], a, bf);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < CT; ++u) {
+        wmma::store_matrix_sync(mine, acc[u], 16, wmma::mem_row_major);
+        add_tile(part, kt0, u * 16);
+      }
+    }
+  };
+  key_side(dos, 1);
+  __syncthreads();
+
+  // dP = dO V^T tile by tile, turned at once into the scores' gradient
+  // dS = P (dP - sum(dO * O)) * scale in the probabilities' place.
+  {
+    Operand<T, wmma::matrix_a, wmma::row_major, SPLIT> df[D / KS];
+#pragma unroll
+    for (int s = 0; s < D / KS; ++s) df[s].load(dos + rt * 16 * LDT + s * KS, LDT);
+    for (int ct = warp & 1; ct < g.kt / 16; ct += 2) {
+      Acc<T> c;
+      wmma::fill_fragment(c, 0.f);
+#pragma unroll
+      for (int s = 0; s < D / KS; ++s) {
+        Operand<T, wmma::matrix_b, wmma::col_major, SPLIT> vf;
+        vf.load(vs + ct * 16 * LDT + s * KS, LDT);
+        mma(c, df[s], vf);
+      }
+      wmma::store_matrix_sync(mine, c, 16, wmma::mem_row_major);
+      __syncwarp();
+      for (int e = lane; e < 256; e += 32) {
+        const int i = rt * 16 + e / 16, col = ct * 16 + e % 16;
+        const float ds = S[i * ldS + col] * (mine[e] - drow[i]) * p.scale;
+        if constexpr (std::is_same<T, float>::value)
+          S[i * ldS + col] = ds;
+        else
+          P[i * ldP + col] = from_float<T>(ds);
+      }
+      __syncwarp();
+    }
+  }
+  __syncthreads();
+
+  // dQ = dS K: a row tile and D / 32 column tiles a warp, written into the
+  // projection's gradient.
+  {
+    constexpr int TPW = D / 32;
+    Acc<T> o[TPW];
+#pragma unroll
+    for (int u = 0; u < TPW; ++u) wmma::fill_fragment(o[u], 0.f);
+    for (int s = 0; s < g.kt / KS; ++s) {
+      Operand<T, wmma::matrix_a, wmma::row_major, SPLIT> a;
+      a.load(P + rt * 16 * ldP + s * KS, ldP);
+#pragma unroll
+      for (int u = 0; u < TPW; ++u) {
+        Operand<T, wmma::matrix_b, wmma::row_major, SPLIT> kf;
+        kf.load(ks + s * KS * LDT + ((warp & 1) * TPW + u) * 16, LDT);
+        mma(o[u], a, kf);
+      }
+    }
+    T* dqkv = static_cast<T*>(p.dqkv);
+#pragma unroll
+    for (int u = 0; u < TPW; ++u) {
+      wmma::store_matrix_sync(mine, o[u], 16, wmma::mem_row_major);
+      __syncwarp();
+      const int rr = lane >> 1, cc = (lane & 1) * 8;
+      const int r = rt * 16 + rr;
+      if (r < q_valid) {
+        float v[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = mine[rr * 16 + cc + e];
+        store8(dqkv + (g.b * n + g.q0 + r) * 3 * width + g.h * D + ((warp & 1) * TPW + u) * 16 + cc, v);
+      }
+      __syncwarp();
+    }
+  }
+  key_side(qs, 0);
+}
+
+// dqkv's k and v parts (batch, n, 3, heads, d) from the float32 sums
+// (batch, n, 2, heads, d); v's with the blind queries' share, (their
+// gradients' sums over windows w - fwd .. w + back) / span.
+template <typename T>
+__global__ void band_finish_kernel(BandAttentionParams p) {
+  const int64_t chunks = p.d / 8, width = p.heads * p.d;
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= p.batch * p.n * 2 * p.heads * chunks) return;
+  const int64_t c = (i % chunks) * 8, h = (i / chunks) % p.heads, part = (i / (chunks * p.heads)) % 2,
+                row = i / (chunks * p.heads * 2);
+  const float* src = p.dkv + (row * 2 + part) * width + h * p.d + c;
+  const float4 a = reinterpret_cast<const float4*>(src)[0], b = reinterpret_cast<const float4*>(src)[1];
+  float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+  if (part == 1 && p.blind_sums) {
+    const int64_t windows = ceil_div(p.n, p.ws), bb = row / p.n, w = (row % p.n) / p.ws;
+    const float span = static_cast<float>((p.back + p.fwd + 1) * p.ws);
+    float acc[8];
+    sum_windows(p.blind_sums, bb, windows, width, h * p.d + c, w - p.fwd, w + p.back, 0.f, acc);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] += acc[e] / span;
+  }
+  store8(static_cast<T*>(p.dqkv) + (row * 3 + part + 1) * width + h * p.d + c, v);
+}
+
+int keys_max(const BandAttentionParams& p) {
+  const int64_t reach = p.ws * p.back + (p.causal ? 0 : p.ws * p.fwd);
+  return static_cast<int>((BQ + reach + 15) / 16 * 16);
+}
+
+// A kernel's dynamic shared memory limit raised to `bytes` where it is below
+// (once per size reached, so that calls inside a CUDA graph capture, after an
+// eager call of the same shape, make no attribute calls).
+template <typename Kernel>
+void allow_smem(Kernel kernel, size_t bytes, std::atomic<size_t>& allowed) {
+  if (bytes <= allowed.load()) return;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)) == cudaSuccess)
+    allowed.store(bytes);
+}
+
+template <typename T, int D, bool SPLIT>
+void launch(const BandAttentionParams& p, bool backward, cudaStream_t s) {
+  static std::atomic<size_t> fwd_allowed{48 * 1024}, bwd_allowed{48 * 1024};
+  const int kt_max = keys_max(p);
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.n, BQ)), static_cast<unsigned>(p.heads),
+                  static_cast<unsigned>(p.batch));
+  if (!backward) {
+    const size_t bytes = forward_smem<T, D>(kt_max);
+    allow_smem(band_forward_kernel<T, D, SPLIT>, bytes, fwd_allowed);
+    band_forward_kernel<T, D, SPLIT><<<grid, kThreads, bytes, s>>>(p, kt_max);
+  } else {
+    const size_t bytes = backward_smem<T, D>(kt_max);
+    allow_smem(band_backward_kernel<T, D, SPLIT>, bytes, bwd_allowed);
+    band_backward_kernel<T, D, SPLIT><<<grid, kThreads, bytes, s>>>(p, kt_max);
+  }
+}
+
+template <typename T>
+void launch_typed(const BandAttentionParams& p, bool backward, cudaStream_t s) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (p.tf32) {
+      if (p.d == 32) return launch<T, 32, false>(p, backward, s);
+      return launch<T, 64, false>(p, backward, s);
+    }
+    if (p.d == 32) return launch<T, 32, true>(p, backward, s);
+    return launch<T, 64, true>(p, backward, s);
+  } else {
+    if (p.d == 32) return launch<T, 32, false>(p, backward, s);
+    return launch<T, 64, false>(p, backward, s);
+  }
+}
+
+void launch_any(const BandAttentionParams& p, bool backward, cudaStream_t s) {
+  if (p.dtype == RowDtype::f32)
+    launch_typed<float>(p, backward, s);
+  else if (p.dtype == RowDtype::bf16)
+    launch_typed<__nv_bfloat16>(p, backward, s);
+  else
+    launch_typed<__half>(p, backward, s);
+}
+
+}  // namespace
+
+bool band_attention_supports(int64_t d, int64_t ws, int64_t back, int64_t fwd, bool causal, RowDtype dtype,
+                             int64_t batch, int64_t heads, int device) {
+  if (d != 32 && d != 64) return false;
+  if (ws < 1 || back < 0 || fwd < 0 || batch < 1 || batch > 65535 || heads < 1 || heads > 65535) return false;
+  BandAttentionParams p;
+  p.ws = ws;
+  p.back = back;
+  p.fwd = fwd;
+  p.causal = causal;
+  if (ws * (back + fwd) > kMaxKeys) return false;
+  const int kt_max = keys_max(p);
+  if (kt_max > kMaxKeys) return false;
+  size_t need = 0;
+  if (dtype == RowDtype::f32)
+    need = d == 32 ? backward_smem<float, 32>(kt_max) : backward_smem<float, 64>(kt_max);
+  else
+    need = d == 32 ? backward_smem<__half, 32>(kt_max) : backward_smem<__half, 64>(kt_max);
+  int optin = 0;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return need <= static_cast<size_t>(optin);
+}
+
+void band_attention_forward_cuda(const BandAttentionParams& p, void* stream) {
+  if (p.batch * p.n == 0) return;
+  launch_any(p, false, static_cast<cudaStream_t>(stream));
+}
+
+void band_attention_backward_cuda(const BandAttentionParams& p, void* stream) {
+  if (p.batch * p.n == 0) return;
+  const auto s = static_cast<cudaStream_t>(stream);
+  launch_any(p, true, s);
+  const int64_t items = p.batch * p.n * 2 * p.heads * (p.d / 8);
+  const unsigned blocks = static_cast<unsigned>(ceil_div(items, 256));
+  if (p.dtype == RowDtype::f32)
+    band_finish_kernel<float><<<blocks, 256, 0, s>>>(p);
+  else if (p.dtype == RowDtype::bf16)
+    band_finish_kernel<__nv_bfloat16><<<blocks, 256, 0, s>>>(p);
+  else
+    band_finish_kernel<__half><<<blocks, 256, 0, s>>>(p);
+}
+
+}  // namespace kernels
+}  // namespace colt5
