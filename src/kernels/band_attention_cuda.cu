@@ -18,6 +18,7 @@
 // float32 buffer with 16-byte atomics (each key belongs to the bands of up to
 // back + fwd + 1 blocks); a last kernel casts them into the projection's
 // gradient, v's with the blind queries' share.
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 #include <mma.h>
 
@@ -182,18 +183,26 @@ __device__ __forceinline__ Band band_of(const BandAttentionParams& p) {
 }
 
 // Rows of q/k/v (part 0/1/2) of the packed projection into shared memory
-// (ld elements apart), zeros past `valid` rows up to `rows`.
+// (ld elements apart), zeros past `valid` rows up to `rows`: asynchronous
+// copies (cp.async), complete after wait_rows() and a barrier.
 template <typename T, int D>
 __device__ __forceinline__ void load_rows(const BandAttentionParams& p, const Band& g, int part, int64_t first,
                                           int valid, int rows, T* dst, int ld) {
+  constexpr int per = 16 / sizeof(T);  // elements per 16-byte copy
   const T* qkv = static_cast<const T*>(p.qkv);
   const int64_t stride = 3 * p.heads * D;
-  for (int i = threadIdx.x; i < rows * (D / 8); i += kThreads) {
-    const int r = i / (D / 8), c = (i % (D / 8)) * 8;
-    const T* src = r < valid ? qkv + (g.b * p.n + first + r) * stride + (part * p.heads + g.h) * D + c : nullptr;
-    copy8(dst + r * ld + c, src);
+  for (int i = threadIdx.x; i < rows * (D / per); i += kThreads) {
+    const int r = i / (D / per), c = (i % (D / per)) * per;
+    if (r < valid)
+      __pipeline_memcpy_async(dst + r * ld + c, qkv + (g.b * p.n + first + r) * stride + (part * p.heads + g.h) * D + c,
+                              16);
+    else
+      *reinterpret_cast<uint4*>(dst + r * ld + c) = make_uint4(0, 0, 0, 0);
   }
+  __pipeline_commit();
 }
+
+__device__ __forceinline__ void wait_rows() { __pipeline_wait_prior(0); }
 
 // Whether query t (row r of the block) may see key c of the band.
 __device__ __forceinline__ bool visible(const Band& g, const unsigned char* key_ok, int64_t t, int c) {
@@ -214,7 +223,7 @@ size_t forward_smem(int kt_max) {
 }
 
 template <typename T, int D, bool SPLIT>
-__global__ void __launch_bounds__(kThreads) band_forward_kernel(BandAttentionParams p, int kt_max) {
+__global__ void __launch_bounds__(kThreads, 2) band_forward_kernel(BandAttentionParams p, int kt_max) {
   extern __shared__ __align__(128) unsigned char smem[];
   constexpr int KS = Mma<T>::K, LDT = D + row_pad<T>();
   const int ldS = kt_max + 4;
@@ -240,6 +249,7 @@ __global__ void __launch_bounds__(kThreads) band_forward_kernel(BandAttentionPar
   load_rows<T, D>(p, g, 0, g.q0, q_valid, BQ, qs, LDT);
   load_rows<T, D>(p, g, 1, g.k_lo, g.nk, g.kt, kv, LDT);
   for (int c = threadIdx.x; c < g.kt; c += kThreads) key_ok[c] = c < g.nk && (!p.mask || p.mask[g.b * n + g.k_lo + c]);
+  wait_rows();
   __syncthreads();
 
   // Scores: warp pairs share a row tile of q (kept in registers).
@@ -261,7 +271,8 @@ __global__ void __launch_bounds__(kThreads) band_forward_kernel(BandAttentionPar
   }
   __syncthreads();
 
-  // Values in the keys' place; the softmax of each row (8 rows a warp).
+  // Values in the keys' place (arriving while the softmax of each row runs,
+  // 8 rows a warp).
   load_rows<T, D>(p, g, 2, g.k_lo, g.nk, g.kt, kv, LDT);
   const float scale2 = p.scale * kLog2e;
   for (int r = warp * (BQ / kWarps); r < (warp + 1) * (BQ / kWarps); ++r) {
@@ -294,6 +305,7 @@ __global__ void __launch_bounds__(kThreads) band_forward_kernel(BandAttentionPar
       if (t < n) p.lse[(g.b * p.heads + g.h) * n + t] = m == -INFINITY ? INFINITY : (m + log2f(sum)) * kLn2;
     }
   }
+  wait_rows();
   __syncthreads();
 
   // Output tiles: each warp a row tile and D / 32 column tiles.
@@ -389,29 +401,34 @@ __global__ void __launch_bounds__(kThreads) band_backward_kernel(BandAttentionPa
   load_rows<T, D>(p, g, 1, g.k_lo, g.nk, g.kt, ks, LDT);
   load_rows<T, D>(p, g, 2, g.k_lo, g.nk, g.kt, vs, LDT);
   for (int c = threadIdx.x; c < g.kt; c += kThreads) key_ok[c] = c < g.nk && (!p.mask || p.mask[g.b * n + g.k_lo + c]);
-  // Each query's log-sum-exp and sum(dy * y) (8 rows a warp); a blind query
-  // (+inf) or a row past the end takes no gradient through the attention.
-  for (int r = warp * (BQ / kWarps); r < (warp + 1) * (BQ / kWarps); ++r) {
+  // The output's gradient into shared memory and each query's log-sum-exp
+  // and sum(dy * y), 8 elements a thread (the D / 8 threads of a row on
+  // adjacent lanes); a blind query (+inf) or a row past the end takes no
+  // gradient through the attention.
+  static_assert(kThreads % (D / 8) == 0 && 32 % (D / 8) == 0, "a row's threads within a warp");
+  for (int i = threadIdx.x; i < BQ * (D / 8); i += kThreads) {
+    const int r = i / (D / 8), c = (i % (D / 8)) * 8;
     const int64_t t = g.q0 + r;
-    const float l = t < n ? p.lse[(g.b * p.heads + g.h) * n + t] : INFINITY;
+    const float l = r < q_valid ? p.lse[(g.b * p.heads + g.h) * n + t] : INFINITY;
+    const bool live = l != INFINITY;
+    const int64_t at = (g.b * n + t) * width + g.h * D + c;
+    __align__(32) T gv[8];
+    __align__(32) T yv[8];
+    copy8(gv, live ? gy + at : nullptr);
+    copy8(yv, live ? y + at : nullptr);
     float acc = 0.f;
-    if (l != INFINITY)
-      for (int c = lane; c < D; c += 32) {
-        const int64_t at = (g.b * n + t) * width + g.h * D + c;
-        acc += to_float(gy[at]) * to_float(y[at]);
-      }
-    acc = warp_sum(acc);
-    if (lane == 0) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc += to_float(gv[e]) * to_float(yv[e]);
+#pragma unroll
+    for (int o = D / 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    copy8(dos + r * LDT + c, gv);
+    if (c == 0) {
       lse2[r] = l * kLog2e;
       drow[r] = acc;
     }
   }
+  wait_rows();
   __syncthreads();
-  for (int i = threadIdx.x; i < BQ * (D / 8); i += kThreads) {
-    const int r = i / (D / 8), c = (i % (D / 8)) * 8;
-    const bool live = r < q_valid && lse2[r] != INFINITY;
-    copy8(dos + r * LDT + c, live ? gy + (g.b * n + g.q0 + r) * width + g.h * D + c : nullptr);
-  }
 
   // Scores, as in the forward.
   const int rt = warp >> 1;
@@ -459,7 +476,7 @@ __global__ void __launch_bounds__(kThreads) band_backward_kernel(BandAttentionPa
     __syncwarp();
     const int rr = lane >> 1, cc = (lane & 1) * 8;
     if (kt0 + rr < g.nk) {
-      float* dst = p.dkv + ((g.b * n + g.k_lo + kt0 + rr) * 2 + part) * width + g.h * D + ct0 + cc;
+      float* dst = p.dkv + (g.b * n + g.k_lo + kt0 + rr) * p.dkv_row + part * width + g.h * D + ct0 + cc;
       add4(dst,
            make_float4(mine[rr * 16 + cc], mine[rr * 16 + cc + 1], mine[rr * 16 + cc + 2], mine[rr * 16 + cc + 3]));
       add4(dst + 4,
@@ -564,26 +581,34 @@ __global__ void __launch_bounds__(kThreads) band_backward_kernel(BandAttentionPa
 
 // dqkv's k and v parts (batch, n, 3, heads, d) from the float32 sums
 // (batch, n, 2, heads, d); v's with the blind queries' share, (their
-// gradients' sums over windows w - fwd .. w + back) / span.
-template <typename T>
+// gradients' sums over windows w - fwd .. w + back) / span. Float32 sums made
+// in dqkv itself (DIRECT) take only the share, where it is not zero.
+template <typename T, bool DIRECT>
 __global__ void band_finish_kernel(BandAttentionParams p) {
-  const int64_t chunks = p.d / 8, width = p.heads * p.d;
+  const int64_t chunks = p.d / 8, width = p.heads * p.d, parts = DIRECT ? 1 : 2;
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= p.batch * p.n * 2 * p.heads * chunks) return;
-  const int64_t c = (i % chunks) * 8, h = (i / chunks) % p.heads, part = (i / (chunks * p.heads)) % 2,
-                row = i / (chunks * p.heads * 2);
-  const float* src = p.dkv + (row * 2 + part) * width + h * p.d + c;
-  const float4 a = reinterpret_cast<const float4*>(src)[0], b = reinterpret_cast<const float4*>(src)[1];
-  float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+  if (i >= p.batch * p.n * parts * p.heads * chunks) return;
+  const int64_t c = (i % chunks) * 8, h = (i / chunks) % p.heads, part = DIRECT ? 1 : (i / (chunks * p.heads)) % 2,
+                row = i / (chunks * p.heads * parts);
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  bool any = false;
   if (part == 1 && p.blind_sums) {
     const int64_t windows = ceil_div(p.n, p.ws), bb = row / p.n, w = (row % p.n) / p.ws;
     const float span = static_cast<float>((p.back + p.fwd + 1) * p.ws);
-    float acc[8];
     sum_windows(p.blind_sums, bb, windows, width, h * p.d + c, w - p.fwd, w + p.back, 0.f, acc);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) v[e] += acc[e] / span;
+    for (int e = 0; e < 8; ++e) {
+      acc[e] /= span;
+      any = any || acc[e] != 0.f;
+    }
   }
-  store8(static_cast<T*>(p.dqkv) + (row * 3 + part + 1) * width + h * p.d + c, v);
+  T* dst = static_cast<T*>(p.dqkv) + (row * 3 + part + 1) * width + h * p.d + c;
+  if (DIRECT && !any) return;
+  const float* src = DIRECT ? reinterpret_cast<const float*>(dst) : p.dkv + (row * 2 + part) * width + h * p.d + c;
+  const float4 a = reinterpret_cast<const float4*>(src)[0], b = reinterpret_cast<const float4*>(src)[1];
+  float v[8] = {a.x + acc[0], a.y + acc[1], a.z + acc[2], a.w + acc[3],
+                b.x + acc[4], b.y + acc[5], b.z + acc[6], b.w + acc[7]};
+  store8(dst, v);
 }
 
 int keys_max(const BandAttentionParams& p) {
@@ -678,14 +703,18 @@ void band_attention_backward_cuda(const BandAttentionParams& p, void* stream) {
   if (p.batch * p.n == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
   launch_any(p, true, s);
-  const int64_t items = p.batch * p.n * 2 * p.heads * (p.d / 8);
+  const bool direct = p.dkv_row == 3 * p.heads * p.d;
+  if (direct && !p.blind_sums) return;
+  const int64_t items = p.batch * p.n * (direct ? 1 : 2) * p.heads * (p.d / 8);
   const unsigned blocks = static_cast<unsigned>(ceil_div(items, 256));
-  if (p.dtype == RowDtype::f32)
-    band_finish_kernel<float><<<blocks, 256, 0, s>>>(p);
+  if (direct)
+    band_finish_kernel<float, true><<<blocks, 256, 0, s>>>(p);
+  else if (p.dtype == RowDtype::f32)
+    band_finish_kernel<float, false><<<blocks, 256, 0, s>>>(p);
   else if (p.dtype == RowDtype::bf16)
-    band_finish_kernel<__nv_bfloat16><<<blocks, 256, 0, s>>>(p);
+    band_finish_kernel<__nv_bfloat16, false><<<blocks, 256, 0, s>>>(p);
   else
-    band_finish_kernel<__half><<<blocks, 256, 0, s>>>(p);
+    band_finish_kernel<__half, false><<<blocks, 256, 0, s>>>(p);
 }
 
 }  // namespace kernels

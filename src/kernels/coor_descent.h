@@ -247,9 +247,11 @@ void sliding_unpack_grads_cuda(const SlidingMaskParams& p, const void* dq8, cons
 // no key: it takes its look-around's mean from v_sums, the float32 window
 // sums of v as sliding_window_sums_cuda gives them); the backward takes
 // y_in, gy and lse, writes q's part of dqkv (batch, n, 3, heads, d), adds k's
-// and v's into dkv (batch, n, 2, heads, d; float32, zeroed by the caller),
-// then casts them into dqkv, v's with the blind queries' share (blind_sums:
-// window sums of gy over the blind rows; null where there is no mask).
+// and v's into dkv (batch, n, 2, heads, d; float32, zeroed by the caller;
+// dkv_row = 2 * heads * d), then casts them into dqkv, v's with the blind
+// queries' share (blind_sums: window sums of gy over the blind rows; null
+// where there is no mask). Float32 may add k's and v's into dqkv itself:
+// dkv = its k part (dqkv zeroed), dkv_row = 3 * heads * d.
 // Float32 products in TF32 where tf32, else as three TF32 products (float32
 // accuracy).
 struct BandAttentionParams {
@@ -262,6 +264,7 @@ struct BandAttentionParams {
   const void* gy = nullptr;
   void* dqkv = nullptr;
   float* dkv = nullptr;
+  int64_t dkv_row = 0;  // elements from one row of dkv to the next
   const float* blind_sums = nullptr;
   int64_t batch = 0, n = 0, heads = 0, d = 0, ws = 1, back = 0, fwd = 0;
   bool causal = false, tf32 = false;

@@ -352,7 +352,7 @@ class BandAttentionFunction : public torch::autograd::Function<BandAttentionFunc
     const int64_t windows = (p.n + ws - 1) / ws;
     torch::Tensor m, sums;
     const auto sp = sums_params(p);
-    if (mask.defined()) {
+    if (mask.numel() > 0) {  // (b, n); empty: no mask
       m = mask.contiguous();
       p.mask = m.data_ptr<bool>();
       sums = torch::empty({p.batch, windows, heads * d}, qkv.options().dtype(torch::kFloat));
@@ -401,14 +401,25 @@ class BandAttentionFunction : public torch::autograd::Function<BandAttentionFunc
       p.mask = m.data_ptr<bool>();
       p.blind_sums = blind.data_ptr<float>();
     }
-    torch::Tensor dqkv = torch::empty({p.batch, p.n, 3 * heads * d}, qkv.options());
-    torch::Tensor dkv = torch::zeros({p.batch, p.n, 2 * heads * d}, qkv.options().dtype(torch::kFloat));
+    // k's and v's gradients summed in float32: in dqkv itself for float32,
+    // else in a buffer cast into it afterwards.
+    const bool direct = qkv.scalar_type() == torch::kFloat;
+    torch::Tensor dqkv = direct ? torch::zeros({p.batch, p.n, 3 * heads * d}, qkv.options())
+                                : torch::empty({p.batch, p.n, 3 * heads * d}, qkv.options());
+    torch::Tensor dkv;
+    if (direct) {
+      p.dkv = dqkv.data_ptr<float>() + heads * d;
+      p.dkv_row = 3 * heads * d;
+    } else {
+      dkv = torch::zeros({p.batch, p.n, 2 * heads * d}, qkv.options().dtype(torch::kFloat));
+      p.dkv = dkv.data_ptr<float>();
+      p.dkv_row = 2 * heads * d;
+    }
     p.qkv = qkv.data_ptr();
     p.y_in = y.data_ptr();
     p.gy = gy.data_ptr();
     p.lse = const_cast<float*>(lse.data_ptr<float>());
     p.dqkv = dqkv.data_ptr();
-    p.dkv = dkv.data_ptr<float>();
     kernels::band_attention_backward_cuda(p, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return {dqkv,
@@ -974,7 +985,9 @@ torch::Tensor LocalMHAImpl::forward_with_output_bias(const torch::Tensor& x_in, 
                                          rd, b, h, projected.device().index())) {
       RECORD_USER_SCOPE("colt5::local_attention");
       const double scale = ao.scale().value_or(std::pow(static_cast<double>(dh), -0.5));
-      torch::Tensor out = BandAttentionFunction::apply(projected, mask, h, dh, ao.window_size(), ao.look_backward(),
+      // Without a mask an empty one (a custom function's inputs must be defined).
+      torch::Tensor m = mask.defined() ? mask : torch::empty({0}, projected.options().dtype(torch::kBool));
+      torch::Tensor out = BandAttentionFunction::apply(projected, m, h, dh, ao.window_size(), ao.look_backward(),
                                                        attn_fn->look_forward(), ao.causal(), scale);
       return project_out(out);
     }
