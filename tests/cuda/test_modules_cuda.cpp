@@ -1182,45 +1182,49 @@ TEST(CudaModules, AutoregressiveTrainingStepCapturesInACudaGraph) {
 // the freed memory), the replay still gives the eager output, masked or not.
 TEST(CudaModules, LocalAttentionGraphReplaysAfterCallsAtOtherLengths) {
   torch::manual_seed(22);
-  for (bool masked : {true, false}) {
-    SCOPED_TRACE(masked ? "masked" : "no mask");
-    LocalMHA attn(LocalMHAOptions(128, 64)
-                      .dim_head(32)
-                      .heads(4)
-                      .prenorm(true)
-                      .look_backward(1)
-                      .look_forward(1)
-                      .exact_windowsize(true)
-                      .use_rotary_pos_emb(false));
-    attn->to(cuda());
-    torch::NoGradGuard no_grad;
-    auto opts = torch::TensorOptions(cuda());
-    torch::Tensor x = torch::randn({2, 2048, 128}, opts);
-    torch::Tensor mask = torch::rand({2, 2048}, opts) < 0.8;
-    auto call = [&](const torch::Tensor& t, const torch::Tensor& m) {
-      return masked ? attn->forward(t, m) : attn->forward(t);
-    };
-    at::cuda::CUDAStream side = at::cuda::getStreamFromPool();
-    at::cuda::CUDAGraph graph;
-    torch::Tensor captured;
-    {
-      at::cuda::CUDAStreamGuard guard(side);
-      call(x, mask);  // warm-up: the masks are kept for this length and stream
-      side.synchronize();
-      graph.capture_begin();
-      captured = call(x, mask);
-      graph.capture_end();
-      for (int64_t n : {1024, 512, 3072}) {  // replaces what is kept, several times
-        torch::Tensor y = call(torch::randn({2, n, 128}, opts), torch::rand({2, n}, opts) < 0.8);
-        std::vector<torch::Tensor> filler;  // fresh tensors that may reuse the freed blocks
-        for (int i = 0; i < 64; ++i) filler.push_back(torch::full({2048 / 64, 1, 192}, 1, opts.dtype(torch::kBool)));
+  // The windowed path (its kept masks) and the band kernels (the float32
+  // default), each captured and replayed.
+  for (bool band : {false, true})
+    for (bool masked : {true, false}) {
+      SCOPED_TRACE(std::string(masked ? "masked" : "no mask") + (band ? ", band kernels" : ", windowed path"));
+      LocalMHA attn(LocalMHAOptions(128, 64)
+                        .dim_head(32)
+                        .heads(4)
+                        .prenorm(true)
+                        .look_backward(1)
+                        .look_forward(1)
+                        .exact_windowsize(true)
+                        .use_rotary_pos_emb(false)
+                        .band_attention(band));
+      attn->to(cuda());
+      torch::NoGradGuard no_grad;
+      auto opts = torch::TensorOptions(cuda());
+      torch::Tensor x = torch::randn({2, 2048, 128}, opts);
+      torch::Tensor mask = torch::rand({2, 2048}, opts) < 0.8;
+      auto call = [&](const torch::Tensor& t, const torch::Tensor& m) {
+        return masked ? attn->forward(t, m) : attn->forward(t);
+      };
+      at::cuda::CUDAStream side = at::cuda::getStreamFromPool();
+      at::cuda::CUDAGraph graph;
+      torch::Tensor captured;
+      {
+        at::cuda::CUDAStreamGuard guard(side);
+        call(x, mask);  // warm-up: the masks are kept for this length and stream
+        side.synchronize();
+        graph.capture_begin();
+        captured = call(x, mask);
+        graph.capture_end();
+        for (int64_t n : {1024, 512, 3072}) {  // replaces what is kept, several times
+          torch::Tensor y = call(torch::randn({2, n, 128}, opts), torch::rand({2, n}, opts) < 0.8);
+          std::vector<torch::Tensor> filler;  // fresh tensors that may reuse the freed blocks
+          for (int i = 0; i < 64; ++i) filler.push_back(torch::full({2048 / 64, 1, 192}, 1, opts.dtype(torch::kBool)));
+        }
+        x.copy_(torch::randn_like(x));
+        graph.replay();
+        side.synchronize();
       }
-      x.copy_(torch::randn_like(x));
-      graph.replay();
-      side.synchronize();
+      torch::Tensor replayed = captured.clone();
+      torch::Tensor eager = call(x, mask);
+      EXPECT_LT(max_rel_error(replayed, eager), 1e-6);
     }
-    torch::Tensor replayed = captured.clone();
-    torch::Tensor eager = call(x, mask);
-    EXPECT_LT(max_rel_error(replayed, eager), 1e-6);
-  }
 }
