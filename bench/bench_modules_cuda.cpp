@@ -14,7 +14,8 @@
 // input before it is timed.
 // The block and the autoregressive module are also timed as a training step
 // replayed from a CUDA graph (no host launch overhead).
-// Flags: --quick (8k and 32k only), --no-profile, --only block|autoregressive|cross|topk|image,
+// Flags: --quick (8k and 32k only), --no-profile, --only block|autoregressive|cross|topk|image|fp32
+// (fp32: the block's float32 rows alone),
 // --kernels (only the GPU time of each module's training step by colt5 scope
 // and by kernel, from LibTorch's Kineto profiler: kernel_profile.h).
 #include <torch/torch.h>
@@ -703,7 +704,8 @@ int main(int argc, char** argv) {
   bool quick = false, profile = true, kernels = false;
   std::string only;
   const char* usage =
-      "usage: bench_modules_cuda [--quick] [--no-profile] [--kernels] [--only block|autoregressive|cross|topk|image]\n";
+      "usage: bench_modules_cuda [--quick] [--no-profile] [--kernels] [--only "
+      "block|autoregressive|cross|topk|image|fp32]\n";
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--help") || !std::strcmp(argv[i], "-h")) {
       std::fputs(usage, stdout);
@@ -718,14 +720,17 @@ int main(int argc, char** argv) {
     } else if (!std::strcmp(argv[i], "--only") && i + 1 < argc &&
                (!std::strcmp(argv[i + 1], "block") || !std::strcmp(argv[i + 1], "autoregressive") ||
                 !std::strcmp(argv[i + 1], "cross") || !std::strcmp(argv[i + 1], "topk") ||
-                !std::strcmp(argv[i + 1], "image"))) {
+                !std::strcmp(argv[i + 1], "image") || !std::strcmp(argv[i + 1], "fp32"))) {
       only = argv[++i];
     } else {
       std::fprintf(stderr, "bench_modules_cuda: unknown argument %s\n%s", argv[i], usage);
       return 2;
     }
   }
-  auto want = [&](const char* section) { return only.empty() || only == section; };
+  // --only fp32: the block's float32 rows alone.
+  auto want = [&](const char* section) {
+    return only.empty() || only == section || (only == "fp32" && !std::strcmp(section, "block"));
+  };
   if (!torch::cuda::is_available()) {
     std::printf("bench_modules_cuda: no CUDA device\n");
     return 0;
@@ -749,6 +754,7 @@ int main(int argc, char** argv) {
     block->to(dev);
     std::vector<int64_t> lengths = {8192, 32768, 131072, 262144};
     if (quick) lengths = {8192, 32768};
+    if (only == "fp32") lengths.clear();
     double per_token_8k = 0;
     for (int64_t n : lengths) {
       torch::Tensor x = torch::randn({2, n, 512}, f32);
