@@ -649,17 +649,23 @@ int kernel_profiles(const std::function<bool(const char*)>& want) {
       mha.band_attention(true);
       colt5_bench::kernel_profile(("block 2x" + std::to_string(n) + "x512, band kernels, fwd+bwd").c_str(),
                                   train_step([&] { return block->forward(x, mask); }, true, leaves(*block, x)));
-      mha.band_attention(c10::nullopt);
+      mha.band_attention(false);
       if (n == 32768) {
         colt5_bench::kernel_profile("block 2x32768x512, no mask, fwd+bwd",
                                     train_step([&] { return block->forward(x); }, true, leaves(*block, x)));
-        // float32 (no autocast), TF32 matrix products off and on.
+        // float32 (no autocast), TF32 matrix products off and on; the light
+        // attention on the windowed path and on the band kernels.
         for (bool tf32 : {false, true}) {
           at::globalContext().setAllowTF32CuBLAS(tf32);
           at::globalContext().setAllowTF32CuDNN(tf32);
-          colt5_bench::kernel_profile(
-              (std::string("block 2x32768x512, fp32, TF32 ") + (tf32 ? "on" : "off") + ", fwd+bwd").c_str(),
-              train_step([&] { return block->forward(x, mask); }, false, leaves(*block, x)));
+          for (bool band : {false, true}) {
+            mha.band_attention(band);
+            colt5_bench::kernel_profile((std::string("block 2x32768x512, fp32, TF32 ") + (tf32 ? "on" : "off") +
+                                         (band ? ", band kernels" : "") + ", fwd+bwd")
+                                            .c_str(),
+                                        train_step([&] { return block->forward(x, mask); }, false, leaves(*block, x)));
+          }
+          mha.band_attention(false);
         }
         at::globalContext().setAllowTF32CuBLAS(false);
         at::globalContext().setAllowTF32CuDNN(true);
@@ -801,7 +807,7 @@ int main(int argc, char** argv) {
         auto& mha = block->conditional_attn->light_attn->options;
         // The settings as built, put back after each pair.
         const bool sliding_built = la.sliding_window(), fused_built = mha.fused_norm(), packed_built = mha.packed_qkv();
-        const c10::optional<bool> band_built = mha.band_attention();
+        const bool band_built = mha.band_attention();
         auto& attn_opts = block->conditional_attn->options;
         const bool joint_built = attn_opts.joint_routing();
         std::vector<RMSNormOptions> norms_built;
@@ -831,7 +837,7 @@ int main(int argc, char** argv) {
         // The exact windows on colt5's band kernels or the flash kernel's
         // sliding window (the bf16 default).
         pair("band kernels", "exact windows on colt5's band kernels", with([&] { mha.band_attention(true); }),
-             "flash sliding window", "the default in bf16", with([&] { mha.band_attention(false); }));
+             "flash sliding window", "the default", with([&] { mha.band_attention(false); }));
         // The masked sliding window from the packed projection (colt5's kernels
         // each way) or from q, k, v views (LibTorch's concatenations and copies).
         pair("packed q/k/v", "masked sliding window from the packed projection", with([&] { mha.packed_qkv(true); }),
@@ -885,27 +891,30 @@ int main(int argc, char** argv) {
     // float32, TF32 matrix products off (LibTorch's default) and on.
     torch::Tensor x = torch::randn({2, 32768, 512}, f32).requires_grad_(true);
     torch::Tensor mask = torch::ones({2, 32768}, f32.dtype(torch::kBool));
-    // The light attention on the band kernels (the float32 default) and on
-    // the windowed path (memory-efficient kernel over look-around windows).
+    // The light attention on the windowed path (the default: memory-efficient
+    // kernel over look-around windows) and on the band kernels.
     auto& mha = block->conditional_attn->light_attn->options;
     for (bool tf32 : {false, true}) {
       at::globalContext().setAllowTF32CuBLAS(tf32);
       at::globalContext().setAllowTF32CuDNN(tf32);
       auto step = train_step([&] { return block->forward(x, mask); }, false, leaves(*block, x));
       const std::string name = std::string("block 2x32768x512, fp32, TF32 ") + (tf32 ? "on" : "off");
-      const auto [band, windowed] = alternate(
-          [&] {
-            mha.band_attention(c10::nullopt);
-            step();
-          },
+      const auto [windowed, band] = alternate(
           [&] {
             mha.band_attention(false);
             step();
+          },
+          [&] {
+            mha.band_attention(true);
+            step();
           });
-      row(name, "fwd+bwd", band, -1, "light attention on the band kernels");
-      row(name + ", windowed light attn", "fwd+bwd", windowed, -1, "memory-efficient kernel over look-arounds");
-      mha.band_attention(c10::nullopt);
-      row(name, "graph", time_graph(step), -1, "band kernels, replayed from a CUDA graph");
+      row(name, "fwd+bwd", windowed, -1, "light attention on the windowed path");
+      row(name + ", band kernels", "fwd+bwd", band, -1, "light attention on the band kernels");
+      mha.band_attention(false);
+      row(name, "graph", time_graph(step), -1, "replayed from a CUDA graph");
+      mha.band_attention(true);
+      row(name + ", band kernels", "graph", time_graph(step), -1, "replayed from a CUDA graph");
+      mha.band_attention(false);
     }
     at::globalContext().setAllowTF32CuBLAS(false);
     at::globalContext().setAllowTF32CuDNN(true);

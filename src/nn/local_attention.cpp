@@ -976,11 +976,10 @@ torch::Tensor LocalMHAImpl::forward_with_output_bias(const torch::Tensor& x_in, 
   {
     const auto& ao = attn_fn->options;
     kernels::RowDtype rd;
-    // Exact windows on the band kernels: float32 always (there is no flash
-    // kernel in float32); float16/bfloat16 where band_attention says so.
+    // Exact windows on the band kernels (band_attention).
     if (options.packed_qkv() && projected.is_cuda() && (!mask.defined() || mask.device() == projected.device()) &&
         ao.exact_windowsize() && !attn_fn->rel_pos && (n % ao.window_size() == 0 || (mask.defined() && ao.autopad())) &&
-        row_dtype(projected.scalar_type(), rd) && options.band_attention().value_or(rd == kernels::RowDtype::f32) &&
+        row_dtype(projected.scalar_type(), rd) && options.band_attention() &&
         kernels::band_attention_supports(dh, ao.window_size(), ao.look_backward(), attn_fn->look_forward(), ao.causal(),
                                          rd, b, h, projected.device().index())) {
       RECORD_USER_SCOPE("colt5::local_attention");

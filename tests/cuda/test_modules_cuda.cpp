@@ -1182,8 +1182,8 @@ TEST(CudaModules, AutoregressiveTrainingStepCapturesInACudaGraph) {
 // the freed memory), the replay still gives the eager output, masked or not.
 TEST(CudaModules, LocalAttentionGraphReplaysAfterCallsAtOtherLengths) {
   torch::manual_seed(22);
-  // The windowed path (its kept masks) and the band kernels (the float32
-  // default), each captured and replayed.
+  // The windowed path (its kept masks) and the band kernels
+  // (band_attention), each captured and replayed.
   for (bool band : {false, true})
     for (bool masked : {true, false}) {
       SCOPED_TRACE(std::string(masked ? "masked" : "no mask") + (band ? ", band kernels" : ", windowed path"));
