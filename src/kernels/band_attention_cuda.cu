@@ -27,6 +27,7 @@
 #include <type_traits>
 
 #include "kernels/coor_descent.h"
+#include "kernels/cuda_common.cuh"
 #include "kernels/cuda_convert.cuh"
 
 namespace colt5 {
@@ -89,6 +90,64 @@ __device__ __forceinline__ void mma(Acc<T>& c, const Operand<T, wmma::matrix_a, 
   wmma::mma_sync(c, a.hi, b.hi, c);
 }
 
+// One 16-row tile of a D-wide operand (q or the output's gradient) held in
+// registers, times 16-row tiles of another D-wide operand transposed (keys
+// or values): one 16 x 16 tile of scores (or of their gradient).
+template <typename T, int D, bool SPLIT>
+struct RowTile {
+  static constexpr int KS = Mma<T>::K;
+  Operand<T, wmma::matrix_a, wmma::row_major, SPLIT> f[D / KS];
+
+  __device__ __forceinline__ void load(const T* rows, unsigned ld) {
+#pragma unroll
+    for (int s = 0; s < D / KS; ++s) f[s].load(rows + s * KS, ld);
+  }
+
+  // c = this tile times rows ct * 16 .. ct * 16 + 15 of `other`, transposed.
+  __device__ __forceinline__ void times_t(Acc<T>& c, const T* other, unsigned ld, int ct) const {
+    wmma::fill_fragment(c, 0.f);
+#pragma unroll
+    for (int s = 0; s < D / KS; ++s) {
+      Operand<T, wmma::matrix_b, wmma::col_major, SPLIT> b;
+      b.load(other + ct * 16 * ld + s * KS, ld);
+      mma(c, f[s], b);
+    }
+  }
+};
+
+// o[u] = a 16-row tile of `left` (row-major, `steps` k steps wide) times
+// column tiles col0 + u of `right` (row-major): the probabilities (or the
+// scores' gradient) times values (or keys).
+template <typename T, int TPW, bool SPLIT>
+__device__ __forceinline__ void tile_times(Acc<T> (&o)[TPW], const T* left, unsigned ld_l, const T* right,
+                                           unsigned ld_r, int steps, int col0) {
+  constexpr int KS = Mma<T>::K;
+#pragma unroll
+  for (int u = 0; u < TPW; ++u) wmma::fill_fragment(o[u], 0.f);
+  for (int s = 0; s < steps; ++s) {
+    Operand<T, wmma::matrix_a, wmma::row_major, SPLIT> a;
+    a.load(left + s * KS, ld_l);
+#pragma unroll
+    for (int u = 0; u < TPW; ++u) {
+      Operand<T, wmma::matrix_b, wmma::row_major, SPLIT> b;
+      b.load(right + s * KS * ld_r + (col0 + u) * 16, ld_r);
+      mma(o[u], a, b);
+    }
+  }
+}
+
+// The scores' row tile of warp pair `warp / 2` (q in `qf`) against the band's
+// key tiles, the pair's two warps taking alternate tiles, into S (float32).
+template <typename T, int D, bool SPLIT>
+__device__ __forceinline__ void store_scores(const RowTile<T, D, SPLIT>& qf, const T* keys, unsigned ld, float* S,
+                                             int ldS, int kt, int warp) {
+  for (int ct = warp & 1; ct < kt / 16; ct += 2) {
+    Acc<T> c;
+    qf.times_t(c, keys, ld, ct);
+    wmma::store_matrix_sync(S + (warp >> 1) * 16 * ldS + ct * 16, c, ldS, wmma::mem_row_major);
+  }
+}
+
 template <typename T>
 constexpr int row_pad() {
   return sizeof(T) == 4 ? 4 : 8;
@@ -120,45 +179,10 @@ __device__ __forceinline__ void store8(T* dst, const float v[8]) {
   }
 }
 
-__device__ __forceinline__ void add4(float* p, float4 v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  atomicAdd(reinterpret_cast<float4*>(p), v);
-#else
-  atomicAdd(p, v.x);
-  atomicAdd(p + 1, v.y);
-  atomicAdd(p + 2, v.z);
-  atomicAdd(p + 3, v.w);
-#endif
-}
-
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// acc[e] = the sum over windows u = lo .. hi of sums[b, u, col + e] (float32,
-// batch x windows x width), `outside` for each u beyond an end.
-__device__ __forceinline__ void sum_windows(const float* __restrict__ sums, int64_t b, int64_t windows, int64_t width,
-                                            int64_t col, int64_t lo, int64_t hi, float outside, float acc[8]) {
-#pragma unroll
-  for (int e = 0; e < 8; ++e) acc[e] = 0.f;
-  for (int64_t u = lo; u <= hi; ++u) {
-    if (u < 0 || u >= windows) {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[e] += outside;
-      continue;
-    }
-    const float* s = sums + (b * windows + u) * width + col;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) acc[e] += s[e];
-  }
 }
 
 // One block's place: sequence b, head h, queries q0 .. q0 + 63 and their
@@ -254,21 +278,10 @@ __global__ void __launch_bounds__(kThreads, 2) band_forward_kernel(BandAttention
 
   // Scores: warp pairs share a row tile of q (kept in registers).
   const int rt = warp >> 1;
-  Operand<T, wmma::matrix_a, wmma::row_major, SPLIT> qf[D / KS];
-#pragma unroll
-  for (int s = 0; s < D / KS; ++s) qf[s].load(qs + rt * 16 * LDT + s * KS, LDT);
+  RowTile<T, D, SPLIT> qf;
+  qf.load(qs + rt * 16 * LDT, LDT);
   __syncthreads();
-  for (int ct = warp & 1; ct < g.kt / 16; ct += 2) {
-    Acc<T> c;
-    wmma::fill_fragment(c, 0.f);
-#pragma unroll
-    for (int s = 0; s < D / KS; ++s) {
-      Operand<T, wmma::matrix_b, wmma::col_major, SPLIT> kf;
-      kf.load(kv + ct * 16 * LDT + s * KS, LDT);
-      mma(c, qf[s], kf);
-    }
-    wmma::store_matrix_sync(S + rt * 16 * ldS + ct * 16, c, ldS, wmma::mem_row_major);
-  }
+  store_scores(qf, kv, LDT, S, ldS, g.kt, warp);
   __syncthreads();
 
   // Values in the keys' place (arriving while the softmax of each row runs,
@@ -311,18 +324,7 @@ __global__ void __launch_bounds__(kThreads, 2) band_forward_kernel(BandAttention
   // Output tiles: each warp a row tile and D / 32 column tiles.
   constexpr int TPW = D / 32;
   Acc<T> o[TPW];
-#pragma unroll
-  for (int u = 0; u < TPW; ++u) wmma::fill_fragment(o[u], 0.f);
-  for (int s = 0; s < g.kt / KS; ++s) {
-    Operand<T, wmma::matrix_a, wmma::row_major, SPLIT> pf;
-    pf.load(P + rt * 16 * ldP + s * KS, ldP);
-#pragma unroll
-    for (int u = 0; u < TPW; ++u) {
-      Operand<T, wmma::matrix_b, wmma::row_major, SPLIT> vf;
-      vf.load(kv + s * KS * LDT + ((warp & 1) * TPW + u) * 16, LDT);
-      mma(o[u], pf, vf);
-    }
-  }
+  tile_times<T, TPW, SPLIT>(o, P + rt * 16 * ldP, ldP, kv, LDT, g.kt / KS, (warp & 1) * TPW);
   __syncthreads();
   constexpr int LDO = D + 4;
   float* stage = S;
@@ -433,20 +435,9 @@ __global__ void __launch_bounds__(kThreads) band_backward_kernel(BandAttentionPa
   // Scores, as in the forward.
   const int rt = warp >> 1;
   {
-    Operand<T, wmma::matrix_a, wmma::row_major, SPLIT> qf[D / KS];
-#pragma unroll
-    for (int s = 0; s < D / KS; ++s) qf[s].load(qs + rt * 16 * LDT + s * KS, LDT);
-    for (int ct = warp & 1; ct < g.kt / 16; ct += 2) {
-      Acc<T> c;
-      wmma::fill_fragment(c, 0.f);
-#pragma unroll
-      for (int s = 0; s < D / KS; ++s) {
-        Operand<T, wmma::matrix_b, wmma::col_major, SPLIT> kf;
-        kf.load(ks + ct * 16 * LDT + s * KS, LDT);
-        mma(c, qf[s], kf);
-      }
-      wmma::store_matrix_sync(S + rt * 16 * ldS + ct * 16, c, ldS, wmma::mem_row_major);
-    }
+    RowTile<T, D, SPLIT> qf;
+    qf.load(qs + rt * 16 * LDT, LDT);
+    store_scores(qf, ks, LDT, S, ldS, g.kt, warp);
   }
   __syncthreads();
 
@@ -516,18 +507,11 @@ __global__ void __launch_bounds__(kThreads) band_backward_kernel(BandAttentionPa
   // dP = dO V^T tile by tile, turned at once into the scores' gradient
   // dS = P (dP - sum(dO * O)) * scale in the probabilities' place.
   {
-    Operand<T, wmma::matrix_a, wmma::row_major, SPLIT> df[D / KS];
-#pragma unroll
-    for (int s = 0; s < D / KS; ++s) df[s].load(dos + rt * 16 * LDT + s * KS, LDT);
+    RowTile<T, D, SPLIT> df;
+    df.load(dos + rt * 16 * LDT, LDT);
     for (int ct = warp & 1; ct < g.kt / 16; ct += 2) {
       Acc<T> c;
-      wmma::fill_fragment(c, 0.f);
-#pragma unroll
-      for (int s = 0; s < D / KS; ++s) {
-        Operand<T, wmma::matrix_b, wmma::col_major, SPLIT> vf;
-        vf.load(vs + ct * 16 * LDT + s * KS, LDT);
-        mma(c, df[s], vf);
-      }
+      df.times_t(c, vs, LDT, ct);
       wmma::store_matrix_sync(mine, c, 16, wmma::mem_row_major);
       __syncwarp();
       for (int e = lane; e < 256; e += 32) {
@@ -548,18 +532,7 @@ __global__ void __launch_bounds__(kThreads) band_backward_kernel(BandAttentionPa
   {
     constexpr int TPW = D / 32;
     Acc<T> o[TPW];
-#pragma unroll
-    for (int u = 0; u < TPW; ++u) wmma::fill_fragment(o[u], 0.f);
-    for (int s = 0; s < g.kt / KS; ++s) {
-      Operand<T, wmma::matrix_a, wmma::row_major, SPLIT> a;
-      a.load(P + rt * 16 * ldP + s * KS, ldP);
-#pragma unroll
-      for (int u = 0; u < TPW; ++u) {
-        Operand<T, wmma::matrix_b, wmma::row_major, SPLIT> kf;
-        kf.load(ks + s * KS * LDT + ((warp & 1) * TPW + u) * 16, LDT);
-        mma(o[u], a, kf);
-      }
-    }
+    tile_times<T, TPW, SPLIT>(o, P + rt * 16 * ldP, ldP, ks, LDT, g.kt / KS, (warp & 1) * TPW);
     T* dqkv = static_cast<T*>(p.dqkv);
 #pragma unroll
     for (int u = 0; u < TPW; ++u) {

@@ -24,6 +24,7 @@
 #include <string>
 
 #include "kernels/coor_descent.h"
+#include "kernels/cuda_common.cuh"
 #include "kernels/cuda_convert.cuh"
 
 namespace colt5 {
@@ -33,17 +34,6 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int QT = 32;  // queries per block
 constexpr int KT = 32;  // keys per tile
-
-__device__ __forceinline__ void add4(float* p, float4 v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  atomicAdd(reinterpret_cast<float4*>(p), v);
-#else
-  atomicAdd(p, v.x);
-  atomicAdd(p + 1, v.y);
-  atomicAdd(p + 2, v.z);
-  atomicAdd(p + 3, v.w);
-#endif
-}
 
 __device__ __forceinline__ float dot4(float4 a, float4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
 
@@ -773,10 +763,14 @@ void launch(const GatheredAttentionParams& p, bool backward, cudaStream_t st) {
 template <typename T>
 void launch_dh(const GatheredAttentionParams& p, bool backward, cudaStream_t st) {
   switch (p.dim_head) {
-    case 16: return launch<T, 16>(p, backward, st);
-    case 32: return launch<T, 32>(p, backward, st);
-    case 64: return launch<T, 64>(p, backward, st);
-    case 128: return launch<T, 128>(p, backward, st);
+    case 16:
+      return launch<T, 16>(p, backward, st);
+    case 32:
+      return launch<T, 32>(p, backward, st);
+    case 64:
+      return launch<T, 64>(p, backward, st);
+    case 128:
+      return launch<T, 128>(p, backward, st);
     default:
       throw std::runtime_error("colt5 CUDA gathered attention: head width " + std::to_string(p.dim_head) +
                                " is not 16, 32, 64 or 128");
@@ -789,9 +783,12 @@ void run(const GatheredAttentionParams& p, bool backward, void* stream) {
     throw std::runtime_error("colt5 CUDA gathered attention: too many groups or heads for one launch");
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   switch (p.dtype) {
-    case RowDtype::f32: return launch_dh<float>(p, backward, st);
-    case RowDtype::f16: return launch_dh<__half>(p, backward, st);
-    case RowDtype::bf16: return launch_dh<__nv_bfloat16>(p, backward, st);
+    case RowDtype::f32:
+      return launch_dh<float>(p, backward, st);
+    case RowDtype::f16:
+      return launch_dh<__half>(p, backward, st);
+    case RowDtype::bf16:
+      return launch_dh<__nv_bfloat16>(p, backward, st);
   }
 }
 

@@ -27,6 +27,7 @@
 #include <type_traits>
 
 #include "kernels/coor_descent.h"
+#include "kernels/cuda_common.cuh"
 #include "kernels/cuda_convert.cuh"
 
 namespace colt5 {
@@ -34,12 +35,6 @@ namespace kernels {
 namespace {
 
 constexpr int kWarps = 8;  // rows in flight per block
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // V consecutive elements of a row as float32 (V = 1, or 4: one 16-byte
 // load of float32, one 8-byte load of a 16-bit type), and back.

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "kernels/coor_descent.h"
+#include "kernels/cuda_common.cuh"
 #include "kernels/cuda_convert.cuh"
 
 namespace colt5 {
@@ -83,24 +84,6 @@ __global__ void window_sums_kernel(SlidingMaskParams p, const T* __restrict__ sr
       acc += to_float(src[(b * p.n + t) * row_stride + col]);
     }
     sums[blockIdx.x * width + col] = acc;
-  }
-}
-
-// acc[e] = the sum over windows u = lo .. hi of sums[b, u, col + e] (float32
-// window sums, batch x windows x width), `outside` for each u beyond an end.
-__device__ __forceinline__ void sum_windows(const float* __restrict__ sums, int64_t b, int64_t windows, int64_t width,
-                                            int64_t col, int64_t lo, int64_t hi, float outside, float acc[8]) {
-#pragma unroll
-  for (int e = 0; e < 8; ++e) acc[e] = 0.f;
-  for (int64_t u = lo; u <= hi; ++u) {
-    if (u < 0 || u >= windows) {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[e] += outside;
-      continue;
-    }
-    const float* s = sums + (b * windows + u) * width + col;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) acc[e] += s[e];
   }
 }
 

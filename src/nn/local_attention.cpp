@@ -297,7 +297,7 @@ class SlidingMaskedQKVFunction : public torch::autograd::Function<SlidingMaskedQ
 };
 #endif
 
-#ifdef COLT5_WITH_CUDA
+#if COLT5_HAS_SDPA && defined(COLT5_WITH_CUDA)
 // Exact windows (a key mask or none) straight from LocalMHA's packed
 // projection on colt5's band kernels (band_attention_cuda.cu): no packing,
 // no look-around and no copies of q, k and v around the kernels; y (b, n,
@@ -326,21 +326,6 @@ class BandAttentionFunction : public torch::autograd::Function<BandAttentionFunc
     return p;
   }
 
-  // The window sums' and seen flags' parameters (sliding_window_cuda.cu).
-  static kernels::SlidingMaskParams sums_params(const kernels::BandAttentionParams& p) {
-    kernels::SlidingMaskParams s;
-    s.batch = p.batch;
-    s.n = p.n;
-    s.heads = p.heads;
-    s.d = p.d;
-    s.ws = p.ws;
-    s.back = p.back;
-    s.fwd = p.fwd;
-    s.causal = p.causal;
-    s.dtype = p.dtype;
-    return s;
-  }
-
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& qkv_in,
                                const torch::Tensor& mask, int64_t heads, int64_t d, int64_t ws, int64_t back,
                                int64_t fwd, bool causal, double scale) {
@@ -349,10 +334,12 @@ class BandAttentionFunction : public torch::autograd::Function<BandAttentionFunc
     torch::Tensor qkv = qkv_in.contiguous();
     const bool tf32 = at::globalContext().allowTF32CuBLAS();
     auto p = params(qkv.size(0), qkv.size(1), qkv.scalar_type(), heads, d, ws, back, fwd, causal, scale, tf32);
-    const int64_t windows = (p.n + ws - 1) / ws;
     torch::Tensor m, sums;
-    const auto sp = sums_params(p);
     if (mask.numel() > 0) {  // (b, n); empty: no mask
+      const int64_t windows = (p.n + ws - 1) / ws;
+      // The window sums of v for the blind queries' means (sliding_window_cuda.cu).
+      const auto sp =
+          SlidingMaskedQKVFunction::params(p.batch, p.n, qkv.scalar_type(), heads, d, ws, back, fwd, causal);
       m = mask.contiguous();
       p.mask = m.data_ptr<bool>();
       sums = torch::empty({p.batch, windows, heads * d}, qkv.options().dtype(torch::kFloat));
@@ -392,7 +379,8 @@ class BandAttentionFunction : public torch::autograd::Function<BandAttentionFunc
     torch::Tensor gy = grads[0].to(qkv.scalar_type()).contiguous();
     torch::Tensor blind;
     if (m.defined()) {
-      const auto sp = sums_params(p);
+      const auto sp =
+          SlidingMaskedQKVFunction::params(p.batch, p.n, qkv.scalar_type(), heads, d, p.ws, p.back, p.fwd, p.causal);
       torch::Tensor seen = torch::empty({p.batch, p.n}, m.options());
       kernels::sliding_seen_cuda(sp, m.data_ptr<bool>(), seen.data_ptr<bool>(), stream);
       blind = torch::empty({p.batch, (p.n + p.ws - 1) / p.ws, heads * d}, qkv.options().dtype(torch::kFloat));
@@ -418,19 +406,13 @@ class BandAttentionFunction : public torch::autograd::Function<BandAttentionFunc
     p.qkv = qkv.data_ptr();
     p.y_in = y.data_ptr();
     p.gy = gy.data_ptr();
-    p.lse = const_cast<float*>(lse.data_ptr<float>());
+    p.lse = lse.data_ptr<float>();
     p.dqkv = dqkv.data_ptr();
     kernels::band_attention_backward_cuda(p, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return {dqkv,
-            torch::Tensor(),
-            torch::Tensor(),
-            torch::Tensor(),
-            torch::Tensor(),
-            torch::Tensor(),
-            torch::Tensor(),
-            torch::Tensor(),
-            torch::Tensor()};
+    torch::autograd::variable_list out(9);  // none for the mask and the settings
+    out[0] = dqkv;
+    return out;
   }
 };
 #endif
@@ -972,7 +954,7 @@ torch::Tensor LocalMHAImpl::forward_with_output_bias(const torch::Tensor& x_in, 
             : norm->forward(x_in);
   }
   torch::Tensor projected = to_qkv->forward(x);
-#ifdef COLT5_WITH_CUDA
+#if COLT5_HAS_SDPA && defined(COLT5_WITH_CUDA)
   {
     const auto& ao = attn_fn->options;
     kernels::RowDtype rd;
