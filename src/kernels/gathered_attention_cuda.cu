@@ -763,14 +763,10 @@ void launch(const GatheredAttentionParams& p, bool backward, cudaStream_t st) {
 template <typename T>
 void launch_dh(const GatheredAttentionParams& p, bool backward, cudaStream_t st) {
   switch (p.dim_head) {
-    case 16:
-      return launch<T, 16>(p, backward, st);
-    case 32:
-      return launch<T, 32>(p, backward, st);
-    case 64:
-      return launch<T, 64>(p, backward, st);
-    case 128:
-      return launch<T, 128>(p, backward, st);
+    case 16: return launch<T, 16>(p, backward, st);
+    case 32: return launch<T, 32>(p, backward, st);
+    case 64: return launch<T, 64>(p, backward, st);
+    case 128: return launch<T, 128>(p, backward, st);
     default:
       throw std::runtime_error("colt5 CUDA gathered attention: head width " + std::to_string(p.dim_head) +
                                " is not 16, 32, 64 or 128");
@@ -783,12 +779,9 @@ void run(const GatheredAttentionParams& p, bool backward, void* stream) {
     throw std::runtime_error("colt5 CUDA gathered attention: too many groups or heads for one launch");
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   switch (p.dtype) {
-    case RowDtype::f32:
-      return launch_dh<float>(p, backward, st);
-    case RowDtype::f16:
-      return launch_dh<__half>(p, backward, st);
-    case RowDtype::bf16:
-      return launch_dh<__nv_bfloat16>(p, backward, st);
+    case RowDtype::f32: return launch_dh<float>(p, backward, st);
+    case RowDtype::f16: return launch_dh<__half>(p, backward, st);
+    case RowDtype::bf16: return launch_dh<__nv_bfloat16>(p, backward, st);
   }
 }
 
