@@ -649,7 +649,7 @@ int kernel_profiles(const std::function<bool(const char*)>& want) {
       mha.band_attention(true);
       colt5_bench::kernel_profile(("block 2x" + std::to_string(n) + "x512, band kernels, fwd+bwd").c_str(),
                                   train_step([&] { return block->forward(x, mask); }, true, leaves(*block, x)));
-      mha.band_attention(false);
+      mha.band_attention(c10::nullopt);
       if (n == 32768) {
         colt5_bench::kernel_profile("block 2x32768x512, no mask, fwd+bwd",
                                     train_step([&] { return block->forward(x); }, true, leaves(*block, x)));
@@ -665,7 +665,7 @@ int kernel_profiles(const std::function<bool(const char*)>& want) {
                                             .c_str(),
                                         train_step([&] { return block->forward(x, mask); }, false, leaves(*block, x)));
           }
-          mha.band_attention(false);
+          mha.band_attention(c10::nullopt);
         }
         at::globalContext().setAllowTF32CuBLAS(false);
         at::globalContext().setAllowTF32CuDNN(true);
@@ -807,7 +807,7 @@ int main(int argc, char** argv) {
         auto& mha = block->conditional_attn->light_attn->options;
         // The settings as built, put back after each pair.
         const bool sliding_built = la.sliding_window(), fused_built = mha.fused_norm(), packed_built = mha.packed_qkv();
-        const bool band_built = mha.band_attention();
+        const auto band_built = mha.band_attention();
         auto& attn_opts = block->conditional_attn->options;
         const bool joint_built = attn_opts.joint_routing();
         std::vector<RMSNormOptions> norms_built;
@@ -914,7 +914,7 @@ int main(int argc, char** argv) {
       row(name, "graph", time_graph(step), -1, "replayed from a CUDA graph");
       mha.band_attention(true);
       row(name + ", band kernels", "graph", time_graph(step), -1, "replayed from a CUDA graph");
-      mha.band_attention(false);
+      mha.band_attention(c10::nullopt);
     }
     at::globalContext().setAllowTF32CuBLAS(false);
     at::globalContext().setAllowTF32CuDNN(true);

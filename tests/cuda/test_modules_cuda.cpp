@@ -847,6 +847,39 @@ TEST(CudaModules, LocalMHABandKernelsMatchTheCpuFloat64) {
   }
 }
 
+// band_attention unset takes the band kernels for a float32 projection and
+// the flash kernel's sliding window for bf16 (also under autocast); true and
+// false force either way.
+TEST(CudaModules, LocalMHABandKernelsAreTheFloat32Default) {
+  torch::manual_seed(42);
+  for (int setting : {-1, 0, 1}) {  // unset, false, true
+    LocalMHAOptions o = LocalMHAOptions(128, 64)
+                            .dim_head(64)
+                            .heads(2)
+                            .exact_windowsize(true)
+                            .prenorm(true)
+                            .look_backward(1)
+                            .look_forward(1)
+                            .use_rotary_pos_emb(false);
+    if (setting >= 0) o.band_attention(setting == 1);
+    LocalMHA attn(o);
+    for (int kind : {0, 1, 2}) {  // float32, bf16, float32 under bf16 autocast
+      SCOPED_TRACE("setting " + std::to_string(setting) + " kind " + std::to_string(kind));
+      auto dev = std::dynamic_pointer_cast<LocalMHAImpl>(attn->clone());
+      dev->to(cuda(), kind == 1 ? torch::kBFloat16 : torch::kFloat);
+      torch::Tensor x =
+          torch::randn({2, 256, 128}, torch::TensorOptions(cuda()).dtype(kind == 1 ? torch::kBFloat16 : torch::kFloat));
+      torch::Tensor mask = torch::rand({2, 256}, torch::TensorOptions(cuda())) > 0.1;
+      torch::Tensor out;
+      {
+        Region region(torch::kBFloat16, kind == 2);
+        out = dev->forward(x.requires_grad_(true), mask);
+      }
+      const bool band = setting == 1 || (setting == -1 && kind == 0);
+      EXPECT_EQ(colt5::testing::graph_has(out, "BandAttentionFunction"), band);
+    }
+  }
+}
 // LocalMHA's causal windows of one look-back without a mask (the
 // autoregressive light branch) as two flash calls on views of the projection,
 // merged by their log-sum-exps (LocalMHAOptions::split_causal_windows),

@@ -164,18 +164,21 @@ struct LocalMHAOptions {
   /// each way (false: LocalAttention's path over q, k and v views; the same
   /// outputs).
   TORCH_ARG(bool, packed_qkv) = true;
-  /// Experimental, off by default: exact windows (with a key mask, or without
-  /// one where the length is a multiple of the window; no rotary embedding;
-  /// packed_qkv) on CUDA on colt5's band kernels (float32, float16, bfloat16):
-  /// each block of 64 queries attends over its band of keys in one pass on
-  /// the tensor cores, straight from the projection (no packing, look-around
-  /// or copies); heads of 32 or 64, 64 + window_size * (look_backward +
-  /// look_forward) at most 256 keys. Float32 products in TF32 where LibTorch
-  /// allows TF32 matrix products (at::globalContext().allowTF32CuBLAS() at the
-  /// forward), else at float32 accuracy (three TF32 products each). The same
-  /// attention as the other paths (the windowed path in float32, the flash
-  /// kernel's sliding window in float16/bfloat16).
-  TORCH_ARG(bool, band_attention) = false;
+  /// Exact windows (with a key mask, or without one where the length is a
+  /// multiple of the window; no rotary embedding; packed_qkv) on CUDA on
+  /// colt5's band kernels (float32, float16, bfloat16): each block of 64
+  /// queries attends over its band of keys in one pass on the tensor cores,
+  /// straight from the projection (no packing, look-around or copies); heads
+  /// of 32 or 64, 64 + window_size * (look_backward + look_forward) at most
+  /// 256 keys. Float32 products in TF32 where LibTorch allows TF32 matrix
+  /// products (at::globalContext().allowTF32CuBLAS() at the forward), else at
+  /// float32 accuracy (three TF32 products each). The same attention as the
+  /// other paths (the windowed path in float32, the flash kernel's sliding
+  /// window in float16/bfloat16). Unset (the default): on where the
+  /// projection is float32 (faster than the windowed path), off for
+  /// float16/bfloat16 (the flash kernel's sliding window is faster); true or
+  /// false forces it on or off.
+  TORCH_ARG(c10::optional<bool>, band_attention) = c10::nullopt;
   /// Without a mask, causal windows of one look-back (not exact, no rotary
   /// embedding, the length a multiple of the window) as two flash calls on
   /// views of the projection, merged by their log-sum-exps, their gradients
