@@ -356,38 +356,36 @@ __global__ void __launch_bounds__(kThreads, 2) band_forward_kernel(BandAttention
 }
 
 // Shared memory of the backward: keys, values (kt_max rows each), q and the
-// output's gradient (64 rows each), the scores (64 x (kt_max + 4) float32),
-// for 16-bit types the probabilities then the scores' gradients in that type,
+// output's gradient (64 rows each), the probabilities then the scores'
+// gradients (64 x (kt_max + 4) float32 for float32; 64 x (kt_max + 8) of the
+// 16-bit type, whose probabilities are recomputed tile by tile in float32
+// where the scores' gradients need them, so that two blocks fit on an SM),
 // one 16 x 16 float32 tile per warp, each query's log-sum-exp (base 2) and
 // sum(dy * y), the keys' mask.
 template <typename T, int D>
 size_t backward_smem(int kt_max) {
   constexpr int LDT = D + row_pad<T>();
-  size_t bytes =
-      (2 * static_cast<size_t>(kt_max) + 2 * BQ) * LDT * sizeof(T) + static_cast<size_t>(BQ) * (kt_max + 4) * 4;
-  if (!std::is_same<T, float>::value) bytes += static_cast<size_t>(BQ) * (kt_max + 8) * sizeof(T);
-  return bytes + kWarps * 256 * 4 + 2 * BQ * 4 + kt_max;
+  const size_t probs = std::is_same<T, float>::value ? static_cast<size_t>(BQ) * (kt_max + 4) * 4
+                                                     : static_cast<size_t>(BQ) * (kt_max + 8) * sizeof(T);
+  return (2 * static_cast<size_t>(kt_max) + 2 * BQ) * LDT * sizeof(T) + probs + kWarps * 256 * 4 + 2 * BQ * 4 +
+         kt_max;
 }
 
 template <typename T, int D, bool SPLIT>
-__global__ void __launch_bounds__(kThreads) band_backward_kernel(BandAttentionParams p, int kt_max) {
+__global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 1 : 2)
+    band_backward_kernel(BandAttentionParams p, int kt_max) {
   extern __shared__ __align__(128) unsigned char smem[];
+  constexpr bool kF32 = std::is_same<T, float>::value;
   constexpr int KS = Mma<T>::K, LDT = D + row_pad<T>();
-  const int ldS = kt_max + 4;
   T* ks = reinterpret_cast<T*>(smem);
   T* vs = ks + kt_max * LDT;
   T* qs = vs + kt_max * LDT;
   T* dos = qs + BQ * LDT;
-  float* S = reinterpret_cast<float*>(dos + BQ * LDT);
-  unsigned char* tail = reinterpret_cast<unsigned char*>(S + BQ * ldS);
-  T* P = reinterpret_cast<T*>(S);
-  int ldP = ldS;
-  if constexpr (!std::is_same<T, float>::value) {
-    P = reinterpret_cast<T*>(tail);
-    ldP = kt_max + 8;
-    tail += static_cast<size_t>(BQ) * ldP * sizeof(T);
-  }
-  float* scratch = reinterpret_cast<float*>(tail);
+  // The probabilities (float32 for float32: S and P are one array).
+  T* P = dos + BQ * LDT;
+  const int ldP = kF32 ? kt_max + 4 : kt_max + 8;
+  float* S = reinterpret_cast<float*>(P);
+  float* scratch = reinterpret_cast<float*>(P + BQ * ldP);
   float* lse2 = scratch + kWarps * 256;
   float* drow = lse2 + BQ;
   unsigned char* key_ok = reinterpret_cast<unsigned char*>(drow + BQ);
@@ -432,34 +430,45 @@ __global__ void __launch_bounds__(kThreads) band_backward_kernel(BandAttentionPa
   wait_rows();
   __syncthreads();
 
-  // Scores, as in the forward.
+  // Scores, as in the forward, and the probabilities from the saved
+  // log-sum-exps.
   const int rt = warp >> 1;
+  const float scale2 = p.scale * kLog2e;
+  // Query row r's probability of band key c from its score s.
+  auto prob = [&](int r, int c, float s) {
+    const float l = lse2[r];
+    return g.q0 + r < n && l != INFINITY && visible(g, key_ok, g.q0 + r, c) ? exp2f(s * scale2 - l) : 0.f;
+  };
+  float* mine = scratch + warp * 256;
   {
     RowTile<T, D, SPLIT> qf;
     qf.load(qs + rt * 16 * LDT, LDT);
-    store_scores(qf, ks, LDT, S, ldS, g.kt, warp);
-  }
-  __syncthreads();
-
-  // Probabilities from the saved log-sum-exps.
-  const float scale2 = p.scale * kLog2e;
-  for (int r = warp * (BQ / kWarps); r < (warp + 1) * (BQ / kWarps); ++r) {
-    const int64_t t = g.q0 + r;
-    const float l = lse2[r];
-    float* srow = S + r * ldS;
-    for (int c = lane; c < g.kt; c += 32) {
-      const float pr = t < n && l != INFINITY && visible(g, key_ok, t, c) ? exp2f(srow[c] * scale2 - l) : 0.f;
-      if constexpr (std::is_same<T, float>::value) {
-        srow[c] = pr;
-      } else {
-        srow[c] = pr;
-        P[r * ldP + c] = from_float<T>(pr);
+    if constexpr (kF32) {
+      store_scores(qf, ks, LDT, S, ldP, g.kt, warp);
+    } else {
+      // Tile by tile through the warp's float32 tile into the 16-bit array.
+      for (int ct = warp & 1; ct < g.kt / 16; ct += 2) {
+        Acc<T> c;
+        qf.times_t(c, ks, LDT, ct);
+        wmma::store_matrix_sync(mine, c, 16, wmma::mem_row_major);
+        __syncwarp();
+        for (int e = lane; e < 256; e += 32) {
+          const int i = rt * 16 + e / 16, col = ct * 16 + e % 16;
+          P[i * ldP + col] = from_float<T>(prob(i, col, mine[e]));
+        }
+        __syncwarp();
       }
     }
   }
   __syncthreads();
+  if constexpr (kF32) {
+    for (int r = warp * (BQ / kWarps); r < (warp + 1) * (BQ / kWarps); ++r) {
+      float* srow = S + r * ldP;
+      for (int c = lane; c < g.kt; c += 32) srow[c] = prob(r, c, srow[c]);
+    }
+    __syncthreads();
+  }
 
-  float* mine = scratch + warp * 256;
   // Rows of a 16 x 16 float32 tile (in `mine`) added to rows of k's (0) or
   // v's (1) gradient: key rows k_lo + kt0 .. + 15 that exist, columns ct0 ..
   // ct0 + 15 of head h.
@@ -505,22 +514,36 @@ __global__ void __launch_bounds__(kThreads) band_backward_kernel(BandAttentionPa
   __syncthreads();
 
   // dP = dO V^T tile by tile, turned at once into the scores' gradient
-  // dS = P (dP - sum(dO * O)) * scale in the probabilities' place.
+  // dS = P (dP - sum(dO * O)) * scale in the probabilities' place (16-bit
+  // types: P recomputed in float32 from the score tile).
   {
     RowTile<T, D, SPLIT> df;
     df.load(dos + rt * 16 * LDT, LDT);
+    RowTile<T, D, SPLIT> qf;
+    if constexpr (!kF32) qf.load(qs + rt * 16 * LDT, LDT);
     for (int ct = warp & 1; ct < g.kt / 16; ct += 2) {
       Acc<T> c;
       df.times_t(c, vs, LDT, ct);
       wmma::store_matrix_sync(mine, c, 16, wmma::mem_row_major);
       __syncwarp();
-      for (int e = lane; e < 256; e += 32) {
-        const int i = rt * 16 + e / 16, col = ct * 16 + e % 16;
-        const float ds = S[i * ldS + col] * (mine[e] - drow[i]) * p.scale;
-        if constexpr (std::is_same<T, float>::value)
-          S[i * ldS + col] = ds;
-        else
-          P[i * ldP + col] = from_float<T>(ds);
+      if constexpr (kF32) {
+        for (int e = lane; e < 256; e += 32) {
+          const int i = rt * 16 + e / 16, col = ct * 16 + e % 16;
+          S[i * ldP + col] *= (mine[e] - drow[i]) * p.scale;
+        }
+      } else {
+        float dp[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) dp[k] = mine[lane + 32 * k];
+        __syncwarp();
+        qf.times_t(c, ks, LDT, ct);
+        wmma::store_matrix_sync(mine, c, 16, wmma::mem_row_major);
+        __syncwarp();
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          const int e = lane + 32 * k, i = rt * 16 + e / 16, col = ct * 16 + e % 16;
+          P[i * ldP + col] = from_float<T>(prob(i, col, mine[e]) * (dp[k] - drow[i]) * p.scale);
+        }
       }
       __syncwarp();
     }
