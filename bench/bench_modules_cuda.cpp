@@ -661,7 +661,7 @@ int kernel_profiles(const std::function<bool(const char*)>& want) {
           for (bool band : {false, true}) {
             mha.band_attention(band);
             colt5_bench::kernel_profile((std::string("block 2x32768x512, fp32, TF32 ") + (tf32 ? "on" : "off") +
-                                         (band ? ", band kernels" : "") + ", fwd+bwd")
+                                         (band ? ", band kernels (default)" : ", windowed") + ", fwd+bwd")
                                             .c_str(),
                                         train_step([&] { return block->forward(x, mask); }, false, leaves(*block, x)));
           }
@@ -908,10 +908,10 @@ int main(int argc, char** argv) {
             mha.band_attention(true);
             step();
           });
-      row(name, "fwd+bwd", windowed, -1, "light attention on the windowed path");
-      row(name + ", band kernels", "fwd+bwd", band, -1, "light attention on the band kernels");
+      row(name + ", windowed", "fwd+bwd", windowed, -1, "light attention on the windowed path");
+      row(name + ", band kernels", "fwd+bwd", band, -1, "light attention on the band kernels (the default)");
       mha.band_attention(false);
-      row(name, "graph", time_graph(step), -1, "replayed from a CUDA graph");
+      row(name + ", windowed", "graph", time_graph(step), -1, "replayed from a CUDA graph");
       mha.band_attention(true);
       row(name + ", band kernels", "graph", time_graph(step), -1, "replayed from a CUDA graph");
       mha.band_attention(c10::nullopt);
