@@ -891,8 +891,8 @@ int main(int argc, char** argv) {
     // float32, TF32 matrix products off (LibTorch's default) and on.
     torch::Tensor x = torch::randn({2, 32768, 512}, f32).requires_grad_(true);
     torch::Tensor mask = torch::ones({2, 32768}, f32.dtype(torch::kBool));
-    // The light attention on the windowed path (the default: memory-efficient
-    // kernel over look-around windows) and on the band kernels.
+    // The light attention on the windowed path (memory-efficient kernel over
+    // look-around windows) and on the band kernels (the float32 default).
     auto& mha = block->conditional_attn->light_attn->options;
     for (bool tf32 : {false, true}) {
       at::globalContext().setAllowTF32CuBLAS(tf32);

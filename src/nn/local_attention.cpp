@@ -961,8 +961,7 @@ torch::Tensor LocalMHAImpl::forward_with_output_bias(const torch::Tensor& x_in, 
     // Exact windows on the band kernels (band_attention; by default in float32).
     if (options.packed_qkv() && projected.is_cuda() && (!mask.defined() || mask.device() == projected.device()) &&
         ao.exact_windowsize() && !attn_fn->rel_pos && (n % ao.window_size() == 0 || (mask.defined() && ao.autopad())) &&
-        row_dtype(projected.scalar_type(), rd) &&
-        options.band_attention().value_or(projected.scalar_type() == torch::kFloat) &&
+        row_dtype(projected.scalar_type(), rd) && options.band_attention().value_or(rd == kernels::RowDtype::f32) &&
         kernels::band_attention_supports(dh, ao.window_size(), ao.look_backward(), attn_fn->look_forward(), ao.causal(),
                                          rd, b, h, projected.device().index())) {
       RECORD_USER_SCOPE("colt5::local_attention");

@@ -880,6 +880,7 @@ TEST(CudaModules, LocalMHABandKernelsAreTheFloat32Default) {
     }
   }
 }
+
 // LocalMHA's causal windows of one look-back without a mask (the
 // autoregressive light branch) as two flash calls on views of the projection,
 // merged by their log-sum-exps (LocalMHAOptions::split_causal_windows),
