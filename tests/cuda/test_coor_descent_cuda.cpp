@@ -125,13 +125,13 @@ void check_case(const Case& c, uint64_t seed = fresh_seed()) {
   // row of 4096 once differed by 16 % of its value, 4 % of its terms), the
   // row's float32 value must be the CPU float32 kernel's (that row's was, to
   // six digits): from the same float32 inputs both put the entry on the same
-  // side of the kink, so the difference is float32's, not this kernel's; one
-  // such row per case.
+  // side of the kink, so the difference is float32's, not this kernel's (such
+  // a row counts among the `far` ones, at most one per case).
   torch::Tensor gk = got.gk.to(torch::kCPU, torch::kDouble), gk_ref = ref32.gk;
   const torch::Tensor gk_terms = run(widened(s), widened(k), mask, gy.abs(), o).gk;
   const double scale = gk_ref.abs().mean().item<double>() + 1e-12;
   torch::Tensor gk_cpu32;  // the CPU float32 kernel's, where a row needs it
-  int64_t off = 0, far = 0, kinked = 0;
+  int64_t off = 0, far = 0;
   for (int64_t r = 0; r < c.rows; ++r) {
     const double a = gk[r].item<double>(), b = gk_ref[r].item<double>(), terms = gk_terms[r].item<double>();
     const double tol = std::max(std::abs(b), scale);
@@ -142,12 +142,10 @@ void check_case(const Case& c, uint64_t seed = fresh_seed()) {
       EXPECT_LE(std::abs(a - c32), std::max(1e-3 * tol, 1e-4 * terms))
           << "row " << r << ": CUDA " << a << ", CPU float32 " << c32 << ", float64 " << b << "; mean |gk| " << scale
           << ", sum of |terms| " << terms;
-      ++kinked;
     }
     far += std::abs(a - b) > std::max(1e-2 * tol, 1e-3 * terms);
     off += std::abs(a - b) > std::max(1e-4 * tol, 1e-5 * terms);
   }
-  EXPECT_LE(kinked, 1) << "rows past 5e-2 of float64 (each at the CPU float32 kernel's value)";
   EXPECT_LE(far, 1) << "rows whose k gradient is off by more than 1e-2";
   EXPECT_LE(off, std::max<int64_t>(1, c.rows / 20)) << "rows whose k gradient is off by more than 1e-4";
   if (mask.defined()) {
