@@ -20,6 +20,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -710,6 +711,535 @@ __global__ void __launch_bounds__(kThreads) gathered_attention_bwd_tc(GatheredAt
   }
 }
 
+// ------------------------------------------ register-tile kernels (16-bit)
+//
+// The same attention for float16/bfloat16 with the scores, probabilities and
+// accumulators in registers: each warp runs mma.sync m16n8k16 on 16 rows
+// (queries forward, keys backward), its operands read from shared memory with
+// ldmatrix, the probabilities handed from the scores' accumulator fragments to
+// the next product's operand fragments without a round trip through shared
+// memory. Keys and values arrive in tiles of 64 by cp.async, the next tile
+// loading while the warps work on this one. The forward keeps a running
+// maximum and sum (base 2); the backward takes a whole route's queries (up to
+// 32) per block and loops over its key tiles, each warp owning 16 keys: their
+// gradients go to the float32 table gradient with 8-byte atomics, the query
+// gradient stays in registers across the tiles. Head widths 32, 64 and 128.
+namespace mma_path {
+
+constexpr int KT = 64;       // keys per tile
+constexpr int QN = 32;       // queries per block
+constexpr int kFwdWarps = 2;  // 16 queries each
+constexpr int kBwdWarps = 4;  // 16 keys of each tile each
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <int DH>
+constexpr bool supported() {
+  return DH == 32 || DH == 64 || DH == 128;
+}
+
+// Per-key facts of a tile: whether the key takes part, its score, and the
+// factor on its logits (the softmax scale in base 2, times the score when keys
+// are scaled).
+struct Facts {
+  float kf[KT];
+  float sc[KT];
+  int valid[KT];
+};
+
+// The helpers need sm_80 (mma.sync on 16-bit types, cp.async); below it the
+// host never launches these kernels (mma_path_applies) and they trap.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define COLT5_MMA_ASM(...) __trap()
+#else
+#define COLT5_MMA_ASM(...) asm volatile(__VA_ARGS__)
+#endif
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  COLT5_MMA_ASM("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
+__device__ __forceinline__ void cp_commit() { COLT5_MMA_ASM("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+  COLT5_MMA_ASM("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldsm4(unsigned (&r)[4], const void* p) {
+  COLT5_MMA_ASM("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm4_t(unsigned (&r)[4], const void* p) {
+  COLT5_MMA_ASM("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// c += a b for one m16n8k16 tile (a: 4 registers, b: 2), float32 accumulation.
+template <typename T>
+__device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1);
+template <>
+__device__ __forceinline__ void mma<__nv_bfloat16>(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  COLT5_MMA_ASM(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma<__half>(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  COLT5_MMA_ASM(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two float32 atomic additions at p (8-byte aligned), one instruction on sm_90.
+__device__ __forceinline__ void add2(float* p, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
+#else
+  atomicAdd(p, a);
+  atomicAdd(p + 1, b);
+#endif
+}
+
+// Two floats as a pair of T in one register, the first in the low half.
+template <typename T>
+__device__ __forceinline__ unsigned pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&v);
+}
+template <>
+__device__ __forceinline__ unsigned pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&v);
+}
+
+// The operand fragment of a 16 x 16 slice of accumulator tiles c0 (columns
+// 0..7) and c1 (columns 8..15), rows as they are.
+template <typename T>
+__device__ __forceinline__ void acc_to_a(unsigned (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
+  a[0] = pack2<T>(c0[0], c0[1]);
+  a[1] = pack2<T>(c0[2], c0[3]);
+  a[2] = pack2<T>(c1[0], c1[1]);
+  a[3] = pack2<T>(c1[2], c1[3]);
+}
+
+template <int DH>
+constexpr int ld() {
+  return DH + 8;  // 16-bit row stride: rows 16 bytes apart in banks, ldmatrix without conflicts
+}
+
+// Keys j0 .. j0 + KT - 1 of group g, head h into Ks/Vs (rows of ld<DH>()):
+// table rows by cp.async, the route's null key/value converted, zeros for
+// keys that take no part (their probabilities are zero, their values must
+// not be NaN); the facts of each key beside them.
+template <typename T, int DH, int NT>
+__device__ __forceinline__ void load_tile(const GatheredAttentionParams& p, int64_t g, int64_t h, int64_t r,
+                                          int64_t j0, T* Ks, T* Vs, Facts& f, float kmul) {
+  constexpr int VEC = 16 / sizeof(T);  // elements per 16-byte piece
+  constexpr int PPK = 2 * DH / VEC;    // pieces per key (key, then value)
+  constexpr int LD = ld<DH>();
+  const int64_t width = p.heads * 2 * DH;
+  const T* table = static_cast<const T*>(p.table);
+  for (int c = threadIdx.x; c < KT * PPK; c += NT) {
+    const int kk = c / PPK, col = (c % PPK) * VEC;
+    const int64_t j = j0 + kk;
+    bool valid = j <= p.m;
+    float sc = 1.f;
+    int64_t row = -1;
+    if (valid && j > 0) {
+      const int64_t e = g * p.m + (j - 1);
+      if (p.mask) valid = p.mask[e];
+      if (p.scores) sc = p.scores[e];
+      row = p.rows[e];
+    }
+    T* dst = col < DH ? Ks + kk * LD + col : Vs + kk * LD + (col - DH);
+    if (valid && row >= 0) {
+      cp_async16(dst, table + row * width + h * 2 * DH + col);
+    } else if (valid) {  // the route's null key/value (float32)
+      const float* src = p.null_kv + (r * p.heads + h) * 2 * DH + col;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) dst[e] = from_float<T>(src[e]);
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+    }
+    if (col == 0) {
+      f.valid[kk] = valid;
+      f.sc[kk] = sc;
+      f.kf[kk] = kmul * (p.keys_scaled ? sc : 1.f);
+    }
+  }
+}
+
+template <typename T, int DH>
+constexpr size_t fwd_smem() {
+  return static_cast<size_t>(QN + 4 * KT) * ld<DH>() * sizeof(T) + 2 * sizeof(Facts);
+}
+
+template <typename T, int DH>
+__global__ void __launch_bounds__(kFwdWarps * 32) gathered_fwd_mma(GatheredAttentionParams p) {
+  constexpr int NT = kFwdWarps * 32, LD = ld<DH>(), KS = DH / 16, DT = DH / 8;
+  extern __shared__ float4 smem4[];
+  T* Qs = reinterpret_cast<T*>(smem4);
+  T* Kb = Qs + QN * LD;       // 2 buffers of KT rows
+  T* Vb = Kb + 2 * KT * LD;   // 2 buffers of KT rows
+  Facts* F = reinterpret_cast<Facts*>(Vb + 2 * KT * LD);
+
+  const int64_t qtiles = (p.n + QN - 1) / QN;
+  const int64_t g = blockIdx.x / qtiles, q0 = (blockIdx.x % qtiles) * QN;
+  const int64_t h = blockIdx.y, r = g % p.routes;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t qbase = (g * p.heads + h) * p.n;
+  const float kmul = p.scale * kLog2e;
+
+  const T* q = static_cast<const T*>(p.q);
+  for (int c = tid; c < QN * DH / 8; c += NT) {
+    const int i = c / (DH / 8), col = (c % (DH / 8)) * 8;
+    if (q0 + i < p.n)
+      cp_async16(Qs + i * LD + col, q + (qbase + q0 + i) * DH + col);
+    else
+      *reinterpret_cast<uint4*>(Qs + i * LD + col) = make_uint4(0, 0, 0, 0);
+  }
+  const int64_t tiles = (p.m + KT) / KT;  // keys 0..m: the null key, then m rows
+  load_tile<T, DH, NT>(p, g, h, r, 0, Kb, Vb, F[0], kmul);
+  cp_commit();
+  cp_wait<0>();
+  __syncthreads();
+
+  unsigned qa[KS][4];
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks)
+    ldsm4(qa[ks], Qs + (16 * warp + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + 16 * ks + (lane >> 4) * 8);
+
+  float o[DT][4];
+#pragma unroll
+  for (int d = 0; d < DT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+  float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};
+  const int t4 = lane & 3;
+
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int cur = static_cast<int>(t & 1);
+    if (t + 1 < tiles)
+      load_tile<T, DH, NT>(p, g, h, r, (t + 1) * KT, Kb + (cur ^ 1) * KT * LD, Vb + (cur ^ 1) * KT * LD, F[cur ^ 1],
+                           kmul);
+    cp_commit();
+    cp_wait<1>();
+    __syncthreads();
+    const T* Ks = Kb + cur * KT * LD;
+    const T* Vs = Vb + cur * KT * LD;
+    const Facts& f = F[cur];
+
+    float s[KT / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < KT / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+    for (int np = 0; np < KT / 16; ++np) {
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        unsigned b[4];
+        ldsm4(b, Ks + (16 * np + (lane & 7) + ((lane >> 4) << 3)) * LD + 16 * ks + ((lane >> 3) & 1) * 8);
+        mma<T>(s[2 * np], qa[ks], b[0], b[1]);
+        mma<T>(s[2 * np + 1], qa[ks], b[2], b[3]);
+      }
+    }
+    // Logits in base 2, the running maximum of rows lane / 4 and lane / 4 + 8.
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < KT / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int kk = 8 * nt + 2 * t4 + (e & 1);
+        const float v = f.valid[kk] ? s[nt][e] * f.kf[kk] : -INFINITY;
+        s[nt][e] = v;
+        mx[e >> 1] = fmaxf(mx[e >> 1], v);
+      }
+    }
+    float corr[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+      const float m_new = fmaxf(mrow[i], mx[i]);  // finite: the null key is in the first tile
+      corr[i] = exp2f(mrow[i] - m_new);
+      mrow[i] = m_new;
+      lrow[i] *= corr[i];
+    }
+#pragma unroll
+    for (int nt = 0; nt < KT / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int kk = 8 * nt + 2 * t4 + (e & 1);
+        const float pv = exp2f(s[nt][e] - mrow[e >> 1]);
+        lrow[e >> 1] += pv;
+        s[nt][e] = pv * f.sc[kk];  // the values are scaled by the score
+      }
+    }
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+      o[d][0] *= corr[0];
+      o[d][1] *= corr[0];
+      o[d][2] *= corr[1];
+      o[d][3] *= corr[1];
+    }
+    // O += P V over the tile's keys, 16 at a time.
+#pragma unroll
+    for (int kq = 0; kq < KT / 16; ++kq) {
+      unsigned a[4];
+      acc_to_a<T>(a, s[2 * kq], s[2 * kq + 1]);
+#pragma unroll
+      for (int c = 0; c < DH / 16; ++c) {
+        unsigned b[4];
+        ldsm4_t(b, Vs + (16 * kq + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + 16 * c + (lane >> 4) * 8);
+        mma<T>(o[2 * c], a, b[0], b[1]);
+        mma<T>(o[2 * c + 1], a, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // the tile's buffers are refilled two steps on
+  }
+
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    lrow[i] += __shfl_xor_sync(0xffffffffu, lrow[i], 1);
+    lrow[i] += __shfl_xor_sync(0xffffffffu, lrow[i], 2);
+  }
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t qi = q0 + 16 * warp + (lane >> 2) + 8 * i;
+    if (qi >= p.n) continue;
+    const float inv = 1.f / lrow[i];
+    T* row = out + (qbase + qi) * DH;
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+      const unsigned v = pack2<T>(o[d][2 * i] * inv, o[d][2 * i + 1] * inv);
+      *reinterpret_cast<unsigned*>(row + 8 * d + 2 * t4) = v;
+    }
+    if (t4 == 0) p.lse[qbase + qi] = mrow[i] * kLn2 + logf(lrow[i]);
+  }
+}
+
+template <typename T, int DH>
+constexpr size_t bwd_smem() {
+  return static_cast<size_t>(2 * QN + 4 * KT) * ld<DH>() * sizeof(T) + static_cast<size_t>(KT) * (QN + 8) * sizeof(T) +
+         2 * sizeof(Facts) + 2 * QN * sizeof(float);
+}
+
+template <typename T, int DH>
+__global__ void __launch_bounds__(kBwdWarps * 32) gathered_bwd_mma(GatheredAttentionParams p) {
+  constexpr int NT = kBwdWarps * 32, LD = ld<DH>(), LDQ = QN + 8, KS = DH / 16, DT = DH / 8;
+  constexpr int QT8 = QN / 8;       // 8-query tiles of a key row
+  constexpr int DQ = DH / 2;        // the query gradient's columns per warp
+  extern __shared__ float4 smem4[];
+  T* Qs = reinterpret_cast<T*>(smem4);
+  T* Gs = Qs + QN * LD;             // output gradients
+  T* Kb = Gs + QN * LD;             // 2 buffers of KT rows
+  T* Vb = Kb + 2 * KT * LD;
+  T* Ds = Vb + 2 * KT * LD;         // the tile's logit gradients times the key scores, [key][query]
+  Facts* F = reinterpret_cast<Facts*>(Ds + KT * LDQ);
+  float* lse2 = reinterpret_cast<float*>(F + 2);  // base-2 log-sum-exp (+inf past n)
+  float* Dq = lse2 + QN;                          // dO . O
+
+  const int64_t g = blockIdx.x, h = blockIdx.y, r = g % p.routes;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t4 = lane & 3;
+  const int64_t qbase = (g * p.heads + h) * p.n;
+  const float kmul = p.scale * kLog2e;
+
+  const T* q = static_cast<const T*>(p.q);
+  const T* go = static_cast<const T*>(p.grad_out);
+  for (int c = tid; c < 2 * QN * DH / 8; c += NT) {
+    const int which = c / (QN * DH / 8), rem = c % (QN * DH / 8);
+    const int i = rem / (DH / 8), col = (rem % (DH / 8)) * 8;
+    T* dst = (which ? Gs : Qs) + i * LD + col;
+    if (i < p.n)
+      cp_async16(dst, (which ? go : q) + (qbase + i) * DH + col);
+    else
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+  }
+  {  // four threads per query: dO . O and the log-sum-exp
+    const int i = tid >> 2, sub = tid & 3;
+    float d = 0.f;
+    if (i < p.n) {
+      const T* o = static_cast<const T*>(p.out) + (qbase + i) * DH;
+      const T* gr = go + (qbase + i) * DH;
+      for (int k = sub * (DH / 4); k < (sub + 1) * (DH / 4); ++k) d += to_float<T>(gr[k]) * to_float<T>(o[k]);
+    }
+    d += __shfl_xor_sync(0xffffffffu, d, 1);
+    d += __shfl_xor_sync(0xffffffffu, d, 2);
+    if (sub == 0 && i < QN) {
+      Dq[i] = d;
+      lse2[i] = i < p.n ? p.lse[qbase + i] * kLog2e : INFINITY;
+    }
+  }
+  const int64_t tiles = (p.m + KT) / KT;
+  load_tile<T, DH, NT>(p, g, h, r, 0, Kb, Vb, F[0], kmul);
+  cp_commit();
+
+  const int64_t width = p.heads * 2 * DH;
+  const int kw = 16 * warp;                       // this warp's keys in each tile
+  const int mq = 16 * (warp & 1), dq0 = (warp >> 1) * DQ;  // this warp's block of the query gradient
+  float dq[DQ / 8][4];
+#pragma unroll
+  for (int d = 0; d < DQ / 8; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.f;
+
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int cur = static_cast<int>(t & 1);
+    if (t + 1 < tiles)
+      load_tile<T, DH, NT>(p, g, h, r, (t + 1) * KT, Kb + (cur ^ 1) * KT * LD, Vb + (cur ^ 1) * KT * LD, F[cur ^ 1],
+                           kmul);
+    cp_commit();
+    cp_wait<1>();
+    __syncthreads();
+    const T* Ks = Kb + cur * KT * LD;
+    const T* Vs = Vb + cur * KT * LD;
+    const Facts& f = F[cur];
+
+    // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys (rows) and every query.
+    float st[QT8][4], dp[QT8][4];
+#pragma unroll
+    for (int nt = 0; nt < QT8; ++nt) {
+      st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.f;
+      dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
+    }
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      unsigned ka[4], va[4];
+      const int arow = (kw + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + 16 * ks + (lane >> 4) * 8;
+      ldsm4(ka, Ks + arow);
+      ldsm4(va, Vs + arow);
+#pragma unroll
+      for (int np = 0; np < QN / 16; ++np) {
+        const int brow = (16 * np + (lane & 7) + ((lane >> 4) << 3)) * LD + 16 * ks + ((lane >> 3) & 1) * 8;
+        unsigned b[4];
+        ldsm4(b, Qs + brow);
+        mma<T>(st[2 * np], ka, b[0], b[1]);
+        mma<T>(st[2 * np + 1], ka, b[2], b[3]);
+        ldsm4(b, Gs + brow);
+        mma<T>(dp[2 * np], va, b[0], b[1]);
+        mma<T>(dp[2 * np + 1], va, b[2], b[3]);
+      }
+    }
+    // Probabilities, logit gradients and the score's gradient, key rows
+    // kw + lane / 4 (i = 0) and kw + lane / 4 + 8 (i = 1).
+    float dsc[2] = {0.f, 0.f};
+    int kk2[2];
+    bool valid2[2];
+    float sc2[2], sk2[2], kf2[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      kk2[i] = kw + (lane >> 2) + 8 * i;
+      valid2[i] = f.valid[kk2[i]];
+      sc2[i] = f.sc[kk2[i]];
+      sk2[i] = p.keys_scaled ? sc2[i] : 1.f;
+      kf2[i] = f.kf[kk2[i]];
+    }
+#pragma unroll
+    for (int nt = 0; nt < QT8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = e >> 1, qc = 8 * nt + 2 * t4 + (e & 1);
+        const float pr = valid2[i] ? exp2f(st[nt][e] * kf2[i] - lse2[qc]) : 0.f;
+        const float ds = pr * (dp[nt][e] * sc2[i] - Dq[qc]);
+        dsc[i] += pr * dp[nt][e] + (p.keys_scaled ? ds * st[nt][e] * p.scale : 0.f);
+        st[nt][e] = pr * sc2[i];  // for v's gradient
+        dp[nt][e] = ds * sk2[i];  // for k's and q's
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      dsc[i] += __shfl_xor_sync(0xffffffffu, dsc[i], 1);
+      dsc[i] += __shfl_xor_sync(0xffffffffu, dsc[i], 2);
+      const int64_t j = t * KT + kk2[i];
+      if (t4 == 0 && valid2[i] && j > 0 && p.grad_scores) atomicAdd(p.grad_scores + g * p.m + (j - 1), dsc[i]);
+    }
+    // The logit gradients, transposed through shared memory for q's gradient.
+#pragma unroll
+    for (int nt = 0; nt < QT8; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        *reinterpret_cast<unsigned*>(Ds + kk2[i] * LDQ + 8 * nt + 2 * t4) =
+            pack2<T>(dp[nt][2 * i], dp[nt][2 * i + 1]);
+    }
+    // dV = (P * sc)^T-rows times dO, then dK = (dS * sk) times Q, for the
+    // warp's 16 keys; each added into the key's table row (or the null row).
+    float* dst[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int64_t j = t * KT + kk2[i];
+      int64_t row = -1;
+      if (valid2[i] && j > 0) row = p.rows[g * p.m + (j - 1)];
+      dst[i] = row < 0 ? p.grad_null + r * width + h * 2 * DH : p.grad_table + row * width + h * 2 * DH;
+    }
+#pragma unroll
+    for (int pass = 0; pass < 2; ++pass) {  // 0: values, 1: keys
+      float acc[DT][4];
+#pragma unroll
+      for (int d = 0; d < DT; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
+      const T* B = pass == 0 ? Gs : Qs;
+#pragma unroll
+      for (int kq = 0; kq < QN / 16; ++kq) {
+        unsigned a[4];
+        if (pass == 0)
+          acc_to_a<T>(a, st[2 * kq], st[2 * kq + 1]);
+        else
+          acc_to_a<T>(a, dp[2 * kq], dp[2 * kq + 1]);
+#pragma unroll
+        for (int c = 0; c < DH / 16; ++c) {
+          unsigned b[4];
+          ldsm4_t(b, B + (16 * kq + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + 16 * c + (lane >> 4) * 8);
+          mma<T>(acc[2 * c], a, b[0], b[1]);
+          mma<T>(acc[2 * c + 1], a, b[2], b[3]);
+        }
+      }
+      const float mul = pass == 0 ? 1.f : p.scale;
+      const int off = pass == 0 ? DH : 0;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        if (!valid2[i]) continue;
+#pragma unroll
+        for (int d = 0; d < DT; ++d)
+          add2(dst[i] + off + 8 * d + 2 * t4, acc[d][2 * i] * mul, acc[d][2 * i + 1] * mul);
+      }
+    }
+    __syncthreads();  // the logit gradients are in Ds
+    // dQ += dS^T-columns times K: the warp's 16 queries and DH / 2 columns.
+#pragma unroll
+    for (int kq = 0; kq < KT / 16; ++kq) {
+      unsigned a[4];
+      ldsm4_t(a, Ds + (16 * kq + (lane & 7) + (lane >> 4) * 8) * LDQ + mq + ((lane >> 3) & 1) * 8);
+#pragma unroll
+      for (int c = 0; c < DQ / 16; ++c) {
+        unsigned b[4];
+        ldsm4_t(b, Ks + (16 * kq + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dq0 + 16 * c + (lane >> 4) * 8);
+        mma<T>(dq[2 * c], a, b[0], b[1]);
+        mma<T>(dq[2 * c + 1], a, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // Ds and the tile's buffers are rewritten next
+  }
+
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t qi = mq + (lane >> 2) + 8 * i;
+    if (qi >= p.n) continue;
+    float* out = p.grad_q + (qbase + qi) * DH + dq0;
+#pragma unroll
+    for (int d = 0; d < DQ / 8; ++d)
+      *reinterpret_cast<float2*>(out + 8 * d + 2 * t4) = make_float2(dq[d][2 * i] * p.scale, dq[d][2 * i + 1] * p.scale);
+  }
+}
+
+}  // namespace mma_path
+#undef COLT5_MMA_ASM
+
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess)
     throw std::runtime_error(std::string("colt5 CUDA gathered attention: ") + what + ": " + cudaGetErrorString(e));
@@ -730,11 +1260,50 @@ void allow_smem(K kernel, size_t smem) {
         "cudaFuncSetAttribute");
 }
 
+// Whether the register-tile kernels take this call: a device of compute
+// capability 8.0 or above, 16-byte aligned rows, and (backward) at most QN
+// queries per route. COLT5_GATHERED_WMMA=1 in the environment keeps the WMMA
+// kernels (read once per process; for comparisons).
+bool mma_path_applies(const GatheredAttentionParams& p, bool backward) {
+  static const bool wmma_only = [] {
+    const char* v = std::getenv("COLT5_GATHERED_WMMA");
+    return v && v[0] == '1';
+  }();
+  if (wmma_only || (backward && p.n > mma_path::QN)) return false;
+  auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  if (!aligned(p.q) || !aligned(p.table) || (backward && !aligned(p.grad_out))) return false;
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+    return false;
+  return major >= 8;
+}
+
 template <typename T, int DH>
 void launch(const GatheredAttentionParams& p, bool backward, cudaStream_t st) {
   const int64_t qtiles = (p.n + QT - 1) / QT;
   const dim3 grid(static_cast<unsigned>(p.groups * qtiles), static_cast<unsigned>(p.heads));
   if constexpr (sizeof(T) == 2) {  // float16 / bfloat16: tensor cores
+    if constexpr (mma_path::supported<DH>()) {
+      if (mma_path_applies(p, backward)) {
+        if (!backward) {
+          constexpr size_t smem = mma_path::fwd_smem<T, DH>();
+          static const bool once = (allow_smem(mma_path::gathered_fwd_mma<T, DH>, smem), true);
+          (void)once;
+          const dim3 g(static_cast<unsigned>(p.groups * ((p.n + mma_path::QN - 1) / mma_path::QN)),
+                       static_cast<unsigned>(p.heads));
+          mma_path::gathered_fwd_mma<T, DH><<<g, mma_path::kFwdWarps * 32, smem, st>>>(p);
+        } else {
+          constexpr size_t smem = mma_path::bwd_smem<T, DH>();
+          static const bool once = (allow_smem(mma_path::gathered_bwd_mma<T, DH>, smem), true);
+          (void)once;
+          const dim3 g(static_cast<unsigned>(p.groups), static_cast<unsigned>(p.heads));
+          mma_path::gathered_bwd_mma<T, DH><<<g, mma_path::kBwdWarps * 32, smem, st>>>(p);
+        }
+        check(cudaGetLastError(), backward ? "backward launch" : "forward launch");
+        return;
+      }
+    }
     if (!backward) {
       constexpr size_t smem = fwd_tc_smem<T, DH>();
       static const bool once = (allow_smem(gathered_attention_fwd_tc<T, DH>, smem), true);

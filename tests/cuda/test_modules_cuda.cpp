@@ -125,10 +125,12 @@ TEST(CudaModules, RouterGradientsMatchTheCpuFloat64) {
 // from the table of projected rows (one kernel, forward and backward) on CUDA.
 // Against the gathered math on the CPU in float64: outputs and the gradients
 // of the queries, the table, the scores, the null key/value and the output
-// projection; head widths 16, 64 and 128, one and two routes, one query tile
-// and a ragged second one, scores on the values only and on the keys too, a
-// mask, rows shared between groups; float32 (CUDA cores), bfloat16 and float16
-// (tensor cores).
+// projection; head widths 16, 32, 64 and 128, one and two routes, one query
+// tile and a ragged second one, one key tile and many (1000 rows), scores on
+// the values only and on the keys too, a mask, rows shared between groups;
+// float32 (CUDA cores), bfloat16 and float16 (tensor cores: the register-tile
+// kernels for widths 32, 64 and 128, their backward up to 32 queries, the WMMA
+// kernels otherwise).
 TEST(CudaModules, GatheredAttentionKernelMatchesTheCpuFloat64) {
   torch::manual_seed(21);
   struct Case {
@@ -139,7 +141,10 @@ TEST(CudaModules, GatheredAttentionKernelMatchesTheCpuFloat64) {
                         {16, 1, 40, 70, true, true},
                         {128, 2, 5, 33, true, false},
                         {64, 1, 1, 1, false, false},
-                        {32, 2, 70, 64, false, true}};
+                        {32, 2, 70, 64, false, true},
+                        {64, 1, 32, 1000, true, true},
+                        {128, 1, 17, 130, false, true},
+                        {32, 2, 32, 64, true, false}};
   for (const Case& c : cases) {
     for (auto dtype : {torch::kFloat, torch::kBFloat16, torch::kHalf}) {
       SCOPED_TRACE("dh " + std::to_string(c.dh) + " routes " + std::to_string(c.routes) + " n " + std::to_string(c.n) +
