@@ -39,9 +39,17 @@ __device__ __forceinline__ void sum_windows(const float* __restrict__ sums, int6
       for (int e = 0; e < 8; ++e) acc[e] += outside;
       continue;
     }
-    const float* s = sums + (b * windows + u) * width + col;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) acc[e] += s[e];
+    // Two 16-byte loads (col is a multiple of 8, width too).
+    const float4* s = reinterpret_cast<const float4*>(sums + (b * windows + u) * width + col);
+    const float4 x = s[0], y = s[1];
+    acc[0] += x.x;
+    acc[1] += x.y;
+    acc[2] += x.z;
+    acc[3] += x.w;
+    acc[4] += y.x;
+    acc[5] += y.y;
+    acc[6] += y.z;
+    acc[7] += y.w;
   }
 }
 

@@ -48,17 +48,17 @@ __global__ void seen_kernel(SlidingMaskParams p, const bool* __restrict__ mask, 
 // wide (3, batch, n, heads, d + 8) from qkv (batch, n, 3, heads, d): the first
 // d of each head copied; the 8 more are 1 then zeros for q, the key's bias (0
 // visible, -hidden hidden) then zeros for k, zeros for v.
-template <typename T>
+template <typename T, typename I>
 __global__ void pack_qkv_kernel(SlidingMaskParams p, const T* __restrict__ qkv, const bool* __restrict__ mask,
                                 T* __restrict__ wide) {
-  const int64_t chunks = p.d / 8 + 1, rows = p.batch * p.n;
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= rows * 3 * p.heads * chunks) return;
-  const int64_t c = i % chunks, h = (i / chunks) % p.heads, part = (i / (chunks * p.heads)) % 3,
-                row = i / (chunks * p.heads * 3);
+  const I chunks = static_cast<I>(p.d / 8 + 1), heads = static_cast<I>(p.heads);
+  const int64_t rows = p.batch * p.n;
+  const I i = static_cast<I>(blockIdx.x) * static_cast<I>(blockDim.x) + static_cast<I>(threadIdx.x);
+  if (static_cast<int64_t>(i) >= rows * 3 * p.heads * (p.d / 8 + 1)) return;
+  const I c = i % chunks, rest = i / chunks, h = rest % heads, rest2 = rest / heads, part = rest2 % 3, row = rest2 / 3;
   Pack8<T> out;
   if (c < chunks - 1) {
-    out.raw = *reinterpret_cast<const uint4*>(qkv + ((row * 3 + part) * p.heads + h) * p.d + c * 8);
+    out.raw = *reinterpret_cast<const uint4*>(qkv + ((static_cast<int64_t>(row) * 3 + part) * p.heads + h) * p.d + c * 8);
   } else {
 #pragma unroll
     for (int e = 0; e < 8; ++e) out.v[e] = from_float<T>(0.f);
@@ -136,20 +136,21 @@ __global__ void pack_grad_kernel(SlidingMaskParams p, const T* __restrict__ gy, 
 // dqkv (batch, n, 3, heads, d) from the kernel's gradients (batch, n, heads,
 // d + 8): the first d of each head; v also takes the blind queries' share,
 // (the blind gradient sums of windows w - fwd .. w + back) / span.
-template <typename T>
+template <typename T, typename I>
 __global__ void unpack_grads_kernel(SlidingMaskParams p, const T* __restrict__ dq8, const T* __restrict__ dk8,
                                     const T* __restrict__ dv8, const float* __restrict__ blind_sums,
                                     T* __restrict__ dqkv) {
-  const int64_t chunks = p.d / 8, rows = p.batch * p.n;
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= rows * 3 * p.heads * chunks) return;
-  const int64_t c = i % chunks, h = (i / chunks) % p.heads, part = (i / (chunks * p.heads)) % 3,
-                row = i / (chunks * p.heads * 3);
+  const I chunks = static_cast<I>(p.d / 8), heads = static_cast<I>(p.heads);
+  const int64_t rows = p.batch * p.n;
+  const I i = static_cast<I>(blockIdx.x) * static_cast<I>(blockDim.x) + static_cast<I>(threadIdx.x);
+  if (static_cast<int64_t>(i) >= rows * 3 * p.heads * (p.d / 8)) return;
+  const I c = i % chunks, rest = i / chunks, h = rest % heads, rest2 = rest / heads, part = rest2 % 3, row = rest2 / 3;
   const T* src = part == 0 ? dq8 : part == 1 ? dk8 : dv8;
   Pack8<T> out;
-  out.raw = *reinterpret_cast<const uint4*>(src + (row * p.heads + h) * (p.d + 8) + c * 8);
+  out.raw = *reinterpret_cast<const uint4*>(src + (static_cast<int64_t>(row) * p.heads + h) * (p.d + 8) + c * 8);
   if (part == 2) {
-    const int64_t windows = ceil_div(p.n, p.ws), b = row / p.n, w = (row % p.n) / p.ws;
+    const I n = static_cast<I>(p.n), ws = static_cast<I>(p.ws);
+    const int64_t windows = ceil_div(p.n, p.ws), b = row / n, w = (row % n) / ws;
     const int64_t width = p.heads * p.d, col = h * p.d + c * 8;
     const float span = static_cast<float>((p.back + p.fwd + 1) * p.ws);
     float acc[8];
@@ -159,7 +160,7 @@ __global__ void unpack_grads_kernel(SlidingMaskParams p, const T* __restrict__ d
 #pragma unroll
     for (int e = 0; e < 8; ++e) out.v[e] = from_float<T>(to_float(out.v[e]) + acc[e] / span);
   }
-  *reinterpret_cast<uint4*>(dqkv + ((row * 3 + part) * p.heads + h) * p.d + c * 8) = out.raw;
+  *reinterpret_cast<uint4*>(dqkv + ((static_cast<int64_t>(row) * 3 + part) * p.heads + h) * p.d + c * 8) = out.raw;
 }
 
 // Causal windows of one look-back (LocalMHA, the autoregressive light branch)
@@ -264,7 +265,12 @@ template <typename T>
 struct PackQkv {
   static void run(const SlidingMaskParams& p, const void* qkv, const bool* mask, void* wide, cudaStream_t s) {
     const int64_t items = p.batch * p.n * 3 * p.heads * (p.d / 8 + 1);
-    pack_qkv_kernel<T><<<grid_for(items), kThreads, 0, s>>>(p, static_cast<const T*>(qkv), mask, static_cast<T*>(wide));
+    if (items < (int64_t(1) << 31))  // 32-bit index arithmetic
+      pack_qkv_kernel<T, uint32_t>
+          <<<grid_for(items), kThreads, 0, s>>>(p, static_cast<const T*>(qkv), mask, static_cast<T*>(wide));
+    else
+      pack_qkv_kernel<T, int64_t>
+          <<<grid_for(items), kThreads, 0, s>>>(p, static_cast<const T*>(qkv), mask, static_cast<T*>(wide));
   }
 };
 
@@ -302,9 +308,13 @@ struct UnpackGrads {
   static void run(const SlidingMaskParams& p, const void* dq8, const void* dk8, const void* dv8,
                   const float* blind_sums, void* dqkv, cudaStream_t s) {
     const int64_t items = p.batch * p.n * 3 * p.heads * (p.d / 8);
-    unpack_grads_kernel<T><<<grid_for(items), kThreads, 0, s>>>(p, static_cast<const T*>(dq8),
-                                                                static_cast<const T*>(dk8), static_cast<const T*>(dv8),
-                                                                blind_sums, static_cast<T*>(dqkv));
+    const T *q = static_cast<const T*>(dq8), *k = static_cast<const T*>(dk8), *v = static_cast<const T*>(dv8);
+    if (items < (int64_t(1) << 31))  // 32-bit index arithmetic
+      unpack_grads_kernel<T, uint32_t>
+          <<<grid_for(items), kThreads, 0, s>>>(p, q, k, v, blind_sums, static_cast<T*>(dqkv));
+    else
+      unpack_grads_kernel<T, int64_t>
+          <<<grid_for(items), kThreads, 0, s>>>(p, q, k, v, blind_sums, static_cast<T*>(dqkv));
   }
 };
 
