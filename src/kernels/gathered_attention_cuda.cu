@@ -6,13 +6,15 @@
 // scaled by the routing scores and whose masked entries take no part. The
 // table row of one route holds, per head, the key then the value (2 * DH).
 //
-// One block of 128 threads per (group, head, tile of 32 queries); keys in
-// tiles of 32, loaded in 16-byte pieces one tile ahead of the math; online
-// softmax in float32. float16/bfloat16 run the matrix products on tensor
-// cores (WMMA, float32 accumulation); float32 on CUDA cores. The backward
-// recomputes the probabilities from the saved log-sum-exp and adds the
-// key/value gradients into a float32 table gradient with atomics (a table row
-// is shared by every group that routed it).
+// float16/bfloat16 with head widths 32, 64 and 128 run the register-tile
+// kernels (mma.sync on fragments held in registers; see their section). The
+// others: one block of 128 threads per (group, head, tile of 32 queries); keys
+// in tiles of 32, loaded in 16-byte pieces one tile ahead of the math; online
+// softmax in float32; 16-bit types on tensor cores (WMMA, float32
+// accumulation), float32 on CUDA cores. Every backward recomputes the
+// probabilities from the saved log-sum-exp and adds the key/value gradients
+// into a float32 table gradient with atomics (a table row is shared by every
+// group that routed it).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
