@@ -778,3 +778,37 @@ TEST(ConditionalResidual, ResidualForwardIsXPlusForward) {
   torch::Tensor want = h + block->conditional_ff->forward(h);
   EXPECT_LT(max_rel_error(block->forward(x).detach(), want.detach()), 1e-12);
 }
+
+// The autoregressive module's null query token stands in for the heavy output
+// where a query is not routed; with every query of a window routed it takes
+// no part, and its gradient is exactly zero (as the reference's is), through
+// forward and residual_forward alike. With fewer routed it has a gradient.
+TEST(ConditionalResidual, AutoregressiveNullTokenIsUnusedWhenEveryQueryIsRouted) {
+  torch::manual_seed(43);
+  for (const int64_t kq : {12, 6}) {
+    ConditionalRoutedAutoregressiveAttention ar(ConditionalRoutedAutoregressiveAttentionOptions(32, kq, 20)
+                                                    .light_dim_head(8)
+                                                    .light_heads(2)
+                                                    .light_window_size(12)
+                                                    .heavy_dim_head(8)
+                                                    .heavy_heads(4)
+                                                    .router_kwargs(smooth_router()));
+    ar->to(torch::kDouble);
+    for (const bool residual : {false, true}) {
+      for (const int64_t n : {48, 41}) {
+        SCOPED_TRACE("routed per window " + std::to_string(kq) + ", residual " + std::to_string(residual) +
+                     ", length " + std::to_string(n));
+        ar->zero_grad();
+        torch::Tensor x = torch::randn({2, n, 32}, torch::kDouble);
+        torch::Tensor y = residual ? ar->residual_forward(x) : ar->forward(x);
+        y.backward(torch::randn_like(y));
+        const torch::Tensor& g = ar->null_q_token.grad();
+        const int64_t nonzero = g.defined() ? torch::count_nonzero(g).item<int64_t>() : 0;
+        if (kq == 12)
+          EXPECT_EQ(nonzero, 0) << g;
+        else
+          EXPECT_GT(nonzero, 0);
+      }
+    }
+  }
+}

@@ -432,7 +432,9 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward_impl(const t
   // From window 1 on, every position takes the null query token (the routed
   // ones then add their heavy output minus it): it is the light attention's
   // output bias, added in that product, and window 0 gives it back below.
-  const bool null_in_light = null_q_token.defined() && windows > 1;
+  // Where every query is routed the null token takes no part at all (its
+  // gradient is exactly zero, as the reference's).
+  const bool null_in_light = null_q_token.defined() && windows > 1 && kq < w;
   torch::Tensor x1;
   torch::Tensor light_out =
       light_attn->forward_with_output_bias(x, torch::Tensor(), null_in_light ? null_q_token : torch::Tensor(), &x1);
@@ -523,7 +525,7 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward_impl(const t
   }
   if (null_in_light) out.narrow(1, 0, w).sub_(as_type(null_q_token, out.scalar_type()));
   torch::Tensor src = as_type(routed_out.reshape({b, -1, d}), out.scalar_type());
-  if (null_q_token.defined()) src = src - as_type(null_q_token, out.scalar_type());
+  if (null_in_light) src = src - as_type(null_q_token, out.scalar_type());
   out.scatter_add_(1, positions.unsqueeze(-1).expand({b, positions.size(1), d}), src);
   return padded == seq ? out : out.narrow(1, 0, seq).contiguous();
 }
