@@ -523,9 +523,14 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward_impl(const t
     if (null_q_token.defined()) dt = at::promote_types(dt, null_q_token.scalar_type());
     out = base.to(dt, false, /*copy=*/true);
   }
-  if (null_in_light) out.narrow(1, 0, w).sub_(as_type(null_q_token, out.scalar_type()));
   torch::Tensor src = as_type(routed_out.reshape({b, -1, d}), out.scalar_type());
-  if (null_in_light) src = src - as_type(null_q_token, out.scalar_type());
+  if (null_in_light) {
+    // The routed rows add (heavy output - null); window 0's rows give the
+    // null token back. One scatter into the fresh sum (no in-place view).
+    const torch::Tensor null = as_type(null_q_token, out.scalar_type());
+    src = torch::cat({null.neg().view({1, 1, d}).expand({b, w, d}), src - null}, 1);
+    positions = torch::cat({torch::arange(w, long_opts).view({1, w}).expand({b, w}), positions}, 1);
+  }
   out.scatter_add_(1, positions.unsqueeze(-1).expand({b, positions.size(1), d}), src);
   return padded == seq ? out : out.narrow(1, 0, seq).contiguous();
 }
