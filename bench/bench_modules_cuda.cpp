@@ -38,6 +38,11 @@
 #include "nn/route_views.h"
 #ifdef COLT5_WITH_CUDA
 #include "kernel_profile.h"
+#ifdef COLT5_BENCH_PROGRAM
+#include "program/config.h"
+#include "program/model.h"
+#include "program/train.h"
+#endif
 #endif
 
 #ifdef COLT5_WITH_CUDA
@@ -632,9 +637,49 @@ std::function<void()> train_step(std::function<torch::Tensor()> fwd, bool amp, s
 // --kernels: each module's training step (bf16 autocast, README configs; the
 // block at 32k also in float32, TF32 off and on) under the Kineto profiler, by
 // colt5 scope and by kernel.
-int kernel_profiles(const std::function<bool(const char*)>& want) {
+#ifdef COLT5_BENCH_PROGRAM
+// The language models of `colt5 bench` at the configuration of scripts/gpu.sh
+// (8 x 8192 tokens, dim 512, depth 2, window 128, heavy q 32 / kv 1024, 8
+// heads of 64 on both branches; the program's other defaults), routed and
+// light-only, their training step as the program times it.
+void profile_language_models() {
+  const torch::Device dev(torch::kCUDA, 0);
+  colt5::app::ModelConfig m;
+  m.depth = 2;
+  m.max_seq_len = 8192;
+  m.attn.dim(512).light_window_size(128).num_heavy_tokens_q(32).num_heavy_tokens_kv(1024);
+  m.attn.light_heads(8).heavy_heads(8).light_dim_head(64).heavy_dim_head(64);
+  for (colt5::app::Arch arch : {colt5::app::Arch::routed, colt5::app::Arch::light_only}) {
+    m.arch = arch;
+    torch::manual_seed(0);
+    colt5::app::LanguageModel model(m);
+    model->to(dev);
+    torch::Tensor tokens = torch::randint(0, m.vocab_size, {8, 8192}, torch::kLong).to(dev);
+    colt5_bench::kernel_profile(
+        (std::string("colt5 bench's ") + colt5::app::arch_name(arch) + " model, 8x8192, fwd+bwd").c_str(), [&] {
+          torch::Tensor loss;
+          {
+            colt5::app::AutocastGuard ac(true);
+            loss = model->forward(tokens).to(torch::kFloat).logsumexp(-1).mean();
+          }
+          loss.backward();
+          model->zero_grad();
+        });
+  }
+}
+#endif
+
+int kernel_profiles(const std::function<bool(const char*)>& want, const std::string& only) {
   const torch::Device dev(torch::kCUDA, 0);
   auto f32 = torch::TensorOptions(dev);
+  if (only == "lm") {
+#ifdef COLT5_BENCH_PROGRAM
+    profile_language_models();
+#else
+    std::printf("bench_modules_cuda: built without the program (COLT5_BUILD_APPS=OFF): no --only lm\n");
+#endif
+    return 0;
+  }
   if (want("block")) {
     torch::manual_seed(1);
     ConditionalRoutedTransformerBlock block(readme_block());
@@ -711,7 +756,8 @@ int main(int argc, char** argv) {
   std::string only;
   const char* usage =
       "usage: bench_modules_cuda [--quick] [--no-profile] [--kernels] [--only "
-      "block|autoregressive|cross|topk|image|fp32]\n";
+      "block|autoregressive|cross|topk|image|fp32|lm]\n"
+      "  --kernels --only lm: the kernel profile of colt5 bench's routed and light-only models\n";
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--help") || !std::strcmp(argv[i], "-h")) {
       std::fputs(usage, stdout);
@@ -726,7 +772,8 @@ int main(int argc, char** argv) {
     } else if (!std::strcmp(argv[i], "--only") && i + 1 < argc &&
                (!std::strcmp(argv[i + 1], "block") || !std::strcmp(argv[i + 1], "autoregressive") ||
                 !std::strcmp(argv[i + 1], "cross") || !std::strcmp(argv[i + 1], "topk") ||
-                !std::strcmp(argv[i + 1], "image") || !std::strcmp(argv[i + 1], "fp32"))) {
+                !std::strcmp(argv[i + 1], "image") || !std::strcmp(argv[i + 1], "fp32") ||
+                !std::strcmp(argv[i + 1], "lm"))) {
       only = argv[++i];
     } else {
       std::fprintf(stderr, "bench_modules_cuda: unknown argument %s\n%s", argv[i], usage);
@@ -750,7 +797,7 @@ int main(int argc, char** argv) {
       "device: %s; LibTorch %s; median of CUDA-event timings; peak = allocated GiB during the timed runs;\n"
       "dense = fused attention (SDPA, bf16, 8 heads of 64) of the same shape in this run; ÷dense = colt5 / dense\n\n",
       prop.name, TORCH_VERSION);
-  if (kernels) return kernel_profiles(want);
+  if (kernels) return kernel_profiles(want, only);
   header();
 
   // ------------------------------------------------------------ block

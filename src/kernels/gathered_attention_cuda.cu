@@ -843,41 +843,50 @@ constexpr int ld() {
 // Keys j0 .. j0 + KT - 1 of group g, head h into Ks/Vs (rows of ld<DH>()):
 // table rows by cp.async, the route's null key/value converted, zeros for
 // keys that take no part (their probabilities are zero, their values must
-// not be NaN); the facts of each key beside them.
-template <typename T, int DH, int NT>
+// not be NaN); the facts of each key beside them. Warp w loads keys
+// w * KT / NW ..: each lane reads one key's facts, the warp's lanes take
+// their keys' 16-byte pieces in turn with the facts passed by shuffles.
+template <typename T, int DH, int NW>
 __device__ __forceinline__ void load_tile(const GatheredAttentionParams& p, int64_t g, int64_t h, int64_t r,
                                           int64_t j0, T* Ks, T* Vs, Facts& f, float kmul) {
   constexpr int VEC = 16 / sizeof(T);  // elements per 16-byte piece
   constexpr int PPK = 2 * DH / VEC;    // pieces per key (key, then value)
+  constexpr int KPW = KT / NW;         // keys per warp
   constexpr int LD = ld<DH>();
+  static_assert(KPW <= 32 && (KPW * PPK) % 32 == 0, "a warp's keys must split evenly over its lanes");
+  const int lane = threadIdx.x & 31, k0 = (threadIdx.x >> 5) * KPW;
   const int64_t width = p.heads * 2 * DH;
   const T* table = static_cast<const T*>(p.table);
-  for (int c = threadIdx.x; c < KT * PPK; c += NT) {
-    const int kk = c / PPK, col = (c % PPK) * VEC;
-    const int64_t j = j0 + kk;
-    bool valid = j <= p.m;
+  int valid = 0;
+  long long row = -1;
+  if (lane < KPW) {
+    const int64_t j = j0 + k0 + lane;
     float sc = 1.f;
-    int64_t row = -1;
+    valid = j <= p.m;
     if (valid && j > 0) {
       const int64_t e = g * p.m + (j - 1);
       if (p.mask) valid = p.mask[e];
       if (p.scores) sc = p.scores[e];
       row = p.rows[e];
     }
-    T* dst = col < DH ? Ks + kk * LD + col : Vs + kk * LD + (col - DH);
-    if (valid && row >= 0) {
-      cp_async16(dst, table + row * width + h * 2 * DH + col);
-    } else if (valid) {  // the route's null key/value (float32)
+    f.valid[k0 + lane] = valid;
+    f.sc[k0 + lane] = sc;
+    f.kf[k0 + lane] = kmul * (p.keys_scaled ? sc : 1.f);
+  }
+#pragma unroll 4
+  for (int c = lane; c < KPW * PPK; c += 32) {
+    const int kl = c / PPK, col = (c % PPK) * VEC;
+    const int v = __shfl_sync(0xffffffffu, valid, kl);
+    const long long rw = __shfl_sync(0xffffffffu, row, kl);
+    T* dst = col < DH ? Ks + (k0 + kl) * LD + col : Vs + (k0 + kl) * LD + (col - DH);
+    if (v && rw >= 0) {
+      cp_async16(dst, table + rw * width + h * 2 * DH + col);
+    } else if (v) {  // the route's null key/value (float32)
       const float* src = p.null_kv + (r * p.heads + h) * 2 * DH + col;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) dst[e] = from_float<T>(src[e]);
     } else {
       *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-    }
-    if (col == 0) {
-      f.valid[kk] = valid;
-      f.sc[kk] = sc;
-      f.kf[kk] = kmul * (p.keys_scaled ? sc : 1.f);
     }
   }
 }
@@ -912,7 +921,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32) gathered_fwd_mma(GatheredAtten
       *reinterpret_cast<uint4*>(Qs + i * LD + col) = make_uint4(0, 0, 0, 0);
   }
   const int64_t tiles = (p.m + KT) / KT;  // keys 0..m: the null key, then m rows
-  load_tile<T, DH, NT>(p, g, h, r, 0, Kb, Vb, F[0], kmul);
+  load_tile<T, DH, NT / 32>(p, g, h, r, 0, Kb, Vb, F[0], kmul);
   cp_commit();
   cp_wait<0>();
   __syncthreads();
@@ -931,7 +940,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32) gathered_fwd_mma(GatheredAtten
   for (int64_t t = 0; t < tiles; ++t) {
     const int cur = static_cast<int>(t & 1);
     if (t + 1 < tiles)
-      load_tile<T, DH, NT>(p, g, h, r, (t + 1) * KT, Kb + (cur ^ 1) * KT * LD, Vb + (cur ^ 1) * KT * LD, F[cur ^ 1],
+      load_tile<T, DH, NT / 32>(p, g, h, r, (t + 1) * KT, Kb + (cur ^ 1) * KT * LD, Vb + (cur ^ 1) * KT * LD, F[cur ^ 1],
                            kmul);
     cp_commit();
     cp_wait<1>();
@@ -1082,7 +1091,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32) gathered_bwd_mma(GatheredAtten
     }
   }
   const int64_t tiles = (p.m + KT) / KT;
-  load_tile<T, DH, NT>(p, g, h, r, 0, Kb, Vb, F[0], kmul);
+  load_tile<T, DH, NT / 32>(p, g, h, r, 0, Kb, Vb, F[0], kmul);
   cp_commit();
 
   const int64_t width = p.heads * 2 * DH;
@@ -1095,7 +1104,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32) gathered_bwd_mma(GatheredAtten
   for (int64_t t = 0; t < tiles; ++t) {
     const int cur = static_cast<int>(t & 1);
     if (t + 1 < tiles)
-      load_tile<T, DH, NT>(p, g, h, r, (t + 1) * KT, Kb + (cur ^ 1) * KT * LD, Vb + (cur ^ 1) * KT * LD, F[cur ^ 1],
+      load_tile<T, DH, NT / 32>(p, g, h, r, (t + 1) * KT, Kb + (cur ^ 1) * KT * LD, Vb + (cur ^ 1) * KT * LD, F[cur ^ 1],
                            kmul);
     cp_commit();
     cp_wait<1>();

@@ -426,12 +426,18 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward_impl(const t
   // scores to the key/value router, and by that one's to the keys/values'
   // projection (HeavyBranchInputs::queries_view_context): x's uses give it
   // one gradient, each backward kernel adding the next one's.
-  torch::Tensor x1;
-  torch::Tensor light_out = light_attn->forward_with_output_bias(x, torch::Tensor(), torch::Tensor(), &x1);
-
   const int64_t b = x.size(0), seq = x.size(1), d = x.size(2);
   const int64_t w = options.heavy_window_size().value_or(options.light_window_size());
   const int64_t windows = (seq + w - 1) / w;
+  // From window 1 on, every position takes the null query token (the routed
+  // ones then add their heavy output minus it): it is the light attention's
+  // output bias, added in that product, and window 0 gives it back below.
+  // Where every query is routed the null token takes no part at all (its
+  // gradient is exactly zero, as the reference's).
+  const bool null_in_light = null_q_token.defined() && windows > 1 && kq < w;
+  torch::Tensor x1;
+  torch::Tensor light_out =
+      light_attn->forward_with_output_bias(x, torch::Tensor(), null_in_light ? null_q_token : torch::Tensor(), &x1);
   // Window 0 has no earlier window to attend to: it gets the light branch only.
   if (windows <= 1) return residual ? torch::add(x1, light_out) : light_out;
   const int64_t padded = windows * w;
@@ -505,17 +511,10 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward_impl(const t
   torch::Tensor base = padded == seq ? light_out : torch::constant_pad_nd(light_out, {0, 0, 0, padded - seq}, 0.0);
   torch::Tensor out;
   // The residual: x as the keys/values' norm passes it on (the last of its
-  // uses), padded as the context is. Where every query is routed the null
-  // token takes no part at all (its gradient is exactly zero, as the
-  // reference's).
+  // uses), padded as the context is. Fresh tensors: the routed rows go in in
+  // place.
   const torch::Tensor xr = heavy.context_passed.defined() ? heavy.context_passed : xp;
-  const bool use_null = null_q_token.defined() && kq < w;
-  if (use_null) {
-    torch::Tensor after_first = (torch::arange(padded, long_opts) >= w).to(null_q_token.scalar_type()).view({1, -1, 1});
-    torch::Tensor null = null_q_token.view({1, 1, d});
-    // Fresh tensors: the routed rows go in in place.
-    out = residual ? torch::add(xr, base).addcmul_(after_first, null) : torch::addcmul(base, after_first, null);
-  } else if (residual) {
+  if (residual) {
     out = torch::add(xr, base);
   } else {
     // The type the heavy output would have had written out at every position
@@ -525,7 +524,13 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward_impl(const t
     out = base.to(dt, false, /*copy=*/true);
   }
   torch::Tensor src = as_type(routed_out.reshape({b, -1, d}), out.scalar_type());
-  if (use_null) src = src - as_type(null_q_token, out.scalar_type());
+  if (null_in_light) {
+    // The routed rows add (heavy output - null); window 0's rows give the
+    // null token back. One scatter into the fresh sum (no in-place view).
+    const torch::Tensor null = as_type(null_q_token, out.scalar_type());
+    src = torch::cat({null.neg().view({1, 1, d}).expand({b, w, d}), src - null}, 1);
+    positions = torch::cat({torch::arange(w, long_opts).view({1, w}).expand({b, w}), positions}, 1);
+  }
   out.scatter_add_(1, positions.unsqueeze(-1).expand({b, positions.size(1), d}), src);
   return padded == seq ? out : out.narrow(1, 0, seq).contiguous();
 }
