@@ -108,7 +108,17 @@ void check_case(const Case& c, uint64_t seed = fresh_seed()) {
     const double top = std::max(ref32.gs.abs().max().item<double>(), 1e-12);
     const int64_t q = static_cast<int64_t>(0.999 * static_cast<double>(d.numel() - 1));
     torch::Tensor order = std::get<1>(d.sort());
-    EXPECT_LE(d[order[q]].item<double>() / top, 1e-4);
+    const double err = d[order[q]].item<double>() / top;
+    if (err > 1e-4) {
+      // Past 1e-4, as accurate as the CPU float32 kernel on the same inputs
+      // (64 x 4096 rows once gave 1.66e-4 here and on the CPU alike: float32's
+      // rounding near the kink, not this kernel's).
+      const torch::Tensor cpu32 =
+          run(s.to(torch::kFloat), k.to(torch::kFloat), mask, gy.to(torch::kFloat), o).gs.to(torch::kDouble);
+      torch::Tensor dc = (cpu32 - ref32.gs).abs().flatten();
+      const double cpu_err = std::get<0>(dc.sort())[q].item<double>() / top;
+      EXPECT_LE(err, 2.0 * cpu_err) << "float32 on the CPU: " << cpu_err;
+    }
     torch::Tensor kept = order.narrow(0, 0, q + 1);
     const double ref_norm = std::max(ref32.gs.flatten().index_select(0, kept).norm().item<double>(), 1e-6);
     EXPECT_LE(d.index_select(0, kept).norm().item<double>() / ref_norm, 1e-3) << "all but the isolated 0.1 %";
