@@ -202,7 +202,22 @@ struct GatheredAttentionParams {
   float scale = 1.f;
   bool keys_scaled = false;
   RowDtype dtype = RowDtype::f32;
+  // Backward in pairs of groups that share most of their keys (consecutive
+  // windows of the autoregressive module; one route): pair i is groups
+  // pair_a[i] and pair_b[i] (-1: none); pair_slot[i, j] the slot of A's key
+  // j in B's set (-1: not there, or A's key masked); pair_extra[i, 0 ..
+  // pair_extra_count[i]) B's slots whose keys A does not hold. Each shared
+  // key's gradients are summed over both groups before one atomic addition.
+  // pairs = 0: every group on its own.
+  int64_t pairs = 0;
+  const int* pair_a = nullptr;
+  const int* pair_b = nullptr;
+  const int* pair_slot = nullptr;
+  const int* pair_extra = nullptr;
+  const int* pair_extra_count = nullptr;
 };
+// Whether gathered_attention_backward_cuda takes pairs at this head width.
+bool gathered_attention_pairs_supported(int64_t dim_head);
 bool gathered_attention_supports(int64_t dim_head);
 void gathered_attention_forward_cuda(const GatheredAttentionParams& p, void* stream);
 void gathered_attention_backward_cuda(const GatheredAttentionParams& p, void* stream);

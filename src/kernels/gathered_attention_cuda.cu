@@ -1248,6 +1248,314 @@ __global__ void __launch_bounds__(kBwdWarps * 32) gathered_bwd_mma(GatheredAtten
   }
 }
 
+// ------------------------------------------------ backward in pairs of groups
+// Two groups A and B whose key sets overlap (consecutive windows): one block
+// walks A's keys, then B's keys that A does not hold. For each key tile both
+// groups' 32 queries take their turn; the key's and value's gradients of the
+// two are summed in registers and added to the table once.
+constexpr int PQ = 2 * QN;  // queries of a pair
+
+struct PairFacts {
+  float kf[2][KT];
+  float sc[2][KT];
+  int valid[2][KT];
+  long long gs[2][KT];  // the group's score entry, -1: none (the null key)
+  long long row[KT];    // table row; -1: the null row; -2: nothing loaded
+};
+
+template <typename T, int DH, int NW>
+__device__ __forceinline__ void load_pair_tile(const GatheredAttentionParams& p, int64_t pr, int64_t ga, int64_t gb,
+                                               int64_t h, int64_t t, int64_t tiles_a, T* Ks, T* Vs, PairFacts& f,
+                                               float kmul) {
+  constexpr int VEC = 16 / sizeof(T);
+  constexpr int PPK = 2 * DH / VEC;
+  constexpr int KPW = KT / NW;
+  constexpr int LD = ld<DH>();
+  static_assert(KPW <= 32 && (KPW * PPK) % 32 == 0, "a warp's keys must split evenly over its lanes");
+  const int lane = threadIdx.x & 31, k0 = (threadIdx.x >> 5) * KPW;
+  const int64_t width = p.heads * 2 * DH;
+  const T* table = static_cast<const T*>(p.table);
+  long long row = -2;
+  if (lane < KPW) {
+    const int kk = k0 + lane;
+    int va = 0, vb = 0;
+    float sa = 1.f, sb = 1.f;
+    long long ia = -1, ib = -1;
+    if (t < tiles_a) {
+      const int64_t j = t * KT + kk;
+      if (j == 0) {  // the null key, shared by both
+        va = 1;
+        vb = gb >= 0;
+        row = -1;
+      } else if (j <= p.m) {
+        const int64_t e = ga * p.m + (j - 1);
+        va = p.mask ? static_cast<int>(p.mask[e]) : 1;
+        if (va) {
+          if (p.scores) sa = p.scores[e];
+          ia = e;
+          row = p.rows[e];
+          const int s = gb >= 0 ? p.pair_slot[pr * p.m + (j - 1)] : -1;
+          if (s >= 0) {
+            const int64_t eb = gb * p.m + s;
+            vb = 1;
+            if (p.scores) sb = p.scores[eb];
+            ib = eb;
+          }
+        }
+      }
+    } else {
+      const int64_t e = (t - tiles_a) * KT + kk;
+      if (gb >= 0 && e < p.pair_extra_count[pr]) {
+        const int64_t eb = gb * p.m + p.pair_extra[pr * p.m + e];
+        vb = 1;
+        if (p.scores) sb = p.scores[eb];
+        ib = eb;
+        row = p.rows[eb];
+      }
+    }
+    f.valid[0][kk] = va;
+    f.valid[1][kk] = vb;
+    f.sc[0][kk] = sa;
+    f.sc[1][kk] = sb;
+    f.kf[0][kk] = kmul * (p.keys_scaled ? sa : 1.f);
+    f.kf[1][kk] = kmul * (p.keys_scaled ? sb : 1.f);
+    f.gs[0][kk] = ia;
+    f.gs[1][kk] = ib;
+    f.row[kk] = row;
+  }
+#pragma unroll 4
+  for (int c = lane; c < KPW * PPK; c += 32) {
+    const int kl = c / PPK, col = (c % PPK) * VEC;
+    const long long rw = __shfl_sync(0xffffffffu, row, kl);
+    T* dst = col < DH ? Ks + (k0 + kl) * LD + col : Vs + (k0 + kl) * LD + (col - DH);
+    if (rw >= 0) {
+      cp_async16(dst, table + rw * width + h * 2 * DH + col);
+    } else if (rw == -1) {  // the null key/value of the (one) route
+      const float* src = p.null_kv + h * 2 * DH + col;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) dst[e] = from_float<T>(src[e]);
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+
+template <typename T, int DH>
+constexpr size_t pair_bwd_smem() {
+  return static_cast<size_t>(2 * PQ + 4 * KT) * ld<DH>() * sizeof(T) + static_cast<size_t>(KT) * (PQ + 8) * sizeof(T) +
+         2 * sizeof(PairFacts) + 2 * PQ * sizeof(float);
+}
+
+template <typename T, int DH>
+__global__ void __launch_bounds__(kBwdWarps * 32) gathered_bwd_pair_mma(GatheredAttentionParams p) {
+  constexpr int NT = kBwdWarps * 32, LD = ld<DH>(), LDQ = PQ + 8, KS = DH / 16, DT = DH / 8;
+  constexpr int QT8 = QN / 8;  // 8-query tiles of one group's key row
+  static_assert(NT == 2 * PQ, "two threads per query of a pair");
+  extern __shared__ float4 smem4[];
+  T* Qs = reinterpret_cast<T*>(smem4);  // A's queries, then B's
+  T* Gs = Qs + PQ * LD;                 // their output gradients
+  T* Kb = Gs + PQ * LD;                 // 2 buffers of KT rows
+  T* Vb = Kb + 2 * KT * LD;
+  T* Ds = Vb + 2 * KT * LD;  // logit gradients times the key scores, [key][query of the pair]
+  PairFacts* F = reinterpret_cast<PairFacts*>(Ds + KT * LDQ);
+  float* lse2 = reinterpret_cast<float*>(F + 2);
+  float* Dq = lse2 + PQ;
+
+  const int64_t pr = blockIdx.x, h = blockIdx.y;
+  const int64_t ga = p.pair_a[pr], gb = p.pair_b[pr];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t4 = lane & 3;
+  const float kmul = p.scale * kLog2e;
+  auto qrow = [&](int i) -> int64_t {  // query i of the pair: its row, or -1
+    const int64_t g = i < QN ? ga : gb;
+    const int qi = i % QN;
+    return g >= 0 && qi < p.n ? (g * p.heads + h) * p.n + qi : -1;
+  };
+
+  const T* q = static_cast<const T*>(p.q);
+  const T* go = static_cast<const T*>(p.grad_out);
+  for (int c = tid; c < 2 * PQ * DH / 8; c += NT) {
+    const int which = c / (PQ * DH / 8), rem = c % (PQ * DH / 8);
+    const int i = rem / (DH / 8), col = (rem % (DH / 8)) * 8;
+    T* dst = (which ? Gs : Qs) + i * LD + col;
+    const int64_t qr = qrow(i);
+    if (qr >= 0)
+      cp_async16(dst, (which ? go : q) + qr * DH + col);
+    else
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+  }
+  {  // two threads per query: dO . O and the log-sum-exp
+    const int i = tid >> 1, sub = tid & 1;
+    const int64_t qr = qrow(i);
+    float d = 0.f;
+    if (qr >= 0) {
+      const T* o = static_cast<const T*>(p.out) + qr * DH;
+      const T* gr = go + qr * DH;
+      for (int k = sub * (DH / 2); k < (sub + 1) * (DH / 2); ++k) d += to_float<T>(gr[k]) * to_float<T>(o[k]);
+    }
+    d += __shfl_xor_sync(0xffffffffu, d, 1);
+    if (sub == 0) {
+      Dq[i] = d;
+      lse2[i] = qr >= 0 ? p.lse[qr] * kLog2e : INFINITY;
+    }
+  }
+  const int64_t tiles_a = (p.m + KT) / KT;
+  const int64_t extra = gb >= 0 ? p.pair_extra_count[pr] : 0;
+  const int64_t tiles = tiles_a + (extra + KT - 1) / KT;
+  load_pair_tile<T, DH, NT / 32>(p, pr, ga, gb, h, 0, tiles_a, Kb, Vb, F[0], kmul);
+  cp_commit();
+
+  const int64_t width = p.heads * 2 * DH;
+  const int kw = 16 * warp;  // this warp's keys in each tile
+  const int mq = 16 * warp;  // this warp's queries of the pair for q's gradient (every column)
+  float dq[DT][4];
+#pragma unroll
+  for (int d = 0; d < DT; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.f;
+
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int cur = static_cast<int>(t & 1);
+    if (t + 1 < tiles)
+      load_pair_tile<T, DH, NT / 32>(p, pr, ga, gb, h, t + 1, tiles_a, Kb + (cur ^ 1) * KT * LD,
+                                     Vb + (cur ^ 1) * KT * LD, F[cur ^ 1], kmul);
+    cp_commit();
+    cp_wait<1>();
+    __syncthreads();
+    const T* Ks = Kb + cur * KT * LD;
+    const T* Vs = Vb + cur * KT * LD;
+    const PairFacts& f = F[cur];
+    int kk2[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) kk2[i] = kw + (lane >> 2) + 8 * i;
+
+    float accv[DT][4], acck[DT][4];
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+      accv[d][0] = accv[d][1] = accv[d][2] = accv[d][3] = 0.f;
+      acck[d][0] = acck[d][1] = acck[d][2] = acck[d][3] = 0.f;
+    }
+#pragma unroll
+    for (int w = 0; w < 2; ++w) {
+      const T* Qw = Qs + w * QN * LD;
+      const T* Gw = Gs + w * QN * LD;
+      // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys and the group's queries.
+      float st[QT8][4], dp[QT8][4];
+#pragma unroll
+      for (int nt = 0; nt < QT8; ++nt) {
+        st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.f;
+        dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
+      }
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        unsigned ka[4], va[4];
+        const int arow = (kw + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + 16 * ks + (lane >> 4) * 8;
+        ldsm4(ka, Ks + arow);
+        ldsm4(va, Vs + arow);
+#pragma unroll
+        for (int np = 0; np < QN / 16; ++np) {
+          const int brow = (16 * np + (lane & 7) + ((lane >> 4) << 3)) * LD + 16 * ks + ((lane >> 3) & 1) * 8;
+          unsigned b[4];
+          ldsm4(b, Qw + brow);
+          mma<T>(st[2 * np], ka, b[0], b[1]);
+          mma<T>(st[2 * np + 1], ka, b[2], b[3]);
+          ldsm4(b, Gw + brow);
+          mma<T>(dp[2 * np], va, b[0], b[1]);
+          mma<T>(dp[2 * np + 1], va, b[2], b[3]);
+        }
+      }
+      float dsc[2] = {0.f, 0.f};
+      bool valid2[2];
+      float sc2[2], sk2[2], kf2[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        valid2[i] = f.valid[w][kk2[i]];
+        sc2[i] = f.sc[w][kk2[i]];
+        sk2[i] = p.keys_scaled ? sc2[i] : 1.f;
+        kf2[i] = f.kf[w][kk2[i]];
+      }
+#pragma unroll
+      for (int nt = 0; nt < QT8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = e >> 1, qc = w * QN + 8 * nt + 2 * t4 + (e & 1);
+          const float pr_ = valid2[i] ? exp2f(st[nt][e] * kf2[i] - lse2[qc]) : 0.f;
+          const float ds = pr_ * (dp[nt][e] * sc2[i] - Dq[qc]);
+          dsc[i] += pr_ * dp[nt][e] + (p.keys_scaled ? ds * st[nt][e] * p.scale : 0.f);
+          st[nt][e] = pr_ * sc2[i];
+          dp[nt][e] = ds * sk2[i];
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        dsc[i] += __shfl_xor_sync(0xffffffffu, dsc[i], 1);
+        dsc[i] += __shfl_xor_sync(0xffffffffu, dsc[i], 2);
+        const long long e = f.gs[w][kk2[i]];
+        if (t4 == 0 && valid2[i] && e >= 0 && p.grad_scores) atomicAdd(p.grad_scores + e, dsc[i]);
+      }
+#pragma unroll
+      for (int nt = 0; nt < QT8; ++nt) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+          *reinterpret_cast<unsigned*>(Ds + kk2[i] * LDQ + w * QN + 8 * nt + 2 * t4) =
+              pack2<T>(dp[nt][2 * i], dp[nt][2 * i + 1]);
+      }
+      // dV += (P * sc)^T-rows times dO, dK += (dS * sk) times Q, this group's share.
+#pragma unroll
+      for (int kq = 0; kq < QN / 16; ++kq) {
+        unsigned av[4], ak[4];
+        acc_to_a<T>(av, st[2 * kq], st[2 * kq + 1]);
+        acc_to_a<T>(ak, dp[2 * kq], dp[2 * kq + 1]);
+#pragma unroll
+        for (int c = 0; c < DH / 16; ++c) {
+          const int boff = (16 * kq + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + 16 * c + (lane >> 4) * 8;
+          unsigned b[4];
+          ldsm4_t(b, Gw + boff);
+          mma<T>(accv[2 * c], av, b[0], b[1]);
+          mma<T>(accv[2 * c + 1], av, b[2], b[3]);
+          ldsm4_t(b, Qw + boff);
+          mma<T>(acck[2 * c], ak, b[0], b[1]);
+          mma<T>(acck[2 * c + 1], ak, b[2], b[3]);
+        }
+      }
+    }
+    // One addition per key for both groups.
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      if (!f.valid[0][kk2[i]] && !f.valid[1][kk2[i]]) continue;
+      const long long row = f.row[kk2[i]];
+      float* dst = row < 0 ? p.grad_null + h * 2 * DH : p.grad_table + row * width + h * 2 * DH;
+#pragma unroll
+      for (int d = 0; d < DT; ++d) {
+        add2(dst + DH + 8 * d + 2 * t4, accv[d][2 * i], accv[d][2 * i + 1]);
+        add2(dst + 8 * d + 2 * t4, acck[d][2 * i] * p.scale, acck[d][2 * i + 1] * p.scale);
+      }
+    }
+    __syncthreads();  // the logit gradients are in Ds
+    // dQ += dS^T-columns times K: the warp's 16 queries of the pair, every column.
+#pragma unroll
+    for (int kq = 0; kq < KT / 16; ++kq) {
+      unsigned a[4];
+      ldsm4_t(a, Ds + (16 * kq + (lane & 7) + (lane >> 4) * 8) * LDQ + mq + ((lane >> 3) & 1) * 8);
+#pragma unroll
+      for (int c = 0; c < DH / 16; ++c) {
+        unsigned b[4];
+        ldsm4_t(b, Ks + (16 * kq + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + 16 * c + (lane >> 4) * 8);
+        mma<T>(dq[2 * c], a, b[0], b[1]);
+        mma<T>(dq[2 * c + 1], a, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // Ds and the tile's buffers are rewritten next
+  }
+
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t qr = qrow(mq + (lane >> 2) + 8 * i);
+    if (qr < 0) continue;
+    float* out = p.grad_q + qr * DH;
+#pragma unroll
+    for (int d = 0; d < DT; ++d)
+      *reinterpret_cast<float2*>(out + 8 * d + 2 * t4) = make_float2(dq[d][2 * i] * p.scale, dq[d][2 * i + 1] * p.scale);
+  }
+}
+
 }  // namespace mma_path
 #undef COLT5_MMA_ASM
 
@@ -1304,6 +1612,16 @@ void launch(const GatheredAttentionParams& p, bool backward, cudaStream_t st) {
           const dim3 g(static_cast<unsigned>(p.groups * ((p.n + mma_path::QN - 1) / mma_path::QN)),
                        static_cast<unsigned>(p.heads));
           mma_path::gathered_fwd_mma<T, DH><<<g, mma_path::kFwdWarps * 32, smem, st>>>(p);
+        } else if (p.pairs > 0) {
+          if constexpr (DH <= 64) {
+            constexpr size_t smem = mma_path::pair_bwd_smem<T, DH>();
+            static const bool once = (allow_smem(mma_path::gathered_bwd_pair_mma<T, DH>, smem), true);
+            (void)once;
+            const dim3 g(static_cast<unsigned>(p.pairs), static_cast<unsigned>(p.heads));
+            mma_path::gathered_bwd_pair_mma<T, DH><<<g, mma_path::kBwdWarps * 32, smem, st>>>(p);
+          } else {
+            throw std::runtime_error("colt5 CUDA gathered attention: pairs need head width <= 64");
+          }
         } else {
           constexpr size_t smem = mma_path::bwd_smem<T, DH>();
           static const bool once = (allow_smem(mma_path::gathered_bwd_mma<T, DH>, smem), true);
@@ -1366,6 +1684,8 @@ void run(const GatheredAttentionParams& p, bool backward, void* stream) {
 }
 
 }  // namespace
+
+bool gathered_attention_pairs_supported(int64_t dim_head) { return dim_head == 32 || dim_head == 64; }
 
 bool gathered_attention_supports(int64_t dim_head) {
   return dim_head == 16 || dim_head == 32 || dim_head == 64 || dim_head == 128;

@@ -7,7 +7,9 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <vector>
 
 #include "colt5/compat.h"
 #include "nn/attention_core.h"
@@ -37,7 +39,9 @@ class GatheredAttentionFunction : public torch::autograd::Function<GatheredAtten
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& q,
                                const torch::Tensor& table, const torch::Tensor& null_kv, const torch::Tensor& scores,
-                               const torch::Tensor& rows, const torch::Tensor& mask, bool keys_scaled) {
+                               const torch::Tensor& rows, const torch::Tensor& mask, bool keys_scaled,
+                               const torch::Tensor& pair_a, const torch::Tensor& pair_b, const torch::Tensor& pair_slot,
+                               const torch::Tensor& pair_extra, const torch::Tensor& pair_extra_count) {
     c10::cuda::CUDAGuard guard(q.device());
     kernels::GatheredAttentionParams p = params(q, table, null_kv, scores, rows, mask, keys_scaled);
     torch::Tensor out = torch::empty_like(q);
@@ -45,7 +49,8 @@ class GatheredAttentionFunction : public torch::autograd::Function<GatheredAtten
     p.out = out.data_ptr();
     p.lse = lse.data_ptr<float>();
     kernels::gathered_attention_forward_cuda(p, at::cuda::getCurrentCUDAStream().stream());
-    ctx->save_for_backward({q, table, null_kv, scores, rows, mask, out, lse});
+    ctx->save_for_backward(
+        {q, table, null_kv, scores, rows, mask, out, lse, pair_a, pair_b, pair_slot, pair_extra, pair_extra_count});
     ctx->saved_data["keys_scaled"] = keys_scaled;
     return out;
   }
@@ -71,12 +76,25 @@ class GatheredAttentionFunction : public torch::autograd::Function<GatheredAtten
     p.grad_table = gtable.data_ptr<float>();
     p.grad_null = gnull.data_ptr<float>();
     p.grad_scores = scores.numel() ? gscores.data_ptr<float>() : nullptr;
+    if (s[8].numel()) {
+      p.pairs = s[8].numel();
+      p.pair_a = s[8].data_ptr<int>();
+      p.pair_b = s[9].data_ptr<int>();
+      p.pair_slot = s[10].data_ptr<int>();
+      p.pair_extra = s[11].data_ptr<int>();
+      p.pair_extra_count = s[12].data_ptr<int>();
+    }
     kernels::gathered_attention_backward_cuda(p, at::cuda::getCurrentCUDAStream().stream());
     auto wanted = [&](int i, const torch::Tensor& t) { return ctx->needs_input_grad(i) ? t : torch::Tensor(); };
     return {wanted(0, as_type(gq, q.scalar_type())),
             wanted(1, as_type(gtable, table.scalar_type())),
             wanted(2, gnull),
             wanted(3, gscores),
+            {},
+            {},
+            {},
+            {},
+            {},
             {},
             {},
             {}};
@@ -106,6 +124,50 @@ class GatheredAttentionFunction : public torch::autograd::Function<GatheredAtten
     return p;
   }
 };
+
+// Pairs of consecutive views of one context row for the backward's shared-key
+// sums (attend_gathered's pair_views): views 0 and 1, 2 and 3, ... of each
+// row (the last alone where the count is odd); for each, the slot in B of
+// each of A's keys (-1 where B lacks it or A's key is masked) and B's keys
+// that A lacks, first in each row, with their count. int32, on rows' device.
+std::vector<torch::Tensor> gathered_pairs(const torch::Tensor& rows, const torch::Tensor& mask, int64_t views,
+                                          int64_t span) {
+  const int64_t g = rows.size(0), m = rows.size(1), bc = g / views, per = (views + 1) / 2, np = bc * per;
+  const auto io = rows.options().dtype(at::kLong);
+  const auto i32 = rows.options().dtype(at::kInt);
+  torch::Tensor a = (torch::arange(bc, io).view({bc, 1}) * views + torch::arange(per, io).view({1, per}) * 2).reshape({np});
+  torch::Tensor has_b = (torch::arange(per, io) * 2 + 1 < views).view({1, per}).expand({bc, per}).reshape({np});
+  torch::Tensor b_rows = torch::where(has_b, a + 1, a);  // a stand-in where there is no B (none of it valid)
+  torch::Tensor start = (torch::div(a, views, "floor") * span).view({np, 1});
+  torch::Tensor pos_a = rows.index_select(0, a) - start;
+  torch::Tensor pos_b = rows.index_select(0, b_rows) - start;
+  torch::Tensor valid_a = mask.defined() ? mask.index_select(0, a) : torch::ones({np, m}, io.dtype(at::kBool));
+  torch::Tensor valid_b =
+      (mask.defined() ? mask.index_select(0, b_rows) : torch::ones({np, m}, io.dtype(at::kBool))) & has_b.view({np, 1});
+  const torch::Tensor nowhere = torch::full({1, 1}, span, io);
+  // B's slot of each position of the span (column span: B's masked keys).
+  torch::Tensor slot_of = torch::full({np, span + 1}, -1, i32);
+  slot_of.scatter_(1, torch::where(valid_b, pos_b, nowhere),
+                   torch::arange(m, i32).view({1, m}).expand({np, m}).contiguous());
+  torch::Tensor slot = slot_of.gather(1, torch::where(valid_a, pos_a, nowhere));
+  torch::Tensor covered = torch::zeros({np, m + 1}, io.dtype(at::kBool));
+  covered.scatter_(1, torch::where(slot >= 0, slot.to(at::kLong), torch::full({1, 1}, m, io)), true);
+  torch::Tensor extra = valid_b & covered.narrow(1, 0, m).logical_not();
+  torch::Tensor count = extra.sum(1).to(at::kInt);
+  torch::Tensor order = std::get<1>(extra.to(at::kByte).sort(1, /*descending=*/true)).to(at::kInt);
+  torch::Tensor b = torch::where(has_b, a + 1, torch::full_like(a, -1));
+  return {a.to(at::kInt), b.to(at::kInt), slot.contiguous(), order.contiguous(), count};
+}
+
+// Whether the backward takes groups in pairs (COLT5_GATHERED_PAIRS=0: never;
+// read once per process).
+bool gathered_pairs_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("COLT5_GATHERED_PAIRS");
+    return !(v && v[0] == '0');
+  }();
+  return on;
+}
 
 // Whether attend_gathered's index kernel takes these inputs.
 bool gathered_kernel_applies(const torch::Tensor& q, const torch::Tensor& proj, int64_t dh) {
@@ -460,7 +522,8 @@ torch::Tensor attend_projected(AttentionImpl& a, const torch::Tensor& x, const t
 
 torch::Tensor attend_gathered(AttentionImpl& a, const torch::Tensor& x, const torch::Tensor& q_in,
                               const torch::Tensor& proj, const torch::Tensor& rows, const torch::Tensor& mask_in,
-                              const torch::Tensor& scores_kv, bool index_kernel) {
+                              const torch::Tensor& scores_kv, bool index_kernel, int64_t pair_views,
+                              int64_t pair_span) {
   RECORD_USER_SCOPE("colt5::heavy_attention");
   const int64_t h = a.options.heads(), dh = a.options.dim_head();
   const int64_t batch = rows.size(0), routes = rows.size(1), m = rows.size(2), hr = h / routes;
@@ -485,9 +548,15 @@ torch::Tensor attend_gathered(AttentionImpl& a, const torch::Tensor& x, const to
     torch::Tensor mk = mask_in.defined() ? mask_in.reshape({groups, m}).contiguous() : none(at::kBool);
     torch::Tensor table = as_type(proj, common).contiguous();
     if (reinterpret_cast<uintptr_t>(table.data_ptr()) % 16 != 0) table = table.clone();  // 16-byte loads
-    torch::Tensor out = GatheredAttentionFunction::apply(q, table, as_type(nulls, at::kFloat).contiguous(), s,
-                                                         as_type(rows.reshape({groups, m}), at::kLong).contiguous(), mk,
-                                                         a.options.multiply_keys_by_score());
+    torch::Tensor flat_rows = as_type(rows.reshape({groups, m}), at::kLong).contiguous();
+    std::vector<torch::Tensor> pairs(5, torch::empty({0}, q.options().dtype(at::kInt)));
+    if (pair_views >= 2 && routes == 1 && batch % pair_views == 0 && pair_span >= m && n <= 32 &&
+        common != at::kFloat && kernels::gathered_attention_pairs_supported(dh) && torch::GradMode::is_enabled() &&
+        (q_in.requires_grad() || proj.requires_grad()) && gathered_pairs_enabled())
+      pairs = gathered_pairs(flat_rows, mk.numel() ? mk : torch::Tensor(), pair_views, pair_span);
+    torch::Tensor out = GatheredAttentionFunction::apply(q, table, as_type(nulls, at::kFloat).contiguous(), s, flat_rows,
+                                                         mk, a.options.multiply_keys_by_score(), pairs[0], pairs[1],
+                                                         pairs[2], pairs[3], pairs[4]);
     out = out.reshape({batch, h, n, dh}).transpose(1, 2).reshape({batch, n, h * dh});
     return a.to_out->forward(as_type(out, x.scalar_type()));
   }

@@ -46,9 +46,15 @@ torch::Tensor attend_projected(AttentionImpl& a, const torch::Tensor& x, const t
 // On CUDA (float32, float16 or bfloat16; head width 16, 32, 64 or 128) the
 // attention instead reads the rows by index in one kernel, forward and
 // backward, with no gathered copy at all, unless index_kernel is false.
+// pair_views >= 2 (one route): rows' groups are pair_views consecutive views
+// of each context row, whose keys are positions [0, pair_span) of that row
+// (table row = context row * pair_span + position), consecutive views sharing
+// most keys: the 16-bit backward then takes the groups in pairs and adds each
+// shared key's gradient once (COLT5_GATHERED_PAIRS=0 turns that off).
 torch::Tensor attend_gathered(AttentionImpl& a, const torch::Tensor& x, const torch::Tensor& q,
                               const torch::Tensor& proj, const torch::Tensor& rows, const torch::Tensor& mask,
-                              const torch::Tensor& scores_kv, bool index_kernel = true);
+                              const torch::Tensor& scores_kv, bool index_kernel = true, int64_t pair_views = 0,
+                              int64_t pair_span = 0);
 
 }  // namespace nn
 }  // namespace colt5

@@ -177,7 +177,11 @@ HeavyRoutedRows heavy_routed_rows(CoordinateDescentRouterImpl& q_router, Coordin
     torch::Tensor table_rows = (row_start + kv.indices) * r + torch::arange(r, io).view({1, r, 1});  // [rows, r, k]
     torch::Tensor qp = project_queries(heavy_attn, heavy_attn.norm->forward(q.routed_tokens), scores_q);
     if (!rotary.first.defined()) {
-      routed_out = attend_gathered(heavy_attn, q.routed_tokens, qp, proj, table_rows, kv.routed_mask, kv.scores);
+      // Prefix views of one context (the autoregressive module's windows):
+      // consecutive views share most keys, summed in pairs by the backward.
+      const int64_t pair_views = in.context_view_lengths.empty() || r != 1 ? 0 : views;
+      routed_out = attend_gathered(heavy_attn, q.routed_tokens, qp, proj, table_rows, kv.routed_mask, kv.scores,
+                                   /*index_kernel=*/true, pair_views, m);
     } else {
       torch::Tensor kvp =
           proj.index_select(0, table_rows.reshape({-1})).view({rows, r, k, h / r, 2 * dh}).permute({0, 1, 3, 2, 4});

@@ -194,6 +194,84 @@ TEST(CudaModules, GatheredAttentionKernelMatchesTheCpuFloat64) {
   }
 }
 
+// The backward in pairs of consecutive views (attend_gathered's pair_views:
+// the autoregressive module's windows) against float64 on the CPU and against
+// the same kernels one group at a time: views of one context row whose key
+// sets overlap (each shifted by an eighth of its keys, in its own order), an
+// odd view count (the last alone), masks, keys scaled or not, one tile or many.
+TEST(CudaModules, GatheredAttentionPairsMatchTheCpuFloat64) {
+  torch::manual_seed(22);
+  struct Case {
+    int64_t dh, n, m, span, views;
+    bool keys_scaled, masked;
+  };
+  const Case cases[] = {{64, 32, 100, 300, 5, false, true},
+                        {64, 17, 1000, 1300, 4, true, true},
+                        {32, 32, 64, 80, 3, true, false},
+                        {64, 1, 200, 260, 2, false, false}};
+  for (const Case& c : cases) {
+    for (auto dtype : {torch::kBFloat16, torch::kHalf}) {
+      SCOPED_TRACE("dh " + std::to_string(c.dh) + " n " + std::to_string(c.n) + " m " + std::to_string(c.m) +
+                   " views " + std::to_string(c.views) + " keys_scaled " + std::to_string(c.keys_scaled) + " " +
+                   c10::toString(dtype));
+      const int64_t heads = 2, dim = 48, ctx_rows = 2, batch = ctx_rows * c.views;
+      Attention ref(
+          AttentionOptions(dim).dim_head(c.dh).heads(heads).multiply_keys_by_score(c.keys_scaled).use_flash(true));
+      ref->to(torch::kDouble);
+      auto gpu = std::dynamic_pointer_cast<AttentionImpl>(ref->clone(cuda()));
+      gpu->to(dtype);
+      for (auto& p : ref->parameters()) p.set_data(p.detach().to(dtype).to(torch::kDouble));
+      const int64_t width = heads * 2 * c.dh;
+      // View v of a context row: m positions of a shuffled span from v * m / 8 on
+      // (cyclically), in an order of its own.
+      std::vector<torch::Tensor> sets;
+      for (int64_t r = 0; r < ctx_rows; ++r) {
+        torch::Tensor perm = torch::randperm(c.span, torch::kLong);
+        for (int64_t v = 0; v < c.views; ++v) {
+          torch::Tensor idx = (torch::arange(c.m, torch::kLong) + v * (c.m / 8)).remainder(c.span);
+          torch::Tensor pos = perm.index_select(0, idx);
+          sets.push_back(pos.index_select(0, torch::randperm(c.m, torch::kLong)) + r * c.span);
+        }
+      }
+      torch::Tensor rows = torch::stack(sets).view({batch, 1, c.m});
+      torch::Tensor x = torch::randn({batch, c.n, dim}).to(dtype).to(torch::kDouble);
+      torch::Tensor q = torch::randn({batch, heads, c.n, c.dh}).to(dtype).to(torch::kDouble);
+      torch::Tensor proj = torch::randn({ctx_rows * c.span, width}).to(dtype).to(torch::kDouble);
+      torch::Tensor scores = torch::rand({batch, 1, c.m}, torch::kDouble);
+      torch::Tensor mask = c.masked ? torch::rand({batch, 1, c.m}) > 0.3 : torch::Tensor();
+      torch::Tensor q64 = q.clone().requires_grad_(true), p64 = proj.clone().requires_grad_(true),
+                    s64 = scores.clone().requires_grad_(true);
+      torch::Tensor a = attend_gathered(*ref, x, q64, p64, rows, mask, s64);
+      torch::Tensor w = torch::randn(a.sizes(), torch::kDouble);
+      (a * w).sum().backward();
+      auto err = [](const torch::Tensor& got, const torch::Tensor& want) {
+        return colt5::testing::norm_rel_error(got.detach().to(torch::kDouble).cpu(), want.detach().cpu());
+      };
+      torch::Tensor grads[2][4];
+      for (int64_t pair_views : {c.views, int64_t{0}}) {
+        gpu->zero_grad();
+        torch::Tensor qd = q.to(cuda(), dtype).requires_grad_(true), pd = proj.to(cuda(), dtype).requires_grad_(true);
+        torch::Tensor sd = scores.to(cuda(), torch::kFloat).requires_grad_(true);
+        torch::Tensor b = attend_gathered(*gpu, x.to(cuda(), dtype), qd, pd, rows.to(cuda()),
+                                          mask.defined() ? mask.to(cuda()) : mask, sd, true, pair_views, c.span);
+        (b.to(torch::kFloat) * w.to(cuda(), torch::kFloat)).sum().backward();
+        EXPECT_LT(err(b, a), 2e-2);
+        EXPECT_LT(err(qd.grad(), q64.grad()), 2e-2);
+        EXPECT_LT(err(pd.grad(), p64.grad()), 2e-2);
+        EXPECT_LT(err(sd.grad(), s64.grad()), 2e-2);
+        EXPECT_LT(err(gpu->null_kv.grad(), ref->null_kv.grad()), 2e-2);
+        const int i = pair_views ? 0 : 1;
+        grads[i][0] = qd.grad();
+        grads[i][1] = pd.grad();
+        grads[i][2] = sd.grad();
+        grads[i][3] = gpu->null_kv.grad().clone();
+      }
+      // In pairs and one group at a time: the same sums in another order.
+      for (int k = 0; k < 4; ++k) EXPECT_LT(err(grads[0][k], grads[1][k].to(torch::kDouble)), 5e-3) << "gradient " << k;
+    }
+  }
+}
+
 // RMSNorm's CUDA kernels (float32, float16, bfloat16 rows up to 2048 wide;
 // gamma float32 or of x's type) against the CPU composite in float64, forward
 // and both gradients, with a zero row, widths that are not multiples of 32
