@@ -136,14 +136,28 @@ HeavyRoutedRows heavy_routed_rows(CoordinateDescentRouterImpl& q_router, Coordin
     std::tie(q, kv) = route_pair(q_router, kv_router, in.queries, in.num_q, in.num_kv, in.query_mask, in.random_route,
                                  /*joint_scores=*/true);
   } else {
-    q = q_router.forward(in.queries, in.num_q, in.query_mask, in.random_route);
-    if (in.query_rows_dropping_first > 0) q = drop_first_rows(q, in.query_rows_dropping_first);
-    if (in.queries_view_context && q.x_passed.defined() && q.x_passed.numel() == in.context.numel())
-      context = q.x_passed.view(in.context.sizes());
-    kv = route_prefix_views(kv_router, context, in.num_kv, in.context_mask, in.context_view_lengths,
-                            in.context_view_groups, in.random_route, /*keep_one_route_dim=*/once,
-                            /*gather_tokens=*/!once);
-    if (in.queries_view_context && kv.x_passed.defined()) context = kv.x_passed;
+    // Queries that view the context: both routers' scores from one read of it
+    // where the routing-scores kernel takes them.
+    auto joint = in.queries_view_context
+                     ? route_queries_of_context(q_router, kv_router, in.queries, in.num_q, in.query_mask, in.context,
+                                                in.num_kv, in.context_mask, in.context_view_lengths,
+                                                in.context_view_groups, in.random_route, /*keep_one_route_dim=*/once,
+                                                /*gather_tokens=*/!once)
+                     : c10::nullopt;
+    if (joint) {
+      std::tie(q, kv) = *joint;
+      if (in.query_rows_dropping_first > 0) q = drop_first_rows(q, in.query_rows_dropping_first);
+      context = kv.x_passed;
+    } else {
+      q = q_router.forward(in.queries, in.num_q, in.query_mask, in.random_route);
+      if (in.query_rows_dropping_first > 0) q = drop_first_rows(q, in.query_rows_dropping_first);
+      if (in.queries_view_context && q.x_passed.defined() && q.x_passed.numel() == in.context.numel())
+        context = q.x_passed.view(in.context.sizes());
+      kv = route_prefix_views(kv_router, context, in.num_kv, in.context_mask, in.context_view_lengths,
+                              in.context_view_groups, in.random_route, /*keep_one_route_dim=*/once,
+                              /*gather_tokens=*/!once);
+      if (in.queries_view_context && kv.x_passed.defined()) context = kv.x_passed;
+    }
   }
 
   std::pair<torch::Tensor, torch::Tensor> rotary;

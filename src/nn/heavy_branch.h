@@ -70,7 +70,9 @@ struct HeavyBranchInputs {
   // routed and projected from the context as the query router's scores node
   // passes it on, and the key/value router's node passes it on to the
   // projection's norm, so that x's uses give it one gradient (see
-  // RouterOutput::x_passed).
+  // RouterOutput::x_passed). Where CUDA's routing-scores kernel takes both
+  // routers, they score the context in one read of it and one backward
+  // (route_queries_of_context).
   bool queries_view_context = false;
   // Queries and context the same tensor under the same mask (self-attention):
   // route both with route_pair's joint scores and gather where it applies.

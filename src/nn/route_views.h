@@ -2,6 +2,8 @@
 // group needs (the autoregressive module's windows).
 #pragma once
 
+#include <c10/util/Optional.h>
+
 #include <cstdint>
 #include <utility>
 #include <vector>
@@ -37,6 +39,23 @@ std::pair<RouterOutput, RouterOutput> route_pair(CoordinateDescentRouterImpl& q_
                                                  CoordinateDescentRouterImpl& kv_router, const torch::Tensor& x,
                                                  int64_t num_q, int64_t num_kv, const torch::Tensor& mask,
                                                  bool random_route, bool joint_scores);
+
+// The query router over `queries` and route_prefix_views(kv_router, context,
+// num_kv, context_mask, lengths, groups, random_route, keep_one_route_dim,
+// gather_tokens) when the queries are a view of the context (the same
+// elements in the same order: the autoregressive module's windows of its
+// sequence). Where both routers score the sequence with their own tokens on
+// CUDA's routing kernel (no route blocks, at most 4 tokens in all), both
+// scores come from one read of it and its gradient from one backward kernel
+// (the queries' gathered rows and the context's later uses, through each
+// output's x_passed, added in it) rather than a kernel per router. The same
+// routing; the gradients equal up to the order of the additions. nullopt
+// where that does not apply (then route them one after the other).
+c10::optional<std::pair<RouterOutput, RouterOutput>> route_queries_of_context(
+    CoordinateDescentRouterImpl& q_router, CoordinateDescentRouterImpl& kv_router, const torch::Tensor& queries,
+    int64_t num_q, const torch::Tensor& query_mask, const torch::Tensor& context, int64_t num_kv,
+    const torch::Tensor& context_mask, const std::vector<int64_t>& lengths, int64_t groups, bool random_route,
+    bool keep_one_route_dim, bool gather_tokens);
 
 }  // namespace nn
 }  // namespace colt5

@@ -618,6 +618,74 @@ std::pair<RouterOutput, RouterOutput> route_pair(CoordinateDescentRouterImpl& q_
 #endif
 }
 
+c10::optional<std::pair<RouterOutput, RouterOutput>> route_queries_of_context(
+    CoordinateDescentRouterImpl& q_router, CoordinateDescentRouterImpl& kv_router, const torch::Tensor& queries,
+    int64_t num_q, const torch::Tensor& query_mask, const torch::Tensor& context, int64_t num_kv,
+    const torch::Tensor& context_mask, const std::vector<int64_t>& lengths, int64_t groups, bool random_route,
+    bool keep_one_route_dim, bool gather_tokens) {
+#ifdef COLT5_WITH_CUDA
+  const auto &oq = q_router.options, &okv = kv_router.options;
+  if (!queries.defined() || !context.defined() || queries.dim() != 3 || context.dim() != 3) return c10::nullopt;
+  const int64_t d = context.size(2), rq = oq.num_routing_tokens(), rkv = okv.num_routing_tokens();
+  // The queries must be the context's own elements in its order (a view).
+  const bool same_rows = queries.is_contiguous() && context.is_contiguous() && queries.size(2) == d &&
+                         queries.numel() == context.numel() && queries.data_ptr() == context.data_ptr() &&
+                         queries.scalar_type() == context.scalar_type() && queries.device() == context.device();
+  const bool joint = same_rows && !oq.learned_routing_tokens() && !okv.learned_routing_tokens() &&
+                     !oq.route_block_size() && !okv.route_block_size() && q_router.routing_token.defined() &&
+                     kv_router.routing_token.defined() && num_q >= 1 && num_kv >= 1 && queries.size(1) > num_q &&
+                     context.size(1) > num_kv && d == oq.dim() && d == okv.dim() && rq + rkv <= 4 &&
+                     (rq + rkv) * d <= kernels::kRowDotMaxTokenFloats &&
+                     routing_dot_applies(context, q_router.routing_token) &&
+                     routing_dot_applies(context, kv_router.routing_token) && groups >= 1;
+  if (!joint) return c10::nullopt;
+  check_router_input(oq, queries, num_q, query_mask);
+  check_router_input(okv, context, num_kv, context_mask);
+  (void)routing_tokens_of(oq, q_router.routing_token, {}, queries);
+  (void)routing_tokens_of(okv, kv_router.routing_token, {}, context);
+  // Both routers' scores from one read of the sequence: their (normalized)
+  // tokens side by side in one call of the routing-scores kernel; the
+  // backward writes the sequence's gradient once, with the gradients of the
+  // queries' gathered rows and of the context's later uses added in it.
+  torch::Tensor scores[2], x_rows;
+  auto sink = c10::make_intrusive<RowGradSink>();
+  {
+    RECORD_USER_SCOPE("colt5::routing_scores");
+    auto tokens_of = [&](const RouterOptions& o, const torch::Tensor& t) {
+      return o.cosine_sim_routing() ? l2norm(as_type(t, torch::kFloat)) * o.cosine_sim_scale()
+                                    : as_type(t, torch::kFloat);
+    };
+    torch::Tensor t = torch::cat({tokens_of(oq, q_router.routing_token), tokens_of(okv, kv_router.routing_token)}, 0);
+    auto out = RoutingDotFunction::apply(context.reshape({-1, d}), t, sink);
+    x_rows = out[2];
+    const RouterOptions* opts[2] = {&oq, &okv};
+    const torch::Tensor* of[2] = {&queries, &context};
+    const int64_t first[2] = {0, rq}, count[2] = {rq, rkv};
+    for (int i = 0; i < 2; ++i) {
+      torch::Tensor dots = out[0].narrow(1, first[i], count[i]);
+      if (opts[i]->cosine_sim_routing()) dots = dots / out[1].clamp_min(1e-12);
+      scores[i] = dots.view({of[i]->size(0), of[i]->size(1), count[i]}).transpose(1, 2);
+    }
+  }
+  RouterOutput q = route_impl(q_router, x_rows.view(queries.sizes()), num_q, query_mask, random_route, {},
+                              /*keep_one_route_dim=*/false, /*gather_tokens=*/false, nullptr, 1, scores[0]);
+  RouterOutput kv = route_impl(kv_router, x_rows.view(context.sizes()), num_kv, context_mask, random_route, {},
+                               keep_one_route_dim, gather_tokens, &lengths, groups, scores[1]);
+  // The queries' routed rows from the scores' alias (their gradients added in
+  // its backward kernel).
+  std::vector<int64_t> shape = q.indices.sizes().vec();
+  q.routed_tokens =
+      gather_via_sink({x_rows, sink}, flat_positions(q.indices, queries.size(1)), std::move(shape));
+  q.x_passed = x_rows.view(queries.sizes());
+  kv.x_passed = x_rows.view(context.sizes());
+  return std::make_pair(q, kv);
+#else
+  (void)q_router, (void)kv_router, (void)queries, (void)num_q, (void)query_mask, (void)context, (void)num_kv;
+  (void)context_mask, (void)lengths, (void)groups, (void)random_route, (void)keep_one_route_dim, (void)gather_tokens;
+  return c10::nullopt;
+#endif
+}
+
 torch::Tensor CoordinateDescentRouterImpl::route_back(const torch::Tensor& src, const torch::Tensor& routed_tokens,
                                                       const torch::Tensor& indices) const {
   RECORD_USER_SCOPE("colt5::route_back");

@@ -702,6 +702,50 @@ TEST(CudaModules, AutoregressiveMatchesTheCpuForwardAndBackward) {
   }
 }
 
+// Without rotary embeddings the heavy attention runs on the gathered-rows
+// kernel (in 16-bit types with the backward in pairs of windows, where the
+// windows' key sets are prefixes of one sequence), and both routers score the
+// sequence in one read: float32 and bfloat16 on the GPU against float64 on the
+// CPU (the same bf16-rounded weights and input), one routed key/value set and
+// two, a whole number of windows and a ragged length.
+TEST(CudaModules, AutoregressiveWithoutRotaryMatchesTheCpuFloat64) {
+  torch::manual_seed(29);
+  for (int64_t routes : {1, 2}) {
+    auto opts = ConditionalRoutedAutoregressiveAttentionOptions(64, 16, 96)
+                    .light_dim_head(16)
+                    .light_heads(4)
+                    .light_window_size(32)
+                    .heavy_dim_head(64)
+                    .heavy_heads(2)
+                    .num_routed_kv(routes)
+                    .router_kwargs(RouterKwargs().eps(1.0));
+    ConditionalRoutedAutoregressiveAttention cpu(opts);
+    for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+      const bool half = dtype != torch::kFloat;
+      cpu->to(dtype);
+      cpu->to(torch::kDouble);  // weights rounded to dtype
+      ConditionalRoutedAutoregressiveAttention gpu(
+          std::dynamic_pointer_cast<ConditionalRoutedAutoregressiveAttentionImpl>(cpu->clone(cuda())));
+      gpu->to(dtype);
+      for (const int64_t n : {1024, 1000}) {
+        SCOPED_TRACE("routes " + std::to_string(routes) + " " + c10::toString(dtype) + " length " + std::to_string(n));
+        cpu->zero_grad();
+        gpu->zero_grad();
+        torch::Tensor x = torch::randn({2, n, 64}).to(dtype).to(torch::kDouble);
+        torch::Tensor xc = x.clone().requires_grad_(true);
+        torch::Tensor xg = x.to(cuda(), dtype).requires_grad_(true);
+        torch::Tensor yc = xc + cpu->forward(xc), yg = gpu->residual_forward(xg);
+        EXPECT_LT(colt5::testing::norm_rel_error(yg.detach().to(torch::kDouble).cpu(), yc.detach()), half ? 2e-2 : 1e-4);
+        torch::Tensor g = torch::randn_like(x);
+        yc.backward(g);
+        yg.backward(g.to(cuda(), dtype));
+        EXPECT_LT(colt5::testing::norm_rel_error(xg.grad().to(torch::kDouble).cpu(), xc.grad()), half ? 3e-2 : 1e-3);
+        expect_parameter_grads_close(*cpu, *gpu, half ? 5e-2 : 1e-3);
+      }
+    }
+  }
+}
+
 TEST(CudaModules, BFloat16BlockStaysCloseToFloat32AndBackpropagates) {
   torch::manual_seed(14);
   ConditionalRoutedTransformerBlock block(ConditionalRoutedTransformerBlockOptions(128, 256, 256, 256)
