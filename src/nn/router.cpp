@@ -121,7 +121,7 @@ class GatherRowsFunction : public torch::autograd::Function<GatherRowsFunction> 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     if (grads[0].defined()) {
-      const torch::Tensor& flat = ctx->get_saved_variables()[0];
+      const torch::Tensor flat = ctx->get_saved_variables()[0];
       const std::vector<int64_t> segments = ctx->saved_data["segments"].toIntVector();
       auto& parts = sink_of(ctx)->parts;
       if (segments.empty()) {
@@ -187,7 +187,7 @@ class RoutingDotFunction : public torch::autograd::Function<RoutingDotFunction> 
                                                  torch::autograd::variable_list grads) {
     RowGradSinkPtr sink = sink_of(ctx);
     auto [gx, gt, passed_added] = scores_backward(ctx, grads, sink->parts);
-    const torch::Tensor& x = ctx->get_saved_variables()[0];
+    const torch::Tensor x = ctx->get_saved_variables()[0];
     const bool passed = grads[2].defined() && !passed_added;
     if (ctx->needs_input_grad(0) && (passed || !sink->parts.empty())) {
       if (!gx.defined()) gx = torch::zeros_like(x);
