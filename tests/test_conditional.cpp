@@ -15,6 +15,7 @@
 #include "colt5/nn/image.h"
 #include "colt5/nn/router.h"
 #include "colt5/nn/state.h"
+#include "nn/heavy_branch.h"
 #include "support/support.h"
 
 using colt5::testing::error_message;
@@ -808,6 +809,56 @@ TEST(ConditionalResidual, AutoregressiveNullTokenIsUnusedWhenEveryQueryIsRouted)
           EXPECT_EQ(nonzero, 0) << g;
         else
           EXPECT_GT(nonzero, 0);
+      }
+    }
+  }
+}
+
+// The routed rows' sum (add_scaled_rows) against the same sum written out
+// row by row, in float64: its value and the gradients of the sum, the rows,
+// their scores and the bias, with and without lead rows, scale and bias.
+TEST(ConditionalResidual, AddScaledRowsIsTheRowByRowSum) {
+  torch::manual_seed(3);
+  const int64_t b = 2, n = 20, k = 5, d = 6;
+  auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+  for (int64_t lead : {0, 3}) {
+    for (bool scaled : {false, true}) {
+      for (bool biased : {false, true}) {
+        if (lead > 0 && !biased) continue;
+        SCOPED_TRACE("lead " + std::to_string(lead) + " scaled " + std::to_string(scaled) + " bias " +
+                     std::to_string(biased));
+        torch::Tensor idx = torch::stack({torch::randperm(n - lead, torch::kLong).narrow(0, 0, k) + lead,
+                                          torch::randperm(n - lead, torch::kLong).narrow(0, 0, k) + lead});
+        torch::Tensor base = torch::randn({b, n, d}, f64).requires_grad_(true);
+        torch::Tensor src = torch::randn({b, k, d}, f64).requires_grad_(true);
+        torch::Tensor scale = scaled ? torch::rand({b, k}, f64).requires_grad_(true) : torch::Tensor();
+        torch::Tensor bias = biased ? torch::randn({d}, f64).requires_grad_(true) : torch::Tensor();
+        torch::Tensor gy = torch::randn({b, n, d}, f64);
+        torch::Tensor y = colt5::nn::add_scaled_rows(base.clone(), idx, src, scale, bias, lead);
+        std::vector<torch::Tensor> params = {base, src};
+        if (scaled) params.push_back(scale);
+        if (biased) params.push_back(bias);
+        auto got = torch::autograd::grad({(y * gy).sum()}, params);
+        // Row by row.
+        std::vector<torch::Tensor> rows;
+        for (int64_t i = 0; i < b; ++i) {
+          std::vector<torch::Tensor> out;
+          for (int64_t p = 0; p < n; ++p) {
+            torch::Tensor r = base[i][p];
+            if (p < lead) r = r - bias;
+            for (int64_t j = 0; j < k; ++j)
+              if (idx[i][j].item<int64_t>() == p) {
+                torch::Tensor add = scaled ? src[i][j] * scale[i][j] : src[i][j];
+                r = r + (biased ? add - bias : add);
+              }
+            out.push_back(r);
+          }
+          rows.push_back(torch::stack(out));
+        }
+        torch::Tensor want = torch::stack(rows);
+        auto want_grads = torch::autograd::grad({(want * gy).sum()}, params);
+        EXPECT_LT(max_rel_error(y.detach(), want.detach()), 1e-12);
+        for (size_t i = 0; i < params.size(); ++i) EXPECT_LT(max_rel_error(got[i], want_grads[i]), 1e-12) << i;
       }
     }
   }

@@ -166,10 +166,47 @@ struct RowDotBackwardParams {
   const void* grad_x_add = nullptr;
   float* grad_tokens_partial = nullptr;
   int64_t rows = 0, d = 0, r = 1;
+  // Optional, up to two sets of gathered rows' gradients added to grad_x:
+  // slot[i][row] is -1 or the row's place in rows[i] (x's dtype, contiguous
+  // [*, d], 16-byte aligned); each row of x is in a set at most once.
+  const int32_t* slot[2] = {nullptr, nullptr};
+  const void* slot_rows[2] = {nullptr, nullptr};
 };
 bool row_dot_norm_backward_supports(const void* x, RowDtype dtype, int64_t d, int64_t r);
 int64_t row_dot_norm_backward_partials(int64_t rows);
 void row_dot_norm_backward_cuda(const RowDotBackwardParams& p, void* stream);
+
+// slot[flat[j]] = j for j < count (slot: n int32, set to -1 first): the
+// place of each row of x among rows gathered from it at distinct positions.
+void row_slot_map_cuda(const int64_t* flat, int64_t count, int32_t* slot, int64_t n, void* stream);
+
+// Routed rows added into a sum in place (routing_cuda.cu): for batch row b and
+// routed row j, out[b, indices[b, j]] += scale[b, j] * src[b, j] - bias, and
+// out[b, p] -= bias for p < lead (the indices of a batch row distinct and at
+// least `lead`). out [batch, n, d] and src [batch, k, d] contiguous, each
+// float32, float16 or bfloat16; scale float32 [batch * k] and bias float32 [d]
+// optional. The backward, given grad_out (out's dtype and layout), writes
+// grad_src[b, j] = scale * grad_out[b, indices[b, j]] (src's dtype),
+// grad_scale[b * k + j] = grad_out[b, indices[b, j]] . src[b, j] (float32) and
+// adds minus the sum of grad_out over the routed and lead rows into the zeroed
+// float32 grad_bias (each optional). d <= kScatterRowsMaxD.
+constexpr int64_t kScatterRowsMaxD = 8192;
+struct ScatterRowsParams {
+  void* out = nullptr;
+  RowDtype out_dtype = RowDtype::f32;
+  const void* src = nullptr;
+  RowDtype src_dtype = RowDtype::f32;
+  const int64_t* indices = nullptr;
+  const float* scale = nullptr;
+  const float* bias = nullptr;
+  int64_t batch = 0, k = 0, n = 0, d = 0, lead = 0;
+  const void* grad_out = nullptr;
+  void* grad_src = nullptr;
+  float* grad_scale = nullptr;
+  float* grad_bias = nullptr;
+};
+void scatter_rows_forward_cuda(const ScatterRowsParams& p, void* stream);
+void scatter_rows_backward_cuda(const ScatterRowsParams& p, void* stream);
 
 // Attention over keys/values read by index from a table of projected rows
 // (gathered_attention_cuda.cu). Group g (= batch row * routes + route) has

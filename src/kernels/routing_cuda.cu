@@ -135,7 +135,9 @@ __global__ void row_dot_norm_backward_kernel(const T* __restrict__ x, const floa
                                              const float* __restrict__ g_dots, const float* __restrict__ g_norms,
                                              const float* __restrict__ norms, int64_t rows, int64_t d,
                                              const T* __restrict__ gx_add, T* __restrict__ gx,
-                                             float* __restrict__ gt_partial) {
+                                             float* __restrict__ gt_partial, const int32_t* __restrict__ slot0,
+                                             const T* __restrict__ rows0, const int32_t* __restrict__ slot1,
+                                             const T* __restrict__ rows1) {
   constexpr int E = 16 / sizeof(T);
   const int64_t pieces = d / E;
   float tv[G][R][E], acc[G][R][E];
@@ -155,6 +157,7 @@ __global__ void row_dot_norm_backward_kernel(const T* __restrict__ x, const floa
     float gd[R];
 #pragma unroll
     for (int q = 0; q < R; ++q) gd[q] = g_dots ? g_dots[row * R + q] : 0.f;
+    const int32_t s0 = slot0 ? slot0[row] : -1, s1 = slot1 ? slot1[row] : -1;
     float coef = 0.f;
     if (g_norms) {
       const float nr = norms[row];
@@ -166,14 +169,19 @@ __global__ void row_dot_norm_backward_kernel(const T* __restrict__ x, const floa
       if (p >= pieces) continue;
       const uint4 raw = __ldg(reinterpret_cast<const uint4*>(x + row * d) + p);
       const T* xe = reinterpret_cast<const T*>(&raw);
-      uint4 out_raw, add_raw = make_uint4(0, 0, 0, 0);
+      uint4 out_raw, add_raw = make_uint4(0, 0, 0, 0), g0_raw = make_uint4(0, 0, 0, 0), g1_raw = g0_raw;
       if (gx && gx_add) add_raw = __ldg(reinterpret_cast<const uint4*>(gx_add + row * d) + p);
+      if (gx && s0 >= 0) g0_raw = __ldg(reinterpret_cast<const uint4*>(rows0 + s0 * d) + p);
+      if (gx && s1 >= 0) g1_raw = __ldg(reinterpret_cast<const uint4*>(rows1 + s1 * d) + p);
       T* oe = reinterpret_cast<T*>(&out_raw);
       const T* ae = reinterpret_cast<const T*>(&add_raw);
+      const T* g0e = reinterpret_cast<const T*>(&g0_raw);
+      const T* g1e = reinterpret_cast<const T*>(&g1_raw);
 #pragma unroll
       for (int e = 0; e < E; ++e) {
         const float v = to_float<T>(xe[e]);
-        float o = coef * v + (gx_add ? to_float<T>(ae[e]) : 0.f);
+        // Zero bits are 0 in every type: absent additions add nothing.
+        float o = coef * v + to_float<T>(ae[e]) + to_float<T>(g0e[e]) + to_float<T>(g1e[e]);
 #pragma unroll
         for (int q = 0; q < R; ++q) {
           o += gd[q] * tv[k][q][e];
@@ -211,14 +219,18 @@ void launch_backward(const RowDotBackwardParams& p, cudaStream_t st) {
   const auto* x = static_cast<const T*>(p.x);
   auto* gx = static_cast<T*>(p.grad_x);
   const auto* gx_add = static_cast<const T*>(p.grad_x_add);
+  const auto* rows0 = static_cast<const T*>(p.slot_rows[0]);
+  const auto* rows1 = static_cast<const T*>(p.slot_rows[1]);
   if (pieces <= 1024) {
     const int threads = static_cast<int>((pieces + 31) / 32 * 32);
     row_dot_norm_backward_kernel<T, R, 1><<<static_cast<unsigned>(blocks), threads, 0, st>>>(
-        x, p.tokens, p.grad_dots, p.grad_norms, p.norms, p.rows, p.d, gx_add, gx, p.grad_tokens_partial);
+        x, p.tokens, p.grad_dots, p.grad_norms, p.norms, p.rows, p.d, gx_add, gx, p.grad_tokens_partial, p.slot[0], rows0,
+        p.slot[1], rows1);
   } else {
     const int threads = static_cast<int>(((pieces + 1) / 2 + 31) / 32 * 32);
     row_dot_norm_backward_kernel<T, R, 2><<<static_cast<unsigned>(blocks), threads, 0, st>>>(
-        x, p.tokens, p.grad_dots, p.grad_norms, p.norms, p.rows, p.d, gx_add, gx, p.grad_tokens_partial);
+        x, p.tokens, p.grad_dots, p.grad_norms, p.norms, p.rows, p.d, gx_add, gx, p.grad_tokens_partial, p.slot[0], rows0,
+        p.slot[1], rows1);
   }
   check(cudaGetLastError(), "row_dot_norm_backward_kernel launch");
 }
@@ -278,6 +290,163 @@ void row_dot_norm_cuda(const void* x, RowDtype dtype, const float* tokens, int64
       return launch_r(static_cast<const __nv_bfloat16*>(x), tokens, rows, d, r, dots, norms, st);
   }
 }
+
+// ------------------------------------------------------------ routed rows
+
+namespace {
+
+__global__ void row_slot_map_kernel(const int64_t* __restrict__ flat, int64_t count, int32_t* __restrict__ slot,
+                                    int64_t n) {
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < count;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = flat[j];
+    if (row >= 0 && row < n) slot[row] = static_cast<int32_t>(j);
+  }
+}
+
+constexpr int kScatterWarps = 8;
+
+// One warp per row: rows [0, batch * k) are the routed rows, the next
+// batch * lead the lead rows.
+template <typename TO, typename TS>
+__global__ void __launch_bounds__(kScatterWarps * 32)
+    scatter_rows_forward_kernel(TO* __restrict__ out, const TS* __restrict__ src, const int64_t* __restrict__ indices,
+                                const float* __restrict__ scale, const float* __restrict__ bias, int64_t batch,
+                                int64_t k, int64_t n, int64_t d, int64_t lead) {
+  const int lane = threadIdx.x & 31;
+  const int64_t routed = batch * k, total = routed + batch * lead;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kScatterWarps;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kScatterWarps + (threadIdx.x >> 5); row < total;
+       row += stride) {
+    if (row < routed) {
+      const int64_t b = row / k;
+      TO* o = out + (b * n + indices[row]) * d;
+      const TS* sr = src + row * d;
+      const float sc = scale ? scale[row] : 1.f;
+      for (int64_t c = lane; c < d; c += 32) {
+        const float v = to_float<TO>(o[c]) + (sc * to_float<TS>(sr[c]) - (bias ? bias[c] : 0.f));
+        o[c] = from_float<TO>(v);
+      }
+    } else {
+      const int64_t r = row - routed, b = r / lead;
+      TO* o = out + (b * n + r % lead) * d;
+      for (int64_t c = lane; c < d; c += 32) o[c] = from_float<TO>(to_float<TO>(o[c]) - bias[c]);
+    }
+  }
+}
+
+template <typename TO, typename TS>
+__global__ void __launch_bounds__(kScatterWarps * 32)
+    scatter_rows_backward_kernel(const TO* __restrict__ g, const TS* __restrict__ src,
+                                 const int64_t* __restrict__ indices, const float* __restrict__ scale, int64_t batch,
+                                 int64_t k, int64_t n, int64_t d, int64_t lead, TS* __restrict__ grad_src,
+                                 float* __restrict__ grad_scale, float* __restrict__ grad_bias) {
+  extern __shared__ float bias_acc[];
+  if (grad_bias) {
+    for (int64_t c = threadIdx.x; c < d; c += blockDim.x) bias_acc[c] = 0.f;
+    __syncthreads();
+  }
+  const int lane = threadIdx.x & 31;
+  const int64_t routed = batch * k, total = routed + (grad_bias ? batch * lead : 0);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kScatterWarps;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kScatterWarps + (threadIdx.x >> 5); row < total;
+       row += stride) {
+    if (row < routed) {
+      const int64_t b = row / k;
+      const TO* gr = g + (b * n + indices[row]) * d;
+      const TS* sr = src + row * d;
+      const float sc = scale ? scale[row] : 1.f;
+      float dot = 0.f;
+      for (int64_t c = lane; c < d; c += 32) {
+        const float gv = to_float<TO>(gr[c]);
+        if (grad_src) grad_src[row * d + c] = from_float<TS>(sc * gv);
+        if (grad_scale) dot += gv * to_float<TS>(sr[c]);
+        if (grad_bias) atomicAdd(&bias_acc[c], -gv);
+      }
+      if (grad_scale) {
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+        if (lane == 0) grad_scale[row] = dot;
+      }
+    } else {
+      const int64_t r = row - routed, b = r / lead;
+      const TO* gr = g + (b * n + r % lead) * d;
+      for (int64_t c = lane; c < d; c += 32) atomicAdd(&bias_acc[c], -to_float<TO>(gr[c]));
+    }
+  }
+  if (grad_bias) {
+    __syncthreads();
+    for (int64_t c = threadIdx.x; c < d; c += blockDim.x) atomicAdd(&grad_bias[c], bias_acc[c]);
+  }
+}
+
+int64_t scatter_blocks(int64_t rows) {
+  int dev = 0, sms = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  return std::max<int64_t>(1, std::min<int64_t>((rows + kScatterWarps - 1) / kScatterWarps, int64_t{sms} * 4));
+}
+
+template <typename TO, typename TS>
+void scatter_rows_launch(const ScatterRowsParams& p, bool backward, cudaStream_t st) {
+  const int64_t rows = p.batch * p.k + ((backward ? p.grad_bias != nullptr : p.bias != nullptr) ? p.batch * p.lead : 0);
+  if (rows == 0) return;
+  const auto blocks = static_cast<unsigned>(scatter_blocks(rows));
+  if (!backward) {
+    scatter_rows_forward_kernel<TO, TS><<<blocks, kScatterWarps * 32, 0, st>>>(
+        static_cast<TO*>(p.out), static_cast<const TS*>(p.src), p.indices, p.scale, p.bias, p.batch, p.k, p.n, p.d,
+        p.bias ? p.lead : 0);
+    check(cudaGetLastError(), "scatter_rows_forward_kernel launch");
+  } else {
+    const size_t smem = p.grad_bias ? static_cast<size_t>(p.d) * sizeof(float) : 0;
+    scatter_rows_backward_kernel<TO, TS><<<blocks, kScatterWarps * 32, smem, st>>>(
+        static_cast<const TO*>(p.grad_out), static_cast<const TS*>(p.src), p.indices, p.scale, p.batch, p.k, p.n,
+        p.d, p.lead, static_cast<TS*>(p.grad_src), p.grad_scale, p.grad_bias);
+    check(cudaGetLastError(), "scatter_rows_backward_kernel launch");
+  }
+}
+
+template <typename TO>
+void scatter_rows_src(const ScatterRowsParams& p, bool backward, cudaStream_t st) {
+  switch (p.src_dtype) {
+    case RowDtype::f32:
+      return scatter_rows_launch<TO, float>(p, backward, st);
+    case RowDtype::f16:
+      return scatter_rows_launch<TO, __half>(p, backward, st);
+    case RowDtype::bf16:
+      return scatter_rows_launch<TO, __nv_bfloat16>(p, backward, st);
+  }
+}
+
+void scatter_rows(const ScatterRowsParams& p, bool backward, void* stream) {
+  if (p.d > kScatterRowsMaxD)
+    throw std::runtime_error("colt5 CUDA routed rows: width " + std::to_string(p.d) + " exceeds " +
+                             std::to_string(kScatterRowsMaxD));
+  if (p.lead > 0 && p.lead > p.n) throw std::runtime_error("colt5 CUDA routed rows: lead rows exceed the length");
+  const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  switch (p.out_dtype) {
+    case RowDtype::f32:
+      return scatter_rows_src<float>(p, backward, st);
+    case RowDtype::f16:
+      return scatter_rows_src<__half>(p, backward, st);
+    case RowDtype::bf16:
+      return scatter_rows_src<__nv_bfloat16>(p, backward, st);
+  }
+}
+
+}  // namespace
+
+void row_slot_map_cuda(const int64_t* flat, int64_t count, int32_t* slot, int64_t n, void* stream) {
+  const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  check(cudaMemsetAsync(slot, 0xff, static_cast<size_t>(n) * sizeof(int32_t), st), "cudaMemsetAsync");
+  if (count == 0) return;
+  const auto blocks = static_cast<unsigned>(std::min<int64_t>((count + 255) / 256, 4096));
+  row_slot_map_kernel<<<blocks, 256, 0, st>>>(flat, count, slot, n);
+  check(cudaGetLastError(), "row_slot_map_kernel launch");
+}
+
+void scatter_rows_forward_cuda(const ScatterRowsParams& p, void* stream) { scatter_rows(p, false, stream); }
+void scatter_rows_backward_cuda(const ScatterRowsParams& p, void* stream) { scatter_rows(p, true, stream); }
 
 }  // namespace kernels
 }  // namespace colt5

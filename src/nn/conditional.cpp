@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -13,9 +14,137 @@
 #include "nn/heavy_branch.h"
 #include "nn/route_views.h"
 #include "ops/as_type.h"
+#include "ops/row_dtype.h"
+
+#ifdef COLT5_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "kernels/coor_descent.h"
+#endif
 
 namespace colt5 {
 namespace nn {
+
+#ifdef COLT5_WITH_CUDA
+namespace {
+
+// add_scaled_rows on CUDA: out changed in place (its gradient passes through),
+// one kernel each way. scale and bias: float32, or empty when absent.
+class ScatterRowsFunction : public torch::autograd::Function<ScatterRowsFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, torch::Tensor out, const torch::Tensor& src,
+                               const torch::Tensor& scale, const torch::Tensor& bias, const torch::Tensor& indices,
+                               int64_t lead) {
+    ctx->mark_dirty({out});
+    ctx->save_for_backward({src, scale, indices});
+    ctx->saved_data["lead"] = lead;
+    ctx->saved_data["n"] = out.size(1);
+    ctx->saved_data["out_dtype"] = static_cast<int64_t>(out.scalar_type());
+    ctx->saved_data["has_bias"] = bias.numel() > 0;
+    c10::cuda::CUDAGuard guard(out.device());
+    kernels::ScatterRowsParams p;
+    p.out = out.data_ptr();
+    p.out_dtype = row_dtype(out.scalar_type());
+    p.src = src.data_ptr();
+    p.src_dtype = row_dtype(src.scalar_type());
+    p.indices = indices.data_ptr<int64_t>();
+    p.scale = scale.numel() ? scale.data_ptr<float>() : nullptr;
+    p.bias = bias.numel() ? bias.data_ptr<float>() : nullptr;
+    p.batch = src.size(0);
+    p.k = src.size(1);
+    p.n = out.size(1);
+    p.d = out.size(2);
+    p.lead = lead;
+    kernels::scatter_rows_forward_cuda(p, at::cuda::getCurrentCUDAStream().stream());
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    if (!grads[0].defined()) return {torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(),
+                                     torch::Tensor(), torch::Tensor()};
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor &src = saved[0], &scale = saved[1], &indices = saved[2];
+    const auto out_dtype = static_cast<torch::ScalarType>(ctx->saved_data["out_dtype"].toInt());
+    torch::Tensor g = as_type(grads[0], out_dtype).contiguous();
+    torch::Tensor gsrc, gscale, gbias;
+    if (ctx->needs_input_grad(1)) gsrc = torch::empty_like(src);
+    if (ctx->needs_input_grad(2) && scale.numel()) gscale = torch::empty(scale.sizes(), scale.options());
+    if (ctx->needs_input_grad(3) && ctx->saved_data["has_bias"].toBool())
+      gbias = torch::zeros({g.size(2)}, g.options().dtype(torch::kFloat));
+    if (gsrc.defined() || gscale.defined() || gbias.defined()) {
+      c10::cuda::CUDAGuard guard(g.device());
+      kernels::ScatterRowsParams p;
+      p.out_dtype = row_dtype(g.scalar_type());
+      p.src = src.data_ptr();
+      p.src_dtype = row_dtype(src.scalar_type());
+      p.indices = indices.data_ptr<int64_t>();
+      p.scale = scale.numel() ? scale.data_ptr<float>() : nullptr;
+      p.batch = src.size(0);
+      p.k = src.size(1);
+      p.n = ctx->saved_data["n"].toInt();
+      p.d = g.size(2);
+      p.lead = ctx->saved_data["lead"].toInt();
+      p.grad_out = g.data_ptr();
+      p.grad_src = gsrc.defined() ? gsrc.data_ptr() : nullptr;
+      p.grad_scale = gscale.defined() ? gscale.data_ptr<float>() : nullptr;
+      p.grad_bias = gbias.defined() ? gbias.data_ptr<float>() : nullptr;
+      kernels::scatter_rows_backward_cuda(p, at::cuda::getCurrentCUDAStream().stream());
+    }
+    return {g, gsrc, gscale, gbias, torch::Tensor(), torch::Tensor()};
+  }
+};
+
+bool scatter_rows_applies(const torch::Tensor& out, const torch::Tensor& src, const torch::Tensor& indices) {
+  kernels::RowDtype t;
+  return out.is_cuda() && src.is_cuda() && indices.is_cuda() && out.get_device() == src.get_device() &&
+         out.is_contiguous() && row_dtype(out.scalar_type(), t) && row_dtype(src.scalar_type(), t) &&
+         out.size(2) <= kernels::kScatterRowsMaxD && out.size(1) <= std::numeric_limits<int32_t>::max();
+}
+
+}  // namespace
+#endif
+
+torch::Tensor add_scaled_rows(torch::Tensor out, const torch::Tensor& indices, const torch::Tensor& src,
+                              const torch::Tensor& scale, const torch::Tensor& bias, int64_t lead) {
+  TORCH_CHECK(out.defined() && out.dim() == 3, "add_scaled_rows: out must be (b, n, d)");
+  const int64_t b = out.size(0), n = out.size(1), d = out.size(2);
+  TORCH_CHECK(indices.defined() && indices.dim() == 2 && indices.size(0) == b &&
+                  indices.scalar_type() == torch::kLong,
+              "add_scaled_rows: indices must be int64 (b, k) with b ", b);
+  const int64_t k = indices.size(1);
+  TORCH_CHECK(src.defined() && src.dim() == 3 && src.size(0) == b && src.size(1) == k && src.size(2) == d,
+              "add_scaled_rows: src must be (b, k, d) = (", b, ", ", k, ", ", d, "), got ",
+              src.defined() ? src.sizes() : c10::IntArrayRef{});
+  TORCH_CHECK(!scale.defined() || (scale.dim() == 2 && scale.size(0) == b && scale.size(1) == k),
+              "add_scaled_rows: scale must be (b, k)");
+  TORCH_CHECK(!bias.defined() || (bias.numel() == d), "add_scaled_rows: bias must have d = ", d, " elements");
+  TORCH_CHECK(lead >= 0 && lead <= n && (lead == 0 || bias.defined()),
+              "add_scaled_rows: lead rows need a bias and at most n rows");
+#ifdef COLT5_WITH_CUDA
+  if (scatter_rows_applies(out, src, indices)) {
+    auto f32 = out.options().dtype(torch::kFloat);
+    torch::Tensor sc = scale.defined() ? as_type(scale, torch::kFloat).contiguous() : torch::empty({0}, f32);
+    torch::Tensor bi = bias.defined() ? as_type(bias.reshape({d}), torch::kFloat).contiguous() : torch::empty({0}, f32);
+    return ScatterRowsFunction::apply(out, src.contiguous(), sc, bi, indices.contiguous(), bias.defined() ? lead : 0);
+  }
+#endif
+  // Composite: the scaled rows in the product's type, then out's; minus the
+  // bias; the lead rows as rows of minus the bias; one scatter.
+  const auto dt = out.scalar_type();
+  torch::Tensor rows = as_type(scale.defined() ? src * scale.unsqueeze(-1) : src, dt);
+  torch::Tensor idx = indices;
+  if (bias.defined()) {
+    const torch::Tensor bt = as_type(bias.reshape({1, 1, d}), dt);
+    rows = rows - bt;
+    if (lead > 0) {
+      rows = torch::cat({bt.neg().expand({b, lead, d}), rows}, 1);
+      idx = torch::cat({torch::arange(lead, indices.options()).view({1, lead}).expand({b, lead}), indices}, 1);
+    }
+  }
+  return out.scatter_add_(1, idx.unsqueeze(-1).expand({b, idx.size(1), d}), rows);
+}
 
 namespace {
 
@@ -66,18 +195,19 @@ torch::Tensor scatter_queries(const CoordinateDescentRouterImpl& router, const t
 // the sums; the routed rows then add (routed - null) in place (the same up
 // to rounding).
 torch::Tensor add_heavy_output(const torch::Tensor& null_q_token, const torch::Tensor& a, const torch::Tensor& b,
-                               bool b_has_null, const torch::Tensor& routed_out, const torch::Tensor& indices) {
+                               bool b_has_null, const torch::Tensor& routed_out, const torch::Tensor& scores,
+                               const torch::Tensor& indices) {
   torch::Tensor null = null_q_token.defined() ? null_q_token.view({1, 1, -1}) : torch::Tensor();
   // A fresh tensor (the routed rows are added into it in place).
   torch::Tensor out = b.defined() ? torch::add(a, b) : torch::Tensor();
   if (null.defined() && !b_has_null) out = out.defined() ? out.add_(null) : a + null;
-  if (!out.defined()) out = a.to(at::promote_types(a.scalar_type(), routed_out.scalar_type()), false, /*copy=*/true);
-  const auto dt = at::promote_types(out.scalar_type(), routed_out.scalar_type());
+  // The type of the routed rows times their scores.
+  const auto rows_t =
+      scores.defined() ? at::promote_types(routed_out.scalar_type(), scores.scalar_type()) : routed_out.scalar_type();
+  if (!out.defined()) out = a.to(at::promote_types(a.scalar_type(), rows_t), false, /*copy=*/true);
+  const auto dt = at::promote_types(out.scalar_type(), rows_t);
   out = as_type(out, dt);
-  torch::Tensor src = as_type(routed_out, dt);
-  if (null.defined()) src = src - as_type(null, dt);
-  auto idx = indices.unsqueeze(-1).expand_as(src);
-  return out.scatter_add_(1, idx, src);
+  return add_scaled_rows(out, indices, routed_out, scores, null, 0);
 }
 
 // Of every `per` consecutive rows of a routing, all but the first.
@@ -208,15 +338,15 @@ HeavyRoutedRows heavy_routed_rows(CoordinateDescentRouterImpl& q_router, Coordin
     routed_out = heavy_attn.forward(q.routed_tokens, kv.routed_tokens, kv.routed_mask, kv_scores, scores_q, rotary);
   }
   if (!q.indices.defined())
-    return {routed_out, torch::Tensor(), torch::Tensor(), context_passed};  // all routed, score 1
-  return {routed_out * q.scores.unsqueeze(-1), q.indices, q.x_passed, context_passed};
+    return {routed_out, torch::Tensor(), torch::Tensor(), torch::Tensor(), context_passed};  // all routed, score 1
+  return {routed_out, q.scores, q.indices, q.x_passed, context_passed};
 }
 
 torch::Tensor heavy_routed_attention(CoordinateDescentRouterImpl& q_router, CoordinateDescentRouterImpl& kv_router,
                                      AttentionImpl& heavy_attn, const torch::Tensor& null_q_token,
                                      const HeavyBranchInputs& in) {
   RECORD_USER_SCOPE("colt5::heavy_branch");
-  auto [routed_out, indices, x_passed, context_passed] = heavy_routed_rows(q_router, kv_router, heavy_attn, in);
+  auto [routed_out, scores, indices, x_passed, context_passed] = heavy_routed_rows(q_router, kv_router, heavy_attn, in);
   if (!indices.defined()) {  // every query took the heavy branch with score 1
     TORCH_CHECK(!in.plus_b_has_null, "heavy branch: plus_b holds the null token but every query is routed");
     if (!in.plus_a.defined()) return routed_out;
@@ -224,9 +354,9 @@ torch::Tensor heavy_routed_attention(CoordinateDescentRouterImpl& q_router, Coor
   }
   if (in.plus_a.defined()) {
     const torch::Tensor& a = x_passed.defined() && in.plus_a.is_same(in.queries) ? x_passed : in.plus_a;
-    return add_heavy_output(null_q_token, a, in.plus_b, in.plus_b_has_null, routed_out, indices);
+    return add_heavy_output(null_q_token, a, in.plus_b, in.plus_b_has_null, routed_out, scores, indices);
   }
-  return scatter_queries(q_router, null_q_token, in.queries, routed_out, indices);
+  return scatter_queries(q_router, null_q_token, in.queries, routed_out * scores.unsqueeze(-1), indices);
 }
 
 // ================================================================ feedforward
@@ -276,16 +406,18 @@ torch::Tensor ConditionalRoutedFeedForwardImpl::forward_plus(const torch::Tensor
   auto [light_out, x_norm_passed] = light_ff->forward_passing(x);
   RouterOutput r = router(x_norm_passed, k, mask);
   const torch::Tensor xr = r.x_passed.defined() ? r.x_passed : x_norm_passed;
-  torch::Tensor routed_out = heavy_ff(r.routed_tokens) * r.scores.unsqueeze(-1);
-  if (!r.indices.defined()) return residual ? torch::add(xr, light_out).add_(routed_out) : light_out + routed_out;
-  // light_out (plus x) and the heavy outputs added at the routed positions
-  // (indices of a row are distinct): one pass over the tokens for the sum,
-  // the routed rows added into it in place.
-  auto idx = r.indices.unsqueeze(-1).expand_as(routed_out);
+  torch::Tensor heavy_out = heavy_ff(r.routed_tokens);
+  if (!r.indices.defined()) {
+    torch::Tensor routed_out = heavy_out * r.scores.unsqueeze(-1);
+    return residual ? torch::add(xr, light_out).add_(routed_out) : light_out + routed_out;
+  }
+  // light_out (plus x) and the heavy outputs times their scores added at the
+  // routed positions (indices of a row are distinct): one pass over the
+  // tokens for the sum, the routed rows added into it in place.
   const auto dt = at::promote_types(residual ? x.scalar_type() : light_out.scalar_type(),
-                                    routed_out.scalar_type());  // differ under autocast
+                                    at::promote_types(heavy_out.scalar_type(), r.scores.scalar_type()));
   torch::Tensor out = residual ? as_type(torch::add(xr, light_out), dt) : light_out.to(dt, false, /*copy=*/true);
-  return out.scatter_add_(1, idx, as_type(routed_out, dt));
+  return add_scaled_rows(out, r.indices, heavy_out, r.scores, torch::Tensor(), 0);
 }
 
 // ================================================================== attention
@@ -515,7 +647,7 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward_impl(const t
                      .reshape({rows, w, dh});
   }
   HeavyRoutedRows heavy = heavy_routed_rows(*q_router, *kv_router, *heavy_attn, in);
-  torch::Tensor routed_out = heavy.out, indices = heavy.indices;
+  torch::Tensor routed_out = heavy.out, indices = heavy.indices, scores = heavy.scores;
 
   // The output: the light branch everywhere, plus from window 1 on the null
   // query token, whose routed positions then add (heavy output - null). One
@@ -537,19 +669,17 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward_impl(const t
   } else {
     // The type the heavy output would have had written out at every position
     // (x's, or wider; the null token's too).
-    auto dt = at::promote_types(at::promote_types(base.scalar_type(), routed_out.scalar_type()), x.scalar_type());
+    const auto rows_t = scores.defined() ? at::promote_types(routed_out.scalar_type(), scores.scalar_type())
+                                         : routed_out.scalar_type();
+    auto dt = at::promote_types(at::promote_types(base.scalar_type(), rows_t), x.scalar_type());
     if (null_q_token.defined()) dt = at::promote_types(dt, null_q_token.scalar_type());
     out = base.to(dt, false, /*copy=*/true);
   }
-  torch::Tensor src = as_type(routed_out.reshape({b, -1, d}), out.scalar_type());
-  if (null_in_light) {
-    // The routed rows add (heavy output - null); window 0's rows give the
-    // null token back. One scatter into the fresh sum (no in-place view).
-    const torch::Tensor null = as_type(null_q_token, out.scalar_type());
-    src = torch::cat({null.neg().view({1, 1, d}).expand({b, w, d}), src - null}, 1);
-    positions = torch::cat({torch::arange(w, long_opts).view({1, w}).expand({b, w}), positions}, 1);
-  }
-  out.scatter_add_(1, positions.unsqueeze(-1).expand({b, positions.size(1), d}), src);
+  // The routed rows add (heavy output * score - null); window 0's rows give
+  // the null token back. One scatter into the fresh sum (no in-place view).
+  out = add_scaled_rows(out, positions, routed_out.reshape({b, -1, d}),
+                  scores.defined() ? scores.reshape({b, -1}) : torch::Tensor(),
+                  null_in_light ? null_q_token : torch::Tensor(), null_in_light ? w : 0);
   return padded == seq ? out : out.narrow(1, 0, seq).contiguous();
 }
 

@@ -89,22 +89,33 @@ torch::Tensor heavy_routed_attention(CoordinateDescentRouterImpl& q_router, Coor
                                      AttentionImpl& heavy_attn, const torch::Tensor& null_q_token,
                                      const HeavyBranchInputs& in);
 
-// The routed queries' heavy outputs times their scores, [b, k, dim], and their
-// positions, int64 [b, k]; when every query was routed (no longer than the
-// token count), the outputs at every position (score 1) and undefined
-// positions. in.plus_a / in.plus_b are not used. x_passed: the queries as the
+// The routed queries' heavy outputs, [b, k, dim], their scores [b, k] (by
+// which the outputs are to be multiplied) and their positions, int64 [b, k];
+// when every query was routed (no longer than the token count), the outputs
+// at every position (score 1) and undefined scores and positions. in.plus_a / in.plus_b are not used. x_passed: the queries as the
 // query router's scores node passes them on (RouterOutput::x_passed), or
 // undefined; context_passed: with queries_view_context and
 // project_context_once, the context as the last of its uses (the keys/values'
 // norm) passes it on, or undefined.
 struct HeavyRoutedRows {
   torch::Tensor out;
+  torch::Tensor scores;
   torch::Tensor indices;
   torch::Tensor x_passed;
   torch::Tensor context_passed;
 };
 HeavyRoutedRows heavy_routed_rows(CoordinateDescentRouterImpl& q_router, CoordinateDescentRouterImpl& kv_router,
                                   AttentionImpl& heavy_attn, const HeavyBranchInputs& in);
+
+// out[b, indices[b, j]] += scale[b, j] * src[b, j] - bias for every routed
+// row j, and out[b, p] -= bias for p < lead: out (b, n, d) changed in place
+// and returned, indices int64 (b, k) distinct in each batch row and at least
+// lead, src (b, k, d), scale (b, k) and bias (d) optional (lead needs a bias).
+// On CUDA one kernel each way (the scaled rows never written out, their
+// gradients from one read of out's); elsewhere the same sum by LibTorch
+// operators (the rows scaled in the product's type, then out's).
+torch::Tensor add_scaled_rows(torch::Tensor out, const torch::Tensor& indices, const torch::Tensor& src,
+                              const torch::Tensor& scale, const torch::Tensor& bias, int64_t lead);
 
 // The heavy Attention's options, the same for every conditional module: fused
 // attention wherever LibTorch has it (use_flash_attn is accepted and implied).

@@ -91,7 +91,12 @@ using RouterOptions = CoordinateDescentRouterOptions;
 // autograd would otherwise write a zero gradient of x's size with the rows in
 // it and add that to the rest (two passes over x's size in float32).
 struct RowGradSink : torch::CustomClassHolder {
-  std::vector<std::pair<torch::Tensor, torch::Tensor>> parts;  // (flat positions, their rows' gradients)
+  struct Part {
+    torch::Tensor flat;   // positions in x's rows
+    torch::Tensor grads;  // their rows' gradients
+    bool distinct;        // no position twice
+  };
+  std::vector<Part> parts;
 };
 using RowGradSinkPtr = c10::intrusive_ptr<RowGradSink>;
 
@@ -102,19 +107,34 @@ RowGradSinkPtr sink_of(torch::autograd::AutogradContext* ctx) {
 // rows = x_alias[flat] (x_alias: the routing scores' alias of x, [N, d]); the
 // backward leaves the rows' gradients in the sink and gives x_alias none. The
 // routing scores' node runs after this one (it waits for every consumer of
-// its outputs), so it finds them there.
+// its outputs), so it finds them there. segments: the sizes of consecutive
+// runs of flat that each hold distinct positions (empty: flat may repeat).
 class GatherRowsFunction : public torch::autograd::Function<GatherRowsFunction> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x_alias,
-                               const torch::Tensor& flat, RowGradSinkPtr sink) {
+                               const torch::Tensor& flat, RowGradSinkPtr sink, std::vector<int64_t> segments) {
     ctx->save_for_backward({flat});
     ctx->saved_data["sink"] = c10::IValue::make_capsule(sink);
+    ctx->saved_data["segments"] = segments;
     return x_alias.index_select(0, flat);
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    if (grads[0].defined()) sink_of(ctx)->parts.emplace_back(ctx->get_saved_variables()[0], grads[0]);
-    return {torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    if (grads[0].defined()) {
+      const torch::Tensor flat = ctx->get_saved_variables()[0];
+      const std::vector<int64_t> segments = ctx->saved_data["segments"].toIntVector();
+      auto& parts = sink_of(ctx)->parts;
+      if (segments.empty()) {
+        parts.push_back({flat, grads[0], false});
+      } else {
+        int64_t first = 0;
+        for (int64_t size : segments) {
+          parts.push_back({flat.narrow(0, first, size), grads[0].narrow(0, first, size), true});
+          first += size;
+        }
+      }
+    }
+    return {torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -126,10 +146,14 @@ struct GatherSource {
   RowGradSinkPtr sink;
 };
 
-// x_rows[flat] viewed as shape + [d], its gradient left in the sink.
-torch::Tensor gather_via_sink(const GatherSource& src, const torch::Tensor& flat, std::vector<int64_t> shape) {
+// x_rows[flat] viewed as shape + [d], its gradient left in the sink;
+// distinct: no position of flat repeats.
+torch::Tensor gather_via_sink(const GatherSource& src, const torch::Tensor& flat, std::vector<int64_t> shape,
+                              bool distinct) {
   shape.push_back(src.x_rows.size(1));
-  return GatherRowsFunction::apply(src.x_rows, flat, src.sink).view(shape);
+  std::vector<int64_t> segments;
+  if (distinct) segments.push_back(flat.size(0));
+  return GatherRowsFunction::apply(src.x_rows, flat, src.sink, segments).view(shape);
 }
 
 #ifdef COLT5_WITH_CUDA
@@ -161,23 +185,26 @@ class RoutingDotFunction : public torch::autograd::Function<RoutingDotFunction> 
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    auto [gx, gt, passed_added] = scores_backward(ctx, grads);
-    const torch::Tensor& x = ctx->get_saved_variables()[0];
     RowGradSinkPtr sink = sink_of(ctx);
+    auto [gx, gt, passed_added] = scores_backward(ctx, grads, sink->parts);
+    const torch::Tensor x = ctx->get_saved_variables()[0];
     const bool passed = grads[2].defined() && !passed_added;
     if (ctx->needs_input_grad(0) && (passed || !sink->parts.empty())) {
       if (!gx.defined()) gx = torch::zeros_like(x);
       if (passed) gx.add_(grads[2]);
-      for (const auto& [flat, rows] : sink->parts) gx.index_add_(0, flat, as_type(rows, gx.scalar_type()));
+      for (const auto& part : sink->parts) gx.index_add_(0, part.flat, as_type(part.grads, gx.scalar_type()));
     }
     sink->parts.clear();
     return {gx, gt, torch::Tensor()};
   }
 
   // (x's gradient, the tokens' gradient, whether x's gradient includes that of
-  // the alias, grads[2], added by the kernel).
+  // the alias, grads[2], added by the kernel). The kernel also adds up to two
+  // of the gathered rows' parts of distinct positions (by a map of each row's
+  // place in them); those leave `parts`.
   static std::tuple<torch::Tensor, torch::Tensor, bool> scores_backward(torch::autograd::AutogradContext* ctx,
-                                                                        const torch::autograd::variable_list& grads) {
+                                                                        const torch::autograd::variable_list& grads,
+                                                                        std::vector<RowGradSink::Part>& parts) {
     const auto saved = ctx->get_saved_variables();
     const torch::Tensor &x = saved[0], &t32 = saved[1], &norms = saved[2];
     const auto tokens_dtype = static_cast<torch::ScalarType>(ctx->saved_data["tokens_dtype"].toInt());
@@ -201,6 +228,7 @@ class RoutingDotFunction : public torch::autograd::Function<RoutingDotFunction> 
       if (gd.defined()) p.grad_dots = gd.data_ptr<float>();
       if (gn.defined()) p.grad_norms = gn.data_ptr<float>();
       torch::Tensor gx, partial, passed;
+      std::vector<torch::Tensor> slot_keep;
       if (ctx->needs_input_grad(0) && (gd.defined() || gn.defined())) {
         gx = torch::empty_like(x);
         p.grad_x = gx.data_ptr();
@@ -211,6 +239,27 @@ class RoutingDotFunction : public torch::autograd::Function<RoutingDotFunction> 
             p.grad_x_add = passed.data_ptr();
           else
             passed = torch::Tensor();
+        }
+        // Gathered rows' gradients, added by each row's slot.
+        int used = 0;
+        for (auto it = parts.begin(); it != parts.end() && used < 2;) {
+          if (!it->distinct || it->grads.dim() != 2 || it->grads.size(1) != d || it->flat.scalar_type() != torch::kLong ||
+              n > std::numeric_limits<int32_t>::max()) {
+            ++it;
+            continue;
+          }
+          torch::Tensor rows = as_type(it->grads, x.scalar_type()).contiguous();
+          if (reinterpret_cast<uintptr_t>(rows.data_ptr()) % 16 != 0) rows = rows.clone();
+          torch::Tensor flat = it->flat.contiguous();
+          torch::Tensor slot = torch::empty({n}, x.options().dtype(torch::kInt));
+          kernels::row_slot_map_cuda(flat.data_ptr<int64_t>(), flat.numel(), slot.data_ptr<int32_t>(), n,
+                                     at::cuda::getCurrentCUDAStream().stream());
+          p.slot[used] = slot.data_ptr<int32_t>();
+          p.slot_rows[used] = rows.data_ptr();
+          slot_keep.push_back(slot);
+          slot_keep.push_back(rows);
+          ++used;
+          it = parts.erase(it);
         }
       }
       if (ctx->needs_input_grad(1) && gd.defined()) {
@@ -498,8 +547,9 @@ RouterOutput route_impl(CoordinateDescentRouterImpl& self, const torch::Tensor& 
     const bool gather_mask = mask.defined() && !out.routed_mask.defined();
     torch::Tensor flat = gather_tokens || gather_mask ? flat_positions(indices, n) : torch::Tensor();
     if (gather_tokens)
-      out.routed_tokens = gather.x_rows.defined() ? gather_via_sink(gather, flat, indices.sizes().vec())
-                                                  : gather_rows(x, indices, flat);
+      out.routed_tokens = gather.x_rows.defined()
+                              ? gather_via_sink(gather, flat, indices.sizes().vec(), /*distinct=*/!has_route_dim || r == 1)
+                              : gather_rows(x, indices, flat);
     if (gather_mask) out.routed_mask = gather_rows(mask, indices, flat);
   } else {
     std::vector<int64_t> shape = indices.sizes().vec();
@@ -605,7 +655,10 @@ std::pair<RouterOutput, RouterOutput> route_pair(CoordinateDescentRouterImpl& q_
   // Both routers' rows in one gather (one gradient of x in the backward).
   const int64_t n = x.size(1);
   torch::Tensor fq = flat_positions(q.indices, n), fkv = flat_positions(kv.indices, n);
-  torch::Tensor rows = GatherRowsFunction::apply(x_rows, torch::cat({fq, fkv}), sink);
+  // Each router's rows are distinct positions (one routing token each).
+  std::vector<int64_t> segments;
+  if (q.indices.dim() == 2 && kv.indices.dim() == 2) segments = {fq.size(0), fkv.size(0)};
+  torch::Tensor rows = GatherRowsFunction::apply(x_rows, torch::cat({fq, fkv}), sink, segments);
   std::vector<int64_t> q_shape = q.indices.sizes().vec(), kv_shape = kv.indices.sizes().vec();
   q_shape.push_back(x.size(2));
   kv_shape.push_back(x.size(2));
@@ -675,7 +728,8 @@ c10::optional<std::pair<RouterOutput, RouterOutput>> route_queries_of_context(
   // its backward kernel).
   std::vector<int64_t> shape = q.indices.sizes().vec();
   q.routed_tokens =
-      gather_via_sink({x_rows, sink}, flat_positions(q.indices, queries.size(1)), std::move(shape));
+      gather_via_sink({x_rows, sink}, flat_positions(q.indices, queries.size(1)), std::move(shape),
+                      /*distinct=*/q.indices.dim() == 2);
   q.x_passed = x_rows.view(queries.sizes());
   kv.x_passed = x_rows.view(context.sizes());
   return std::make_pair(q, kv);

@@ -15,6 +15,7 @@
 #include "colt5/nn/local_attention.h"
 #include "colt5/nn/router.h"
 #include "nn/attention_core.h"
+#include "nn/heavy_branch.h"
 
 namespace {
 
@@ -278,6 +279,60 @@ TEST(CudaModules, GatheredAttentionPairsMatchTheCpuFloat64) {
 // (100 and 1000: runs of four columns, the last partly past the row's end;
 // 7: single columns), rows not 16-byte aligned (single columns), a width past
 // the kernel's (the composite runs) and no rows at all.
+// The routed rows' sum on its CUDA kernels (add_scaled_rows) against the
+// same sum in float64 on the CPU from the same (rounded) inputs: the value
+// and the gradients of the sum, the rows, their scores and the bias, for
+// each pairing of the sum's and the rows' types, widths that are and are not
+// multiples of 32, with and without lead rows, scale and bias.
+TEST(CudaModules, ScatterRowsKernelsMatchTheCpuFloat64) {
+  torch::manual_seed(17);
+  struct Case {
+    torch::ScalarType out_t, src_t;
+    bool scaled, biased;
+    int64_t lead, d;
+  };
+  const Case cases[] = {{torch::kFloat, torch::kBFloat16, true, true, 16, 512},
+                        {torch::kFloat, torch::kFloat, true, false, 0, 64},
+                        {torch::kBFloat16, torch::kBFloat16, false, true, 8, 96},
+                        {torch::kHalf, torch::kFloat, true, true, 0, 40},
+                        {torch::kFloat, torch::kHalf, true, true, 1, 33},
+                        {torch::kBFloat16, torch::kFloat, true, false, 0, 1000}};
+  const int64_t b = 3, n = 300, k = 50;
+  for (const Case& c : cases) {
+    SCOPED_TRACE(std::string(c10::toString(c.out_t)) + " sum, " + c10::toString(c.src_t) + " rows, d " +
+                 std::to_string(c.d) + " lead " + std::to_string(c.lead) + " scaled " + std::to_string(c.scaled) +
+                 " bias " + std::to_string(c.biased));
+    std::vector<torch::Tensor> idx_rows;
+    for (int64_t i = 0; i < b; ++i)
+      idx_rows.push_back(torch::randperm(n - c.lead, torch::kLong).narrow(0, 0, k) + c.lead);
+    torch::Tensor idx = torch::stack(idx_rows);
+    auto on = [&](torch::ScalarType t) { return torch::TensorOptions().dtype(t).device(cuda()); };
+    torch::Tensor base = torch::randn({b, n, c.d}, on(c.out_t)).requires_grad_(true);
+    torch::Tensor src = torch::randn({b, k, c.d}, on(c.src_t)).requires_grad_(true);
+    torch::Tensor scale = c.scaled ? torch::rand({b, k}, on(torch::kFloat)).requires_grad_(true) : torch::Tensor();
+    torch::Tensor bias = c.biased ? torch::randn({c.d}, on(torch::kFloat)).requires_grad_(true) : torch::Tensor();
+    torch::Tensor gy = torch::randn({b, n, c.d}, on(c.out_t));
+    torch::Tensor y = add_scaled_rows(base.clone(), idx.to(cuda()), src, scale, bias, c.lead);
+    std::vector<torch::Tensor> params = {base, src};
+    if (c.scaled) params.push_back(scale);
+    if (c.biased) params.push_back(bias);
+    auto got = torch::autograd::grad({(y.to(torch::kFloat) * gy.to(torch::kFloat)).sum()}, params);
+
+    // float64 on the CPU from the same values.
+    std::vector<torch::Tensor> ref;
+    for (const auto& t : params) ref.push_back(t.detach().cpu().to(torch::kDouble).requires_grad_(true));
+    torch::Tensor y64 = add_scaled_rows(ref[0].clone(), idx, ref[1], c.scaled ? ref[2] : torch::Tensor(),
+                                        c.biased ? ref.back() : torch::Tensor(), c.lead);
+    auto want = torch::autograd::grad({(y64 * gy.cpu().to(torch::kDouble)).sum()}, ref);
+    auto tol = [](torch::ScalarType t) { return t == torch::kFloat ? 1e-5 : t == torch::kHalf ? 2e-3 : 1e-2; };
+    EXPECT_LT(max_rel_error(y.detach(), y64.detach()), tol(c.out_t));
+    EXPECT_TRUE(torch::equal(got[0].cpu(), gy.cpu())) << "the sum's gradient passes through";
+    EXPECT_LT(max_rel_error(got[1], want[1]), tol(c.src_t)) << "rows";
+    for (size_t i = 2; i < params.size(); ++i)
+      EXPECT_LT(colt5::testing::norm_rel_error(got[i], want[i]), c.out_t == torch::kFloat ? 1e-5 : 1e-2) << i;
+  }
+}
+
 TEST(CudaModules, RMSNormKernelMatchesTheCpuFloat64) {
   torch::manual_seed(23);
   struct Case {
