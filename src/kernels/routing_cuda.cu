@@ -224,13 +224,13 @@ void launch_backward(const RowDotBackwardParams& p, cudaStream_t st) {
   if (pieces <= 1024) {
     const int threads = static_cast<int>((pieces + 31) / 32 * 32);
     row_dot_norm_backward_kernel<T, R, 1><<<static_cast<unsigned>(blocks), threads, 0, st>>>(
-        x, p.tokens, p.grad_dots, p.grad_norms, p.norms, p.rows, p.d, gx_add, gx, p.grad_tokens_partial, p.slot[0], rows0,
-        p.slot[1], rows1);
+        x, p.tokens, p.grad_dots, p.grad_norms, p.norms, p.rows, p.d, gx_add, gx, p.grad_tokens_partial, p.slot[0],
+        rows0, p.slot[1], rows1);
   } else {
     const int threads = static_cast<int>(((pieces + 1) / 2 + 31) / 32 * 32);
     row_dot_norm_backward_kernel<T, R, 2><<<static_cast<unsigned>(blocks), threads, 0, st>>>(
-        x, p.tokens, p.grad_dots, p.grad_norms, p.norms, p.rows, p.d, gx_add, gx, p.grad_tokens_partial, p.slot[0], rows0,
-        p.slot[1], rows1);
+        x, p.tokens, p.grad_dots, p.grad_norms, p.norms, p.rows, p.d, gx_add, gx, p.grad_tokens_partial, p.slot[0],
+        rows0, p.slot[1], rows1);
   }
   check(cudaGetLastError(), "row_dot_norm_backward_kernel launch");
 }
@@ -393,15 +393,15 @@ void scatter_rows_launch(const ScatterRowsParams& p, bool backward, cudaStream_t
   if (rows == 0) return;
   const auto blocks = static_cast<unsigned>(scatter_blocks(rows));
   if (!backward) {
-    scatter_rows_forward_kernel<TO, TS><<<blocks, kScatterWarps * 32, 0, st>>>(
-        static_cast<TO*>(p.out), static_cast<const TS*>(p.src), p.indices, p.scale, p.bias, p.batch, p.k, p.n, p.d,
-        p.bias ? p.lead : 0);
+    scatter_rows_forward_kernel<TO, TS>
+        <<<blocks, kScatterWarps * 32, 0, st>>>(static_cast<TO*>(p.out), static_cast<const TS*>(p.src), p.indices,
+                                                p.scale, p.bias, p.batch, p.k, p.n, p.d, p.bias ? p.lead : 0);
     check(cudaGetLastError(), "scatter_rows_forward_kernel launch");
   } else {
     const size_t smem = p.grad_bias ? static_cast<size_t>(p.d) * sizeof(float) : 0;
     scatter_rows_backward_kernel<TO, TS><<<blocks, kScatterWarps * 32, smem, st>>>(
-        static_cast<const TO*>(p.grad_out), static_cast<const TS*>(p.src), p.indices, p.scale, p.batch, p.k, p.n,
-        p.d, p.lead, static_cast<TS*>(p.grad_src), p.grad_scale, p.grad_bias);
+        static_cast<const TO*>(p.grad_out), static_cast<const TS*>(p.src), p.indices, p.scale, p.batch, p.k, p.n, p.d,
+        p.lead, static_cast<TS*>(p.grad_src), p.grad_scale, p.grad_bias);
     check(cudaGetLastError(), "scatter_rows_backward_kernel launch");
   }
 }

@@ -62,8 +62,8 @@ class ScatterRowsFunction : public torch::autograd::Function<ScatterRowsFunction
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    if (!grads[0].defined()) return {torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(),
-                                     torch::Tensor(), torch::Tensor()};
+    if (!grads[0].defined())
+      return {torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
     const auto saved = ctx->get_saved_variables();
     const torch::Tensor &src = saved[0], &scale = saved[1], &indices = saved[2];
     const auto out_dtype = static_cast<torch::ScalarType>(ctx->saved_data["out_dtype"].toInt());
@@ -110,8 +110,7 @@ torch::Tensor add_scaled_rows(torch::Tensor out, const torch::Tensor& indices, c
                               const torch::Tensor& scale, const torch::Tensor& bias, int64_t lead) {
   TORCH_CHECK(out.defined() && out.dim() == 3, "add_scaled_rows: out must be (b, n, d)");
   const int64_t b = out.size(0), n = out.size(1), d = out.size(2);
-  TORCH_CHECK(indices.defined() && indices.dim() == 2 && indices.size(0) == b &&
-                  indices.scalar_type() == torch::kLong,
+  TORCH_CHECK(indices.defined() && indices.dim() == 2 && indices.size(0) == b && indices.scalar_type() == torch::kLong,
               "add_scaled_rows: indices must be int64 (b, k) with b ", b);
   const int64_t k = indices.size(1);
   TORCH_CHECK(src.defined() && src.dim() == 3 && src.size(0) == b && src.size(1) == k && src.size(2) == d,
@@ -669,8 +668,8 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward_impl(const t
   } else {
     // The type the heavy output would have had written out at every position
     // (x's, or wider; the null token's too).
-    const auto rows_t = scores.defined() ? at::promote_types(routed_out.scalar_type(), scores.scalar_type())
-                                         : routed_out.scalar_type();
+    const auto rows_t =
+        scores.defined() ? at::promote_types(routed_out.scalar_type(), scores.scalar_type()) : routed_out.scalar_type();
     auto dt = at::promote_types(at::promote_types(base.scalar_type(), rows_t), x.scalar_type());
     if (null_q_token.defined()) dt = at::promote_types(dt, null_q_token.scalar_type());
     out = base.to(dt, false, /*copy=*/true);
@@ -678,8 +677,8 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward_impl(const t
   // The routed rows add (heavy output * score - null); window 0's rows give
   // the null token back. One scatter into the fresh sum (no in-place view).
   out = add_scaled_rows(out, positions, routed_out.reshape({b, -1, d}),
-                  scores.defined() ? scores.reshape({b, -1}) : torch::Tensor(),
-                  null_in_light ? null_q_token : torch::Tensor(), null_in_light ? w : 0);
+                        scores.defined() ? scores.reshape({b, -1}) : torch::Tensor(),
+                        null_in_light ? null_q_token : torch::Tensor(), null_in_light ? w : 0);
   return padded == seq ? out : out.narrow(1, 0, seq).contiguous();
 }
 

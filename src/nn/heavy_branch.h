@@ -92,11 +92,12 @@ torch::Tensor heavy_routed_attention(CoordinateDescentRouterImpl& q_router, Coor
 // The routed queries' heavy outputs, [b, k, dim], their scores [b, k] (by
 // which the outputs are to be multiplied) and their positions, int64 [b, k];
 // when every query was routed (no longer than the token count), the outputs
-// at every position (score 1) and undefined scores and positions. in.plus_a / in.plus_b are not used. x_passed: the queries as the
-// query router's scores node passes them on (RouterOutput::x_passed), or
-// undefined; context_passed: with queries_view_context and
-// project_context_once, the context as the last of its uses (the keys/values'
-// norm) passes it on, or undefined.
+// at every position (score 1) and undefined scores and positions.
+// in.plus_a / in.plus_b are not used. x_passed: the queries as the query
+// router's scores node passes them on (RouterOutput::x_passed), or undefined;
+// context_passed: with queries_view_context and project_context_once, the
+// context as the last of its uses (the keys/values' norm) passes it on, or
+// undefined.
 struct HeavyRoutedRows {
   torch::Tensor out;
   torch::Tensor scores;

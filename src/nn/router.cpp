@@ -243,8 +243,8 @@ class RoutingDotFunction : public torch::autograd::Function<RoutingDotFunction> 
         // Gathered rows' gradients, added by each row's slot.
         int used = 0;
         for (auto it = parts.begin(); it != parts.end() && used < 2;) {
-          if (!it->distinct || it->grads.dim() != 2 || it->grads.size(1) != d || it->flat.scalar_type() != torch::kLong ||
-              n > std::numeric_limits<int32_t>::max()) {
+          if (!it->distinct || it->grads.dim() != 2 || it->grads.size(1) != d ||
+              it->flat.scalar_type() != torch::kLong || n > std::numeric_limits<int32_t>::max()) {
             ++it;
             continue;
           }
@@ -547,9 +547,9 @@ RouterOutput route_impl(CoordinateDescentRouterImpl& self, const torch::Tensor& 
     const bool gather_mask = mask.defined() && !out.routed_mask.defined();
     torch::Tensor flat = gather_tokens || gather_mask ? flat_positions(indices, n) : torch::Tensor();
     if (gather_tokens)
-      out.routed_tokens = gather.x_rows.defined()
-                              ? gather_via_sink(gather, flat, indices.sizes().vec(), /*distinct=*/!has_route_dim || r == 1)
-                              : gather_rows(x, indices, flat);
+      out.routed_tokens = gather.x_rows.defined() ? gather_via_sink(gather, flat, indices.sizes().vec(),
+                                                                    /*distinct=*/!has_route_dim || r == 1)
+                                                  : gather_rows(x, indices, flat);
     if (gather_mask) out.routed_mask = gather_rows(mask, indices, flat);
   } else {
     std::vector<int64_t> shape = indices.sizes().vec();
@@ -727,9 +727,8 @@ c10::optional<std::pair<RouterOutput, RouterOutput>> route_queries_of_context(
   // The queries' routed rows from the scores' alias (their gradients added in
   // its backward kernel).
   std::vector<int64_t> shape = q.indices.sizes().vec();
-  q.routed_tokens =
-      gather_via_sink({x_rows, sink}, flat_positions(q.indices, queries.size(1)), std::move(shape),
-                      /*distinct=*/q.indices.dim() == 2);
+  q.routed_tokens = gather_via_sink({x_rows, sink}, flat_positions(q.indices, queries.size(1)), std::move(shape),
+                                    /*distinct=*/q.indices.dim() == 2);
   q.x_passed = x_rows.view(queries.sizes());
   kv.x_passed = x_rows.view(context.sizes());
   return std::make_pair(q, kv);
