@@ -13,6 +13,7 @@
 #include <string>
 
 #include "kernels/coor_descent.h"
+#include "kernels/cuda_common.cuh"
 #include "kernels/cuda_convert.cuh"
 
 namespace colt5 {
@@ -91,13 +92,18 @@ void check(cudaError_t e, const char* what) {
     throw std::runtime_error(std::string("colt5 CUDA routing scores: ") + what + ": " + cudaGetErrorString(e));
 }
 
-template <typename T, int R>
-void launch(const T* x, const float* t, int64_t rows, int64_t d, float* dots, float* norms, cudaStream_t st) {
+// A grid of `want` blocks, at most per_sm per multiprocessor of the current
+// device (the kernels loop over what is left), at least one.
+int64_t grid_blocks(int64_t want, int per_sm) {
   int dev = 0, sms = 0;
   check(cudaGetDevice(&dev), "cudaGetDevice");
   check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
-  const int64_t want = (rows + kWarps - 1) / kWarps;
-  const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(want, int64_t{sms} * 8)));
+  return std::max<int64_t>(1, std::min<int64_t>(want, int64_t{sms} * per_sm));
+}
+
+template <typename T, int R>
+void launch(const T* x, const float* t, int64_t rows, int64_t d, float* dots, float* norms, cudaStream_t st) {
+  const auto blocks = static_cast<unsigned>(grid_blocks((rows + kWarps - 1) / kWarps, 8));
   const size_t smem = static_cast<size_t>(R) * static_cast<size_t>(d) * sizeof(float);
   const bool vec = (d * static_cast<int64_t>(sizeof(T))) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   if (vec)
@@ -204,12 +210,7 @@ __global__ void row_dot_norm_backward_kernel(const T* __restrict__ x, const floa
   }
 }
 
-int64_t backward_blocks(int64_t rows) {
-  int dev = 0, sms = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
-  return std::max<int64_t>(1, std::min<int64_t>(rows, int64_t{sms} * 8));
-}
+int64_t backward_blocks(int64_t rows) { return grid_blocks(rows, 8); }
 
 template <typename T, int R>
 void launch_backward(const RowDotBackwardParams& p, cudaStream_t st) {
@@ -364,8 +365,7 @@ __global__ void __launch_bounds__(kScatterWarps * 32)
         if (grad_bias) atomicAdd(&bias_acc[c], -gv);
       }
       if (grad_scale) {
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+        dot = warp_sum(dot);
         if (lane == 0) grad_scale[row] = dot;
       }
     } else {
@@ -380,18 +380,11 @@ __global__ void __launch_bounds__(kScatterWarps * 32)
   }
 }
 
-int64_t scatter_blocks(int64_t rows) {
-  int dev = 0, sms = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
-  return std::max<int64_t>(1, std::min<int64_t>((rows + kScatterWarps - 1) / kScatterWarps, int64_t{sms} * 4));
-}
-
 template <typename TO, typename TS>
 void scatter_rows_launch(const ScatterRowsParams& p, bool backward, cudaStream_t st) {
   const int64_t rows = p.batch * p.k + ((backward ? p.grad_bias != nullptr : p.bias != nullptr) ? p.batch * p.lead : 0);
   if (rows == 0) return;
-  const auto blocks = static_cast<unsigned>(scatter_blocks(rows));
+  const auto blocks = static_cast<unsigned>(grid_blocks((rows + kScatterWarps - 1) / kScatterWarps, 4));
   if (!backward) {
     scatter_rows_forward_kernel<TO, TS>
         <<<blocks, kScatterWarps * 32, 0, st>>>(static_cast<TO*>(p.out), static_cast<const TS*>(p.src), p.indices,
@@ -422,7 +415,7 @@ void scatter_rows(const ScatterRowsParams& p, bool backward, void* stream) {
   if (p.d > kScatterRowsMaxD)
     throw std::runtime_error("colt5 CUDA routed rows: width " + std::to_string(p.d) + " exceeds " +
                              std::to_string(kScatterRowsMaxD));
-  if (p.lead > 0 && p.lead > p.n) throw std::runtime_error("colt5 CUDA routed rows: lead rows exceed the length");
+  if (p.lead > p.n) throw std::runtime_error("colt5 CUDA routed rows: lead rows exceed the length");
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   switch (p.out_dtype) {
     case RowDtype::f32:

@@ -189,6 +189,12 @@ torch::Tensor scatter_queries(const CoordinateDescentRouterImpl& router, const t
   return router.route_back(as_type(base, dt), as_type(routed_out, dt), indices);
 }
 
+// The type of rows times their scores (the rows' own where scores is
+// undefined).
+at::ScalarType scaled_type(const torch::Tensor& rows, const torch::Tensor& scores) {
+  return scores.defined() ? at::promote_types(rows.scalar_type(), scores.scalar_type()) : rows.scalar_type();
+}
+
 // a + b (b may be undefined) + the heavy output: null_q_token (or zeros)
 // everywhere, the routed outputs at their rows. One pass over the tokens for
 // the sums; the routed rows then add (routed - null) in place (the same up
@@ -200,9 +206,7 @@ torch::Tensor add_heavy_output(const torch::Tensor& null_q_token, const torch::T
   // A fresh tensor (the routed rows are added into it in place).
   torch::Tensor out = b.defined() ? torch::add(a, b) : torch::Tensor();
   if (null.defined() && !b_has_null) out = out.defined() ? out.add_(null) : a + null;
-  // The type of the routed rows times their scores.
-  const auto rows_t =
-      scores.defined() ? at::promote_types(routed_out.scalar_type(), scores.scalar_type()) : routed_out.scalar_type();
+  const auto rows_t = scaled_type(routed_out, scores);
   if (!out.defined()) out = a.to(at::promote_types(a.scalar_type(), rows_t), false, /*copy=*/true);
   const auto dt = at::promote_types(out.scalar_type(), rows_t);
   out = as_type(out, dt);
@@ -413,8 +417,8 @@ torch::Tensor ConditionalRoutedFeedForwardImpl::forward_plus(const torch::Tensor
   // light_out (plus x) and the heavy outputs times their scores added at the
   // routed positions (indices of a row are distinct): one pass over the
   // tokens for the sum, the routed rows added into it in place.
-  const auto dt = at::promote_types(residual ? x.scalar_type() : light_out.scalar_type(),
-                                    at::promote_types(heavy_out.scalar_type(), r.scores.scalar_type()));
+  const auto dt =
+      at::promote_types(residual ? x.scalar_type() : light_out.scalar_type(), scaled_type(heavy_out, r.scores));
   torch::Tensor out = residual ? as_type(torch::add(xr, light_out), dt) : light_out.to(dt, false, /*copy=*/true);
   return add_scaled_rows(out, r.indices, heavy_out, r.scores, torch::Tensor(), 0);
 }
@@ -668,9 +672,8 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward_impl(const t
   } else {
     // The type the heavy output would have had written out at every position
     // (x's, or wider; the null token's too).
-    const auto rows_t =
-        scores.defined() ? at::promote_types(routed_out.scalar_type(), scores.scalar_type()) : routed_out.scalar_type();
-    auto dt = at::promote_types(at::promote_types(base.scalar_type(), rows_t), x.scalar_type());
+    auto dt =
+        at::promote_types(at::promote_types(base.scalar_type(), scaled_type(routed_out, scores)), x.scalar_type());
     if (null_q_token.defined()) dt = at::promote_types(dt, null_q_token.scalar_type());
     out = base.to(dt, false, /*copy=*/true);
   }
