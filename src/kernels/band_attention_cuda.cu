@@ -192,11 +192,11 @@ struct Band {
   int nk, kt;
 };
 
-__device__ __forceinline__ Band band_of(const BandAttentionParams& p) {
+__device__ __forceinline__ Band band_at(const BandAttentionParams& p, int64_t b, int64_t h, int64_t q0) {
   Band g;
-  g.b = blockIdx.z;
-  g.h = blockIdx.y;
-  g.q0 = static_cast<int64_t>(blockIdx.x) * BQ;
+  g.b = b;
+  g.h = h;
+  g.q0 = q0;
   g.reach_back = p.ws * p.back;
   g.reach_fwd = p.causal ? 0 : p.ws * p.fwd;
   g.k_lo = g.q0 - g.reach_back > 0 ? g.q0 - g.reach_back : 0;
@@ -204,6 +204,23 @@ __device__ __forceinline__ Band band_of(const BandAttentionParams& p) {
   g.nk = static_cast<int>(end - g.k_lo);
   g.kt = (g.nk + 15) / 16 * 16;
   return g;
+}
+
+// The block's place: from its grid position, or in repair mode its share of
+// the listed blocks (every head of each), taken in turn. Calls body(band) for
+// each, with a barrier after every one (they share the shared memory).
+template <typename Body>
+__device__ __forceinline__ void for_each_band(const BandAttentionParams& p, Body&& body) {
+  if (!p.items) {
+    body(band_at(p, blockIdx.z, blockIdx.y, static_cast<int64_t>(blockIdx.x) * BQ));
+    return;
+  }
+  const int64_t per_row = ceil_div(p.n, BQ), total = static_cast<int64_t>(*p.item_count) * p.heads;
+  for (int64_t i = blockIdx.x; i < total; i += gridDim.x) {
+    const int64_t item = p.items[i / p.heads];
+    body(band_at(p, item / per_row, i % p.heads, (item % per_row) * BQ));
+    __syncthreads();
+  }
 }
 
 // Rows of q/k/v (part 0/1/2) of the packed projection into shared memory
@@ -247,8 +264,8 @@ size_t forward_smem(int kt_max) {
 }
 
 template <typename T, int D, bool SPLIT>
-__global__ void __launch_bounds__(kThreads, 2) band_forward_kernel(BandAttentionParams p, int kt_max) {
-  extern __shared__ __align__(128) unsigned char smem[];
+__device__ __forceinline__ void band_forward_body(const BandAttentionParams& p, int kt_max, const Band& g,
+                                                  unsigned char* smem) {
   constexpr int KS = Mma<T>::K, LDT = D + row_pad<T>();
   const int ldS = kt_max + 4;
   T* kv = reinterpret_cast<T*>(smem);
@@ -265,7 +282,6 @@ __global__ void __launch_bounds__(kThreads, 2) band_forward_kernel(BandAttention
   unsigned char* key_ok = tail + BQ * sizeof(int);
   T* qs = reinterpret_cast<T*>(S);  // q in the scores' place until they are written
 
-  const Band g = band_of(p);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n = p.n;
   const int q_valid = static_cast<int>(n - g.q0 < BQ ? n - g.q0 : BQ);
@@ -315,7 +331,10 @@ __global__ void __launch_bounds__(kThreads, 2) band_forward_kernel(BandAttention
     }
     if (lane == 0) {
       blind[r] = m == -INFINITY;
-      if (t < n) p.lse[(g.b * p.heads + g.h) * n + t] = m == -INFINITY ? INFINITY : (m + log2f(sum)) * kLn2;
+      if (t < n) {
+        p.lse[(g.b * p.heads + g.h) * n + t] = m == -INFINITY ? INFINITY : (m + log2f(sum)) * kLn2;
+        if (p.flash_lse) p.flash_lse[(g.b * p.heads + g.h) * n + t] = INFINITY;
+      }
     }
   }
   wait_rows();
@@ -355,6 +374,12 @@ __global__ void __launch_bounds__(kThreads, 2) band_forward_kernel(BandAttention
   }
 }
 
+template <typename T, int D, bool SPLIT>
+__global__ void __launch_bounds__(kThreads, 2) band_forward_kernel(BandAttentionParams p, int kt_max) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  for_each_band(p, [&](const Band& g) { band_forward_body<T, D, SPLIT>(p, kt_max, g, smem); });
+}
+
 // Shared memory of the backward: keys, values (kt_max rows each), q and the
 // output's gradient (64 rows each), the probabilities then the scores'
 // gradients (64 x (kt_max + 4) float32 for float32; 64 x (kt_max + 8) of the
@@ -372,9 +397,8 @@ size_t backward_smem(int kt_max) {
 }
 
 template <typename T, int D, bool SPLIT>
-__global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 1 : 2)
-    band_backward_kernel(BandAttentionParams p, int kt_max) {
-  extern __shared__ __align__(128) unsigned char smem[];
+__device__ __forceinline__ void band_backward_body(const BandAttentionParams& p, int kt_max, const Band& g,
+                                                   unsigned char* smem) {
   constexpr bool kF32 = std::is_same<T, float>::value;
   constexpr int KS = Mma<T>::K, LDT = D + row_pad<T>();
   T* ks = reinterpret_cast<T*>(smem);
@@ -390,7 +414,6 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 1 : 2)
   float* drow = lse2 + BQ;
   unsigned char* key_ok = reinterpret_cast<unsigned char*>(drow + BQ);
 
-  const Band g = band_of(p);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n = p.n, width = p.heads * D;
   const int q_valid = static_cast<int>(n - g.q0 < BQ ? n - g.q0 : BQ);
@@ -575,6 +598,13 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 1 : 2)
   key_side(qs, 0);
 }
 
+template <typename T, int D, bool SPLIT>
+__global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 1 : 2)
+    band_backward_kernel(BandAttentionParams p, int kt_max) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  for_each_band(p, [&](const Band& g) { band_backward_body<T, D, SPLIT>(p, kt_max, g, smem); });
+}
+
 // dqkv's k and v parts (batch, n, 3, heads, d) from the float32 sums
 // (batch, n, 2, heads, d); v's with the blind queries' share, (their
 // gradients' sums over windows w - fwd .. w + back) / span. Float32 sums made
@@ -607,6 +637,171 @@ __global__ void band_finish_kernel(BandAttentionParams p) {
   store8(dst, v);
 }
 
+// Repair mode's kernels (band_repair_*).
+
+// Whether block qb of row b (queries qb * 64 ..) lies in the repair list.
+__device__ __forceinline__ bool listed(const uint8_t* flags, int64_t per_row, int64_t b, int64_t qb) {
+  return flags[b * per_row + qb] != 0;
+}
+
+// Whether window u of row b holds a listed block.
+__device__ __forceinline__ bool window_listed(const BandAttentionParams& p, const uint8_t* flags, int64_t b,
+                                              int64_t u) {
+  const int64_t per_row = ceil_div(p.n, BQ), t0 = u * p.ws;
+  const int64_t t1 = (u + 1) * p.ws < p.n ? (u + 1) * p.ws : p.n;
+  for (int64_t qb = t0 / BQ; qb <= (t1 - 1) / BQ; ++qb)
+    if (listed(flags, per_row, b, qb)) return true;
+  return false;
+}
+
+// One thread per (row, block of 64 queries): listed when its band holds a
+// hidden key of the sequence.
+__global__ void repair_list_kernel(BandAttentionParams p, uint8_t* flags, int32_t* items, int32_t* count) {
+  const int64_t per_row = ceil_div(p.n, BQ);
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= p.batch * per_row) return;
+  const Band g = band_at(p, i / per_row, 0, (i % per_row) * BQ);
+  const bool* m = p.mask + g.b * p.n + g.k_lo;
+  bool hidden = false;
+  for (int c = 0; c < g.nk && !hidden; ++c) hidden = !m[c];
+  flags[i] = hidden;
+  if (hidden) items[atomicAdd(count, 1)] = static_cast<int32_t>(i);
+}
+
+// sums[b, u] (float32, heads * d) for window u: forward, the sum of v over its
+// rows, where a blind query may need it (a listed block in windows u - fwd ..
+// u + back), else left unwritten; backward, the sum of gy over its blind rows
+// (in listed blocks, the band's log-sum-exp +inf), zeros where the window has
+// no listed block, and wflags[b, u] = whether it has. One block per (b, u).
+template <typename T, bool BACKWARD>
+__global__ void repair_window_sums_kernel(BandAttentionParams p, const uint8_t* __restrict__ flags,
+                                          const T* __restrict__ src, int64_t row_stride, float* __restrict__ sums,
+                                          uint8_t* __restrict__ wflags) {
+  const int64_t windows = ceil_div(p.n, p.ws), width = p.heads * p.d, per_row = ceil_div(p.n, BQ);
+  const int64_t b = blockIdx.x / windows, u = blockIdx.x % windows;
+  bool needed = false;
+  if (BACKWARD) {
+    needed = window_listed(p, flags, b, u);
+    if (threadIdx.x == 0) wflags[blockIdx.x] = needed;
+  } else {
+    for (int64_t w = u - p.fwd; w <= u + p.back && !needed; ++w)
+      needed = w >= 0 && w < windows && window_listed(p, flags, b, w);
+    if (!needed) return;
+  }
+  const int64_t t0 = u * p.ws, t1 = t0 + p.ws < p.n ? t0 + p.ws : p.n;
+  for (int64_t col = threadIdx.x; col < width; col += blockDim.x) {
+    float acc = 0.f;
+    if (needed) {
+      for (int64_t t = t0; t < t1; ++t) {
+        if (BACKWARD && !(listed(flags, per_row, b, t / BQ) && p.lse[b * p.heads * p.n + t] == INFINITY)) continue;
+        acc += to_float(src[(b * p.n + t) * row_stride + col]);
+      }
+    }
+    sums[blockIdx.x * width + col] = acc;
+  }
+}
+
+// Zeros over the rows of every listed block's band in dkv (float32, dkv_row
+// per row), a block per listed block in turn.
+__global__ void repair_zero_kernel(BandAttentionParams p) {
+  const int64_t per_row = ceil_div(p.n, BQ), count = *p.item_count;
+  for (int64_t i = blockIdx.x; i < count; i += gridDim.x) {
+    const int64_t item = p.items[i];
+    const Band g = band_at(p, item / per_row, 0, (item % per_row) * BQ);
+    const int64_t quads = p.dkv_row / 4;
+    float4* base = reinterpret_cast<float4*>(p.dkv + (g.b * p.n + g.k_lo) * p.dkv_row);
+    for (int64_t j = threadIdx.x; j < g.nk * quads; j += blockDim.x) base[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+}
+
+// dqkv (batch, n, 3, heads, d) from the flash kernel's dq, dk, dv (batch, n,
+// heads, d): q's where the query's block is not listed (a listed block's
+// kernel wrote it), k's and v's plus dkv's sums where the key lies in a listed
+// block's band, v's plus the blind queries' share where a window of its
+// look-around has a listed block. A block takes kCombineRows rows: what
+// applies to each row first (shared memory), then 8 elements a thread.
+constexpr int kCombineRows = 4;
+
+template <typename T>
+__global__ void __launch_bounds__(256) repair_combine_kernel(BandAttentionParams p, const uint8_t* __restrict__ flags,
+                                                             const uint8_t* __restrict__ wflags,
+                                                             const T* __restrict__ dq, const T* __restrict__ dk,
+                                                             const T* __restrict__ dv) {
+  __shared__ unsigned char row_facts[kCombineRows];  // bit 0: q listed, 1: in a listed band, 2: blind share
+  const int64_t rows = p.batch * p.n, row0 = static_cast<int64_t>(blockIdx.x) * kCombineRows;
+  const int64_t per_row = ceil_div(p.n, BQ), windows = ceil_div(p.n, p.ws);
+  if (threadIdx.x < kCombineRows && row0 + threadIdx.x < rows) {
+    const int64_t row = row0 + threadIdx.x, b = row / p.n, t = row % p.n;
+    unsigned char f = listed(flags, per_row, b, t / BQ) ? 1 : 0;
+    // Listed blocks whose band holds key t: qb * 64 - reach_back <= t < qb *
+    // 64 + 64 + reach_fwd.
+    const int64_t reach_back = p.ws * p.back, reach_fwd = p.causal ? 0 : p.ws * p.fwd;
+    int64_t qb_lo = (t - reach_fwd - BQ) / BQ, qb_hi = (t + reach_back) / BQ;
+    qb_lo = qb_lo < 0 ? 0 : qb_lo;
+    qb_hi = qb_hi < per_row - 1 ? qb_hi : per_row - 1;
+    for (int64_t qb = qb_lo; qb <= qb_hi; ++qb) {
+      if (!listed(flags, per_row, b, qb)) continue;
+      const Band g = band_at(p, b, 0, qb * BQ);
+      if (t >= g.k_lo && t < g.k_lo + g.nk) {
+        f |= 2;
+        break;
+      }
+    }
+    const int64_t w = t / p.ws;
+    for (int64_t u = w - p.fwd; u <= w + p.back; ++u)
+      if (u >= 0 && u < windows && wflags[b * windows + u]) f |= 4;
+    row_facts[threadIdx.x] = f;
+  }
+  __syncthreads();
+  const int width = static_cast<int>(p.heads * p.d), chunks = width / 8, per = 3 * chunks;
+  const float span = static_cast<float>((p.back + p.fwd + 1) * p.ws);
+  for (int j = threadIdx.x; j < kCombineRows * per; j += blockDim.x) {
+    const int r = j / per, rest = j % per, part = rest / chunks, col = (rest % chunks) * 8;
+    const int64_t row = row0 + r;
+    if (row >= rows) break;
+    const unsigned char f = row_facts[r];
+    T* dst = static_cast<T*>(p.dqkv) + (row * 3 + part) * width + col;
+    const int64_t at = row * width + col;
+    if (part == 0) {
+      if (!(f & 1)) *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(dq + at);
+      continue;
+    }
+    union {
+      uint4 raw;
+      T e[8];
+    } in;
+    in.raw = *reinterpret_cast<const uint4*>((part == 1 ? dk : dv) + at);
+    const bool share = part == 2 && (f & 4);
+    if (!(f & 2) && !share) {
+      *reinterpret_cast<uint4*>(dst) = in.raw;
+      continue;
+    }
+    float v[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = to_float(in.e[e]);
+    if (f & 2) {
+      const float* src = p.dkv + row * p.dkv_row + (part - 1) * width + col;
+      const float4 x = reinterpret_cast<const float4*>(src)[0], y = reinterpret_cast<const float4*>(src)[1];
+      v[0] += x.x;
+      v[1] += x.y;
+      v[2] += x.z;
+      v[3] += x.w;
+      v[4] += y.x;
+      v[5] += y.y;
+      v[6] += y.z;
+      v[7] += y.w;
+    }
+    if (share) {
+      const int64_t b = row / p.n, w = (row % p.n) / p.ws;
+      float acc[8];
+      sum_windows(p.blind_sums, b, windows, width, col, w - p.fwd, w + p.back, 0.f, acc);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] += acc[e] / span;
+    }
+    store8(dst, v);
+  }
+}
+
 int keys_max(const BandAttentionParams& p) {
   const int64_t reach = p.ws * p.back + (p.causal ? 0 : p.ws * p.fwd);
   return static_cast<int>((BQ + reach + 15) / 16 * 16);
@@ -622,12 +817,36 @@ void allow_smem(Kernel kernel, size_t bytes, std::atomic<size_t>& allowed) {
     allowed.store(bytes);
 }
 
+// Multiprocessors of the current device (asked once per device).
+int multiprocessors() {
+  static std::atomic<int> counts[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
+    cudaGetLastError();
+    return 132;
+  }
+  int c = counts[dev].load();
+  if (c == 0) {
+    if (cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || c <= 0) {
+      cudaGetLastError();
+      c = 132;
+    }
+    counts[dev].store(c);
+  }
+  return c;
+}
+
 template <typename T, int D, bool SPLIT>
 void launch(const BandAttentionParams& p, bool backward, cudaStream_t s) {
   static std::atomic<size_t> fwd_allowed{48 * 1024}, bwd_allowed{48 * 1024};
   const int kt_max = keys_max(p);
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.n, BQ)), static_cast<unsigned>(p.heads),
-                  static_cast<unsigned>(p.batch));
+  // Repair mode: as many blocks as are resident at once (two per
+  // multiprocessor), each taking listed blocks in turn.
+  const int64_t all = ceil_div(p.n, BQ) * p.heads * p.batch;
+  const int64_t resident = 2 * static_cast<int64_t>(multiprocessors());
+  const dim3 grid = p.items ? dim3(static_cast<unsigned>(all < resident ? all : resident))
+                            : dim3(static_cast<unsigned>(ceil_div(p.n, BQ)), static_cast<unsigned>(p.heads),
+                                   static_cast<unsigned>(p.batch));
   if (!backward) {
     const size_t bytes = forward_smem<T, D>(kt_max);
     allow_smem(band_forward_kernel<T, D, SPLIT>, bytes, fwd_allowed);
@@ -711,6 +930,66 @@ void band_attention_backward_cuda(const BandAttentionParams& p, void* stream) {
     band_finish_kernel<__nv_bfloat16, false><<<blocks, 256, 0, s>>>(p);
   else
     band_finish_kernel<__half, false><<<blocks, 256, 0, s>>>(p);
+}
+
+void band_repair_list_cuda(const BandAttentionParams& p, uint8_t* flags, int32_t* items, int32_t* count,
+                           void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  // An error here is left for the caller's launch check.
+  (void)cudaMemsetAsync(count, 0, sizeof(int32_t), s);
+  const int64_t blocks = p.batch * ceil_div(p.n, BQ);
+  if (blocks == 0) return;
+  repair_list_kernel<<<static_cast<unsigned>(ceil_div(blocks, 256)), 256, 0, s>>>(p, flags, items, count);
+}
+
+namespace {
+
+template <typename T>
+void repair_sums(const BandAttentionParams& p, const uint8_t* flags, bool backward, uint8_t* wflags, cudaStream_t s) {
+  const int64_t blocks = p.batch * ceil_div(p.n, p.ws), width = p.heads * p.d;
+  const int threads = width >= 512 ? 512 : static_cast<int>((width + 31) / 32 * 32);
+  if (backward)
+    repair_window_sums_kernel<T, true><<<static_cast<unsigned>(blocks), threads, 0, s>>>(
+        p, flags, static_cast<const T*>(p.gy), width, const_cast<float*>(p.blind_sums), wflags);
+  else
+    repair_window_sums_kernel<T, false><<<static_cast<unsigned>(blocks), threads, 0, s>>>(
+        p, flags, static_cast<const T*>(p.qkv) + 2 * width, 3 * width, const_cast<float*>(p.v_sums), nullptr);
+}
+
+template <typename T>
+void repair_backward_typed(const BandAttentionParams& p, const uint8_t* flags, uint8_t* wflags, const void* dq,
+                           const void* dk, const void* dv, cudaStream_t s) {
+  repair_sums<T>(p, flags, true, wflags, s);
+  const int64_t zero_blocks = 4 * static_cast<int64_t>(multiprocessors());
+  const int64_t listable = p.batch * ceil_div(p.n, BQ);
+  repair_zero_kernel<<<static_cast<unsigned>(listable < zero_blocks ? listable : zero_blocks), 256, 0, s>>>(p);
+  launch_typed<T>(p, true, s);
+  repair_combine_kernel<T><<<static_cast<unsigned>(ceil_div(p.batch * p.n, kCombineRows)), 256, 0, s>>>(
+      p, flags, wflags, static_cast<const T*>(dq), static_cast<const T*>(dk), static_cast<const T*>(dv));
+}
+
+}  // namespace
+
+void band_repair_forward_cuda(const BandAttentionParams& p, const uint8_t* flags, void* stream) {
+  if (p.batch * p.n == 0) return;
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (p.dtype == RowDtype::bf16) {
+    repair_sums<__nv_bfloat16>(p, flags, false, nullptr, s);
+    launch_typed<__nv_bfloat16>(p, false, s);
+  } else if (p.dtype == RowDtype::f16) {
+    repair_sums<__half>(p, flags, false, nullptr, s);
+    launch_typed<__half>(p, false, s);
+  }
+}
+
+void band_repair_backward_cuda(const BandAttentionParams& p, const uint8_t* flags, uint8_t* wflags, const void* dq,
+                               const void* dk, const void* dv, void* stream) {
+  if (p.batch * p.n == 0) return;
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (p.dtype == RowDtype::bf16)
+    repair_backward_typed<__nv_bfloat16>(p, flags, wflags, dq, dk, dv, s);
+  else if (p.dtype == RowDtype::f16)
+    repair_backward_typed<__half>(p, flags, wflags, dq, dk, dv, s);
 }
 
 }  // namespace kernels

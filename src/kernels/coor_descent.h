@@ -318,6 +318,13 @@ struct BandAttentionParams {
   float* dkv = nullptr;
   int64_t dkv_row = 0;  // elements from one row of dkv to the next
   const float* blind_sums = nullptr;
+  // Repair mode (band_repair_*): the kernels take only the listed blocks of
+  // 64 queries, items[0 .. *item_count) (b * blocks_per_row + block), every
+  // head of each; the forward also writes +inf into flash_lse (batch, heads,
+  // n) at their queries.
+  const int32_t* items = nullptr;
+  const int32_t* item_count = nullptr;
+  float* flash_lse = nullptr;
   int64_t batch = 0, n = 0, heads = 0, d = 0, ws = 1, back = 0, fwd = 0;
   bool causal = false, tf32 = false;
   float scale = 1.f;
@@ -327,6 +334,31 @@ bool band_attention_supports(int64_t d, int64_t ws, int64_t back, int64_t fwd, b
                              int64_t batch, int64_t heads, int device);
 void band_attention_forward_cuda(const BandAttentionParams& p, void* stream);
 void band_attention_backward_cuda(const BandAttentionParams& p, void* stream);
+// A key mask on the flash kernel's sliding window without it (LocalMHA,
+// float16/bfloat16, heads of 32 or 64): the flash kernel attends as if every
+// key were visible, and the band kernels redo the blocks of 64 queries whose
+// band holds a hidden key of the sequence (p.mask), which are the only ones
+// that differ (a blind query's band holds its own hidden key).
+//   list: flags (batch, blocks_per_row) = whether a block is redone; items and
+//     *count (zeroed here) = those blocks, in any order.
+//   forward (p.items, p.item_count, p.mask, p.qkv; p.y = the flash output
+//     (batch, n, heads * d), p.lse = the band's log-sum-exps (batch, heads, n),
+//     p.flash_lse = the flash kernel's, p.v_sums (batch, windows, heads * d)
+//     float32 scratch): v's window sums where a redone block needs them, then
+//     the listed blocks' outputs and log-sum-exps written over the flash
+//     kernel's, +inf in the flash kernel's log-sum-exp there (its backward
+//     then gives those queries no gradient).
+//   backward (p as the forward's plus gy, y_in, dqkv (batch, n, 3 * heads *
+//     d), dkv (batch, n, 2 * heads * d) float32 scratch, dkv_row = 2 * heads *
+//     d, blind_sums (batch, windows, heads * d) float32 scratch; wflags (batch,
+//     windows) scratch; dq, dk, dv (batch, n, heads, d): the flash kernel's
+//     gradients): the listed blocks' gradients, then dqkv = the flash
+//     kernel's gradients, q's replaced and k's and v's added to where a
+//     listed block has them, v's with the blind queries' share.
+void band_repair_list_cuda(const BandAttentionParams& p, uint8_t* flags, int32_t* items, int32_t* count, void* stream);
+void band_repair_forward_cuda(const BandAttentionParams& p, const uint8_t* flags, void* stream);
+void band_repair_backward_cuda(const BandAttentionParams& p, const uint8_t* flags, uint8_t* wflags, const void* dq,
+                               const void* dk, const void* dv, void* stream);
 
 // Causal windows of one look-back around two flash calls (sliding_window_cuda.cu;
 // float16/bfloat16, d a multiple of 8 up to 256, n a multiple of ws; the

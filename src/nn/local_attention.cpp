@@ -417,6 +417,115 @@ class BandAttentionFunction : public torch::autograd::Function<BandAttentionFunc
 };
 #endif
 
+#if COLT5_HAS_SDPA && defined(COLT5_WITH_CUDA)
+// Exact windows with a key mask for LocalMHA's packed projection in
+// float16/bfloat16: the flash kernel's sliding window without the mask,
+// straight on views of the projection (no packing, head width as it is),
+// then colt5's band kernels redo the blocks of 64 queries whose band holds a
+// hidden key (band_attention_cuda.cu, repair mode), writing their outputs
+// over the flash kernel's. The flash kernel's log-sum-exp is +inf at those
+// queries, so its backward gives them no gradient; the band kernels' backward
+// gives theirs, and one kernel gathers both into the projection's gradient.
+// Where no key is hidden (an all-true mask) the band kernels find nothing to
+// do and the cost is the unmasked sliding window's.
+class MaskRepairFunction : public torch::autograd::Function<MaskRepairFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& qkv_in,
+                               const torch::Tensor& mask, int64_t heads, int64_t d, int64_t ws, int64_t back,
+                               int64_t fwd, bool causal, double scale) {
+    c10::cuda::CUDAGuard guard(qkv_in.device());
+    void* stream = c10::cuda::getCurrentCUDAStream().stream();
+    torch::Tensor qkv = qkv_in.contiguous(), m = mask.contiguous();
+    auto p = BandAttentionFunction::params(qkv.size(0), qkv.size(1), qkv.scalar_type(), heads, d, ws, back, fwd,
+                                           causal, scale, false);
+    const int64_t b = p.batch, n = p.n, per_row = (n + 63) / 64, windows = (n + ws - 1) / ws;
+    auto bytes = m.options().dtype(torch::kByte);
+    torch::Tensor flags = torch::empty({b, per_row}, bytes);
+    torch::Tensor items = torch::empty({b * per_row}, m.options().dtype(torch::kInt));
+    torch::Tensor count = torch::empty({1}, m.options().dtype(torch::kInt));
+    p.mask = m.data_ptr<bool>();
+    kernels::band_repair_list_cuda(p, flags.data_ptr<uint8_t>(), items.data_ptr<int32_t>(),
+                                   count.data_ptr<int32_t>(), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    torch::Tensor parts = qkv.view({b, n, 3, heads, d});
+    auto flash = at::_flash_attention_forward(parts.select(2, 0), parts.select(2, 1), parts.select(2, 2), {}, {}, n,
+                                              n, 0.0, causal, false, scale, ws * back, causal ? 0 : ws * fwd);
+    torch::Tensor out = std::get<0>(flash).contiguous(), lse = std::get<1>(flash);
+    TORCH_CHECK(out.sizes() == torch::IntArrayRef({b, n, heads, d}) &&
+                    lse.sizes() == torch::IntArrayRef({b, heads, n}) && lse.is_contiguous() &&
+                    lse.scalar_type() == torch::kFloat,
+                "LocalMHA: the flash kernel returned an output of ", out.sizes(), " and a log-sum-exp of ", lse.sizes(),
+                ", expected (", b, ", ", n, ", ", heads, ", ", d, ") and (", b, ", ", heads, ", ", n, ")");
+    torch::Tensor band_lse = torch::empty({b, heads, n}, lse.options());
+    torch::Tensor sums = torch::empty({b, windows, heads * d}, lse.options());
+    p.items = items.data_ptr<int32_t>();
+    p.item_count = count.data_ptr<int32_t>();
+    p.qkv = qkv.data_ptr();
+    p.y = out.data_ptr();
+    p.lse = band_lse.data_ptr<float>();
+    p.flash_lse = lse.data_ptr<float>();
+    p.v_sums = sums.data_ptr<float>();
+    kernels::band_repair_forward_cuda(p, flags.data_ptr<uint8_t>(), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ctx->save_for_backward(
+        {qkv, out, lse, std::get<2>(flash), std::get<3>(flash), band_lse, m, flags, items, count});
+    ctx->saved_data["heads"] = heads;
+    ctx->saved_data["d"] = d;
+    ctx->saved_data["ws"] = ws;
+    ctx->saved_data["back"] = back;
+    ctx->saved_data["fwd"] = fwd;
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["scale"] = scale;
+    return out.view({b, n, heads * d});
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor qkv = saved[0], out = saved[1], lse = saved[2], rng = saved[3], unused = saved[4],
+                        band_lse = saved[5], m = saved[6], flags = saved[7], items = saved[8], count = saved[9];
+    const int64_t heads = ctx->saved_data["heads"].toInt(), d = ctx->saved_data["d"].toInt();
+    const int64_t ws = ctx->saved_data["ws"].toInt(), back = ctx->saved_data["back"].toInt(),
+                  fwd = ctx->saved_data["fwd"].toInt();
+    const bool causal = ctx->saved_data["causal"].toBool();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    c10::cuda::CUDAGuard guard(qkv.device());
+    void* stream = c10::cuda::getCurrentCUDAStream().stream();
+    auto p = BandAttentionFunction::params(qkv.size(0), qkv.size(1), qkv.scalar_type(), heads, d, ws, back, fwd,
+                                           causal, scale, false);
+    const int64_t b = p.batch, n = p.n, windows = (n + ws - 1) / ws;
+    torch::Tensor gy = grads[0].to(qkv.scalar_type()).contiguous();
+    torch::Tensor parts = qkv.view({b, n, 3, heads, d});
+    auto g = at::_flash_attention_backward(gy.view({b, n, heads, d}), parts.select(2, 0), parts.select(2, 1),
+                                           parts.select(2, 2), out, lse, {}, {}, n, n, 0.0, causal, rng, unused,
+                                           scale, ws * back, causal ? 0 : ws * fwd);
+    const torch::Tensor dq = std::get<0>(g).contiguous(), dk = std::get<1>(g).contiguous(),
+                        dv = std::get<2>(g).contiguous();
+    torch::Tensor dqkv = torch::empty({b, n, 3 * heads * d}, qkv.options());
+    torch::Tensor dkv = torch::empty({b, n, 2 * heads * d}, qkv.options().dtype(torch::kFloat));
+    torch::Tensor blind = torch::empty({b, windows, heads * d}, dkv.options());
+    torch::Tensor wflags = torch::empty({b, windows}, flags.options());
+    p.mask = m.data_ptr<bool>();
+    p.items = items.data_ptr<int32_t>();
+    p.item_count = count.data_ptr<int32_t>();
+    p.qkv = qkv.data_ptr();
+    p.y_in = out.data_ptr();
+    p.gy = gy.data_ptr();
+    p.lse = band_lse.data_ptr<float>();
+    p.dqkv = dqkv.data_ptr();
+    p.dkv = dkv.data_ptr<float>();
+    p.dkv_row = 2 * heads * d;
+    p.blind_sums = blind.data_ptr<float>();
+    kernels::band_repair_backward_cuda(p, flags.data_ptr<uint8_t>(), wflags.data_ptr<uint8_t>(), dq.data_ptr(),
+                                       dk.data_ptr(), dv.data_ptr(), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    torch::autograd::variable_list result(9);  // none for the mask and the settings
+    result[0] = dqkv;
+    return result;
+  }
+};
+#endif
+
 #if COLT5_HAS_SDPA
 // Causal windows of one look-back without a mask (the autoregressive light
 // branch) straight from LocalMHA's packed projection: query t of window w sees
@@ -970,6 +1079,26 @@ torch::Tensor LocalMHAImpl::forward_with_output_bias(const torch::Tensor& x_in, 
       torch::Tensor m = mask.defined() ? mask : torch::empty({0}, projected.options().dtype(torch::kBool));
       torch::Tensor out = BandAttentionFunction::apply(projected, m, h, dh, ao.window_size(), ao.look_backward(),
                                                        attn_fn->look_forward(), ao.causal(), scale);
+      return project_out(out);
+    }
+  }
+#endif
+#if COLT5_HAS_SDPA && defined(COLT5_WITH_CUDA)
+  {
+    // A key mask on the flash kernel's sliding window without it, the blocks
+    // that see a hidden key redone on the band kernels (repair_masked_blocks).
+    const auto& ao = attn_fn->options;
+    kernels::RowDtype rd;
+    if (options.packed_qkv() && options.repair_masked_blocks() && mask.defined() && projected.is_cuda() &&
+        mask.device() == projected.device() && ao.exact_windowsize() && ao.sliding_window() && !attn_fn->rel_pos &&
+        (ao.autopad() || n % ao.window_size() == 0) && row_dtype(projected.scalar_type(), rd) &&
+        rd != kernels::RowDtype::f32 &&
+        kernels::band_attention_supports(dh, ao.window_size(), ao.look_backward(), attn_fn->look_forward(), ao.causal(),
+                                         rd, b, h, projected.device().index())) {
+      RECORD_USER_SCOPE("colt5::local_attention");
+      const double scale = ao.scale().value_or(std::pow(static_cast<double>(dh), -0.5));
+      torch::Tensor out = MaskRepairFunction::apply(projected, mask, h, dh, ao.window_size(), ao.look_backward(),
+                                                    attn_fn->look_forward(), ao.causal(), scale);
       return project_out(out);
     }
   }

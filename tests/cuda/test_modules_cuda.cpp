@@ -896,7 +896,9 @@ TEST(CudaModules, LocalAttentionWindowsMatchTheCpuFloat64) {
 // blind; with blind queries (a hidden stretch, a fully hidden row), whose
 // means and mean gradients are summed in another order, within rounding. bf16
 // and f16 modules, float32 under autocast (the block's case), causal and not,
-// ragged lengths (autopadded), 2 heads of 64 and 3 of 40.
+// ragged lengths (autopadded), 2 heads of 64 and 3 of 40; with
+// repair_masked_blocks off (on, heads of 64 take the repaired blocks:
+// LocalMHAMaskRepairMatchesTheCpuFloat64).
 TEST(CudaModules, LocalMHAPackedQKVMatchesTheViewsPath) {
   torch::manual_seed(31);
   for (bool causal : {false, true}) {
@@ -928,6 +930,7 @@ TEST(CudaModules, LocalMHAPackedQKVMatchesTheViewsPath) {
               auto dev = std::dynamic_pointer_cast<LocalMHAImpl>(attn->clone());
               dev->to(cuda(), dtype);
               dev->options.packed_qkv(packed);
+              dev->options.repair_masked_blocks(false);  // the packed kernels, not the repaired blocks
               torch::Tensor xd = x.clone().requires_grad_(true);
               torch::Tensor out;
               {
@@ -1025,6 +1028,116 @@ TEST(CudaModules, LocalMHABandKernelsMatchTheCpuFloat64) {
           }
         }
       }
+    }
+  }
+}
+
+// LocalMHA's exact windows with a key mask in float16/bfloat16 on the flash
+// kernel's sliding window without the mask, the blocks of 64 queries whose band
+// holds a hidden key redone on the band kernels (repair_masked_blocks, the
+// default), against the CPU float64 module: outputs and every gradient; bf16
+// and f16 modules and float32 under bf16 autocast; heads of 64 and 32,
+// windows of 32 and 64, causal and not; an all-true mask (nothing redone),
+// padding at the ends (the last blocks redone), random holes (every block
+// redone), a hidden stretch whose middle queries see no key and a fully hidden
+// row; one token, a ragged length and several blocks.
+TEST(CudaModules, LocalMHAMaskRepairMatchesTheCpuFloat64) {
+  torch::manual_seed(43);
+  for (int64_t ws : {32, 64}) {
+    for (bool causal : {false, true}) {
+      for (int64_t dh : {64, 32}) {
+        LocalMHA attn(LocalMHAOptions(96, ws)
+                          .dim_head(dh)
+                          .heads(dh == 64 ? 2 : 3)
+                          .causal(causal)
+                          .exact_windowsize(true)
+                          .prenorm(true)
+                          .look_backward(1)
+                          .look_forward(causal ? 0 : 1)
+                          .use_rotary_pos_emb(false));
+        auto ref = std::dynamic_pointer_cast<LocalMHAImpl>(attn->clone());
+        ref->to(torch::kDouble);
+        for (int masked : {0, 1, 2, 3}) {  // all true, padded ends, random holes, blind queries
+          for (int64_t n : {1, 33, 1000, 2048}) {
+            torch::Tensor x = torch::randn({2, n, 96}, torch::kDouble);
+            torch::Tensor mask = torch::ones({2, n}, torch::kBool);
+            if (masked == 1) {
+              mask.select(0, 0).narrow(0, n - n / 3, n / 3).fill_(false);  // right padding
+              mask.select(0, 1).narrow(0, 0, n / 5).fill_(false);          // left padding
+            } else if (masked == 2) {
+              mask = torch::rand({2, n}) > 0.1;
+            } else if (masked == 3) {
+              mask = torch::rand({2, n}) > 0.02;
+              mask.select(0, 1).fill_(false);
+              if (n >= 1000) mask.select(0, 0).narrow(0, 200, 300).fill_(false);
+            }
+            torch::Tensor x64 = x.clone().requires_grad_(true);
+            torch::Tensor out64 = ref->forward(x64, mask);
+            torch::Tensor g = torch::randn_like(out64);
+            out64.backward(g);
+            for (int kind : {0, 1, 2}) {  // bf16, f16, float32 under bf16 autocast
+              SCOPED_TRACE("ws " + std::to_string(ws) + " causal " + std::to_string(causal) + " dh " +
+                           std::to_string(dh) + " masked " + std::to_string(masked) + " n " + std::to_string(n) +
+                           " kind " + std::to_string(kind));
+              const auto dtype = kind == 0 ? torch::kBFloat16 : kind == 1 ? torch::kHalf : torch::kFloat;
+              auto dev = std::dynamic_pointer_cast<LocalMHAImpl>(attn->clone());
+              dev->to(cuda(), dtype);
+              torch::Tensor xd = x.to(cuda(), dtype).requires_grad_(true);
+              torch::Tensor out;
+              {
+                Region region(torch::kBFloat16, kind == 2);
+                out = dev->forward(xd, mask.to(cuda()));
+              }
+              EXPECT_TRUE(colt5::testing::graph_has(out, "MaskRepairFunction"));
+              out.backward(g.to(cuda(), out.scalar_type()));
+              EXPECT_TRUE(torch::isfinite(out).all().item<bool>());
+              EXPECT_LT(colt5::testing::norm_rel_error(out.to(torch::kDouble).cpu(), out64), 3e-2);
+              EXPECT_LT(colt5::testing::norm_rel_error(xd.grad().to(torch::kDouble).cpu(), x64.grad()), 3e-2);
+              expect_parameter_grads_close(*ref, *dev, 3e-2);
+            }
+            ref->zero_grad();
+          }
+        }
+      }
+    }
+  }
+}
+
+// With an all-true mask nothing is redone: the output and every gradient are
+// exactly those of the same module without a mask (the flash kernel's
+// sliding window on the same views, its gradients gathered into the
+// projection's). With repair_masked_blocks off the mask takes the score-bias
+// path, which agrees to rounding.
+TEST(CudaModules, LocalMHAMaskRepairWithAnAllTrueMaskIsTheUnmaskedPath) {
+  torch::manual_seed(44);
+  for (bool causal : {false, true}) {
+    LocalMHA attn(LocalMHAOptions(128, 64)
+                      .dim_head(64)
+                      .heads(2)
+                      .causal(causal)
+                      .exact_windowsize(true)
+                      .prenorm(true)
+                      .look_backward(1)
+                      .look_forward(causal ? 0 : 1)
+                      .use_rotary_pos_emb(false));
+    attn->to(cuda(), torch::kBFloat16);
+    torch::Tensor x = torch::randn({2, 1024, 128}, torch::TensorOptions(cuda()).dtype(torch::kBFloat16));
+    torch::Tensor g = torch::randn_like(x);
+    torch::Tensor mask = torch::ones({2, 1024}, torch::TensorOptions(cuda()).dtype(torch::kBool));
+    std::vector<std::vector<torch::Tensor>> runs;
+    for (int way : {0, 1, 2}) {  // repaired mask, no mask, score-bias mask
+      SCOPED_TRACE("causal " + std::to_string(causal) + " way " + std::to_string(way));
+      auto dev = std::dynamic_pointer_cast<LocalMHAImpl>(attn->clone());
+      dev->options.repair_masked_blocks(way != 2);
+      torch::Tensor xd = x.clone().requires_grad_(true);
+      torch::Tensor out = dev->forward(xd, way == 1 ? torch::Tensor() : mask);
+      EXPECT_EQ(colt5::testing::graph_has(out, "MaskRepairFunction"), way == 0);
+      out.backward(g);
+      runs.push_back({out, xd.grad(), dev->to_qkv->weight.grad(), dev->to_out->weight.grad()});
+    }
+    for (size_t i = 0; i < runs[0].size(); ++i) {
+      EXPECT_TRUE(torch::equal(runs[0][i], runs[1][i])) << "tensor " << i << " (0: output)";
+      EXPECT_LT(max_rel_error(runs[0][i].to(torch::kDouble), runs[2][i].to(torch::kDouble)), 2e-2) << "tensor " << i;
     }
   }
 }
@@ -1364,6 +1477,30 @@ TEST(CudaModules, BlockTrainingStepHasNoHostSync) {
   block->forward(x, mask).sum().backward();
 }
 
+// The same under bf16 autocast, where the light attention's mask takes the
+// flash kernel and the band kernels' repair (a list of blocks whose length
+// the host never reads).
+TEST(CudaModules, BlockTrainingStepUnderAutocastHasNoHostSync) {
+  torch::manual_seed(23);
+  ConditionalRoutedTransformerBlock block(small_block());
+  block->to(cuda());
+  torch::Tensor x = torch::randn({2, 4096, 128}, torch::TensorOptions(cuda())).requires_grad_(true);
+  torch::Tensor mask = torch::rand({2, 4096}, torch::TensorOptions(cuda())) < 0.999;
+  auto step = [&] {
+    torch::Tensor y;
+    {
+      Region region(torch::kBFloat16);
+      y = block->forward(x, mask);
+    }
+    EXPECT_TRUE(colt5::testing::graph_has(y, "MaskRepairFunction"));
+    y.to(torch::kFloat).sum().backward();
+  };
+  step();
+  torch::cuda::synchronize();
+  NoHostSync guard;
+  step();
+}
+
 TEST(CudaModules, AutoregressiveTrainingStepHasNoHostSync) {
   torch::manual_seed(19);
   ConditionalRoutedAutoregressiveAttention attn(small_autoregressive());
@@ -1381,6 +1518,46 @@ TEST(CudaModules, BlockTrainingStepCapturesInACudaGraph) {
   block->to(cuda());
   check_graph_capture(block, torch::randn({2, 4096, 128}, torch::TensorOptions(cuda())),
                       [&](const torch::Tensor& x) { return block->forward(x); });
+}
+
+// Under bf16 autocast with a mask that hides a few keys (the light
+// attention's repaired blocks): the replay takes the new input values. The
+// repaired blocks add their keys' gradients with float32 atomics in no fixed
+// order, so the replay and the eager step agree to bf16 rounding.
+TEST(CudaModules, BlockTrainingStepUnderAutocastCapturesInACudaGraph) {
+  torch::manual_seed(24);
+  ConditionalRoutedTransformerBlock block(small_block());
+  block->to(cuda());
+  torch::Tensor mask = torch::ones({2, 4096}, torch::TensorOptions(cuda()).dtype(torch::kBool));
+  mask.select(0, 1).narrow(0, 3000, 1096).fill_(false);
+  mask.select(0, 0).narrow(0, 100, 7).fill_(false);
+  torch::Tensor x = torch::randn({2, 4096, 128}, torch::TensorOptions(cuda())).requires_grad_(true);
+  torch::Tensor gy = torch::randn_like(x);
+  auto fwd = [&](const torch::Tensor& in) {
+    Region region(torch::kBFloat16);
+    return block->forward(in, mask).to(torch::kFloat);
+  };
+  std::vector<torch::Tensor> captured;
+  auto unset_grads = [&] {
+    for (auto& p : block->parameters()) p.mutable_grad() = torch::Tensor();
+    x.mutable_grad() = torch::Tensor();
+  };
+  colt5::CapturedStep graph([&] { captured = training_step(block, x, gy, fwd); }, 3, unset_grads);
+  {
+    torch::NoGradGuard no_grad;
+    x.copy_(torch::randn_like(x));
+  }
+  graph.replay();
+  torch::cuda::synchronize();
+  std::vector<torch::Tensor> replayed;
+  for (auto& t : captured) replayed.push_back(t.clone());
+  std::vector<torch::Tensor> eager = training_step(block, x, gy, fwd);
+  ASSERT_EQ(replayed.size(), eager.size());
+  EXPECT_LT(colt5::testing::norm_rel_error(replayed[0], eager[0]), 1e-3) << "the output";
+  for (size_t i = 1; i < eager.size(); ++i) {
+    ASSERT_TRUE(replayed[i].defined() && eager[i].defined()) << "tensor " << i;
+    EXPECT_LT(colt5::testing::norm_rel_error(replayed[i], eager[i]), 1e-2) << "tensor " << i << " (1: input gradient)";
+  }
 }
 
 TEST(CudaModules, AutoregressiveTrainingStepCapturesInACudaGraph) {

@@ -179,6 +179,18 @@ struct LocalMHAOptions {
   /// float16/bfloat16 (the flash kernel's sliding window is faster); true or
   /// false forces it on or off.
   TORCH_ARG(c10::optional<bool>, band_attention) = c10::nullopt;
+  /// With a key mask where the flash kernel's sliding window takes it (the
+  /// cases of packed_qkv, float16/bfloat16, the band kernels off, heads of 32
+  /// or 64 and bands the band kernels take): the flash kernel runs as if no key
+  /// were hidden, straight on views of the projection, and colt5's band
+  /// kernels redo the blocks of 64 queries whose band of keys holds a hidden
+  /// one, writing their outputs and gradients over the flash kernel's. The
+  /// same attention; where few keys are hidden (padding at the ends, an
+  /// all-true mask) it costs about what no mask costs, where hidden keys are
+  /// spread over the whole sequence about the flash kernel's and the band
+  /// kernels' together. false: the mask enters the flash kernel as a score bias
+  /// through 8 more head dimensions (packed_qkv's kernels).
+  TORCH_ARG(bool, repair_masked_blocks) = true;
   /// Without a mask, causal windows of one look-back (not exact, no rotary
   /// embedding, the length a multiple of the window) as two flash calls on
   /// views of the projection, merged by their log-sum-exps, their gradients
