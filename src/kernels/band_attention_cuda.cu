@@ -29,6 +29,7 @@
 #include "kernels/coor_descent.h"
 #include "kernels/cuda_common.cuh"
 #include "kernels/cuda_convert.cuh"
+#include "kernels/mma_common.cuh"
 
 namespace colt5 {
 namespace kernels {
@@ -331,10 +332,7 @@ __device__ __forceinline__ void band_forward_body(const BandAttentionParams& p, 
     }
     if (lane == 0) {
       blind[r] = m == -INFINITY;
-      if (t < n) {
-        p.lse[(g.b * p.heads + g.h) * n + t] = m == -INFINITY ? INFINITY : (m + log2f(sum)) * kLn2;
-        if (p.flash_lse) p.flash_lse[(g.b * p.heads + g.h) * n + t] = INFINITY;
-      }
+      if (t < n) p.lse[(g.b * p.heads + g.h) * n + t] = m == -INFINITY ? INFINITY : (m + log2f(sum)) * kLn2;
     }
   }
   wait_rows();
@@ -802,6 +800,193 @@ __global__ void __launch_bounds__(256) repair_combine_kernel(BandAttentionParams
   }
 }
 
+// The forward of repair mode on register tiles (16-bit types, heads of 32 or
+// 64): every block of 64 queries of one (sequence, head), 4 warps of 16
+// queries each, the band's keys and values in shared memory (cp.async), the
+// scores in mma.sync accumulators, a running maximum and sum over tiles of 64
+// keys (base 2), the probabilities handed to the values' product as operand
+// fragments. Writes y, the log-sum-exp (+inf for a blind query, which takes
+// its look-around's mean from v_sums) and the flash kernel's log-sum-exp for
+// its backward: the same, or +inf in a listed block.
+constexpr int kMmaWarps = BQ / 16;
+constexpr int kKeyTile = 64;
+
+template <int D>
+constexpr int mma_ld() {
+  return D + 8;  // 16-bit rows 16 bytes apart in banks: ldmatrix without conflicts
+}
+
+__host__ __device__ inline int key_rows(int kt_max) { return (kt_max + kKeyTile - 1) / kKeyTile * kKeyTile; }
+
+template <typename T, int D>
+size_t mma_forward_smem(int kt_max) {
+  return static_cast<size_t>(BQ + 2 * key_rows(kt_max)) * mma_ld<D>() * sizeof(T) + key_rows(kt_max);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kMmaWarps * 32)
+    band_forward_mma_kernel(BandAttentionParams p, const uint8_t* __restrict__ flags, int kt_max) {
+  using namespace mma16;
+  constexpr int NT = kMmaWarps * 32, LD = mma_ld<D>(), KS = D / 16, DT = D / 8;
+  extern __shared__ float4 smem4[];
+  T* Qs = reinterpret_cast<T*>(smem4);
+  T* Ks = Qs + BQ * LD;
+  T* Vs = Ks + key_rows(kt_max) * LD;
+  unsigned char* key_ok = reinterpret_cast<unsigned char*>(Vs + key_rows(kt_max) * LD);
+
+  const Band g = band_at(p, blockIdx.z, blockIdx.y, static_cast<int64_t>(blockIdx.x) * BQ);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t4 = lane & 3;
+  const int64_t n = p.n, width = p.heads * D;
+  const int q_valid = static_cast<int>(n - g.q0 < BQ ? n - g.q0 : BQ);
+  const int tiles = (g.nk + kKeyTile - 1) / kKeyTile, rows = tiles * kKeyTile;
+
+  const T* qkv = static_cast<const T*>(p.qkv);
+  auto load = [&](T* dst, int part, int64_t first, int valid, int count) {
+    for (int i = tid; i < count * (D / 8); i += NT) {
+      const int r = i / (D / 8), c = (i % (D / 8)) * 8;
+      if (r < valid)
+        cp_async16(dst + r * LD + c, qkv + (g.b * n + first + r) * 3 * width + (part * p.heads + g.h) * D + c);
+      else
+        *reinterpret_cast<uint4*>(dst + r * LD + c) = make_uint4(0, 0, 0, 0);
+    }
+  };
+  load(Qs, 0, g.q0, q_valid, BQ);
+  load(Ks, 1, g.k_lo, g.nk, rows);
+  load(Vs, 2, g.k_lo, g.nk, rows);
+  cp_commit();
+  for (int c = tid; c < rows; c += NT) key_ok[c] = c < g.nk && (!p.mask || p.mask[g.b * n + g.k_lo + c]);
+  cp_wait<0>();
+  __syncthreads();
+
+  unsigned qa[KS][4];
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks)
+    ldsm4(qa[ks], Qs + (16 * warp + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + 16 * ks + (lane >> 4) * 8);
+
+  float o[DT][4];
+#pragma unroll
+  for (int d = 0; d < DT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+  float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};
+  const float kmul = p.scale * kLog2e;
+  const int64_t t_row = g.q0 + 16 * warp + (lane >> 2);  // this lane's rows: t_row and t_row + 8
+
+  for (int t = 0; t < tiles; ++t) {
+    const T* Kt = Ks + t * kKeyTile * LD;
+    const T* Vt = Vs + t * kKeyTile * LD;
+    float s[kKeyTile / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < kKeyTile / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+    for (int np = 0; np < kKeyTile / 16; ++np) {
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        unsigned b[4];
+        ldsm4(b, Kt + (16 * np + (lane & 7) + ((lane >> 4) << 3)) * LD + 16 * ks + ((lane >> 3) & 1) * 8);
+        mma16::mma<T>(s[2 * np], qa[ks], b[0], b[1]);
+        mma16::mma<T>(s[2 * np + 1], qa[ks], b[2], b[3]);
+      }
+    }
+    // Logits in base 2 where the key is visible to the query, else -inf.
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < kKeyTile / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int kk = t * kKeyTile + 8 * nt + 2 * t4 + (e & 1);
+        const int64_t qi = t_row + 8 * (e >> 1), j = g.k_lo + kk;
+        const bool vis = key_ok[kk] && qi < n && j >= qi - g.reach_back && j <= qi + g.reach_fwd;
+        const float v = vis ? s[nt][e] * kmul : -INFINITY;
+        s[nt][e] = v;
+        mx[e >> 1] = fmaxf(mx[e >> 1], v);
+      }
+    }
+    float base[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+      const float m_new = fmaxf(mrow[i], mx[i]);
+      base[i] = m_new == -INFINITY ? 0.f : m_new;  // no visible key yet: nothing to rescale
+      const float corr = exp2f(mrow[i] - base[i]);
+      mrow[i] = m_new;
+      lrow[i] *= corr;
+#pragma unroll
+      for (int d = 0; d < DT; ++d) {
+        o[d][2 * i] *= corr;
+        o[d][2 * i + 1] *= corr;
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < kKeyTile / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float pv = exp2f(s[nt][e] - base[e >> 1]);
+        lrow[e >> 1] += pv;
+        s[nt][e] = pv;
+      }
+    }
+#pragma unroll
+    for (int kq = 0; kq < kKeyTile / 16; ++kq) {
+      unsigned a[4];
+      acc_to_a<T>(a, s[2 * kq], s[2 * kq + 1]);
+#pragma unroll
+      for (int c = 0; c < D / 16; ++c) {
+        unsigned b[4];
+        ldsm4_t(b, Vt + (16 * kq + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + 16 * c + (lane >> 4) * 8);
+        mma16::mma<T>(o[2 * c], a, b[0], b[1]);
+        mma16::mma<T>(o[2 * c + 1], a, b[2], b[3]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    lrow[i] += __shfl_xor_sync(0xffffffffu, lrow[i], 1);
+    lrow[i] += __shfl_xor_sync(0xffffffffu, lrow[i], 2);
+  }
+  T* y = static_cast<T*>(p.y);
+  const int64_t windows = ceil_div(n, p.ws), per_row = ceil_div(n, BQ);
+  const float span = static_cast<float>((p.back + p.fwd + 1) * p.ws);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t qi = t_row + 8 * i;
+    if (qi >= n) continue;
+    const bool blind = mrow[i] == -INFINITY;
+    T* row = y + (g.b * n + qi) * width + g.h * D;
+    if (!blind) {
+      const float inv = 1.f / lrow[i];
+#pragma unroll
+      for (int d = 0; d < DT; ++d)
+        *reinterpret_cast<unsigned*>(row + 8 * d + 2 * t4) = pack2<T>(o[d][2 * i] * inv, o[d][2 * i + 1] * inv);
+    } else {
+      // The look-around's mean: windows w - back .. w + fwd (-1 per slot
+      // beyond an end) over the span.
+      const int64_t w = qi / p.ws;
+#pragma unroll
+      for (int d = 0; d < DT; ++d) {
+        const int64_t col = g.h * D + 8 * d + 2 * t4;
+        float m0 = 0.f, m1 = 0.f;
+        for (int64_t u = w - p.back; u <= w + p.fwd; ++u) {
+          if (u < 0 || u >= windows) {
+            m0 -= static_cast<float>(p.ws);
+            m1 -= static_cast<float>(p.ws);
+          } else {
+            m0 += p.v_sums[(g.b * windows + u) * width + col];
+            m1 += p.v_sums[(g.b * windows + u) * width + col + 1];
+          }
+        }
+        *reinterpret_cast<unsigned*>(row + 8 * d + 2 * t4) = pack2<T>(m0 / span, m1 / span);
+      }
+    }
+    if (t4 == 0) {
+      const float lse = blind ? INFINITY : mrow[i] * kLn2 + logf(lrow[i]);
+      const int64_t at = (g.b * p.heads + g.h) * n + qi;
+      p.lse[at] = lse;
+      p.flash_lse[at] = flags[g.b * per_row + qi / BQ] ? INFINITY : lse;
+    }
+  }
+}
+
 int keys_max(const BandAttentionParams& p) {
   const int64_t reach = p.ws * p.back + (p.causal ? 0 : p.ws * p.fwd);
   return static_cast<int>((BQ + reach + 15) / 16 * 16);
@@ -939,6 +1124,10 @@ void band_repair_list_cuda(const BandAttentionParams& p, uint8_t* flags, int32_t
   (void)cudaMemsetAsync(count, 0, sizeof(int32_t), s);
   const int64_t blocks = p.batch * ceil_div(p.n, BQ);
   if (blocks == 0) return;
+  if (!p.mask) {  // nothing hidden: nothing listed
+    (void)cudaMemsetAsync(flags, 0, static_cast<size_t>(blocks), s);
+    return;
+  }
   repair_list_kernel<<<static_cast<unsigned>(ceil_div(blocks, 256)), 256, 0, s>>>(p, flags, items, count);
 }
 
@@ -970,16 +1159,37 @@ void repair_backward_typed(const BandAttentionParams& p, const uint8_t* flags, u
 
 }  // namespace
 
+namespace {
+
+template <typename T, int D>
+void repair_forward_typed(const BandAttentionParams& p, const uint8_t* flags, cudaStream_t s) {
+  static std::atomic<size_t> allowed{48 * 1024};
+  repair_sums<T>(p, flags, false, nullptr, s);
+  const int kt_max = keys_max(p);
+  const size_t bytes = mma_forward_smem<T, D>(kt_max);
+  allow_smem(band_forward_mma_kernel<T, D>, bytes, allowed);
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.n, BQ)), static_cast<unsigned>(p.heads),
+                  static_cast<unsigned>(p.batch));
+  band_forward_mma_kernel<T, D><<<grid, kMmaWarps * 32, bytes, s>>>(p, flags, kt_max);
+}
+
+template <typename T>
+void repair_forward_width(const BandAttentionParams& p, const uint8_t* flags, cudaStream_t s) {
+  if (p.d == 32)
+    repair_forward_typed<T, 32>(p, flags, s);
+  else
+    repair_forward_typed<T, 64>(p, flags, s);
+}
+
+}  // namespace
+
 void band_repair_forward_cuda(const BandAttentionParams& p, const uint8_t* flags, void* stream) {
   if (p.batch * p.n == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
-  if (p.dtype == RowDtype::bf16) {
-    repair_sums<__nv_bfloat16>(p, flags, false, nullptr, s);
-    launch_typed<__nv_bfloat16>(p, false, s);
-  } else if (p.dtype == RowDtype::f16) {
-    repair_sums<__half>(p, flags, false, nullptr, s);
-    launch_typed<__half>(p, false, s);
-  }
+  if (p.dtype == RowDtype::bf16)
+    repair_forward_width<__nv_bfloat16>(p, flags, s);
+  else if (p.dtype == RowDtype::f16)
+    repair_forward_width<__half>(p, flags, s);
 }
 
 void band_repair_backward_cuda(const BandAttentionParams& p, const uint8_t* flags, uint8_t* wflags, const void* dq,

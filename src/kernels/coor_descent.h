@@ -334,20 +334,21 @@ bool band_attention_supports(int64_t d, int64_t ws, int64_t back, int64_t fwd, b
                              int64_t batch, int64_t heads, int device);
 void band_attention_forward_cuda(const BandAttentionParams& p, void* stream);
 void band_attention_backward_cuda(const BandAttentionParams& p, void* stream);
-// A key mask on the flash kernel's sliding window without it (LocalMHA,
-// float16/bfloat16, heads of 32 or 64): the flash kernel attends as if every
-// key were visible, and the band kernels redo the blocks of 64 queries whose
-// band holds a hidden key of the sequence (p.mask), which are the only ones
-// that differ (a blind query's band holds its own hidden key).
+// Exact windows with a key mask in float16/bfloat16 (LocalMHA, heads of 32 or
+// 64), repair mode: the forward on register tiles with the mask, the backward
+// on the flash kernel's sliding window without it except in the blocks of 64
+// queries whose band holds a hidden key of the sequence (p.mask), the only
+// ones whose gradients differ (a blind query's band holds its own hidden key),
+// which the band kernels redo.
 //   list: flags (batch, blocks_per_row) = whether a block is redone; items and
 //     *count (zeroed here) = those blocks, in any order.
-//   forward (p.items, p.item_count, p.mask, p.qkv; p.y = the flash output
-//     (batch, n, heads * d), p.lse = the band's log-sum-exps (batch, heads, n),
-//     p.flash_lse = the flash kernel's, p.v_sums (batch, windows, heads * d)
-//     float32 scratch): v's window sums where a redone block needs them, then
-//     the listed blocks' outputs and log-sum-exps written over the flash
-//     kernel's, +inf in the flash kernel's log-sum-exp there (its backward
-//     then gives those queries no gradient).
+//   forward (p.mask, p.qkv; p.y (batch, n, heads * d), p.lse = the
+//     log-sum-exps (batch, heads, n), p.flash_lse = those for the flash
+//     kernel's backward, p.v_sums (batch, windows, heads * d) float32
+//     scratch): v's window sums where a listed block needs them, then every
+//     block's output and log-sum-exp on register tiles (mma.sync), the mask
+//     applied; flash_lse the same but +inf in the listed blocks (the flash
+//     kernel's backward then gives those queries no gradient).
 //   backward (p as the forward's plus gy, y_in, dqkv (batch, n, 3 * heads *
 //     d), dkv (batch, n, 2 * heads * d) float32 scratch, dkv_row = 2 * heads *
 //     d, blind_sums (batch, windows, heads * d) float32 scratch; wflags (batch,

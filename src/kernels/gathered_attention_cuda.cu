@@ -29,6 +29,7 @@
 #include "kernels/coor_descent.h"
 #include "kernels/cuda_common.cuh"
 #include "kernels/cuda_convert.cuh"
+#include "kernels/mma_common.cuh"
 
 namespace colt5 {
 namespace kernels {
@@ -749,57 +750,7 @@ struct Facts {
   int valid[KT];
 };
 
-// The helpers need sm_80 (mma.sync on 16-bit types, cp.async); below it the
-// host never launches these kernels (mma_path_applies) and they trap.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-#define COLT5_MMA_ASM(...) __trap()
-#else
-#define COLT5_MMA_ASM(...) asm volatile(__VA_ARGS__)
-#endif
-
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-  COLT5_MMA_ASM("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
-}
-__device__ __forceinline__ void cp_commit() { COLT5_MMA_ASM("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_wait() {
-  COLT5_MMA_ASM("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void ldsm4(unsigned (&r)[4], const void* p) {
-  COLT5_MMA_ASM("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldsm4_t(unsigned (&r)[4], const void* p) {
-  COLT5_MMA_ASM("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-
-// c += a b for one m16n8k16 tile (a: 4 registers, b: 2), float32 accumulation.
-template <typename T>
-__device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1);
-template <>
-__device__ __forceinline__ void mma<__nv_bfloat16>(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-  COLT5_MMA_ASM(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma<__half>(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-  COLT5_MMA_ASM(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+using namespace mma16;
 
 // Two float32 atomic additions at p (8-byte aligned), one instruction on sm_90.
 __device__ __forceinline__ void add2(float* p, float a, float b) {
@@ -809,30 +760,6 @@ __device__ __forceinline__ void add2(float* p, float a, float b) {
   atomicAdd(p, a);
   atomicAdd(p + 1, b);
 #endif
-}
-
-// Two floats as a pair of T in one register, the first in the low half.
-template <typename T>
-__device__ __forceinline__ unsigned pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<unsigned*>(&v);
-}
-template <>
-__device__ __forceinline__ unsigned pack2<__half>(float lo, float hi) {
-  __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<unsigned*>(&v);
-}
-
-// The operand fragment of a 16 x 16 slice of accumulator tiles c0 (columns
-// 0..7) and c1 (columns 8..15), rows as they are.
-template <typename T>
-__device__ __forceinline__ void acc_to_a(unsigned (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
-  a[0] = pack2<T>(c0[0], c0[1]);
-  a[1] = pack2<T>(c0[2], c0[3]);
-  a[2] = pack2<T>(c1[0], c1[1]);
-  a[3] = pack2<T>(c1[2], c1[3]);
 }
 
 template <int DH>

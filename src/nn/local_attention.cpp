@@ -419,15 +419,15 @@ class BandAttentionFunction : public torch::autograd::Function<BandAttentionFunc
 
 #if COLT5_HAS_SDPA && defined(COLT5_WITH_CUDA)
 // Exact windows with a key mask for LocalMHA's packed projection in
-// float16/bfloat16: the flash kernel's sliding window without the mask,
-// straight on views of the projection (no packing, head width as it is),
-// then colt5's band kernels redo the blocks of 64 queries whose band holds a
-// hidden key (band_attention_cuda.cu, repair mode), writing their outputs
-// over the flash kernel's. The flash kernel's log-sum-exp is +inf at those
-// queries, so its backward gives them no gradient; the band kernels' backward
-// gives theirs, and one kernel gathers both into the projection's gradient.
-// Where no key is hidden (an all-true mask) the band kernels find nothing to
-// do and the cost is the unmasked sliding window's.
+// float16/bfloat16 (band_attention_cuda.cu, repair mode). The forward runs on
+// colt5's register-tile kernel straight from the projection, every block of
+// 64 queries with the mask applied. The backward runs the flash kernel's
+// sliding window without the mask on views of the projection (no packing,
+// head width as it is), except for the blocks whose band holds a hidden key:
+// their log-sum-exp given to the flash kernel is +inf, so it gives them no
+// gradient, and the band kernels' backward gives theirs. One kernel gathers
+// both into the projection's gradient. Where no key is hidden (an all-true
+// mask, or none: an empty mask) the band kernels find nothing to do.
 class MaskRepairFunction : public torch::autograd::Function<MaskRepairFunction> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& qkv_in,
@@ -439,23 +439,19 @@ class MaskRepairFunction : public torch::autograd::Function<MaskRepairFunction> 
     auto p = BandAttentionFunction::params(qkv.size(0), qkv.size(1), qkv.scalar_type(), heads, d, ws, back, fwd,
                                            causal, scale, false);
     const int64_t b = p.batch, n = p.n, per_row = (n + 63) / 64, windows = (n + ws - 1) / ws;
-    auto bytes = m.options().dtype(torch::kByte);
-    torch::Tensor flags = torch::empty({b, per_row}, bytes);
-    torch::Tensor items = torch::empty({b * per_row}, m.options().dtype(torch::kInt));
-    torch::Tensor count = torch::empty({1}, m.options().dtype(torch::kInt));
-    p.mask = m.data_ptr<bool>();
+    auto on_device = qkv.options();
+    torch::Tensor flags = torch::empty({b, per_row}, on_device.dtype(torch::kByte));
+    torch::Tensor items = torch::empty({b * per_row}, on_device.dtype(torch::kInt));
+    torch::Tensor count = torch::empty({1}, on_device.dtype(torch::kInt));
+    p.mask = m.numel() > 0 ? m.data_ptr<bool>() : nullptr;  // empty: no mask
     kernels::band_repair_list_cuda(p, flags.data_ptr<uint8_t>(), items.data_ptr<int32_t>(),
                                    count.data_ptr<int32_t>(), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    torch::Tensor parts = qkv.view({b, n, 3, heads, d});
-    auto flash = at::_flash_attention_forward(parts.select(2, 0), parts.select(2, 1), parts.select(2, 2), {}, {}, n,
-                                              n, 0.0, causal, false, scale, ws * back, causal ? 0 : ws * fwd);
-    torch::Tensor out = std::get<0>(flash).contiguous(), lse = std::get<1>(flash);
-    TORCH_CHECK(out.sizes() == torch::IntArrayRef({b, n, heads, d}) &&
-                    lse.sizes() == torch::IntArrayRef({b, heads, n}) && lse.is_contiguous() &&
-                    lse.scalar_type() == torch::kFloat,
-                "LocalMHA: the flash kernel returned an output of ", out.sizes(), " and a log-sum-exp of ", lse.sizes(),
-                ", expected (", b, ", ", n, ", ", heads, ", ", d, ") and (", b, ", ", heads, ", ", n, ")");
+    // The forward on colt5's kernel for every block (the mask applied); the
+    // flash kernel's log-sum-exp beside it for the flash backward, +inf in the
+    // listed blocks. Without dropout the flash backward reads no random state.
+    torch::Tensor out = torch::empty({b, n, heads, d}, qkv.options());
+    torch::Tensor lse = torch::empty({b, heads, n}, qkv.options().dtype(torch::kFloat));
     torch::Tensor band_lse = torch::empty({b, heads, n}, lse.options());
     torch::Tensor sums = torch::empty({b, windows, heads * d}, lse.options());
     p.items = items.data_ptr<int32_t>();
@@ -467,8 +463,8 @@ class MaskRepairFunction : public torch::autograd::Function<MaskRepairFunction> 
     p.v_sums = sums.data_ptr<float>();
     kernels::band_repair_forward_cuda(p, flags.data_ptr<uint8_t>(), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    ctx->save_for_backward(
-        {qkv, out, lse, std::get<2>(flash), std::get<3>(flash), band_lse, m, flags, items, count});
+    const torch::Tensor no_rng = torch::empty({}, torch::kLong);
+    ctx->save_for_backward({qkv, out, lse, no_rng, no_rng, band_lse, m, flags, items, count});
     ctx->saved_data["heads"] = heads;
     ctx->saved_data["d"] = d;
     ctx->saved_data["ws"] = ws;
@@ -505,7 +501,7 @@ class MaskRepairFunction : public torch::autograd::Function<MaskRepairFunction> 
     torch::Tensor dkv = torch::empty({b, n, 2 * heads * d}, qkv.options().dtype(torch::kFloat));
     torch::Tensor blind = torch::empty({b, windows, heads * d}, dkv.options());
     torch::Tensor wflags = torch::empty({b, windows}, flags.options());
-    p.mask = m.data_ptr<bool>();
+    p.mask = m.numel() > 0 ? m.data_ptr<bool>() : nullptr;
     p.items = items.data_ptr<int32_t>();
     p.item_count = count.data_ptr<int32_t>();
     p.qkv = qkv.data_ptr();
@@ -1085,19 +1081,25 @@ torch::Tensor LocalMHAImpl::forward_with_output_bias(const torch::Tensor& x_in, 
 #endif
 #if COLT5_HAS_SDPA && defined(COLT5_WITH_CUDA)
   {
-    // A key mask on the flash kernel's sliding window without it, the blocks
-    // that see a hidden key redone on the band kernels (repair_masked_blocks).
+    // colt5's forward and the flash kernel's backward without the mask, the
+    // blocks that see a hidden key redone on the band kernels
+    // (repair_masked_blocks).
     const auto& ao = attn_fn->options;
     kernels::RowDtype rd;
-    if (options.packed_qkv() && options.repair_masked_blocks() && mask.defined() && projected.is_cuda() &&
-        mask.device() == projected.device() && ao.exact_windowsize() && ao.sliding_window() && !attn_fn->rel_pos &&
-        (ao.autopad() || n % ao.window_size() == 0) && row_dtype(projected.scalar_type(), rd) &&
+    // Without a mask the same where the length is whole windows (an autopadded
+    // sequence's zero keys are visible without a mask: not this path's case).
+    if (options.packed_qkv() && options.repair_masked_blocks() && projected.is_cuda() &&
+        (mask.defined() ? mask.device() == projected.device() && (ao.autopad() || n % ao.window_size() == 0)
+                        : n % ao.window_size() == 0) &&
+        ao.exact_windowsize() && ao.sliding_window() && !attn_fn->rel_pos && row_dtype(projected.scalar_type(), rd) &&
         rd != kernels::RowDtype::f32 &&
         kernels::band_attention_supports(dh, ao.window_size(), ao.look_backward(), attn_fn->look_forward(), ao.causal(),
                                          rd, b, h, projected.device().index())) {
       RECORD_USER_SCOPE("colt5::local_attention");
       const double scale = ao.scale().value_or(std::pow(static_cast<double>(dh), -0.5));
-      torch::Tensor out = MaskRepairFunction::apply(projected, mask, h, dh, ao.window_size(), ao.look_backward(),
+      // Without a mask an empty one (a custom function's inputs must be defined).
+      torch::Tensor m = mask.defined() ? mask : torch::empty({0}, projected.options().dtype(torch::kBool));
+      torch::Tensor out = MaskRepairFunction::apply(projected, m, h, dh, ao.window_size(), ao.look_backward(),
                                                     attn_fn->look_forward(), ao.causal(), scale);
       return project_out(out);
     }

@@ -181,15 +181,19 @@ struct LocalMHAOptions {
   TORCH_ARG(c10::optional<bool>, band_attention) = c10::nullopt;
   /// With a key mask where the flash kernel's sliding window takes it (the
   /// cases of packed_qkv, float16/bfloat16, the band kernels off, heads of 32
-  /// or 64 and bands the band kernels take): the flash kernel runs as if no key
-  /// were hidden, straight on views of the projection, and colt5's band
-  /// kernels redo the blocks of 64 queries whose band of keys holds a hidden
-  /// one, writing their outputs and gradients over the flash kernel's. The
-  /// same attention; where few keys are hidden (padding at the ends, an
-  /// all-true mask) it costs about what no mask costs, where hidden keys are
-  /// spread over the whole sequence about the flash kernel's and the band
-  /// kernels' together. false: the mask enters the flash kernel as a score bias
-  /// through 8 more head dimensions (packed_qkv's kernels).
+  /// or 64 and bands the band kernels take): the forward on colt5's kernel on
+  /// register tiles (mma.sync), the mask applied, straight from the
+  /// projection; the backward on the flash kernel's sliding window as if no
+  /// key were hidden, straight on views of the projection, except in the
+  /// blocks of 64 queries whose band of keys holds a hidden one, whose
+  /// gradients colt5's band kernels give. The same attention; where few keys
+  /// are hidden (padding at the ends, an all-true mask) the backward costs
+  /// about what it costs without a mask, where hidden keys are spread over the
+  /// whole sequence about the flash kernel's and the band kernels' together.
+  /// Without a mask (the length a multiple of the window) the same forward
+  /// and the flash kernel's backward. false: the mask enters the flash kernel
+  /// as a score bias through 8 more head dimensions (packed_qkv's kernels);
+  /// without a mask the flash kernel's sliding window both ways.
   TORCH_ARG(bool, repair_masked_blocks) = true;
   /// Without a mask, causal windows of one look-back (not exact, no rotary
   /// embedding, the length a multiple of the window) as two flash calls on
