@@ -66,10 +66,10 @@ torch::Tensor DecoderBlockImpl::forward(torch::Tensor x) {
       // residual, as the routed modules' residual forwards give it).
       torch::Tensor x_passed;
       torch::Tensor y = light_attn->forward_with_output_bias(x, {}, {}, &x_passed);
-      return plain_ff_residual(y + x_passed);
+      return plain_ff_residual(nn::residual_add(x_passed, y));
     }
     case Arch::dense:
-      return plain_ff_residual(dense_attn->forward(x) + x);
+      return plain_ff_residual(nn::residual_add(x, dense_attn->forward(x)));
     case Arch::routed:
       break;
   }
@@ -80,7 +80,7 @@ torch::Tensor DecoderBlockImpl::forward(torch::Tensor x) {
 
 torch::Tensor DecoderBlockImpl::plain_ff_residual(const torch::Tensor& x) {
   auto [y, x_passed] = plain_ff->forward_passing(x);
-  return y + x_passed;
+  return nn::residual_add(x_passed, y);
 }
 
 // x plus the routed feedforward of x. The feedforward routes inside each heavy

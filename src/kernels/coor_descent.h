@@ -207,6 +207,9 @@ struct ScatterRowsParams {
 };
 void scatter_rows_forward_cuda(const ScatterRowsParams& p, void* stream);
 void scatter_rows_backward_cuda(const ScatterRowsParams& p, void* stream);
+// out = a + b (count elements each; a and out float32, b float16/bfloat16),
+// 8 elements a thread where all three are 16-byte aligned.
+void add_float_half_cuda(const float* a, const void* b, RowDtype b_dtype, float* out, int64_t count, void* stream);
 
 // Attention over keys/values read by index from a table of projected rows
 // (gathered_attention_cuda.cu). Group g (= batch row * routes + route) has

@@ -438,6 +438,59 @@ void row_slot_map_cuda(const int64_t* flat, int64_t count, int32_t* slot, int64_
   check(cudaGetLastError(), "row_slot_map_kernel launch");
 }
 
+namespace {
+
+template <typename T, bool VEC>
+__global__ void add_float_half_kernel(const float* __restrict__ a, const T* __restrict__ b, float* __restrict__ out,
+                                      int64_t count) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (VEC) {
+    for (int64_t i = first; i < count / 8; i += stride) {
+      const float4 a0 = reinterpret_cast<const float4*>(a)[2 * i], a1 = reinterpret_cast<const float4*>(a)[2 * i + 1];
+      union {
+        uint4 raw;
+        T e[8];
+      } bv;
+      bv.raw = reinterpret_cast<const uint4*>(b)[i];
+      reinterpret_cast<float4*>(out)[2 * i] = make_float4(a0.x + to_float(bv.e[0]), a0.y + to_float(bv.e[1]),
+                                                          a0.z + to_float(bv.e[2]), a0.w + to_float(bv.e[3]));
+      reinterpret_cast<float4*>(out)[2 * i + 1] = make_float4(a1.x + to_float(bv.e[4]), a1.y + to_float(bv.e[5]),
+                                                              a1.z + to_float(bv.e[6]), a1.w + to_float(bv.e[7]));
+    }
+    for (int64_t i = count / 8 * 8 + first; i < count; i += stride) out[i] = a[i] + to_float(b[i]);
+  } else {
+    for (int64_t i = first; i < count; i += stride) out[i] = a[i] + to_float(b[i]);
+  }
+}
+
+template <typename T>
+void add_float_half_launch(const float* a, const T* b, float* out, int64_t count, cudaStream_t st) {
+  const bool vec = (reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b) | reinterpret_cast<uintptr_t>(out)) %
+                       16 ==
+                   0;
+  const int64_t items = vec ? std::max<int64_t>(count / 8, 1) : count;
+  const auto blocks = static_cast<unsigned>(std::min<int64_t>((items + 255) / 256, 65536));
+  if (vec)
+    add_float_half_kernel<T, true><<<blocks, 256, 0, st>>>(a, b, out, count);
+  else
+    add_float_half_kernel<T, false><<<blocks, 256, 0, st>>>(a, b, out, count);
+  check(cudaGetLastError(), "add_float_half_kernel launch");
+}
+
+}  // namespace
+
+void add_float_half_cuda(const float* a, const void* b, RowDtype b_dtype, float* out, int64_t count, void* stream) {
+  if (count == 0) return;
+  const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (b_dtype == RowDtype::bf16)
+    add_float_half_launch(a, static_cast<const __nv_bfloat16*>(b), out, count, st);
+  else if (b_dtype == RowDtype::f16)
+    add_float_half_launch(a, static_cast<const __half*>(b), out, count, st);
+  else
+    throw std::runtime_error("colt5 CUDA add_float_half: b must be float16 or bfloat16");
+}
+
 void scatter_rows_forward_cuda(const ScatterRowsParams& p, void* stream) { scatter_rows(p, false, stream); }
 void scatter_rows_backward_cuda(const ScatterRowsParams& p, void* stream) { scatter_rows(p, true, stream); }
 

@@ -204,7 +204,7 @@ torch::Tensor add_heavy_output(const torch::Tensor& null_q_token, const torch::T
                                const torch::Tensor& indices) {
   torch::Tensor null = null_q_token.defined() ? null_q_token.view({1, 1, -1}) : torch::Tensor();
   // A fresh tensor (the routed rows are added into it in place).
-  torch::Tensor out = b.defined() ? torch::add(a, b) : torch::Tensor();
+  torch::Tensor out = b.defined() ? residual_add(a, b) : torch::Tensor();
   if (null.defined() && !b_has_null) out = out.defined() ? out.add_(null) : a + null;
   const auto rows_t = scaled_type(routed_out, scores);
   if (!out.defined()) out = a.to(at::promote_types(a.scalar_type(), rows_t), false, /*copy=*/true);
@@ -419,7 +419,7 @@ torch::Tensor ConditionalRoutedFeedForwardImpl::forward_plus(const torch::Tensor
   // tokens for the sum, the routed rows added into it in place.
   const auto dt =
       at::promote_types(residual ? x.scalar_type() : light_out.scalar_type(), scaled_type(heavy_out, r.scores));
-  torch::Tensor out = residual ? as_type(torch::add(xr, light_out), dt) : light_out.to(dt, false, /*copy=*/true);
+  torch::Tensor out = residual ? as_type(residual_add(xr, light_out), dt) : light_out.to(dt, false, /*copy=*/true);
   return add_scaled_rows(out, r.indices, heavy_out, r.scores, torch::Tensor(), 0);
 }
 
@@ -592,7 +592,7 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward_impl(const t
   torch::Tensor light_out =
       light_attn->forward_with_output_bias(x, torch::Tensor(), null_in_light ? null_q_token : torch::Tensor(), &x1);
   // Window 0 has no earlier window to attend to: it gets the light branch only.
-  if (windows <= 1) return residual ? torch::add(x1, light_out) : light_out;
+  if (windows <= 1) return residual ? residual_add(x1, light_out) : light_out;
   const int64_t padded = windows * w;
   const int64_t rows = b * (windows - 1);
 
@@ -668,7 +668,7 @@ torch::Tensor ConditionalRoutedAutoregressiveAttentionImpl::forward_impl(const t
   // place.
   const torch::Tensor xr = heavy.context_passed.defined() ? heavy.context_passed : xp;
   if (residual) {
-    out = torch::add(xr, base);
+    out = residual_add(xr, base);
   } else {
     // The type the heavy output would have had written out at every position
     // (x's, or wider; the null token's too).

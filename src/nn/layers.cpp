@@ -24,6 +24,36 @@ namespace nn {
 
 // ---------------------------------------------------------------- linear
 
+#ifdef COLT5_WITH_CUDA
+namespace {
+
+// a + b for a float32 residual stream a and a 16-bit branch output b of the
+// same shape on CUDA in one vectorized pass (LibTorch's addition of mixed
+// types runs element by element); the gradients as autograd's: a's passes
+// through, b's is it cast to b's type.
+class AddFloatHalfFunction : public torch::autograd::Function<AddFloatHalfFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& a_in,
+                               const torch::Tensor& b_in) {
+    c10::cuda::CUDAGuard guard(a_in.device());
+    torch::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+    torch::Tensor out = torch::empty_like(a, at::MemoryFormat::Contiguous);
+    kernels::add_float_half_cuda(a.data_ptr<float>(), b.data_ptr(), row_dtype(b.scalar_type()), out.data_ptr<float>(),
+                                 a.numel(), c10::cuda::getCurrentCUDAStream().stream());
+    ctx->saved_data["b_dtype"] = b.scalar_type();
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto dt = ctx->saved_data["b_dtype"].toScalarType();
+    return {grads[0], grads[0].to(dt)};
+  }
+};
+
+}  // namespace
+#endif
+
 namespace {
 
 // y as it is (marked modified in place, so y keeps its storage and takes this
@@ -466,6 +496,15 @@ torch::Tensor apply_rotary_pos_emb(const torch::Tensor& pos, const torch::Tensor
               " and t shape ", t.sizes());
   auto out = t * pos.cos() + rotate_half(t) * pos.sin();
   return out.scalar_type() == t.scalar_type() ? out : out.to(t.scalar_type());
+}
+
+torch::Tensor residual_add(const torch::Tensor& x, const torch::Tensor& y) {
+#ifdef COLT5_WITH_CUDA
+  if (x.is_cuda() && y.is_cuda() && x.get_device() == y.get_device() && x.scalar_type() == torch::kFloat &&
+      (y.scalar_type() == torch::kBFloat16 || y.scalar_type() == torch::kHalf) && x.sizes() == y.sizes())
+    return AddFloatHalfFunction::apply(x, y);
+#endif
+  return torch::add(x, y);
 }
 
 }  // namespace nn

@@ -333,6 +333,38 @@ TEST(CudaModules, ScatterRowsKernelsMatchTheCpuFloat64) {
   }
 }
 
+// residual_add (a float32 stream plus a 16-bit branch output) against
+// LibTorch's addition: the sum and both gradients bit for bit, bf16 and f16,
+// sizes that are not whole 8-element pieces and views whose data is not
+// 16-byte aligned (the element-by-element path); other types fall back.
+TEST(CudaModules, ResidualAddMatchesLibTorch) {
+  torch::manual_seed(45);
+  for (auto dt : {torch::kBFloat16, torch::kHalf}) {
+    for (int64_t count : {1, 7, 8, 4099, 65536}) {
+      for (bool offset : {false, true}) {
+        SCOPED_TRACE(std::string(c10::toString(dt)) + " count " + std::to_string(count) + " offset " +
+                     std::to_string(offset));
+        auto f32 = torch::TensorOptions(cuda());
+        torch::Tensor xs = torch::randn({count + 1}, f32), ys = torch::randn({count + 1}, f32.dtype(dt));
+        torch::Tensor x0 = xs.narrow(0, offset ? 1 : 0, count).view({1, count}).detach().requires_grad_(true);
+        torch::Tensor y0 = ys.narrow(0, offset ? 1 : 0, count).view({1, count}).detach().requires_grad_(true);
+        torch::Tensor x1 = x0.detach().clone().requires_grad_(true), y1 = y0.detach().clone().requires_grad_(true);
+        torch::Tensor got = colt5::nn::residual_add(x0, y0), want = torch::add(x1, y1);
+        EXPECT_EQ(got.scalar_type(), torch::kFloat);
+        EXPECT_TRUE(torch::equal(got, want));
+        torch::Tensor g = torch::randn_like(want);
+        got.backward(g);
+        want.backward(g);
+        EXPECT_TRUE(torch::equal(x0.grad(), x1.grad()));
+        EXPECT_EQ(y0.grad().scalar_type(), dt);
+        EXPECT_TRUE(torch::equal(y0.grad(), y1.grad()));
+      }
+    }
+  }
+  torch::Tensor a = torch::randn({3, 5}, torch::TensorOptions(cuda()));
+  EXPECT_TRUE(torch::equal(colt5::nn::residual_add(a, a), a + a));
+}
+
 TEST(CudaModules, RMSNormKernelMatchesTheCpuFloat64) {
   torch::manual_seed(23);
   struct Case {

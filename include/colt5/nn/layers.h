@@ -70,6 +70,12 @@ torch::Tensor layer_norm(const torch::Tensor& x, const torch::Tensor& weight, co
                          double eps = 1e-5, bool autocast_output = false, bool cuda_kernel = true,
                          torch::Tensor* x_passed = nullptr);
 
+// x + y for a residual stream: on CUDA where x is float32 and y
+// float16/bfloat16 of the same shape (a branch's output under autocast) one
+// vectorized pass, the gradients as autograd's (x's passes through, y's is it
+// cast to y's type); elsewhere torch::add(x, y).
+torch::Tensor residual_add(const torch::Tensor& x, const torch::Tensor& y);
+
 // ---------------------------------------------------------------- FeedForward
 
 struct FeedForwardOptions {
