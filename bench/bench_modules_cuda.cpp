@@ -901,8 +901,7 @@ int main(int argc, char** argv) {
              "flash with the mask in 8 more head dims", with([&] { mha.repair_masked_blocks(false); }));
         // The masked sliding window from the packed projection (colt5's kernels
         // each way) or from q, k, v views (LibTorch's concatenations and copies).
-        pair("packed q/k/v", "masked sliding window from the packed projection",
-             with([&] {
+        pair("packed q/k/v", "masked sliding window from the packed projection", with([&] {
                mha.repair_masked_blocks(false);
                mha.packed_qkv(true);
              }),

@@ -390,8 +390,7 @@ size_t backward_smem(int kt_max) {
   constexpr int LDT = D + row_pad<T>();
   const size_t probs = std::is_same<T, float>::value ? static_cast<size_t>(BQ) * (kt_max + 4) * 4
                                                      : static_cast<size_t>(BQ) * (kt_max + 8) * sizeof(T);
-  return (2 * static_cast<size_t>(kt_max) + 2 * BQ) * LDT * sizeof(T) + probs + kWarps * 256 * 4 + 2 * BQ * 4 +
-         kt_max;
+  return (2 * static_cast<size_t>(kt_max) + 2 * BQ) * LDT * sizeof(T) + probs + kWarps * 256 * 4 + 2 * BQ * 4 + kt_max;
 }
 
 template <typename T, int D, bool SPLIT>
@@ -721,10 +720,9 @@ __global__ void repair_zero_kernel(BandAttentionParams p) {
 constexpr int kCombineRows = 4;
 
 template <typename T>
-__global__ void __launch_bounds__(256) repair_combine_kernel(BandAttentionParams p, const uint8_t* __restrict__ flags,
-                                                             const uint8_t* __restrict__ wflags,
-                                                             const T* __restrict__ dq, const T* __restrict__ dk,
-                                                             const T* __restrict__ dv) {
+__global__ void __launch_bounds__(256)
+    repair_combine_kernel(BandAttentionParams p, const uint8_t* __restrict__ flags, const uint8_t* __restrict__ wflags,
+                          const T* __restrict__ dq, const T* __restrict__ dk, const T* __restrict__ dv) {
   __shared__ unsigned char row_facts[kCombineRows];  // bit 0: q listed, 1: in a listed band, 2: blind share
   const int64_t rows = p.batch * p.n, row0 = static_cast<int64_t>(blockIdx.x) * kCombineRows;
   const int64_t per_row = ceil_div(p.n, BQ), windows = ceil_div(p.n, p.ws);
@@ -1117,8 +1115,7 @@ void band_attention_backward_cuda(const BandAttentionParams& p, void* stream) {
     band_finish_kernel<__half, false><<<blocks, 256, 0, s>>>(p);
 }
 
-void band_repair_list_cuda(const BandAttentionParams& p, uint8_t* flags, int32_t* items, int32_t* count,
-                           void* stream) {
+void band_repair_list_cuda(const BandAttentionParams& p, uint8_t* flags, int32_t* items, int32_t* count, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
   // An error here is left for the caller's launch check.
   (void)cudaMemsetAsync(count, 0, sizeof(int32_t), s);

@@ -729,8 +729,8 @@ __global__ void __launch_bounds__(kThreads) gathered_attention_bwd_tc(GatheredAt
 // gradient stays in registers across the tiles. Head widths 32, 64 and 128.
 namespace mma_path {
 
-constexpr int KT = 64;       // keys per tile
-constexpr int QN = 32;       // queries per block
+constexpr int KT = 64;        // keys per tile
+constexpr int QN = 32;        // queries per block
 constexpr int kFwdWarps = 2;  // 16 queries each
 constexpr int kBwdWarps = 4;  // 16 keys of each tile each
 constexpr float kLog2e = 1.4426950408889634f;
@@ -774,8 +774,8 @@ constexpr int ld() {
 // w * KT / NW ..: each lane reads one key's facts, the warp's lanes take
 // their keys' 16-byte pieces in turn with the facts passed by shuffles.
 template <typename T, int DH, int NW>
-__device__ __forceinline__ void load_tile(const GatheredAttentionParams& p, int64_t g, int64_t h, int64_t r,
-                                          int64_t j0, T* Ks, T* Vs, Facts& f, float kmul) {
+__device__ __forceinline__ void load_tile(const GatheredAttentionParams& p, int64_t g, int64_t h, int64_t r, int64_t j0,
+                                          T* Ks, T* Vs, Facts& f, float kmul) {
   constexpr int VEC = 16 / sizeof(T);  // elements per 16-byte piece
   constexpr int PPK = 2 * DH / VEC;    // pieces per key (key, then value)
   constexpr int KPW = KT / NW;         // keys per warp
@@ -828,8 +828,8 @@ __global__ void __launch_bounds__(kFwdWarps * 32) gathered_fwd_mma(GatheredAtten
   constexpr int NT = kFwdWarps * 32, LD = ld<DH>(), KS = DH / 16, DT = DH / 8;
   extern __shared__ float4 smem4[];
   T* Qs = reinterpret_cast<T*>(smem4);
-  T* Kb = Qs + QN * LD;       // 2 buffers of KT rows
-  T* Vb = Kb + 2 * KT * LD;   // 2 buffers of KT rows
+  T* Kb = Qs + QN * LD;      // 2 buffers of KT rows
+  T* Vb = Kb + 2 * KT * LD;  // 2 buffers of KT rows
   Facts* F = reinterpret_cast<Facts*>(Vb + 2 * KT * LD);
 
   const int64_t qtiles = (p.n + QN - 1) / QN;
@@ -867,8 +867,8 @@ __global__ void __launch_bounds__(kFwdWarps * 32) gathered_fwd_mma(GatheredAtten
   for (int64_t t = 0; t < tiles; ++t) {
     const int cur = static_cast<int>(t & 1);
     if (t + 1 < tiles)
-      load_tile<T, DH, NT / 32>(p, g, h, r, (t + 1) * KT, Kb + (cur ^ 1) * KT * LD, Vb + (cur ^ 1) * KT * LD, F[cur ^ 1],
-                           kmul);
+      load_tile<T, DH, NT / 32>(p, g, h, r, (t + 1) * KT, Kb + (cur ^ 1) * KT * LD, Vb + (cur ^ 1) * KT * LD,
+                                F[cur ^ 1], kmul);
     cp_commit();
     cp_wait<1>();
     __syncthreads();
@@ -974,14 +974,14 @@ constexpr size_t bwd_smem() {
 template <typename T, int DH>
 __global__ void __launch_bounds__(kBwdWarps * 32) gathered_bwd_mma(GatheredAttentionParams p) {
   constexpr int NT = kBwdWarps * 32, LD = ld<DH>(), LDQ = QN + 8, KS = DH / 16, DT = DH / 8;
-  constexpr int QT8 = QN / 8;       // 8-query tiles of a key row
-  constexpr int DQ = DH / 2;        // the query gradient's columns per warp
+  constexpr int QT8 = QN / 8;  // 8-query tiles of a key row
+  constexpr int DQ = DH / 2;   // the query gradient's columns per warp
   extern __shared__ float4 smem4[];
   T* Qs = reinterpret_cast<T*>(smem4);
-  T* Gs = Qs + QN * LD;             // output gradients
-  T* Kb = Gs + QN * LD;             // 2 buffers of KT rows
+  T* Gs = Qs + QN * LD;  // output gradients
+  T* Kb = Gs + QN * LD;  // 2 buffers of KT rows
   T* Vb = Kb + 2 * KT * LD;
-  T* Ds = Vb + 2 * KT * LD;         // the tile's logit gradients times the key scores, [key][query]
+  T* Ds = Vb + 2 * KT * LD;  // the tile's logit gradients times the key scores, [key][query]
   Facts* F = reinterpret_cast<Facts*>(Ds + KT * LDQ);
   float* lse2 = reinterpret_cast<float*>(F + 2);  // base-2 log-sum-exp (+inf past n)
   float* Dq = lse2 + QN;                          // dO . O
@@ -1022,7 +1022,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32) gathered_bwd_mma(GatheredAtten
   cp_commit();
 
   const int64_t width = p.heads * 2 * DH;
-  const int kw = 16 * warp;                       // this warp's keys in each tile
+  const int kw = 16 * warp;                                // this warp's keys in each tile
   const int mq = 16 * (warp & 1), dq0 = (warp >> 1) * DQ;  // this warp's block of the query gradient
   float dq[DQ / 8][4];
 #pragma unroll
@@ -1031,8 +1031,8 @@ __global__ void __launch_bounds__(kBwdWarps * 32) gathered_bwd_mma(GatheredAtten
   for (int64_t t = 0; t < tiles; ++t) {
     const int cur = static_cast<int>(t & 1);
     if (t + 1 < tiles)
-      load_tile<T, DH, NT / 32>(p, g, h, r, (t + 1) * KT, Kb + (cur ^ 1) * KT * LD, Vb + (cur ^ 1) * KT * LD, F[cur ^ 1],
-                           kmul);
+      load_tile<T, DH, NT / 32>(p, g, h, r, (t + 1) * KT, Kb + (cur ^ 1) * KT * LD, Vb + (cur ^ 1) * KT * LD,
+                                F[cur ^ 1], kmul);
     cp_commit();
     cp_wait<1>();
     __syncthreads();
@@ -1103,8 +1103,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32) gathered_bwd_mma(GatheredAtten
     for (int nt = 0; nt < QT8; ++nt) {
 #pragma unroll
       for (int i = 0; i < 2; ++i)
-        *reinterpret_cast<unsigned*>(Ds + kk2[i] * LDQ + 8 * nt + 2 * t4) =
-            pack2<T>(dp[nt][2 * i], dp[nt][2 * i + 1]);
+        *reinterpret_cast<unsigned*>(Ds + kk2[i] * LDQ + 8 * nt + 2 * t4) = pack2<T>(dp[nt][2 * i], dp[nt][2 * i + 1]);
     }
     // dV = (P * sc)^T-rows times dO, then dK = (dS * sk) times Q, for the
     // warp's 16 keys; each added into the key's table row (or the null row).
@@ -1143,12 +1142,11 @@ __global__ void __launch_bounds__(kBwdWarps * 32) gathered_bwd_mma(GatheredAtten
       for (int i = 0; i < 2; ++i) {
         if (!valid2[i]) continue;
 #pragma unroll
-        for (int d = 0; d < DT; ++d)
-          add2(dst[i] + off + 8 * d + 2 * t4, acc[d][2 * i] * mul, acc[d][2 * i + 1] * mul);
+        for (int d = 0; d < DT; ++d) add2(dst[i] + off + 8 * d + 2 * t4, acc[d][2 * i] * mul, acc[d][2 * i + 1] * mul);
       }
     }
     __syncthreads();  // the logit gradients are in Ds
-    // dQ += dS^T-columns times K: the warp's 16 queries and DH / 2 columns.
+                      // dQ += dS^T-columns times K: the warp's 16 queries and DH / 2 columns.
 #pragma unroll
     for (int kq = 0; kq < KT / 16; ++kq) {
       unsigned a[4];
@@ -1171,7 +1169,8 @@ __global__ void __launch_bounds__(kBwdWarps * 32) gathered_bwd_mma(GatheredAtten
     float* out = p.grad_q + (qbase + qi) * DH + dq0;
 #pragma unroll
     for (int d = 0; d < DQ / 8; ++d)
-      *reinterpret_cast<float2*>(out + 8 * d + 2 * t4) = make_float2(dq[d][2 * i] * p.scale, dq[d][2 * i + 1] * p.scale);
+      *reinterpret_cast<float2*>(out + 8 * d + 2 * t4) =
+          make_float2(dq[d][2 * i] * p.scale, dq[d][2 * i + 1] * p.scale);
   }
 }
 
@@ -1456,7 +1455,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32) gathered_bwd_pair_mma(Gathered
       }
     }
     __syncthreads();  // the logit gradients are in Ds
-    // dQ += dS^T-columns times K: the warp's 16 queries of the pair, every column.
+                      // dQ += dS^T-columns times K: the warp's 16 queries of the pair, every column.
 #pragma unroll
     for (int kq = 0; kq < KT / 16; ++kq) {
       unsigned a[4];
@@ -1479,7 +1478,8 @@ __global__ void __launch_bounds__(kBwdWarps * 32) gathered_bwd_pair_mma(Gathered
     float* out = p.grad_q + qr * DH;
 #pragma unroll
     for (int d = 0; d < DT; ++d)
-      *reinterpret_cast<float2*>(out + 8 * d + 2 * t4) = make_float2(dq[d][2 * i] * p.scale, dq[d][2 * i + 1] * p.scale);
+      *reinterpret_cast<float2*>(out + 8 * d + 2 * t4) =
+          make_float2(dq[d][2 * i] * p.scale, dq[d][2 * i + 1] * p.scale);
   }
 }
 
@@ -1588,10 +1588,14 @@ void launch(const GatheredAttentionParams& p, bool backward, cudaStream_t st) {
 template <typename T>
 void launch_dh(const GatheredAttentionParams& p, bool backward, cudaStream_t st) {
   switch (p.dim_head) {
-    case 16: return launch<T, 16>(p, backward, st);
-    case 32: return launch<T, 32>(p, backward, st);
-    case 64: return launch<T, 64>(p, backward, st);
-    case 128: return launch<T, 128>(p, backward, st);
+    case 16:
+      return launch<T, 16>(p, backward, st);
+    case 32:
+      return launch<T, 32>(p, backward, st);
+    case 64:
+      return launch<T, 64>(p, backward, st);
+    case 128:
+      return launch<T, 128>(p, backward, st);
     default:
       throw std::runtime_error("colt5 CUDA gathered attention: head width " + std::to_string(p.dim_head) +
                                " is not 16, 32, 64 or 128");
@@ -1604,9 +1608,12 @@ void run(const GatheredAttentionParams& p, bool backward, void* stream) {
     throw std::runtime_error("colt5 CUDA gathered attention: too many groups or heads for one launch");
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   switch (p.dtype) {
-    case RowDtype::f32: return launch_dh<float>(p, backward, st);
-    case RowDtype::f16: return launch_dh<__half>(p, backward, st);
-    case RowDtype::bf16: return launch_dh<__nv_bfloat16>(p, backward, st);
+    case RowDtype::f32:
+      return launch_dh<float>(p, backward, st);
+    case RowDtype::f16:
+      return launch_dh<__half>(p, backward, st);
+    case RowDtype::bf16:
+      return launch_dh<__nv_bfloat16>(p, backward, st);
   }
 }
 

@@ -34,13 +34,13 @@ __device__ __forceinline__ void cp_wait() {
 
 __device__ __forceinline__ void ldsm4(unsigned (&r)[4], const void* p) {
   COLT5_MMA_ASM("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
+                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                : "r"(smem_addr(p)));
 }
 __device__ __forceinline__ void ldsm4_t(unsigned (&r)[4], const void* p) {
   COLT5_MMA_ASM("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
+                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                : "r"(smem_addr(p)));
 }
 
 // c += a b for one m16n8k16 tile (a: 4 registers, b: 2), float32 accumulation.

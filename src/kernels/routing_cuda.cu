@@ -466,9 +466,8 @@ __global__ void add_float_half_kernel(const float* __restrict__ a, const T* __re
 
 template <typename T>
 void add_float_half_launch(const float* a, const T* b, float* out, int64_t count, cudaStream_t st) {
-  const bool vec = (reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b) | reinterpret_cast<uintptr_t>(out)) %
-                       16 ==
-                   0;
+  const bool vec =
+      (reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b) | reinterpret_cast<uintptr_t>(out)) % 16 == 0;
   const int64_t items = vec ? std::max<int64_t>(count / 8, 1) : count;
   const auto blocks = static_cast<unsigned>(std::min<int64_t>((items + 255) / 256, 65536));
   if (vec)

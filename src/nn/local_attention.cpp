@@ -436,16 +436,16 @@ class MaskRepairFunction : public torch::autograd::Function<MaskRepairFunction> 
     c10::cuda::CUDAGuard guard(qkv_in.device());
     void* stream = c10::cuda::getCurrentCUDAStream().stream();
     torch::Tensor qkv = qkv_in.contiguous(), m = mask.contiguous();
-    auto p = BandAttentionFunction::params(qkv.size(0), qkv.size(1), qkv.scalar_type(), heads, d, ws, back, fwd,
-                                           causal, scale, false);
+    auto p = BandAttentionFunction::params(qkv.size(0), qkv.size(1), qkv.scalar_type(), heads, d, ws, back, fwd, causal,
+                                           scale, false);
     const int64_t b = p.batch, n = p.n, per_row = (n + 63) / 64, windows = (n + ws - 1) / ws;
     auto on_device = qkv.options();
     torch::Tensor flags = torch::empty({b, per_row}, on_device.dtype(torch::kByte));
     torch::Tensor items = torch::empty({b * per_row}, on_device.dtype(torch::kInt));
     torch::Tensor count = torch::empty({1}, on_device.dtype(torch::kInt));
     p.mask = m.numel() > 0 ? m.data_ptr<bool>() : nullptr;  // empty: no mask
-    kernels::band_repair_list_cuda(p, flags.data_ptr<uint8_t>(), items.data_ptr<int32_t>(),
-                                   count.data_ptr<int32_t>(), stream);
+    kernels::band_repair_list_cuda(p, flags.data_ptr<uint8_t>(), items.data_ptr<int32_t>(), count.data_ptr<int32_t>(),
+                                   stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // The forward on colt5's kernel for every block (the mask applied); the
     // flash kernel's log-sum-exp beside it for the flash backward, +inf in the
@@ -487,14 +487,14 @@ class MaskRepairFunction : public torch::autograd::Function<MaskRepairFunction> 
     const double scale = ctx->saved_data["scale"].toDouble();
     c10::cuda::CUDAGuard guard(qkv.device());
     void* stream = c10::cuda::getCurrentCUDAStream().stream();
-    auto p = BandAttentionFunction::params(qkv.size(0), qkv.size(1), qkv.scalar_type(), heads, d, ws, back, fwd,
-                                           causal, scale, false);
+    auto p = BandAttentionFunction::params(qkv.size(0), qkv.size(1), qkv.scalar_type(), heads, d, ws, back, fwd, causal,
+                                           scale, false);
     const int64_t b = p.batch, n = p.n, windows = (n + ws - 1) / ws;
     torch::Tensor gy = grads[0].to(qkv.scalar_type()).contiguous();
     torch::Tensor parts = qkv.view({b, n, 3, heads, d});
     auto g = at::_flash_attention_backward(gy.view({b, n, heads, d}), parts.select(2, 0), parts.select(2, 1),
-                                           parts.select(2, 2), out, lse, {}, {}, n, n, 0.0, causal, rng, unused,
-                                           scale, ws * back, causal ? 0 : ws * fwd);
+                                           parts.select(2, 2), out, lse, {}, {}, n, n, 0.0, causal, rng, unused, scale,
+                                           ws * back, causal ? 0 : ws * fwd);
     const torch::Tensor dq = std::get<0>(g).contiguous(), dk = std::get<1>(g).contiguous(),
                         dv = std::get<2>(g).contiguous();
     torch::Tensor dqkv = torch::empty({b, n, 3 * heads * d}, qkv.options());

@@ -138,14 +138,9 @@ TEST(CudaModules, GatheredAttentionKernelMatchesTheCpuFloat64) {
     int64_t dh, routes, n, m;
     bool keys_scaled, masked;
   };
-  const Case cases[] = {{64, 2, 32, 100, false, true},
-                        {16, 1, 40, 70, true, true},
-                        {128, 2, 5, 33, true, false},
-                        {64, 1, 1, 1, false, false},
-                        {32, 2, 70, 64, false, true},
-                        {64, 1, 32, 1000, true, true},
-                        {128, 1, 17, 130, false, true},
-                        {32, 2, 32, 64, true, false}};
+  const Case cases[] = {{64, 2, 32, 100, false, true},  {16, 1, 40, 70, true, true},  {128, 2, 5, 33, true, false},
+                        {64, 1, 1, 1, false, false},    {32, 2, 70, 64, false, true}, {64, 1, 32, 1000, true, true},
+                        {128, 1, 17, 130, false, true}, {32, 2, 32, 64, true, false}};
   for (const Case& c : cases) {
     for (auto dtype : {torch::kFloat, torch::kBFloat16, torch::kHalf}) {
       SCOPED_TRACE("dh " + std::to_string(c.dh) + " routes " + std::to_string(c.routes) + " n " + std::to_string(c.n) +
@@ -822,7 +817,8 @@ TEST(CudaModules, AutoregressiveWithoutRotaryMatchesTheCpuFloat64) {
         torch::Tensor xc = x.clone().requires_grad_(true);
         torch::Tensor xg = x.to(cuda(), dtype).requires_grad_(true);
         torch::Tensor yc = xc + cpu->forward(xc), yg = gpu->residual_forward(xg);
-        EXPECT_LT(colt5::testing::norm_rel_error(yg.detach().to(torch::kDouble).cpu(), yc.detach()), half ? 2e-2 : 1e-4);
+        EXPECT_LT(colt5::testing::norm_rel_error(yg.detach().to(torch::kDouble).cpu(), yc.detach()),
+                  half ? 2e-2 : 1e-4);
         torch::Tensor g = torch::randn_like(x);
         yc.backward(g);
         yg.backward(g.to(cuda(), dtype));
@@ -1175,7 +1171,8 @@ TEST(CudaModules, LocalMHAMaskRepairWithAnAllTrueMaskIsTheUnmaskedPath) {
     }
     for (size_t i = 0; i < runs[0].size(); ++i) {
       for (int other : {1, 2, 3}) {
-        const double err = colt5::testing::norm_rel_error(runs[0][i].to(torch::kDouble), runs[other][i].to(torch::kDouble));
+        const double err =
+            colt5::testing::norm_rel_error(runs[0][i].to(torch::kDouble), runs[other][i].to(torch::kDouble));
         EXPECT_LT(err, 1e-2) << "tensor " << i << " (0: output) against way " << other;
       }
     }
