@@ -775,18 +775,7 @@ __global__ void __launch_bounds__(256)
     float v[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) v[e] = to_float(in.e[e]);
-    if (f & 2) {
-      const float* src = p.dkv + row * p.dkv_row + (part - 1) * width + col;
-      const float4 x = reinterpret_cast<const float4*>(src)[0], y = reinterpret_cast<const float4*>(src)[1];
-      v[0] += x.x;
-      v[1] += x.y;
-      v[2] += x.z;
-      v[3] += x.w;
-      v[4] += y.x;
-      v[5] += y.y;
-      v[6] += y.z;
-      v[7] += y.w;
-    }
+    if (f & 2) add8(v, p.dkv + row * p.dkv_row + (part - 1) * width + col);
     if (share) {
       const int64_t b = row / p.n, w = (row % p.n) / p.ws;
       float acc[8];
@@ -857,9 +846,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   __syncthreads();
 
   unsigned qa[KS][4];
-#pragma unroll
-  for (int ks = 0; ks < KS; ++ks)
-    ldsm4(qa[ks], Qs + (16 * warp + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + 16 * ks + (lane >> 4) * 8);
+  load_a(qa, Qs + 16 * warp * LD, LD, lane);
 
   float o[DT][4];
 #pragma unroll
@@ -872,18 +859,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     const T* Kt = Ks + t * kKeyTile * LD;
     const T* Vt = Vs + t * kKeyTile * LD;
     float s[kKeyTile / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < kKeyTile / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-#pragma unroll
-    for (int np = 0; np < kKeyTile / 16; ++np) {
-#pragma unroll
-      for (int ks = 0; ks < KS; ++ks) {
-        unsigned b[4];
-        ldsm4(b, Kt + (16 * np + (lane & 7) + ((lane >> 4) << 3)) * LD + 16 * ks + ((lane >> 3) & 1) * 8);
-        mma16::mma<T>(s[2 * np], qa[ks], b[0], b[1]);
-        mma16::mma<T>(s[2 * np + 1], qa[ks], b[2], b[3]);
-      }
-    }
+    times_rows_t(s, qa, Kt, LD, lane);
     // Logits in base 2 where the key is visible to the query, else -inf.
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -923,18 +899,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
         s[nt][e] = pv;
       }
     }
-#pragma unroll
-    for (int kq = 0; kq < kKeyTile / 16; ++kq) {
-      unsigned a[4];
-      acc_to_a<T>(a, s[2 * kq], s[2 * kq + 1]);
-#pragma unroll
-      for (int c = 0; c < D / 16; ++c) {
-        unsigned b[4];
-        ldsm4_t(b, Vt + (16 * kq + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + 16 * c + (lane >> 4) * 8);
-        mma16::mma<T>(o[2 * c], a, b[0], b[1]);
-        mma16::mma<T>(o[2 * c + 1], a, b[2], b[3]);
-      }
-    }
+    add_times_rows(o, s, Vt, LD, lane);
   }
 
 #pragma unroll
@@ -1000,34 +965,13 @@ void allow_smem(Kernel kernel, size_t bytes, std::atomic<size_t>& allowed) {
     allowed.store(bytes);
 }
 
-// Multiprocessors of the current device (asked once per device).
-int multiprocessors() {
-  static std::atomic<int> counts[64] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
-    cudaGetLastError();
-    return 132;
-  }
-  int c = counts[dev].load();
-  if (c == 0) {
-    if (cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || c <= 0) {
-      cudaGetLastError();
-      c = 132;
-    }
-    counts[dev].store(c);
-  }
-  return c;
-}
-
 template <typename T, int D, bool SPLIT>
 void launch(const BandAttentionParams& p, bool backward, cudaStream_t s) {
   static std::atomic<size_t> fwd_allowed{48 * 1024}, bwd_allowed{48 * 1024};
   const int kt_max = keys_max(p);
   // Repair mode: as many blocks as are resident at once (two per
   // multiprocessor), each taking listed blocks in turn.
-  const int64_t all = ceil_div(p.n, BQ) * p.heads * p.batch;
-  const int64_t resident = 2 * static_cast<int64_t>(multiprocessors());
-  const dim3 grid = p.items ? dim3(static_cast<unsigned>(all < resident ? all : resident))
+  const dim3 grid = p.items ? dim3(static_cast<unsigned>(grid_blocks(ceil_div(p.n, BQ) * p.heads * p.batch, 2)))
                             : dim3(static_cast<unsigned>(ceil_div(p.n, BQ)), static_cast<unsigned>(p.heads),
                                    static_cast<unsigned>(p.batch));
   if (!backward) {
@@ -1146,9 +1090,7 @@ template <typename T>
 void repair_backward_typed(const BandAttentionParams& p, const uint8_t* flags, uint8_t* wflags, const void* dq,
                            const void* dk, const void* dv, cudaStream_t s) {
   repair_sums<T>(p, flags, true, wflags, s);
-  const int64_t zero_blocks = 4 * static_cast<int64_t>(multiprocessors());
-  const int64_t listable = p.batch * ceil_div(p.n, BQ);
-  repair_zero_kernel<<<static_cast<unsigned>(listable < zero_blocks ? listable : zero_blocks), 256, 0, s>>>(p);
+  repair_zero_kernel<<<static_cast<unsigned>(grid_blocks(p.batch * ceil_div(p.n, BQ), 4)), 256, 0, s>>>(p);
   launch_typed<T>(p, true, s);
   repair_combine_kernel<T><<<static_cast<unsigned>(ceil_div(p.batch * p.n, kCombineRows)), 256, 0, s>>>(
       p, flags, wflags, static_cast<const T*>(dq), static_cast<const T*>(dk), static_cast<const T*>(dv));

@@ -321,10 +321,10 @@ struct BandAttentionParams {
   float* dkv = nullptr;
   int64_t dkv_row = 0;  // elements from one row of dkv to the next
   const float* blind_sums = nullptr;
-  // Repair mode (band_repair_*): the kernels take only the listed blocks of
-  // 64 queries, items[0 .. *item_count) (b * blocks_per_row + block), every
-  // head of each; the forward also writes +inf into flash_lse (batch, heads,
-  // n) at their queries.
+  // Repair mode (band_repair_*): the backward kernels take only the listed
+  // blocks of 64 queries, items[0 .. *item_count) (b * blocks_per_row +
+  // block), every head of each; the forward writes the log-sum-exps for the
+  // flash kernel's backward into flash_lse (batch, heads, n).
   const int32_t* items = nullptr;
   const int32_t* item_count = nullptr;
   float* flash_lse = nullptr;

@@ -854,9 +854,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32) gathered_fwd_mma(GatheredAtten
   __syncthreads();
 
   unsigned qa[KS][4];
-#pragma unroll
-  for (int ks = 0; ks < KS; ++ks)
-    ldsm4(qa[ks], Qs + (16 * warp + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + 16 * ks + (lane >> 4) * 8);
+  load_a(qa, Qs + 16 * warp * LD, LD, lane);
 
   float o[DT][4];
 #pragma unroll
@@ -877,18 +875,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32) gathered_fwd_mma(GatheredAtten
     const Facts& f = F[cur];
 
     float s[KT / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < KT / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-#pragma unroll
-    for (int np = 0; np < KT / 16; ++np) {
-#pragma unroll
-      for (int ks = 0; ks < KS; ++ks) {
-        unsigned b[4];
-        ldsm4(b, Ks + (16 * np + (lane & 7) + ((lane >> 4) << 3)) * LD + 16 * ks + ((lane >> 3) & 1) * 8);
-        mma<T>(s[2 * np], qa[ks], b[0], b[1]);
-        mma<T>(s[2 * np + 1], qa[ks], b[2], b[3]);
-      }
-    }
+    times_rows_t(s, qa, Ks, LD, lane);
     // Logits in base 2, the running maximum of rows lane / 4 and lane / 4 + 8.
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -929,18 +916,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32) gathered_fwd_mma(GatheredAtten
       o[d][3] *= corr[1];
     }
     // O += P V over the tile's keys, 16 at a time.
-#pragma unroll
-    for (int kq = 0; kq < KT / 16; ++kq) {
-      unsigned a[4];
-      acc_to_a<T>(a, s[2 * kq], s[2 * kq + 1]);
-#pragma unroll
-      for (int c = 0; c < DH / 16; ++c) {
-        unsigned b[4];
-        ldsm4_t(b, Vs + (16 * kq + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + 16 * c + (lane >> 4) * 8);
-        mma<T>(o[2 * c], a, b[0], b[1]);
-        mma<T>(o[2 * c + 1], a, b[2], b[3]);
-      }
-    }
+    add_times_rows(o, s, Vs, LD, lane);
     __syncthreads();  // the tile's buffers are refilled two steps on
   }
 

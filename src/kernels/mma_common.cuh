@@ -1,6 +1,7 @@
 // Helpers for 16-bit tensor-core kernels on register tiles (sm_80 and up):
 // cp.async copies, ldmatrix loads, mma.sync m16n8k16 with float32
-// accumulation, and accumulator fragments turned into operand fragments.
+// accumulation, accumulator fragments turned into operand fragments, and the
+// two products of an attention tile on 16 query rows (q k^T, then p v).
 // Used by the gathered attention's and the band attention's kernels.
 #pragma once
 
@@ -85,6 +86,54 @@ __device__ __forceinline__ void acc_to_a(unsigned (&a)[4], const float (&c0)[4],
   a[1] = pack2<T>(c0[2], c0[3]);
   a[2] = pack2<T>(c1[0], c1[1]);
   a[3] = pack2<T>(c1[2], c1[3]);
+}
+
+// The operand fragments of 16 rows (`rows`, ld elements apart) over KS k
+// steps of 16 columns.
+template <int KS, typename T>
+__device__ __forceinline__ void load_a(unsigned (&a)[KS][4], const T* rows, int ld, int lane) {
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks)
+    ldsm4(a[ks], rows + ((lane & 7) + ((lane >> 3) & 1) * 8) * ld + 16 * ks + (lane >> 4) * 8);
+}
+
+// s = a (16 rows, KS k steps) times rows 0 .. 8 * NT - 1 of `keys`
+// (row-major, ld elements apart) transposed: NT accumulator tiles of 8 keys.
+template <typename T, int KS, int NT>
+__device__ __forceinline__ void times_rows_t(float (&s)[NT][4], const unsigned (&a)[KS][4], const T* keys, int ld,
+                                             int lane) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+  for (int np = 0; np < NT / 2; ++np) {
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      unsigned b[4];
+      ldsm4(b, keys + (16 * np + (lane & 7) + ((lane >> 4) << 3)) * ld + 16 * ks + ((lane >> 3) & 1) * 8);
+      mma<T>(s[2 * np], a[ks], b[0], b[1]);
+      mma<T>(s[2 * np + 1], a[ks], b[2], b[3]);
+    }
+  }
+}
+
+// o += the probabilities in s (16 rows, NT accumulator tiles of 8 keys) times
+// rows 0 .. 8 * NT - 1 of `values` (row-major, ld elements apart): OT
+// accumulator tiles of 8 columns.
+template <typename T, int NT, int OT>
+__device__ __forceinline__ void add_times_rows(float (&o)[OT][4], const float (&s)[NT][4], const T* values, int ld,
+                                               int lane) {
+#pragma unroll
+  for (int kq = 0; kq < NT / 2; ++kq) {
+    unsigned a[4];
+    acc_to_a<T>(a, s[2 * kq], s[2 * kq + 1]);
+#pragma unroll
+    for (int c = 0; c < OT / 2; ++c) {
+      unsigned b[4];
+      ldsm4_t(b, values + (16 * kq + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + 16 * c + (lane >> 4) * 8);
+      mma<T>(o[2 * c], a, b[0], b[1]);
+      mma<T>(o[2 * c + 1], a, b[2], b[3]);
+    }
+  }
 }
 
 }  // namespace mma16

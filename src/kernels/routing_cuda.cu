@@ -92,15 +92,6 @@ void check(cudaError_t e, const char* what) {
     throw std::runtime_error(std::string("colt5 CUDA routing scores: ") + what + ": " + cudaGetErrorString(e));
 }
 
-// A grid of `want` blocks, at most per_sm per multiprocessor of the current
-// device (the kernels loop over what is left), at least one.
-int64_t grid_blocks(int64_t want, int per_sm) {
-  int dev = 0, sms = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
-  return std::max<int64_t>(1, std::min<int64_t>(want, int64_t{sms} * per_sm));
-}
-
 template <typename T, int R>
 void launch(const T* x, const float* t, int64_t rows, int64_t d, float* dots, float* norms, cudaStream_t st) {
   const auto blocks = static_cast<unsigned>(grid_blocks((rows + kWarps - 1) / kWarps, 8));

@@ -438,6 +438,7 @@ class MaskRepairFunction : public torch::autograd::Function<MaskRepairFunction> 
     torch::Tensor qkv = qkv_in.contiguous(), m = mask.contiguous();
     auto p = BandAttentionFunction::params(qkv.size(0), qkv.size(1), qkv.scalar_type(), heads, d, ws, back, fwd, causal,
                                            scale, false);
+    // per_row: the band kernels' blocks of 64 queries in a row.
     const int64_t b = p.batch, n = p.n, per_row = (n + 63) / 64, windows = (n + ws - 1) / ws;
     auto on_device = qkv.options();
     torch::Tensor flags = torch::empty({b, per_row}, on_device.dtype(torch::kByte));
@@ -454,8 +455,6 @@ class MaskRepairFunction : public torch::autograd::Function<MaskRepairFunction> 
     torch::Tensor lse = torch::empty({b, heads, n}, qkv.options().dtype(torch::kFloat));
     torch::Tensor band_lse = torch::empty({b, heads, n}, lse.options());
     torch::Tensor sums = torch::empty({b, windows, heads * d}, lse.options());
-    p.items = items.data_ptr<int32_t>();
-    p.item_count = count.data_ptr<int32_t>();
     p.qkv = qkv.data_ptr();
     p.y = out.data_ptr();
     p.lse = band_lse.data_ptr<float>();
@@ -1061,47 +1060,32 @@ torch::Tensor LocalMHAImpl::forward_with_output_bias(const torch::Tensor& x_in, 
   torch::Tensor projected = to_qkv->forward(x);
 #if COLT5_HAS_SDPA && defined(COLT5_WITH_CUDA)
   {
+    // Exact windows straight from the packed projection on colt5's kernels:
+    // the band kernels (band_attention; by default in float32), or in 16 bits
+    // colt5's forward and the flash kernel's backward with the blocks that see
+    // a hidden key redone on the band kernels (repair_masked_blocks). Without
+    // a mask only where the length is whole windows (an autopadded sequence's
+    // zero keys are visible without a mask: not these paths' case).
     const auto& ao = attn_fn->options;
     kernels::RowDtype rd;
-    // Exact windows on the band kernels (band_attention; by default in float32).
     if (options.packed_qkv() && projected.is_cuda() && (!mask.defined() || mask.device() == projected.device()) &&
         ao.exact_windowsize() && !attn_fn->rel_pos && (n % ao.window_size() == 0 || (mask.defined() && ao.autopad())) &&
-        row_dtype(projected.scalar_type(), rd) && options.band_attention().value_or(rd == kernels::RowDtype::f32) &&
-        kernels::band_attention_supports(dh, ao.window_size(), ao.look_backward(), attn_fn->look_forward(), ao.causal(),
-                                         rd, b, h, projected.device().index())) {
-      RECORD_USER_SCOPE("colt5::local_attention");
-      const double scale = ao.scale().value_or(std::pow(static_cast<double>(dh), -0.5));
-      // Without a mask an empty one (a custom function's inputs must be defined).
-      torch::Tensor m = mask.defined() ? mask : torch::empty({0}, projected.options().dtype(torch::kBool));
-      torch::Tensor out = BandAttentionFunction::apply(projected, m, h, dh, ao.window_size(), ao.look_backward(),
-                                                       attn_fn->look_forward(), ao.causal(), scale);
-      return project_out(out);
-    }
-  }
-#endif
-#if COLT5_HAS_SDPA && defined(COLT5_WITH_CUDA)
-  {
-    // colt5's forward and the flash kernel's backward without the mask, the
-    // blocks that see a hidden key redone on the band kernels
-    // (repair_masked_blocks).
-    const auto& ao = attn_fn->options;
-    kernels::RowDtype rd;
-    // Without a mask the same where the length is whole windows (an autopadded
-    // sequence's zero keys are visible without a mask: not this path's case).
-    if (options.packed_qkv() && options.repair_masked_blocks() && projected.is_cuda() &&
-        (mask.defined() ? mask.device() == projected.device() && (ao.autopad() || n % ao.window_size() == 0)
-                        : n % ao.window_size() == 0) &&
-        ao.exact_windowsize() && ao.sliding_window() && !attn_fn->rel_pos && row_dtype(projected.scalar_type(), rd) &&
-        rd != kernels::RowDtype::f32 &&
-        kernels::band_attention_supports(dh, ao.window_size(), ao.look_backward(), attn_fn->look_forward(), ao.causal(),
-                                         rd, b, h, projected.device().index())) {
-      RECORD_USER_SCOPE("colt5::local_attention");
-      const double scale = ao.scale().value_or(std::pow(static_cast<double>(dh), -0.5));
-      // Without a mask an empty one (a custom function's inputs must be defined).
-      torch::Tensor m = mask.defined() ? mask : torch::empty({0}, projected.options().dtype(torch::kBool));
-      torch::Tensor out = MaskRepairFunction::apply(projected, m, h, dh, ao.window_size(), ao.look_backward(),
-                                                    attn_fn->look_forward(), ao.causal(), scale);
-      return project_out(out);
+        row_dtype(projected.scalar_type(), rd)) {
+      const bool band = options.band_attention().value_or(rd == kernels::RowDtype::f32);
+      const bool repair =
+          !band && rd != kernels::RowDtype::f32 && options.repair_masked_blocks() && ao.sliding_window();
+      if ((band || repair) &&
+          kernels::band_attention_supports(dh, ao.window_size(), ao.look_backward(), attn_fn->look_forward(),
+                                           ao.causal(), rd, b, h, projected.device().index())) {
+        RECORD_USER_SCOPE("colt5::local_attention");
+        const double scale = ao.scale().value_or(std::pow(static_cast<double>(dh), -0.5));
+        // Without a mask an empty one (a custom function's inputs must be defined).
+        torch::Tensor m = mask.defined() ? mask : torch::empty({0}, projected.options().dtype(torch::kBool));
+        const int64_t ws = ao.window_size(), back = ao.look_backward(), fwd = attn_fn->look_forward();
+        torch::Tensor out = band ? BandAttentionFunction::apply(projected, m, h, dh, ws, back, fwd, ao.causal(), scale)
+                                 : MaskRepairFunction::apply(projected, m, h, dh, ws, back, fwd, ao.causal(), scale);
+        return project_out(out);
+      }
     }
   }
 #endif

@@ -989,6 +989,25 @@ TEST(CudaModules, LocalMHAPackedQKVMatchesTheViewsPath) {
   }
 }
 
+namespace {
+
+// A LocalMHA of width 96 with exact windows of ws (one window each way, or
+// back only when causal), heads of dh (2 of 64 or 3 of 32), a prenorm and no
+// rotary embedding: the band kernels' and the repaired blocks' tests.
+LocalMHAOptions exact_window_options(int64_t ws, bool causal, int64_t dh) {
+  return LocalMHAOptions(96, ws)
+      .dim_head(dh)
+      .heads(dh == 64 ? 2 : 3)
+      .causal(causal)
+      .exact_windowsize(true)
+      .prenorm(true)
+      .look_backward(1)
+      .look_forward(causal ? 0 : 1)
+      .use_rotary_pos_emb(false);
+}
+
+}  // namespace
+
 // LocalMHA's exact windows on the band kernels (band_attention) against the
 // CPU float64 module: outputs and every gradient; float32 with TF32 off (three
 // TF32 products each: float32 accuracy) and on, bf16 and f16 modules and
@@ -1003,16 +1022,7 @@ TEST(CudaModules, LocalMHABandKernelsMatchTheCpuFloat64) {
   for (int64_t ws : {32, 64}) {
     for (bool causal : {false, true}) {
       for (int64_t dh : {64, 32}) {
-        LocalMHA attn(LocalMHAOptions(96, ws)
-                          .dim_head(dh)
-                          .heads(dh == 64 ? 2 : 3)
-                          .causal(causal)
-                          .exact_windowsize(true)
-                          .prenorm(true)
-                          .look_backward(1)
-                          .look_forward(causal ? 0 : 1)
-                          .use_rotary_pos_emb(false)
-                          .band_attention(true));
+        LocalMHA attn(exact_window_options(ws, causal, dh).band_attention(true));
         auto ref = std::dynamic_pointer_cast<LocalMHAImpl>(attn->clone());
         ref->to(torch::kDouble);
         for (int masked : {0, 1, 2}) {
@@ -1074,15 +1084,7 @@ TEST(CudaModules, LocalMHAMaskRepairMatchesTheCpuFloat64) {
   for (int64_t ws : {32, 64}) {
     for (bool causal : {false, true}) {
       for (int64_t dh : {64, 32}) {
-        LocalMHA attn(LocalMHAOptions(96, ws)
-                          .dim_head(dh)
-                          .heads(dh == 64 ? 2 : 3)
-                          .causal(causal)
-                          .exact_windowsize(true)
-                          .prenorm(true)
-                          .look_backward(1)
-                          .look_forward(causal ? 0 : 1)
-                          .use_rotary_pos_emb(false));
+        LocalMHA attn(exact_window_options(ws, causal, dh));
         auto ref = std::dynamic_pointer_cast<LocalMHAImpl>(attn->clone());
         ref->to(torch::kDouble);
         // no mask, all true, padded ends, random holes, blind queries
