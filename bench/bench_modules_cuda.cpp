@@ -695,12 +695,12 @@ int kernel_profiles(const std::function<bool(const char*)>& want, const std::str
       colt5_bench::kernel_profile(("block 2x" + std::to_string(n) + "x512, band kernels, fwd+bwd").c_str(),
                                   train_step([&] { return block->forward(x, mask); }, true, leaves(*block, x)));
       mha.band_attention(c10::nullopt);
-      // The mask as a score bias through 8 more head dimensions (the path
-      // before the repaired blocks).
-      mha.repair_masked_blocks(false);
+      // The mask as a score bias through 8 more head dimensions (the flash
+      // kernel's path).
+      mha.window_tile_kernels(false);
       colt5_bench::kernel_profile(("block 2x" + std::to_string(n) + "x512, mask as score bias, fwd+bwd").c_str(),
                                   train_step([&] { return block->forward(x, mask); }, true, leaves(*block, x)));
-      mha.repair_masked_blocks(true);
+      mha.window_tile_kernels(true);
       if (n == 32768) {
         colt5_bench::kernel_profile("block 2x32768x512, no mask, fwd+bwd",
                                     train_step([&] { return block->forward(x); }, true, leaves(*block, x)));
@@ -860,7 +860,7 @@ int main(int argc, char** argv) {
         auto& mha = block->conditional_attn->light_attn->options;
         // The settings as built, put back after each pair.
         const bool sliding_built = la.sliding_window(), fused_built = mha.fused_norm(), packed_built = mha.packed_qkv(),
-                   repair_built = mha.repair_masked_blocks();
+                   tiles_built = mha.window_tile_kernels();
         const auto band_built = mha.band_attention();
         auto& attn_opts = block->conditional_attn->options;
         const bool joint_built = attn_opts.joint_routing();
@@ -870,7 +870,7 @@ int main(int argc, char** argv) {
           la.sliding_window(sliding_built);
           mha.fused_norm(fused_built);
           mha.packed_qkv(packed_built);
-          mha.repair_masked_blocks(repair_built);
+          mha.window_tile_kernels(tiles_built);
           mha.band_attention(band_built);
           attn_opts.joint_routing(joint_built);
           size_t i = 0;
@@ -893,16 +893,16 @@ int main(int argc, char** argv) {
         // sliding window (the bf16 default).
         pair("band kernels", "exact windows on colt5's band kernels", with([&] { mha.band_attention(true); }),
              "flash sliding window", "the default", with([&] { mha.band_attention(false); }));
-        // The key mask on the flash kernel without it, the blocks that see a
-        // hidden key redone on the band kernels (the default), or as a score
-        // bias through 8 more head dimensions (packed into a wider buffer).
-        pair("mask repaired", "flash without the mask, hidden keys' blocks on the band kernels",
-             with([&] { mha.repair_masked_blocks(true); }), "mask as score bias",
-             "flash with the mask in 8 more head dims", with([&] { mha.repair_masked_blocks(false); }));
+        // The exact windows with the key mask on the register-tile kernels
+        // both ways (the default), or on the flash kernel with the mask as a
+        // score bias through 8 more head dimensions (packed into a wider buffer).
+        pair("window tiles", "register-tile kernels forward and backward, the mask per score",
+             with([&] { mha.window_tile_kernels(true); }), "mask as score bias",
+             "flash with the mask in 8 more head dims", with([&] { mha.window_tile_kernels(false); }));
         // The masked sliding window from the packed projection (colt5's kernels
         // each way) or from q, k, v views (LibTorch's concatenations and copies).
         pair("packed q/k/v", "masked sliding window from the packed projection", with([&] {
-               mha.repair_masked_blocks(false);
+               mha.window_tile_kernels(false);
                mha.packed_qkv(true);
              }),
              "q/k/v views", "masked sliding window from q, k, v views", with([&] { mha.packed_qkv(false); }));

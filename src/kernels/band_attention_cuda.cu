@@ -18,6 +18,13 @@
 // float32 buffer with 16-byte atomics (each key belongs to the bands of up to
 // back + fwd + 1 blocks); a last kernel casts them into the projection's
 // gradient, v's with the blind queries' share.
+//
+// In float16/bfloat16 (window_tile_*) the same attention runs on register
+// tiles (mma.sync with operands from ldmatrix, scores and probabilities in
+// accumulators, 4 warps of 16 rows): the forward over blocks of 64 queries
+// with a running softmax over tiles of 64 keys; the backward over blocks of
+// 64 queries (q's gradient) and blocks of 64 keys (k's and v's), each
+// recomputing its scores, so that every gradient row is written once.
 #include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 #include <mma.h>
@@ -207,21 +214,10 @@ __device__ __forceinline__ Band band_at(const BandAttentionParams& p, int64_t b,
   return g;
 }
 
-// The block's place: from its grid position, or in repair mode its share of
-// the listed blocks (every head of each), taken in turn. Calls body(band) for
-// each, with a barrier after every one (they share the shared memory).
+// The block's place from its grid position: calls body(band).
 template <typename Body>
 __device__ __forceinline__ void for_each_band(const BandAttentionParams& p, Body&& body) {
-  if (!p.items) {
-    body(band_at(p, blockIdx.z, blockIdx.y, static_cast<int64_t>(blockIdx.x) * BQ));
-    return;
-  }
-  const int64_t per_row = ceil_div(p.n, BQ), total = static_cast<int64_t>(*p.item_count) * p.heads;
-  for (int64_t i = blockIdx.x; i < total; i += gridDim.x) {
-    const int64_t item = p.items[i / p.heads];
-    body(band_at(p, item / per_row, i % p.heads, (item % per_row) * BQ));
-    __syncthreads();
-  }
+  body(band_at(p, blockIdx.z, blockIdx.y, static_cast<int64_t>(blockIdx.x) * BQ));
 }
 
 // Rows of q/k/v (part 0/1/2) of the packed projection into shared memory
@@ -634,9 +630,9 @@ __global__ void band_finish_kernel(BandAttentionParams p) {
   store8(dst, v);
 }
 
-// Repair mode's kernels (band_repair_*).
+// The register-tile kernels' helpers (window_tile_*).
 
-// Whether block qb of row b (queries qb * 64 ..) lies in the repair list.
+// Whether block qb of row b (queries qb * 64 ..) is listed (a hidden key in its band).
 __device__ __forceinline__ bool listed(const uint8_t* flags, int64_t per_row, int64_t b, int64_t qb) {
   return flags[b * per_row + qb] != 0;
 }
@@ -652,8 +648,8 @@ __device__ __forceinline__ bool window_listed(const BandAttentionParams& p, cons
 }
 
 // One thread per (row, block of 64 queries): listed when its band holds a
-// hidden key of the sequence.
-__global__ void repair_list_kernel(BandAttentionParams p, uint8_t* flags, int32_t* items, int32_t* count) {
+// hidden key of the sequence (only a listed block can hold a blind query).
+__global__ void tile_list_kernel(BandAttentionParams p, uint8_t* flags) {
   const int64_t per_row = ceil_div(p.n, BQ);
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= p.batch * per_row) return;
@@ -662,7 +658,6 @@ __global__ void repair_list_kernel(BandAttentionParams p, uint8_t* flags, int32_
   bool hidden = false;
   for (int c = 0; c < g.nk && !hidden; ++c) hidden = !m[c];
   flags[i] = hidden;
-  if (hidden) items[atomicAdd(count, 1)] = static_cast<int32_t>(i);
 }
 
 // sums[b, u] (float32, heads * d) for window u: forward, the sum of v over its
@@ -671,7 +666,7 @@ __global__ void repair_list_kernel(BandAttentionParams p, uint8_t* flags, int32_
 // (in listed blocks, the band's log-sum-exp +inf), zeros where the window has
 // no listed block, and wflags[b, u] = whether it has. One block per (b, u).
 template <typename T, bool BACKWARD>
-__global__ void repair_window_sums_kernel(BandAttentionParams p, const uint8_t* __restrict__ flags,
+__global__ void blind_window_sums_kernel(BandAttentionParams p, const uint8_t* __restrict__ flags,
                                           const T* __restrict__ src, int64_t row_stride, float* __restrict__ sums,
                                           uint8_t* __restrict__ wflags) {
   const int64_t windows = ceil_div(p.n, p.ws), width = p.heads * p.d, per_row = ceil_div(p.n, BQ);
@@ -698,103 +693,12 @@ __global__ void repair_window_sums_kernel(BandAttentionParams p, const uint8_t* 
   }
 }
 
-// Zeros over the rows of every listed block's band in dkv (float32, dkv_row
-// per row), a block per listed block in turn.
-__global__ void repair_zero_kernel(BandAttentionParams p) {
-  const int64_t per_row = ceil_div(p.n, BQ), count = *p.item_count;
-  for (int64_t i = blockIdx.x; i < count; i += gridDim.x) {
-    const int64_t item = p.items[i];
-    const Band g = band_at(p, item / per_row, 0, (item % per_row) * BQ);
-    const int64_t quads = p.dkv_row / 4;
-    float4* base = reinterpret_cast<float4*>(p.dkv + (g.b * p.n + g.k_lo) * p.dkv_row);
-    for (int64_t j = threadIdx.x; j < g.nk * quads; j += blockDim.x) base[j] = make_float4(0.f, 0.f, 0.f, 0.f);
-  }
-}
-
-// dqkv (batch, n, 3, heads, d) from the flash kernel's dq, dk, dv (batch, n,
-// heads, d): q's where the query's block is not listed (a listed block's
-// kernel wrote it), k's and v's plus dkv's sums where the key lies in a listed
-// block's band, v's plus the blind queries' share where a window of its
-// look-around has a listed block. A block takes kCombineRows rows: what
-// applies to each row first (shared memory), then 8 elements a thread.
-constexpr int kCombineRows = 4;
-
-template <typename T>
-__global__ void __launch_bounds__(256)
-    repair_combine_kernel(BandAttentionParams p, const uint8_t* __restrict__ flags, const uint8_t* __restrict__ wflags,
-                          const T* __restrict__ dq, const T* __restrict__ dk, const T* __restrict__ dv) {
-  __shared__ unsigned char row_facts[kCombineRows];  // bit 0: q listed, 1: in a listed band, 2: blind share
-  const int64_t rows = p.batch * p.n, row0 = static_cast<int64_t>(blockIdx.x) * kCombineRows;
-  const int64_t per_row = ceil_div(p.n, BQ), windows = ceil_div(p.n, p.ws);
-  if (threadIdx.x < kCombineRows && row0 + threadIdx.x < rows) {
-    const int64_t row = row0 + threadIdx.x, b = row / p.n, t = row % p.n;
-    unsigned char f = listed(flags, per_row, b, t / BQ) ? 1 : 0;
-    // Listed blocks whose band holds key t: qb * 64 - reach_back <= t < qb *
-    // 64 + 64 + reach_fwd.
-    const int64_t reach_back = p.ws * p.back, reach_fwd = p.causal ? 0 : p.ws * p.fwd;
-    int64_t qb_lo = (t - reach_fwd - BQ) / BQ, qb_hi = (t + reach_back) / BQ;
-    qb_lo = qb_lo < 0 ? 0 : qb_lo;
-    qb_hi = qb_hi < per_row - 1 ? qb_hi : per_row - 1;
-    for (int64_t qb = qb_lo; qb <= qb_hi; ++qb) {
-      if (!listed(flags, per_row, b, qb)) continue;
-      const Band g = band_at(p, b, 0, qb * BQ);
-      if (t >= g.k_lo && t < g.k_lo + g.nk) {
-        f |= 2;
-        break;
-      }
-    }
-    const int64_t w = t / p.ws;
-    for (int64_t u = w - p.fwd; u <= w + p.back; ++u)
-      if (u >= 0 && u < windows && wflags[b * windows + u]) f |= 4;
-    row_facts[threadIdx.x] = f;
-  }
-  __syncthreads();
-  const int width = static_cast<int>(p.heads * p.d), chunks = width / 8, per = 3 * chunks;
-  const float span = static_cast<float>((p.back + p.fwd + 1) * p.ws);
-  for (int j = threadIdx.x; j < kCombineRows * per; j += blockDim.x) {
-    const int r = j / per, rest = j % per, part = rest / chunks, col = (rest % chunks) * 8;
-    const int64_t row = row0 + r;
-    if (row >= rows) break;
-    const unsigned char f = row_facts[r];
-    T* dst = static_cast<T*>(p.dqkv) + (row * 3 + part) * width + col;
-    const int64_t at = row * width + col;
-    if (part == 0) {
-      if (!(f & 1)) *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(dq + at);
-      continue;
-    }
-    union {
-      uint4 raw;
-      T e[8];
-    } in;
-    in.raw = *reinterpret_cast<const uint4*>((part == 1 ? dk : dv) + at);
-    const bool share = part == 2 && (f & 4);
-    if (!(f & 2) && !share) {
-      *reinterpret_cast<uint4*>(dst) = in.raw;
-      continue;
-    }
-    float v[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) v[e] = to_float(in.e[e]);
-    if (f & 2) add8(v, p.dkv + row * p.dkv_row + (part - 1) * width + col);
-    if (share) {
-      const int64_t b = row / p.n, w = (row % p.n) / p.ws;
-      float acc[8];
-      sum_windows(p.blind_sums, b, windows, width, col, w - p.fwd, w + p.back, 0.f, acc);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) v[e] += acc[e] / span;
-    }
-    store8(dst, v);
-  }
-}
-
-// The forward of repair mode on register tiles (16-bit types, heads of 32 or
-// 64): every block of 64 queries of one (sequence, head), 4 warps of 16
+// The forward on register tiles (16-bit types, heads of 32 or 64): every block of 64 queries of one (sequence, head), 4 warps of 16
 // queries each, the band's keys and values in shared memory (cp.async), the
 // scores in mma.sync accumulators, a running maximum and sum over tiles of 64
 // keys (base 2), the probabilities handed to the values' product as operand
-// fragments. Writes y, the log-sum-exp (+inf for a blind query, which takes
-// its look-around's mean from v_sums) and the flash kernel's log-sum-exp for
-// its backward: the same, or +inf in a listed block.
+// fragments. Writes y and the log-sum-exp (+inf for a blind query, which
+// takes its look-around's mean from v_sums).
 constexpr int kMmaWarps = BQ / 16;
 constexpr int kKeyTile = 64;
 
@@ -812,7 +716,7 @@ size_t mma_forward_smem(int kt_max) {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kMmaWarps * 32)
-    band_forward_mma_kernel(BandAttentionParams p, const uint8_t* __restrict__ flags, int kt_max) {
+    band_forward_mma_kernel(BandAttentionParams p, int kt_max) {
   using namespace mma16;
   constexpr int NT = kMmaWarps * 32, LD = mma_ld<D>(), KS = D / 16, DT = D / 8;
   extern __shared__ float4 smem4[];
@@ -908,7 +812,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     lrow[i] += __shfl_xor_sync(0xffffffffu, lrow[i], 2);
   }
   T* y = static_cast<T*>(p.y);
-  const int64_t windows = ceil_div(n, p.ws), per_row = ceil_div(n, BQ);
+  const int64_t windows = ceil_div(n, p.ws);
   const float span = static_cast<float>((p.back + p.fwd + 1) * p.ws);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -941,12 +845,209 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
         *reinterpret_cast<unsigned*>(row + 8 * d + 2 * t4) = pack2<T>(m0 / span, m1 / span);
       }
     }
-    if (t4 == 0) {
-      const float lse = blind ? INFINITY : mrow[i] * kLn2 + logf(lrow[i]);
-      const int64_t at = (g.b * p.heads + g.h) * n + qi;
-      p.lse[at] = lse;
-      p.flash_lse[at] = flags[g.b * per_row + qi / BQ] ? INFINITY : lse;
+    if (t4 == 0) p.lse[(g.b * p.heads + g.h) * n + qi] = blind ? INFINITY : mrow[i] * kLn2 + logf(lrow[i]);
+  }
+}
+
+// The backward on register tiles (16-bit types, heads of 32 or 64), no
+// atomics and no float32 buffer: each gradient row is written once, straight
+// into the projection's gradient. Two kinds of block alternate along x, both
+// 4 warps of 16 rows over one (sequence, head):
+//   query block (even x): queries q0 .. q0 + 63 over their band of keys;
+//     dq = dS k, where P = exp(s - lse), dP = dO v^T and dS = P (dP - D) *
+//     scale with D = sum(dO * O) per query.
+//   key block (odd x): keys j0 .. j0 + 63 over the queries that may see them
+//     (j0 - reach_fwd .. j0 + 63 + reach_back); the same P and dS transposed
+//     (k q^T, v dO^T), dv = P^T dO and dk = dS^T q; where a window of the
+//     key's look-around holds blind queries (wflags), v's share of their
+//     look-around mean is added from blind_sums.
+// The rows a block owns (its 64) sit in shared memory beside the band's (up
+// to key_rows(kt_max)), with each query's log-sum-exp (base 2) and D, and the
+// keys' mask. The band is taken in tiles of 64: both score products in
+// accumulators, P and dS formed in place, then handed to the two (one for a
+// query block) products as operand fragments.
+// D = sum(dO * O) of every (sequence, head, query) into dots (batch, heads,
+// n): a thread per 8 elements, D / 8 adjacent lanes a row's head.
+template <typename T, int D>
+__global__ void row_dots_kernel(BandAttentionParams p, float* __restrict__ dots) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t total = p.batch * p.n * p.heads * (D / 8), width = p.heads * D;
+  float acc = 0.f;
+  if (i < total) {  // lanes past the end add zeros (every lane takes part in the shuffles)
+    union {
+      uint4 raw;
+      T e[8];
+    } gv, yv;
+    gv.raw = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.gy) + i * 8);
+    yv.raw = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.y_in) + i * 8);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc += to_float(gv.e[e]) * to_float(yv.e[e]);
+  }
+#pragma unroll
+  for (int o = D / 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if (i < total && i % (D / 8) == 0) {
+    const int64_t row = i * 8 / width, h = (i * 8 % width) / D;
+    dots[((row / p.n) * p.heads + h) * p.n + row % p.n] = acc;
+  }
+}
+
+template <typename T, int D>
+size_t mma_backward_smem(int kt_max) {
+  const size_t band = key_rows(kt_max);
+  return (2 * BQ + 2 * band) * mma_ld<D>() * sizeof(T) + 2 * band * sizeof(float) + band;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kMmaWarps * 32)
+    band_backward_mma_kernel(BandAttentionParams p, const uint8_t* __restrict__ wflags, const float* __restrict__ dots,
+                             int kt_max) {
+  using namespace mma16;
+  constexpr int NT = kMmaWarps * 32, LD = mma_ld<D>(), KS = D / 16, DT = D / 8;
+  extern __shared__ float4 smem4[];
+  const int band_max = key_rows(kt_max);
+  T* own0 = reinterpret_cast<T*>(smem4);  // q (query block) or k (key block)
+  T* own1 = own0 + BQ * LD;               // dO or v
+  T* band0 = own1 + BQ * LD;              // k or q
+  T* band1 = band0 + band_max * LD;       // v or dO
+  float* lse2 = reinterpret_cast<float*>(band1 + band_max * LD);  // per query
+  float* drow = lse2 + band_max;
+  unsigned char* key_ok = reinterpret_cast<unsigned char*>(drow + band_max);
+
+  const bool keys = blockIdx.x & 1;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t4 = lane & 3;
+  const int64_t n = p.n, width = p.heads * D, b = blockIdx.z, h = blockIdx.y;
+  const int64_t first = static_cast<int64_t>(blockIdx.x >> 1) * BQ;
+  const int64_t reach_back = p.ws * p.back, reach_fwd = p.causal ? 0 : p.ws * p.fwd;
+  const int own_valid = static_cast<int>(n - first < BQ ? n - first : BQ);
+  // The band: keys reach_back before to reach_fwd after the queries, or
+  // queries reach_fwd before to reach_back after the keys.
+  const int64_t before = keys ? reach_fwd : reach_back, after = keys ? reach_back : reach_fwd;
+  const int64_t lo = first - before > 0 ? first - before : 0;
+  const int64_t hi = first + BQ + after < n ? first + BQ + after : n;
+  const int band_valid = static_cast<int>(hi - lo);
+  const int tiles = (band_valid + kKeyTile - 1) / kKeyTile, rows = tiles * kKeyTile;
+
+  const T* qkv = static_cast<const T*>(p.qkv);
+  const T* gy = static_cast<const T*>(p.gy);
+  auto load = [&](T* dst, const T* src, int64_t stride, int64_t col, int64_t row0, int valid, int count) {
+    for (int i = tid; i < count * (D / 8); i += NT) {
+      const int r = i / (D / 8), c = (i % (D / 8)) * 8;
+      if (r < valid)
+        cp_async16(dst + r * LD + c, src + (b * n + row0 + r) * stride + col + c);
+      else
+        *reinterpret_cast<uint4*>(dst + r * LD + c) = make_uint4(0, 0, 0, 0);
     }
+  };
+  const int64_t q_col = h * D, k_col = width + h * D, v_col = 2 * width + h * D;
+  if (!keys) {
+    load(own0, qkv, 3 * width, q_col, first, own_valid, BQ);
+    load(own1, gy, width, h * D, first, own_valid, BQ);
+    load(band0, qkv, 3 * width, k_col, lo, band_valid, rows);
+    load(band1, qkv, 3 * width, v_col, lo, band_valid, rows);
+  } else {
+    load(own0, qkv, 3 * width, k_col, first, own_valid, BQ);
+    load(own1, qkv, 3 * width, v_col, first, own_valid, BQ);
+    load(band0, qkv, 3 * width, q_col, lo, band_valid, rows);
+    load(band1, gy, width, h * D, lo, band_valid, rows);
+  }
+  cp_commit();
+
+  // Each query's log-sum-exp (base 2; +inf past the end or blind: no
+  // gradient through the attention) and D (row_dots_kernel).
+  const int64_t q_first = keys ? lo : first;
+  const int q_rows = keys ? rows : BQ, q_valid = keys ? band_valid : own_valid;
+  for (int r = tid; r < q_rows; r += NT) {
+    float l = INFINITY, dd = 0.f;
+    if (r < q_valid) {
+      const int64_t at = (b * p.heads + h) * n + q_first + r;
+      l = p.lse[at];
+      dd = dots[at];
+    }
+    lse2[r] = l * kLog2e;
+    drow[r] = dd;
+  }
+  const int64_t k_first = keys ? first : lo;
+  const int k_rows = keys ? BQ : rows, k_valid = keys ? own_valid : band_valid;
+  for (int c = tid; c < k_rows; c += NT) key_ok[c] = c < k_valid && (!p.mask || p.mask[b * n + k_first + c]);
+  cp_wait<0>();
+  __syncthreads();
+
+  unsigned a0[KS][4], a1[KS][4];
+  load_a(a0, own0 + 16 * warp * LD, LD, lane);
+  load_a(a1, own1 + 16 * warp * LD, LD, lane);
+  float acc0[DT][4], acc1[DT][4];  // dq, or dk and dv
+#pragma unroll
+  for (int d = 0; d < DT; ++d)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc0[d][e] = acc1[d][e] = 0.f;
+  const float kmul = p.scale * kLog2e;
+  const int own_row = 16 * warp + (lane >> 2);  // this lane's rows: own_row and own_row + 8
+  // Key row minus query row, from the band's and the block's first rows.
+  const int base = static_cast<int>(k_first - q_first), rb = static_cast<int>(reach_back),
+            rf = static_cast<int>(reach_fwd);
+
+  for (int t = 0; t < tiles; ++t) {
+    const T* B0 = band0 + t * kKeyTile * LD;
+    const T* B1 = band1 + t * kKeyTile * LD;
+    float s[kKeyTile / 8][4], dp[kKeyTile / 8][4];
+    times_rows_t(s, a0, B0, LD, lane);   // q k^T, or k q^T
+    times_rows_t(dp, a1, B1, LD, lane);  // dO v^T, or v dO^T
+#pragma unroll
+    for (int nt = 0; nt < kKeyTile / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = own_row + 8 * (e >> 1), c = t * kKeyTile + 8 * nt + 2 * t4 + (e & 1);
+        const int qr = keys ? c : r, kr = keys ? r : c, rel = base + kr - qr;
+        // (A query past the end has log-sum-exp +inf: probability 0.)
+        const bool vis = key_ok[kr] && rel >= -rb && rel <= rf;
+        const float pv = vis ? exp2f(s[nt][e] * kmul - lse2[qr]) : 0.f;
+        s[nt][e] = pv;
+        dp[nt][e] = pv * (dp[nt][e] - drow[qr]) * p.scale;
+      }
+    }
+    if (!keys) {
+      add_times_rows(acc0, dp, B0, LD, lane);  // dq += dS k
+    } else {
+      add_times_rows(acc0, dp, B0, LD, lane);  // dk += dS^T q
+      add_times_rows(acc1, s, B1, LD, lane);   // dv += P^T dO
+    }
+  }
+
+  T* dqkv = static_cast<T*>(p.dqkv);
+  const int64_t windows = ceil_div(n, p.ws);
+  const float span = static_cast<float>((p.back + p.fwd + 1) * p.ws);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = own_row + 8 * i;
+    if (r >= own_valid) continue;
+    const int64_t row = b * n + first + r;
+    T* dst = dqkv + row * 3 * width + h * D + 2 * t4;
+    if (!keys) {
+#pragma unroll
+      for (int d = 0; d < DT; ++d)
+        *reinterpret_cast<unsigned*>(dst + 8 * d) = pack2<T>(acc0[d][2 * i], acc0[d][2 * i + 1]);
+      continue;
+    }
+#pragma unroll
+    for (int d = 0; d < DT; ++d)
+      *reinterpret_cast<unsigned*>(dst + width + 8 * d) = pack2<T>(acc0[d][2 * i], acc0[d][2 * i + 1]);
+    if (wflags) {
+      // Blind queries of windows w - fwd .. w + back see this key's window w
+      // in their look-around: their gradient's sum over the span.
+      const int64_t w = (first + r) / p.ws;
+      for (int64_t u = w - p.fwd; u <= w + p.back; ++u) {
+        if (u < 0 || u >= windows || !wflags[b * windows + u]) continue;
+        const float* sums = p.blind_sums + (b * windows + u) * width + h * D + 2 * t4;
+#pragma unroll
+        for (int d = 0; d < DT; ++d) {
+          acc1[d][2 * i] += sums[8 * d] / span;
+          acc1[d][2 * i + 1] += sums[8 * d + 1] / span;
+        }
+      }
+    }
+#pragma unroll
+    for (int d = 0; d < DT; ++d)
+      *reinterpret_cast<unsigned*>(dst + 2 * width + 8 * d) = pack2<T>(acc1[d][2 * i], acc1[d][2 * i + 1]);
   }
 }
 
@@ -969,11 +1070,8 @@ template <typename T, int D, bool SPLIT>
 void launch(const BandAttentionParams& p, bool backward, cudaStream_t s) {
   static std::atomic<size_t> fwd_allowed{48 * 1024}, bwd_allowed{48 * 1024};
   const int kt_max = keys_max(p);
-  // Repair mode: as many blocks as are resident at once (two per
-  // multiprocessor), each taking listed blocks in turn.
-  const dim3 grid = p.items ? dim3(static_cast<unsigned>(grid_blocks(ceil_div(p.n, BQ) * p.heads * p.batch, 2)))
-                            : dim3(static_cast<unsigned>(ceil_div(p.n, BQ)), static_cast<unsigned>(p.heads),
-                                   static_cast<unsigned>(p.batch));
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.n, BQ)), static_cast<unsigned>(p.heads),
+                  static_cast<unsigned>(p.batch));
   if (!backward) {
     const size_t bytes = forward_smem<T, D>(kt_max);
     allow_smem(band_forward_kernel<T, D, SPLIT>, bytes, fwd_allowed);
@@ -1059,86 +1157,90 @@ void band_attention_backward_cuda(const BandAttentionParams& p, void* stream) {
     band_finish_kernel<__half, false><<<blocks, 256, 0, s>>>(p);
 }
 
-void band_repair_list_cuda(const BandAttentionParams& p, uint8_t* flags, int32_t* items, int32_t* count, void* stream) {
+void window_tile_list_cuda(const BandAttentionParams& p, uint8_t* flags, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
-  // An error here is left for the caller's launch check.
-  (void)cudaMemsetAsync(count, 0, sizeof(int32_t), s);
   const int64_t blocks = p.batch * ceil_div(p.n, BQ);
   if (blocks == 0) return;
   if (!p.mask) {  // nothing hidden: nothing listed
+    // An error here is left for the caller's launch check.
     (void)cudaMemsetAsync(flags, 0, static_cast<size_t>(blocks), s);
     return;
   }
-  repair_list_kernel<<<static_cast<unsigned>(ceil_div(blocks, 256)), 256, 0, s>>>(p, flags, items, count);
+  tile_list_kernel<<<static_cast<unsigned>(ceil_div(blocks, 256)), 256, 0, s>>>(p, flags);
 }
 
 namespace {
 
 template <typename T>
-void repair_sums(const BandAttentionParams& p, const uint8_t* flags, bool backward, uint8_t* wflags, cudaStream_t s) {
+void blind_sums_of(const BandAttentionParams& p, const uint8_t* flags, bool backward, uint8_t* wflags, cudaStream_t s) {
   const int64_t blocks = p.batch * ceil_div(p.n, p.ws), width = p.heads * p.d;
   const int threads = width >= 512 ? 512 : static_cast<int>((width + 31) / 32 * 32);
   if (backward)
-    repair_window_sums_kernel<T, true><<<static_cast<unsigned>(blocks), threads, 0, s>>>(
+    blind_window_sums_kernel<T, true><<<static_cast<unsigned>(blocks), threads, 0, s>>>(
         p, flags, static_cast<const T*>(p.gy), width, const_cast<float*>(p.blind_sums), wflags);
   else
-    repair_window_sums_kernel<T, false><<<static_cast<unsigned>(blocks), threads, 0, s>>>(
+    blind_window_sums_kernel<T, false><<<static_cast<unsigned>(blocks), threads, 0, s>>>(
         p, flags, static_cast<const T*>(p.qkv) + 2 * width, 3 * width, const_cast<float*>(p.v_sums), nullptr);
 }
 
-template <typename T>
-void repair_backward_typed(const BandAttentionParams& p, const uint8_t* flags, uint8_t* wflags, const void* dq,
-                           const void* dk, const void* dv, cudaStream_t s) {
-  repair_sums<T>(p, flags, true, wflags, s);
-  repair_zero_kernel<<<static_cast<unsigned>(grid_blocks(p.batch * ceil_div(p.n, BQ), 4)), 256, 0, s>>>(p);
-  launch_typed<T>(p, true, s);
-  repair_combine_kernel<T><<<static_cast<unsigned>(ceil_div(p.batch * p.n, kCombineRows)), 256, 0, s>>>(
-      p, flags, wflags, static_cast<const T*>(dq), static_cast<const T*>(dk), static_cast<const T*>(dv));
+dim3 mma_grid(const BandAttentionParams& p, int kinds) {
+  return dim3(static_cast<unsigned>(kinds * ceil_div(p.n, BQ)), static_cast<unsigned>(p.heads),
+              static_cast<unsigned>(p.batch));
 }
 
-}  // namespace
-
-namespace {
-
 template <typename T, int D>
-void repair_forward_typed(const BandAttentionParams& p, const uint8_t* flags, cudaStream_t s) {
+void tile_forward_typed(const BandAttentionParams& p, const uint8_t* flags, cudaStream_t s) {
   static std::atomic<size_t> allowed{48 * 1024};
-  repair_sums<T>(p, flags, false, nullptr, s);
+  blind_sums_of<T>(p, flags, false, nullptr, s);
   const int kt_max = keys_max(p);
   const size_t bytes = mma_forward_smem<T, D>(kt_max);
   allow_smem(band_forward_mma_kernel<T, D>, bytes, allowed);
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.n, BQ)), static_cast<unsigned>(p.heads),
-                  static_cast<unsigned>(p.batch));
-  band_forward_mma_kernel<T, D><<<grid, kMmaWarps * 32, bytes, s>>>(p, flags, kt_max);
+  band_forward_mma_kernel<T, D><<<mma_grid(p, 1), kMmaWarps * 32, bytes, s>>>(p, kt_max);
+}
+
+template <typename T, int D>
+void tile_backward_typed(const BandAttentionParams& p, const uint8_t* flags, uint8_t* wflags, float* dots,
+                         cudaStream_t s) {
+  static std::atomic<size_t> allowed{48 * 1024};
+  // Blind queries exist only under a mask, in listed blocks.
+  if (p.mask) blind_sums_of<T>(p, flags, true, wflags, s);
+  const int64_t threads = p.batch * p.n * p.heads * (D / 8);
+  row_dots_kernel<T, D><<<static_cast<unsigned>(ceil_div(threads, 256)), 256, 0, s>>>(p, dots);
+  const int kt_max = keys_max(p);
+  const size_t bytes = mma_backward_smem<T, D>(kt_max);
+  allow_smem(band_backward_mma_kernel<T, D>, bytes, allowed);
+  band_backward_mma_kernel<T, D>
+      <<<mma_grid(p, 2), kMmaWarps * 32, bytes, s>>>(p, p.mask ? wflags : nullptr, dots, kt_max);
 }
 
 template <typename T>
-void repair_forward_width(const BandAttentionParams& p, const uint8_t* flags, cudaStream_t s) {
-  if (p.d == 32)
-    repair_forward_typed<T, 32>(p, flags, s);
-  else
-    repair_forward_typed<T, 64>(p, flags, s);
+void tile_width(const BandAttentionParams& p, const uint8_t* flags, uint8_t* wflags, float* dots, bool backward,
+                cudaStream_t s) {
+  if (backward)
+    return p.d == 32 ? tile_backward_typed<T, 32>(p, flags, wflags, dots, s)
+                     : tile_backward_typed<T, 64>(p, flags, wflags, dots, s);
+  return p.d == 32 ? tile_forward_typed<T, 32>(p, flags, s) : tile_forward_typed<T, 64>(p, flags, s);
+}
+
+void tile_any(const BandAttentionParams& p, const uint8_t* flags, uint8_t* wflags, float* dots, bool backward,
+              void* stream) {
+  if (p.batch * p.n == 0) return;
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (p.dtype == RowDtype::bf16)
+    tile_width<__nv_bfloat16>(p, flags, wflags, dots, backward, s);
+  else if (p.dtype == RowDtype::f16)
+    tile_width<__half>(p, flags, wflags, dots, backward, s);
 }
 
 }  // namespace
 
-void band_repair_forward_cuda(const BandAttentionParams& p, const uint8_t* flags, void* stream) {
-  if (p.batch * p.n == 0) return;
-  const auto s = static_cast<cudaStream_t>(stream);
-  if (p.dtype == RowDtype::bf16)
-    repair_forward_width<__nv_bfloat16>(p, flags, s);
-  else if (p.dtype == RowDtype::f16)
-    repair_forward_width<__half>(p, flags, s);
+void window_tile_forward_cuda(const BandAttentionParams& p, const uint8_t* flags, void* stream) {
+  tile_any(p, flags, nullptr, nullptr, false, stream);
 }
 
-void band_repair_backward_cuda(const BandAttentionParams& p, const uint8_t* flags, uint8_t* wflags, const void* dq,
-                               const void* dk, const void* dv, void* stream) {
-  if (p.batch * p.n == 0) return;
-  const auto s = static_cast<cudaStream_t>(stream);
-  if (p.dtype == RowDtype::bf16)
-    repair_backward_typed<__nv_bfloat16>(p, flags, wflags, dq, dk, dv, s);
-  else if (p.dtype == RowDtype::f16)
-    repair_backward_typed<__half>(p, flags, wflags, dq, dk, dv, s);
+void window_tile_backward_cuda(const BandAttentionParams& p, const uint8_t* flags, uint8_t* wflags, float* dots,
+                               void* stream) {
+  tile_any(p, flags, wflags, dots, true, stream);
 }
 
 }  // namespace kernels

@@ -321,13 +321,6 @@ struct BandAttentionParams {
   float* dkv = nullptr;
   int64_t dkv_row = 0;  // elements from one row of dkv to the next
   const float* blind_sums = nullptr;
-  // Repair mode (band_repair_*): the backward kernels take only the listed
-  // blocks of 64 queries, items[0 .. *item_count) (b * blocks_per_row +
-  // block), every head of each; the forward writes the log-sum-exps for the
-  // flash kernel's backward into flash_lse (batch, heads, n).
-  const int32_t* items = nullptr;
-  const int32_t* item_count = nullptr;
-  float* flash_lse = nullptr;
   int64_t batch = 0, n = 0, heads = 0, d = 0, ws = 1, back = 0, fwd = 0;
   bool causal = false, tf32 = false;
   float scale = 1.f;
@@ -338,31 +331,24 @@ bool band_attention_supports(int64_t d, int64_t ws, int64_t back, int64_t fwd, b
 void band_attention_forward_cuda(const BandAttentionParams& p, void* stream);
 void band_attention_backward_cuda(const BandAttentionParams& p, void* stream);
 // Exact windows with a key mask in float16/bfloat16 (LocalMHA, heads of 32 or
-// 64), repair mode: the forward on register tiles with the mask, the backward
-// on the flash kernel's sliding window without it except in the blocks of 64
-// queries whose band holds a hidden key of the sequence (p.mask), the only
-// ones whose gradients differ (a blind query's band holds its own hidden key),
-// which the band kernels redo.
-//   list: flags (batch, blocks_per_row) = whether a block is redone; items and
-//     *count (zeroed here) = those blocks, in any order.
+// 64) on register tiles (mma.sync), forward and backward, the mask applied per
+// score; p.mask null: no mask.
+//   list: flags (batch, blocks_per_row) = whether a block of 64 queries has a
+//     hidden key in its band (only such a block can hold a blind query).
 //   forward (p.mask, p.qkv; p.y (batch, n, heads * d), p.lse = the
-//     log-sum-exps (batch, heads, n), p.flash_lse = those for the flash
-//     kernel's backward, p.v_sums (batch, windows, heads * d) float32
-//     scratch): v's window sums where a listed block needs them, then every
-//     block's output and log-sum-exp on register tiles (mma.sync), the mask
-//     applied; flash_lse the same but +inf in the listed blocks (the flash
-//     kernel's backward then gives those queries no gradient).
+//     log-sum-exps (batch, heads, n), +inf for a blind query, p.v_sums
+//     (batch, windows, heads * d) float32 scratch): v's window sums where a
+//     listed block needs them, then every block's output and log-sum-exp.
 //   backward (p as the forward's plus gy, y_in, dqkv (batch, n, 3 * heads *
-//     d), dkv (batch, n, 2 * heads * d) float32 scratch, dkv_row = 2 * heads *
-//     d, blind_sums (batch, windows, heads * d) float32 scratch; wflags (batch,
-//     windows) scratch; dq, dk, dv (batch, n, heads, d): the flash kernel's
-//     gradients): the listed blocks' gradients, then dqkv = the flash
-//     kernel's gradients, q's replaced and k's and v's added to where a
-//     listed block has them, v's with the blind queries' share.
-void band_repair_list_cuda(const BandAttentionParams& p, uint8_t* flags, int32_t* items, int32_t* count, void* stream);
-void band_repair_forward_cuda(const BandAttentionParams& p, const uint8_t* flags, void* stream);
-void band_repair_backward_cuda(const BandAttentionParams& p, const uint8_t* flags, uint8_t* wflags, const void* dq,
-                               const void* dk, const void* dv, void* stream);
+//     d), blind_sums (batch, windows, heads * d) float32 scratch; wflags
+//     (batch, windows) and dots (batch, heads, n) float32 scratch): dots =
+//     sum(gy * y) per query, then dqkv, every row written once (q's by blocks
+//     of 64 queries, k's and v's by blocks of 64 keys), v's with the blind
+//     queries' share.
+void window_tile_list_cuda(const BandAttentionParams& p, uint8_t* flags, void* stream);
+void window_tile_forward_cuda(const BandAttentionParams& p, const uint8_t* flags, void* stream);
+void window_tile_backward_cuda(const BandAttentionParams& p, const uint8_t* flags, uint8_t* wflags, float* dots,
+                               void* stream);
 
 // Causal windows of one look-back around two flash calls (sliding_window_cuda.cu;
 // float16/bfloat16, d a multiple of 8 up to 256, n a multiple of ws; the

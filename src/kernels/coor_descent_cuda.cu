@@ -1151,9 +1151,14 @@ __device__ __forceinline__ void topk_select_row(const float* scores, const float
             }
           }
         }
-        // One shared-memory atomic per distinct digit of the warp.
-        const unsigned peers = __match_any_sync(0xffffffffu, dig);
-        if (dig != 0xffffffffu && lane == __ffs(peers) - 1) atomicAdd(&hist[dig], static_cast<unsigned>(__popc(peers)));
+        // One shared-memory atomic per distinct digit of the warp; none where
+        // no entry of the warp shares the digits found so far (after the
+        // first step, nearly every warp).
+        if (__ballot_sync(0xffffffffu, dig != 0xffffffffu) != 0u) {
+          const unsigned peers = __match_any_sync(0xffffffffu, dig);
+          if (dig != 0xffffffffu && lane == __ffs(peers) - 1)
+            atomicAdd(&hist[dig], static_cast<unsigned>(__popc(peers)));
+        }
       }
     }
     __syncthreads();
@@ -1203,28 +1208,40 @@ __device__ __forceinline__ void topk_select_row(const float* scores, const float
   const unsigned pt = s_pt, mt = s_mt;
   const int need = s_need;
   int group_seen = 0;
-  for (int64_t base = 0; base < cols; base += kSelectThreads) {
-    const int64_t i = base + tid;
-    int cls = 2;  // 0 before, 1 sharing the digits, 2 after
-    RankEntry v{0ull, 0ull};
-    if (i < cols) {
-      const unsigned long long am = rank_key(sr[i], !mr || mr[i]) & ma;
-      if (am <= pa) {  // the tiebreak is read only here
-        v = rank_entry(sr, tr, mr, i);
-        const unsigned tm = static_cast<unsigned>(v.b >> 32) & mt;
-        cls = am < pa ? 0 : (tm < pt ? 0 : (tm == pt ? 1 : 2));
+  // kSelectUnroll loads in flight a thread, then the entries in position
+  // order (the ties' scan below counts them in that order).
+  for (int64_t base = 0; base < cols; base += static_cast<int64_t>(kSelectThreads) * kSelectUnroll) {
+    unsigned long long key[kSelectUnroll];
+#pragma unroll
+    for (int u = 0; u < kSelectUnroll; ++u) {
+      const int64_t i = base + u * kSelectThreads + tid;
+      key[u] = i < cols ? rank_key(sr[i], !mr || mr[i]) : ~0ull;
+    }
+#pragma unroll
+    for (int u = 0; u < kSelectUnroll; ++u) {
+      const int64_t i = base + u * kSelectThreads + tid;
+      int cls = 2;  // 0 before, 1 sharing the digits, 2 after
+      RankEntry v{0ull, 0ull};
+      if (i < cols) {
+        const unsigned long long am = key[u] & ma;
+        if (am <= pa) {  // the tiebreak is read only here
+          const unsigned long long tb = tr ? KeyOf<float>::desc(tr[i]) : 0ull;
+          v = RankEntry{key[u], (tb << 32) | static_cast<unsigned long long>(i)};
+          const unsigned tm = static_cast<unsigned>(tb) & mt;
+          cls = am < pa ? 0 : (tm < pt ? 0 : (tm == pt ? 1 : 2));
+        }
       }
+      bool take = cls == 0 || (cls == 1 && !by_position);
+      if (by_position) {
+        int rank = 0, total = 0;
+        BlockScan(scan_tmp).ExclusiveSum(cls == 1 ? 1 : 0, rank, total);
+        if (cls == 1 && group_seen + rank < need) take = true;
+        group_seen += total;
+        __syncthreads();  // scan_tmp is reused
+      }
+      if (Chunked) v.b += static_cast<unsigned long long>(first);  // the position in the whole row
+      if (take) dst[atomicAdd(&s_count, 1)] = v;
     }
-    bool take = cls == 0 || (cls == 1 && !by_position);
-    if (by_position) {
-      int rank = 0, total = 0;
-      BlockScan(scan_tmp).ExclusiveSum(cls == 1 ? 1 : 0, rank, total);
-      if (cls == 1 && group_seen + rank < need) take = true;
-      group_seen += total;
-      __syncthreads();  // scan_tmp is reused
-    }
-    if (Chunked) v.b += static_cast<unsigned long long>(first);  // the position in the whole row
-    if (take) dst[atomicAdd(&s_count, 1)] = v;
   }
   if (Chunked) {
     for (int64_t i = k + tid; i < k_in; i += blockDim.x) dst[i] = RankEntry{~0ull, ~0ull};

@@ -419,16 +419,13 @@ class BandAttentionFunction : public torch::autograd::Function<BandAttentionFunc
 
 #if COLT5_HAS_SDPA && defined(COLT5_WITH_CUDA)
 // Exact windows with a key mask for LocalMHA's packed projection in
-// float16/bfloat16 (band_attention_cuda.cu, repair mode). The forward runs on
-// colt5's register-tile kernel straight from the projection, every block of
-// 64 queries with the mask applied. The backward runs the flash kernel's
-// sliding window without the mask on views of the projection (no packing,
-// head width as it is), except for the blocks whose band holds a hidden key:
-// their log-sum-exp given to the flash kernel is +inf, so it gives them no
-// gradient, and the band kernels' backward gives theirs. One kernel gathers
-// both into the projection's gradient. Where no key is hidden (an all-true
-// mask, or none: an empty mask) the band kernels find nothing to do.
-class MaskRepairFunction : public torch::autograd::Function<MaskRepairFunction> {
+// float16/bfloat16 (band_attention_cuda.cu, register tiles): the forward and
+// the backward straight from the projection and into its gradient, every block
+// of 64 rows with the mask applied per score (no packing, no flash call). The
+// blocks of 64 queries whose band holds a hidden key are listed once in the
+// forward: only they can hold a blind query, whose look-around mean needs v's
+// (forward) and the output gradient's (backward) window sums.
+class WindowTileFunction : public torch::autograd::Function<WindowTileFunction> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& qkv_in,
                                const torch::Tensor& mask, int64_t heads, int64_t d, int64_t ws, int64_t back,
@@ -442,28 +439,19 @@ class MaskRepairFunction : public torch::autograd::Function<MaskRepairFunction> 
     const int64_t b = p.batch, n = p.n, per_row = (n + 63) / 64, windows = (n + ws - 1) / ws;
     auto on_device = qkv.options();
     torch::Tensor flags = torch::empty({b, per_row}, on_device.dtype(torch::kByte));
-    torch::Tensor items = torch::empty({b * per_row}, on_device.dtype(torch::kInt));
-    torch::Tensor count = torch::empty({1}, on_device.dtype(torch::kInt));
     p.mask = m.numel() > 0 ? m.data_ptr<bool>() : nullptr;  // empty: no mask
-    kernels::band_repair_list_cuda(p, flags.data_ptr<uint8_t>(), items.data_ptr<int32_t>(), count.data_ptr<int32_t>(),
-                                   stream);
+    kernels::window_tile_list_cuda(p, flags.data_ptr<uint8_t>(), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    // The forward on colt5's kernel for every block (the mask applied); the
-    // flash kernel's log-sum-exp beside it for the flash backward, +inf in the
-    // listed blocks. Without dropout the flash backward reads no random state.
     torch::Tensor out = torch::empty({b, n, heads, d}, qkv.options());
     torch::Tensor lse = torch::empty({b, heads, n}, qkv.options().dtype(torch::kFloat));
-    torch::Tensor band_lse = torch::empty({b, heads, n}, lse.options());
     torch::Tensor sums = torch::empty({b, windows, heads * d}, lse.options());
     p.qkv = qkv.data_ptr();
     p.y = out.data_ptr();
-    p.lse = band_lse.data_ptr<float>();
-    p.flash_lse = lse.data_ptr<float>();
+    p.lse = lse.data_ptr<float>();
     p.v_sums = sums.data_ptr<float>();
-    kernels::band_repair_forward_cuda(p, flags.data_ptr<uint8_t>(), stream);
+    kernels::window_tile_forward_cuda(p, flags.data_ptr<uint8_t>(), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const torch::Tensor no_rng = torch::empty({}, torch::kLong);
-    ctx->save_for_backward({qkv, out, lse, no_rng, no_rng, band_lse, m, flags, items, count});
+    ctx->save_for_backward({qkv, out, lse, m, flags});
     ctx->saved_data["heads"] = heads;
     ctx->saved_data["d"] = d;
     ctx->saved_data["ws"] = ws;
@@ -477,8 +465,7 @@ class MaskRepairFunction : public torch::autograd::Function<MaskRepairFunction> 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const torch::Tensor qkv = saved[0], out = saved[1], lse = saved[2], rng = saved[3], unused = saved[4],
-                        band_lse = saved[5], m = saved[6], flags = saved[7], items = saved[8], count = saved[9];
+    const torch::Tensor qkv = saved[0], out = saved[1], lse = saved[2], m = saved[3], flags = saved[4];
     const int64_t heads = ctx->saved_data["heads"].toInt(), d = ctx->saved_data["d"].toInt();
     const int64_t ws = ctx->saved_data["ws"].toInt(), back = ctx->saved_data["back"].toInt(),
                   fwd = ctx->saved_data["fwd"].toInt();
@@ -490,29 +477,22 @@ class MaskRepairFunction : public torch::autograd::Function<MaskRepairFunction> 
                                            scale, false);
     const int64_t b = p.batch, n = p.n, windows = (n + ws - 1) / ws;
     torch::Tensor gy = grads[0].to(qkv.scalar_type()).contiguous();
-    torch::Tensor parts = qkv.view({b, n, 3, heads, d});
-    auto g = at::_flash_attention_backward(gy.view({b, n, heads, d}), parts.select(2, 0), parts.select(2, 1),
-                                           parts.select(2, 2), out, lse, {}, {}, n, n, 0.0, causal, rng, unused, scale,
-                                           ws * back, causal ? 0 : ws * fwd);
-    const torch::Tensor dq = std::get<0>(g).contiguous(), dk = std::get<1>(g).contiguous(),
-                        dv = std::get<2>(g).contiguous();
     torch::Tensor dqkv = torch::empty({b, n, 3 * heads * d}, qkv.options());
-    torch::Tensor dkv = torch::empty({b, n, 2 * heads * d}, qkv.options().dtype(torch::kFloat));
-    torch::Tensor blind = torch::empty({b, windows, heads * d}, dkv.options());
-    torch::Tensor wflags = torch::empty({b, windows}, flags.options());
+    torch::Tensor blind, wflags;
     p.mask = m.numel() > 0 ? m.data_ptr<bool>() : nullptr;
-    p.items = items.data_ptr<int32_t>();
-    p.item_count = count.data_ptr<int32_t>();
+    if (p.mask) {
+      blind = torch::empty({b, windows, heads * d}, lse.options());
+      wflags = torch::empty({b, windows}, flags.options());
+      p.blind_sums = blind.data_ptr<float>();
+    }
     p.qkv = qkv.data_ptr();
     p.y_in = out.data_ptr();
     p.gy = gy.data_ptr();
-    p.lse = band_lse.data_ptr<float>();
+    p.lse = lse.data_ptr<float>();
     p.dqkv = dqkv.data_ptr();
-    p.dkv = dkv.data_ptr<float>();
-    p.dkv_row = 2 * heads * d;
-    p.blind_sums = blind.data_ptr<float>();
-    kernels::band_repair_backward_cuda(p, flags.data_ptr<uint8_t>(), wflags.data_ptr<uint8_t>(), dq.data_ptr(),
-                                       dk.data_ptr(), dv.data_ptr(), stream);
+    torch::Tensor dots = torch::empty({b, heads, n}, lse.options());
+    kernels::window_tile_backward_cuda(p, flags.data_ptr<uint8_t>(), p.mask ? wflags.data_ptr<uint8_t>() : nullptr,
+                                       dots.data_ptr<float>(), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     torch::autograd::variable_list result(9);  // none for the mask and the settings
     result[0] = dqkv;
@@ -1062,19 +1042,18 @@ torch::Tensor LocalMHAImpl::forward_with_output_bias(const torch::Tensor& x_in, 
   {
     // Exact windows straight from the packed projection on colt5's kernels:
     // the band kernels (band_attention; by default in float32), or in 16 bits
-    // colt5's forward and the flash kernel's backward with the blocks that see
-    // a hidden key redone on the band kernels (repair_masked_blocks). Without
-    // a mask only where the length is whole windows (an autopadded sequence's
-    // zero keys are visible without a mask: not these paths' case).
+    // the register-tile kernels, forward and backward (window_tile_kernels).
+    // Without a mask only where the length is whole windows (an autopadded
+    // sequence's zero keys are visible without a mask: not these paths' case).
     const auto& ao = attn_fn->options;
     kernels::RowDtype rd;
     if (options.packed_qkv() && projected.is_cuda() && (!mask.defined() || mask.device() == projected.device()) &&
         ao.exact_windowsize() && !attn_fn->rel_pos && (n % ao.window_size() == 0 || (mask.defined() && ao.autopad())) &&
         row_dtype(projected.scalar_type(), rd)) {
       const bool band = options.band_attention().value_or(rd == kernels::RowDtype::f32);
-      const bool repair =
-          !band && rd != kernels::RowDtype::f32 && options.repair_masked_blocks() && ao.sliding_window();
-      if ((band || repair) &&
+      const bool tiles =
+          !band && rd != kernels::RowDtype::f32 && options.window_tile_kernels() && ao.sliding_window();
+      if ((band || tiles) &&
           kernels::band_attention_supports(dh, ao.window_size(), ao.look_backward(), attn_fn->look_forward(),
                                            ao.causal(), rd, b, h, projected.device().index())) {
         RECORD_USER_SCOPE("colt5::local_attention");
@@ -1083,7 +1062,7 @@ torch::Tensor LocalMHAImpl::forward_with_output_bias(const torch::Tensor& x_in, 
         torch::Tensor m = mask.defined() ? mask : torch::empty({0}, projected.options().dtype(torch::kBool));
         const int64_t ws = ao.window_size(), back = ao.look_backward(), fwd = attn_fn->look_forward();
         torch::Tensor out = band ? BandAttentionFunction::apply(projected, m, h, dh, ws, back, fwd, ao.causal(), scale)
-                                 : MaskRepairFunction::apply(projected, m, h, dh, ws, back, fwd, ao.causal(), scale);
+                                 : WindowTileFunction::apply(projected, m, h, dh, ws, back, fwd, ao.causal(), scale);
         return project_out(out);
       }
     }

@@ -925,8 +925,8 @@ TEST(CudaModules, LocalAttentionWindowsMatchTheCpuFloat64) {
 // means and mean gradients are summed in another order, within rounding. bf16
 // and f16 modules, float32 under autocast (the block's case), causal and not,
 // ragged lengths (autopadded), 2 heads of 64 and 3 of 40; with
-// repair_masked_blocks off (on, heads of 64 take the repaired blocks:
-// LocalMHAMaskRepairMatchesTheCpuFloat64).
+// window_tile_kernels off (on, heads of 64 take the register-tile kernels:
+// LocalMHAWindowTilesMatchTheCpuFloat64).
 TEST(CudaModules, LocalMHAPackedQKVMatchesTheViewsPath) {
   torch::manual_seed(31);
   for (bool causal : {false, true}) {
@@ -958,7 +958,7 @@ TEST(CudaModules, LocalMHAPackedQKVMatchesTheViewsPath) {
               auto dev = std::dynamic_pointer_cast<LocalMHAImpl>(attn->clone());
               dev->to(cuda(), dtype);
               dev->options.packed_qkv(packed);
-              dev->options.repair_masked_blocks(false);  // the packed kernels, not the repaired blocks
+              dev->options.window_tile_kernels(false);  // the packed kernels, not the register tiles
               torch::Tensor xd = x.clone().requires_grad_(true);
               torch::Tensor out;
               {
@@ -993,7 +993,7 @@ namespace {
 
 // A LocalMHA of width 96 with exact windows of ws (one window each way, or
 // back only when causal), heads of dh (2 of 64 or 3 of 32), a prenorm and no
-// rotary embedding: the band kernels' and the repaired blocks' tests.
+// rotary embedding: the band kernels' and the register-tile kernels' tests.
 LocalMHAOptions exact_window_options(int64_t ws, bool causal, int64_t dh) {
   return LocalMHAOptions(96, ws)
       .dim_head(dh)
@@ -1070,16 +1070,14 @@ TEST(CudaModules, LocalMHABandKernelsMatchTheCpuFloat64) {
   }
 }
 
-// LocalMHA's exact windows with a key mask in float16/bfloat16 on the flash
-// kernel's sliding window without the mask, the blocks of 64 queries whose band
-// holds a hidden key redone on the band kernels (repair_masked_blocks, the
-// default), against the CPU float64 module: outputs and every gradient; bf16
-// and f16 modules and float32 under bf16 autocast; heads of 64 and 32,
-// windows of 32 and 64, causal and not; an all-true mask (nothing redone),
-// padding at the ends (the last blocks redone), random holes (every block
-// redone), a hidden stretch whose middle queries see no key and a fully hidden
-// row; one token, a ragged length and several blocks.
-TEST(CudaModules, LocalMHAMaskRepairMatchesTheCpuFloat64) {
+// LocalMHA's exact windows in float16/bfloat16 on the register-tile kernels
+// (window_tile_kernels, the default), forward and backward, against the CPU
+// float64 module: outputs and every gradient; bf16 and f16 modules and float32
+// under bf16 autocast; heads of 64 and 32, windows of 32 and 64, causal and
+// not; no mask, an all-true mask, padding at the ends, random holes, a hidden
+// stretch whose middle queries see no key and a fully hidden row; one token, a
+// ragged length and several blocks.
+TEST(CudaModules, LocalMHAWindowTilesMatchTheCpuFloat64) {
   torch::manual_seed(43);
   for (int64_t ws : {32, 64}) {
     for (bool causal : {false, true}) {
@@ -1122,7 +1120,7 @@ TEST(CudaModules, LocalMHAMaskRepairMatchesTheCpuFloat64) {
                 Region region(torch::kBFloat16, kind == 2);
                 out = dev->forward(xd, masked < 0 ? mask : mask.to(cuda()));
               }
-              EXPECT_TRUE(colt5::testing::graph_has(out, "MaskRepairFunction"));
+              EXPECT_TRUE(colt5::testing::graph_has(out, "WindowTileFunction"));
               out.backward(g.to(cuda(), out.scalar_type()));
               EXPECT_TRUE(torch::isfinite(out).all().item<bool>());
               EXPECT_LT(colt5::testing::norm_rel_error(out.to(torch::kDouble).cpu(), out64), 3e-2);
@@ -1137,12 +1135,12 @@ TEST(CudaModules, LocalMHAMaskRepairMatchesTheCpuFloat64) {
   }
 }
 
-// With an all-true mask the repaired path (colt5's forward, the flash
-// kernel's backward, nothing redone) agrees with the same module without a
-// mask (the flash kernel both ways, or colt5's forward) and with the
-// score-bias path (repair_masked_blocks off) to bf16 rounding: the output and
-// every gradient.
-TEST(CudaModules, LocalMHAMaskRepairWithAnAllTrueMaskIsTheUnmaskedPath) {
+// With an all-true mask the register-tile kernels agree with the same module
+// without a mask (the flash kernel both ways, or the register tiles) and with
+// the score-bias path (window_tile_kernels off) to bf16 rounding: the output
+// and every gradient. The register tiles' backward writes every gradient row
+// once (no atomics): two backward passes give the same bits.
+TEST(CudaModules, LocalMHAWindowTilesWithAnAllTrueMaskAreTheUnmaskedPath) {
   torch::manual_seed(44);
   for (bool causal : {false, true}) {
     LocalMHA attn(LocalMHAOptions(128, 64)
@@ -1159,15 +1157,21 @@ TEST(CudaModules, LocalMHAMaskRepairWithAnAllTrueMaskIsTheUnmaskedPath) {
     torch::Tensor g = torch::randn_like(x);
     torch::Tensor mask = torch::ones({2, 1024}, torch::TensorOptions(cuda()).dtype(torch::kBool));
     std::vector<std::vector<torch::Tensor>> runs;
-    // repaired mask, no mask on the flash kernel, score-bias mask, no mask on
-    // colt5's forward
+    // register tiles with the mask, no mask on the flash kernel, score-bias
+    // mask, no mask on the register tiles
     for (int way : {0, 1, 2, 3}) {
       SCOPED_TRACE("causal " + std::to_string(causal) + " way " + std::to_string(way));
       auto dev = std::dynamic_pointer_cast<LocalMHAImpl>(attn->clone());
-      dev->options.repair_masked_blocks(way == 0 || way == 3);
+      dev->options.window_tile_kernels(way == 0 || way == 3);
       torch::Tensor xd = x.clone().requires_grad_(true);
       torch::Tensor out = dev->forward(xd, way == 1 || way == 3 ? torch::Tensor() : mask);
-      EXPECT_EQ(colt5::testing::graph_has(out, "MaskRepairFunction"), way == 0 || way == 3);
+      EXPECT_EQ(colt5::testing::graph_has(out, "WindowTileFunction"), way == 0 || way == 3);
+      if (way == 0) {
+        // The same backward twice: the same bits.
+        torch::Tensor first = torch::autograd::grad({out}, {xd}, {g}, /*retain_graph=*/true)[0];
+        torch::Tensor second = torch::autograd::grad({out}, {xd}, {g}, /*retain_graph=*/true)[0];
+        EXPECT_TRUE(torch::equal(first, second));
+      }
       out.backward(g);
       runs.push_back({out, xd.grad(), dev->to_qkv->weight.grad(), dev->to_out->weight.grad()});
     }
@@ -1516,9 +1520,9 @@ TEST(CudaModules, BlockTrainingStepHasNoHostSync) {
   block->forward(x, mask).sum().backward();
 }
 
-// The same under bf16 autocast, where the light attention's mask takes the
-// flash kernel and the band kernels' repair (a list of blocks whose length
-// the host never reads).
+// The same under bf16 autocast, where the light attention takes the
+// register-tile kernels with the mask (the blocks that may hold a blind query
+// flagged on the GPU, never read by the host).
 TEST(CudaModules, BlockTrainingStepUnderAutocastHasNoHostSync) {
   torch::manual_seed(23);
   ConditionalRoutedTransformerBlock block(small_block());
@@ -1531,7 +1535,7 @@ TEST(CudaModules, BlockTrainingStepUnderAutocastHasNoHostSync) {
       Region region(torch::kBFloat16);
       y = block->forward(x, mask);
     }
-    EXPECT_TRUE(colt5::testing::graph_has(y, "MaskRepairFunction"));
+    EXPECT_TRUE(colt5::testing::graph_has(y, "WindowTileFunction"));
     y.to(torch::kFloat).sum().backward();
   };
   step();
@@ -1560,8 +1564,8 @@ TEST(CudaModules, BlockTrainingStepCapturesInACudaGraph) {
 }
 
 // Under bf16 autocast with a mask that hides a few keys (the light
-// attention's repaired blocks): the replay takes the new input values. The
-// repaired blocks add their keys' gradients with float32 atomics in no fixed
+// attention's register tiles, blind queries included): the replay takes the
+// new input values. The heavy branch's gradients are summed in no fixed
 // order, so the replay and the eager step agree to bf16 rounding.
 TEST(CudaModules, BlockTrainingStepUnderAutocastCapturesInACudaGraph) {
   torch::manual_seed(24);

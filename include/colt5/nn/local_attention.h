@@ -179,22 +179,18 @@ struct LocalMHAOptions {
   /// float16/bfloat16 (the flash kernel's sliding window is faster); true or
   /// false forces it on or off.
   TORCH_ARG(c10::optional<bool>, band_attention) = c10::nullopt;
-  /// With a key mask where the flash kernel's sliding window takes it (the
-  /// cases of packed_qkv, float16/bfloat16, the band kernels off, heads of 32
-  /// or 64 and bands the band kernels take): the forward on colt5's kernel on
-  /// register tiles (mma.sync), the mask applied, straight from the
-  /// projection; the backward on the flash kernel's sliding window as if no
-  /// key were hidden, straight on views of the projection, except in the
-  /// blocks of 64 queries whose band of keys holds a hidden one, whose
-  /// gradients colt5's band kernels give. The same attention; where few keys
-  /// are hidden (padding at the ends, an all-true mask) the backward costs
-  /// about what it costs without a mask, where hidden keys are spread over the
-  /// whole sequence about the flash kernel's and the band kernels' together.
-  /// Without a mask (the length a multiple of the window) the same forward
-  /// and the flash kernel's backward. false: the mask enters the flash kernel
-  /// as a score bias through 8 more head dimensions (packed_qkv's kernels);
+  /// Exact windows in float16/bfloat16 (the cases of packed_qkv, the band
+  /// kernels off, heads of 32 or 64 and bands the band kernels take; with a
+  /// key mask, or without one where the length is a multiple of the window)
+  /// on colt5's register-tile kernels (mma.sync), forward and backward,
+  /// straight from the projection and into its gradient, the mask applied per
+  /// score: blocks of 64 queries over their band of keys (the output, q's
+  /// gradient) and blocks of 64 keys over the queries that see them (k's and
+  /// v's gradients), every gradient row written once. The same attention.
+  /// false: the flash kernel's sliding window, the mask entering it as a
+  /// score bias through 8 more head dimensions (packed_qkv's kernels);
   /// without a mask the flash kernel's sliding window both ways.
-  TORCH_ARG(bool, repair_masked_blocks) = true;
+  TORCH_ARG(bool, window_tile_kernels) = true;
   /// Without a mask, causal windows of one look-back (not exact, no rotary
   /// embedding, the length a multiple of the window) as two flash calls on
   /// views of the projection, merged by their log-sum-exps, their gradients
