@@ -667,8 +667,8 @@ __global__ void tile_list_kernel(BandAttentionParams p, uint8_t* flags) {
 // no listed block, and wflags[b, u] = whether it has. One block per (b, u).
 template <typename T, bool BACKWARD>
 __global__ void blind_window_sums_kernel(BandAttentionParams p, const uint8_t* __restrict__ flags,
-                                          const T* __restrict__ src, int64_t row_stride, float* __restrict__ sums,
-                                          uint8_t* __restrict__ wflags) {
+                                         const T* __restrict__ src, int64_t row_stride, float* __restrict__ sums,
+                                         uint8_t* __restrict__ wflags) {
   const int64_t windows = ceil_div(p.n, p.ws), width = p.heads * p.d, per_row = ceil_div(p.n, BQ);
   const int64_t b = blockIdx.x / windows, u = blockIdx.x % windows;
   bool needed = false;
@@ -693,12 +693,13 @@ __global__ void blind_window_sums_kernel(BandAttentionParams p, const uint8_t* _
   }
 }
 
-// The forward on register tiles (16-bit types, heads of 32 or 64): every block of 64 queries of one (sequence, head), 4 warps of 16
-// queries each, the band's keys and values in shared memory (cp.async), the
-// scores in mma.sync accumulators, a running maximum and sum over tiles of 64
-// keys (base 2), the probabilities handed to the values' product as operand
-// fragments. Writes y and the log-sum-exp (+inf for a blind query, which
-// takes its look-around's mean from v_sums).
+// The forward on register tiles (16-bit types, heads of 32 or 64): every
+// block of 64 queries of one (sequence, head), 4 warps of 16 queries each, the
+// band's keys and values in shared memory (cp.async), the scores in mma.sync
+// accumulators, a running maximum and sum over tiles of 64 keys (base 2), the
+// probabilities handed to the values' product as operand fragments. Writes y
+// and the log-sum-exp (+inf for a blind query, which takes its look-around's
+// mean from v_sums).
 constexpr int kMmaWarps = BQ / 16;
 constexpr int kKeyTile = 64;
 
@@ -715,8 +716,7 @@ size_t mma_forward_smem(int kt_max) {
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kMmaWarps * 32)
-    band_forward_mma_kernel(BandAttentionParams p, int kt_max) {
+__global__ void __launch_bounds__(kMmaWarps * 32) band_forward_mma_kernel(BandAttentionParams p, int kt_max) {
   using namespace mma16;
   constexpr int NT = kMmaWarps * 32, LD = mma_ld<D>(), KS = D / 16, DT = D / 8;
   extern __shared__ float4 smem4[];
@@ -905,10 +905,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   constexpr int NT = kMmaWarps * 32, LD = mma_ld<D>(), KS = D / 16, DT = D / 8;
   extern __shared__ float4 smem4[];
   const int band_max = key_rows(kt_max);
-  T* own0 = reinterpret_cast<T*>(smem4);  // q (query block) or k (key block)
-  T* own1 = own0 + BQ * LD;               // dO or v
-  T* band0 = own1 + BQ * LD;              // k or q
-  T* band1 = band0 + band_max * LD;       // v or dO
+  T* own0 = reinterpret_cast<T*>(smem4);                          // q (query block) or k (key block)
+  T* own1 = own0 + BQ * LD;                                       // dO or v
+  T* band0 = own1 + BQ * LD;                                      // k or q
+  T* band1 = band0 + band_max * LD;                               // v or dO
   float* lse2 = reinterpret_cast<float*>(band1 + band_max * LD);  // per query
   float* drow = lse2 + band_max;
   unsigned char* key_ok = reinterpret_cast<unsigned char*>(drow + band_max);

@@ -1051,8 +1051,7 @@ torch::Tensor LocalMHAImpl::forward_with_output_bias(const torch::Tensor& x_in, 
         ao.exact_windowsize() && !attn_fn->rel_pos && (n % ao.window_size() == 0 || (mask.defined() && ao.autopad())) &&
         row_dtype(projected.scalar_type(), rd)) {
       const bool band = options.band_attention().value_or(rd == kernels::RowDtype::f32);
-      const bool tiles =
-          !band && rd != kernels::RowDtype::f32 && options.window_tile_kernels() && ao.sliding_window();
+      const bool tiles = !band && rd != kernels::RowDtype::f32 && options.window_tile_kernels() && ao.sliding_window();
       if ((band || tiles) &&
           kernels::band_attention_supports(dh, ao.window_size(), ao.look_backward(), attn_fn->look_forward(),
                                            ao.causal(), rd, b, h, projected.device().index())) {
