@@ -1099,13 +1099,18 @@ int main(int argc, char** argv) {
   // checked against the radix sorts before it is timed.
   if (want("topk")) {
     using colt5::kernels::TopkCudaPath;
+    // saturated: about 47 % of the scores exactly 1 (what coordinate descent
+    // gives the block's routers at their initial routing token: the tiebreak
+    // then orders most of the row).
     struct Shape {
       const char* what;
       int64_t rows, cols, k;
-      bool masked;
+      bool masked, saturated = false;
     };
     const Shape shapes[] = {{"block router 2x8192", 2, 8192, 1024, false},
                             {"block router 2x32768", 2, 32768, 1024, false},
+                            {"block router 2x32768, saturated", 2, 32768, 1024, false, true},
+                            {"block routers 4x32768 (joint), saturated", 4, 32768, 1024, false, true},
                             {"block routers 4x32768 (joint)", 4, 32768, 1024, false},
                             {"block router 2x262144", 2, 262144, 1024, false},
                             {"image routers 2x65536 (joint)", 2, 65536, 1024, false},
@@ -1114,6 +1119,7 @@ int main(int argc, char** argv) {
                             {"cross router 16x131072", 16, 131072, 128, false}};
     for (const Shape& sh : shapes) {
       torch::Tensor sc = torch::rand({sh.rows, sh.cols}, f32), tb = torch::randn({sh.rows, sh.cols}, f32);
+      if (sh.saturated) sc = torch::where(torch::rand_like(sc) < 0.47, torch::ones_like(sc), sc * 0.5);
       torch::Tensor m8;
       if (sh.masked) m8 = (torch::rand({sh.rows, sh.cols}, f32) < 0.5).contiguous().view(torch::kByte);
       const torch::Tensor want_idx = topk_by(sc, tb, m8, sh.k, TopkCudaPath::sorts);
