@@ -214,10 +214,10 @@ __device__ __forceinline__ Band band_at(const BandAttentionParams& p, int64_t b,
   return g;
 }
 
-// The block's place from its grid position: calls body(band).
-template <typename Body>
-__device__ __forceinline__ void for_each_band(const BandAttentionParams& p, Body&& body) {
-  body(band_at(p, blockIdx.z, blockIdx.y, static_cast<int64_t>(blockIdx.x) * BQ));
+// The block's place from its grid position (x: block of queries, y: head,
+// z: sequence).
+__device__ __forceinline__ Band block_band(const BandAttentionParams& p) {
+  return band_at(p, blockIdx.z, blockIdx.y, static_cast<int64_t>(blockIdx.x) * BQ);
 }
 
 // Rows of q/k/v (part 0/1/2) of the packed projection into shared memory
@@ -371,7 +371,7 @@ __device__ __forceinline__ void band_forward_body(const BandAttentionParams& p, 
 template <typename T, int D, bool SPLIT>
 __global__ void __launch_bounds__(kThreads, 2) band_forward_kernel(BandAttentionParams p, int kt_max) {
   extern __shared__ __align__(128) unsigned char smem[];
-  for_each_band(p, [&](const Band& g) { band_forward_body<T, D, SPLIT>(p, kt_max, g, smem); });
+  band_forward_body<T, D, SPLIT>(p, kt_max, block_band(p), smem);
 }
 
 // Shared memory of the backward: keys, values (kt_max rows each), q and the
@@ -595,7 +595,7 @@ template <typename T, int D, bool SPLIT>
 __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 1 : 2)
     band_backward_kernel(BandAttentionParams p, int kt_max) {
   extern __shared__ __align__(128) unsigned char smem[];
-  for_each_band(p, [&](const Band& g) { band_backward_body<T, D, SPLIT>(p, kt_max, g, smem); });
+  band_backward_body<T, D, SPLIT>(p, kt_max, block_band(p), smem);
 }
 
 // dqkv's k and v parts (batch, n, 3, heads, d) from the float32 sums
@@ -710,6 +710,20 @@ constexpr int mma_ld() {
 
 __host__ __device__ inline int key_rows(int kt_max) { return (kt_max + kKeyTile - 1) / kKeyTile * kKeyTile; }
 
+// `count` rows of D elements into shared memory (LD elements apart) by the
+// block's NT threads: the first `valid` copied (cp.async) from `src` (row 0's
+// first element, rows `stride` elements apart), zeros after.
+template <int D, int LD, int NT, typename T>
+__device__ __forceinline__ void load_tile_rows(T* dst, const T* src, int64_t stride, int valid, int count) {
+  for (int i = threadIdx.x; i < count * (D / 8); i += NT) {
+    const int r = i / (D / 8), c = (i % (D / 8)) * 8;
+    if (r < valid)
+      mma16::cp_async16(dst + r * LD + c, src + r * stride + c);
+    else
+      *reinterpret_cast<uint4*>(dst + r * LD + c) = make_uint4(0, 0, 0, 0);
+  }
+}
+
 template <typename T, int D>
 size_t mma_forward_smem(int kt_max) {
   return static_cast<size_t>(BQ + 2 * key_rows(kt_max)) * mma_ld<D>() * sizeof(T) + key_rows(kt_max);
@@ -725,25 +739,18 @@ __global__ void __launch_bounds__(kMmaWarps * 32) band_forward_mma_kernel(BandAt
   T* Vs = Ks + key_rows(kt_max) * LD;
   unsigned char* key_ok = reinterpret_cast<unsigned char*>(Vs + key_rows(kt_max) * LD);
 
-  const Band g = band_at(p, blockIdx.z, blockIdx.y, static_cast<int64_t>(blockIdx.x) * BQ);
+  const Band g = block_band(p);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t4 = lane & 3;
   const int64_t n = p.n, width = p.heads * D;
   const int q_valid = static_cast<int>(n - g.q0 < BQ ? n - g.q0 : BQ);
   const int tiles = (g.nk + kKeyTile - 1) / kKeyTile, rows = tiles * kKeyTile;
 
   const T* qkv = static_cast<const T*>(p.qkv);
-  auto load = [&](T* dst, int part, int64_t first, int valid, int count) {
-    for (int i = tid; i < count * (D / 8); i += NT) {
-      const int r = i / (D / 8), c = (i % (D / 8)) * 8;
-      if (r < valid)
-        cp_async16(dst + r * LD + c, qkv + (g.b * n + first + r) * 3 * width + (part * p.heads + g.h) * D + c);
-      else
-        *reinterpret_cast<uint4*>(dst + r * LD + c) = make_uint4(0, 0, 0, 0);
-    }
-  };
-  load(Qs, 0, g.q0, q_valid, BQ);
-  load(Ks, 1, g.k_lo, g.nk, rows);
-  load(Vs, 2, g.k_lo, g.nk, rows);
+  // Row t's part (q, k, v: 0, 1, 2) of this head.
+  auto part_row = [&](int part, int64_t t) { return qkv + (g.b * n + t) * 3 * width + (part * p.heads + g.h) * D; };
+  load_tile_rows<D, LD, NT>(Qs, part_row(0, g.q0), 3 * width, q_valid, BQ);
+  load_tile_rows<D, LD, NT>(Ks, part_row(1, g.k_lo), 3 * width, g.nk, rows);
+  load_tile_rows<D, LD, NT>(Vs, part_row(2, g.k_lo), 3 * width, g.nk, rows);
   cp_commit();
   for (int c = tid; c < rows; c += NT) key_ok[c] = c < g.nk && (!p.mask || p.mask[g.b * n + g.k_lo + c]);
   cp_wait<0>();
@@ -929,26 +936,19 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
 
   const T* qkv = static_cast<const T*>(p.qkv);
   const T* gy = static_cast<const T*>(p.gy);
-  auto load = [&](T* dst, const T* src, int64_t stride, int64_t col, int64_t row0, int valid, int count) {
-    for (int i = tid; i < count * (D / 8); i += NT) {
-      const int r = i / (D / 8), c = (i % (D / 8)) * 8;
-      if (r < valid)
-        cp_async16(dst + r * LD + c, src + (b * n + row0 + r) * stride + col + c);
-      else
-        *reinterpret_cast<uint4*>(dst + r * LD + c) = make_uint4(0, 0, 0, 0);
-    }
-  };
-  const int64_t q_col = h * D, k_col = width + h * D, v_col = 2 * width + h * D;
+  // Row t's part (q, k, v: 0, 1, 2) of this head, and its output gradient.
+  auto part_row = [&](int part, int64_t t) { return qkv + (b * n + t) * 3 * width + (part * p.heads + h) * D; };
+  auto gy_at = [&](int64_t t) { return gy + (b * n + t) * width + h * D; };
   if (!keys) {
-    load(own0, qkv, 3 * width, q_col, first, own_valid, BQ);
-    load(own1, gy, width, h * D, first, own_valid, BQ);
-    load(band0, qkv, 3 * width, k_col, lo, band_valid, rows);
-    load(band1, qkv, 3 * width, v_col, lo, band_valid, rows);
+    load_tile_rows<D, LD, NT>(own0, part_row(0, first), 3 * width, own_valid, BQ);
+    load_tile_rows<D, LD, NT>(own1, gy_at(first), width, own_valid, BQ);
+    load_tile_rows<D, LD, NT>(band0, part_row(1, lo), 3 * width, band_valid, rows);
+    load_tile_rows<D, LD, NT>(band1, part_row(2, lo), 3 * width, band_valid, rows);
   } else {
-    load(own0, qkv, 3 * width, k_col, first, own_valid, BQ);
-    load(own1, qkv, 3 * width, v_col, first, own_valid, BQ);
-    load(band0, qkv, 3 * width, q_col, lo, band_valid, rows);
-    load(band1, gy, width, h * D, lo, band_valid, rows);
+    load_tile_rows<D, LD, NT>(own0, part_row(1, first), 3 * width, own_valid, BQ);
+    load_tile_rows<D, LD, NT>(own1, part_row(2, first), 3 * width, own_valid, BQ);
+    load_tile_rows<D, LD, NT>(band0, part_row(0, lo), 3 * width, band_valid, rows);
+    load_tile_rows<D, LD, NT>(band1, gy_at(lo), width, band_valid, rows);
   }
   cp_commit();
 
@@ -1005,12 +1005,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
         dp[nt][e] = pv * (dp[nt][e] - drow[qr]) * p.scale;
       }
     }
-    if (!keys) {
-      add_times_rows(acc0, dp, B0, LD, lane);  // dq += dS k
-    } else {
-      add_times_rows(acc0, dp, B0, LD, lane);  // dk += dS^T q
-      add_times_rows(acc1, s, B1, LD, lane);   // dv += P^T dO
-    }
+    add_times_rows(acc0, dp, B0, LD, lane);           // dq += dS k, or dk += dS^T q
+    if (keys) add_times_rows(acc1, s, B1, LD, lane);  // dv += P^T dO
   }
 
   T* dqkv = static_cast<T*>(p.dqkv);

@@ -1096,22 +1096,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32) gathered_bwd_mma(GatheredAtten
       float acc[DT][4];
 #pragma unroll
       for (int d = 0; d < DT; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
-      const T* B = pass == 0 ? Gs : Qs;
-#pragma unroll
-      for (int kq = 0; kq < QN / 16; ++kq) {
-        unsigned a[4];
-        if (pass == 0)
-          acc_to_a<T>(a, st[2 * kq], st[2 * kq + 1]);
-        else
-          acc_to_a<T>(a, dp[2 * kq], dp[2 * kq + 1]);
-#pragma unroll
-        for (int c = 0; c < DH / 16; ++c) {
-          unsigned b[4];
-          ldsm4_t(b, B + (16 * kq + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + 16 * c + (lane >> 4) * 8);
-          mma<T>(acc[2 * c], a, b[0], b[1]);
-          mma<T>(acc[2 * c + 1], a, b[2], b[3]);
-        }
-      }
+      add_times_rows(acc, pass == 0 ? st : dp, pass == 0 ? Gs : Qs, LD, lane);
       const float mul = pass == 0 ? 1.f : p.scale;
       const int off = pass == 0 ? DH : 0;
 #pragma unroll

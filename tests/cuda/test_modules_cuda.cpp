@@ -917,6 +917,24 @@ TEST(CudaModules, LocalAttentionWindowsMatchTheCpuFloat64) {
   }
 }
 
+// A LocalMHA of width 96 with exact windows of ws (one window each way, or
+// back only when causal), heads of dh (2 of 64, else 3), a prenorm and no
+// rotary embedding: the packed path's, the band kernels' and the register-tile
+// kernels' tests.
+namespace {
+LocalMHAOptions exact_window_options(int64_t ws, bool causal, int64_t dh) {
+  return LocalMHAOptions(96, ws)
+      .dim_head(dh)
+      .heads(dh == 64 ? 2 : 3)
+      .causal(causal)
+      .exact_windowsize(true)
+      .prenorm(true)
+      .look_backward(1)
+      .look_forward(causal ? 0 : 1)
+      .use_rotary_pos_emb(false);
+}
+}  // namespace
+
 // LocalMHA's packed path (packed_qkv: q, k, v from the projection into the
 // flash kernel's buffer and the gradients back, on colt5's kernels) against
 // LocalAttention's path over q, k, v views, which runs the same flash kernel
@@ -931,15 +949,7 @@ TEST(CudaModules, LocalMHAPackedQKVMatchesTheViewsPath) {
   torch::manual_seed(31);
   for (bool causal : {false, true}) {
     for (int64_t dh : {64, 40}) {
-      LocalMHA attn(LocalMHAOptions(96, 32)
-                        .dim_head(dh)
-                        .heads(dh == 64 ? 2 : 3)
-                        .causal(causal)
-                        .exact_windowsize(true)
-                        .prenorm(true)
-                        .look_backward(1)
-                        .look_forward(causal ? 0 : 1)
-                        .use_rotary_pos_emb(false));
+      LocalMHA attn(exact_window_options(32, causal, dh));
       for (int blind : {0, 1}) {
         for (int64_t n : {1, 33, 1000}) {
           for (int kind : {0, 1, 2}) {  // bf16 module, f16 module, float32 under bf16 autocast
@@ -988,25 +998,6 @@ TEST(CudaModules, LocalMHAPackedQKVMatchesTheViewsPath) {
     }
   }
 }
-
-namespace {
-
-// A LocalMHA of width 96 with exact windows of ws (one window each way, or
-// back only when causal), heads of dh (2 of 64 or 3 of 32), a prenorm and no
-// rotary embedding: the band kernels' and the register-tile kernels' tests.
-LocalMHAOptions exact_window_options(int64_t ws, bool causal, int64_t dh) {
-  return LocalMHAOptions(96, ws)
-      .dim_head(dh)
-      .heads(dh == 64 ? 2 : 3)
-      .causal(causal)
-      .exact_windowsize(true)
-      .prenorm(true)
-      .look_backward(1)
-      .look_forward(causal ? 0 : 1)
-      .use_rotary_pos_emb(false);
-}
-
-}  // namespace
 
 // LocalMHA's exact windows on the band kernels (band_attention) against the
 // CPU float64 module: outputs and every gradient; float32 with TF32 off (three
