@@ -1066,15 +1066,32 @@ void topk_bitonic(const float* scores, const float* tiebreak, const uint8_t* mas
 }
 
 // Top-k by selection, for k well below the row length: a block per row finds
-// the key of the k-th entry eight bits at a time (a histogram of the next digit
-// of the (mask, score) key, then of the tiebreak's key, over the entries that
-// share the digits found so far), stopping as soon as the entries sharing them
-// are exactly as many as are still needed. It then collects the k entries
+// the key of the k-th entry eleven bits at a time (a histogram of the next
+// digit of the (mask, score) key, then of the tiebreak's key, over the entries
+// that share the digits found so far), stopping as soon as the entries sharing
+// them are exactly as many as are still needed. It then collects the k entries
 // (exact ties of the whole key by position) and sorts them in shared memory.
 // The same order as the sorts.
 constexpr int kSelectThreads = 1024;
 constexpr int64_t kSelectMaxK = kBitonicMaxCols;  // its k entries sort in shared memory
 constexpr int kSelectUnroll = 8;
+constexpr int kSelectBins = 2048;  // 11-bit digits, two bins a thread
+static_assert(kSelectBins == 2 * kSelectThreads, "the bucket scan gives each thread two bins");
+
+// Digit `step` of the selection: 33 bits of (mask, score) as 11 + 11 + 11,
+// then 32 of the tiebreak as 11 + 11 + 10 (six passes at most, where 8-bit
+// digits took nine: rows whose scores tie, as saturated routing scores do, run
+// every pass).
+struct SelectDigit {
+  bool on_tiebreak;
+  int shift;
+  unsigned mask;
+};
+__device__ __forceinline__ SelectDigit select_digit(int step) {
+  if (step < 3) return {false, 22 - 11 * step, 0x7ffu};
+  const int t = step - 3;
+  return {true, t < 2 ? 21 - 11 * t : 0, t < 2 ? 0x7ffu : 0x3ffu};
+}
 
 // The selection of one row (or, Chunked, of one chunk of a row: the
 // chunk's k entries, positions in the whole row, unsorted into `cand`, padded
@@ -1087,7 +1104,7 @@ __device__ __forceinline__ void topk_select_row(const float* scores, const float
   extern __shared__ unsigned long long select_smem[];
   RankEntry* e = reinterpret_cast<RankEntry*>(select_smem);
   __shared__ typename BlockScan::TempStorage scan_tmp;
-  __shared__ unsigned hist[256];
+  __shared__ int hist[kSelectBins];
   // Digits found so far: the bits of the (mask, score) key under ma are pa, of
   // the tiebreak's key under mt are pt; need = entries still wanted among them.
   __shared__ unsigned long long s_pa, s_ma;
@@ -1109,17 +1126,17 @@ __device__ __forceinline__ void topk_select_row(const float* scores, const float
     s_stop = 0;
     s_count = 0;
   }
-  // 33 bits of (mask, score) as 8 + 8 + 8 + 8 + 1, then 32 of the tiebreak.
-  const int steps = tr ? 9 : 5;
+  const int steps = tr ? 6 : 3;
   for (int step = 0; step < steps; ++step) {
     __syncthreads();
     if (s_stop) break;
-    const bool on_t = step >= 5;
-    const int shift = on_t ? 24 - 8 * (step - 5) : (step < 4 ? 25 - 8 * step : 0);
-    const unsigned digit_mask = (on_t || step < 4) ? 0xffu : 1u;
+    const SelectDigit dg = select_digit(step);
+    const bool on_t = dg.on_tiebreak;
     const unsigned long long pa = s_pa, ma = s_ma;
     const unsigned pt = s_pt, mt = s_mt;
-    for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
+    const int need = s_need;
+    hist[2 * tid] = 0;
+    hist[2 * tid + 1] = 0;
     __syncthreads();
     for (int64_t base = 0; base < cols; base += static_cast<int64_t>(kSelectThreads) * kSelectUnroll) {
       float sv[kSelectUnroll], tv[kSelectUnroll];
@@ -1144,58 +1161,47 @@ __device__ __forceinline__ void topk_select_row(const float* scores, const float
           const unsigned long long a = rank_key(sv[u], kept[u]);
           if ((a & ma) == pa) {
             if (!on_t) {
-              dig = static_cast<unsigned>(a >> shift) & digit_mask;
+              dig = static_cast<unsigned>(a >> dg.shift) & dg.mask;
             } else {
               const unsigned t = KeyOf<float>::desc(tv[u]);
-              if ((t & mt) == pt) dig = (t >> shift) & 0xffu;
+              if ((t & mt) == pt) dig = (t >> dg.shift) & dg.mask;
             }
           }
         }
-        // One shared-memory atomic per distinct digit of the warp; none where
-        // no entry of the warp shares the digits found so far (after the
-        // first step, nearly every warp).
-        if (__ballot_sync(0xffffffffu, dig != 0xffffffffu) != 0u) {
-          const unsigned peers = __match_any_sync(0xffffffffu, dig);
-          if (dig != 0xffffffffu && lane == __ffs(peers) - 1)
-            atomicAdd(&hist[dig], static_cast<unsigned>(__popc(peers)));
+        // The lanes sharing the first counted lane's digit (all of them where
+        // the row's scores tie) count with one shared-memory atomic; the
+        // others with one each.
+        const unsigned counted = __ballot_sync(0xffffffffu, dig != 0xffffffffu);
+        if (counted != 0u) {
+          const int leader = __ffs(counted) - 1;
+          const unsigned lead_dig = __shfl_sync(0xffffffffu, dig, leader);
+          const unsigned same = __ballot_sync(0xffffffffu, dig == lead_dig);
+          if (lane == leader)
+            atomicAdd(&hist[lead_dig], __popc(same));
+          else if (dig != 0xffffffffu && dig != lead_dig)
+            atomicAdd(&hist[dig], 1);
         }
       }
     }
     __syncthreads();
-    if (tid < 32) {
-      unsigned local[8], sum = 0;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        local[j] = hist[lane * 8 + j];
-        sum += local[j];
-      }
-      unsigned inc = sum;
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const unsigned v = __shfl_up_sync(0xffffffffu, inc, off);
-        if (lane >= off) inc += v;
-      }
-      const unsigned before = inc - sum, need = static_cast<unsigned>(s_need);
-      if (before < need && need <= inc) {  // exactly one lane
-        unsigned c = before;
-        int d = lane * 8;
-        for (int j = 0; j < 8; ++j) {
-          if (c + local[j] >= need) {
-            d = lane * 8 + j;
-            break;
-          }
-          c += local[j];
-        }
-        const unsigned still = need - c;
+    // The bucket of the need-th entry: a scan of the bins two a thread.
+    {
+      const int h0 = hist[2 * tid], h1 = hist[2 * tid + 1];
+      int before = 0;
+      BlockScan(scan_tmp).ExclusiveSum(h0 + h1, before);
+      if (before < need && need <= before + h0 + h1) {  // exactly one thread
+        const bool low = need <= before + h0;
+        const unsigned d = 2u * static_cast<unsigned>(tid) + (low ? 0u : 1u);
+        const int still = need - (low ? before : before + h0);
         if (!on_t) {
-          s_pa = pa | (static_cast<unsigned long long>(d) << shift);
-          s_ma = ma | (static_cast<unsigned long long>(digit_mask) << shift);
+          s_pa = pa | (static_cast<unsigned long long>(d) << dg.shift);
+          s_ma = ma | (static_cast<unsigned long long>(dg.mask) << dg.shift);
         } else {
-          s_pt = pt | (static_cast<unsigned>(d) << shift);
-          s_mt = mt | (0xffu << shift);
+          s_pt = pt | (d << dg.shift);
+          s_mt = mt | (dg.mask << dg.shift);
         }
-        s_need = static_cast<int>(still);
-        if (hist[d] == still) s_stop = 1;
+        s_need = still;
+        if ((low ? h0 : h1) == still) s_stop = 1;
       }
     }
   }

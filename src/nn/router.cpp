@@ -13,6 +13,7 @@
 #include "colt5/coor_descent.h"
 #include "kernels/coor_descent.h"
 #include "ops/row_dtype.h"
+#include "nn/norm_route_grad.h"
 #include "nn/route_views.h"
 #include "ops/as_type.h"
 
@@ -180,12 +181,18 @@ class RoutingDotFunction : public torch::autograd::Function<RoutingDotFunction> 
                                norms.data_ptr<float>(), at::cuda::getCurrentCUDAStream().stream());
     ctx->save_for_backward({x, t32, norms});
     ctx->saved_data["tokens_dtype"] = static_cast<int64_t>(tokens.scalar_type());
+    // x as a fused norm passed it on: x's gradient is left to the norm's kernel.
+    if (NormRouteGradPtr h = norm_route_grad_of(x)) ctx->saved_data["norm_route"] = c10::IValue::make_capsule(h);
     return {dots, norms, x};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     RowGradSinkPtr sink = sink_of(ctx);
+    if (ctx->saved_data.count("norm_route")) {
+      auto h = c10::static_intrusive_pointer_cast<NormRouteGrad>(ctx->saved_data["norm_route"].toCapsule());
+      if (auto out = hand_to_norm(ctx, grads, *sink, *h)) return *out;
+    }
     auto [gx, gt, passed_added] = scores_backward(ctx, grads, sink->parts);
     const torch::Tensor x = ctx->get_saved_variables()[0];
     const bool passed = grads[2].defined() && !passed_added;
@@ -196,6 +203,75 @@ class RoutingDotFunction : public torch::autograd::Function<RoutingDotFunction> 
     }
     sink->parts.clear();
     return {gx, gt, torch::Tensor()};
+  }
+
+  // Where x came from a fused norm (NormRouteGrad): the scores' terms of x's
+  // gradient, the alias's gradient and the gathered rows' (up to two parts of
+  // distinct positions) left for the norm's kernel to add as it writes x's
+  // gradient; x gets none here. The tokens' gradient from one read of x
+  // (the scores' backward kernel writing no gradient of x). nullopt where the
+  // hand-over does not apply (the kernel path below runs).
+  static c10::optional<torch::autograd::variable_list> hand_to_norm(torch::autograd::AutogradContext* ctx,
+                                                                    const torch::autograd::variable_list& grads,
+                                                                    RowGradSink& sink, NormRouteGrad& h) {
+    // One set of terms per norm: a second router on the same x (separate
+    // routers) returns its part of x's gradient as usual.
+    if (!ctx->needs_input_grad(0) || (h.pending && h.task == current_backward_pass())) return c10::nullopt;
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor x = saved[0], t32 = saved[1], norms = saved[2];
+    const kernels::RowDtype dtype = row_dtype(x.scalar_type());
+    const int64_t n = x.size(0), d = x.size(1), r = t32.size(0);
+    if (!kernels::row_dot_norm_backward_supports(x.data_ptr(), dtype, d, r) || sink.parts.size() > 2 ||
+        n > std::numeric_limits<int32_t>::max())
+      return c10::nullopt;
+    for (const auto& part : sink.parts)
+      if (!part.distinct || part.grads.dim() != 2 || part.grads.size(1) != d ||
+          part.flat.scalar_type() != torch::kLong)
+        return c10::nullopt;
+    c10::cuda::CUDAGuard guard(x.device());
+    const cudaStream_t st = at::cuda::getCurrentCUDAStream().stream();
+    const torch::Tensor &g_dots = grads[0], &g_norms = grads[1];
+    torch::Tensor gd = g_dots.defined() ? as_type(g_dots, torch::kFloat).contiguous() : torch::Tensor();
+    torch::Tensor gn = g_norms.defined() ? as_type(g_norms, torch::kFloat).contiguous() : torch::Tensor();
+    torch::Tensor gt;
+    if (ctx->needs_input_grad(1) && gd.defined()) {
+      kernels::RowDotBackwardParams p;
+      p.x = x.data_ptr();
+      p.dtype = dtype;
+      p.tokens = t32.data_ptr<float>();
+      p.norms = norms.data_ptr<float>();
+      p.rows = n;
+      p.d = d;
+      p.r = r;
+      p.grad_dots = gd.data_ptr<float>();
+      torch::Tensor partial = torch::empty({kernels::row_dot_norm_backward_partials(n), r, d}, t32.options());
+      p.grad_tokens_partial = partial.data_ptr<float>();
+      kernels::row_dot_norm_backward_cuda(p, st);
+      const auto tokens_dtype = static_cast<torch::ScalarType>(ctx->saved_data["tokens_dtype"].toInt());
+      gt = as_type(partial.sum(0), tokens_dtype);
+    }
+    h.clear();
+    h.task = current_backward_pass();
+    h.r = gd.defined() ? r : 0;
+    h.tokens = t32;
+    h.grad_dots = gd;
+    if (gn.defined()) {
+      h.grad_norms = gn.view({n});
+      h.norms = norms.view({n});
+    }
+    if (grads[2].defined()) h.passed = as_type(grads[2], x.scalar_type()).contiguous();
+    int used = 0;
+    for (const auto& part : sink.parts) {
+      torch::Tensor flat = part.flat.contiguous();
+      torch::Tensor slot = torch::empty({n}, x.options().dtype(torch::kInt));
+      kernels::row_slot_map_cuda(flat.data_ptr<int64_t>(), flat.numel(), slot.data_ptr<int32_t>(), n, st);
+      h.slot[used] = slot;
+      h.slot_rows[used] = as_type(part.grads, x.scalar_type()).contiguous();
+      ++used;
+    }
+    sink.parts.clear();
+    h.pending = true;
+    return torch::autograd::variable_list{torch::Tensor(), gt, torch::Tensor()};
   }
 
   // (x's gradient, the tokens' gradient, whether x's gradient includes that of
