@@ -29,6 +29,7 @@
 #include <type_traits>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <mutex>
 #include <vector>
@@ -1036,7 +1037,7 @@ __global__ void __launch_bounds__(kBitonicThreads)
 
 using RowTopkKernel = void (*)(const float*, const float*, const uint8_t*, int64_t, int64_t, int, int64_t*);
 
-// One block per row of `Kernel` (topk_bitonic_kernel, topk_select_kernel),
+// One block per row of `Kernel` (topk_bitonic_kernel, topk_select_kernel<>),
 // with n2 entries of shared memory (at most kBitonicMaxCols).
 template <RowTopkKernel Kernel>
 void launch_row_topk(int threads, int n2, const float* scores, const float* tiebreak, const uint8_t* mask, int64_t rows,
@@ -1080,23 +1081,40 @@ static_assert(kSelectBins == 2 * kSelectThreads, "the bucket scan gives each thr
 
 // Digit `step` of the selection: 33 bits of (mask, score) as 11 + 11 + 11,
 // then 32 of the tiebreak as 11 + 11 + 10 (six passes at most, where 8-bit
-// digits took nine: rows whose scores tie, as saturated routing scores do, run
-// every pass).
+// digits take nine: rows whose scores tie, as saturated routing scores do, run
+// every pass). Narrow: 8-bit digits (8 + 8 + 8 + 8 + 1, then 8 + 8 + 8 + 8),
+// kept for comparison (COLT5_TOPK_DIGIT_BITS=8).
 struct SelectDigit {
   bool on_tiebreak;
   int shift;
   unsigned mask;
 };
+template <bool Narrow>
 __device__ __forceinline__ SelectDigit select_digit(int step) {
-  if (step < 3) return {false, 22 - 11 * step, 0x7ffu};
-  const int t = step - 3;
-  return {true, t < 2 ? 21 - 11 * t : 0, t < 2 ? 0x7ffu : 0x3ffu};
+  if constexpr (Narrow) {
+    if (step < 5) return {false, step < 4 ? 25 - 8 * step : 0, step < 4 ? 0xffu : 1u};
+    return {true, 24 - 8 * (step - 5), 0xffu};
+  } else {
+    if (step < 3) return {false, 22 - 11 * step, 0x7ffu};
+    const int t = step - 3;
+    return {true, t < 2 ? 21 - 11 * t : 0, t < 2 ? 0x7ffu : 0x3ffu};
+  }
+}
+
+// Whether the selection takes 8-bit digits (COLT5_TOPK_DIGIT_BITS=8; read
+// once per process).
+bool select_narrow_digits() {
+  static const bool on = [] {
+    const char* v = std::getenv("COLT5_TOPK_DIGIT_BITS");
+    return v && std::string(v) == "8";
+  }();
+  return on;
 }
 
 // The selection of one row (or, Chunked, of one chunk of a row: the
 // chunk's k entries, positions in the whole row, unsorted into `cand`, padded
 // with entries after every real one where the chunk is shorter than k).
-template <bool Chunked>
+template <bool Chunked, bool Narrow>
 __device__ __forceinline__ void topk_select_row(const float* scores, const float* tiebreak, const uint8_t* mask,
                                                 int64_t row_cols, int64_t k_in, int n2, int64_t* indices,
                                                 int64_t chunks, int64_t chunk_len, RankEntry* cand) {
@@ -1126,11 +1144,11 @@ __device__ __forceinline__ void topk_select_row(const float* scores, const float
     s_stop = 0;
     s_count = 0;
   }
-  const int steps = tr ? 6 : 3;
+  const int steps = Narrow ? (tr ? 9 : 5) : (tr ? 6 : 3);
   for (int step = 0; step < steps; ++step) {
     __syncthreads();
     if (s_stop) break;
-    const SelectDigit dg = select_digit(step);
+    const SelectDigit dg = select_digit<Narrow>(step);
     const bool on_t = dg.on_tiebreak;
     const unsigned long long pa = s_pa, ma = s_ma;
     const unsigned pt = s_pt, mt = s_mt;
@@ -1259,10 +1277,11 @@ __device__ __forceinline__ void topk_select_row(const float* scores, const float
   sort_write_first(e, n2, k, indices + row * k_in);
 }
 
+template <bool Narrow>
 __global__ void __launch_bounds__(kSelectThreads)
     topk_select_kernel(const float* scores, const float* tiebreak, const uint8_t* mask, int64_t cols, int64_t k, int n2,
                        int64_t* indices) {
-  topk_select_row<false>(scores, tiebreak, mask, cols, k, n2, indices, 1, cols, nullptr);
+  topk_select_row<false, Narrow>(scores, tiebreak, mask, cols, k, n2, indices, 1, cols, nullptr);
 }
 
 // Top-k of a few long rows: the selection of each chunk of a row (a block per
@@ -1271,10 +1290,11 @@ __global__ void __launch_bounds__(kSelectThreads)
 // chunks' k first (the order is total), so the result is the selection's.
 constexpr int64_t kChunkedMaxCandidates = 4096;  // 64 KiB of entries per row
 
+template <bool Narrow>
 __global__ void __launch_bounds__(kSelectThreads)
     topk_chunk_select_kernel(const float* scores, const float* tiebreak, const uint8_t* mask, int64_t cols, int64_t k,
                              int64_t chunks, int64_t chunk_len, RankEntry* cand) {
-  topk_select_row<true>(scores, tiebreak, mask, cols, k, 0, nullptr, chunks, chunk_len, cand);
+  topk_select_row<true, Narrow>(scores, tiebreak, mask, cols, k, 0, nullptr, chunks, chunk_len, cand);
 }
 
 __global__ void __launch_bounds__(kBitonicThreads)
@@ -1290,8 +1310,12 @@ __global__ void __launch_bounds__(kBitonicThreads)
 
 void topk_select(const float* scores, const float* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols, int64_t k,
                  int64_t* indices, cudaStream_t st) {
-  launch_row_topk<topk_select_kernel>(kSelectThreads, pow2_at_least(k), scores, tiebreak, mask, rows, cols, k, indices,
-                                      st);
+  if (select_narrow_digits())
+    launch_row_topk<topk_select_kernel<true>>(kSelectThreads, pow2_at_least(k), scores, tiebreak, mask, rows, cols, k,
+                                              indices, st);
+  else
+    launch_row_topk<topk_select_kernel<false>>(kSelectThreads, pow2_at_least(k), scores, tiebreak, mask, rows, cols, k,
+                                               indices, st);
 }
 
 // Chunks per row for the chunked selection: a power of two from 4 with every
@@ -1310,8 +1334,12 @@ void topk_chunked(const float* scores, const float* tiebreak, const uint8_t* mas
   const int64_t chunk_len = (cols + chunks - 1) / chunks, per_row = chunks * k;
   RankEntry* c = nullptr;
   CD_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&c), static_cast<size_t>(rows * per_row) * sizeof(RankEntry), st));
-  topk_chunk_select_kernel<<<static_cast<unsigned>(rows * chunks), kSelectThreads, 0, st>>>(
-      scores, tiebreak, mask, cols, k, chunks, chunk_len, c);
+  if (select_narrow_digits())
+    topk_chunk_select_kernel<true><<<static_cast<unsigned>(rows * chunks), kSelectThreads, 0, st>>>(
+        scores, tiebreak, mask, cols, k, chunks, chunk_len, c);
+  else
+    topk_chunk_select_kernel<false><<<static_cast<unsigned>(rows * chunks), kSelectThreads, 0, st>>>(
+        scores, tiebreak, mask, cols, k, chunks, chunk_len, c);
   cudaError_t err = cudaGetLastError();
   const int n2 = pow2_at_least(per_row);
   const size_t smem = static_cast<size_t>(n2) * sizeof(RankEntry);

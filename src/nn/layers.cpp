@@ -4,6 +4,7 @@
 #include <torch/autograd.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -460,7 +461,15 @@ torch::Tensor layer_norm(const torch::Tensor& x, const torch::Tensor& weight, co
 }
 
 #ifdef COLT5_WITH_CUDA
-NormRouteGradPtr norm_route_grad_of(const at::Tensor& x) { return route_grad_of_node(x); }
+NormRouteGradPtr norm_route_grad_of(const at::Tensor& x) {
+  // COLT5_NORM_ROUTE_HANDOVER=0: never (the scores' node writes x's gradient
+  // itself, as before; read once per process).
+  static const bool on = [] {
+    const char* v = std::getenv("COLT5_NORM_ROUTE_HANDOVER");
+    return !(v && v[0] == '0');
+  }();
+  return on ? route_grad_of_node(x) : NormRouteGradPtr();
+}
 
 int64_t current_backward_pass() { return torch::autograd::get_current_graph_task_id(); }
 #endif
