@@ -413,6 +413,8 @@ struct RmsNormParams {
   const int32_t* route_slot[2] = {nullptr, nullptr};
   const void* route_slot_rows[2] = {nullptr, nullptr};
 };
+// The widest rows whose backward takes the routing scores' terms (route_*).
+constexpr int64_t kRmsNormMaxRouteWidth = 1024;
 RowDtype rms_norm_promoted(RowDtype x, RowDtype gamma);
 bool rms_norm_supports(int64_t d, RowDtype x, RowDtype gamma, RowDtype y);
 int64_t rms_norm_partials(int64_t rows);

@@ -194,13 +194,15 @@ struct RouteGrad {
 };
 
 template <typename TX, typename TG, typename TY, int J, int V, bool LN>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kWarps * 32, J * V <= 16 ? 2 : 1)
     norm_backward_kernel(const TX* __restrict__ x, const TG* __restrict__ gamma, const TY* __restrict__ dy,
                          const float* __restrict__ stats, const float* __restrict__ means,
                          const TX* __restrict__ dx_add, TX* __restrict__ dx, float* __restrict__ dgamma_partial,
                          float* __restrict__ dbeta_partial, int64_t rows, int d, float scale, float eps,
                          RouteGrad<TX> rg) {
-  const bool route = rg.any();
+  // The routing scores' terms for rows up to kRmsNormMaxRouteWidth wide (the
+  // wider kernels are left as they were: their registers are full).
+  const bool route = J * V <= kRmsNormMaxRouteWidth / 32 && rg.any();
   const int lane = threadIdx.x & 31;
   float g[J][V], acc[J][V], acc_b[J][V];
 #pragma unroll
@@ -436,9 +438,11 @@ void run(const RmsNormParams& p, bool backward, void* stream) {
   if (p.rows == 0) return;
   if (!rms_norm_supports(p.d, p.x_dtype, p.gamma_dtype, p.y_dtype))
     throw std::invalid_argument("RMSNorm CUDA kernel: unsupported width or dtypes");
-  if (p.route_r < 0 || p.route_r > 4 || (p.route_r > 0 && p.route_grad_dots && !p.route_tokens) ||
-      (p.route_grad_norms && !p.route_norms))
-    throw std::invalid_argument("RMSNorm CUDA kernel: routing scores' gradient needs at most 4 tokens and their rows");
+  const bool route = (p.route_r > 0 && p.route_grad_dots) || p.route_grad_norms || p.route_slot[0] || p.route_slot[1];
+  if (route && (p.d > kRmsNormMaxRouteWidth || p.route_r < 0 || p.route_r > 4 ||
+                (p.route_r > 0 && p.route_grad_dots && !p.route_tokens) || (p.route_grad_norms && !p.route_norms)))
+    throw std::invalid_argument(
+        "RMSNorm CUDA kernel: the routing scores' gradient takes rows up to 1024 wide and at most 4 tokens");
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (p.x_dtype) {
     case RowDtype::f32:

@@ -222,7 +222,7 @@ class RoutingDotFunction : public torch::autograd::Function<RoutingDotFunction> 
     const kernels::RowDtype dtype = row_dtype(x.scalar_type());
     const int64_t n = x.size(0), d = x.size(1), r = t32.size(0);
     if (!kernels::row_dot_norm_backward_supports(x.data_ptr(), dtype, d, r) || sink.parts.size() > 2 ||
-        n > std::numeric_limits<int32_t>::max())
+        n > std::numeric_limits<int32_t>::max() || d > kernels::kRmsNormMaxRouteWidth)
       return c10::nullopt;
     for (const auto& part : sink.parts)
       if (!part.distinct || part.grads.dim() != 2 || part.grads.size(1) != d ||
