@@ -262,7 +262,7 @@ __global__ void __launch_bounds__(kWarps * 32, J * V <= 16 ? 2 : 1)
     if (route) {
 #pragma unroll
       for (int q = 0; q < 4; ++q)
-        if (q < rg.r && rg.grad_dots) gd[q] = rg.grad_dots[row * rg.r + q];
+        if (q < rg.r) gd[q] = rg.grad_dots[row * rg.r + q];
       if (rg.grad_norms) {
         const float nr = rg.norms[row];
         coef = nr > 0.f ? rg.grad_norms[row] / nr : 0.f;

@@ -391,9 +391,14 @@ class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
 
 #ifdef COLT5_WITH_CUDA
 // The hand-over of the fused norm whose x_passed output x is (or a view of
-// it with the same elements).
+// it with the same elements). COLT5_NORM_ROUTE_HANDOVER=0: never (the scores'
+// node writes x's gradient itself; read once per process).
 NormRouteGradPtr route_grad_of_node(const torch::Tensor& x) {
-  if (!x.defined() || !x.is_cuda() || !x.is_contiguous() || !x.requires_grad()) return {};
+  static const bool on = [] {
+    const char* v = std::getenv("COLT5_NORM_ROUTE_HANDOVER");
+    return !(v && v[0] == '0');
+  }();
+  if (!on || !x.defined() || !x.is_cuda() || !x.is_contiguous() || !x.requires_grad()) return {};
   std::shared_ptr<torch::autograd::Node> fn = x.grad_fn();
   uint32_t nr = x.output_nr();
   for (int hop = 0; fn && hop < 3; ++hop) {
@@ -461,15 +466,7 @@ torch::Tensor layer_norm(const torch::Tensor& x, const torch::Tensor& weight, co
 }
 
 #ifdef COLT5_WITH_CUDA
-NormRouteGradPtr norm_route_grad_of(const at::Tensor& x) {
-  // COLT5_NORM_ROUTE_HANDOVER=0: never (the scores' node writes x's gradient
-  // itself, as before; read once per process).
-  static const bool on = [] {
-    const char* v = std::getenv("COLT5_NORM_ROUTE_HANDOVER");
-    return !(v && v[0] == '0');
-  }();
-  return on ? route_grad_of_node(x) : NormRouteGradPtr();
-}
+NormRouteGradPtr norm_route_grad_of(const at::Tensor& x) { return route_grad_of_node(x); }
 
 int64_t current_backward_pass() { return torch::autograd::get_current_graph_task_id(); }
 #endif

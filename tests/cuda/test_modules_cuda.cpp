@@ -668,7 +668,7 @@ TEST(CudaModules, PassedOnInputsAddTheirGradientInTheBackwardKernels) {
         const std::string k(kind);
         if (k.find("router") != std::string::npos && d % 8 != 0) continue;  // the routing kernel takes 16-byte rows
         for (int use = 0; use < 3; ++use) {                         // passed x: weighted, summed, unused
-          SCOPED_TRACE(std::string(kind) + " d " + std::to_string(d) + " " + c10::toString(dtype) + " use " +
+          SCOPED_TRACE(k + " d " + std::to_string(d) + " " + c10::toString(dtype) + " use " +
                        std::to_string(use));
           auto loss = [&](const torch::Tensor& y, const torch::Tensor& passed, const torch::Tensor& g_y) {
             torch::Tensor l = (y.to(g_y.scalar_type()) * g_y).sum();
@@ -680,6 +680,16 @@ TEST(CudaModules, PassedOnInputsAddTheirGradientInTheBackwardKernels) {
           torch::Tensor y64, yd, passed;
           router->zero_grad();
           router_ref->zero_grad();
+          // The routers' outputs (CPU a, CUDA b) in index order: the scores
+          // against a weight per position, plus the routed rows.
+          auto routed_parts = [&](const auto& a, const auto& b) {
+            torch::Tensor wpos = torch::randn({2, 300}, torch::kDouble);
+            torch::Tensor r64 = (a.scores * wpos.gather(-1, a.indices)).unsqueeze(-1) + a.routed_tokens;
+            torch::Tensor rd =
+                (b.scores.to(torch::kFloat) * wpos.to(cuda(), torch::kFloat).gather(-1, b.indices)).unsqueeze(-1) +
+                b.routed_tokens.to(torch::kFloat);
+            return std::make_pair(in_index_order(r64, a.indices), in_index_order(rd, b.indices));
+          };
           if (k == "rms+router" || k == "layer+router") {
             torch::Tensor n64, nd, norm_passed;
             if (k == "rms+router") {
@@ -694,13 +704,9 @@ TEST(CudaModules, PassedOnInputsAddTheirGradientInTheBackwardKernels) {
             auto b = router->forward(norm_passed, 64);
             ASSERT_TRUE(b.x_passed.defined());
             ASSERT_TRUE(torch::equal(routed_set(a.indices), routed_set(b.indices)));
-            torch::Tensor wpos = torch::randn({2, 300}, torch::kDouble);
-            torch::Tensor r64 = (a.scores * wpos.gather(-1, a.indices)).unsqueeze(-1) + a.routed_tokens;
-            torch::Tensor rd =
-                (b.scores.to(torch::kFloat) * wpos.to(cuda(), torch::kFloat).gather(-1, b.indices)).unsqueeze(-1) +
-                b.routed_tokens.to(torch::kFloat);
-            y64 = torch::cat({n64, in_index_order(r64, a.indices)}, 1);
-            yd = torch::cat({nd.to(torch::kFloat), in_index_order(rd, b.indices)}, 1);
+            auto [r64, rd] = routed_parts(a, b);
+            y64 = torch::cat({n64, r64}, 1);
+            yd = torch::cat({nd.to(torch::kFloat), rd}, 1);
             passed = b.x_passed;
           } else if (k == "rms") {
             y64 = rms_ref->forward(x64);
@@ -713,13 +719,7 @@ TEST(CudaModules, PassedOnInputsAddTheirGradientInTheBackwardKernels) {
             auto b = router->forward(xd, 64);
             ASSERT_TRUE(b.x_passed.defined());
             ASSERT_TRUE(torch::equal(routed_set(a.indices), routed_set(b.indices)));
-            // The scores in index order against a weight per position; the routed rows summed.
-            torch::Tensor wpos = torch::randn({2, 300}, torch::kDouble);
-            y64 = (a.scores * wpos.gather(-1, a.indices)).unsqueeze(-1) + a.routed_tokens;
-            yd = (b.scores.to(torch::kFloat) * wpos.to(cuda(), torch::kFloat).gather(-1, b.indices)).unsqueeze(-1) +
-                 b.routed_tokens.to(torch::kFloat);
-            y64 = in_index_order(y64, a.indices);
-            yd = in_index_order(yd, b.indices);
+            std::tie(y64, yd) = routed_parts(a, b);
             passed = b.x_passed;
           }
           ASSERT_TRUE(passed.defined());
