@@ -1108,6 +1108,7 @@ int main(int argc, char** argv) {
       bool masked, saturated = false;
     };
     const Shape shapes[] = {{"block router 2x8192", 2, 8192, 1024, false},
+                            {"block router 2x8192, saturated", 2, 8192, 1024, false, true},
                             {"block router 2x32768", 2, 32768, 1024, false},
                             {"block router 2x32768, saturated", 2, 32768, 1024, false, true},
                             {"block routers 4x32768 (joint), saturated", 4, 32768, 1024, false, true},

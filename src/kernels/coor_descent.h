@@ -398,7 +398,23 @@ struct RmsNormParams {
   int64_t rows = 0, d = 0;
   float scale = 1.f, eps = 1e-12f;
   RowDtype x_dtype = RowDtype::f32, gamma_dtype = RowDtype::f32, y_dtype = RowDtype::f32;
+  // Optional (backward): the gradient of routing scores taken from x as this
+  // norm passed it on (row_dot_norm_cuda), added as grad_x is written:
+  // sum over q < route_r of route_grad_dots[row, q] * route_tokens[q]
+  // (float32, [rows, route_r] and [route_r, d], route_r <= 4), plus
+  // route_grad_norms[row] / route_norms[row] * x[row] (0 where the norm is
+  // 0), plus up to two gathered rows' gradients: row route_slot[i][row] (-1:
+  // none) of route_slot_rows[i] (x's dtype, rows of d).
+  int route_r = 0;
+  const float* route_tokens = nullptr;
+  const float* route_grad_dots = nullptr;
+  const float* route_grad_norms = nullptr;
+  const float* route_norms = nullptr;
+  const int32_t* route_slot[2] = {nullptr, nullptr};
+  const void* route_slot_rows[2] = {nullptr, nullptr};
 };
+// The widest rows whose backward takes the routing scores' terms (route_*).
+constexpr int64_t kRmsNormMaxRouteWidth = 1024;
 RowDtype rms_norm_promoted(RowDtype x, RowDtype gamma);
 bool rms_norm_supports(int64_t d, RowDtype x, RowDtype gamma, RowDtype y);
 int64_t rms_norm_partials(int64_t rows);

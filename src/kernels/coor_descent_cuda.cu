@@ -29,6 +29,7 @@
 #include <type_traits>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <mutex>
 #include <vector>
@@ -1036,7 +1037,7 @@ __global__ void __launch_bounds__(kBitonicThreads)
 
 using RowTopkKernel = void (*)(const float*, const float*, const uint8_t*, int64_t, int64_t, int, int64_t*);
 
-// One block per row of `Kernel` (topk_bitonic_kernel, topk_select_kernel),
+// One block per row of `Kernel` (topk_bitonic_kernel, topk_select_kernel<>),
 // with n2 entries of shared memory (at most kBitonicMaxCols).
 template <RowTopkKernel Kernel>
 void launch_row_topk(int threads, int n2, const float* scores, const float* tiebreak, const uint8_t* mask, int64_t rows,
@@ -1066,20 +1067,54 @@ void topk_bitonic(const float* scores, const float* tiebreak, const uint8_t* mas
 }
 
 // Top-k by selection, for k well below the row length: a block per row finds
-// the key of the k-th entry eight bits at a time (a histogram of the next digit
-// of the (mask, score) key, then of the tiebreak's key, over the entries that
-// share the digits found so far), stopping as soon as the entries sharing them
-// are exactly as many as are still needed. It then collects the k entries
+// the key of the k-th entry eleven bits at a time (a histogram of the next
+// digit of the (mask, score) key, then of the tiebreak's key, over the entries
+// that share the digits found so far), stopping as soon as the entries sharing
+// them are exactly as many as are still needed. It then collects the k entries
 // (exact ties of the whole key by position) and sorts them in shared memory.
 // The same order as the sorts.
 constexpr int kSelectThreads = 1024;
 constexpr int64_t kSelectMaxK = kBitonicMaxCols;  // its k entries sort in shared memory
 constexpr int kSelectUnroll = 8;
+constexpr int kSelectBins = 2048;  // 11-bit digits, two bins a thread
+static_assert(kSelectBins == 2 * kSelectThreads, "the bucket scan gives each thread two bins");
+
+// Digit `step` of the selection: 33 bits of (mask, score) as 11 + 11 + 11,
+// then 32 of the tiebreak as 11 + 11 + 10 (six passes at most, where 8-bit
+// digits take nine: rows whose scores tie, as saturated routing scores do, run
+// every pass). Narrow: 8-bit digits (8 + 8 + 8 + 8 + 1, then 8 + 8 + 8 + 8),
+// kept for comparison (COLT5_TOPK_DIGIT_BITS=8).
+struct SelectDigit {
+  bool on_tiebreak;
+  int shift;
+  unsigned mask;
+};
+template <bool Narrow>
+__device__ __forceinline__ SelectDigit select_digit(int step) {
+  if constexpr (Narrow) {
+    if (step < 5) return {false, step < 4 ? 25 - 8 * step : 0, step < 4 ? 0xffu : 1u};
+    return {true, 24 - 8 * (step - 5), 0xffu};
+  } else {
+    if (step < 3) return {false, 22 - 11 * step, 0x7ffu};
+    const int t = step - 3;
+    return {true, t < 2 ? 21 - 11 * t : 0, t < 2 ? 0x7ffu : 0x3ffu};
+  }
+}
+
+// Whether the selection takes 8-bit digits (COLT5_TOPK_DIGIT_BITS=8; read
+// once per process).
+bool select_narrow_digits() {
+  static const bool on = [] {
+    const char* v = std::getenv("COLT5_TOPK_DIGIT_BITS");
+    return v && std::string(v) == "8";
+  }();
+  return on;
+}
 
 // The selection of one row (or, Chunked, of one chunk of a row: the
 // chunk's k entries, positions in the whole row, unsorted into `cand`, padded
 // with entries after every real one where the chunk is shorter than k).
-template <bool Chunked>
+template <bool Chunked, bool Narrow>
 __device__ __forceinline__ void topk_select_row(const float* scores, const float* tiebreak, const uint8_t* mask,
                                                 int64_t row_cols, int64_t k_in, int n2, int64_t* indices,
                                                 int64_t chunks, int64_t chunk_len, RankEntry* cand) {
@@ -1087,7 +1122,7 @@ __device__ __forceinline__ void topk_select_row(const float* scores, const float
   extern __shared__ unsigned long long select_smem[];
   RankEntry* e = reinterpret_cast<RankEntry*>(select_smem);
   __shared__ typename BlockScan::TempStorage scan_tmp;
-  __shared__ unsigned hist[256];
+  __shared__ int hist[kSelectBins];
   // Digits found so far: the bits of the (mask, score) key under ma are pa, of
   // the tiebreak's key under mt are pt; need = entries still wanted among them.
   __shared__ unsigned long long s_pa, s_ma;
@@ -1109,17 +1144,17 @@ __device__ __forceinline__ void topk_select_row(const float* scores, const float
     s_stop = 0;
     s_count = 0;
   }
-  // 33 bits of (mask, score) as 8 + 8 + 8 + 8 + 1, then 32 of the tiebreak.
-  const int steps = tr ? 9 : 5;
+  const int steps = Narrow ? (tr ? 9 : 5) : (tr ? 6 : 3);
   for (int step = 0; step < steps; ++step) {
     __syncthreads();
     if (s_stop) break;
-    const bool on_t = step >= 5;
-    const int shift = on_t ? 24 - 8 * (step - 5) : (step < 4 ? 25 - 8 * step : 0);
-    const unsigned digit_mask = (on_t || step < 4) ? 0xffu : 1u;
+    const SelectDigit dg = select_digit<Narrow>(step);
+    const bool on_t = dg.on_tiebreak;
     const unsigned long long pa = s_pa, ma = s_ma;
     const unsigned pt = s_pt, mt = s_mt;
-    for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
+    const int need = s_need;
+    hist[2 * tid] = 0;
+    hist[2 * tid + 1] = 0;
     __syncthreads();
     for (int64_t base = 0; base < cols; base += static_cast<int64_t>(kSelectThreads) * kSelectUnroll) {
       float sv[kSelectUnroll], tv[kSelectUnroll];
@@ -1144,58 +1179,47 @@ __device__ __forceinline__ void topk_select_row(const float* scores, const float
           const unsigned long long a = rank_key(sv[u], kept[u]);
           if ((a & ma) == pa) {
             if (!on_t) {
-              dig = static_cast<unsigned>(a >> shift) & digit_mask;
+              dig = static_cast<unsigned>(a >> dg.shift) & dg.mask;
             } else {
               const unsigned t = KeyOf<float>::desc(tv[u]);
-              if ((t & mt) == pt) dig = (t >> shift) & 0xffu;
+              if ((t & mt) == pt) dig = (t >> dg.shift) & dg.mask;
             }
           }
         }
-        // One shared-memory atomic per distinct digit of the warp; none where
-        // no entry of the warp shares the digits found so far (after the
-        // first step, nearly every warp).
-        if (__ballot_sync(0xffffffffu, dig != 0xffffffffu) != 0u) {
-          const unsigned peers = __match_any_sync(0xffffffffu, dig);
-          if (dig != 0xffffffffu && lane == __ffs(peers) - 1)
-            atomicAdd(&hist[dig], static_cast<unsigned>(__popc(peers)));
+        // The lanes sharing the first counted lane's digit (all of them where
+        // the row's scores tie) count with one shared-memory atomic; the
+        // others with one each.
+        const unsigned counted = __ballot_sync(0xffffffffu, dig != 0xffffffffu);
+        if (counted != 0u) {
+          const int leader = __ffs(counted) - 1;
+          const unsigned lead_dig = __shfl_sync(0xffffffffu, dig, leader);
+          const unsigned same = __ballot_sync(0xffffffffu, dig == lead_dig);
+          if (lane == leader)
+            atomicAdd(&hist[lead_dig], __popc(same));
+          else if (dig != 0xffffffffu && dig != lead_dig)
+            atomicAdd(&hist[dig], 1);
         }
       }
     }
     __syncthreads();
-    if (tid < 32) {
-      unsigned local[8], sum = 0;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        local[j] = hist[lane * 8 + j];
-        sum += local[j];
-      }
-      unsigned inc = sum;
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const unsigned v = __shfl_up_sync(0xffffffffu, inc, off);
-        if (lane >= off) inc += v;
-      }
-      const unsigned before = inc - sum, need = static_cast<unsigned>(s_need);
-      if (before < need && need <= inc) {  // exactly one lane
-        unsigned c = before;
-        int d = lane * 8;
-        for (int j = 0; j < 8; ++j) {
-          if (c + local[j] >= need) {
-            d = lane * 8 + j;
-            break;
-          }
-          c += local[j];
-        }
-        const unsigned still = need - c;
+    // The bucket of the need-th entry: a scan of the bins two a thread.
+    {
+      const int h0 = hist[2 * tid], h1 = hist[2 * tid + 1];
+      int before = 0;
+      BlockScan(scan_tmp).ExclusiveSum(h0 + h1, before);
+      if (before < need && need <= before + h0 + h1) {  // exactly one thread
+        const bool low = need <= before + h0;
+        const unsigned d = 2u * static_cast<unsigned>(tid) + (low ? 0u : 1u);
+        const int still = need - (low ? before : before + h0);
         if (!on_t) {
-          s_pa = pa | (static_cast<unsigned long long>(d) << shift);
-          s_ma = ma | (static_cast<unsigned long long>(digit_mask) << shift);
+          s_pa = pa | (static_cast<unsigned long long>(d) << dg.shift);
+          s_ma = ma | (static_cast<unsigned long long>(dg.mask) << dg.shift);
         } else {
-          s_pt = pt | (static_cast<unsigned>(d) << shift);
-          s_mt = mt | (0xffu << shift);
+          s_pt = pt | (d << dg.shift);
+          s_mt = mt | (dg.mask << dg.shift);
         }
-        s_need = static_cast<int>(still);
-        if (hist[d] == still) s_stop = 1;
+        s_need = still;
+        if ((low ? h0 : h1) == still) s_stop = 1;
       }
     }
   }
@@ -1253,10 +1277,11 @@ __device__ __forceinline__ void topk_select_row(const float* scores, const float
   sort_write_first(e, n2, k, indices + row * k_in);
 }
 
+template <bool Narrow>
 __global__ void __launch_bounds__(kSelectThreads)
     topk_select_kernel(const float* scores, const float* tiebreak, const uint8_t* mask, int64_t cols, int64_t k, int n2,
                        int64_t* indices) {
-  topk_select_row<false>(scores, tiebreak, mask, cols, k, n2, indices, 1, cols, nullptr);
+  topk_select_row<false, Narrow>(scores, tiebreak, mask, cols, k, n2, indices, 1, cols, nullptr);
 }
 
 // Top-k of a few long rows: the selection of each chunk of a row (a block per
@@ -1265,10 +1290,11 @@ __global__ void __launch_bounds__(kSelectThreads)
 // chunks' k first (the order is total), so the result is the selection's.
 constexpr int64_t kChunkedMaxCandidates = 4096;  // 64 KiB of entries per row
 
+template <bool Narrow>
 __global__ void __launch_bounds__(kSelectThreads)
     topk_chunk_select_kernel(const float* scores, const float* tiebreak, const uint8_t* mask, int64_t cols, int64_t k,
                              int64_t chunks, int64_t chunk_len, RankEntry* cand) {
-  topk_select_row<true>(scores, tiebreak, mask, cols, k, 0, nullptr, chunks, chunk_len, cand);
+  topk_select_row<true, Narrow>(scores, tiebreak, mask, cols, k, 0, nullptr, chunks, chunk_len, cand);
 }
 
 __global__ void __launch_bounds__(kBitonicThreads)
@@ -1284,8 +1310,12 @@ __global__ void __launch_bounds__(kBitonicThreads)
 
 void topk_select(const float* scores, const float* tiebreak, const uint8_t* mask, int64_t rows, int64_t cols, int64_t k,
                  int64_t* indices, cudaStream_t st) {
-  launch_row_topk<topk_select_kernel>(kSelectThreads, pow2_at_least(k), scores, tiebreak, mask, rows, cols, k, indices,
-                                      st);
+  if (select_narrow_digits())
+    launch_row_topk<topk_select_kernel<true>>(kSelectThreads, pow2_at_least(k), scores, tiebreak, mask, rows, cols, k,
+                                              indices, st);
+  else
+    launch_row_topk<topk_select_kernel<false>>(kSelectThreads, pow2_at_least(k), scores, tiebreak, mask, rows, cols, k,
+                                               indices, st);
 }
 
 // Chunks per row for the chunked selection: a power of two from 4 with every
@@ -1304,8 +1334,12 @@ void topk_chunked(const float* scores, const float* tiebreak, const uint8_t* mas
   const int64_t chunk_len = (cols + chunks - 1) / chunks, per_row = chunks * k;
   RankEntry* c = nullptr;
   CD_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&c), static_cast<size_t>(rows * per_row) * sizeof(RankEntry), st));
-  topk_chunk_select_kernel<<<static_cast<unsigned>(rows * chunks), kSelectThreads, 0, st>>>(
-      scores, tiebreak, mask, cols, k, chunks, chunk_len, c);
+  if (select_narrow_digits())
+    topk_chunk_select_kernel<true><<<static_cast<unsigned>(rows * chunks), kSelectThreads, 0, st>>>(
+        scores, tiebreak, mask, cols, k, chunks, chunk_len, c);
+  else
+    topk_chunk_select_kernel<false><<<static_cast<unsigned>(rows * chunks), kSelectThreads, 0, st>>>(
+        scores, tiebreak, mask, cols, k, chunks, chunk_len, c);
   cudaError_t err = cudaGetLastError();
   const int n2 = pow2_at_least(per_row);
   const size_t smem = static_cast<size_t>(n2) * sizeof(RankEntry);

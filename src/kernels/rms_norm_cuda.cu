@@ -15,7 +15,10 @@
 // dbeta = sum over rows of dy.
 // The backward adds an optional second gradient of x (dx_add) as it writes dx:
 // where x also flows past the norm (a residual), its gradient from there
-// joins the norm's in the same pass instead of in an addition of its own.
+// joins the norm's in the same pass instead of in an addition of its own; and
+// likewise the gradient of routing scores taken from x as the norm passed it
+// on (RmsNormParams::route_*: the tokens times the scores' gradients, and
+// gathered rows' gradients), which the routing scores' node leaves to it.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -177,12 +180,29 @@ __device__ __forceinline__ void block_sum(const float (&acc)[J][V], float* red, 
   for (int c = threadIdx.x; c < d; c += kWarps * 32) out[c] = red[c];
 }
 
+// The routing scores' share of x's gradient (RmsNormParams::route_*).
+template <typename TX>
+struct RouteGrad {
+  int r = 0;
+  const float* tokens = nullptr;
+  const float* grad_dots = nullptr;
+  const float* grad_norms = nullptr;
+  const float* norms = nullptr;
+  const int32_t* slot[2] = {nullptr, nullptr};
+  const TX* slot_rows[2] = {nullptr, nullptr};
+  __host__ __device__ bool any() const { return r > 0 || grad_norms || slot[0] || slot[1]; }
+};
+
 template <typename TX, typename TG, typename TY, int J, int V, bool LN>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kWarps * 32, J * V <= 16 ? 2 : 1)
     norm_backward_kernel(const TX* __restrict__ x, const TG* __restrict__ gamma, const TY* __restrict__ dy,
                          const float* __restrict__ stats, const float* __restrict__ means,
                          const TX* __restrict__ dx_add, TX* __restrict__ dx, float* __restrict__ dgamma_partial,
-                         float* __restrict__ dbeta_partial, int64_t rows, int d, float scale, float eps) {
+                         float* __restrict__ dbeta_partial, int64_t rows, int d, float scale, float eps,
+                         RouteGrad<TX> rg) {
+  // The routing scores' terms for rows up to kRmsNormMaxRouteWidth wide (the
+  // wider kernels are left as they were: their registers are full).
+  const bool route = J * V <= kRmsNormMaxRouteWidth / 32 && rg.any();
   const int lane = threadIdx.x & 31;
   float g[J][V], acc[J][V], acc_b[J][V];
 #pragma unroll
@@ -236,6 +256,20 @@ __global__ void __launch_bounds__(kWarps * 32)
     } else {
       dot = live ? warp_sum(dot) * inv_scale2 : 0.f;
     }
+    // The routing scores' terms of this row (RouteGrad).
+    float gd[4] = {0.f, 0.f, 0.f, 0.f}, coef = 0.f;
+    int32_t s0 = -1, s1 = -1;
+    if (route) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        if (q < rg.r) gd[q] = rg.grad_dots[row * rg.r + q];
+      if (rg.grad_norms) {
+        const float nr = rg.norms[row];
+        coef = nr > 0.f ? rg.grad_norms[row] / nr : 0.f;
+      }
+      if (rg.slot[0]) s0 = rg.slot[0][row];
+      if (rg.slot[1]) s1 = rg.slot[1][row];
+    }
     TX* dxr = dx + row * d;
 #pragma unroll
     for (int j = 0; j < J; ++j) {
@@ -243,8 +277,33 @@ __global__ void __launch_bounds__(kWarps * 32)
       if (c >= d) continue;
       float out[V], add[V] = {};
       if (dx_add) load_vec<TX, V>(dx_add + row * d + c, add);
+      if (route) {
+        float t[V];
 #pragma unroll
-      for (int e = 0; e < V; ++e) out[e] = f * (dxh[j][e] - mean_dxh - xh[j][e] * dot) + (dx_add ? add[e] : 0.f);
+        for (int q = 0; q < 4; ++q) {
+          if (q >= rg.r) break;
+          load_vec<float, V>(rg.tokens + q * d + c, t);
+#pragma unroll
+          for (int e = 0; e < V; ++e) add[e] += gd[q] * t[e];
+        }
+        if (coef != 0.f) {
+          load_vec<TX, V>(xr + c, t);
+#pragma unroll
+          for (int e = 0; e < V; ++e) add[e] += coef * t[e];
+        }
+        if (s0 >= 0) {
+          load_vec<TX, V>(rg.slot_rows[0] + static_cast<int64_t>(s0) * d + c, t);
+#pragma unroll
+          for (int e = 0; e < V; ++e) add[e] += t[e];
+        }
+        if (s1 >= 0) {
+          load_vec<TX, V>(rg.slot_rows[1] + static_cast<int64_t>(s1) * d + c, t);
+#pragma unroll
+          for (int e = 0; e < V; ++e) add[e] += t[e];
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < V; ++e) out[e] = f * (dxh[j][e] - mean_dxh - xh[j][e] * dot) + add[e];
       store_vec<TX, V>(dxr + c, out);
     }
   }
@@ -278,6 +337,21 @@ void check(cudaError_t e, const char* what) {
     throw std::runtime_error(std::string("RMSNorm CUDA kernel (") + what + "): " + cudaGetErrorString(e));
 }
 
+template <typename TX>
+RouteGrad<TX> route_grad(const RmsNormParams& p) {
+  RouteGrad<TX> rg;
+  rg.r = p.route_grad_dots ? p.route_r : 0;
+  rg.tokens = p.route_tokens;
+  rg.grad_dots = p.route_grad_dots;
+  rg.grad_norms = p.route_grad_norms;
+  rg.norms = p.route_norms;
+  for (int i = 0; i < 2; ++i) {
+    rg.slot[i] = p.route_slot[i];
+    rg.slot_rows[i] = static_cast<const TX*>(p.route_slot_rows[i]);
+  }
+  return rg;
+}
+
 template <typename TX, typename TG, typename TY, int J, int V, bool LN>
 void launch(const RmsNormParams& p, bool backward, cudaStream_t s) {
   const int blocks = blocks_for(p.rows);
@@ -290,7 +364,8 @@ void launch(const RmsNormParams& p, bool backward, cudaStream_t s) {
     norm_backward_kernel<TX, TG, TY, J, V, LN><<<blocks, kWarps * 32, d * sizeof(float), s>>>(
         static_cast<const TX*>(p.x), static_cast<const TG*>(p.gamma), static_cast<const TY*>(p.grad_y),
         const_cast<const float*>(p.norms), const_cast<const float*>(p.means), static_cast<const TX*>(p.grad_x_add),
-        static_cast<TX*>(p.grad_x), p.grad_gamma_partial, p.grad_beta_partial, p.rows, d, p.scale, p.eps);
+        static_cast<TX*>(p.grad_x), p.grad_gamma_partial, p.grad_beta_partial, p.rows, d, p.scale, p.eps,
+        route_grad<TX>(p));
   }
   check(cudaGetLastError(), backward ? "backward" : "forward");
 }
@@ -305,7 +380,9 @@ bool vectors_fit(const RmsNormParams& p, bool backward, int x_size, int g_size, 
   if (p.d % V != 0) return false;
   bool ok = aligned(p.x, V * x_size) && aligned(p.gamma, V * g_size) && aligned(p.beta, V * g_size);
   if (backward)
-    ok = ok && aligned(p.grad_y, V * y_size) && aligned(p.grad_x, V * x_size) && aligned(p.grad_x_add, V * x_size);
+    ok = ok && aligned(p.grad_y, V * y_size) && aligned(p.grad_x, V * x_size) && aligned(p.grad_x_add, V * x_size) &&
+         aligned(p.route_tokens, V * 4) && aligned(p.route_slot_rows[0], V * x_size) &&
+         aligned(p.route_slot_rows[1], V * x_size);
   else
     ok = ok && aligned(p.y, V * y_size);
   return ok;
@@ -361,6 +438,11 @@ void run(const RmsNormParams& p, bool backward, void* stream) {
   if (p.rows == 0) return;
   if (!rms_norm_supports(p.d, p.x_dtype, p.gamma_dtype, p.y_dtype))
     throw std::invalid_argument("RMSNorm CUDA kernel: unsupported width or dtypes");
+  const bool route = (p.route_r > 0 && p.route_grad_dots) || p.route_grad_norms || p.route_slot[0] || p.route_slot[1];
+  if (route && (p.d > kRmsNormMaxRouteWidth || p.route_r < 0 || p.route_r > 4 ||
+                (p.route_r > 0 && p.route_grad_dots && !p.route_tokens) || (p.route_grad_norms && !p.route_norms)))
+    throw std::invalid_argument(
+        "RMSNorm CUDA kernel: the routing scores' gradient takes rows up to 1024 wide and at most 4 tokens");
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (p.x_dtype) {
     case RowDtype::f32:

@@ -4,6 +4,7 @@
 #include <torch/autograd.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -15,7 +16,9 @@
 #ifdef COLT5_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <torch/csrc/autograd/graph_task.h>
 
+#include "nn/norm_route_grad.h"
 #include "ops/row_dtype.h"
 #endif
 
@@ -139,6 +142,50 @@ torch::Tensor passed_grad(const torch::autograd::variable_list& grads, const tor
 }
 #endif
 
+#ifdef COLT5_WITH_CUDA
+// A fused norm that passes x on keeps a hand-over for the routing scores
+// taken from it (NormRouteGrad), with x's address to match them by.
+void offer_route_grad(torch::autograd::AutogradContext* ctx, const torch::Tensor& xc, bool pass_x) {
+  if (!pass_x) return;
+  ctx->saved_data["route_grad"] = c10::IValue::make_capsule(c10::make_intrusive<NormRouteGrad>());
+  ctx->saved_data["x_ptr"] = static_cast<int64_t>(reinterpret_cast<intptr_t>(xc.data_ptr()));
+  ctx->saved_data["x_numel"] = xc.numel();
+}
+
+// The routing scores' terms left for this backward pass, if any: into p's
+// route_* (the tensors held in `held` until the kernel is launched) and their
+// alias's gradient into `add`. The hand-over is emptied either way.
+void take_route_grad(torch::autograd::AutogradContext* ctx, bool needs_x, const torch::Tensor& x,
+                     torch::Tensor& add, kernels::RmsNormParams& p, NormRouteGradPtr& held) {
+  auto it = ctx->saved_data.find("route_grad");
+  if (it == ctx->saved_data.end()) return;
+  auto h = c10::static_intrusive_pointer_cast<NormRouteGrad>(it->second.toCapsule());
+  if (!h->pending) return;
+  if (!needs_x || h->task != current_backward_pass()) {
+    h->clear();
+    return;
+  }
+  held = c10::make_intrusive<NormRouteGrad>(*h);
+  h->clear();
+  if (held->passed.defined()) add = add.defined() ? add + held->passed : held->passed;
+  p.route_r = static_cast<int>(held->r);
+  if (held->r > 0) {
+    p.route_tokens = held->tokens.data_ptr<float>();
+    p.route_grad_dots = held->grad_dots.data_ptr<float>();
+  }
+  if (held->grad_norms.defined()) {
+    p.route_grad_norms = held->grad_norms.data_ptr<float>();
+    p.route_norms = held->norms.data_ptr<float>();
+  }
+  for (int i = 0; i < 2; ++i) {
+    if (!held->slot[i].defined()) continue;
+    TORCH_INTERNAL_ASSERT(held->slot_rows[i].scalar_type() == x.scalar_type() && held->slot_rows[i].size(1) == p.d);
+    p.route_slot[i] = held->slot[i].data_ptr<int32_t>();
+    p.route_slot_rows[i] = held->slot_rows[i].data_ptr();
+  }
+}
+#endif
+
 // A norm function's outputs: y, and x passed on through the node with pass_x.
 torch::autograd::variable_list norm_outputs(const torch::Tensor& y, const torch::Tensor& x, bool pass_x) {
   return pass_x ? torch::autograd::variable_list{y, x} : torch::autograd::variable_list{y};
@@ -182,6 +229,7 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
       ctx->save_for_backward({xc, g, norms});
       ctx->saved_data["scale"] = scale;
       ctx->saved_data["fused"] = static_cast<int64_t>(y_dtype);
+      offer_route_grad(ctx, xc, pass_x);
       return norm_outputs(y, x, pass_x);
     }
 #else
@@ -215,7 +263,9 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
       torch::Tensor gy = grads[0].defined() ? as_type(grads[0], y_dtype).contiguous()
                                             : torch::zeros(x.sizes(), x.options().dtype(y_dtype));
       torch::Tensor dx = torch::empty(x.sizes(), x.options());
-      const torch::Tensor add = passed_grad(grads, x);
+      torch::Tensor add = passed_grad(grads, x);
+      NormRouteGradPtr route;
+      take_route_grad(ctx, ctx->needs_input_grad(0), x, add, p, route);
       p.grad_x_add = add.defined() ? add.data_ptr() : nullptr;
       torch::Tensor partial;
       if (ctx->needs_input_grad(1))
@@ -296,6 +346,7 @@ class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
     ctx->save_for_backward({xc, w, b, rstd, mean});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["y_dtype"] = y_dtype_in;
+    offer_route_grad(ctx, xc, pass_x);
     return norm_outputs(y, x, pass_x);
   }
 
@@ -312,7 +363,9 @@ class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
     torch::Tensor gy = grads[0].defined() ? as_type(grads[0], y_dtype).contiguous()
                                           : torch::zeros(x.sizes(), x.options().dtype(y_dtype));
     torch::Tensor dx = torch::empty(x.sizes(), x.options());
-    const torch::Tensor add = passed_grad(grads, x);
+    torch::Tensor add = passed_grad(grads, x);
+    NormRouteGradPtr route;
+    take_route_grad(ctx, ctx->needs_input_grad(0), x, add, p, route);
     p.grad_x_add = add.defined() ? add.data_ptr() : nullptr;
     const bool need_w = ctx->needs_input_grad(1), need_b = ctx->needs_input_grad(2);
     const int64_t parts = kernels::rms_norm_partials(p.rows);
@@ -334,6 +387,46 @@ class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
     return {ctx->needs_input_grad(0) ? dx : torch::Tensor(), dw, db, torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
+#endif
+
+#ifdef COLT5_WITH_CUDA
+// The hand-over of the fused norm whose x_passed output x is (or a view of
+// it with the same elements). COLT5_NORM_ROUTE_HANDOVER=0: never (the scores'
+// node writes x's gradient itself; read once per process).
+NormRouteGradPtr route_grad_of_node(const torch::Tensor& x) {
+  static const bool on = [] {
+    const char* v = std::getenv("COLT5_NORM_ROUTE_HANDOVER");
+    return !(v && v[0] == '0');
+  }();
+  if (!on || !x.defined() || !x.is_cuda() || !x.is_contiguous() || !x.requires_grad()) return {};
+  std::shared_ptr<torch::autograd::Node> fn = x.grad_fn();
+  uint32_t nr = x.output_nr();
+  for (int hop = 0; fn && hop < 3; ++hop) {
+    torch::autograd::AutogradContext* ctx = nullptr;
+    if (auto* node = dynamic_cast<torch::autograd::CppNode<RMSNormFunction>*>(fn.get()))
+      ctx = &node->ctx_;
+    else if (auto* node = dynamic_cast<torch::autograd::CppNode<LayerNormFunction>*>(fn.get()))
+      ctx = &node->ctx_;
+    if (ctx) {
+      auto it = ctx->saved_data.find("route_grad");
+      if (nr != 1 || it == ctx->saved_data.end() ||
+          ctx->saved_data.at("x_ptr").toInt() != static_cast<int64_t>(reinterpret_cast<intptr_t>(x.data_ptr())) ||
+          ctx->saved_data.at("x_numel").toInt() != x.numel())
+        return {};
+      return c10::static_intrusive_pointer_cast<NormRouteGrad>(it->second.toCapsule());
+    }
+    // Through a reshape of the passed-on x (a view: the data address and
+    // size checks above make it the same elements in the same order).
+    const std::string name = fn->name();
+    if ((name != "ViewBackward0" && name != "AliasBackward0" && name != "ReshapeAliasBackward0") ||
+        fn->num_outputs() != 1 || fn->next_edges().size() != 1)
+      return {};
+    const torch::autograd::Edge& e = fn->next_edge(0);
+    fn = e.function;
+    nr = e.input_nr;
+  }
+  return {};
+}
 #endif
 
 // The output dtype of a norm whose output feeds a matrix product: under
@@ -371,6 +464,12 @@ torch::Tensor layer_norm(const torch::Tensor& x, const torch::Tensor& weight, co
   torch::Tensor y = torch::layer_norm(x, {x.size(-1)}, weight, bias, eps);
   return out < 0 ? y : as_type(y, static_cast<at::ScalarType>(out));
 }
+
+#ifdef COLT5_WITH_CUDA
+NormRouteGradPtr norm_route_grad_of(const at::Tensor& x) { return route_grad_of_node(x); }
+
+int64_t current_backward_pass() { return torch::autograd::get_current_graph_task_id(); }
+#endif
 
 RMSNormImpl::RMSNormImpl(const RMSNormOptions& options_) : options(options_) { reset(); }
 

@@ -13,6 +13,7 @@
 #include "colt5/coor_descent.h"
 #include "kernels/coor_descent.h"
 #include "ops/row_dtype.h"
+#include "nn/norm_route_grad.h"
 #include "nn/route_views.h"
 #include "ops/as_type.h"
 
@@ -180,12 +181,18 @@ class RoutingDotFunction : public torch::autograd::Function<RoutingDotFunction> 
                                norms.data_ptr<float>(), at::cuda::getCurrentCUDAStream().stream());
     ctx->save_for_backward({x, t32, norms});
     ctx->saved_data["tokens_dtype"] = static_cast<int64_t>(tokens.scalar_type());
+    // x as a fused norm passed it on: x's gradient is left to the norm's kernel.
+    if (NormRouteGradPtr h = norm_route_grad_of(x)) ctx->saved_data["norm_route"] = c10::IValue::make_capsule(h);
     return {dots, norms, x};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     RowGradSinkPtr sink = sink_of(ctx);
+    if (ctx->saved_data.count("norm_route")) {
+      auto h = c10::static_intrusive_pointer_cast<NormRouteGrad>(ctx->saved_data["norm_route"].toCapsule());
+      if (auto out = hand_to_norm(ctx, grads, *sink, *h)) return *out;
+    }
     auto [gx, gt, passed_added] = scores_backward(ctx, grads, sink->parts);
     const torch::Tensor x = ctx->get_saved_variables()[0];
     const bool passed = grads[2].defined() && !passed_added;
@@ -198,6 +205,107 @@ class RoutingDotFunction : public torch::autograd::Function<RoutingDotFunction> 
     return {gx, gt, torch::Tensor()};
   }
 
+  // The backward kernel's parameters for x [N, d], the float32 tokens and
+  // the row norms (no gradients or outputs yet).
+  static kernels::RowDotBackwardParams kernel_params(const torch::Tensor& x, const torch::Tensor& t32,
+                                                     const torch::Tensor& norms) {
+    kernels::RowDotBackwardParams p;
+    p.x = x.data_ptr();
+    p.dtype = row_dtype(x.scalar_type());
+    p.tokens = t32.data_ptr<float>();
+    p.norms = norms.data_ptr<float>();
+    p.rows = x.size(0);
+    p.d = x.size(1);
+    p.r = t32.size(0);
+    return p;
+  }
+
+  // The tokens' gradient in their dtype from the kernel's per-block partial
+  // sums (zeros for no rows).
+  static at::ScalarType tokens_dtype(torch::autograd::AutogradContext* ctx) {
+    return static_cast<at::ScalarType>(ctx->saved_data["tokens_dtype"].toInt());
+  }
+  static torch::Tensor tokens_grad(torch::autograd::AutogradContext* ctx, const torch::Tensor& partial) {
+    return as_type(partial.sum(0), tokens_dtype(ctx));
+  }
+
+  // A gradient as float32 and contiguous (undefined stays undefined).
+  static torch::Tensor float_grad(const torch::Tensor& g) {
+    return g.defined() ? as_type(g, torch::kFloat).contiguous() : torch::Tensor();
+  }
+
+  // Whether a gathered part's gradients can be added by each row's slot
+  // (distinct positions, rows of x's width, int64 positions, n in int32).
+  static bool slot_part_fits(const RowGradSink::Part& part, int64_t n, int64_t d) {
+    return part.distinct && part.grads.dim() == 2 && part.grads.size(1) == d &&
+           part.flat.scalar_type() == torch::kLong && n <= std::numeric_limits<int32_t>::max();
+  }
+
+  // (each of x's n rows' place in the part, -1 for none; the part's rows in
+  // x's dtype, 16-byte aligned).
+  static std::pair<torch::Tensor, torch::Tensor> slot_part(const RowGradSink::Part& part, const torch::Tensor& x,
+                                                           cudaStream_t st) {
+    const int64_t n = x.size(0);
+    torch::Tensor rows = as_type(part.grads, x.scalar_type()).contiguous();
+    if (reinterpret_cast<uintptr_t>(rows.data_ptr()) % 16 != 0) rows = rows.clone();
+    torch::Tensor flat = part.flat.contiguous();
+    torch::Tensor slot = torch::empty({n}, x.options().dtype(torch::kInt));
+    kernels::row_slot_map_cuda(flat.data_ptr<int64_t>(), flat.numel(), slot.data_ptr<int32_t>(), n, st);
+    return {slot, rows};
+  }
+
+  // Where x came from a fused norm (NormRouteGrad): the scores' terms of x's
+  // gradient, the alias's gradient and the gathered rows' (up to two parts of
+  // distinct positions) left for the norm's kernel to add as it writes x's
+  // gradient; x gets none here. The tokens' gradient from one read of x
+  // (the scores' backward kernel writing no gradient of x). nullopt where the
+  // hand-over does not apply (the kernel path below runs).
+  static c10::optional<torch::autograd::variable_list> hand_to_norm(torch::autograd::AutogradContext* ctx,
+                                                                    const torch::autograd::variable_list& grads,
+                                                                    RowGradSink& sink, NormRouteGrad& h) {
+    // One set of terms per norm: a second router on the same x (separate
+    // routers) returns its part of x's gradient as usual.
+    if (!ctx->needs_input_grad(0) || (h.pending && h.task == current_backward_pass())) return c10::nullopt;
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor x = saved[0], t32 = saved[1], norms = saved[2];
+    const int64_t n = x.size(0), d = x.size(1), r = t32.size(0);
+    if (!kernels::row_dot_norm_backward_supports(x.data_ptr(), row_dtype(x.scalar_type()), d, r) ||
+        sink.parts.size() > 2 || d > kernels::kRmsNormMaxRouteWidth)
+      return c10::nullopt;
+    for (const auto& part : sink.parts)
+      if (!slot_part_fits(part, n, d)) return c10::nullopt;
+    c10::cuda::CUDAGuard guard(x.device());
+    const cudaStream_t st = at::cuda::getCurrentCUDAStream().stream();
+    torch::Tensor gd = float_grad(grads[0]), gn = float_grad(grads[1]);
+    torch::Tensor gt;
+    if (ctx->needs_input_grad(1) && gd.defined()) {
+      kernels::RowDotBackwardParams p = kernel_params(x, t32, norms);
+      p.grad_dots = gd.data_ptr<float>();
+      torch::Tensor partial = torch::empty({kernels::row_dot_norm_backward_partials(n), r, d}, t32.options());
+      p.grad_tokens_partial = partial.data_ptr<float>();
+      kernels::row_dot_norm_backward_cuda(p, st);
+      gt = tokens_grad(ctx, partial);
+    }
+    h.clear();
+    h.task = current_backward_pass();
+    h.r = gd.defined() ? r : 0;
+    h.tokens = t32;
+    h.grad_dots = gd;
+    if (gn.defined()) {
+      h.grad_norms = gn.view({n});
+      h.norms = norms.view({n});
+    }
+    if (grads[2].defined()) h.passed = as_type(grads[2], x.scalar_type()).contiguous();
+    int used = 0;
+    for (const auto& part : sink.parts) {
+      std::tie(h.slot[used], h.slot_rows[used]) = slot_part(part, x, st);
+      ++used;
+    }
+    sink.parts.clear();
+    h.pending = true;
+    return torch::autograd::variable_list{torch::Tensor(), gt, torch::Tensor()};
+  }
+
   // (x's gradient, the tokens' gradient, whether x's gradient includes that of
   // the alias, grads[2], added by the kernel). The kernel also adds up to two
   // of the gathered rows' parts of distinct positions (by a map of each row's
@@ -207,24 +315,14 @@ class RoutingDotFunction : public torch::autograd::Function<RoutingDotFunction> 
                                                                         std::vector<RowGradSink::Part>& parts) {
     const auto saved = ctx->get_saved_variables();
     const torch::Tensor &x = saved[0], &t32 = saved[1], &norms = saved[2];
-    const auto tokens_dtype = static_cast<torch::ScalarType>(ctx->saved_data["tokens_dtype"].toInt());
     const torch::Tensor &g_dots = grads[0], &g_norms = grads[1];
-    const kernels::RowDtype dtype = row_dtype(x.scalar_type());
     const int64_t n = x.size(0), d = x.size(1), r = t32.size(0);
-    if (kernels::row_dot_norm_backward_supports(x.data_ptr(), dtype, d, r)) {
+    if (kernels::row_dot_norm_backward_supports(x.data_ptr(), row_dtype(x.scalar_type()), d, r)) {
       // One kernel: x read once, grad x written once, the tokens' gradient as
       // per-block partial sums.
       c10::cuda::CUDAGuard guard(x.device());
-      kernels::RowDotBackwardParams p;
-      p.x = x.data_ptr();
-      p.dtype = dtype;
-      p.tokens = t32.data_ptr<float>();
-      p.norms = norms.data_ptr<float>();
-      p.rows = n;
-      p.d = d;
-      p.r = r;
-      torch::Tensor gd = g_dots.defined() ? as_type(g_dots, torch::kFloat).contiguous() : torch::Tensor();
-      torch::Tensor gn = g_norms.defined() ? as_type(g_norms, torch::kFloat).contiguous() : torch::Tensor();
+      kernels::RowDotBackwardParams p = kernel_params(x, t32, norms);
+      torch::Tensor gd = float_grad(g_dots), gn = float_grad(g_norms);
       if (gd.defined()) p.grad_dots = gd.data_ptr<float>();
       if (gn.defined()) p.grad_norms = gn.data_ptr<float>();
       torch::Tensor gx, partial, passed;
@@ -243,17 +341,11 @@ class RoutingDotFunction : public torch::autograd::Function<RoutingDotFunction> 
         // Gathered rows' gradients, added by each row's slot.
         int used = 0;
         for (auto it = parts.begin(); it != parts.end() && used < 2;) {
-          if (!it->distinct || it->grads.dim() != 2 || it->grads.size(1) != d ||
-              it->flat.scalar_type() != torch::kLong || n > std::numeric_limits<int32_t>::max()) {
+          if (!slot_part_fits(*it, n, d)) {
             ++it;
             continue;
           }
-          torch::Tensor rows = as_type(it->grads, x.scalar_type()).contiguous();
-          if (reinterpret_cast<uintptr_t>(rows.data_ptr()) % 16 != 0) rows = rows.clone();
-          torch::Tensor flat = it->flat.contiguous();
-          torch::Tensor slot = torch::empty({n}, x.options().dtype(torch::kInt));
-          kernels::row_slot_map_cuda(flat.data_ptr<int64_t>(), flat.numel(), slot.data_ptr<int32_t>(), n,
-                                     at::cuda::getCurrentCUDAStream().stream());
+          auto [slot, rows] = slot_part(*it, x, at::cuda::getCurrentCUDAStream().stream());
           p.slot[used] = slot.data_ptr<int32_t>();
           p.slot_rows[used] = rows.data_ptr();
           slot_keep.push_back(slot);
@@ -270,14 +362,14 @@ class RoutingDotFunction : public torch::autograd::Function<RoutingDotFunction> 
         kernels::row_dot_norm_backward_cuda(p, at::cuda::getCurrentCUDAStream().stream());
       }
       torch::Tensor gt;
-      if (partial.defined()) gt = as_type(partial.sum(0), tokens_dtype);  // zeros for no rows
+      if (partial.defined()) gt = tokens_grad(ctx, partial);
       return {gx, gt, passed.defined()};
     }
     torch::Tensor x32 = as_type(x, torch::kFloat);
     torch::Tensor gx, gt;
     if (g_dots.defined()) {
       if (ctx->needs_input_grad(0)) gx = torch::matmul(g_dots, t32);
-      if (ctx->needs_input_grad(1)) gt = as_type(torch::matmul(g_dots.t(), x32), tokens_dtype);
+      if (ctx->needs_input_grad(1)) gt = as_type(torch::matmul(g_dots.t(), x32), tokens_dtype(ctx));
     }
     if (g_norms.defined() && ctx->needs_input_grad(0)) {
       // d|x|/dx = x / |x| (zero at x = 0).

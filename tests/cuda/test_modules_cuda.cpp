@@ -634,7 +634,9 @@ TEST(CudaModules, LayerNormKernelMatchesTheCpuFloat64) {
 // gradient added inside their backward kernels: x's gradient against float64
 // on the CPU with x used directly, where the passed x's gradient is a dense
 // tensor, a sum's expanded one, or none; float32 and bfloat16, widths that
-// take runs of four columns and single ones.
+// take runs of four columns and single ones. A router fed by a norm's passed x
+// hands the scores' part of x's gradient to the norm's kernel: x's and the
+// routing token's gradients against the composite.
 TEST(CudaModules, PassedOnInputsAddTheirGradientInTheBackwardKernels) {
   torch::manual_seed(43);
   auto err = [](const torch::Tensor& got, const torch::Tensor& want) {
@@ -659,11 +661,14 @@ TEST(CudaModules, PassedOnInputsAddTheirGradientInTheBackwardKernels) {
       }
       torch::Tensor wd = w.to(cuda(), dtype), bd = bias.to(cuda(), dtype);
       torch::Tensor x = torch::randn({2, 300, d}).to(dtype).to(torch::kDouble);
-      torch::Tensor gy = torch::randn({2, 300, d}, torch::kDouble), gp = torch::randn({2, 300, d}, torch::kDouble);
-      for (const char* kind : {"rms", "layer", "router"}) {
-        if (std::string(kind) == "router" && d % 8 != 0) continue;  // the routing kernel takes 16-byte rows
+      torch::Tensor gy = torch::randn({2, 364, d}, torch::kDouble), gp = torch::randn({2, 300, d}, torch::kDouble);
+      // rms+router, layer+router: the router takes x as the norm passed it on
+      // (the norm's kernel then adds the scores' part of x's gradient).
+      for (const char* kind : {"rms", "layer", "router", "rms+router", "layer+router"}) {
+        const std::string k(kind);
+        if (k.find("router") != std::string::npos && d % 8 != 0) continue;  // the routing kernel takes 16-byte rows
         for (int use = 0; use < 3; ++use) {                         // passed x: weighted, summed, unused
-          SCOPED_TRACE(std::string(kind) + " d " + std::to_string(d) + " " + c10::toString(dtype) + " use " +
+          SCOPED_TRACE(k + " d " + std::to_string(d) + " " + c10::toString(dtype) + " use " +
                        std::to_string(use));
           auto loss = [&](const torch::Tensor& y, const torch::Tensor& passed, const torch::Tensor& g_y) {
             torch::Tensor l = (y.to(g_y.scalar_type()) * g_y).sum();
@@ -673,10 +678,40 @@ TEST(CudaModules, PassedOnInputsAddTheirGradientInTheBackwardKernels) {
           };
           torch::Tensor x64 = x.clone().requires_grad_(true), xd = x.to(cuda(), dtype).requires_grad_(true);
           torch::Tensor y64, yd, passed;
-          if (std::string(kind) == "rms") {
+          router->zero_grad();
+          router_ref->zero_grad();
+          // The routers' outputs (CPU a, CUDA b) in index order: the scores
+          // against a weight per position, plus the routed rows.
+          auto routed_parts = [&](const auto& a, const auto& b) {
+            torch::Tensor wpos = torch::randn({2, 300}, torch::kDouble);
+            torch::Tensor r64 = (a.scores * wpos.gather(-1, a.indices)).unsqueeze(-1) + a.routed_tokens;
+            torch::Tensor rd =
+                (b.scores.to(torch::kFloat) * wpos.to(cuda(), torch::kFloat).gather(-1, b.indices)).unsqueeze(-1) +
+                b.routed_tokens.to(torch::kFloat);
+            return std::make_pair(in_index_order(r64, a.indices), in_index_order(rd, b.indices));
+          };
+          if (k == "rms+router" || k == "layer+router") {
+            torch::Tensor n64, nd, norm_passed;
+            if (k == "rms+router") {
+              n64 = rms_ref->forward(x64);
+              std::tie(nd, norm_passed) = rms->forward_passing(xd);
+            } else {
+              n64 = torch::layer_norm(x64, {d}, w, bias, 1e-5);
+              nd = colt5::nn::layer_norm(xd, wd, bd, 1e-5, false, true, &norm_passed);
+            }
+            ASSERT_TRUE(norm_passed.defined());
+            auto a = router_ref->forward(x64, 64);
+            auto b = router->forward(norm_passed, 64);
+            ASSERT_TRUE(b.x_passed.defined());
+            ASSERT_TRUE(torch::equal(routed_set(a.indices), routed_set(b.indices)));
+            auto [r64, rd] = routed_parts(a, b);
+            y64 = torch::cat({n64, r64}, 1);
+            yd = torch::cat({nd.to(torch::kFloat), rd}, 1);
+            passed = b.x_passed;
+          } else if (k == "rms") {
             y64 = rms_ref->forward(x64);
             std::tie(yd, passed) = rms->forward_passing(xd);
-          } else if (std::string(kind) == "layer") {
+          } else if (k == "layer") {
             y64 = torch::layer_norm(x64, {d}, w, bias, 1e-5);
             yd = colt5::nn::layer_norm(xd, wd, bd, 1e-5, false, true, &passed);
           } else {
@@ -684,13 +719,7 @@ TEST(CudaModules, PassedOnInputsAddTheirGradientInTheBackwardKernels) {
             auto b = router->forward(xd, 64);
             ASSERT_TRUE(b.x_passed.defined());
             ASSERT_TRUE(torch::equal(routed_set(a.indices), routed_set(b.indices)));
-            // The scores in index order against a weight per position; the routed rows summed.
-            torch::Tensor wpos = torch::randn({2, 300}, torch::kDouble);
-            y64 = (a.scores * wpos.gather(-1, a.indices)).unsqueeze(-1) + a.routed_tokens;
-            yd = (b.scores.to(torch::kFloat) * wpos.to(cuda(), torch::kFloat).gather(-1, b.indices)).unsqueeze(-1) +
-                 b.routed_tokens.to(torch::kFloat);
-            y64 = in_index_order(y64, a.indices);
-            yd = in_index_order(yd, b.indices);
+            std::tie(y64, yd) = routed_parts(a, b);
             passed = b.x_passed;
           }
           ASSERT_TRUE(passed.defined());
@@ -701,6 +730,8 @@ TEST(CudaModules, PassedOnInputsAddTheirGradientInTheBackwardKernels) {
           loss(yd, passed, g64.to(cuda(), torch::kFloat)).backward();
           const double tol = dtype == torch::kFloat ? 1e-4 : 2e-2;
           EXPECT_LT(err(xd.grad(), x64.grad()), tol);
+          if (k.find("router") != std::string::npos)
+            EXPECT_LT(err(router->routing_token.grad(), router_ref->routing_token.grad()), tol);
         }
       }
     }
