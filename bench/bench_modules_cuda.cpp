@@ -763,7 +763,8 @@ int main(int argc, char** argv) {
   const char* usage =
       "usage: bench_modules_cuda [--quick] [--no-profile] [--kernels] [--only "
       "block|autoregressive|cross|topk|image|fp32|lm]\n"
-      "  --kernels --only lm: the kernel profile of colt5 bench's routed and light-only models\n";
+      "  --kernels --only lm: the kernel profile of colt5 bench's routed and light-only models\n"
+      "  COLT5_PROFILE_TOP=N (with --kernels): list the N longest kernels and 2N longest launch sites\n";
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--help") || !std::strcmp(argv[i], "-h")) {
       std::fputs(usage, stdout);

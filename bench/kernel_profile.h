@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <map>
 #include <string>
@@ -52,6 +53,12 @@ inline void kernel_profile(const char* title, const std::function<void()>& step,
   using torch::profiler::impl::ActivityType;
   using torch::profiler::impl::ProfilerConfig;
   using torch::profiler::impl::ProfilerState;
+  // COLT5_PROFILE_TOP=N lists N kernels and 2N launch sites (every site of a
+  // short step with a large N).
+  if (const char* env = std::getenv("COLT5_PROFILE_TOP")) {
+    const int n = std::atoi(env);
+    if (n > 0) top = n;
+  }
   for (int i = 0; i < 2; ++i) step();
   torch::cuda::synchronize();
   const std::set<ActivityType> activities = {ActivityType::CPU, ActivityType::CUDA};
