@@ -787,6 +787,14 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
+  if (kernels) {
+    try {
+      colt5_bench::profile_top(15);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "bench_modules_cuda: %s\n", e.what());
+      return 2;
+    }
+  }
   // --only fp32: the block's float32 rows alone.
   auto want = [&](const char* section) {
     return only.empty() || only == section || (only == "fp32" && !std::strcmp(section, "block"));

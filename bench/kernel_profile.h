@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <functional>
 #include <map>
+#include <stdexcept>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -46,6 +47,19 @@ inline const HostEvent* innermost(const std::vector<const HostEvent*>& events, u
 
 inline bool starts_with(const std::string& s, const char* prefix) { return s.rfind(prefix, 0) == 0; }
 
+// COLT5_PROFILE_TOP=N where set (N kernels and 2N launch sites listed: every
+// site of a short step with a large N), else `fallback`; anything but a
+// positive integer is an error.
+inline int profile_top(int fallback) {
+  const char* env = std::getenv("COLT5_PROFILE_TOP");
+  if (!env) return fallback;
+  char* end = nullptr;
+  const long n = std::strtol(env, &end, 10);
+  if (end == env || *end != '\0' || n < 1 || n > 100000)
+    throw std::invalid_argument(std::string("COLT5_PROFILE_TOP must be a positive integer, got '") + env + "'");
+  return static_cast<int>(n);
+}
+
 // Runs `step` twice to warm up, then `runs` times under the profiler, and
 // prints the GPU time per scope and the `top` longest kernels (per step).
 inline void kernel_profile(const char* title, const std::function<void()>& step, int runs = 3, int top = 15) {
@@ -53,12 +67,7 @@ inline void kernel_profile(const char* title, const std::function<void()>& step,
   using torch::profiler::impl::ActivityType;
   using torch::profiler::impl::ProfilerConfig;
   using torch::profiler::impl::ProfilerState;
-  // COLT5_PROFILE_TOP=N lists N kernels and 2N launch sites (every site of a
-  // short step with a large N).
-  if (const char* env = std::getenv("COLT5_PROFILE_TOP")) {
-    const int n = std::atoi(env);
-    if (n > 0) top = n;
-  }
+  top = profile_top(top);
   for (int i = 0; i < 2; ++i) step();
   torch::cuda::synchronize();
   const std::set<ActivityType> activities = {ActivityType::CPU, ActivityType::CUDA};
